@@ -1,0 +1,161 @@
+"""Settings, read from ``PACSBRIDGE_*`` environment variables.
+
+The same names are used in docker-compose, in the tests and on the command
+line. ``PACSBRIDGE_CONFIG`` may name an env-style file (``NAME=value`` lines,
+``#`` comments) whose values apply where the environment has none: a
+variable set in the environment always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "DEFAULT_DATABASE_URL", "DEFAULT_STORAGE"]
+
+#: Embedded default index: a single SQLite file, like Conquest's ``conquest.db``.
+DEFAULT_DATABASE_URL = "sqlite:///conquest.db"
+#: Embedded default storage root (pyconquest's ``data`` folder).
+DEFAULT_STORAGE = "data"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r}: expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _int(name: str, value: str, minimum: int = 0) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    if n < minimum:
+        raise ConfigError(f"{name}={value!r}: must be at least {minimum}")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting pacsbridge reads, with its environment variable name.
+
+    Attributes
+    ----------
+    database_url : str
+        ``PACSBRIDGE_DATABASE_URL``: SQLAlchemy URL of the index
+        (``sqlite:///conquest.db`` or ``postgresql+psycopg2://user@host/db``).
+    storage : Path
+        ``PACSBRIDGE_STORAGE``: the storage root (Conquest's MAG0 device).
+    dicom_sql : Path | None
+        ``PACSBRIDGE_DICOM_SQL``: a Conquest ``dicom.sql``; the shipped one if unset.
+    filename_template : str
+        ``PACSBRIDGE_FILENAME_TEMPLATE``: a preset name or a template.
+    duplicates : str
+        ``PACSBRIDGE_DUPLICATES``: ``keep``, ``replace`` or ``keep-both``.
+    fsync : bool
+        ``PACSBRIDGE_FSYNC``: fsync every stored file and its folder.
+    special_columns : bool
+        ``PACSBRIDGE_SPECIAL_COLUMNS``: add pyconquest's RT columns.
+    import_workers : int
+        ``PACSBRIDGE_IMPORT_WORKERS``: header-reading processes (0 = cores).
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    storage: Path = Path(DEFAULT_STORAGE)
+    dicom_sql: Path | None = None
+    filename_template: str = "patient-study-series"
+    duplicates: str = "keep"
+    fsync: bool = True
+    special_columns: bool = False
+    import_workers: int = 0
+    ae_title: str = "PACSBRIDGE"
+    listener_host: str = "0.0.0.0"
+    listener_port: int = 11112
+    broker_url: str = ""
+    allowed_peers: str = ""
+
+    def with_(self, **changes: object) -> "Settings":
+        """Return a copy with some settings changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"PACSBRIDGE_CONFIG={path}: {exc.strerror}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):]
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().startswith("PACSBRIDGE_"):
+            raise ConfigError(f"{path}:{number}: expected PACSBRIDGE_NAME=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from the environment (and ``PACSBRIDGE_CONFIG``).
+
+    Raises
+    ------
+    ConfigError
+        A value is malformed; the message names the variable.
+    """
+    env = dict(os.environ if environ is None else environ)
+    merged: dict[str, str] = {}
+    if env.get("PACSBRIDGE_CONFIG"):
+        merged.update(_read_env_file(Path(env["PACSBRIDGE_CONFIG"])))
+    merged.update({k: v for k, v in env.items() if k.startswith("PACSBRIDGE_")})
+
+    def get(name: str) -> str | None:
+        return merged.get(f"PACSBRIDGE_{name}")
+
+    kw: dict[str, object] = {}
+    if get("DATABASE_URL"):
+        kw["database_url"] = get("DATABASE_URL")
+    if get("STORAGE"):
+        kw["storage"] = Path(get("STORAGE"))  # type: ignore[arg-type]
+    if get("DICOM_SQL"):
+        kw["dicom_sql"] = Path(get("DICOM_SQL"))  # type: ignore[arg-type]
+    if get("FILENAME_TEMPLATE"):
+        kw["filename_template"] = get("FILENAME_TEMPLATE")
+    dup = get("DUPLICATES")
+    if dup:
+        if dup not in ("keep", "replace", "keep-both"):
+            raise ConfigError(f"PACSBRIDGE_DUPLICATES={dup!r}: expected keep, replace or keep-both")
+        kw["duplicates"] = dup
+    for name, attr in (("FSYNC", "fsync"), ("SPECIAL_COLUMNS", "special_columns")):
+        value = get(name)
+        if value is not None:
+            kw[attr] = _bool(f"PACSBRIDGE_{name}", value)
+    if get("IMPORT_WORKERS") is not None:
+        kw["import_workers"] = _int("PACSBRIDGE_IMPORT_WORKERS", get("IMPORT_WORKERS") or "0")
+    if get("AE_TITLE"):
+        kw["ae_title"] = get("AE_TITLE")
+    if get("LISTENER_HOST"):
+        kw["listener_host"] = get("LISTENER_HOST")
+    if get("LISTENER_PORT"):
+        kw["listener_port"] = _int("PACSBRIDGE_LISTENER_PORT", get("LISTENER_PORT") or "", 1)
+    if get("BROKER_URL"):
+        kw["broker_url"] = get("BROKER_URL")
+    if get("ALLOWED_PEERS") is not None:
+        kw["allowed_peers"] = get("ALLOWED_PEERS")
+    return Settings(**kw)  # type: ignore[arg-type]

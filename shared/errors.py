@@ -1,0 +1,89 @@
+"""Exceptions raised by pacsbridge.
+
+::
+
+    PacsbridgeError
+     +-- ConfigError            a setting is missing or malformed
+     +-- DicomSqlError          a dicom.sql definition cannot be parsed
+     +-- InvalidDataset         a file is not usable DICOM (carries .path and .reason)
+     |    +-- MissingUID        a required UID (Study/Series/SOP Instance) is absent
+     |    +-- TruncatedFile     the file ends before its last element does
+     +-- StorageError           a file could not be written into storage
+     |    +-- UnsafePath        a computed path would leave the storage root
+     +-- IndexError_            the index database refused an operation
+     +-- QueryError             a user query failed (bad SQL, unknown column ...)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PacsbridgeError",
+    "ConfigError",
+    "DicomSqlError",
+    "InvalidDataset",
+    "MissingUID",
+    "TruncatedFile",
+    "StorageError",
+    "UnsafePath",
+    "IndexError_",
+    "QueryError",
+]
+
+
+class PacsbridgeError(Exception):
+    """Base class of every error pacsbridge raises on purpose."""
+
+
+class ConfigError(PacsbridgeError):
+    """A setting is missing or malformed."""
+
+
+class DicomSqlError(PacsbridgeError):
+    """A Conquest ``dicom.sql`` definition cannot be parsed."""
+
+    def __init__(self, message: str, source: str = "", line: int = 0) -> None:
+        where = f"{source}:{line}: " if source else ""
+        super().__init__(f"{where}{message}")
+        self.source = source
+        self.line = line
+
+
+class InvalidDataset(PacsbridgeError):
+    """A file or received dataset cannot be stored or indexed.
+
+    Parameters
+    ----------
+    path : str
+        The file (or a description of the source) that was rejected.
+    reason : str
+        Why, in words an operator understands.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MissingUID(InvalidDataset):
+    """A required UID is absent or empty."""
+
+
+class TruncatedFile(InvalidDataset):
+    """The file is shorter than its own element lengths say."""
+
+
+class StorageError(PacsbridgeError):
+    """A file could not be written into storage."""
+
+
+class UnsafePath(StorageError):
+    """A computed path would land outside the storage root."""
+
+
+class IndexError_(PacsbridgeError):
+    """The index database refused an operation."""
+
+
+class QueryError(PacsbridgeError):
+    """A user-supplied query could not be run."""

@@ -1,0 +1,360 @@
+"""The Conquest-compatible index (DICOMPatients / Studies / Series / Images).
+
+Tables are built from a :class:`~pacsbridge.shared.dicomsql.Schema` with
+SQLAlchemy Core. Identifiers are never quoted, so PostgreSQL folds them to
+lower case exactly as it does in a user's hand-written SQL, and
+``select SeriesInst from DICOMSeries`` runs unchanged on SQLite and on
+PostgreSQL.
+
+Writes follow Conquest: each instance upserts its image, series, study and
+patient rows keyed on the first column; a value absent from a new instance
+never erases one already stored; StudyModality accumulates the modalities of
+the study's series. Upserts are idempotent and run many instances per
+transaction, rows locked in key order (parents first) so that concurrent
+workers cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import (CHAR, Column, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
+                        func, inspect, select, text, update)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import quoted_name
+
+from .dicomsql import LEVELS, Schema, TableDef
+from .errors import IndexError_, QueryError
+from .records import Rows
+
+__all__ = ["Index", "build_metadata", "ident"]
+
+log = logging.getLogger(__name__)
+
+#: Tag of StudyModality (0008,0061) and Modality (0008,0060).
+_STUDY_MODALITY = 0x00080061
+_MODALITY = 0x00080060
+_PATIENT_ID = 0x00100020
+
+
+def ident(name: str) -> quoted_name:
+    """An identifier SQLAlchemy renders unquoted (PostgreSQL folds it)."""
+    return quoted_name(name, quote=False)
+
+
+def _sa_type(col: Any) -> Any:
+    if col.sql_type == "SQL_C_DATE":
+        return CHAR(8)
+    if col.length > 1000:
+        return Text()
+    return String(col.length)
+
+
+def _table(metadata: MetaData, tdef: TableDef) -> Table:
+    cols = []
+    for i, c in enumerate(tdef.columns):
+        primary = i == 0 and tdef.level != "WorkList"
+        cols.append(Column(ident(c.column), _sa_type(c), primary_key=primary, nullable=not primary,
+                           autoincrement=False))
+    cols += [Column(ident("AccessTime"), Integer), Column(ident("qTimeStamp"), Integer),
+             Column(ident("qFlags"), Integer), Column(ident("qSpare"), String(64))]
+    if tdef.level == "Image":
+        cols += [Column(ident("ObjectFile"), String(255)), Column(ident("DeviceName"), String(32))]
+    table = Table(ident(tdef.table), metadata, *cols)
+    lower = tdef.table.lower()
+    parent = tdef.parent
+    if parent is not None:
+        # Conquest indexes the link to the parent, and (parent, key) pairs
+        SAIndex(ident(f"{lower}_{parent.column.lower()}"), table.c[parent.column])
+        SAIndex(ident(f"{lower}_{parent.column.lower()}_key"), table.c[parent.column], table.c[tdef.key.column])
+    pid = tdef.by_tag(_PATIENT_ID)
+    if tdef.level in ("Series", "Image") and pid is not None and pid is not parent:
+        SAIndex(ident(f"{lower}_{pid.column.lower()}"), table.c[pid.column])
+    if tdef.level == "Image":
+        SAIndex(ident(f"{lower}_objectfile"), table.c["ObjectFile"])
+    return table
+
+
+def build_metadata(schema: Schema) -> tuple[MetaData, dict[str, Table]]:
+    """SQLAlchemy tables for every section of ``schema``."""
+    metadata = MetaData()
+    tables = {level: _table(metadata, tdef) for level, tdef in schema.tables.items()}
+    return metadata, tables
+
+
+def _merge_modalities(*values: str | None) -> str | None:
+    seen: list[str] = []
+    for value in values:
+        for part in (value or "").split("\\"):
+            part = part.strip()
+            if part and part not in seen:
+                seen.append(part)
+    return "\\".join(seen) or None
+
+
+class Index:
+    """The index database of one pacsbridge installation.
+
+    Parameters
+    ----------
+    engine : Engine
+        SQLite or PostgreSQL (see :func:`pacsbridge.shared.db.make_engine`).
+    schema : Schema
+        The parsed ``dicom.sql``.
+    """
+
+    def __init__(self, engine: Engine, schema: Schema) -> None:
+        self.engine = engine
+        self.schema = schema
+        self.metadata, self.tables = build_metadata(schema)
+        self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - make_engine refuses others
+            raise IndexError_(f"unsupported database {self.dialect}")
+        self._insert = insert
+        self._upserts = {level: self._upsert_statement(level) for level in LEVELS}
+        st = schema["Study"].by_tag(_STUDY_MODALITY)
+        mo = schema["Series"].by_tag(_MODALITY)
+        self._study_modality = st.column if st is not None else None
+        self._study_modality_len = st.length if st is not None else 0
+        self._series_modality = mo.column if mo is not None else None
+
+    # -- schema -------------------------------------------------------------
+    def create(self, force: bool = False) -> None:
+        """Create the tables (and indexes) that do not exist; ``force`` drops them first.
+
+        ``force`` is pyconquest's ``create_standard_dicom_tables``: it empties
+        the index, never the storage.
+        """
+        with self.engine.begin() as conn:
+            if force:
+                self.metadata.drop_all(conn)
+            self.metadata.create_all(conn)
+
+    def exists(self) -> bool:
+        """True when the image table exists."""
+        names = {n.lower() for n in inspect(self.engine).get_table_names()}
+        return self.schema["Image"].table.lower() in names
+
+    def check_columns(self) -> list[str]:
+        """Columns the schema defines but the database lacks (an old dicom.sql)."""
+        insp = inspect(self.engine)
+        missing = []
+        for level in LEVELS:
+            table = self.tables[level]
+            have = {c["name"].lower() for c in insp.get_columns(str(table.name))}
+            missing += [f"{table.name}.{c.name}" for c in table.columns if c.name.lower() not in have]
+        return missing
+
+    # -- writes -------------------------------------------------------------
+    def _upsert_statement(self, level: str) -> Any:
+        table = self.tables[level]
+        key = self.schema[level].key.column
+        stmt = self._insert(table)
+        keep_first = {"qTimeStamp", "AccessTime", "qFlags", "qSpare"}
+        changes = {c.name: func.coalesce(stmt.excluded[c.name], table.c[c.name])
+                   for c in table.columns if c.name != key and c.name not in keep_first}
+        if level == "Study" and self._study_modality_col(table):
+            # set afterwards from the series, see _update_study_modalities
+            changes.pop(self._study_modality_col(table), None)
+        return stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
+
+    def _study_modality_col(self, table: Table) -> str | None:
+        col = self.schema["Study"].by_tag(_STUDY_MODALITY)
+        return col.column if col is not None else None
+
+    @staticmethod
+    def _merge(rows: Iterable[dict[str, Any]], key: str) -> dict[Any, dict[str, Any]]:
+        merged: dict[Any, dict[str, Any]] = {}
+        for row in rows:
+            have = merged.get(row[key])
+            if have is None:
+                merged[row[key]] = dict(row)
+            else:
+                for k, v in row.items():
+                    if v is not None:
+                        have[k] = v
+        return merged
+
+    def upsert(self, batch: Sequence[Rows], conn: Connection | None = None) -> int:
+        """Index a batch of instances in one transaction; returns the number of images.
+
+        Idempotent: indexing the same instances again changes nothing.
+        """
+        if not batch:
+            return 0
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.upsert(batch, own)
+        now = int(time.time())
+        study_modalities: dict[str, str | None] = {}
+        for level in LEVELS:  # parents first, keys sorted: a fixed lock order
+            key = self.schema[level].key.column
+            merged = self._merge((rows[level] for rows in batch), key)
+            if level == "Study" and self._study_modality:
+                study_modalities = {k: r.get(self._study_modality) for k, r in merged.items()}
+            columns = [c.name for c in self.tables[level].columns]
+            params = []
+            for k in sorted(merged):
+                row = merged[k]
+                params.append({c: row.get(c) for c in columns} | {"qTimeStamp": now})
+            conn.execute(self._upserts[level], params)
+        if self._study_modality and self._series_modality:
+            self._update_study_modalities(conn, study_modalities)
+        return len({rows["Image"][self.schema["Image"].key.column] for rows in batch})
+
+    def _update_study_modalities(self, conn: Connection, from_instances: dict[str, str | None]) -> None:
+        studies, series = self.tables["Study"], self.tables["Series"]
+        skey = self.schema["Study"].key.column
+        link = self.schema["Series"].parent.column  # type: ignore[union-attr]
+        keys = sorted(from_instances)
+        found: dict[str, list[str | None]] = {k: [] for k in keys}
+        existing = conn.execute(
+            select(studies.c[skey], studies.c[self._study_modality]).where(studies.c[skey].in_(keys))).all()
+        for k, value in existing:
+            found[k].append(value)
+        for k, modality in conn.execute(
+                select(series.c[link], series.c[self._series_modality])
+                .where(series.c[link].in_(keys)).order_by(series.c[link], series.c[self.schema["Series"].key.column])
+        ).all():
+            found[k].append(modality)
+        params = []
+        for k in keys:
+            merged = _merge_modalities(*found[k], from_instances[k])
+            if merged is not None:
+                params.append({"k": k, "m": merged[: self._study_modality_len]})
+        if params:
+            conn.execute(update(studies).where(studies.c[skey] == bindparam("k"))
+                         .values({self._study_modality: bindparam("m")}), params)
+
+    # -- reads --------------------------------------------------------------
+    def count(self, level: str = "Image") -> int:
+        """Rows in one table."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(self.tables[level])).scalar_one())
+
+    def object_files(self, device: str = "MAG0") -> set[str]:
+        """ObjectFile of every image on ``device``."""
+        images = self.tables["Image"]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(images.c.ObjectFile).where(images.c.DeviceName == device))
+            return {r[0] for r in rows}
+
+    def lookup_sop(self, sop_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{SOPInstanceUID: (ObjectFile, DeviceName)}`` for those already indexed."""
+        images = self.tables["Image"]
+        key = self.schema["Image"].key.column
+        out: dict[str, tuple[str, str]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(sop_uids), 500):
+                chunk = list(sop_uids[i:i + 500])
+                for sop, path, dev in conn.execute(
+                        select(images.c[key], images.c.ObjectFile, images.c.DeviceName)
+                        .where(images.c[key].in_(chunk))):
+                    out[sop] = (path, dev)
+        return out
+
+    def files_for(self, *, patient: str | None = None, study: str | None = None,
+                  series: Sequence[str] | None = None, sops: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Image rows (ObjectFile, DeviceName, keys) selected by patient, study, series or SOP UIDs.
+
+        Values are bound parameters; nothing is pasted into SQL.
+        """
+        img, ser = self.tables["Image"], self.tables["Series"]
+        ikey = self.schema["Image"].key.column
+        ilink = self.schema["Image"].parent.column  # type: ignore[union-attr]
+        skey = self.schema["Series"].key.column
+        slink = self.schema["Series"].parent.column  # type: ignore[union-attr]
+        pid = self.schema["Series"].by_tag(_PATIENT_ID)
+        stmt = select(img.c[ikey].label("sop"), img.c[ilink].label("series"), img.c.ObjectFile, img.c.DeviceName,
+                      ser.c[slink].label("study")).join(ser, ser.c[skey] == img.c[ilink], isouter=True)
+        if patient is not None:
+            if pid is None:
+                raise QueryError("this dicom.sql has no PatientID column in DICOMSeries")
+            stmt = stmt.where(ser.c[pid.column] == patient)
+        if study is not None:
+            stmt = stmt.where(ser.c[slink] == study)
+        if series is not None:
+            stmt = stmt.where(img.c[ilink].in_(list(series)))
+        if sops is not None:
+            stmt = stmt.where(img.c[ikey].in_(list(sops)))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt.order_by(img.c[ilink], img.c[ikey]))]
+
+    def delete_images(self, sop_uids: Sequence[str]) -> int:
+        """Remove image rows (not files): used when pruning rows whose file is gone."""
+        images = self.tables["Image"]
+        key = self.schema["Image"].key.column
+        n = 0
+        with self.engine.begin() as conn:
+            for i in range(0, len(sop_uids), 500):
+                n += conn.execute(images.delete().where(images.c[key].in_(list(sop_uids[i:i + 500])))).rowcount
+        return n
+
+    def run_sql(self, sql: str, write: bool = False) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a user's SQL (Conquest/pyconquest queries) and return (columns, rows).
+
+        The statement runs in a transaction that is rolled back unless
+        ``write`` is true, so a stray UPDATE cannot change the index by accident.
+
+        Raises
+        ------
+        QueryError
+            The database refused the statement; the message is the database's.
+        """
+        with self.engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                result = conn.exec_driver_sql(sql)
+                if result.returns_rows:
+                    columns = list(result.keys())
+                    rows = [tuple(r) for r in result.all()]
+                else:
+                    columns, rows = ["rows affected"], [(result.rowcount,)]
+            except Exception as exc:
+                trans.rollback()
+                orig = getattr(exc, "orig", exc)
+                raise QueryError(str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__) \
+                    from None
+            if write:
+                trans.commit()
+            else:
+                trans.rollback()
+            return columns, rows
+
+    def series_summary(self) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """pyconquest's ``dicom_series_summary``: series per modality for each patient."""
+        ser = self.tables["Series"]
+        pid = self.schema["Series"].by_tag(_PATIENT_ID)
+        mod = self._series_modality
+        if pid is None or mod is None:
+            raise QueryError("this dicom.sql has no PatientID or Modality column in DICOMSeries")
+        img = self.tables["Image"]
+        ilink = self.schema["Image"].parent.column  # type: ignore[union-attr]
+        skey = self.schema["Series"].key.column
+        with self.engine.connect() as conn:
+            per = conn.execute(select(ser.c[pid.column], ser.c[mod], func.count())
+                               .group_by(ser.c[pid.column], ser.c[mod])).all()
+            images = dict(conn.execute(select(ser.c[pid.column], func.count())
+                                       .select_from(img.join(ser, ser.c[skey] == img.c[ilink]))
+                                       .group_by(ser.c[pid.column])).all())
+        standard = ["CT", "MR", "PT", "RTSTRUCT", "RTDOSE", "RTPLAN"]
+        modalities = standard + sorted({m or "?" for _, m, _ in per} - set(standard))
+        table: dict[str, dict[str, int]] = {}
+        for patient, modality, n in per:
+            table.setdefault(patient or "", {})[modality or "?"] = n
+        columns = ["PatientID"] + [f"nr{m}" for m in modalities] + ["images"]
+        rows = [tuple([p] + [table[p].get(m, 0) for m in modalities] + [images.get(p, 0)])
+                for p in sorted(table)]
+        return columns, rows
+
+
+def ping(engine: Engine) -> None:
+    """Raise if the database cannot answer ``SELECT 1``."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

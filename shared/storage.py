@@ -1,0 +1,444 @@
+"""Safe storage: file names from templates, atomic writes, duplicate policy.
+
+Every path component that comes from a DICOM value is cleaned by
+:func:`clean_component` (Conquest's rules plus: only ``A-Z a-z 0-9 . _ -``,
+never empty, never all dots, at most 64 characters with a hash of the
+original when shortened), and the final path is checked to lie inside the
+storage root after resolving symlinks. No DICOM value can place a file
+outside the root.
+
+Writes go to ``<root>/.incoming/`` (same file system), are fsynced when
+asked, and are then linked or renamed into place, so a reader never sees a
+partial file under its final name, and a crash leaves at most a temporary
+file that :meth:`Storage.clean_incoming` removes.
+
+Templates
+---------
+``{Keyword}`` inserts a DICOM attribute, ``{Keyword:spec}`` formats it
+(``{SeriesNumber:04d}`` pads a number, ``{PatientID:.16}`` truncates),
+``{Keyword|filter}`` applies ``md5`` (first 8 hex digits of its MD5; ``md5:12``
+for more), ``upper``, ``lower`` or ``date`` (digits only). px-repack's
+``%Keyword`` and ``%_md5|7_Keyword`` are accepted too. Special fields:
+``{time}`` (seconds since the epoch), ``{counter}`` (a per-process counter),
+``{uuid}``. ``/`` in the template separates folders.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from .errors import ConfigError, StorageError, UnsafePath
+
+__all__ = [
+    "PRESETS",
+    "Storage",
+    "StoreResult",
+    "Template",
+    "clean_component",
+    "INCOMING",
+]
+
+#: Folder (inside the root) for files being written.
+INCOMING = ".incoming"
+#: Longest cleaned component, and the longest relative path (ObjectFile is varchar(255)).
+MAX_COMPONENT = 64
+MAX_RELPATH = 255
+
+PRESETS = {
+    # pacsbridge's default, pacsanini's "patient" sort, Conquest's patient/study/series/SOP tree
+    "patient-study-series": "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
+    # Conquest's study/series/SOP tree, pacsanini's "study" sort
+    "study-series": "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
+    # pacsanini's "flat" sort
+    "flat": "{SOPInstanceUID}.dcm",
+    # Conquest's FileNameSyntax 4 (its default)
+    "conquest4": "{PatientID:.16}/{SeriesInstanceUID}_{SeriesNumber:04d}_{InstanceNumber:06d}_{time}{counter}.dcm",
+    # pyconquest's layout: one folder per patient, SOP UID as file name
+    "pyconquest": "{PatientID}/{SOPInstanceUID}.dcm",
+    # px-repack's default tree, for human-friendly copies
+    "px-repack": ("{PatientID}-{PatientName|lower}-{PatientBirthDate}/"
+                  "{StudyDescription}-{AccessionNumber}-{StudyDate}/"
+                  "{SeriesNumber:05d}-{SeriesDescription}-{SeriesInstanceUID|md5:7}/"
+                  "{InstanceNumber:04d}-{SOPInstanceUID|md5:7}.dcm"),
+}
+PRESETS["patient"] = PRESETS["patient-study-series"]
+PRESETS["study"] = PRESETS["study-series"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_PX_FIELD = re.compile(r"%(_[a-z0-9]+(?:\|[0-9]+)?_)?([A-Za-z][A-Za-z0-9]*)")
+_counter = itertools.count(1)
+
+
+def clean_component(value: Any, empty: str = "unknown", limit: int = MAX_COMPONENT) -> str:
+    """A single safe path component made from a DICOM value.
+
+    Accents are stripped, every character outside ``A-Z a-z 0-9 . _ -`` becomes
+    ``_`` (Conquest also replaces ``/ \\ ; > < | , : ? * "`` and spaces), an
+    all-dot or empty result becomes ``empty``, Windows device names are
+    prefixed, and a result longer than ``limit`` keeps its start and gets an
+    8-digit hash of the original so that two long values stay distinct.
+    """
+    text = "" if value is None else str(value)
+    original = text
+    folded = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    text = folded.encode("ascii", "ignore").decode("ascii")
+    lossy = len(text) != len(folded)  # letters with no ASCII form: keep names distinct by a hash
+    text = _UNSAFE.sub("_", text.strip())
+    if set(text) <= {"."}:
+        text = ""
+    if text and lossy:
+        text = f"{text}_{hashlib.md5(original.encode('utf-8', 'replace')).hexdigest()[:8]}"
+    if not text:
+        text = empty if not original.strip() else "_" + hashlib.md5(original.encode("utf-8", "replace")).hexdigest()[:8]
+    if text.split(".")[0].upper() in _RESERVED:
+        text = "_" + text
+    if len(text) > limit:
+        digest = hashlib.md5(original.encode("utf-8", "replace")).hexdigest()[:8]
+        text = text[: limit - 9].rstrip(".") + "_" + digest
+    return text
+
+
+def _value(ds: Any, keyword: str) -> Any:
+    try:
+        value = ds.get(keyword) if hasattr(ds, "get") else None
+    except Exception:
+        value = None
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return ""
+    return value
+
+
+class Template:
+    """A file-name template; see the module docstring for its language.
+
+    Raises
+    ------
+    ConfigError
+        The template is empty, absolute, or has a ``..`` folder.
+    """
+
+    def __init__(self, template: str) -> None:
+        source = PRESETS.get(template, template)
+        source = _PX_FIELD.sub(self._from_px, source) if "%" in source else source
+        if not source.strip() or source.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", source):
+            raise ConfigError(f"file name template {template!r}: must be a relative path")
+        parts = source.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ConfigError(f"file name template {template!r}: empty, '.' or '..' folder")
+        self.source = source
+        self.name = template
+        self.parts = parts
+        for part in parts:  # validate fields now, not at the first store
+            for m in _FIELD.finditer(part):
+                self._parse_field(m.group(1))
+
+    @staticmethod
+    def _from_px(m: re.Match[str]) -> str:
+        func, keyword = m.group(1), m.group(2)
+        if not func:
+            return "{%s}" % keyword
+        name, _, arg = func.strip("_").partition("|")
+        if name == "md5":
+            return "{%s|md5:%s}" % (keyword, arg or "8")
+        if name in ("upper", "lower"):
+            return "{%s|%s}" % (keyword, name)
+        raise ConfigError(f"template function %{func}: unknown (use md5, upper, lower)")
+
+    @staticmethod
+    def _parse_field(field: str) -> tuple[str, str, list[str]]:
+        body, *filters = field.split("|")
+        keyword, _, spec = body.partition(":")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", keyword or "-"):
+            raise ConfigError(f"template field {{{field}}}: {keyword!r} is not a DICOM keyword")
+        for f in filters:
+            if f.split(":")[0] not in ("md5", "upper", "lower", "date"):
+                raise ConfigError(f"template field {{{field}}}: unknown filter {f!r}")
+        return keyword, spec, filters
+
+    def _render_field(self, field: str, ds: Any) -> str:
+        keyword, spec, filters = self._parse_field(field)
+        if keyword == "time":
+            value: Any = int(time.time())
+        elif keyword == "counter":
+            value = f"{os.getpid()}{next(_counter):06d}"
+        elif keyword == "uuid":
+            value = uuid.uuid4().hex
+        else:
+            value = _value(ds, keyword)
+        for f in filters:
+            name, _, arg = f.partition(":")
+            if name == "md5":
+                value = hashlib.md5(str(value).encode("utf-8", "replace")).hexdigest()[: int(arg or 8)]
+            elif name == "upper":
+                value = str(value).upper()
+            elif name == "lower":
+                value = str(value).lower()
+            elif name == "date":
+                value = "".join(ch for ch in str(value) if ch.isdigit())
+        if spec:
+            if spec[-1:] in ("d", "x", "X"):
+                try:
+                    value = int(float(str(value).strip() or 0))
+                except ValueError:
+                    value = 0
+            else:
+                value = str(value)
+            try:
+                value = format(value, spec)
+            except ValueError as exc:
+                raise ConfigError(f"template field {{{field}}}: {exc}") from None
+        return str(value)
+
+    def render(self, ds: Any) -> str:
+        """The relative path (``/``-separated) for a data set; every component is cleaned."""
+        out = []
+        for part in self.parts:
+            rendered = _FIELD.sub(lambda m: self._render_field(m.group(1), ds).replace("/", "_"), part)
+            out.append(clean_component(rendered))
+        rel = "/".join(out)
+        if len(rel) > MAX_RELPATH:
+            # shorten folders first, keep the file name
+            budget = (MAX_RELPATH - len(out[-1]) - len(out)) // max(1, len(out) - 1)
+            out = [clean_component(p, limit=max(12, budget)) for p in out[:-1]] + [out[-1]]
+            rel = "/".join(out)
+        return rel
+
+
+class StoreResult(NamedTuple):
+    """What :meth:`Storage.store` did."""
+
+    relpath: str  #: path relative to the root, ``/``-separated (Conquest's ObjectFile)
+    action: str  #: ``stored``, ``replaced``, ``duplicate`` (kept the existing file) or ``kept-both``
+    size: int
+
+
+class Storage:
+    """The storage root (Conquest's MAG0 device).
+
+    Parameters
+    ----------
+    root : Path
+        Created if missing.
+    template : str
+        A preset name (:data:`PRESETS`) or a template.
+    duplicates : str
+        ``keep`` (default: the first copy stays, later ones are discarded),
+        ``replace`` (the newest copy wins) or ``keep-both``.
+    fsync : bool
+        fsync each file and its folder before reporting it stored.
+    """
+
+    def __init__(self, root: Path | str, template: str = "patient-study-series", duplicates: str = "keep",
+                 fsync: bool = True) -> None:
+        if duplicates not in ("keep", "replace", "keep-both"):
+            raise ConfigError(f"duplicates policy {duplicates!r}: use keep, replace or keep-both")
+        self.root = Path(root).absolute()
+        self.template = Template(template)
+        self.duplicates = duplicates
+        self.fsync = fsync
+        self.incoming = self.root / INCOMING
+        self._made: set[Path] = set()
+
+    def ensure(self) -> None:
+        """Create the root and its incoming folder."""
+        try:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create storage root {self.root}: {exc.strerror}") from None
+        self._real_root = Path(os.path.realpath(self.root))
+
+    def path_for(self, ds: Any) -> str:
+        """The relative path the template gives ``ds``."""
+        return self.template.render(ds)
+
+    def absolute(self, relpath: str) -> Path:
+        """Absolute path of a relative one, checked to be inside the root.
+
+        Raises
+        ------
+        UnsafePath
+            ``relpath`` is absolute, has ``..``, or resolves outside the root.
+        """
+        if not relpath or relpath.startswith(("/", "\\")) or "\x00" in relpath:
+            raise UnsafePath(f"{relpath!r}: not a relative path")
+        parts = relpath.replace("\\", "/").split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise UnsafePath(f"{relpath!r}: empty, '.' or '..' component")
+        path = self.root.joinpath(*parts)
+        real_root = getattr(self, "_real_root", None) or Path(os.path.realpath(self.root))
+        real = Path(os.path.realpath(path))
+        if real != real_root and real_root not in real.parents:
+            raise UnsafePath(f"{relpath!r} resolves outside the storage root")
+        return path
+
+    def _mkdirs(self, folder: Path) -> None:
+        if folder in self._made:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self._made.add(folder)
+
+    def temp_file(self) -> tuple[int, str]:
+        """A new temporary file in the incoming folder: ``(fd, path)``."""
+        self.ensure() if not self.incoming.is_dir() else None
+        return tempfile.mkstemp(prefix="in-", suffix=".part", dir=self.incoming)
+
+    def _sync_dir(self, folder: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def store(self, source: BinaryIO | bytes | Path | str, ds: Any, relpath: str | None = None) -> StoreResult:
+        """Write an instance durably into storage.
+
+        Parameters
+        ----------
+        source : file object, bytes or path
+            The encoded instance, written as it is (no transcoding).
+        ds : Dataset
+            Its header, for the template.
+        relpath : str, optional
+            Use this path instead of the template's.
+
+        Raises
+        ------
+        StorageError
+            The disk is full or read-only, etc. No partial file is left behind.
+        UnsafePath
+            The path would leave the root (cannot happen with a template).
+        """
+        rel = relpath or self.path_for(ds)
+        final = self.absolute(rel)
+        fd, tmp = -1, ""
+        try:
+            fd, tmp = self.temp_file()
+            with os.fdopen(fd, "wb") as out:
+                fd = -1
+                if isinstance(source, (bytes, bytearray, memoryview)):
+                    out.write(source)
+                elif isinstance(source, (str, Path)):
+                    with open(source, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                else:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+                size = out.tell()
+            return self.commit(tmp, rel, final, size)
+        except OSError as exc:
+            if tmp:
+                _unlink_quietly(tmp)
+            raise StorageError(f"cannot store {rel}: {exc.strerror or exc}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def commit(self, tmp: str, rel: str, final: Path | None = None, size: int | None = None) -> StoreResult:
+        """Move a complete temporary file (already fsynced if wanted) to ``rel``.
+
+        Applies the duplicate policy. The temporary file is gone afterwards.
+        """
+        final = final or self.absolute(rel)
+        if size is None:
+            size = os.path.getsize(tmp)
+        self._mkdirs(final.parent)
+        action = "stored"
+        try:
+            if self.duplicates == "replace":
+                action = "replaced" if final.exists() else "stored"
+                os.replace(tmp, final)
+            else:
+                try:
+                    os.link(tmp, final)  # fails if it exists: no clobbering, atomic
+                except FileExistsError:
+                    if self.duplicates == "keep":
+                        action = "duplicate"
+                    else:
+                        stem, suffix = os.path.splitext(final.name)
+                        for n in itertools.count(1):
+                            candidate = final.with_name(f"{stem}_{n}{suffix}")
+                            try:
+                                os.link(tmp, candidate)
+                                break
+                            except FileExistsError:
+                                continue
+                        rel = rel.rsplit("/", 1)[0] + "/" + candidate.name if "/" in rel else candidate.name
+                        final = candidate
+                        action = "kept-both"
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    # file systems without hard links: exclusive create then rename over it
+                    if final.exists() and self.duplicates == "keep":
+                        action = "duplicate"
+                    else:
+                        os.replace(tmp, final)
+                _unlink_quietly(tmp)
+            if action != "duplicate":
+                self._sync_dir(final.parent)
+        except FileNotFoundError:
+            # the folder was removed by someone between mkdirs and link: try once more
+            self._made.discard(final.parent)
+            self._mkdirs(final.parent)
+            os.replace(tmp, final)
+            self._sync_dir(final.parent)
+        finally:
+            _unlink_quietly(tmp)
+        return StoreResult(rel, action, size)
+
+    def clean_incoming(self, older_than: float = 0.0) -> int:
+        """Remove temporary files left by a crash; returns how many."""
+        n = 0
+        if not self.incoming.is_dir():
+            return 0
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    n += 1
+            except OSError:
+                pass
+        return n
+
+    def walk(self) -> "list[str]":
+        """Every file under the root (relative, ``/``-separated), skipping dot-folders."""
+        out: list[str] = []
+        root = str(self.root)
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(folder, root)
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+        return out
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
