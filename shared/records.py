@@ -15,7 +15,7 @@ import struct
 from typing import Any, BinaryIO, Iterable
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -234,7 +234,7 @@ def read_header(buf: Any, path: str = "", tags: Iterable[int] = (), dataset: boo
     for keyword, tag in _REQUIRED_TAGS.items():
         if not header.values.get(tag):
             ds = header.dataset
-            if ds is not None and (len(ds) == 0 or not any(k in ds for k in ("SOPClassUID", "Modality", "PatientID"))):
+            if ds is not None and not any(dictionary_has_tag(t) for t in ds.keys() if (t >> 16) not in (0, 2)):
                 raise InvalidDataset(path, "not a DICOM file (no DICOM elements found)")
             raise MissingUID(path, f"no {keyword}")
     return header

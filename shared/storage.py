@@ -52,7 +52,7 @@ __all__ = [
 #: Folder (inside the root) for files being written.
 INCOMING = ".incoming"
 #: Longest cleaned component, and the longest relative path (ObjectFile is varchar(255)).
-MAX_COMPONENT = 64
+MAX_COMPONENT = 128
 MAX_RELPATH = 255
 
 PRESETS = {
@@ -206,19 +206,32 @@ class Template:
                 raise ConfigError(f"template field {{{field}}}: {exc}") from None
         return str(value)
 
-    def render(self, ds: Any) -> str:
-        """The relative path (``/``-separated) for a data set; every component is cleaned."""
+    def keywords(self) -> list[str]:
+        """The DICOM keywords this template reads."""
         out = []
         for part in self.parts:
-            rendered = _FIELD.sub(lambda m: self._render_field(m.group(1), ds).replace("/", "_"), part)
-            out.append(clean_component(rendered))
-        rel = "/".join(out)
-        if len(rel) > MAX_RELPATH:
-            # shorten folders first, keep the file name
-            budget = (MAX_RELPATH - len(out[-1]) - len(out)) // max(1, len(out) - 1)
-            out = [clean_component(p, limit=max(12, budget)) for p in out[:-1]] + [out[-1]]
+            for m in _FIELD.finditer(part):
+                keyword = self._parse_field(m.group(1))[0]
+                if keyword not in ("time", "counter", "uuid"):
+                    out.append(keyword)
+        return out
+
+    def render(self, ds: Any) -> str:
+        """The relative path (``/``-separated) for a data set; every component is cleaned."""
+        rendered = []
+        for part in self.parts:
+            # a literal suffix after the last field (".dcm") survives shortening
+            tail = part[part.rindex("}") + 1:] if "}" in part else ""
+            body = part[: len(part) - len(tail)]
+            text = _FIELD.sub(lambda m: self._render_field(m.group(1), ds).replace("/", "_"), body)
+            rendered.append((text, clean_component(tail, empty="") if tail else ""))
+        limit = MAX_COMPONENT
+        while True:
+            out = [clean_component(text, limit=max(12, limit - len(tail))) + tail for text, tail in rendered]
             rel = "/".join(out)
-        return rel
+            if len(rel) <= MAX_RELPATH or limit <= 12:
+                return rel
+            limit -= 8  # shorten every component (each keeps a hash of its value) until it fits
 
 
 class StoreResult(NamedTuple):
@@ -334,13 +347,13 @@ class Storage:
             fd, tmp = self.temp_file()
             with os.fdopen(fd, "wb") as out:
                 fd = -1
-                if isinstance(source, (bytes, bytearray, memoryview)):
-                    out.write(source)
-                elif isinstance(source, (str, Path)):
+                if isinstance(source, (str, Path)):
                     with open(source, "rb") as src:
                         shutil.copyfileobj(src, out, 1 << 20)
-                else:
+                elif hasattr(source, "read") and not hasattr(source, "madvise"):
                     shutil.copyfileobj(source, out, 1 << 20)
+                else:
+                    out.write(source)  # bytes, memoryview, mmap
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())

@@ -1,0 +1,327 @@
+"""The ``pacsbridge`` command.
+
+Exit codes: 0 done; 1 done, but some input was rejected (the report says
+which and why); 2 bad usage or configuration; 3 a failure that stopped the
+work (database unreachable, storage not writable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacsbridge import __version__
+from pacsbridge.shared.config import Settings, load_settings
+from pacsbridge.shared.errors import ConfigError, DicomSqlError, PacsbridgeError, QueryError
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+log = logging.getLogger("pacsbridge")
+err = Console(stderr=True, highlight=False)
+
+
+# -- output helpers -----------------------------------------------------------------
+def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None) -> None:
+    if fmt == "json":
+        json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(["" if v is None else v for v in r] for r in rows)
+    else:
+        table = Table(title=title, show_lines=False)
+        for c in columns:
+            table.add_column(str(c), overflow="fold")
+        for r in rows:
+            table.add_row(*("" if v is None else str(v) for v in r))
+        Console(highlight=False).print(table)
+
+
+def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False)
+    task = progress.add_task(label, total=None, rate="")
+
+    def update(done: int, total: int) -> None:
+        elapsed = progress.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:,.0f} files/s" if elapsed > 0 else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+
+    return progress, update
+
+
+def _report(report: Any, fmt: str, seconds: float) -> int:
+    data = report.as_dict()
+    data["seconds"] = round(seconds, 3)
+    total = report.total
+    data["files_per_second"] = round(total / seconds, 1) if seconds > 0 else None
+    if fmt == "json":
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        parts = [f"{data[k]} {k}" for k in ("stored", "indexed", "duplicate", "rejected", "removed", "pruned")
+                 if data[k] or k in ("rejected",)]
+        err.print(f"{', '.join(parts)} in {seconds:.1f} s"
+                  + (f" ({data['files_per_second']:,} files/s)" if data["files_per_second"] else ""))
+        for f, reason in report.rejected:
+            err.print(f"[red]rejected[/red] {f}: {reason}")
+    return EXIT_REJECTED if report.rejected else EXIT_OK
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from pacsbridge.shared.context import open_context
+
+    return open_context(args.settings)
+
+
+def _require_tables(ctx: Any) -> None:
+    if not ctx.index.exists():
+        raise ConfigError("the index has no tables yet: run `pacsbridge init` first")
+
+
+# -- verbs ------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    existed = ctx.index.exists()
+    ctx.index.create(force=args.force)
+    ctx.storage.ensure()
+    if existed and not args.force:
+        missing = ctx.index.check_columns()
+        if missing:
+            err.print(f"[yellow]warning[/yellow]: the existing tables lack {', '.join(missing)} "
+                      "(an older dicom.sql?): `pacsbridge init --force` then `pacsbridge rebuild` recreates them")
+    what = "recreated" if args.force else ("checked" if existed else "created")
+    err.print(f"index {what}: {ctx.settings.database_url} ({ctx.index.schema.source}); storage {ctx.storage.root}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import time
+
+    from pacsbridge.shared.importer import Importer
+
+    if args.move and args.in_place:
+        raise ConfigError("--move and --in-place exclude each other")
+    ctx = _context(args)
+    ctx.index.create()
+    progress, update = _progress("import")
+    t0 = time.perf_counter()
+    with progress:
+        report = Importer(ctx.index, ctx.storage, args.workers, update).import_paths(
+            args.paths, move=args.move, in_place=args.in_place)
+    return _report(report, args.format, time.perf_counter() - t0)
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    import time
+
+    from pacsbridge.shared.importer import Importer
+
+    ctx = _context(args)
+    ctx.index.create()
+    progress, update = _progress("rebuild")
+    t0 = time.perf_counter()
+    with progress:
+        report = Importer(ctx.index, ctx.storage, args.workers, update).rebuild(
+            missing_only=args.missing, prune=args.prune)
+    return _report(report, args.format, time.perf_counter() - t0)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    columns, rows = ctx.index.run_sql(args.query, write=args.write)
+    _print_rows(columns, rows, args.format)
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    ctx = _context(args)
+    _require_tables(ctx)
+    columns, rows = ctx.index.series_summary()
+    _print_rows(columns, rows, args.format, title="series per patient and modality")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pacsbridge.shared.export import export_files, select_files
+
+    ctx = _context(args)
+    _require_tables(ctx)
+    selected = select_files(ctx.index, patient=args.patient, study=args.study, series=args.series, query=args.query)
+    if not selected:
+        err.print("nothing matched: no files exported")
+        return EXIT_REJECTED
+    progress, update = _progress("export")
+    with progress:
+        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest),
+                              layout=args.layout if args.subdirs or args.layout else None, progress=update)
+    err.print(f"{result.copied} copied, {result.skipped} already there, {len(result.failed)} failed → {args.dest}")
+    for f, reason in result.failed:
+        err.print(f"[red]failed[/red] {f}: {reason}")
+    return EXIT_REJECTED if result.failed else EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """listener / worker / api / serve: implemented by the services."""
+    if args.command == "listener":
+        from pacsbridge.listener.server import main as run
+    elif args.command == "worker":
+        from pacsbridge.worker.main import main as run
+    else:  # pragma: no cover - parser allows only these
+        raise ConfigError(f"unknown service {args.command}")
+    return int(run(args.settings, args) or 0)
+
+
+# -- parser ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsbridge",
+        description="Bridge a hospital PACS and a research platform; a Conquest-compatible DICOM index.",
+        epilog="Settings come from PACSBRIDGE_* environment variables (see README); the options below override them.")
+    parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
+    parser.add_argument("--database", metavar="URL", help="index database (PACSBRIDGE_DATABASE_URL)")
+    parser.add_argument("--storage", metavar="DIR", help="storage root (PACSBRIDGE_STORAGE)")
+    parser.add_argument("--dicom-sql", metavar="FILE", help="Conquest dicom.sql to use (PACSBRIDGE_DICOM_SQL)")
+    parser.add_argument("--special-columns", action="store_true", default=None,
+                        help="add pyconquest's RT columns (PACSBRIDGE_SPECIAL_COLUMNS)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create the index tables", description="Create the index tables from dicom.sql.")
+    p.add_argument("--force", action="store_true", help="drop and recreate the tables (files are kept)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("import", help="import files, folders and zip files",
+                       description="Store files, folder trees and zip files and index them. Files that are not "
+                                   "DICOM, truncated or lacking a UID are reported and skipped.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--move", action="store_true", help="remove the originals once stored and indexed")
+    g.add_argument("--in-place", action="store_true", help="index the files where they are, without copying")
+    p.add_argument("--template", metavar="T", help="file name template or preset (PACSBRIDGE_FILENAME_TEMPLATE)")
+    p.add_argument("--duplicates", choices=("keep", "replace", "keep-both"),
+                   help="a second copy of a stored SOP Instance (PACSBRIDGE_DUPLICATES)")
+    p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: one per core)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="report format")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("rebuild", help="rebuild the index from storage",
+                       description="Index every file in storage (pyconquest's rebuild_database_from_dicom).")
+    p.add_argument("--missing", action="store_true", help="only files not indexed yet")
+    p.add_argument("--prune", action="store_true", help="also remove rows whose file is gone")
+    p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: one per core)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="report format")
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("sql", help="run SQL on the index", description=(
+        "Run SQL on the index, e.g. \"select SeriesInst from DICOMSeries where Modality='CT'\". "
+        "Changes are rolled back unless --write is given."))
+    p.add_argument("query", metavar="SQL")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--write", action="store_true", help="commit what the statement changes")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("summary", help="series summary per patient",
+                       description="Series per patient and modality (pyconquest's dicom_series_summary).")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("export", help="copy stored files out", description=(
+        "Copy the files of a patient, study, series or SQL selection to a folder "
+        "(pyconquest's copy_dicom_files_to_dest). --query must return a column ObjectFile, SOPInstanc, "
+        "SeriesInst, StudyInsta or PatientID."))
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--patient", metavar="ID")
+    g.add_argument("--study", metavar="UID")
+    g.add_argument("--series", metavar="UID", action="append")
+    g.add_argument("--query", metavar="SQL")
+    p.add_argument("--dest", required=True, metavar="DIR")
+    p.add_argument("--subdirs", action="store_true", help="sort into patient/study/series folders")
+    p.add_argument("--layout", metavar="T", help="sub-folder template or preset (implies --subdirs)")
+    p.set_defaults(func=cmd_export)
+
+    for name, text in (("listener", "run the DICOM C-STORE listener"), ("worker", "run a Celery worker")):
+        p = sub.add_parser(name, help=text, description=text)
+        if name == "listener":
+            p.add_argument("--port", type=int, help="DICOM port (PACSBRIDGE_LISTENER_PORT)")
+            p.add_argument("--processes", type=int, default=None,
+                           help="receiver processes sharing the port (PACSBRIDGE_LISTENER_PROCESSES)")
+        else:
+            p.add_argument("--concurrency", type=int, default=None, help="worker processes")
+        p.set_defaults(func=cmd_service)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings()
+    changes: dict[str, Any] = {}
+    if args.database:
+        changes["database_url"] = args.database
+    if args.storage:
+        changes["storage"] = Path(args.storage)
+    if args.dicom_sql:
+        changes["dicom_sql"] = Path(args.dicom_sql)
+    if args.special_columns:
+        changes["special_columns"] = True
+    if getattr(args, "template", None):
+        changes["filename_template"] = args.template
+    if getattr(args, "duplicates", None):
+        changes["duplicates"] = args.duplicates
+    return settings.with_(**changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacsbridge`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        # pydicom warns about every oddity of a file it still reads; rejections are reported by us
+        import pydicom  # noqa: F401  (pydicom sets its logger's level on import)
+
+        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+    try:
+        args.settings = _settings(args)
+        return int(args.func(args))
+    except (ConfigError, DicomSqlError) as exc:
+        err.print(f"[red]error[/red]: {exc}")
+        return EXIT_USAGE
+    except QueryError as exc:
+        err.print(f"[red]query failed[/red]: {exc}")
+        return EXIT_USAGE
+    except PacsbridgeError as exc:
+        err.print(f"[red]failed[/red]: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):
+            orig = getattr(exc, "orig", None) or exc
+            err.print(f"[red]database error[/red]: {str(orig).strip().splitlines()[0] if str(orig).strip() else exc}")
+            return EXIT_FAILED
+        if isinstance(exc, OSError):
+            err.print(f"[red]failed[/red]: {exc}")
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

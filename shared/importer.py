@@ -1,0 +1,386 @@
+"""Bring DICOM files into storage and the index: ``import`` and ``rebuild``.
+
+Reading headers (and copying files into storage) runs in worker processes;
+the parent writes the index, many instances per transaction. Each file ends
+in one :class:`Outcome`: ``stored`` (new file in storage and indexed),
+``indexed`` (indexed where it lies: rebuild, ``--in-place``), ``duplicate``
+(this SOP Instance is already stored; the policy kept the existing file) or
+``rejected`` (with the reason). A rejected file never touches what is
+already stored or indexed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import multiprocessing
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+from pydicom.datadict import tag_for_keyword
+
+from .dicomsql import Schema
+from .errors import InvalidDataset, PacsbridgeError
+from .index import Index
+from .records import Rows, build_rows, needs_dataset, read_header, schema_tags
+from .storage import Storage
+
+__all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source"]
+
+log = logging.getLogger(__name__)
+
+#: Instances per index transaction.
+BATCH_SIZE = 500
+#: Below this many files, no worker processes are started.
+PROCESS_THRESHOLD = 64
+
+
+class Source(NamedTuple):
+    """One file to bring in: a path, or a member of a zip archive."""
+
+    path: str
+    member: str | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.path}!{self.member}" if self.member else self.path
+
+
+class Outcome(NamedTuple):
+    """What happened to one source."""
+
+    source: Source
+    status: str  #: stored, indexed, duplicate, rejected
+    reason: str = ""
+    sop: str = ""
+    relpath: str = ""
+    rows: Rows | None = None
+
+
+@dataclass
+class Report:
+    """Counts and rejections of one run."""
+
+    stored: int = 0
+    indexed: int = 0
+    duplicate: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    removed: int = 0
+    pruned: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.stored + self.indexed + self.duplicate + len(self.rejected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stored": self.stored, "indexed": self.indexed, "duplicate": self.duplicate,
+                "rejected": len(self.rejected), "removed": self.removed, "pruned": self.pruned,
+                "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
+
+
+def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None) -> Iterator[Source | Outcome]:
+    """Files under ``paths`` (recursively), zip members expanded.
+
+    Yields a rejected :class:`Outcome` for a path that does not exist or a
+    zip file that cannot be opened. Dot-files and dot-folders are skipped, and
+    so is anything under ``skip_under`` (the storage's own incoming folder).
+    """
+    skip = os.path.realpath(skip_under) if skip_under else None
+
+    def one(path: str) -> Iterator[Source | Outcome]:
+        if zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    for info in zf.infolist():
+                        if not info.is_dir() and not os.path.basename(info.filename).startswith("."):
+                            yield Source(path, info.filename)
+            except (zipfile.BadZipFile, OSError) as exc:
+                yield Outcome(Source(path), "rejected", f"bad zip file: {exc}")
+        else:
+            yield Source(path)
+
+    for p in paths:
+        p = str(p)
+        if os.path.isdir(p):
+            for folder, dirs, files in os.walk(p):
+                if skip and os.path.realpath(folder).startswith(skip):
+                    dirs[:] = []
+                    continue
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield from one(os.path.join(folder, name))
+        elif os.path.isfile(p):
+            yield from one(p)
+        else:
+            yield Outcome(Source(p), "rejected", "no such file or directory")
+
+
+# -- the per-file work, run in worker processes ----------------------------------
+class _Job(NamedTuple):
+    schema: Schema
+    storage: Storage
+    mode: str  # "import", "rebuild", "inplace"
+    tags: frozenset[int]
+    dataset: bool
+
+
+_job: _Job | None = None
+_zips: dict[str, zipfile.ZipFile] = {}
+
+
+def _init(job: _Job) -> None:
+    global _job
+    _job = job
+    _zips.clear()
+
+
+def _read(source: Source) -> Any:
+    if source.member is not None:
+        zf = _zips.get(source.path)
+        if zf is None:
+            zf = _zips[source.path] = zipfile.ZipFile(source.path)
+        return zf.read(source.member)
+    with open(source.path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return b""
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _process(source: Source) -> Outcome:
+    job = _job
+    assert job is not None
+    buf: Any = None
+    try:
+        try:
+            buf = _read(source)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            return Outcome(source, "rejected", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
+        if len(buf) == 0:
+            return Outcome(source, "rejected", "empty file")
+        header = read_header(buf, source.display, job.tags, job.dataset)
+        if job.mode == "import":
+            result = job.storage.store(buf, header)
+            status = "duplicate" if result.action == "duplicate" else "stored"
+            rows = build_rows(header, job.schema, result.relpath)
+            return Outcome(source, status, result.action, header.sop_instance_uid, result.relpath, rows)
+        real = os.path.realpath(source.path)
+        root = os.path.realpath(job.storage.root)
+        if real.startswith(root + os.sep):
+            rel, device = os.path.relpath(real, root).replace(os.sep, "/"), "MAG0"
+        elif job.mode == "inplace":
+            rel, device = real, "EXTERN"
+            if len(rel) > 255:
+                return Outcome(source, "rejected", "path longer than 255 characters (ObjectFile)")
+        else:
+            return Outcome(source, "rejected", "outside the storage root")
+        rows = build_rows(header, job.schema, rel, device)
+        return Outcome(source, "indexed", "", header.sop_instance_uid, rel, rows)
+    except InvalidDataset as exc:
+        return Outcome(source, "rejected", exc.reason)
+    except PacsbridgeError as exc:
+        return Outcome(source, "rejected", str(exc))
+    except Exception as exc:  # never let one file stop a run
+        log.exception("unexpected error on %s", source.display)
+        return Outcome(source, "rejected", f"unexpected {type(exc).__name__}: {exc}")
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()
+
+
+# -- the parent: fan out, collect, index in batches ---------------------------
+class Importer:
+    """Runs ``import`` and ``rebuild`` over a storage and an index.
+
+    Parameters
+    ----------
+    index : Index
+    storage : Storage
+    workers : int
+        Header-reading processes; 0 means one per core.
+    progress : callable, optional
+        Called as ``progress(done, total)``.
+    """
+
+    def __init__(self, index: Index, storage: Storage, workers: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.index = index
+        self.storage = storage
+        self.workers = workers or os.cpu_count() or 1
+        self.progress = progress or (lambda done, total: None)
+
+    def _job(self, mode: str) -> _Job:
+        tags = schema_tags(self.index.schema)
+        for kw in self.storage.template.keywords():
+            tag = tag_for_keyword(kw)
+            if tag is not None:
+                tags.add(tag)
+        return _Job(self.index.schema, self.storage, mode, frozenset(tags), needs_dataset(self.index.schema))
+
+    def _run(self, mode: str, sources: Sequence[Source], on_batch: Callable[[list[Outcome]], None],
+             report: Report, already_done: int = 0) -> None:
+        total = len(sources) + already_done
+        job = self._job(mode)
+        done = already_done
+        batch: list[Outcome] = []
+
+        def consume(outcomes: Iterable[Outcome]) -> None:
+            nonlocal done, batch
+            for outcome in outcomes:
+                batch.append(outcome)
+                done += 1
+                if len(batch) >= BATCH_SIZE:
+                    on_batch(batch)
+                    batch = []
+                    self.progress(done, total)
+            if batch:
+                on_batch(batch)
+                batch = []
+            self.progress(done, total)
+
+        if self.workers <= 1 or len(sources) < PROCESS_THRESHOLD:
+            _init(job)
+            consume(_process(s) for s in sources)
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        self.index.engine.dispose(close=False)  # a forked child must not share pooled connections
+        with ctx.Pool(self.workers, initializer=_init, initargs=(job,)) as pool:
+            consume(pool.imap(_process, sources, chunksize=32))
+
+    def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
+        """Index the good outcomes of a batch; count everything; return what was committed."""
+        good = [o for o in batch if o.rows is not None and o.status != "rejected"]
+        replaced: list[tuple[str, str]] = []
+        if self.storage.duplicates != "keep-both" and good:
+            # a template with {time}/{counter} names each copy differently: the index decides
+            known = self.index.lookup_sop([o.sop for o in good])
+            keep = []
+            for o in good:
+                old = known.get(o.sop)
+                if old is None or old[0] == o.relpath or o.status == "indexed":
+                    keep.append(o)
+                    continue
+                old_path = self.storage.root / old[0] if old[1] == "MAG0" else Path(old[0])
+                if self.storage.duplicates == "keep" and old_path.exists():
+                    if o.status == "stored":
+                        (self.storage.root / o.relpath).unlink(missing_ok=True)
+                    batch[batch.index(o)] = o._replace(status="duplicate", rows=None)
+                else:
+                    keep.append(o)
+                    if old[1] == "MAG0":
+                        replaced.append((o.sop, old[0]))
+            good = keep
+        seen: dict[str, Outcome] = {}
+        for o in good:
+            seen[o.sop] = o  # the same SOP twice in one batch: the last copy wins the row
+        self.index.upsert([o.rows for o in seen.values()])  # type: ignore[misc]
+        for _, old_rel in replaced:  # the index now points at the new copy
+            try:
+                self.storage.absolute(old_rel).unlink()
+            except (OSError, PacsbridgeError):
+                pass
+        for o in batch:
+            if o.status == "rejected":
+                report.rejected.append((o.source.display, o.reason))
+            elif o.status == "duplicate":
+                report.duplicate += 1
+            elif o.status == "stored":
+                report.stored += 1
+            else:
+                report.indexed += 1
+        return batch
+
+    def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False) -> Report:
+        """Import files, folders and zip files.
+
+        Parameters
+        ----------
+        move : bool
+            Remove each original once it is stored and indexed (never a file
+            inside the storage root, and a zip only when all its members went in).
+        in_place : bool
+            Index the files where they are, without copying (outside the
+            storage root their ObjectFile is the absolute path, DeviceName EXTERN).
+        """
+        self.storage.ensure()
+        report = Report()
+        sources: list[Source] = []
+        for item in iter_sources(paths, skip_under=self.storage.incoming):
+            if isinstance(item, Outcome):
+                report.rejected.append((item.source.display, item.reason))
+            else:
+                sources.append(item)
+        root = os.path.realpath(self.storage.root)
+        zip_failed: set[str] = set()
+        zip_done: set[str] = set()
+
+        def on_batch(batch: list[Outcome]) -> None:
+            self._index_batch(batch, report)
+            if not move or in_place:
+                return
+            for o in batch:
+                if o.source.member is not None:
+                    (zip_failed if o.status == "rejected" else zip_done).add(o.source.path)
+                    continue
+                if o.status == "rejected" or os.path.realpath(o.source.path).startswith(root + os.sep):
+                    continue
+                try:
+                    os.unlink(o.source.path)
+                    report.removed += 1
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", o.source.path, exc.strerror)
+
+        self._run("inplace" if in_place else "import", sources, on_batch, report)
+        for path in zip_done - zip_failed:
+            try:
+                os.unlink(path)
+                report.removed += 1
+            except OSError:
+                pass
+        for zf in _zips.values():
+            zf.close()
+        _zips.clear()
+        return report
+
+    def rebuild(self, missing_only: bool = False, prune: bool = False) -> Report:
+        """Index every file in storage (``rebuild_database_from_dicom``).
+
+        Parameters
+        ----------
+        missing_only : bool
+            Skip files whose ObjectFile is already in the index.
+        prune : bool
+            Also delete image rows whose MAG0 file no longer exists.
+        """
+        self.storage.ensure()
+        report = Report()
+        files = self.storage.walk()
+        known = self.index.object_files() if (missing_only or prune) else set()
+        if prune:
+            gone = known - set(files)
+            if gone:
+                img = self.index.tables["Image"]
+                key = self.index.schema["Image"].key.column
+                with self.index.engine.connect() as conn:
+                    sops = [r[0] for r in conn.execute(
+                        img.select().with_only_columns(img.c[key]).where(img.c.DeviceName == "MAG0")
+                        .where(img.c.ObjectFile.in_(sorted(gone))))]
+                report.pruned = self.index.delete_images(sops)
+        if missing_only:
+            files = [f for f in files if f not in known]
+        sources = [Source(str(self.storage.root / f)) for f in files]
+        self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        return report
+
+    def reindex_files(self, relpaths: Sequence[str]) -> Report:
+        """Index given files of the storage (the worker's task)."""
+        report = Report()
+        sources = [Source(str(self.storage.absolute(r))) for r in relpaths]
+        self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        return report
+

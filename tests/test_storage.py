@@ -1,0 +1,142 @@
+"""Safe storage: templates, path cleaning, atomic writes, duplicates."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pacsbridge.shared.errors import ConfigError, StorageError, UnsafePath
+from pacsbridge.shared.storage import PRESETS, Storage, Template, clean_component
+
+from .helpers import make_instance
+
+HOSTILE = ["../../etc", "/abs/olute", "", "x" * 300, "a\x00b", "Ünïcødé", "..\\..\\windows", "..", ".",
+           "CON", "a/b/c", "  ", "山田^太郎", "*?:<>|\"", "-rf", "~root"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_clean_component_is_one_safe_component(value):
+    out = clean_component(value)
+    assert out and "/" not in out and "\\" not in out and "\x00" not in out
+    assert out not in (".", "..") and not out.startswith("/")
+    assert len(out) <= 128
+    assert out.isascii()
+    assert out.upper() != "CON"
+
+
+def test_clean_component_keeps_distinct_values_distinct():
+    assert clean_component("x" * 300) != clean_component("x" * 299 + "y")
+    assert clean_component("山田^太郎") != clean_component("佐藤^花子")
+    assert clean_component("12345") == "12345"
+    assert clean_component("1.2.840.10008") == "1.2.840.10008"
+
+
+@pytest.mark.parametrize("patient_id", HOSTILE)
+def test_no_patient_id_escapes_the_root(tmp_path, patient_id):
+    storage = Storage(tmp_path / "root", fsync=False)
+    storage.ensure()
+    ds = make_instance(PatientID=patient_id or None)
+    result = storage.store(b"DATA", ds)
+    stored = (storage.root / result.relpath).resolve()
+    assert storage.root.resolve() in stored.parents
+    assert stored.read_bytes() == b"DATA"
+    assert len(result.relpath) <= 255
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+@pytest.mark.parametrize("rel", ["../x.dcm", "/etc/passwd", "a/../../x", "", "a//b", "a\x00b"])
+def test_absolute_refuses_escapes(tmp_path, rel):
+    storage = Storage(tmp_path, fsync=False)
+    with pytest.raises(UnsafePath):
+        storage.absolute(rel)
+
+
+def test_symlink_out_of_root_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    storage = Storage(tmp_path / "root", template="{PatientID}/{SOPInstanceUID}.dcm", fsync=False)
+    storage.ensure()
+    (storage.root / "EVIL").symlink_to(outside)
+    with pytest.raises(UnsafePath):
+        storage.store(b"x", make_instance(PatientID="EVIL"))
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("template", ["/abs/{PatientID}", "../{PatientID}", "a//b", "{Patient ID}", "{X|rot13}",
+                                      "C:/x", ""])
+def test_bad_templates_are_refused(template):
+    with pytest.raises(ConfigError):
+        Template(template)
+
+
+def test_presets_render():
+    ds = make_instance(PatientID="P1", SeriesNumber=3, InstanceNumber=7, StudyDescription="Chest CT",
+                       AccessionNumber="A1")
+    sop, study, series = ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID
+    assert Template("patient-study-series").render(ds) == f"P1/{study}/{series}/{sop}.dcm"
+    assert Template("study").render(ds) == f"{study}/{series}/{sop}.dcm"
+    assert Template("flat").render(ds) == f"{sop}.dcm"
+    c4 = Template("conquest4").render(ds)
+    assert c4.startswith(f"P1/{series}_0003_000007_") and c4.endswith(".dcm")
+    px = Template("px-repack").render(ds)
+    assert px.startswith("P1-test_patient-19700101/Chest_CT-A1-20240102/00003--") and px.count("/") == 3
+    assert Template("%PatientID/%_md5|7_SOPInstanceUID.dcm").render(ds).split("/")[1] == \
+        Template("{PatientID}/{SOPInstanceUID|md5:7}.dcm").render(ds).split("/")[1]
+    assert set(PRESETS) >= {"patient", "study", "flat", "conquest4"}
+
+
+def test_long_paths_fit_objectfile(tmp_path):
+    uid = "1.2." + "9" * 60
+    ds = make_instance(PatientID="P" * 64, StudyInstanceUID=uid, SeriesInstanceUID=uid + "8"[:0],
+                       SOPInstanceUID=uid[:-1] + "7")
+    rel = Template("patient").render(ds)
+    assert len(rel) <= 255 and rel.endswith(".dcm") and rel.count("/") == 3
+
+
+def test_duplicate_policies(tmp_path):
+    ds = make_instance()
+    keep = Storage(tmp_path / "k", fsync=False)
+    keep.ensure()
+    assert keep.store(b"one", ds).action == "stored"
+    second = keep.store(b"two", ds)
+    assert second.action == "duplicate"
+    assert (keep.root / second.relpath).read_bytes() == b"one"
+
+    rep = Storage(tmp_path / "r", duplicates="replace", fsync=False)
+    rep.ensure()
+    rep.store(b"one", ds)
+    res = rep.store(b"two", ds)
+    assert res.action == "replaced" and (rep.root / res.relpath).read_bytes() == b"two"
+
+    both = Storage(tmp_path / "b", duplicates="keep-both", fsync=False)
+    both.ensure()
+    first = both.store(b"one", ds)
+    res = both.store(b"two", ds)
+    assert res.action == "kept-both" and res.relpath != first.relpath
+    assert (both.root / res.relpath).read_bytes() == b"two"
+    assert (both.root / first.relpath).read_bytes() == b"one"
+    for s in (keep, rep, both):  # no temporary file left behind
+        assert list(s.incoming.iterdir()) == []
+
+
+def test_unwritable_storage_leaves_nothing(tmp_path):
+    storage = Storage(tmp_path / "ro", fsync=True)
+    storage.ensure()
+    ds = make_instance()
+    stored = storage.store(b"kept", ds)
+    # a file system that refuses writes: a read-only bind is not available to tests, so make the
+    # target folder a file: every write below it fails with a real OSError from the kernel
+    blocker = storage.root / "BLOCK"
+    blocker.write_bytes(b"")
+    with pytest.raises(StorageError):
+        storage.store(b"new", make_instance(PatientID="BLOCK"))
+    assert list(storage.incoming.iterdir()) == []
+    assert (storage.root / stored.relpath).read_bytes() == b"kept"
+
+
+def test_clean_incoming_removes_leftovers(tmp_path):
+    storage = Storage(tmp_path, fsync=False)
+    storage.ensure()
+    (storage.incoming / "in-x.part").write_bytes(b"partial")
+    assert storage.clean_incoming() == 1
+    assert storage.walk() == []
