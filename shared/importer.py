@@ -165,9 +165,10 @@ def _process(source: Source) -> Outcome:
         header = read_header(buf, source.display, job.tags, job.dataset)
         if job.mode == "import":
             result = job.storage.store(buf, header)
-            status = "duplicate" if result.action == "duplicate" else "stored"
+            if result.action == "duplicate":  # the stored copy stays, and so does its row
+                return Outcome(source, "duplicate", result.action, header.sop_instance_uid, result.relpath)
             rows = build_rows(header, job.schema, result.relpath)
-            return Outcome(source, status, result.action, header.sop_instance_uid, result.relpath, rows)
+            return Outcome(source, "stored", result.action, header.sop_instance_uid, result.relpath, rows)
         real = os.path.realpath(source.path)
         root = os.path.realpath(job.storage.root)
         if real.startswith(root + os.sep):

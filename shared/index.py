@@ -52,17 +52,22 @@ def _sa_type(col: Any) -> Any:
     return String(col.length)
 
 
-def _table(metadata: MetaData, tdef: TableDef) -> Table:
+def _table(metadata: MetaData, tdef: TableDef, fold: bool) -> Table:
+    def name(n: str) -> quoted_name:
+        return ident(n.lower() if fold else n)
+
+    def col(n: str, *args: Any, **kw: Any) -> Column:  # type: ignore[type-arg]
+        return Column(name(n), *args, key=n, **kw)
+
     cols = []
     for i, c in enumerate(tdef.columns):
         primary = i == 0 and tdef.level != "WorkList"
-        cols.append(Column(ident(c.column), _sa_type(c), primary_key=primary, nullable=not primary,
-                           autoincrement=False))
-    cols += [Column(ident("AccessTime"), Integer), Column(ident("qTimeStamp"), Integer),
-             Column(ident("qFlags"), Integer), Column(ident("qSpare"), String(64))]
+        cols.append(col(c.column, _sa_type(c), primary_key=primary, nullable=not primary, autoincrement=False))
+    cols += [col("AccessTime", Integer), col("qTimeStamp", Integer), col("qFlags", Integer),
+             col("qSpare", String(64))]
     if tdef.level == "Image":
-        cols += [Column(ident("ObjectFile"), String(255)), Column(ident("DeviceName"), String(32))]
-    table = Table(ident(tdef.table), metadata, *cols)
+        cols += [col("ObjectFile", String(255)), col("DeviceName", String(32))]
+    table = Table(name(tdef.table), metadata, *cols)
     lower = tdef.table.lower()
     parent = tdef.parent
     if parent is not None:
@@ -77,10 +82,16 @@ def _table(metadata: MetaData, tdef: TableDef) -> Table:
     return table
 
 
-def build_metadata(schema: Schema) -> tuple[MetaData, dict[str, Table]]:
-    """SQLAlchemy tables for every section of ``schema``."""
+def build_metadata(schema: Schema, fold: bool = False) -> tuple[MetaData, dict[str, Table]]:
+    """SQLAlchemy tables for every section of ``schema``.
+
+    ``fold`` gives lower-case names (PostgreSQL, where unquoted identifiers fold
+    to lower case); SQLite keeps Conquest's spelling, so ``select *`` returns
+    ``SeriesInst`` as pyconquest code expects. Column keys are always
+    Conquest's spelling.
+    """
     metadata = MetaData()
-    tables = {level: _table(metadata, tdef) for level, tdef in schema.tables.items()}
+    tables = {level: _table(metadata, tdef, fold) for level, tdef in schema.tables.items()}
     return metadata, tables
 
 
@@ -108,8 +119,8 @@ class Index:
     def __init__(self, engine: Engine, schema: Schema) -> None:
         self.engine = engine
         self.schema = schema
-        self.metadata, self.tables = build_metadata(schema)
         self.dialect = engine.dialect.name
+        self.metadata, self.tables = build_metadata(schema, fold=self.dialect == "postgresql")
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         elif self.dialect == "sqlite":
@@ -148,7 +159,7 @@ class Index:
         for level in LEVELS:
             table = self.tables[level]
             have = {c["name"].lower() for c in insp.get_columns(str(table.name))}
-            missing += [f"{table.name}.{c.name}" for c in table.columns if c.name.lower() not in have]
+            missing += [f"{table.name}.{c.key}" for c in table.columns if c.name.lower() not in have]
         return missing
 
     # -- writes -------------------------------------------------------------
@@ -157,11 +168,11 @@ class Index:
         key = self.schema[level].key.column
         stmt = self._insert(table)
         keep_first = {"qTimeStamp", "AccessTime", "qFlags", "qSpare"}
-        changes = {c.name: func.coalesce(stmt.excluded[c.name], table.c[c.name])
-                   for c in table.columns if c.name != key and c.name not in keep_first}
+        changes = {c: func.coalesce(stmt.excluded[c.key], c)
+                   for c in table.columns if c.key != key and c.key not in keep_first}
         if level == "Study" and self._study_modality_col(table):
             # set afterwards from the series, see _update_study_modalities
-            changes.pop(self._study_modality_col(table), None)
+            changes.pop(table.c[self._study_modality_col(table)], None)
         return stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
 
     def _study_modality_col(self, table: Table) -> str | None:
@@ -198,7 +209,7 @@ class Index:
             merged = self._merge((rows[level] for rows in batch), key)
             if level == "Study" and self._study_modality:
                 study_modalities = {k: r.get(self._study_modality) for k, r in merged.items()}
-            columns = [c.name for c in self.tables[level].columns]
+            columns = [c.key for c in self.tables[level].columns]
             params = []
             for k in sorted(merged):
                 row = merged[k]
@@ -230,7 +241,7 @@ class Index:
                 params.append({"k": k, "m": merged[: self._study_modality_len]})
         if params:
             conn.execute(update(studies).where(studies.c[skey] == bindparam("k"))
-                         .values({self._study_modality: bindparam("m")}), params)
+                         .values({studies.c[self._study_modality]: bindparam("m")}), params)
 
     # -- reads --------------------------------------------------------------
     def count(self, level: str = "Image") -> int:
@@ -271,7 +282,8 @@ class Index:
         skey = self.schema["Series"].key.column
         slink = self.schema["Series"].parent.column  # type: ignore[union-attr]
         pid = self.schema["Series"].by_tag(_PATIENT_ID)
-        stmt = select(img.c[ikey].label("sop"), img.c[ilink].label("series"), img.c.ObjectFile, img.c.DeviceName,
+        stmt = select(img.c[ikey].label("sop"), img.c[ilink].label("series"), img.c.ObjectFile.label("ObjectFile"),
+                      img.c.DeviceName.label("DeviceName"),
                       ser.c[slink].label("study")).join(ser, ser.c[skey] == img.c[ilink], isouter=True)
         if patient is not None:
             if pid is None:

@@ -1,0 +1,53 @@
+# pacsbridge: the two commands of the README, and what they stand on.
+# Everything is installed from PyPI (into .venv) and Debian's packages, by these rules.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PB     := $(VENV)/bin/pacsbridge
+DEBS   := dcmtk orthanc
+PYTEST_ARGS ?=
+
+.PHONY: demo install install-test services debs test bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(VENV)/bin/activate
+	$(PIP) install -q -e .
+
+install-test: $(VENV)/bin/activate
+	$(PIP) install -q -e '.[test]'
+
+# First try, no server needed: index pydicom's bundled examples into ./data + ./conquest.db
+demo: install
+	$(PB) init
+	$(PB) import "$$($(PY) -c 'import os, pydicom; print(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"))')" || [ $$? -eq 1 ]
+	$(PB) summary
+
+# Debian packages the tests talk to (real DICOM peers)
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+# The machine's PostgreSQL and Redis (started if down)
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
+
+test: debs services install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install-test
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/rebuild.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

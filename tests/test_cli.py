@@ -1,0 +1,115 @@
+"""The ``pacsbridge`` command, run as a user runs it (a separate process)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from .conftest import cli_env
+from .helpers import TEST_FILES, make_instance
+
+EXE = [sys.executable, "-m", "pacsbridge.cli"]
+
+
+def run(settings, *args, check_rc=None):
+    proc = subprocess.run(EXE + list(map(str, args)), env=cli_env(settings), capture_output=True, text=True,
+                          timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def test_help_for_every_verb(settings):
+    for verb in ("init", "import", "rebuild", "sql", "summary", "export", "listener", "worker"):
+        proc = run(settings, verb, "--help", check_rc=0)
+        assert "usage: pacsbridge " + verb in proc.stdout
+
+
+def test_import_query_summary_export(settings, tmp_path):
+    run(settings, "init", check_rc=0)
+    proc = run(settings, "import", TEST_FILES, "--format", "json")
+    assert proc.returncode == 1  # some bundled files are not DICOM: reported, exit code 1
+    report = json.loads(proc.stdout)
+    assert report["stored"] > 40 and report["rejected"] == len(report["rejections"]) > 0
+    assert all(r["reason"] for r in report["rejections"])
+
+    proc = run(settings, "sql", "select SeriesInst from DICOMSeries where Modality='CT'", "--format", "csv",
+               check_rc=0)
+    lines = list(csv.reader(io.StringIO(proc.stdout)))
+    assert lines[0][0].lower() == "seriesinst" and len(lines) > 2
+    proc = run(settings, "sql", "select PatientID, PatientNam from DICOMPatients", "--format", "json", check_rc=0)
+    assert any(r.get("PatientID", r.get("patientid")) == "4MR1" for r in json.loads(proc.stdout))
+    proc = run(settings, "sql", "select nonsense from nowhere")
+    assert proc.returncode == 2 and "query failed" in proc.stderr
+
+    proc = run(settings, "summary", "--format", "json", check_rc=0)
+    summary = {r["PatientID"]: r for r in json.loads(proc.stdout)}
+    assert summary["4MR1"]["nrMR"] == 1
+
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    dest = tmp_path / "out"
+    run(settings, "export", "--series", ct.SeriesInstanceUID, "--dest", dest, check_rc=0)
+    assert [p.name for p in dest.iterdir()] == [f"{ct.SOPInstanceUID}.dcm"]
+    assert (dest / f"{ct.SOPInstanceUID}.dcm").read_bytes() == (TEST_FILES / "CT_small.dcm").read_bytes()
+    dest2 = tmp_path / "out2"
+    run(settings, "export", "--query", "select seriesinst from dicomseries where modality='CT'", "--dest", dest2,
+        "--subdirs", check_rc=0)
+    assert len(list(dest2.rglob("*.dcm"))) >= 5 and all(p.is_file() for p in dest2.rglob("*.dcm"))
+    proc = run(settings, "export", "--query", "select Modality from DICOMSeries", "--dest", tmp_path / "x")
+    assert proc.returncode == 2 and "must return one of the columns" in proc.stderr
+    proc = run(settings, "export", "--patient", "nobody", "--dest", tmp_path / "y")
+    assert proc.returncode == 1 and "nothing matched" in proc.stderr
+
+
+def test_hostile_patient_ids_stay_in_storage(settings, tmp_path):
+    src = tmp_path / "src"
+    for i, pid in enumerate(["../../x", "/etc/passwd", "..", "a\\..\\..\\b", "x" * 300, "Ωμέγα"]):
+        make_instance(src / f"{i}.dcm", PatientID=pid)
+    run(settings, "import", src, check_rc=0)
+    root = settings.storage.resolve()
+    stored = [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts]
+    assert len(stored) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "data", "conquest.db", "conquest.db-wal",
+                                                                  "conquest.db-shm"][: len(list(tmp_path.iterdir()))])
+    assert not (tmp_path / "x").exists() and not Path("/x").exists()
+    for p in stored:
+        assert root in p.resolve().parents
+    proc = run(settings, "sql", "select ImagePat, ObjectFile from DICOMImages", "--format", "json", check_rc=0)
+    rows = json.loads(proc.stdout)
+    assert {r.get("ImagePat", r.get("imagepat")) for r in rows} >= {"../../x", "/etc/passwd", ".."}
+    assert all(".." not in r.get("ObjectFile", r.get("objectfile")).split("/") for r in rows)
+
+
+def test_move_removes_originals_only_when_stored(settings, tmp_path):
+    src = tmp_path / "src"
+    make_instance(src / "a.dcm")
+    (src / "junk.dcm").write_bytes(b"not dicom at all")
+    proc = run(settings, "import", "--move", src)
+    assert proc.returncode == 1
+    assert not (src / "a.dcm").exists() and (src / "junk.dcm").exists()
+
+
+def test_config_errors_are_clear(settings, tmp_path):
+    proc = run(settings, "--database", "mysql://x/y", "init")
+    assert proc.returncode == 2 and "unsupported database" in proc.stderr
+    proc = run(settings, "--dicom-sql", tmp_path / "missing.sql", "init")
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    proc = run(settings, "import", "--template", "../{PatientID}", tmp_path)
+    assert proc.returncode == 2 and "template" in proc.stderr
+    proc = run(settings, "summary")
+    assert proc.returncode == 2 and "pacsbridge init" in proc.stderr
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_database_down_is_a_clear_failure(settings, tmp_path):
+    bad = settings.with_(database_url="postgresql+psycopg2://postgres@127.0.0.1:1/none")
+    make_instance(tmp_path / "a.dcm")
+    proc = run(bad, "import", tmp_path / "a.dcm")
+    assert proc.returncode == 3 and "database error" in proc.stderr
