@@ -420,6 +420,20 @@ class Storage:
             _unlink_quietly(tmp)
         return StoreResult(rel, action, size)
 
+    def link_into_place(self, tmp: str, rel: str) -> StoreResult:
+        """Put a complete file written by someone else (pynetdicom) at ``rel``.
+
+        The file is hard-linked, so its writer may still delete its own name;
+        the duplicate policy applies as in :meth:`store`.
+        """
+        final = self.absolute(rel)
+        size = os.path.getsize(tmp)
+        fd, copy = self.temp_file()
+        os.close(fd)
+        os.unlink(copy)
+        os.link(tmp, copy)  # our own name for it, then the usual commit
+        return self.commit(copy, rel, final, size)
+
     def clean_incoming(self, older_than: float = 0.0) -> int:
         """Remove temporary files left by a crash; returns how many."""
         n = 0

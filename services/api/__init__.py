@@ -1,0 +1,1 @@
+"""The HTTP API (``pacsbridge api``): not built yet, see the API issue."""

@@ -1,0 +1,1 @@
+"""The DICOM C-STORE listener (``pacsbridge listener``)."""

@@ -1,0 +1,183 @@
+"""C-STORE / C-ECHO handlers and the per-association bookkeeping.
+
+The hot path never decodes the data set: pynetdicom writes what the peer
+sends to a temporary file inside the storage's ``.incoming`` folder
+(``STORE_RECV_CHUNKED_DATASET``), :func:`~pacsbridge.shared.records.read_header`
+reads the few attributes the file name needs (and checks the file is
+complete), the file is fsynced and hard-linked into place, and only then is
+success (0x0000) returned. The path is then queued for indexing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import mmap
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from prometheus_client import Counter
+from pydicom.datadict import tag_for_keyword
+
+from pacsbridge.shared.errors import InvalidDataset, StorageError
+from pacsbridge.shared.records import read_header
+from pacsbridge.shared.storage import Storage
+
+from .peers import Peers
+from .queue import Batcher
+
+__all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+#: Refused: out of resources (storage full or unwritable)
+OUT_OF_RESOURCES = 0xA700
+#: Error: cannot understand (not a usable data set)
+CANNOT_UNDERSTAND = 0xC210
+#: Error: processing failure (anything else)
+PROCESSING_FAILURE = 0x0110
+
+INSTANCES = Counter("pacsbridge_listener_instances", "C-STORE requests by result", ["status"])
+BYTES = Counter("pacsbridge_listener_bytes", "Bytes stored by the listener")
+ASSOCIATIONS = Counter("pacsbridge_listener_associations", "Associations by outcome", ["outcome"])
+
+#: A callback run after each stored instance: ``fn(relpath, header, calling_ae)``.
+AfterStore = Callable[[str, Any, str], None]
+
+
+def load_callback(spec: str) -> AfterStore | None:
+    """``module:function`` from ``PACSBRIDGE_AFTER_STORE`` (None when empty)."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"PACSBRIDGE_AFTER_STORE={spec!r}: expected module:function")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+class StoreHandlers:
+    """Handlers bound to one storage, one queue and one peer list."""
+
+    def __init__(self, storage: Storage, batcher: Batcher | None, peers: Peers,
+                 after_store: AfterStore | None = None) -> None:
+        self.storage = storage
+        self.batcher = batcher
+        self.peers = peers
+        self.after_store = after_store
+        self.tags = {t for t in (tag_for_keyword(k) for k in storage.template.keywords()) if t}
+        self._stats: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    # -- association events ------------------------------------------------
+    def on_conn_open(self, event: Any) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def on_accepted(self, event: Any) -> None:
+        assoc = event.assoc
+        ae = assoc.requestor.ae_title.strip()
+        address = assoc.requestor.address
+        if not self.peers.allows(ae, address):
+            log.warning("association refused: calling AE %r from %s is not an allowed peer", ae, address)
+            ASSOCIATIONS.labels("refused").inc()
+            assoc.abort()
+            return
+        with self._lock:
+            self._stats[id(assoc)] = {"ae": ae, "address": address, "start": time.monotonic(), "instances": 0,
+                                      "bytes": 0, "failures": 0}
+
+    def on_rejected(self, event: Any) -> None:
+        rq = event.assoc.requestor
+        ASSOCIATIONS.labels("rejected").inc()
+        log.warning("association rejected: calling AE %r from %s (called %r)", rq.ae_title, rq.address,
+                    getattr(rq.primitive, "called_ae_title", "?") if rq.primitive else "?")
+
+    def on_closed(self, event: Any, outcome: str) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        ASSOCIATIONS.labels(outcome).inc()
+        seconds = time.monotonic() - stats["start"]
+        log.info("association %s: peer %s@%s, %d instances, %d bytes, %.2f s, %d failures", outcome, stats["ae"],
+                 stats["address"], stats["instances"], stats["bytes"], seconds, stats["failures"])
+
+    def _count(self, event: Any, size: int, failed: bool) -> None:
+        with self._lock:
+            stats = self._stats.get(id(event.assoc))
+            if stats is not None:
+                stats["instances"] += 1
+                stats["bytes"] += size
+                stats["failures"] += int(failed)
+
+    # -- DIMSE ---------------------------------------------------------------
+    def handle_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: Any) -> int:
+        """Store one instance durably, then answer. Never raises."""
+        path = getattr(event, "dataset_path", None)
+        display = f"C-STORE {event.request.AffectedSOPInstanceUID} from {event.assoc.requestor.ae_title.strip()}"
+        size = 0
+        try:
+            if path is None:  # STORE_RECV_CHUNKED_DATASET off: write the bytes ourselves
+                data = event.encoded_dataset()
+                size = len(data)
+                header = read_header(data, display, self.tags)
+                result = self.storage.store(data, header)
+            else:
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        header = read_header(mm, display, self.tags)
+                    if self.storage.fsync:
+                        os.fsync(fh.fileno())
+                rel = self.storage.path_for(header)
+                result = self.storage.link_into_place(str(path), rel)
+        except InvalidDataset as exc:
+            log.warning("refused %s: %s", display, exc.reason)
+            INSTANCES.labels("invalid").inc()
+            self._count(event, size, True)
+            return CANNOT_UNDERSTAND
+        except (StorageError, OSError) as exc:
+            log.error("cannot store %s: %s", display, exc)
+            INSTANCES.labels("storage_error").inc()
+            self._count(event, size, True)
+            return OUT_OF_RESOURCES
+        except Exception:
+            log.exception("failed %s", display)
+            INSTANCES.labels("error").inc()
+            self._count(event, size, True)
+            return PROCESSING_FAILURE
+        INSTANCES.labels(result.action).inc()
+        BYTES.inc(size)
+        self._count(event, size, False)
+        if result.action != "duplicate" and self.batcher is not None:
+            self.batcher.add(result.relpath)
+        if self.after_store is not None:
+            try:
+                self.after_store(result.relpath, header, event.assoc.requestor.ae_title.strip())
+            except Exception:
+                log.exception("after-store callback failed for %s", result.relpath)
+        return SUCCESS
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        from pynetdicom import evt
+
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_CONN_OPEN, self.on_conn_open),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_closed, ["released"]),
+            (evt.EVT_ABORTED, self.on_closed, ["aborted"]),
+        ]

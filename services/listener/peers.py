@@ -1,0 +1,67 @@
+"""Which DICOM peers may store to us: ``PACSBRIDGE_ALLOWED_PEERS``.
+
+A comma-separated list of ``AETITLE`` or ``AETITLE@address`` where the
+address is an IP or a network (``10.1.2.0/24``); ``*`` alone allows every
+peer (for a first try only). Empty allows nobody.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
+
+from pacsbridge.shared.errors import ConfigError
+
+__all__ = ["Peers", "parse_peers"]
+
+
+class Peers(NamedTuple):
+    any_peer: bool
+    rules: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]  # AE -> networks ([] = any address)
+
+    def ae_titles(self) -> list[str]:
+        return sorted(self.rules)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.any_peer:
+            return True
+        nets = self.rules.get(ae_title.strip())
+        if nets is None:
+            return False
+        if not nets:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
+
+    def address_known(self, address: str) -> bool:
+        """Could any peer connect from ``address``? (checked before the association)"""
+        if self.any_peer or any(not nets for nets in self.rules.values()):
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for nets in self.rules.values() for net in nets)
+
+
+def parse_peers(text: str) -> Peers:
+    """Parse ``PACSBRIDGE_ALLOWED_PEERS``; raises :class:`ConfigError` on a bad entry."""
+    text = (text or "").strip()
+    if text == "*":
+        return Peers(True, {})
+    rules: dict[str, list] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        ae, _, addr = item.partition("@")
+        ae = ae.strip()
+        if not ae or len(ae) > 16 or "\\" in ae:
+            raise ConfigError(f"PACSBRIDGE_ALLOWED_PEERS: bad AE title in {item!r}")
+        nets = rules.setdefault(ae, [])
+        if addr:
+            try:
+                nets.append(ipaddress.ip_network(addr.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"PACSBRIDGE_ALLOWED_PEERS: bad address in {item!r}") from None
+    return Peers(False, rules)

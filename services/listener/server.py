@@ -1,0 +1,234 @@
+"""``pacsbridge listener``: the C-STORE SCP.
+
+Several receiver processes share the port (``SO_REUSEPORT``), so throughput
+grows with cores (associations of one process share its GIL). The parent
+process supervises them (restarting one that dies) and runs the
+reconciler, which enqueues stored-but-unindexed files at start and then
+every ``PACSBRIDGE_RECONCILE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from pacsbridge.shared.config import Settings
+from pacsbridge.shared.errors import ConfigError
+from pacsbridge.shared.storage import Storage
+
+from .handlers import StoreHandlers, load_callback
+from .peers import parse_peers
+from .queue import Batcher
+
+log = logging.getLogger(__name__)
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected a number") from None
+
+
+def make_ae(settings: Settings, peers: Any) -> Any:
+    """The pynetdicom AE: every storage SOP class in every transfer syntax, plus Verification."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                             ImplicitVRLittleEndian)
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = AE(ae_title=settings.ae_title)
+    # pynetdicom accepts the first of *our* syntaxes the sender offers: compressed ones first,
+    # so a sender offering a file's own syntax next to an uncompressed one sends it as it is
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                    ExplicitVRBigEndian]
+    syntaxes = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in uncompressed] + uncompressed
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, syntaxes)
+    ae.add_supported_context(Verification, uncompressed)
+    ae.maximum_pdu_size = int(_env_float("PACSBRIDGE_MAX_PDU", 0))  # 0 = unlimited
+    ae.maximum_associations = int(_env_float("PACSBRIDGE_MAX_ASSOCIATIONS", 16))
+    ae.acse_timeout = _env_float("PACSBRIDGE_ACSE_TIMEOUT", 30)
+    ae.dimse_timeout = _env_float("PACSBRIDGE_DIMSE_TIMEOUT", 60)
+    ae.network_timeout = _env_float("PACSBRIDGE_NETWORK_TIMEOUT", 60)
+    ae.require_called_aet = True
+    if not peers.any_peer:
+        # an empty list would mean "anyone" to pynetdicom: keep a title no one can send
+        ae.require_calling_aet = peers.ae_titles() or ["\x7fNOBODY"[:16]]
+    return ae
+
+
+def _server_class(peers: Any) -> Any:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class Server(ThreadedAssociationServer):
+        """Shares its port with the other receiver processes; refuses unknown addresses."""
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            if peers.address_known(client_address[0]):
+                return True
+            log.warning("connection refused: %s is not the address of an allowed peer", client_address[0])
+            return False
+
+    return Server
+
+
+def make_sender(settings: Settings) -> Any:
+    from pacsbridge.worker.app import INDEX_TASK, make_celery
+
+    app = make_celery(settings)
+
+    def send(paths: list[str]) -> None:
+        app.send_task(INDEX_TASK, args=[paths], queue="pacsbridge", retry=False)
+
+    return send
+
+
+def serve_process(settings: Settings, peers: Any, stop: threading.Event | None = None) -> None:
+    """One receiver: serve until SIGTERM, then flush the queue."""
+    storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
+    storage.ensure()
+    tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
+    batcher = Batcher(make_sender(settings))
+    handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
+    ae = make_ae(settings, peers)
+    server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
+                            server_class=_server_class(peers))
+
+    def shutdown(*_: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        batcher.close()
+
+
+def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
+    """Enqueue stored files that are not indexed (older than ``min_age`` seconds). Returns how many."""
+    from pacsbridge.shared.context import open_context
+
+    ctx = open_context(settings)
+    try:
+        ctx.index.create()
+        known = ctx.index.object_files()
+        now = time.time()
+        missing = []
+        for rel in ctx.storage.walk():
+            if rel in known:
+                continue
+            try:
+                if now - os.path.getmtime(ctx.storage.root / rel) < min_age:
+                    continue
+            except OSError:
+                continue
+            missing.append(rel)
+        if missing:
+            send = make_sender(settings)
+            for i in range(0, len(missing), 100):
+                send(missing[i:i + 100])
+            log.warning("reconciler: %d stored instances were not indexed; queued them", len(missing))
+        ctx.storage.clean_incoming(older_than=3600)
+        return len(missing)
+    finally:
+        ctx.index.engine.dispose()
+
+
+def _reconciler(settings: Settings, stop: threading.Event, period: float, min_age: float) -> None:
+    while True:
+        try:
+            reconcile_once(settings, min_age)
+        except Exception as exc:  # database or broker down: try again next period
+            log.error("reconciler: %s", exc)
+        if stop.wait(period):
+            return
+
+
+def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
+    """Run the listener until SIGTERM / Ctrl-C."""
+    if args is not None and getattr(args, "port", None):
+        settings = settings.with_(listener_port=args.port)
+    peers = parse_peers(settings.allowed_peers)
+    if peers.any_peer:
+        log.warning("PACSBRIDGE_ALLOWED_PEERS=*: any calling AE may store here (fine for a first try only)")
+    elif not peers.rules:
+        log.warning("PACSBRIDGE_ALLOWED_PEERS is empty: every association will be rejected")
+    processes = (getattr(args, "processes", None) if args is not None else None) or \
+        int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or os.cpu_count() or 1
+    period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
+    min_age = _env_float("PACSBRIDGE_RECONCILE_MIN_AGE", 30)
+    Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync).ensure()
+    stop = threading.Event()
+    threading.Thread(target=_reconciler, args=(settings, stop, period, min_age), daemon=True,
+                     name="reconciler").start()
+    log.info("listener %s on %s:%d, %d process(es), storage %s", settings.ae_title, settings.listener_host,
+             settings.listener_port, processes, settings.storage)
+    print(f"pacsbridge listener: AE {settings.ae_title} on port {settings.listener_port}", file=sys.stderr,
+          flush=True)
+    if processes == 1:
+        serve_process(settings, peers)
+        stop.set()
+        return 0
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                serve_process(settings, peers)
+            except BaseException:
+                log.exception("receiver process failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    stopping = False
+
+    def terminate(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    for slot in range(processes):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is not None and not stopping:
+            log.error("receiver process %d exited (status %d); starting another", pid, status)
+            time.sleep(0.5)
+            spawn(slot)
+    stop.set()
+    return 0
