@@ -372,12 +372,12 @@ class Storage:
 
         Applies the duplicate policy. The temporary file is gone afterwards.
         """
-        final = final or self.absolute(rel)
-        if size is None:
-            size = os.path.getsize(tmp)
-        self._mkdirs(final.parent)
         action = "stored"
         try:
+            final = final or self.absolute(rel)
+            if size is None:
+                size = os.path.getsize(tmp)
+            self._mkdirs(final.parent)
             if self.duplicates == "replace":
                 action = "replaced" if final.exists() else "stored"
                 os.replace(tmp, final)
