@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""A tuned pynetdicom C-STORE SCP that answers success and stores nothing.
+
+This is the ceiling for any pynetdicom-based receiver on the machine: the
+network and DIMSE work is done, the data set is never decoded, written or
+even looked at.
+
+Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
+
+- ``ae.maximum_pdu_size = 0`` (unlimited): the sender uses its largest PDUs;
+- every storage SOP class (``AllStoragePresentationContexts``) in every
+  transfer syntax (``ALL_TRANSFER_SYNTAXES``), plus Verification for
+  ``echoscu``;
+- the C-STORE handler returns ``0x0000`` without touching ``event.dataset``;
+- several processes share the port with ``SO_REUSEPORT`` (associations of one
+  process share its GIL): each forked process builds its own AE and
+  :class:`ReusePortServer` and runs ``serve_forever``.
+
+Usage::
+
+    python bench/noop_scp.py PORT [--aet NOOP] [--host 127.0.0.1] [--processes N]
+
+The parent process prints ``noop_scp: ready ...`` on stderr once every
+process has bound the port, forwards SIGTERM / SIGINT to its children and
+exits when they have all exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+__all__ = ["ReusePortServer", "make_ae", "serve", "main"]
+
+SUCCESS = 0x0000
+
+
+def _server_class() -> type:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class ReusePortServer(ThreadedAssociationServer):
+        """A threaded association server whose port other processes may share."""
+
+        def server_bind(self) -> None:
+            """Set ``SO_REUSEADDR`` and ``SO_REUSEPORT`` before binding."""
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    return ReusePortServer
+
+
+def __getattr__(name: str) -> Any:  # lazy export, so importing this module stays cheap
+    if name == "ReusePortServer":
+        return _server_class()
+    raise AttributeError(name)
+
+
+def make_ae(aet: str) -> Any:
+    """The AE: all storage contexts in all transfer syntaxes, Verification, no PDU limit."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=aet)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    ae.maximum_pdu_size = 0
+    ae.maximum_associations = 64
+    return ae
+
+
+def handle_store(event: Any) -> int:
+    """Answer success; the data set is neither decoded nor stored."""
+    return SUCCESS
+
+
+def serve(host: str, port: int, aet: str, ready_fd: int | None = None) -> None:
+    """Serve in this process until SIGTERM / SIGINT."""
+    from pynetdicom import evt
+
+    ae = make_ae(aet)
+    server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handle_store)],
+                            server_class=_server_class())
+
+    def stop() -> None:
+        try:
+            server.shutdown()
+        except ValueError:
+            # pynetdicom's shutdown() removes the server from ae._servers, where only
+            # start_server() puts it, not make_server(): the loop has stopped anyway
+            pass
+
+    def shutdown(*_: Any) -> None:
+        threading.Thread(target=stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(description="pynetdicom C-STORE SCP that stores nothing (the ceiling).")
+    parser.add_argument("port", type=int, help="TCP port")
+    parser.add_argument("--aet", default="NOOP", help="our AE title (default: NOOP; called AE is not checked)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help=f"processes sharing the port via SO_REUSEPORT (default: cores = {os.cpu_count()})")
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
+
+    read_fd, write_fd = os.pipe()
+    children: list[int] = []
+    for _ in range(args.processes):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                os.close(read_fd)
+                serve(args.host, args.port, args.aet, write_fd)
+            except BaseException as exc:  # noqa: BLE001 - report and exit non-zero
+                print(f"noop_scp[{os.getpid()}]: {exc!r}", file=sys.stderr, flush=True)
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(write_fd)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    ready = 0
+    while ready < args.processes:
+        chunk = os.read(read_fd, 64)
+        if not chunk:  # every child closed the pipe: one failed before binding
+            break
+        ready += len(chunk)
+    os.close(read_fd)
+    if ready == args.processes:
+        print(f"noop_scp: ready, {ready} processes on {args.host}:{args.port} (AE {args.aet})",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"noop_scp: only {ready} of {args.processes} processes bound {args.host}:{args.port}",
+              file=sys.stderr, flush=True)
+        forward(signal.SIGTERM, None)
+
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, st = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                st = 0
+                break
+        status = status or (1 if os.waitstatus_to_exitcode(st) not in (0, -signal.SIGTERM) else 0)
+    return status if ready == args.processes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
