@@ -209,3 +209,30 @@ def test_kill_9_mid_association_leaves_no_partial_file(stack, tmp_path):
     # a partial file may remain only in .incoming (removed by the reconciler after an hour)
     stored = [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.relative_to(root).parts]
     assert len(stored) == 40
+
+
+@pytest.mark.parametrize("callback", ["record", "explode"])
+def test_after_store_callback_and_metrics(tmp_path, callback):
+    import urllib.request
+
+    out = tmp_path / "calls.txt"
+    metrics = free_port()
+    stack = Stack(tmp_path, PACSBRIDGE_AFTER_STORE=f"tests.callback_probe:{callback}",
+                  PB_TEST_CALLBACK_FILE=str(out), PACSBRIDGE_LISTENER_METRICS_PORT=str(metrics))
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        files = [make_instance(tmp_path / "in" / f"{i}.dcm", PatientID="CB") for i in range(3)]
+        assert storescu(stack.port, *sorted((tmp_path / "in").iterdir())).returncode == 0
+        assert len(indexed_sops(stack.settings, 3)) == 3
+        if callback == "record":
+            lines = out.read_text().splitlines()
+            assert sorted(line.split("\t")[2] for line in lines) == sorted(d.SOPInstanceUID for d in files)
+            assert all(line.split("\t")[1] == "CB" and line.endswith("\tSENDER") for line in lines)
+        else:
+            assert not out.exists()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        stored = [l for l in text.splitlines() if l.startswith('pacsbridge_listener_instances_total{status="stored"}')]
+        assert stored and float(stored[0].split()[-1]) == 3.0
+    finally:
+        stack.close()

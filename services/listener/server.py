@@ -24,7 +24,6 @@ from pacsbridge.shared.config import Settings
 from pacsbridge.shared.errors import ConfigError
 from pacsbridge.shared.storage import Storage
 
-from .handlers import StoreHandlers, load_callback
 from .peers import parse_peers
 from .queue import Batcher
 
@@ -102,6 +101,8 @@ def make_sender(settings: Settings) -> Any:
 
 def serve_process(settings: Settings, peers: Any, stop: threading.Event | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
+    from .handlers import StoreHandlers, load_callback
+
     storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
     storage.ensure()
     tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
@@ -163,6 +164,24 @@ def _reconciler(settings: Settings, stop: threading.Event, period: float, min_ag
             return
 
 
+def _start_metrics(port: int) -> None:
+    """Serve the counters of every receiver process on ``port`` (Prometheus multiprocess mode)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="pacsbridge-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before prometheus_client is imported anywhere
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)
+    start_http_server(port, registry=registry)
+    log.info("metrics on :%d/metrics", port)
+
+
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run the listener until SIGTERM / Ctrl-C."""
     if args is not None and getattr(args, "port", None):
@@ -177,6 +196,9 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
     min_age = _env_float("PACSBRIDGE_RECONCILE_MIN_AGE", 30)
     Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync).ensure()
+    metrics_port = int(_env_float("PACSBRIDGE_LISTENER_METRICS_PORT", 0))
+    if metrics_port:
+        _start_metrics(metrics_port)
     stop = threading.Event()
     threading.Thread(target=_reconciler, args=(settings, stop, period, min_age), daemon=True,
                      name="reconciler").start()

@@ -1,0 +1,929 @@
+#!/usr/bin/env python
+"""DICOM ingest benchmark: DCMTK storescu into storescp, Orthanc, a no-op SCP and pacsbridge.
+
+Usage::
+
+    python bench/ingest.py [--instances 2000] [--runs 3]
+        [--workdir /tmp/pacsbridge-bench-ingest]
+        [--targets storescp,orthanc,noop,pacsbridge] [--assocs 1,4]
+        [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest]
+        [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--keep-storage]
+
+Steps:
+
+1. ``bench/gen_ct.py`` (:func:`gen_ct.generate`, flat layout) writes N
+   synthetic 512x512 CT instances into ``WORKDIR/gen`` once (a stamp file
+   caches them), and ``WORKDIR/quarters/q0..q3`` hold symlinks to 4 disjoint,
+   contiguous quarters of them for the 4-association runs.  Every file is
+   read once so that the page cache is warm for all targets alike.
+2. For each target, association count and run: a fresh receiver on a free
+   port with a fresh storage folder; the clock starts just before the first
+   ``storescu -aet BENCH -aec <AET> +sd +r +sp *.dcm 127.0.0.1 PORT DIR``
+   (one on ``gen``, or 4 in parallel on the quarters) and "stored" ends when
+   the last one exits: stored inst/s = N / that wall time.  Every DCMTK
+   process and Orthanc get ``TCP_NODELAY=1``.  Exit codes and ``E:``/``W:``
+   lines of storescu are checked, and that N instances arrived:
+
+   - ``storescp``: ``storescp -aet TARGET --fork -od DIR PORT``; N files in DIR.
+   - ``orthanc``: Orthanc with its own config and storage; ``/statistics``
+     ``CountInstances == N`` (Orthanc answers a C-STORE only once the
+     instance is indexed, so stored = indexed for Orthanc).
+   - ``noop``: ``bench/noop_scp.py``, a tuned pynetdicom SCP that stores
+     nothing (the pynetdicom ceiling); success = every storescu succeeded.
+   - ``pacsbridge``: ``pacsbridge listener`` and ``pacsbridge worker`` as
+     separate process groups on PostgreSQL (``init --force`` before each
+     run) and Redis (the broker db is flushed before each run), with
+     ``PACSBRIDGE_FSYNC=1``.  Also "indexed": N / time from the first
+     storescu start until ``select count(*) from dicomimages`` reaches N
+     (polled every 0.1 s).  Checks: N files in storage, N rows, nothing
+     left in ``.incoming``, no task left in the queue.  The listener and
+     worker logs stay in ``WORKDIR/logs/<run>/`` and are scanned for errors.
+
+   Receivers are started in their own sessions and stopped with SIGTERM to
+   the process group (SIGKILL after a timeout), always (try/finally).
+3. A table of medians and every run per target x associations, the ratios
+   for pacsbridge (stored / noop, indexed / Orthanc) against the targets of
+   the issue (4 associations: indexed >= 1.0x Orthanc, stored >= 0.8x noop;
+   1 association: indexed >= 0.8x Orthanc), then one final JSON line with
+   everything, machine facts included.
+
+Progress goes to stderr; stdout carries the table and the JSON line.
+Exit status: 0 if every check passed (whether or not the targets were met),
+1 if a check failed (the JSON line lists the problems), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/13"
+TARGETS = ("storescp", "orthanc", "noop", "pacsbridge")
+CALLING_AET = "BENCH"
+AETS = {"storescp": "TARGET", "orthanc": "ORTHANC", "noop": "NOOP", "pacsbridge": "PACSBRIDGE"}
+QUARTERS = 4
+#: The issue's targets: (associations, ratio name) -> minimum
+GOALS = {(4, "indexed_vs_orthanc"): 1.0, (4, "stored_vs_noop"): 0.8, (1, "indexed_vs_orthanc"): 0.8}
+POLL_SECONDS = 0.1
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+_DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: Log lines worth reporting from the pacsbridge services (and the other receivers)
+_LOG_ALERT = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback|Exception|WARNING)\b|^[EF]: ")
+
+
+# -- small helpers -----------------------------------------------------------------------
+def log(msg: str) -> None:
+    """Progress message on stderr (stdout carries the table and the JSON line)."""
+    print(f"[ingest] {msg}", file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float | None:
+    """Median rounded to 0.1, or None for no values."""
+    return round(statistics.median(values), 1) if values else None
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The current environment without ``PACSBRIDGE_*``, with ``TCP_NODELAY=1``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    env["TCP_NODELAY"] = "1"
+    env.update(extra)
+    return env
+
+
+def pacsbridge_exe() -> str:
+    """Path of the ``pacsbridge`` console script (next to this interpreter, else PATH)."""
+    candidate = Path(sys.executable).parent / "pacsbridge"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("pacsbridge")
+    if not found:
+        raise SystemExit("pacsbridge command not found (activate the venv)")
+    return found
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """``count`` distinct TCP ports that are free on every address right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def listeners_on(port: int) -> int:
+    """How many sockets listen on TCP ``port`` (SO_REUSEPORT gives one per process)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+                total += 1
+    return total
+
+
+def echo_ok(aec: str, port: int) -> bool:
+    """``echoscu`` from BENCH to ``aec`` answered (exit 0)."""
+    proc = subprocess.run(["echoscu", "-q", "-to", "2", "-aet", CALLING_AET, "-aec", aec, "127.0.0.1", str(port)],
+                          env=base_env(), capture_output=True, text=True, check=False)
+    return proc.returncode == 0
+
+
+def wait_for(what: str, check: Callable[[], bool], procs: list[subprocess.Popen],
+             timeout: float = READY_TIMEOUT, interval: float = 0.05) -> float:
+    """Poll ``check`` until true; fail early if one of ``procs`` exits. Returns seconds waited."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    while True:
+        if check():
+            return time.perf_counter() - start
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: process {p.args[0] if isinstance(p.args, list) else p.args} "
+                                   f"exited with {p.returncode} before it was ready")
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> tuple[float, str | None]:
+    """SIGTERM the process group of ``proc`` (started with a new session) and wait.
+
+    After ``timeout`` seconds the group is killed with SIGKILL. Returns the
+    seconds it took and a problem text if it had to be killed. Members of the
+    group that outlive its leader (forked children) are waited for too.
+    """
+    start = time.perf_counter()
+    problem = None
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        problem = f"{proc.args} did not stop within {timeout:.0f} s of SIGTERM: killed"
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    # the leader is gone; make sure no member of its group is left behind
+    deadline = time.perf_counter() + 10
+    while _group_alive(pgid):
+        if time.perf_counter() > deadline:
+            problem = problem or f"{proc.args}: processes of its group outlived it: killed"
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.2)
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - start, problem
+
+
+def _group_alive(pgid: int) -> bool:
+    """Is any non-zombie process in process group ``pgid``?"""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of all CPU time that was busy over ``seconds`` (from /proc/stat): other load on the box."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
+
+
+def count_files(root: Path, skip_dot: bool = True) -> int:
+    """Regular files below ``root`` (dot-files/-folders skipped unless ``skip_dot`` is False)."""
+    total = 0
+    for _folder, dirs, files in os.walk(root):
+        if skip_dot:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(1 for f in files if not (skip_dot and f.startswith(".")))
+    return total
+
+
+def scan_log(path: Path, limit: int = 8) -> dict:
+    """Lines of a log that look like errors or warnings: total count and the first distinct ones."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"file": str(path), "alerts": 0, "samples": []}
+    hits = [ln.strip() for ln in lines if _LOG_ALERT.search(ln)]
+    samples: list[str] = []
+    for ln in hits:
+        short = ln[:300]
+        if short not in samples:
+            samples.append(short)
+        if len(samples) >= limit:
+            break
+    return {"file": str(path), "alerts": len(hits), "samples": samples}
+
+
+# -- step 1: data ------------------------------------------------------------------------
+def prepare_data(workdir: Path, instances: int) -> tuple[Path, list[Path]]:
+    """Generated files in ``WORKDIR/gen`` (cached) and ``QUARTERS`` symlink folders."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from gen_ct import generate  # noqa: E402  (bench/ is not a package)
+
+    gen = workdir / "gen"
+    stamp = workdir / "gen.json"
+    try:
+        cached = json.loads(stamp.read_text()).get("instances")
+    except (OSError, ValueError):
+        cached = None
+    files = sorted(gen.glob("*.dcm")) if gen.is_dir() else []
+    if cached == instances and len(files) == instances:
+        log(f"reusing {instances} generated files in {gen}")
+    else:
+        shutil.rmtree(gen, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+        log(f"generating {instances} CT instances into {gen} ...")
+        t0 = time.perf_counter()
+        files = sorted(generate(gen, instances, layout="flat"))
+        log(f"generated {len(files)} files in {time.perf_counter() - t0:.1f} s")
+        stamp.write_text(json.dumps({"instances": instances}) + "\n")
+
+    quarters_root = workdir / "quarters"
+    shutil.rmtree(quarters_root, ignore_errors=True)
+    quarters = []
+    bounds = [round(i * len(files) / QUARTERS) for i in range(QUARTERS + 1)]
+    for q in range(QUARTERS):
+        folder = quarters_root / f"q{q}"
+        folder.mkdir(parents=True)
+        for f in files[bounds[q]:bounds[q + 1]]:
+            (folder / f.name).symlink_to(f)
+        quarters.append(folder)
+    log(f"quarters: {[bounds[q + 1] - bounds[q] for q in range(QUARTERS)]} files (symlinks) in {quarters_root}")
+    size = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                size += len(chunk)
+    log(f"warmed page cache: read {len(files)} files, {size / 1e6:.0f} MB")
+    return gen, quarters
+
+
+# -- receivers ---------------------------------------------------------------------------
+class Receiver:
+    """One fresh receiver for one run: start, wait until ready, check, stop.
+
+    Subclasses set ``name`` and implement :meth:`start` and :meth:`check`.
+    """
+
+    name = ""
+
+    def __init__(self, run_dir: Path, log_dir: Path, instances: int) -> None:
+        self.run_dir = run_dir
+        self.log_dir = log_dir
+        self.instances = instances
+        self.storage = run_dir / "storage"
+        self.port = free_ports(1)[0]
+        self.procs: list[subprocess.Popen] = []
+        self.phases: dict[str, float] = {}
+        self.logs: list[Path] = []
+
+    @property
+    def aet(self) -> str:
+        return AETS[self.name]
+
+    def spawn(self, label: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``cmd`` in a new session, output to ``LOGDIR/<label>.log``."""
+        path = self.log_dir / f"{label}.log"
+        self.logs.append(path)
+        with open(path, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self) -> None:
+        """Port listening and C-ECHO answered."""
+        self.phases["ready_s"] = round(wait_for(
+            f"{self.name} on port {self.port}",
+            lambda: listeners_on(self.port) >= self.expected_listeners() and echo_ok(self.aet, self.port),
+            self.procs), 3)
+
+    def expected_listeners(self) -> int:
+        return 1
+
+    def check(self) -> list[str]:
+        """Problems found after all storescu exited (empty: all N arrived)."""
+        raise NotImplementedError
+
+    def stop(self) -> list[str]:
+        """Stop every process (SIGTERM to its group); return problems."""
+        problems = []
+        t0 = time.perf_counter()
+        for proc in self.procs:
+            _, problem = stop_group(proc)
+            if problem:
+                problems.append(problem)
+        self.phases["stop_s"] = round(time.perf_counter() - t0, 3)
+        return problems
+
+
+class StorescpReceiver(Receiver):
+    """DCMTK ``storescp --fork``: the native reference."""
+
+    name = "storescp"
+
+    def start(self) -> None:
+        self.storage.mkdir(parents=True)
+        self.spawn("storescp", ["storescp", "-aet", self.aet, "--fork", "-od", str(self.storage), str(self.port)],
+                   base_env())
+
+    def check(self) -> list[str]:
+        n = count_files(self.storage)
+        return [] if n == self.instances else [f"storescp: {n} files in {self.storage}, expected {self.instances}"]
+
+
+class OrthancReceiver(Receiver):
+    """Orthanc (Debian) with its own config, SQLite index and storage; no plugins."""
+
+    name = "orthanc"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.port, self.http_port = free_ports(2)
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pacsbridge-bench", "StorageDirectory": str(self.storage), "IndexDirectory": str(self.storage),
+            "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": self.http_port,
+            "DicomCheckCalledAet": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
+        cfg = self.run_dir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2) + "\n")
+        self.spawn("orthanc", ["Orthanc", str(cfg)], base_env(), cwd=self.run_dir)
+
+    def rest(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def wait_ready(self) -> None:
+        def http_ok() -> bool:
+            try:
+                self.rest("/system")
+                return True
+            except (urllib.error.URLError, OSError, ValueError):
+                return False
+
+        wait_for("orthanc HTTP", http_ok, self.procs)
+        super().wait_ready()
+
+    def check(self) -> list[str]:
+        try:
+            stats = self.rest("/statistics")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return [f"orthanc: GET /statistics failed: {exc}"]
+        n = stats.get("CountInstances")
+        return [] if n == self.instances else [f"orthanc: /statistics CountInstances={n}, expected {self.instances}"]
+
+
+class NoopReceiver(Receiver):
+    """``bench/noop_scp.py``: pynetdicom answering success, storing nothing."""
+
+    name = "noop"
+
+    def __init__(self, *args: Any, processes: int) -> None:
+        super().__init__(*args)
+        self.processes = processes
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.spawn("noop_scp", [sys.executable, str(BENCH_DIR / "noop_scp.py"), str(self.port), "--aet", self.aet,
+                                "--processes", str(self.processes)], base_env())
+
+    def expected_listeners(self) -> int:
+        return self.processes
+
+    def check(self) -> list[str]:
+        return []  # nothing is stored: the storescu checks are the check
+
+
+class PacsbridgeReceiver(Receiver):
+    """``pacsbridge listener`` + ``pacsbridge worker`` on PostgreSQL and Redis, fsync on."""
+
+    name = "pacsbridge"
+
+    def __init__(self, *args: Any, pg_url: str, broker_url: str) -> None:
+        super().__init__(*args)
+        self.pg_url = pg_url
+        self.broker_url = broker_url
+        self.processes = os.cpu_count() or 1  # PACSBRIDGE_LISTENER_PROCESSES default
+        self.env = base_env(
+            PACSBRIDGE_STORAGE=str(self.storage),
+            PACSBRIDGE_DATABASE_URL=pg_url,
+            PACSBRIDGE_BROKER_URL=broker_url,
+            PACSBRIDGE_ALLOWED_PEERS=CALLING_AET,
+            PACSBRIDGE_LISTENER_PORT=str(self.port),
+            PACSBRIDGE_FSYNC="1",
+        )
+        self.engine: Any = None
+
+    def start(self) -> None:
+        import redis
+        from sqlalchemy import create_engine
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        client = redis.Redis.from_url(self.broker_url)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+        init = subprocess.run([pacsbridge_exe(), "init", "--force"], env=self.env, capture_output=True, text=True,
+                              check=False)
+        (self.log_dir / "init.log").write_text(init.stdout + init.stderr)
+        if init.returncode != 0:
+            raise RuntimeError(f"pacsbridge init --force failed (exit {init.returncode}): {init.stderr[-2000:]}")
+        self.phases["flush_init_s"] = round(time.perf_counter() - t0, 3)
+        self.engine = create_engine(self.pg_url, isolation_level="AUTOCOMMIT")
+        self.spawn("listener", [pacsbridge_exe(), "listener"], self.env, cwd=self.run_dir)
+        self.spawn("worker", [pacsbridge_exe(), "worker"], self.env, cwd=self.run_dir)
+
+    def expected_listeners(self) -> int:
+        return self.processes
+
+    def wait_ready(self) -> None:
+        worker_log = self.log_dir / "worker.log"
+
+        def worker_ready() -> bool:
+            try:
+                return re.search(r"celery@\S+ ready\.", worker_log.read_text(errors="replace")) is not None
+            except OSError:
+                return False
+
+        t0 = time.perf_counter()
+        super().wait_ready()
+        wait_for("pacsbridge worker", worker_ready, self.procs)
+        self.phases["ready_s"] = round(time.perf_counter() - t0, 3)
+
+    def indexed(self) -> int:
+        """``select count(*) from dicomimages``."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("select count(*) from dicomimages")).scalar())
+
+    def check(self) -> list[str]:
+        import redis
+
+        problems = []
+        n = count_files(self.storage)
+        if n != self.instances:
+            problems.append(f"pacsbridge: {n} files in storage {self.storage}, expected {self.instances}")
+        rows = self.indexed()
+        if rows != self.instances:
+            problems.append(f"pacsbridge: {rows} rows in dicomimages, expected {self.instances}")
+        incoming = self.storage / ".incoming"
+        left = count_files(incoming, skip_dot=False) if incoming.is_dir() else 0
+        if left:
+            problems.append(f"pacsbridge: {left} files left in {incoming}")
+        client = redis.Redis.from_url(self.broker_url)
+        try:
+            queued = client.llen("pacsbridge")
+        finally:
+            client.close()
+        if queued:
+            problems.append(f"pacsbridge: {queued} tasks still queued in the broker")
+        return problems
+
+    def stop(self) -> list[str]:
+        problems = super().stop()
+        if self.engine is not None:
+            self.engine.dispose()
+        return problems
+
+
+# -- sending -----------------------------------------------------------------------------
+def send(aec: str, port: int, dirs: list[Path], log_dir: Path, instances: int,
+         probe: Callable[[], int] | None = None) -> tuple[dict, list[str]]:
+    """Run one storescu per folder in parallel; time them; poll ``probe`` for "indexed".
+
+    Returns (timings, problems). ``stored_s`` runs from the first storescu start
+    to the last exit; ``indexed_s`` from the first start until ``probe()``
+    (polled every 0.1 s) reaches ``instances``.
+    """
+    env = base_env()
+    procs: list[subprocess.Popen] = []
+    ends: list[float | None] = [None] * len(dirs)
+    outs = [log_dir / f"storescu-{k}.log" for k in range(len(dirs))]
+    timeout = max(300.0, instances / 5)
+    problems: list[str] = []
+
+    def waiter(k: int) -> None:
+        procs[k].wait()
+        ends[k] = time.perf_counter()
+
+    threads = []
+    result: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        for k, folder in enumerate(dirs):
+            with open(outs[k], "wb") as out:
+                procs.append(subprocess.Popen(
+                    ["storescu", "-aet", CALLING_AET, "-aec", aec, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1",
+                     str(port), str(folder)], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
+            th = threading.Thread(target=waiter, args=(k,), daemon=True)
+            th.start()
+            threads.append(th)
+        if probe is not None:
+            last, last_change, backlog = -1, time.perf_counter(), None
+            while True:
+                count = probe()
+                now = time.perf_counter()
+                if count >= instances:
+                    result["indexed_s"] = now - t0
+                    break
+                if count != last:
+                    last, last_change = count, now
+                done = all(e is not None for e in ends)
+                if done and backlog is None:
+                    backlog = instances - count
+                if (done and now - last_change > 60) or now - t0 > timeout:
+                    problems.append(f"indexed count stuck at {count} of {instances} "
+                                    f"({now - t0:.0f} s after the first storescu start)")
+                    break
+                time.sleep(POLL_SECONDS)
+            result["not_indexed_when_stored"] = backlog if backlog is not None else 0
+        for th in threads:
+            th.join(max(0.0, timeout - (time.perf_counter() - t0)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+                problems.append(f"storescu {p.args[-1]} killed after {timeout:.0f} s")
+    for th in threads:
+        th.join()
+    finished = [e for e in ends if e is not None]
+    if finished:
+        result["stored_s"] = max(finished) - t0
+    result["storescu_exit"] = [p.returncode for p in procs]
+    for k, p in enumerate(procs):
+        text = outs[k].read_text(errors="replace")
+        bad = [ln for ln in text.splitlines() if ln.startswith(("E:", "F:", "W:"))]
+        if p.returncode != 0 or bad:
+            problems.append(f"storescu {p.args[-1]}: exit {p.returncode}, {len(bad)} E/F/W lines, e.g. "
+                            f"{bad[:3]} (log {outs[k]})")
+    return result, problems
+
+
+# -- one run -----------------------------------------------------------------------------
+def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: Path,
+            quarters: list[Path]) -> tuple[dict, list[str], list[dict]]:
+    """Fresh receiver, send all N, check, stop. Returns (result, problems, log scans)."""
+    name = f"{target}-a{assocs}-r{run}"
+    run_dir = args.workdir / "runs" / name
+    log_dir = args.workdir / "logs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    os.sync()  # start every run without the previous run's dirty pages
+    busy = cpu_busy()
+    common = (run_dir, log_dir, args.instances)
+    receiver: Receiver
+    if target == "storescp":
+        receiver = StorescpReceiver(*common)
+    elif target == "orthanc":
+        receiver = OrthancReceiver(*common)
+    elif target == "noop":
+        receiver = NoopReceiver(*common, processes=args.noop_processes)
+    else:
+        receiver = PacsbridgeReceiver(*common, pg_url=args.pg_url, broker_url=args.broker_url)
+    dirs = [gen] if assocs == 1 else quarters
+    problems: list[str] = []
+    timing: dict = {}
+    t_start = time.perf_counter()
+    try:
+        receiver.start()
+        receiver.wait_ready()
+        probe = receiver.indexed if isinstance(receiver, PacsbridgeReceiver) else None
+        timing, errs = send(receiver.aet, receiver.port, dirs, log_dir, args.instances, probe)
+        problems += errs
+        problems += receiver.check()
+    except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
+        problems.append(f"{name}: {type(exc).__name__}: {exc}")
+    finally:
+        problems += receiver.stop()
+    scans = [s for s in (scan_log(p) for p in receiver.logs) if s["alerts"]]
+    result: dict[str, Any] = {"target": target, "assocs": assocs, "run": run, "port": receiver.port,
+                              "cpu_busy_before": busy,
+                              "phases": receiver.phases, "storescu_exit": timing.get("storescu_exit")}
+    if "stored_s" in timing:
+        result["stored_s"] = round(timing["stored_s"], 3)
+        result["stored_per_s"] = round(args.instances / timing["stored_s"], 1)
+    if "indexed_s" in timing:
+        result["indexed_s"] = round(timing["indexed_s"], 3)
+        result["indexed_per_s"] = round(args.instances / timing["indexed_s"], 1)
+        result["not_indexed_when_stored"] = timing.get("not_indexed_when_stored")
+    if target == "orthanc" and "stored_per_s" in result and not problems:
+        result["indexed_per_s"] = result["stored_per_s"]  # Orthanc answers after indexing
+    result["ok"] = not problems
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if not args.keep_storage:
+        shutil.rmtree(run_dir / "storage", ignore_errors=True)
+    return result, problems, scans
+
+
+# -- report -----------------------------------------------------------------------------
+def tool_version(cmd: list[str]) -> str | None:
+    """First line of ``cmd``'s output that has a version number in it."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if re.search(r"\d+\.\d+", line):
+            return line.strip().strip("$").strip()
+    return None
+
+
+def machine_facts(args: argparse.Namespace) -> dict:
+    """nproc, CPU, memory, kernel, and the versions of everything involved."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    facts: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "nproc_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "dcmtk": tool_version(["storescu", "--version"]),
+        "orthanc": tool_version(["Orthanc", "--version"]),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                facts["mem_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    for pkg in ("pacsbridge", "pynetdicom", "pydicom", "celery", "kombu", "redis", "sqlalchemy", "psycopg2-binary"):
+        try:
+            facts[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    if "pacsbridge" in args.targets:
+        try:
+            import redis
+
+            client = redis.Redis.from_url(args.broker_url)
+            facts["redis_server"] = client.info("server").get("redis_version")
+            client.close()
+        except Exception as exc:  # noqa: BLE001 - a fact, not a check
+            facts["redis_server"] = f"unknown ({exc})"
+    facts["noop_processes"] = args.noop_processes
+    facts["pacsbridge_listener_processes"] = os.cpu_count()
+    return facts
+
+
+def ensure_database(pg_url: str) -> str:
+    """Create the database named in ``pg_url`` if missing (AUTOCOMMIT); return the server version."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    name = url.database
+    if not url.drivername.startswith("postgresql") or not name or not _DB_NAME_RE.match(name):
+        raise SystemExit(f"--pg-url must be a postgresql URL with a plain database name: {pg_url}")
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            version = conn.execute(text("show server_version")).scalar()
+            exists = conn.execute(text("select 1 from pg_database where datname = :n"), {"n": name}).scalar()
+            if not exists:
+                conn.execute(text(f"CREATE DATABASE {conn.dialect.identifier_preparer.quote_identifier(name)}"))
+                log(f"created database {name}")
+    finally:
+        admin.dispose()
+    return str(version)
+
+
+def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -> tuple[dict, dict, dict]:
+    """Medians per target x associations, pacsbridge ratios and goals."""
+    table: dict[str, dict[str, dict]] = {}
+    for target in targets:
+        for a in assocs_list:
+            runs = [r for r in results if r["target"] == target and r["assocs"] == a]
+            stored = [r["stored_per_s"] for r in runs if r["ok"] and "stored_per_s" in r]
+            indexed = [r["indexed_per_s"] for r in runs if r["ok"] and "indexed_per_s" in r]
+            table.setdefault(target, {})[str(a)] = {
+                "stored_per_s": median(stored), "stored_runs": [r.get("stored_per_s") for r in runs],
+                "indexed_per_s": median(indexed), "indexed_runs": [r.get("indexed_per_s") for r in runs],
+                "failed_runs": sum(1 for r in runs if not r["ok"]),
+            }
+    ratios: dict[str, dict] = {}
+    goals: dict[str, dict] = {}
+    for a in assocs_list:
+        pb = table.get("pacsbridge", {}).get(str(a), {})
+        noop = table.get("noop", {}).get(str(a), {})
+        orth = table.get("orthanc", {}).get(str(a), {})
+        r = {
+            "stored_vs_noop": round(pb["stored_per_s"] / noop["stored_per_s"], 2)
+            if pb.get("stored_per_s") and noop.get("stored_per_s") else None,
+            "indexed_vs_orthanc": round(pb["indexed_per_s"] / orth["indexed_per_s"], 2)
+            if pb.get("indexed_per_s") and orth.get("indexed_per_s") else None,
+            "stored_vs_orthanc": round(pb["stored_per_s"] / orth["stored_per_s"], 2)
+            if pb.get("stored_per_s") and orth.get("stored_per_s") else None,
+        }
+        ratios[str(a)] = r
+        for (ga, gname), minimum in GOALS.items():
+            if ga == a:
+                goals[f"{gname}_{a}assoc"] = {"min": minimum, "value": r[gname],
+                                              "met": r[gname] is not None and r[gname] >= minimum}
+    return table, ratios, goals
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def print_table(args: argparse.Namespace, results: list[dict], table: dict, ratios: dict, goals: dict) -> None:
+    """The human-readable report on stdout."""
+    print(f"\ningest benchmark: {args.instances} synthetic 512x512 CT instances (~0.5 MB), DCMTK storescu "
+          f"sender, TCP_NODELAY=1, {args.runs} run(s) each, nproc={os.cpu_count()}")
+    print("inst/s; stored = N / storescu wall time (first start -> last exit); indexed = N / (first start -> "
+          "N rows in dicomimages); Orthanc answers after indexing, so its indexed = stored")
+    print(f"{'target':<11} {'assoc':>5} {'stored med':>10} {'indexed med':>11}   runs stored | runs indexed")
+    for target, per in table.items():
+        for a, row in per.items():
+            stored_runs = " ".join(fmt(v) for v in row["stored_runs"])
+            indexed_runs = " ".join(fmt(v) for v in row["indexed_runs"]) if target == "pacsbridge" else ""
+            failed = f"  ({row['failed_runs']} FAILED)" if row["failed_runs"] else ""
+            print(f"{target:<11} {a:>5} {fmt(row['stored_per_s']):>10} "
+                  f"{fmt(row['indexed_per_s']) if target in ('pacsbridge', 'orthanc') else '':>11}   "
+                  f"{stored_runs} | {indexed_runs}{failed}")
+    if "pacsbridge" in table:
+        print("\npacsbridge ratios (medians):")
+        for a, r in ratios.items():
+            print(f"  {a} assoc: stored/noop {r['stored_vs_noop']}, indexed/orthanc {r['indexed_vs_orthanc']}, "
+                  f"stored/orthanc {r['stored_vs_orthanc']}")
+        print("targets of the issue:")
+        for name, g in goals.items():
+            print(f"  {name}: {g['value']} (need >= {g['min']}): {'MET' if g['met'] else 'NOT MET'}")
+    pb_runs = [r for r in results if r["target"] == "pacsbridge"]
+    if pb_runs:
+        print("\npacsbridge per run: stored s, indexed s, rows not yet indexed when storescu finished, "
+              "startup (flush+init, ready) and stop s")
+        for r in pb_runs:
+            ph = r["phases"]
+            print(f"  a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, indexed {r.get('indexed_s', '-')}"
+                  f" s, backlog {r.get('not_indexed_when_stored', '-')}, init {ph.get('flush_init_s', '-')} s, "
+                  f"ready {ph.get('ready_s', '-')} s, stop {ph.get('stop_s', '-')} s")
+    busy = [r for r in results if r.get("cpu_busy_before", 0) > 0.2]
+    if busy:
+        print(f"WARNING: other load on the machine before {len(busy)} run(s): "
+              + ", ".join(f"{r['target']}-a{r['assocs']}-r{r['run']} {r['cpu_busy_before']:.0%}" for r in busy))
+    print()
+
+
+# -- main ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        description="C-STORE ingest rate of storescp, Orthanc, a no-op pynetdicom SCP and pacsbridge "
+                    "(DCMTK storescu sender, 1 and 4 associations).")
+    parser.add_argument("--instances", type=int, default=2000, help="CT instances (default: 2000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per target and association count (default: 3)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help=f"generated files, storage and logs (default: {DEFAULT_WORKDIR})")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
+    parser.add_argument("--assocs", default="1,4", help="association counts, each 1 or 4 (default: 1,4)")
+    parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
+                        help=f"pacsbridge's PostgreSQL index, created if missing (default: {DEFAULT_PG_URL})")
+    parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL,
+                        help=f"pacsbridge's Redis broker, FLUSHED before each run (default: {DEFAULT_BROKER_URL})")
+    parser.add_argument("--noop-processes", type=int, default=os.cpu_count() or 1,
+                        help="processes of the no-op SCP (default: cores)")
+    parser.add_argument("--keep-storage", action="store_true",
+                        help="keep each run's storage folder (default: removed after its checks)")
+    args = parser.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
+        args.assocs = [int(a) for a in args.assocs.split(",") if a.strip()]
+    except ValueError:
+        parser.error("--assocs: expected numbers, e.g. 1,4")
+    if not args.targets or any(t not in TARGETS for t in args.targets):
+        parser.error(f"--targets: choose from {','.join(TARGETS)}")
+    if not args.assocs or any(a not in (1, QUARTERS) for a in args.assocs):
+        parser.error(f"--assocs: each must be 1 or {QUARTERS}")
+    if args.instances < QUARTERS or args.runs < 1 or args.noop_processes < 1:
+        parser.error(f"--instances >= {QUARTERS}, --runs >= 1 and --noop-processes >= 1 required")
+    for tool in ("storescu", "storescp", "echoscu") + (("Orthanc",) if "orthanc" in args.targets else ()):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} not found (apt-get install dcmtk orthanc)")
+
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts(args)
+    problems: list[str] = []
+    log_issues: list[dict] = []
+    results: list[dict] = []
+    t_all = time.perf_counter()
+    try:
+        gen, quarters = prepare_data(args.workdir, args.instances)
+        if "pacsbridge" in args.targets:
+            facts["postgres_server"] = ensure_database(args.pg_url)
+        for target in args.targets:
+            for assocs in args.assocs:
+                for run in range(1, args.runs + 1):
+                    result, errs, scans = one_run(args, target, assocs, run, gen, quarters)
+                    results.append(result)
+                    problems += errs
+                    for s in scans:
+                        log_issues.append({"run": f"{target}-a{assocs}-r{run}", **s})
+                    log(f"{target} {assocs} assoc run {run}: stored {result.get('stored_per_s', '-')} inst/s"
+                        + (f", indexed {result.get('indexed_per_s', '-')} inst/s" if target == "pacsbridge" else "")
+                        + f" (run wall {result['wall_s']} s, phases {result['phases']}, "
+                          f"CPU busy before {result['cpu_busy_before']:.0%})"
+                        + (f"; PROBLEMS: {errs}" if errs else "")
+                        + (f"; log alerts: {sum(s['alerts'] for s in scans)}" if scans else ""))
+    except (RuntimeError, OSError, ValueError) as exc:
+        problems.append(f"{type(exc).__name__}: {exc}")
+        log(f"ERROR: {exc}")
+    except KeyboardInterrupt:
+        problems.append("interrupted")
+        log("interrupted")
+
+    table, ratios, goals = summarize(results, args.targets, args.assocs)
+    print_table(args, results, table, ratios, goals)
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    for issue in log_issues:
+        print(f"LOG {issue['run']} {Path(issue['file']).name}: {issue['alerts']} alert lines, e.g.")
+        for line in issue["samples"][:4]:
+            print(f"    {line}")
+    summary = {
+        "instances": args.instances, "runs": args.runs, "targets": args.targets, "assocs": args.assocs,
+        "sender": "DCMTK storescu +sd +r +sp *.dcm, TCP_NODELAY=1; 4 assoc = 4 storescu on 4 disjoint quarters",
+        "results": table, "pacsbridge_ratios": ratios, "goals": goals,
+        "all_goals_met": bool(goals) and all(g["met"] for g in goals.values()),
+        "run_details": results, "problems": problems, "log_issues": log_issues,
+        "total_seconds": round(time.perf_counter() - t_all, 1), "workdir": str(args.workdir),
+        "machine": facts,
+    }
+    print(json.dumps(summary), flush=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
