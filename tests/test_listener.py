@@ -56,7 +56,7 @@ class Stack:
         if broker_url is None:
             subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True)
         self.logs = tmp_path / "logs"
-        self.logs.mkdir(exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.settings = Settings(database_url=self.env["PACSBRIDGE_DATABASE_URL"], storage=tmp_path / "data")
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -234,5 +234,32 @@ def test_after_store_callback_and_metrics(tmp_path, callback):
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
         stored = [l for l in text.splitlines() if l.startswith('pacsbridge_listener_instances_total{status="stored"}')]
         assert stored and float(stored[0].split()[-1]) == 3.0
+    finally:
+        stack.close()
+
+
+def test_peer_addresses_are_checked(tmp_path):
+    stack = Stack(tmp_path, PACSBRIDGE_ALLOWED_PEERS="SENDER@10.9.9.9,LOCAL@127.0.0.0/8")
+    try:
+        stack.start("listener")
+        # SENDER is known, but not from this address: aborted
+        proc = storescu(stack.port, TEST_FILES / "CT_small.dcm", aet="SENDER")
+        assert proc.returncode != 0
+        # LOCAL from 127.0.0.1: accepted
+        assert subprocess.run(["echoscu", "-aet", "LOCAL", "-aec", "PACSBRIDGE", "127.0.0.1", str(stack.port)],
+                              capture_output=True).returncode == 0
+        assert not [p for p in stack.settings.storage.rglob("*.dcm") if ".incoming" not in p.parts]
+        log = "".join(p.read_text() for p in stack.logs.iterdir())
+        assert "calling AE 'SENDER' from 127.0.0.1 is not an allowed peer" in log
+    finally:
+        stack.close()
+    stack = Stack(tmp_path / "2", PACSBRIDGE_ALLOWED_PEERS="SENDER@10.9.9.9")
+    try:
+        stack.start("listener")
+        proc = subprocess.run(["echoscu", "-aet", "SENDER", "-aec", "PACSBRIDGE", "127.0.0.1", str(stack.port)],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0
+        log = "".join(p.read_text() for p in stack.logs.iterdir())
+        assert "127.0.0.1 is not the address of an allowed peer" in log
     finally:
         stack.close()
