@@ -378,10 +378,34 @@ class Importer:
         self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
         return report
 
-    def reindex_files(self, relpaths: Sequence[str]) -> Report:
-        """Index given files of the storage (the worker's task)."""
+    def reindex_files(self, relpaths: Sequence[str],
+                      arrivals: Sequence[Sequence[Any] | None] | None = None) -> Report:
+        """Index given files of the storage (the worker's task).
+
+        ``arrivals`` gives, per path, ``(calling_ae, association_id, arrived_at)``
+        as the listener saw it; they are kept in ``pacsbridge_arrivals``.
+        """
         report = Report()
         sources = [Source(str(self.storage.absolute(r))) for r in relpaths]
-        self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        by_source = {s.path: a for s, a in zip(sources, arrivals or []) if a}
+        sop_key = self.index.schema["Image"].key.column
+        link = self.index.schema["Image"].parent.column  # type: ignore[union-attr]
+
+        def on_batch(batch: list[Outcome]) -> None:
+            self._index_batch(batch, report)
+            rows = []
+            for o in batch:
+                info = by_source.get(o.source.path)
+                if info is None or o.rows is None:
+                    continue
+                ae, assoc, ts = info
+                rows.append({"sop_uid": o.rows["Image"][sop_key], "series_uid": o.rows["Image"][link],
+                             "study_uid": o.rows["Series"][self.index.schema["Series"].parent.column],  # type: ignore
+                             "patient_id": o.rows["Patient"][self.index.schema["Patient"].key.column],
+                             "calling_ae": str(ae)[:16], "association": str(assoc)[:36], "arrived_at": float(ts),
+                             "object_file": o.relpath})
+            self.index.record_arrivals(rows)
+
+        self._run("rebuild", sources, on_batch, report)
         return report
 

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (CHAR, Column, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
+from sqlalchemy import (CHAR, Column, Float, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
                         func, inspect, select, text, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import quoted_name
@@ -92,6 +92,13 @@ def build_metadata(schema: Schema, fold: bool = False) -> tuple[MetaData, dict[s
     """
     metadata = MetaData()
     tables = {level: _table(metadata, tdef, fold) for level, tdef in schema.tables.items()}
+    # not Conquest's: who sent each instance, and when (for jobs and stable-study detection)
+    tables["Arrival"] = Table(
+        "pacsbridge_arrivals", metadata,
+        Column("sop_uid", String(64), primary_key=True, autoincrement=False),
+        Column("series_uid", String(64), index=True), Column("study_uid", String(64), index=True),
+        Column("patient_id", String(64)), Column("calling_ae", String(16)), Column("association", String(36)),
+        Column("arrived_at", Float, index=True), Column("object_file", String(255)))
     return metadata, tables
 
 
@@ -242,6 +249,22 @@ class Index:
         if params:
             conn.execute(update(studies).where(studies.c[skey] == bindparam("k"))
                          .values({studies.c[self._study_modality]: bindparam("m")}), params)
+
+    def record_arrivals(self, arrivals: Sequence[dict[str, Any]], conn: Connection | None = None) -> None:
+        """Remember who sent each instance and when (the latest arrival wins)."""
+        if not arrivals:
+            return
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.record_arrivals(arrivals, own)
+        table = self.tables["Arrival"]
+        latest = {a["sop_uid"]: a for a in sorted(arrivals, key=lambda a: a["arrived_at"])}
+        stmt = self._insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.sop_uid],
+            set_={c: stmt.excluded[c.key] for c in table.columns if c.key != "sop_uid"},
+            where=stmt.excluded.arrived_at >= table.c.arrived_at)
+        conn.execute(stmt, [latest[k] for k in sorted(latest)])
 
     # -- reads --------------------------------------------------------------
     def count(self, level: str = "Image") -> int:

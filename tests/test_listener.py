@@ -263,3 +263,22 @@ def test_peer_addresses_are_checked(tmp_path):
         assert "127.0.0.1 is not the address of an allowed peer" in log
     finally:
         stack.close()
+
+
+def test_calling_ae_association_and_arrival_are_recorded(stack, tmp_path):
+    before = time.time()
+    files = [make_instance(tmp_path / "in" / f"{i}.dcm") for i in range(4)]
+    assert storescu(stack.port, *sorted((tmp_path / "in").iterdir())).returncode == 0
+    assert len(indexed_sops(stack.settings, 4)) == 4
+    ctx = open_context(stack.settings)
+    deadline = time.monotonic() + 30
+    rows = []
+    while time.monotonic() < deadline and len(rows) < 4:
+        rows = ctx.index.run_sql("select sop_uid, calling_ae, association, arrived_at, series_uid "
+                                 "from pacsbridge_arrivals")[1]
+        time.sleep(0.2)
+    assert {r[0] for r in rows} == {d.SOPInstanceUID for d in files}
+    assert {r[1] for r in rows} == {"SENDER"}
+    assert len({r[2] for r in rows}) == 1 and len(rows[0][2]) == 32  # one association
+    assert all(before <= r[3] <= time.time() for r in rows)
+    assert {r[4] for r in rows} == {d.SeriesInstanceUID for d in files}

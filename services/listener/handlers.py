@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 from prometheus_client import Counter
@@ -92,7 +93,7 @@ class StoreHandlers:
             return
         with self._lock:
             self._stats[id(assoc)] = {"ae": ae, "address": address, "start": time.monotonic(), "instances": 0,
-                                      "bytes": 0, "failures": 0}
+                                      "bytes": 0, "failures": 0, "id": uuid.uuid4().hex}
 
     def on_rejected(self, event: Any) -> None:
         rq = event.assoc.requestor
@@ -161,7 +162,9 @@ class StoreHandlers:
         BYTES.inc(size)
         self._count(event, size, False)
         if result.action != "duplicate" and self.batcher is not None:
-            self.batcher.add(result.relpath)
+            with self._lock:
+                assoc_id = self._stats.get(id(event.assoc), {}).get("id", "")
+            self.batcher.add((result.relpath, event.assoc.requestor.ae_title.strip(), assoc_id, time.time()))
         if self.after_store is not None:
             try:
                 self.after_store(result.relpath, header, event.assoc.requestor.ae_title.strip())

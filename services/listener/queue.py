@@ -30,11 +30,11 @@ class Batcher:
         Longest wait before a partial batch is sent.
     """
 
-    def __init__(self, send: Callable[[list[str]], Any], max_batch: int = 100, interval: float = 0.2) -> None:
+    def __init__(self, send: Callable[[list[Any]], Any], max_batch: int = 100, interval: float = 0.2) -> None:
         self.send = send
         self.max_batch = max_batch
         self.interval = interval
-        self._pending: list[str] = []
+        self._pending: list[Any] = []
         self._cond = threading.Condition()
         self._stop = False
         self._failing_since: float | None = None
@@ -42,7 +42,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="pacsbridge-batcher", daemon=True)
         self._thread.start()
 
-    def add(self, path: str) -> None:
+    def add(self, path: Any) -> None:
         with self._cond:
             self._pending.append(path)
             if len(self._pending) >= self.max_batch:

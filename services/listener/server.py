@@ -93,8 +93,12 @@ def make_sender(settings: Settings) -> Any:
 
     app = make_celery(settings)
 
-    def send(paths: list[str]) -> None:
-        app.send_task(INDEX_TASK, args=[paths], queue="pacsbridge", retry=False)
+    def send(items: list[Any]) -> None:
+        """Items are relative paths, or ``(path, calling_ae, association_id, arrived_at)``."""
+        paths = [i if isinstance(i, str) else i[0] for i in items]
+        arrivals = [None if isinstance(i, str) else list(i[1:]) for i in items]
+        args = [paths, arrivals] if any(arrivals) else [paths]
+        app.send_task(INDEX_TASK, args=args, queue="pacsbridge", retry=False)
 
     return send
 

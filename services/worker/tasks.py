@@ -24,14 +24,15 @@ def _context() -> Context:
 
 @shared_task(name="pacsbridge.worker.tasks.index_files", autoretry_for=(OperationalError, DBAPIError),
              retry_backoff=True, retry_backoff_max=600, retry_jitter=True, max_retries=None)
-def index_files(relpaths: list[str]) -> dict[str, int]:
+def index_files(relpaths: list[str], arrivals: list[list] | None = None) -> dict[str, int]:
     """Index stored files (paths relative to the storage root). Idempotent.
 
+    ``arrivals`` (optional, one per path): ``[calling_ae, association_id, arrived_at]``.
     A database outage raises and the task is retried with backoff, without
     limit: the files are in storage, so waiting loses nothing.
     """
     ctx = _context()
-    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(relpaths)
+    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(relpaths, arrivals)
     for path, reason in report.rejected:
         log.warning("not indexed: %s: %s", path, reason)
     return {"indexed": report.indexed, "rejected": len(report.rejected)}
