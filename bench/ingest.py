@@ -7,7 +7,8 @@ Usage::
         [--workdir /tmp/pacsbridge-bench-ingest]
         [--targets storescp,orthanc,noop,pacsbridge] [--assocs 1,4]
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest]
-        [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--keep-storage]
+        [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--quiet-wait 60]
+        [--keep-storage]
 
 Steps:
 
@@ -39,7 +40,10 @@ Steps:
      left in ``.incoming``, no task left in the queue.  The listener and
      worker logs stay in ``WORKDIR/logs/<run>/`` and are scanned for errors.
 
-   Receivers are started in their own sessions and stopped with SIGTERM to
+   Before each run the script syncs the disks and waits (up to
+   ``--quiet-wait`` seconds) for the CPUs to be idle, and records how busy
+   they were: other work on the machine would be measured as part of
+   whichever target runs at the time.  Receivers are started in their own sessions and stopped with SIGTERM to
    the process group (SIGKILL after a timeout), always (try/finally).
 3. A table of medians and every run per target x associations, the ratios
    for pacsbridge (stored / noop, indexed / Orthanc) against the targets of
@@ -237,6 +241,19 @@ def cpu_busy(seconds: float = 0.5) -> float:
     time.sleep(seconds)
     total1, idle1 = sample()
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> tuple[float, float]:
+    """Wait (up to ``max_wait`` s) until the CPUs are mostly idle; return (last busy fraction, seconds waited).
+
+    Other work on the machine (a test suite, a build) would be measured as
+    part of whichever target runs at the time.
+    """
+    start = time.perf_counter()
+    busy = cpu_busy()
+    while busy > threshold and time.perf_counter() - start < max_wait:
+        busy = cpu_busy()
+    return busy, round(time.perf_counter() - start, 1)
 
 
 def count_files(root: Path, skip_dot: bool = True) -> int:
@@ -633,7 +650,7 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
     os.sync()  # start every run without the previous run's dirty pages
-    busy = cpu_busy()
+    busy, waited = wait_quiet(args.quiet_wait)
     common = (run_dir, log_dir, args.instances)
     receiver: Receiver
     if target == "storescp":
@@ -661,7 +678,7 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
         problems += receiver.stop()
     scans = [s for s in (scan_log(p) for p in receiver.logs) if s["alerts"]]
     result: dict[str, Any] = {"target": target, "assocs": assocs, "run": run, "port": receiver.port,
-                              "cpu_busy_before": busy,
+                              "cpu_busy_before": busy, "waited_for_quiet_s": waited,
                               "phases": receiver.phases, "storescu_exit": timing.get("storescu_exit")}
     if "stored_s" in timing:
         result["stored_s"] = round(timing["stored_s"], 3)
@@ -854,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pacsbridge's Redis broker, FLUSHED before each run (default: {DEFAULT_BROKER_URL})")
     parser.add_argument("--noop-processes", type=int, default=os.cpu_count() or 1,
                         help="processes of the no-op SCP (default: cores)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each run, wait up to this many seconds for the CPUs to be idle "
+                             "(other load is reported; default: 60)")
     parser.add_argument("--keep-storage", action="store_true",
                         help="keep each run's storage folder (default: removed after its checks)")
     args = parser.parse_args(argv)
@@ -894,7 +914,9 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{target} {assocs} assoc run {run}: stored {result.get('stored_per_s', '-')} inst/s"
                         + (f", indexed {result.get('indexed_per_s', '-')} inst/s" if target == "pacsbridge" else "")
                         + f" (run wall {result['wall_s']} s, phases {result['phases']}, "
-                          f"CPU busy before {result['cpu_busy_before']:.0%})"
+                          f"CPU busy before {result['cpu_busy_before']:.0%}"
+                          + (f" after waiting {result['waited_for_quiet_s']} s" if result['waited_for_quiet_s'] > 1
+                             else "") + ")"
                         + (f"; PROBLEMS: {errs}" if errs else "")
                         + (f"; log alerts: {sum(s['alerts'] for s in scans)}" if scans else ""))
     except (RuntimeError, OSError, ValueError) as exc:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 import sys
 import tempfile
 import threading
@@ -117,7 +118,9 @@ def serve_process(settings: Settings, peers: Any, stop: threading.Event | None =
                             server_class=_server_class(peers))
 
     def shutdown(*_: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        # socketserver's own shutdown: pynetdicom's also unregisters the server from the AE,
+        # which make_server() never registered
+        threading.Thread(target=socketserver.BaseServer.shutdown, args=(server,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
