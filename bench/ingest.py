@@ -479,7 +479,7 @@ class PacsbridgeReceiver(Receiver):
         super().__init__(*args)
         self.pg_url = pg_url
         self.broker_url = broker_url
-        self.processes = os.cpu_count() or 1  # PACSBRIDGE_LISTENER_PROCESSES default
+        self.processes = int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES") or 2 * (os.cpu_count() or 1))  # the listener default
         self.env = base_env(
             PACSBRIDGE_STORAGE=str(self.storage),
             PACSBRIDGE_DATABASE_URL=pg_url,
@@ -512,7 +512,7 @@ class PacsbridgeReceiver(Receiver):
         self.spawn("worker", [pacsbridge_exe(), "worker"], self.env, cwd=self.run_dir)
 
     def expected_listeners(self) -> int:
-        return self.processes
+        return 1  # one listening socket, shared by the receiver processes
 
     def wait_ready(self) -> None:
         worker_log = self.log_dir / "worker.log"

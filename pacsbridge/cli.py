@@ -176,6 +176,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_service(args: argparse.Namespace) -> int:
     """listener / worker / api / serve: implemented by the services."""
+    if args.verbose == 0:
+        # a service logs its own events (one line per association, outages) by default
+        logging.getLogger("pacsbridge").setLevel(logging.INFO)
     if args.command == "listener":
         from pacsbridge.listener.server import main as run
     elif args.command == "worker":

@@ -41,5 +41,5 @@ def make_engine(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg2")
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, executemany_mode="values_plus_batch")
     raise ConfigError(f"PACSBRIDGE_DATABASE_URL: unsupported database {backend!r} (use sqlite or postgresql)")

@@ -11,6 +11,7 @@ already stored or indexed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import multiprocessing
@@ -151,6 +152,11 @@ def _read(source: Source) -> Any:
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+@functools.lru_cache(maxsize=8)
+def _real_root(root: Path) -> str:
+    return os.path.realpath(root)
+
+
 def _process(source: Source) -> Outcome:
     job = _job
     assert job is not None
@@ -170,7 +176,7 @@ def _process(source: Source) -> Outcome:
             rows = build_rows(header, job.schema, result.relpath)
             return Outcome(source, "stored", result.action, header.sop_instance_uid, result.relpath, rows)
         real = os.path.realpath(source.path)
-        root = os.path.realpath(job.storage.root)
+        root = _real_root(job.storage.root)
         if real.startswith(root + os.sep):
             rel, device = os.path.relpath(real, root).replace(os.sep, "/"), "MAG0"
         elif job.mode == "inplace":

@@ -180,7 +180,12 @@ class Index:
         if level == "Study" and self._study_modality_col(table):
             # set afterwards from the series, see _update_study_modalities
             changes.pop(table.c[self._study_modality_col(table)], None)
-        return stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
+        stmt = stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
+        if self.dialect == "postgresql":
+            # with RETURNING, SQLAlchemy batches an ON CONFLICT executemany into multi-row
+            # VALUES ("insertmanyvalues"); without it psycopg2 makes one round trip per row
+            stmt = stmt.returning(table.c[key])
+        return stmt
 
     def _study_modality_col(self, table: Table) -> str | None:
         col = self.schema["Study"].by_tag(_STUDY_MODALITY)
@@ -264,6 +269,8 @@ class Index:
             index_elements=[table.c.sop_uid],
             set_={c: stmt.excluded[c.key] for c in table.columns if c.key != "sop_uid"},
             where=stmt.excluded.arrived_at >= table.c.arrived_at)
+        if self.dialect == "postgresql":
+            stmt = stmt.returning(table.c.sop_uid)  # batched, see _upsert_statement
         conn.execute(stmt, [latest[k] for k in sorted(latest)])
 
     # -- reads --------------------------------------------------------------

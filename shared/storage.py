@@ -268,6 +268,7 @@ class Storage:
         self.fsync = fsync
         self.incoming = self.root / INCOMING
         self._made: set[Path] = set()
+        self._safe_dirs: set[Path] = set()
 
     def ensure(self) -> None:
         """Create the root and its incoming folder."""
@@ -295,10 +296,18 @@ class Storage:
         if any(p in ("", ".", "..") for p in parts):
             raise UnsafePath(f"{relpath!r}: empty, '.' or '..' component")
         path = self.root.joinpath(*parts)
+        if path.parent in self._safe_dirs:
+            return path
         real_root = getattr(self, "_real_root", None) or Path(os.path.realpath(self.root))
         real = Path(os.path.realpath(path))
         if real != real_root and real_root not in real.parents:
             raise UnsafePath(f"{relpath!r} resolves outside the storage root")
+        if path.parent.is_dir():
+            # the folder is checked once; a link at the file name itself is never followed
+            # (os.link fails on an existing name, os.replace replaces the link)
+            if len(self._safe_dirs) > 10000:
+                self._safe_dirs.clear()
+            self._safe_dirs.add(path.parent)
         return path
 
     def _mkdirs(self, folder: Path) -> None:
@@ -427,12 +436,7 @@ class Storage:
         the duplicate policy applies as in :meth:`store`.
         """
         final = self.absolute(rel)
-        size = os.path.getsize(tmp)
-        fd, copy = self.temp_file()
-        os.close(fd)
-        os.unlink(copy)
-        os.link(tmp, copy)  # our own name for it, then the usual commit
-        return self.commit(copy, rel, final, size)
+        return self.commit(tmp, rel, final, os.path.getsize(tmp))
 
     def clean_incoming(self, older_than: float = 0.0) -> int:
         """Remove temporary files left by a crash; returns how many."""

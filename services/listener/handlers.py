@@ -42,6 +42,9 @@ CANNOT_UNDERSTAND = 0xC210
 #: Error: processing failure (anything else)
 PROCESSING_FAILURE = 0x0110
 
+#: Seconds between pynetdicom's DUL polling loops (its default is 0.001).
+RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
+
 INSTANCES = Counter("pacsbridge_listener_instances", "C-STORE requests by result", ["status"])
 BYTES = Counter("pacsbridge_listener_bytes", "Bytes stored by the listener")
 ASSOCIATIONS = Counter("pacsbridge_listener_associations", "Associations by outcome", ["outcome"])
@@ -75,6 +78,8 @@ class StoreHandlers:
 
     # -- association events ------------------------------------------------
     def on_conn_open(self, event: Any) -> None:
+        # pynetdicom polls its queues; its 1 ms default between polls costs throughput
+        event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -46,7 +48,7 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                              ImplicitVRLittleEndian)
 
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_RECV_CHUNKED_DATASET = os.environ.get("PACSBRIDGE_CHUNKED", "1") == "1"
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom accepts the first of *our* syntaxes the sender offers: compressed ones first,
     # so a sender offering a file's own syntax next to an uncompressed one sends it as it is
@@ -68,17 +70,29 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
-def _server_class(peers: Any) -> Any:
+def _server_class(peers: Any, shared: socket.socket | None) -> Any:
     from pynetdicom.transport import ThreadedAssociationServer
 
     class Server(ThreadedAssociationServer):
-        """Shares its port with the other receiver processes; refuses unknown addresses."""
+        """Accepts on a listening socket shared by all receiver processes; refuses unknown addresses.
+
+        The kernel hands each new connection to one process waiting in accept(), so
+        associations spread over idle receivers (SO_REUSEPORT would hash them instead,
+        and 4 connections often land 3 + 1 + 0 + 0).
+        """
 
         def server_bind(self) -> None:
+            if shared is not None:
+                self.socket.close()
+                self.socket = shared
+                self.server_address = shared.getsockname()
+                return
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "SO_REUSEPORT"):
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             super().server_bind()
+
+        def server_activate(self) -> None:
+            if shared is None:
+                super().server_activate()
 
         def verify_request(self, request: Any, client_address: Any) -> bool:
             if peers.address_known(client_address[0]):
@@ -87,6 +101,21 @@ def _server_class(peers: Any) -> Any:
             return False
 
     return Server
+
+
+def listening_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
+    """The one listening socket the receiver processes share (non-blocking accept)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)  # the processes that lose the race for a connection go back to select()
+    return sock
 
 
 def make_sender(settings: Settings) -> Any:
@@ -104,18 +133,19 @@ def make_sender(settings: Settings) -> Any:
     return send
 
 
-def serve_process(settings: Settings, peers: Any, stop: threading.Event | None = None) -> None:
+def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
     from .handlers import StoreHandlers, load_callback
 
     storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
     storage.ensure()
     tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
-    batcher = Batcher(make_sender(settings))
+    batcher = Batcher(make_sender(settings), max_batch=int(_env_float("PACSBRIDGE_ENQUEUE_BATCH", 200)),
+                      interval=_env_float("PACSBRIDGE_ENQUEUE_INTERVAL", 1.0))
     handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
-                            server_class=_server_class(peers))
+                            server_class=_server_class(peers, shared))
 
     def shutdown(*_: Any) -> None:
         # socketserver's own shutdown: pynetdicom's also unregisters the server from the AE,
@@ -189,6 +219,14 @@ def _start_metrics(port: int) -> None:
     log.info("metrics on :%d/metrics", port)
 
 
+def _receiver(settings: Settings, level: int, own_level: int, shared: socket.socket) -> None:
+    """Entry point of a spawned receiver process."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("pacsbridge").setLevel(own_level)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    serve_process(settings, parse_peers(settings.allowed_peers), shared)
+
+
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run the listener until SIGTERM / Ctrl-C."""
     if args is not None and getattr(args, "port", None):
@@ -199,7 +237,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     elif not peers.rules:
         log.warning("PACSBRIDGE_ALLOWED_PEERS is empty: every association will be rejected")
     processes = (getattr(args, "processes", None) if args is not None else None) or \
-        int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or os.cpu_count() or 1
+        int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or 2 * (os.cpu_count() or 1)
     period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
     min_age = _env_float("PACSBRIDGE_RECONCILE_MIN_AGE", 30)
     Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync).ensure()
@@ -213,51 +251,46 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
              settings.listener_port, processes, settings.storage)
     print(f"pacsbridge listener: AE {settings.ae_title} on port {settings.listener_port}", file=sys.stderr,
           flush=True)
+    shared = listening_socket(settings.listener_host, settings.listener_port)
     if processes == 1:
-        serve_process(settings, peers)
+        serve_process(settings, peers, shared)
         stop.set()
         return 0
-    children: dict[int, int] = {}
+    # Receivers are *spawned* (fresh interpreters), not forked: this process already runs the
+    # reconciler thread, and a fork taken while another thread holds an import lock hangs forever.
+    ctx = multiprocessing.get_context("spawn")
+    level = logging.getLogger().level
+    own_level = logging.getLogger("pacsbridge").getEffectiveLevel()
+    children: dict[int, Any] = {}
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                serve_process(settings, peers)
-            except BaseException:
-                log.exception("receiver process failed")
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = slot
+        proc = ctx.Process(target=_receiver, args=(settings, level, own_level, shared),
+                           name=f"receiver-{slot}", daemon=False)
+        proc.start()
+        children[slot] = proc
 
     stopping = False
 
     def terminate(*_: Any) -> None:
         nonlocal stopping
         stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        for proc in children.values():
+            if proc.is_alive():
+                proc.terminate()
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     for slot in range(processes):
         spawn(slot)
     while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        slot = children.pop(pid, None)
-        if slot is not None and not stopping:
-            log.error("receiver process %d exited (status %d); starting another", pid, status)
-            time.sleep(0.5)
-            spawn(slot)
+        sentinels = {proc.sentinel: slot for slot, proc in children.items()}
+        for ready in multiprocessing.connection.wait(list(sentinels), timeout=1.0):
+            slot = sentinels[ready]  # type: ignore[index]
+            proc = children.pop(slot)
+            proc.join()
+            if not stopping:
+                log.error("receiver process %d exited (code %s); starting another", proc.pid, proc.exitcode)
+                time.sleep(0.5)
+                spawn(slot)
     stop.set()
     return 0
