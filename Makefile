@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs test bench clean
+.PHONY: demo install install-test services debs test bench bench-ingest clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ test: debs services install-test
 bench: install-test
 	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/rebuild.py
+
+bench-ingest: debs services install-test
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
