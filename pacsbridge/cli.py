@@ -108,36 +108,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_import(args: argparse.Namespace) -> int:
+def _run_importer(args: argparse.Namespace, label: str, work: Callable[[Any], Any]) -> int:
+    """Open the index (creating tables), run ``work(importer)`` under a progress bar, report."""
     import time
 
     from pacsbridge.shared.importer import Importer
 
-    if args.move and args.in_place:
-        raise ConfigError("--move and --in-place exclude each other")
     ctx = _context(args)
     ctx.index.create()
-    progress, update = _progress("import")
+    progress, update = _progress(label)
     t0 = time.perf_counter()
     with progress:
-        report = Importer(ctx.index, ctx.storage, args.workers, update).import_paths(
-            args.paths, move=args.move, in_place=args.in_place)
+        report = work(Importer(ctx.index, ctx.storage, args.workers, update))
     return _report(report, args.format, time.perf_counter() - t0)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.move and args.in_place:
+        raise ConfigError("--move and --in-place exclude each other")
+    return _run_importer(args, "import",
+                         lambda imp: imp.import_paths(args.paths, move=args.move, in_place=args.in_place))
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    import time
-
-    from pacsbridge.shared.importer import Importer
-
-    ctx = _context(args)
-    ctx.index.create()
-    progress, update = _progress("rebuild")
-    t0 = time.perf_counter()
-    with progress:
-        report = Importer(ctx.index, ctx.storage, args.workers, update).rebuild(
-            missing_only=args.missing, prune=args.prune)
-    return _report(report, args.format, time.perf_counter() - t0)
+    return _run_importer(args, "rebuild", lambda imp: imp.rebuild(missing_only=args.missing, prune=args.prune))
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

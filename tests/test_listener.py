@@ -282,3 +282,77 @@ def test_calling_ae_association_and_arrival_are_recorded(stack, tmp_path):
     assert len({r[2] for r in rows}) == 1 and len(rows[0][2]) == 32  # one association
     assert all(before <= r[3] <= time.time() for r in rows)
     assert {r[4] for r in rows} == {d.SeriesInstanceUID for d in files}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 2 MB file system (tmpfs) for the storage: it fills up, and it can be made read-only."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _send_all(port: int, datasets: list) -> list[int]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="LOCAL")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE")
+    assert assoc.is_established
+    statuses = []
+    for ds in datasets:
+        rsp = assoc.send_c_store(ds)
+        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+    assoc.release()
+    return statuses
+
+
+def _stored_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.relative_to(root).parts]
+
+
+def test_full_storage_answers_out_of_resources_and_keeps_what_it_has(tmp_path, small_fs):
+    stack = Stack(tmp_path, PACSBRIDGE_STORAGE=str(small_fs / "data"))
+    stack.settings = stack.settings.with_(storage=small_fs / "data")
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        datasets = [make_instance(rows=256, PatientID="FULL") for _ in range(30)]  # 128 kB each, 3.8 MB
+        statuses = _send_all(stack.port, datasets)
+        assert statuses.count(0x0000) >= 5 and statuses.count(0xA700) >= 5, statuses
+        assert set(statuses) <= {0x0000, 0xA700}
+        stored = _stored_files(small_fs / "data")
+        ok = [d for d, s in zip(datasets, statuses) if s == 0]
+        assert len(stored) == len(ok)  # no partial file under a real name
+        from pacsbridge.shared.records import read_header
+
+        for p in stored:
+            read_header(p.read_bytes(), str(p))  # complete
+        assert indexed_sops(stack.settings, len(ok)) == {d.SOPInstanceUID for d in ok}
+    finally:
+        stack.close()
+
+
+def test_read_only_storage_answers_out_of_resources(tmp_path, small_fs):
+    stack = Stack(tmp_path, PACSBRIDGE_STORAGE=str(small_fs / "data"))
+    stack.settings = stack.settings.with_(storage=small_fs / "data")
+    try:
+        stack.start("listener")
+        first = make_instance(PatientID="RO")
+        assert _send_all(stack.port, [first]) == [0x0000]
+        subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+        statuses = _send_all(stack.port, [make_instance(PatientID="RO"), make_instance(PatientID="NEW")])
+        assert statuses == [0xA700, 0xA700]
+        stored = _stored_files(small_fs / "data")
+        assert len(stored) == 1 and read_header_ok(stored[0])
+    finally:
+        stack.close()
+
+
+def read_header_ok(path: Path) -> bool:
+    from pacsbridge.shared.records import read_header
+
+    return bool(read_header(path.read_bytes(), str(path)).sop_instance_uid)

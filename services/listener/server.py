@@ -48,7 +48,11 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                              ImplicitVRLittleEndian)
 
-    _config.STORE_RECV_CHUNKED_DATASET = os.environ.get("PACSBRIDGE_CHUNKED", "1") == "1"
+    # Received data sets are kept in memory and written by our storage code, which turns a full or
+    # read-only disk into 0xA700. With PACSBRIDGE_CHUNKED=1 pynetdicom streams them to .incoming
+    # itself (less memory for huge instances, a little faster), but a full disk then breaks its
+    # write inside pynetdicom and the association is aborted instead of answered.
+    _config.STORE_RECV_CHUNKED_DATASET = os.environ.get("PACSBRIDGE_CHUNKED", "0") == "1"
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom accepts the first of *our* syntaxes the sender offers: compressed ones first,
     # so a sender offering a file's own syntax next to an uncompressed one sends it as it is
