@@ -66,7 +66,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -75,6 +74,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import ensure_database, median  # noqa: E402  (bench/ is on sys.path)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
@@ -89,7 +90,6 @@ GOALS = {(4, "indexed_vs_orthanc"): 1.0, (4, "stored_vs_noop"): 0.8, (1, "indexe
 POLL_SECONDS = 0.1
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-_DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 #: Log lines worth reporting from the pacsbridge services (and the other receivers)
 _LOG_ALERT = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback|Exception|WARNING)\b|^[EF]: ")
 
@@ -98,11 +98,6 @@ _LOG_ALERT = re.compile(r"\b(ERROR|CRITICAL|FATAL|Traceback|Exception|WARNING)\b
 def log(msg: str) -> None:
     """Progress message on stderr (stdout carries the table and the JSON line)."""
     print(f"[ingest] {msg}", file=sys.stderr, flush=True)
-
-
-def median(values: list[float]) -> float | None:
-    """Median rounded to 0.1, or None for no values."""
-    return round(statistics.median(values), 1) if values else None
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -750,28 +745,6 @@ def machine_facts(args: argparse.Namespace) -> dict:
     facts["noop_processes"] = args.noop_processes
     facts["pacsbridge_listener_processes"] = os.cpu_count()
     return facts
-
-
-def ensure_database(pg_url: str) -> str:
-    """Create the database named in ``pg_url`` if missing (AUTOCOMMIT); return the server version."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    url = make_url(pg_url)
-    name = url.database
-    if not url.drivername.startswith("postgresql") or not name or not _DB_NAME_RE.match(name):
-        raise SystemExit(f"--pg-url must be a postgresql URL with a plain database name: {pg_url}")
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            version = conn.execute(text("show server_version")).scalar()
-            exists = conn.execute(text("select 1 from pg_database where datname = :n"), {"n": name}).scalar()
-            if not exists:
-                conn.execute(text(f"CREATE DATABASE {conn.dialect.identifier_preparer.quote_identifier(name)}"))
-                log(f"created database {name}")
-    finally:
-        admin.dispose()
-    return str(version)
 
 
 def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -> tuple[dict, dict, dict]:

@@ -45,23 +45,21 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+from benchlib import ensure_database, median  # noqa: E402  (bench/ is on sys.path)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-rebuild")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench"
 TARGET_FILES_PER_S = 1000
 TARGET_RATIO = 20
-_DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _INDEX_TABLES = ("dicomimages", "dicomseries", "dicomstudies", "dicompatients")
 
 
@@ -158,11 +156,6 @@ def warm_cache(root: Path) -> tuple[int, int]:
     return files, size
 
 
-def median(values: list[float]) -> float | None:
-    """Median rounded to 0.1, or None for no values."""
-    return round(statistics.median(values), 1) if values else None
-
-
 # -- step 1: data ------------------------------------------------------------------------
 def prepare_generated(workdir: Path, instances: int) -> Path:
     """Synthetic CT files in ``WORKDIR/gen`` (flat), generated once per instance count."""
@@ -228,29 +221,6 @@ def symlink_tree(storage: Path, target: Path) -> Path:
 
 
 # -- step 2: PostgreSQL + pacsbridge ------------------------------------------------------
-def ensure_database(pg_url: str) -> str:
-    """Create the database named in ``pg_url`` if missing; return the server version."""
-    url = make_url(pg_url)
-    name = url.database
-    if not url.drivername.startswith("postgresql") or not name or not _DB_NAME_RE.match(name):
-        raise SystemExit(f"--pg-url must be a postgresql URL with a plain database name: {pg_url}")
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            version = conn.execute(text("show server_version")).scalar()
-            exists = conn.execute(text("select 1 from pg_database where datname = :n"),
-                                  {"n": name}).scalar()
-            if not exists:
-                quoted = conn.dialect.identifier_preparer.quote_identifier(name)
-                conn.execute(text(f"CREATE DATABASE {quoted}"))
-                log(f"created database {name}")
-            else:
-                log(f"database {name} exists")
-    finally:
-        admin.dispose()
-    return str(version)
-
-
 def index_counts(pg_url: str) -> dict[str, int]:
     """Row counts of the four index tables in PostgreSQL."""
     engine = create_engine(pg_url)

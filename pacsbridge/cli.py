@@ -11,8 +11,6 @@ import argparse
 import csv
 import json
 import logging
-import os
-import shutil
 import sys
 import warnings
 from pathlib import Path

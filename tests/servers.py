@@ -6,7 +6,6 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path

@@ -1,7 +1,5 @@
 """Safe storage: templates, path cleaning, atomic writes, duplicates."""
 
-import os
-from pathlib import Path
 
 import pytest
 
