@@ -253,9 +253,9 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
                      name="reconciler").start()
     log.info("listener %s on %s:%d, %d process(es), storage %s", settings.ae_title, settings.listener_host,
              settings.listener_port, processes, settings.storage)
+    shared = listening_socket(settings.listener_host, settings.listener_port)
     print(f"pacsbridge listener: AE {settings.ae_title} on port {settings.listener_port}", file=sys.stderr,
           flush=True)
-    shared = listening_socket(settings.listener_host, settings.listener_port)
     if processes == 1:
         serve_process(settings, peers, shared)
         stop.set()
