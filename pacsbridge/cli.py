@@ -45,7 +45,8 @@ def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str,
             table.add_column(str(c), overflow="fold")
         for r in rows:
             table.add_row(*("" if v is None else str(v) for v in r))
-        Console(highlight=False).print(table)
+        # on a terminal rich fits the table to it; into a file or pipe, keep rows on one line
+        Console(highlight=False, width=None if sys.stdout.isatty() else 400).print(table)
 
 
 def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
