@@ -30,43 +30,37 @@ def postgres():
     server.remove()
 
 
-def test_redis_down_during_transfer_loses_nothing(tmp_path, redis):
-    stack = Stack(tmp_path, broker_url=redis.url)
+def send_batch(stack: Stack, folder: Path, patient: str, n: int) -> list:
+    """Make ``n`` instances in ``folder`` and send them with storescu; success is required."""
+    datasets = [make_instance(folder / f"{i}.dcm", PatientID=patient) for i in range(n)]
+    proc = storescu(stack.port, *sorted(folder.iterdir()))
+    assert proc.returncode == 0, proc.stderr
+    return datasets
+
+
+def outage_while_storing(tmp_path: Path, stack: Stack, server, n: int, pause: float, timeout: float) -> None:
+    """Store n, stop ``server``, store n more (still answered success), start it again: all 2n indexed."""
     try:
         stack.start("listener")
         stack.start("worker", "--concurrency", "1")
-        first = [make_instance(tmp_path / "a" / f"{i}.dcm", PatientID="A") for i in range(10)]
-        assert storescu(stack.port, *sorted((tmp_path / "a").iterdir())).returncode == 0
-        assert len(indexed_sops(stack.settings, 10)) == 10
-        redis.stop()
-        second = [make_instance(tmp_path / "b" / f"{i}.dcm", PatientID="B") for i in range(10)]
-        proc = storescu(stack.port, *sorted((tmp_path / "b").iterdir()))
-        assert proc.returncode == 0, proc.stderr  # still storing, still answering success
+        first = send_batch(stack, tmp_path / "a", "A", n)
+        assert len(indexed_sops(stack.settings, n)) == n
+        server.stop()
+        second = send_batch(stack, tmp_path / "b", "B", n)  # still storing, still answering success
         stored = [p for p in stack.settings.storage.rglob("*.dcm") if ".incoming" not in p.parts]
-        assert len(stored) == 20
-        time.sleep(2)
-        redis.start()  # an empty Redis: whatever was queued before is gone, the reconciler requeues
-        sops = indexed_sops(stack.settings, 20, timeout=90)
-        assert sops == {d.SOPInstanceUID for d in first + second}
+        assert len(stored) == 2 * n
+        time.sleep(pause)
+        server.start()
+        assert indexed_sops(stack.settings, 2 * n, timeout=timeout) == {d.SOPInstanceUID for d in first + second}
     finally:
         stack.close()
+
+
+def test_redis_down_during_transfer_loses_nothing(tmp_path, redis):
+    # the restarted Redis is empty: what was queued is gone, and the reconciler queues it again
+    outage_while_storing(tmp_path, Stack(tmp_path, broker_url=redis.url), redis, 10, 2, 90)
 
 
 def test_postgres_outage_delays_indexing_only(tmp_path, postgres):
-    stack = Stack(tmp_path, database_url=postgres.url)
-    try:
-        stack.start("listener")
-        stack.start("worker", "--concurrency", "1")
-        first = [make_instance(tmp_path / "a" / f"{i}.dcm", PatientID="A") for i in range(5)]
-        assert storescu(stack.port, *sorted((tmp_path / "a").iterdir())).returncode == 0
-        assert len(indexed_sops(stack.settings, 5)) == 5
-        postgres.stop()
-        second = [make_instance(tmp_path / "b" / f"{i}.dcm", PatientID="B") for i in range(5)]
-        proc = storescu(stack.port, *sorted((tmp_path / "b").iterdir()))
-        assert proc.returncode == 0, proc.stderr
-        time.sleep(3)  # the worker's task fails and is retried with backoff
-        postgres.start()
-        sops = indexed_sops(stack.settings, 10, timeout=120)
-        assert sops == {d.SOPInstanceUID for d in first + second}
-    finally:
-        stack.close()
+    # meanwhile the worker's tasks fail and are retried with backoff
+    outage_while_storing(tmp_path, Stack(tmp_path, database_url=postgres.url), postgres, 5, 3, 120)
