@@ -6,7 +6,7 @@ import re
 import statistics
 import sys
 
-__all__ = ["DB_NAME_RE", "log", "median", "ensure_database"]
+__all__ = ["DB_NAME_RE", "log", "median", "ensure_database", "host_facts"]
 
 #: A database name the scripts accept (it ends up in CREATE DATABASE).
 DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -43,3 +43,35 @@ def ensure_database(pg_url: str) -> str:
     finally:
         admin.dispose()
     return str(version)
+
+
+def host_facts(packages: tuple[str, ...], key: str = "{}") -> dict:
+    """nproc, CPU model, memory, Python and the versions of ``packages`` (named by ``key``)."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    facts: dict = {
+        "nproc": os.cpu_count(),
+        "nproc_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                facts["mem_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    for pkg in packages:
+        try:
+            facts[key.format(pkg)] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return facts

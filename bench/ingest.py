@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -75,7 +74,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import ensure_database, median  # noqa: E402  (bench/ is on sys.path)
+from benchlib import ensure_database, host_facts, median  # noqa: E402  (bench/ is on sys.path)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
@@ -706,33 +705,10 @@ def tool_version(cmd: list[str]) -> str | None:
 
 def machine_facts(args: argparse.Namespace) -> dict:
     """nproc, CPU, memory, kernel, and the versions of everything involved."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    facts: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "nproc_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "dcmtk": tool_version(["storescu", "--version"]),
-        "orthanc": tool_version(["Orthanc", "--version"]),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                facts["mem_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-                break
-    except OSError:
-        pass
-    for pkg in ("pacsbridge", "pynetdicom", "pydicom", "celery", "kombu", "redis", "sqlalchemy", "psycopg2-binary"):
-        try:
-            facts[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
+    facts: dict[str, Any] = host_facts(
+        ("pacsbridge", "pynetdicom", "pydicom", "celery", "kombu", "redis", "sqlalchemy", "psycopg2-binary"))
+    facts.update({"loadavg_at_start": os.getloadavg(), "dcmtk": tool_version(["storescu", "--version"]),
+                  "orthanc": tool_version(["Orthanc", "--version"])})
     if "pacsbridge" in args.targets:
         try:
             import redis
@@ -743,7 +719,8 @@ def machine_facts(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001 - a fact, not a check
             facts["redis_server"] = f"unknown ({exc})"
     facts["noop_processes"] = args.noop_processes
-    facts["pacsbridge_listener_processes"] = os.cpu_count()
+    facts["pacsbridge_listener_processes"] = int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES") or 0) or \
+        2 * (os.cpu_count() or 1)
     return facts
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from benchlib import ensure_database, median  # noqa: E402  (bench/ is on sys.path)
+from benchlib import ensure_database, host_facts, median  # noqa: E402  (bench/ is on sys.path)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-rebuild")
@@ -300,30 +299,8 @@ def pyconquest_datadir(workdir: Path, storage: Path, instances: int) -> tuple[Pa
 # -- report -----------------------------------------------------------------------------
 def machine_facts() -> dict:
     """nproc, CPU model, memory, Python and library versions."""
-    facts: dict = {
-        "nproc": os.cpu_count(),
-        "nproc_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                facts["mem_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-                break
-    except OSError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("pacsbridge", "pyconquest", "pydicom", "sqlalchemy", "psycopg2-binary", "psycopg2"):
-        try:
-            facts[f"{pkg}_version"] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return facts
+    return host_facts(("pacsbridge", "pyconquest", "pydicom", "sqlalchemy", "psycopg2-binary", "psycopg2"),
+                      key="{}_version")
 
 
 def print_table(instances: int, pb_runs: list[dict], pq_runs: list[dict]) -> None:
