@@ -318,7 +318,8 @@ class Storage:
 
     def temp_file(self) -> tuple[int, str]:
         """A new temporary file in the incoming folder: ``(fd, path)``."""
-        self.ensure() if not self.incoming.is_dir() else None
+        if not self.incoming.is_dir():
+            self.ensure()
         return tempfile.mkstemp(prefix="in-", suffix=".part", dir=self.incoming)
 
     def _sync_dir(self, folder: Path) -> None:
@@ -381,62 +382,63 @@ class Storage:
 
         Applies the duplicate policy. The temporary file is gone afterwards.
         """
-        action = "stored"
         try:
             final = final or self.absolute(rel)
             if size is None:
                 size = os.path.getsize(tmp)
-            self._mkdirs(final.parent)
-            if self.duplicates == "replace":
-                action = "replaced" if final.exists() else "stored"
-                os.replace(tmp, final)
-            else:
-                try:
-                    os.link(tmp, final)  # fails if it exists: no clobbering, atomic
-                except FileExistsError:
-                    if self.duplicates == "keep":
-                        action = "duplicate"
-                    else:
-                        stem, suffix = os.path.splitext(final.name)
-                        for n in itertools.count(1):
-                            candidate = final.with_name(f"{stem}_{n}{suffix}")
-                            try:
-                                os.link(tmp, candidate)
-                                break
-                            except FileExistsError:
-                                continue
-                        rel = rel.rsplit("/", 1)[0] + "/" + candidate.name if "/" in rel else candidate.name
-                        final = candidate
-                        action = "kept-both"
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
-                        raise
-                    # file systems without hard links: exclusive create then rename over it
-                    if final.exists() and self.duplicates == "keep":
-                        action = "duplicate"
-                    else:
-                        os.replace(tmp, final)
-                _unlink_quietly(tmp)
+            try:
+                self._mkdirs(final.parent)
+                rel, final, action = self._place(tmp, rel, final)
+            except FileNotFoundError:
+                # the folder was removed by someone since we made it: make it again, once
+                self._made.discard(final.parent)
+                self._mkdirs(final.parent)
+                rel, final, action = self._place(tmp, rel, final)
             if action != "duplicate":
                 self._sync_dir(final.parent)
-        except FileNotFoundError:
-            # the folder was removed by someone between mkdirs and link: try once more
-            self._made.discard(final.parent)
-            self._mkdirs(final.parent)
-            os.replace(tmp, final)
-            self._sync_dir(final.parent)
         finally:
             _unlink_quietly(tmp)
         return StoreResult(rel, action, size)
 
-    def link_into_place(self, tmp: str, rel: str) -> StoreResult:
+    def _place(self, tmp: str, rel: str, final: Path) -> tuple[str, Path, str]:
+        """Give ``tmp`` the name ``final`` following the duplicate policy: ``(rel, final, action)``."""
+        if self.duplicates == "replace":
+            action = "replaced" if final.exists() else "stored"
+            os.replace(tmp, final)
+            return rel, final, action
+        try:
+            os.link(tmp, final)  # fails if it exists: no clobbering, atomic
+            return rel, final, "stored"
+        except FileExistsError:
+            if self.duplicates == "keep":
+                return rel, final, "duplicate"
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                raise
+            # a file system without hard links: check, then rename (not atomic against a
+            # concurrent writer of the same instance, which then wins)
+            if final.exists() and self.duplicates == "keep":
+                return rel, final, "duplicate"
+            os.replace(tmp, final)
+            return rel, final, "stored"
+        stem, suffix = os.path.splitext(final.name)  # keep-both: the first free name_N
+        for n in itertools.count(1):
+            candidate = final.with_name(f"{stem}_{n}{suffix}")
+            try:
+                os.link(tmp, candidate)
+                break
+            except FileExistsError:
+                continue
+        rel = rel.rsplit("/", 1)[0] + "/" + candidate.name if "/" in rel else candidate.name
+        return rel, candidate, "kept-both"
+
+    def link_into_place(self, tmp: str, rel: str, size: int | None = None) -> StoreResult:
         """Put a complete file written by someone else (pynetdicom) at ``rel``.
 
         The file is hard-linked, so its writer may still delete its own name;
         the duplicate policy applies as in :meth:`store`.
         """
-        final = self.absolute(rel)
-        return self.commit(tmp, rel, final, os.path.getsize(tmp))
+        return self.commit(tmp, rel, self.absolute(rel), size)
 
     def clean_incoming(self, older_than: float = 0.0) -> int:
         """Remove temporary files left by a crash; returns how many."""

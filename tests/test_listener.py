@@ -356,3 +356,23 @@ def read_header_ok(path: Path) -> bool:
     from pacsbridge.shared.records import read_header
 
     return bool(read_header(path.read_bytes(), str(path)).sop_instance_uid)
+
+
+def test_chunked_mode_stores_and_indexes(tmp_path):
+    """PACSBRIDGE_CHUNKED=1: pynetdicom streams to .incoming and the file is linked into place."""
+    stack = Stack(tmp_path, PACSBRIDGE_CHUNKED="1")
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        files = [make_instance(tmp_path / "in" / f"{i}.dcm", rows=64) for i in range(5)]
+        assert storescu(stack.port, *sorted((tmp_path / "in").iterdir())).returncode == 0
+        assert indexed_sops(stack.settings, 5) == {d.SOPInstanceUID for d in files}
+        root = stack.settings.storage
+        stored = _stored_files(root)
+        assert len(stored) == 5
+        for p in stored:
+            assert read_header_ok(p)
+        time.sleep(1)  # pynetdicom removes its own temporary name after the handler
+        assert [p for p in (root / ".incoming").iterdir()] == []
+    finally:
+        stack.close()

@@ -116,13 +116,16 @@ class StoreHandlers:
         log.info("association %s: peer %s@%s, %d instances, %d bytes, %.2f s, %d failures", outcome, stats["ae"],
                  stats["address"], stats["instances"], stats["bytes"], seconds, stats["failures"])
 
-    def _count(self, event: Any, size: int, failed: bool) -> None:
+    def _count(self, event: Any, size: int, failed: bool) -> str:
+        """Add one instance to its association's figures; returns the association id."""
         with self._lock:
             stats = self._stats.get(id(event.assoc))
-            if stats is not None:
-                stats["instances"] += 1
-                stats["bytes"] += size
-                stats["failures"] += int(failed)
+            if stats is None:
+                return ""
+            stats["instances"] += 1
+            stats["bytes"] += size
+            stats["failures"] += int(failed)
+            return str(stats["id"])
 
     # -- DIMSE ---------------------------------------------------------------
     def handle_echo(self, event: Any) -> int:
@@ -147,7 +150,7 @@ class StoreHandlers:
                     if self.storage.fsync:
                         os.fsync(fh.fileno())
                 rel = self.storage.path_for(header)
-                result = self.storage.link_into_place(str(path), rel)
+                result = self.storage.link_into_place(str(path), rel, size)
         except InvalidDataset as exc:
             log.warning("refused %s: %s", display, exc.reason)
             INSTANCES.labels("invalid").inc()
@@ -165,10 +168,8 @@ class StoreHandlers:
             return PROCESSING_FAILURE
         INSTANCES.labels(result.action).inc()
         BYTES.inc(size)
-        self._count(event, size, False)
+        assoc_id = self._count(event, size, False)
         if result.action != "duplicate" and self.batcher is not None:
-            with self._lock:
-                assoc_id = self._stats.get(id(event.assoc), {}).get("id", "")
             self.batcher.add((result.relpath, event.assoc.requestor.ae_title.strip(), assoc_id, time.time()))
         if self.after_store is not None:
             try:
