@@ -21,13 +21,15 @@ from typing import Any, Iterable
 
 from pydicom.datadict import dictionary_VR
 
-from .errors import InvalidDataset, TruncatedFile
+from .errors import TruncatedFile
 
-__all__ = ["NeedsPydicom", "FastHeader", "scan", "TEXT_VRS"]
+__all__ = ["NeedsPydicom", "FastHeader", "scan", "check_complete", "TEXT_VRS"]
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_NOT_HANDLED = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflate
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_NOT_HANDLED = {_BIG_ENDIAN, _DEFLATED}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
               b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
@@ -93,22 +95,10 @@ def _decode(vr: str, raw: bytes, encoding: str, little: bool = True) -> str | No
     return "\\".join(str(v) for v in values)
 
 
-def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
-    """Read the wanted top-level tags of an encoded Part 10 instance.
+def _meta(buf: Any, path: str) -> tuple[int, str]:
+    """Where the data set starts after preamble and file meta, and the transfer syntax.
 
-    Parameters
-    ----------
-    buf : bytes, memoryview or mmap
-        The whole encoded instance (preamble, ``DICM``, meta, data set).
-    wanted : iterable of int
-        Tags to return.
-
-    Raises
-    ------
-    NeedsPydicom
-        Use pydicom for this one.
-    TruncatedFile
-        An element or sequence runs past the end.
+    Raises :class:`NeedsPydicom` without a ``DICM`` marker or a transfer syntax.
     """
     n = len(buf)
     if n < 132 or buf[128:132] != b"DICM":
@@ -133,19 +123,31 @@ def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
         raise TruncatedFile(path, "file ends inside the file meta information")
     if not ts:
         raise NeedsPydicom("no transfer syntax in the file meta")
-    if ts in _NOT_HANDLED:
-        raise NeedsPydicom(f"transfer syntax {ts}")
-    implicit = ts == IMPLICIT_LE
-    wanted_set = set(wanted)
+    return pos, ts
+
+
+def _walk(buf: Any, pos: int, implicit: bool, big: bool, wanted: set[int],
+          path: str) -> tuple[dict[int, tuple[str, Any]], str]:
+    """Walk the data set from ``pos`` to the end: raw values of the wanted top-level tags, and
+    the character set. Checks every length against the end of the buffer and that every
+    undefined-length sequence is closed.
+
+    Raises :class:`TruncatedFile`, or :class:`NeedsPydicom` for what it cannot follow.
+    """
+    n = len(buf)
+    order = ">" if big else "<"
+    tag_of = struct.Struct(order + "HH").unpack_from
+    u16 = struct.Struct(order + "H").unpack_from
+    u32 = struct.Struct(order + "I").unpack_from
     raw: dict[int, tuple[str, Any]] = {}
     depth = 0
     charset = ""
     while pos < n:
         if pos + 8 > n:
             raise TruncatedFile(path, f"file ends inside an element header at byte {pos} of {n}")
-        group, elem = _tag(buf, pos)
+        group, elem = tag_of(buf, pos)
         if group == 0xFFFE:
-            length = _u32(buf, pos + 4)[0]
+            length = u32(buf, pos + 4)[0]
             if elem == 0xE000:
                 if length == _UNDEFINED:
                     depth += 1
@@ -163,15 +165,15 @@ def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
         tag = (group << 16) | elem
         if implicit:
             vr_name = ""
-            length, hdr = _u32(buf, pos + 4)[0], 8
+            length, hdr = u32(buf, pos + 4)[0], 8
         else:
             vr = bytes(buf[pos + 4:pos + 6])
             if vr in _LONG_VRS:
                 if pos + 12 > n:
                     raise TruncatedFile(path, f"file ends inside an element header at byte {pos} of {n}")
-                length, hdr = _u32(buf, pos + 8)[0], 12
+                length, hdr = u32(buf, pos + 8)[0], 12
             elif vr in _SHORT_VRS:
-                length, hdr = _u16(buf, pos + 6)[0], 8
+                length, hdr = u16(buf, pos + 6)[0], 8
             else:
                 raise NeedsPydicom(f"unknown VR {vr!r} at byte {pos}")
             vr_name = vr.decode("ascii")
@@ -187,11 +189,51 @@ def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
         if depth == 0:
             if tag == _CHARSET:
                 charset = bytes(buf[pos + hdr:end]).decode("latin-1").strip("\x00 ")
-            elif tag in wanted_set:
+            elif tag in wanted:
                 raw[tag] = (vr_name, buf[pos + hdr:end])
         pos = end
     if depth != 0:
         raise TruncatedFile(path, "file ends inside a sequence or encapsulated pixel data")
+    return raw, charset
+
+
+def check_complete(buf: Any, transfer_syntax: str, path: str = "") -> None:
+    """Raise :class:`TruncatedFile` if the data set ends before its elements do.
+
+    For what pydicom reads instead of :func:`scan` (big endian, other character sets ...).
+    What the walk cannot follow (no file meta, deflated data, an undefined-length UN) is
+    accepted: the check is conservative.
+    """
+    try:
+        pos, _ = _meta(buf, path)
+        if transfer_syntax == _DEFLATED:
+            return
+        _walk(buf, pos, transfer_syntax == IMPLICIT_LE, transfer_syntax == _BIG_ENDIAN, set(), path)
+    except NeedsPydicom:
+        return
+
+
+def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
+    """Read the wanted top-level tags of an encoded Part 10 instance.
+
+    Parameters
+    ----------
+    buf : bytes, memoryview or mmap
+        The whole encoded instance (preamble, ``DICM``, meta, data set).
+    wanted : iterable of int
+        Tags to return.
+
+    Raises
+    ------
+    NeedsPydicom
+        Use pydicom for this one.
+    TruncatedFile
+        An element or sequence runs past the end.
+    """
+    pos, ts = _meta(buf, path)
+    if ts in _NOT_HANDLED:
+        raise NeedsPydicom(f"transfer syntax {ts}")
+    raw, charset = _walk(buf, pos, ts == IMPLICIT_LE, False, set(wanted), path)
     encoding = _ENCODINGS.get(charset.split("\\")[0].strip() if "\\" not in charset.strip("\\") else "?")
     if encoding is None:
         raise NeedsPydicom(f"character set {charset!r}")
@@ -206,10 +248,3 @@ def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
         if text:
             values[tag] = text
     return FastHeader(ts, values, charset)
-
-
-def require(header: FastHeader, tags: dict[str, int], path: str) -> None:
-    """Raise :class:`InvalidDataset` when one of ``tags`` (keyword -> tag) is absent."""
-    for keyword, tag in tags.items():
-        if not header.values.get(tag):
-            raise InvalidDataset(path, f"no {keyword}")

@@ -1,8 +1,10 @@
 """Read a DICOM file's header and turn it into Conquest index rows.
 
-The hot path reads only the header (``stop_before_pixels``), checks that the
-file is complete by walking its element lengths (pydicom silently accepts a
-truncated file), and builds one row per level from the columns a
+The hot path reads only the attributes it needs without decoding
+(:mod:`~pacsbridge.shared.fastheader`, which also checks that the file is
+complete: pydicom silently accepts a truncated file); what that reader leaves
+alone is read by pydicom (``stop_before_pixels``) and checked by the same
+walk. It builds one row per level from the columns a
 :class:`~pacsbridge.shared.dicomsql.Schema` defines, with Conquest's value
 rules: multi-values joined with ``\\``, over-long values truncated to the
 column length, dates as 8 digits, empty values left out (``None``).
@@ -11,18 +13,17 @@ column length, dates as 8 digits, empty values left out (``None``).
 from __future__ import annotations
 
 import io
-import struct
-from typing import Any, BinaryIO, Iterable
+from typing import Any, Iterable
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from .dicomsql import LEVELS, Column, Schema
-from .errors import InvalidDataset, MissingUID, TruncatedFile
-from .fastheader import NeedsPydicom, scan
+from .errors import InvalidDataset, MissingUID
+from .fastheader import NeedsPydicom, check_complete, scan
 from .special import special_values
 
 __all__ = ["Header", "read_header", "check_complete", "build_rows", "Rows", "REQUIRED_UIDS", "schema_tags",
@@ -30,99 +31,6 @@ __all__ = ["Header", "read_header", "check_complete", "build_rows", "Rows", "REQ
 
 #: Keywords without which an instance cannot be indexed.
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-# VRs with a 2-byte reserved field and a 4-byte length in explicit VR
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
-              b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
-_UNDEFINED = 0xFFFFFFFF
-_ITEM_TAGS = {0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD}
-
-
-def _dataset_start(fp: BinaryIO) -> tuple[int, bool] | None:
-    """Offset where the data set starts after the preamble and meta group.
-
-    Returns ``(offset, True)`` for a Part 10 file, None when there is no
-    ``DICM`` marker (then the caller does not check completeness).
-    """
-    fp.seek(0)
-    head = fp.read(132)
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    offset = 132
-    while True:
-        fp.seek(offset)
-        hdr = fp.read(8)
-        if len(hdr) < 8:
-            return offset, True
-        group = struct.unpack("<H", hdr[:2])[0]
-        if group != 0x0002:
-            return offset, True
-        vr = hdr[4:6]
-        if vr in _LONG_VRS:
-            more = fp.read(4)
-            if len(more) < 4:
-                return offset, True
-            length = struct.unpack("<I", more)[0]
-            offset += 12 + length
-        else:
-            length = struct.unpack("<H", hdr[6:8])[0]
-            offset += 8 + length
-
-
-def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, path: str = "") -> None:
-    """Raise :class:`TruncatedFile` if the data set ends before its elements do.
-
-    Walks element headers from the start of the data set to the end of the
-    file, skipping values by their lengths; undefined-length sequences and
-    items are walked through. Anything this walker cannot follow (deflated
-    data, an undefined-length UN) is accepted: the check is conservative.
-    """
-    start = _dataset_start(fp)
-    if start is None or transfer_syntax == DeflatedExplicitVRLittleEndian:
-        return
-    offset = start[0]
-    implicit = transfer_syntax == ImplicitVRLittleEndian
-    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
-    tag_fmt, h_fmt, i_fmt = endian + "HH", endian + "H", endian + "I"
-    fp.seek(offset)
-    while offset < size:
-        fp.seek(offset)
-        hdr = fp.read(8)
-        if len(hdr) < 8:
-            raise TruncatedFile(path, f"file ends inside an element header at byte {offset} of {size}")
-        group, elem = struct.unpack(tag_fmt, hdr[:4])
-        tag = (group << 16) | elem
-        if tag in _ITEM_TAGS or group == 0xFFFE:
-            # item and delimiters are always little-endian-sized 4-byte lengths in the TS byte order
-            length = struct.unpack(i_fmt, hdr[4:8])[0]
-            if tag == 0xFFFEE000 and length != _UNDEFINED:
-                offset += 8 + length
-            else:
-                offset += 8
-        elif implicit:
-            length = struct.unpack(i_fmt, hdr[4:8])[0]
-            offset += 8 if length == _UNDEFINED else 8 + length
-        else:
-            vr = hdr[4:6]
-            if vr in _LONG_VRS:
-                more = fp.read(4)
-                if len(more) < 4:
-                    raise TruncatedFile(path, f"file ends inside an element header at byte {offset}")
-                length = struct.unpack(i_fmt, more)[0]
-                if length == _UNDEFINED:
-                    if vr == b"UN":
-                        return  # implicit VR inside: not followed
-                    offset += 12
-                else:
-                    offset += 12 + length
-            elif vr in _SHORT_VRS:
-                offset += 8 + struct.unpack(h_fmt, hdr[6:8])[0]
-            else:
-                return  # not a VR we know (padding, private oddity): stop checking
-        if offset > size:
-            raise TruncatedFile(
-                path, f"element ({group:04X},{elem:04X}) runs to byte {offset} but the file has {size} bytes")
 
 
 class Header:
@@ -196,8 +104,7 @@ def _pydicom_header(buf: Any, path: str, tags: Iterable[int]) -> Header:
         text = _text(_element_value(ds, tag))
         if text is not None:
             values[tag] = text
-    fp = io.BytesIO(buf)
-    check_complete(fp, len(buf), ts, path)
+    check_complete(buf, ts, path)
     return Header(values, ts, ds)
 
 

@@ -1,0 +1,58 @@
+"""The non-decoding header reader against pydicom, and its truncation check."""
+
+from __future__ import annotations
+
+import pytest
+
+from pacsbridge.shared.dicomsql import load_schema
+from pacsbridge.shared.errors import InvalidDataset, TruncatedFile
+from pacsbridge.shared.fastheader import NeedsPydicom, scan
+from pacsbridge.shared.records import _pydicom_header, read_header, schema_tags
+
+from .helpers import TEST_FILES, make_instance, pydicom_test_files
+
+TAGS = schema_tags(load_schema())
+
+
+def test_same_values_as_pydicom_on_every_bundled_file():
+    compared = 0
+    for path in pydicom_test_files():
+        data = path.read_bytes()
+        try:
+            fast = scan(data, TAGS, str(path))
+        except (NeedsPydicom, InvalidDataset):
+            continue
+        slow = _pydicom_header(data, str(path), TAGS)
+        assert {t: fast.values.get(t) for t in TAGS} == {t: slow.values.get(t) for t in TAGS}, path.name
+        compared += 1
+    assert compared >= 50  # most bundled files take the fast path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_bigendian.dcm", "rtdose_expb.dcm", "rtplan.dcm"])
+def test_truncation_is_found_wherever_the_file_is_cut(name):
+    data = (TEST_FILES / name).read_bytes()
+    read_header(data, name)  # complete: fine
+    for cut in (1, 7, 50):  # inside the last element (pixel data, or a sequence)
+        with pytest.raises(TruncatedFile):
+            read_header(data[: len(data) - cut], name)
+    # cut in half: rejected too (a cut that falls exactly between two header elements leaves a
+    # well-formed but shorter data set, which then lacks its UIDs)
+    with pytest.raises(InvalidDataset):
+        read_header(data[: len(data) // 2], name)
+
+
+def test_pydicom_accepts_what_we_call_truncated():
+    import pydicom
+
+    for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
+        pydicom.dcmread(TEST_FILES / name)  # no error from pydicom
+        with pytest.raises(TruncatedFile):
+            read_header((TEST_FILES / name).read_bytes(), name)
+
+
+def test_generated_instance_round_trip(tmp_path):
+    ds = make_instance(tmp_path / "x.dcm", PatientName="Ünïcødé^Ñame", SpecificCharacterSet="ISO_IR 192")
+    header = read_header((tmp_path / "x.dcm").read_bytes(), "x", TAGS)
+    assert header.get("PatientName") == "Ünïcødé^Ñame"
+    assert header.sop_instance_uid == ds.SOPInstanceUID
