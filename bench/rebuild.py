@@ -225,6 +225,7 @@ def index_counts(pg_url: str) -> dict[str, int]:
     engine = create_engine(pg_url)
     try:
         with engine.connect() as conn:
+            # t comes from the fixed tuple of index tables, never from input
             return {t: int(conn.execute(text(f"select count(*) from {t}")).scalar())
                     for t in _INDEX_TABLES}
     finally:

@@ -104,6 +104,7 @@ def _count_rows(db_path: Path) -> dict[str, int | None]:
     try:
         for table in _TABLES:
             try:
+                # table names are the fixed _TABLES constant (identifiers cannot be bound)
                 counts[table] = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
             except sqlite3.Error:
                 counts[table] = None
