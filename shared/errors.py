@@ -12,6 +12,12 @@
      |    +-- UnsafePath        a computed path would leave the storage root
      +-- IndexError_            the index database refused an operation
      +-- QueryError             a user query failed (bad SQL, unknown column ...)
+     +-- InvalidRequest         a job, node or query description is malformed (carries .field)
+     +-- NotFound               no such thing
+     |    +-- UnknownNode       no node of that name
+     |    +-- UnknownJob        no job with that id
+     +-- Conflict               the request clashes with the current state (job already finished ...)
+     +-- DimseError             a DICOM peer refused, failed or could not be reached (carries .status)
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ __all__ = [
     "UnsafePath",
     "IndexError_",
     "QueryError",
+    "InvalidRequest",
+    "NotFound",
+    "UnknownNode",
+    "UnknownJob",
+    "Conflict",
+    "DimseError",
 ]
 
 
@@ -87,3 +99,46 @@ class IndexError_(PacsbridgeError):
 
 class QueryError(PacsbridgeError):
     """A user-supplied query could not be run."""
+
+
+class InvalidRequest(PacsbridgeError):
+    """A job, node or query description is malformed.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, in words a user understands.
+    field : str
+        The offending field, if one is to blame.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class NotFound(PacsbridgeError):
+    """No such thing."""
+
+
+class UnknownNode(NotFound):
+    """No node of that name."""
+
+
+class UnknownJob(NotFound):
+    """No job with that id."""
+
+
+class Conflict(PacsbridgeError):
+    """The request clashes with the current state (a finished job cancelled ...)."""
+
+
+class DimseError(PacsbridgeError):
+    """A DICOM peer refused, failed or could not be reached.
+
+    ``status`` is the DIMSE status when the peer answered, else ``None``.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -147,12 +147,16 @@ class Index:
         """Create the tables (and indexes) that do not exist; ``force`` drops them first.
 
         ``force`` is pyconquest's ``create_standard_dicom_tables``: it empties
-        the index, never the storage.
+        the index, never the storage. The tables of nodes and jobs
+        (:mod:`pacsbridge.shared.jobs`) are created too, and never dropped.
         """
+        from .jobs import metadata as jobs_metadata
+
         with self.engine.begin() as conn:
             if force:
                 self.metadata.drop_all(conn)
             self.metadata.create_all(conn)
+            jobs_metadata.create_all(conn)
 
     def exists(self) -> bool:
         """True when the image table exists."""
