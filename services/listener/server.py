@@ -123,7 +123,7 @@ def listening_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
 
 
 def make_sender(settings: Settings) -> Any:
-    from pacsbridge.worker.app import INDEX_TASK, make_celery
+    from pacsbridge.shared.celeryapp import INDEX_TASK, make_celery
 
     app = make_celery(settings)
 

@@ -1,46 +1,9 @@
-"""The Celery application shared by the listener (producer) and the workers.
-
-Tasks carry only paths and ids. They are acknowledged late and the worker
-prefetches one at a time, so a worker killed mid-task leaves its message to
-be redelivered (Redis: after ``visibility_timeout``), and tasks are
-idempotent (upserts keyed on SOPInstanceUID), so a redelivery is harmless.
-"""
+"""The worker's Celery app (``celery -A pacsbridge.worker.app``); built in :mod:`pacsbridge.shared.celeryapp`."""
 
 from __future__ import annotations
 
-from celery import Celery
+from pacsbridge.shared.celeryapp import DEFAULT_BROKER, INDEX_TASK, RUN_JOB_TASK, make_celery
 
-from pacsbridge.shared.config import Settings, load_settings
-
-__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK"]
-
-#: A broker that needs no server: kombu's SQLAlchemy transport on a SQLite file.
-DEFAULT_BROKER = "sqla+sqlite:///pacsbridge-broker.db"
-INDEX_TASK = "pacsbridge.worker.tasks.index_files"
-
-
-def broker_url(settings: Settings) -> str:
-    """The broker of ``settings`` (the embedded SQLite broker if unset)."""
-    return settings.broker_url or DEFAULT_BROKER
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured for pacsbridge."""
-    settings = settings or load_settings()
-    app = Celery("pacsbridge", broker=broker_url(settings), include=["pacsbridge.worker.tasks"])
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
-        worker_hijack_root_logger=False,
-        task_default_queue="pacsbridge",
-    )
-    return app
-
+__all__ = ["app", "make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK"]
 
 app = make_celery()
