@@ -68,6 +68,20 @@ class Settings:
         ``PACSBRIDGE_SPECIAL_COLUMNS``: add pyconquest's RT columns.
     import_workers : int
         ``PACSBRIDGE_IMPORT_WORKERS``: header-reading processes (0 = cores).
+    export_root : Path
+        ``PACSBRIDGE_EXPORT_ROOT``: where repack jobs submitted over the API
+        may write (their ``dest`` is relative to it).
+    import_root : Path
+        ``PACSBRIDGE_IMPORT_ROOT``: where import jobs submitted over the API
+        may read (their ``path`` is relative to it).
+    stable_seconds : int
+        ``PACSBRIDGE_STABLE_SECONDS``: a series with no new instance for this
+        long is marked stable.
+    api_host, api_port : str, int
+        ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
+    api_tokens : str
+        ``PACSBRIDGE_API_TOKENS``: ``name:token[:role]`` entries separated by
+        commas; a secret, so only ever from the environment or the env file.
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -83,6 +97,12 @@ class Settings:
     listener_port: int = 11112
     broker_url: str = ""
     allowed_peers: str = ""
+    export_root: Path = Path("export")
+    import_root: Path = Path("import")
+    stable_seconds: int = 60
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_tokens: str = dataclasses.field(default="", repr=False)
 
     def with_(self, **changes: object) -> "Settings":
         """Return a copy with some settings changed."""
@@ -158,4 +178,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["broker_url"] = get("BROKER_URL")
     if get("ALLOWED_PEERS") is not None:
         kw["allowed_peers"] = get("ALLOWED_PEERS")
+    for name, attr in (("EXPORT_ROOT", "export_root"), ("IMPORT_ROOT", "import_root")):
+        if get(name):
+            kw[attr] = Path(get(name))  # type: ignore[arg-type]
+    if get("STABLE_SECONDS"):
+        kw["stable_seconds"] = _int("PACSBRIDGE_STABLE_SECONDS", get("STABLE_SECONDS") or "", 1)
+    if get("API_HOST"):
+        kw["api_host"] = get("API_HOST")
+    if get("API_PORT"):
+        kw["api_port"] = _int("PACSBRIDGE_API_PORT", get("API_PORT") or "", 1)
+    if get("API_TOKENS") is not None:
+        kw["api_tokens"] = get("API_TOKENS")
     return Settings(**kw)  # type: ignore[arg-type]

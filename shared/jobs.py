@@ -385,7 +385,8 @@ class JobStore:
             return [_job(r) for r in rows], int(total)
 
     def claim(self, job_id: str, worker: str, stale_after: float = 120.0) -> Job | None:
-        """Take a job to run it: queued, or running with a stale heartbeat (its worker died).
+        """Take a job to run it: queued, or running with a stale heartbeat (its worker died)
+        or already held by this same ``worker`` (a retried task).
 
         Returns the job (state running, attempts + 1) or None if another live
         worker holds it, or it is finished or cancelled.
@@ -396,7 +397,7 @@ class JobStore:
                 jobs_table.c.id == job_id,
                 or_(jobs_table.c.state == "queued",
                     and_(jobs_table.c.state == "running",
-                         or_(jobs_table.c.heartbeat_at.is_(None),
+                         or_(jobs_table.c.worker == worker, jobs_table.c.heartbeat_at.is_(None),
                              jobs_table.c.heartbeat_at < now - stale_after))))).values(
                 state="running", worker=worker, attempts=jobs_table.c.attempts + 1,
                 started_at=func.coalesce(jobs_table.c.started_at, now), heartbeat_at=now))

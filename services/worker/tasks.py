@@ -10,7 +10,10 @@ from sqlalchemy.exc import OperationalError, DBAPIError
 
 from pacsbridge.shared.config import load_settings
 from pacsbridge.shared.context import Context, open_context
+from pacsbridge.shared import runner
+from pacsbridge.shared.celeryapp import RUN_JOB_TASK
 from pacsbridge.shared.importer import Importer
+from pacsbridge.shared.jobs import JobStore
 
 log = get_task_logger(__name__)
 
@@ -36,3 +39,20 @@ def index_files(relpaths: list[str], arrivals: list[list] | None = None) -> dict
     for path, reason in report.rejected:
         log.warning("not indexed: %s: %s", path, reason)
     return {"indexed": report.indexed, "rejected": len(report.rejected)}
+
+
+@lru_cache(maxsize=1)
+def _jobs() -> JobStore:
+    return JobStore(_context().index.engine)
+
+
+@shared_task(name=RUN_JOB_TASK, autoretry_for=(OperationalError, DBAPIError), retry_backoff=True,
+             retry_backoff_max=600, retry_jitter=True, max_retries=None)
+def run_job(job_id: str) -> str | None:
+    """Run one job row (retrieve, push, repack, import); see :mod:`pacsbridge.shared.runner`.
+
+    A database outage raises and the task is retried with backoff; the job
+    stays ``running`` under this worker's id, which may claim it again.
+    """
+    job = runner.run_job(job_id, _context(), _jobs())
+    return job.state if job else None

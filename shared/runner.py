@@ -1,0 +1,137 @@
+"""Run one job row: claim it, run the code of its kind, record the outcome, call its webhook.
+
+The code of each kind is a function ``run(job, ctx, jobs, cancel) -> Outcome``
+in its own module (:data:`RUNNERS`). It reports progress through ``jobs``
+(:meth:`~pacsbridge.shared.jobs.JobStore.set_series` / ``update_series``),
+checks ``cancel`` (a :class:`threading.Event` set when the job is cancelled or
+another worker took it over) between steps, and raises
+:class:`~pacsbridge.shared.errors.PacsbridgeError` for a failure the user must
+see. Any other exception (a database outage, a bug) propagates, leaving the
+job ``running``: the worker task retries it, or another worker claims it once
+its heartbeat is stale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+import threading
+import urllib.request
+from typing import Any, Callable, NamedTuple
+
+from .context import Context
+from .errors import PacsbridgeError
+from .jobs import Job, JobStore
+
+__all__ = ["Outcome", "RUNNERS", "run_job", "worker_id", "HEARTBEAT_SECONDS"]
+
+log = logging.getLogger(__name__)
+
+#: How often a running job says it is alive; a job silent for 4 beats may be taken over.
+HEARTBEAT_SECONDS = float(os.environ.get("PACSBRIDGE_HEARTBEAT_SECONDS", "10"))
+
+#: ``kind -> "module:function"``; imported when first needed.
+RUNNERS = {
+    "retrieve": "pacsbridge.shared.retrieve:run",
+    "push": "pacsbridge.shared.push:run",
+    "repack": "pacsbridge.shared.repack:run",
+    "import": "pacsbridge.shared.runner:run_import",
+}
+
+
+class Outcome(NamedTuple):
+    """How a job ended: state (succeeded, partial, failed, cancelled), error text, result summary."""
+
+    state: str
+    error: str = ""
+    result: dict[str, Any] = {}
+
+
+def worker_id() -> str:
+    """This process, as ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _runner(kind: str) -> Callable[[Job, Context, JobStore, threading.Event], Outcome]:
+    module, _, name = RUNNERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None) -> Job | None:
+    """Claim and run one job. Returns the finished job, or None if it was not ours to run."""
+    worker = worker or worker_id()
+    stale = HEARTBEAT_SECONDS * 4
+    job = jobs.claim(job_id, worker, stale_after=stale)
+    if job is None:
+        log.info("job %s: not claimed (finished, cancelled or held by a live worker)", job_id)
+        return None
+    log.info("job %s (%s): started by %s, attempt %d", job.id, job.kind, worker, job.attempts)
+    cancel = threading.Event()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                if not jobs.heartbeat(job_id, worker):
+                    cancel.set()
+            except Exception:  # database outage: keep working, beat again later
+                log.warning("job %s: heartbeat failed", job_id, exc_info=True)
+
+    beater = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+    beater.start()
+    try:
+        try:
+            outcome = _runner(job.kind)(job, ctx, jobs, cancel)
+        except PacsbridgeError as exc:
+            log.warning("job %s failed: %s", job_id, exc)
+            outcome = Outcome("failed", str(exc))
+        if cancel.is_set() and jobs.is_cancelled(job_id):
+            outcome = Outcome("cancelled", "cancelled by request", outcome.result)
+    finally:
+        done.set()
+        beater.join()
+    jobs.finish(job_id, outcome.state, outcome.error, outcome.result)
+    finished = jobs.get(job_id)
+    log.info("job %s (%s): %s %s", job_id, job.kind, outcome.state, outcome.error)
+    if finished.webhook:
+        call_webhook(finished)
+    return finished
+
+
+def call_webhook(job: Job, timeout: float = 10.0) -> bool:
+    """POST the finished job as JSON to its webhook. Failures are logged, never raised."""
+    body = json.dumps(job.to_dict()).encode()
+    request = urllib.request.Request(job.webhook, data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "User-Agent": "pacsbridge"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked in jobspec
+            log.info("job %s: webhook %s answered %s", job.id, job.webhook, response.status)
+            return True
+    except Exception as exc:  # a research platform that is down must not fail the job
+        log.warning("job %s: webhook %s failed: %s", job.id, job.webhook, exc)
+        return False
+
+
+def run_import(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outcome:
+    """Import files under ``PACSBRIDGE_IMPORT_ROOT/<path>`` into storage and the index (copies)."""
+    from .errors import InvalidRequest
+    from .importer import Importer
+
+    root = ctx.settings.import_root.resolve()
+    source = (root / job.params["path"]).resolve()
+    if not source.is_relative_to(root):
+        raise InvalidRequest("must stay inside PACSBRIDGE_IMPORT_ROOT", "path")
+    if not source.exists():
+        raise InvalidRequest(f"{job.params['path']!r} does not exist under the import root", "path")
+    report = Importer(ctx.index, ctx.storage, workers=ctx.settings.import_workers).import_paths([source])
+    result = {"indexed": report.indexed, "rejected": len(report.rejected),
+              "rejected_files": [f"{p}: {r}" for p, r in report.rejected[:100]]}
+    if report.rejected and report.indexed:
+        return Outcome("partial", f"{len(report.rejected)} file(s) rejected", result)
+    if report.rejected:
+        return Outcome("failed", f"no file imported; {len(report.rejected)} rejected", result)
+    return Outcome("succeeded", "", result)
