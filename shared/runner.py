@@ -128,9 +128,10 @@ def run_import(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) 
     if not source.exists():
         raise InvalidRequest(f"{job.params['path']!r} does not exist under the import root", "path")
     report = Importer(ctx.index, ctx.storage, workers=ctx.settings.import_workers).import_paths([source])
-    result = {"indexed": report.indexed, "rejected": len(report.rejected),
+    result = {**report.as_dict(), "rejected": len(report.rejected),
               "rejected_files": [f"{p}: {r}" for p, r in report.rejected[:100]]}
-    if report.rejected and report.indexed:
+    imported = report.stored + report.indexed + report.duplicate
+    if report.rejected and imported:
         return Outcome("partial", f"{len(report.rejected)} file(s) rejected", result)
     if report.rejected:
         return Outcome("failed", f"no file imported; {len(report.rejected)} rejected", result)

@@ -1,0 +1,179 @@
+"""Jobs and nodes as rows: states, dedupe, claims, takeover, validation, the runner and webhooks."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from pacsbridge.shared import runner
+from pacsbridge.shared.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
+from pacsbridge.shared.jobs import JobStore, Node, SeriesProgress
+from pacsbridge.shared.jobspec import validate
+from pacsbridge.shared.query import Query
+
+from .helpers import TEST_FILES, make_instance
+
+PACS = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}
+
+
+@pytest.fixture
+def jobs(ctx) -> JobStore:
+    return JobStore(ctx.index.engine)
+
+
+def test_nodes_round_trip_and_refuse_bad_values(jobs):
+    jobs.add_node(Node.from_dict({**PACS, "max_rate": 5, "move_window": "20:00-06:00"}))
+    with pytest.raises(Conflict):
+        jobs.add_node(Node.from_dict(PACS))
+    assert jobs.get_node("pacs").move_window == "20:00-06:00"
+    assert jobs.update_node("pacs", {"max_associations": 4}).max_associations == 4
+    assert jobs.get_node("pacs").max_rate == 5.0  # kept
+    for bad, field in (({"port": 0}, "port"), ({"port": "4242"}, "port"), ({"ae_title": "A\\B"}, "ae_title"),
+                       ({"host": "a b"}, "host"), ({"retrieve": "steal"}, "retrieve"),
+                       ({"move_window": "25:00-01:00"}, "move_window"), ({"colour": "red"}, "colour"),
+                       ({"allow_store": "yes"}, "allow_store"), ({"name": "../x"}, "name")):
+        with pytest.raises(InvalidRequest) as info:
+            Node.from_dict({**PACS, **bad})
+        assert info.value.field == field
+    with pytest.raises(InvalidRequest):
+        jobs.update_node("pacs", {"port": -1})
+    assert jobs.get_node("pacs").port == 4242  # a refused change changes nothing
+    with pytest.raises(UnknownNode):
+        jobs.get_node("nope")
+
+
+def test_submit_dedupes_while_active_and_cancel_retry(jobs):
+    jobs.add_node(Node.from_dict(PACS))
+    params = {"query": Query.from_dict({"PatientID": "P1"}).to_dict()}
+    job, created = jobs.submit("retrieve", params, node="pacs")
+    again, created2 = jobs.submit("retrieve", dict(reversed(list(params.items()))), node="pacs")
+    assert created and not created2 and again.id == job.id
+    other, created3 = jobs.submit("retrieve", {"query": {"level": "study", "PatientID": "P2"}}, node="pacs")
+    assert created3 and other.id != job.id
+    assert jobs.cancel(job.id).state == "cancelled"
+    with pytest.raises(Conflict):
+        jobs.cancel(job.id)
+    fresh, created4 = jobs.submit("retrieve", params, node="pacs")  # the old one is finished
+    assert created4 and fresh.id != job.id
+    assert jobs.retry(job.id).state == "queued"
+    with pytest.raises(Conflict):
+        jobs.retry(fresh.id)  # queued: nothing to retry
+    with pytest.raises(UnknownJob):
+        jobs.get("0" * 32)
+    with pytest.raises(Conflict):
+        jobs.delete_node("pacs")  # used by active jobs
+    listed, total = jobs.list(state="queued", node="pacs", limit=1)
+    assert total == 3 and len(listed) == 1
+
+
+def test_claim_heartbeat_and_takeover_of_a_dead_worker(jobs):
+    job, _ = jobs.submit("import", {"path": "x"})
+    assert jobs.claim(job.id, "w1").attempts == 1
+    assert jobs.claim(job.id, "w2", stale_after=60) is None  # w1 is alive
+    assert jobs.heartbeat(job.id, "w1")
+    time.sleep(0.05)
+    taken = jobs.claim(job.id, "w2", stale_after=0.01)  # w1 went silent
+    assert taken is not None and taken.worker == "w2" and taken.attempts == 2
+    assert not jobs.heartbeat(job.id, "w1")  # w1 learns it lost the job
+    jobs.set_series(job.id, [SeriesProgress("1.2.3", study_uid="1.2", expected=3)])
+    jobs.update_series(job.id, "1.2.3", received=3, indexed=2)
+    jobs.set_series(job.id, [SeriesProgress("1.2.3", study_uid="1.2", expected=4, received=3, indexed=3)])
+    got = jobs.get(job.id)
+    assert [(s.expected, s.received, s.indexed) for s in got.series] == [(4, 3, 3)]
+    assert got.totals["expected"] == 4
+    jobs.finish(job.id, "succeeded", result={"n": 1})
+    assert jobs.claim(job.id, "w3", stale_after=0) is None  # finished jobs are never run again
+
+
+@pytest.mark.parametrize("body, field", [
+    ([], "body"),
+    ({"kind": "steal"}, "kind"),
+    ({"kind": "retrieve", "node": "pacs", "query": {}}, "query"),
+    ({"kind": "retrieve", "node": "pacs", "query": {"PatientID": "x", "Evil": 1}}, "Evil"),
+    ({"kind": "retrieve", "node": "pacs", "query": {"StudyInstanceUID": "1.2' OR 1=1 --"}}, "StudyInstanceUID"),
+    ({"kind": "retrieve", "node": "pacs", "query": {"PatientID": "x", "min_study_date": "yesterday"}},
+     "min_study_date"),
+    ({"kind": "retrieve", "node": 3, "query": {"PatientID": "x"}}, "node"),
+    ({"kind": "push", "node": "dest", "selection": {"PatientID": ["a", "b"], "job": "x"}}, "selection"),
+    ({"kind": "push", "node": "dest", "selection": {"PatientID": "P*"}}, "selection.PatientID"),
+    ({"kind": "repack", "selection": {"PatientID": "P"}, "dest": "../../etc"}, "dest"),
+    ({"kind": "repack", "selection": {"PatientID": "P"}, "dest": "/etc"}, "dest"),
+    ({"kind": "import", "path": "a/../../b"}, "path"),
+    ({"kind": "import", "path": "a", "webhook": "file:///etc/passwd"}, "webhook"),
+    ({"kind": "import", "path": "a", "extra": True}, "extra"),
+])
+def test_job_requests_are_checked_field_by_field(body, field):
+    with pytest.raises(InvalidRequest) as info:
+        validate(body)
+    assert info.value.field == field
+
+
+def test_query_builds_the_find_identifier():
+    q = Query.from_dict({"PatientName": "DOE^*", "Modality": "CT", "min_study_date": "2020-01-01",
+                         "max_study_date": "20201231", "StudyInstanceUID": ["1.2.3", "1.2.4"],
+                         "include_fields": ["InstitutionName"]})
+    ds = q.to_dataset()
+    assert ds.QueryRetrieveLevel == "STUDY" and ds.StudyDate == "20200101-20201231"
+    assert ds.ModalitiesInStudy == "CT" and list(ds.StudyInstanceUID) == ["1.2.3", "1.2.4"]
+    assert "InstitutionName" in ds and ds.PatientName == "DOE^*"
+    assert q.to_dataset("series").Modality == "CT"
+    assert Query.from_dict(q.to_dict()) == q
+    with pytest.raises(InvalidRequest):
+        Query.from_dict({"PatientName": "*"})  # matches everything: refused
+    with pytest.raises(InvalidRequest):
+        Query.from_dict({"PatientID": "x", "include_fields": ["ReferencedSeriesSequence"]})
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Hook.received = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/done", _Hook.received
+    server.shutdown()
+
+
+def test_import_job_runs_reports_and_calls_its_webhook(ctx, jobs, tmp_path, webhook):
+    url, received = webhook
+    settings = ctx.settings.with_(import_root=tmp_path / "import")
+    ctx = ctx._replace(settings=settings)
+    batch = settings.import_root / "batch"
+    batch.mkdir(parents=True)
+    shutil.copy(TEST_FILES / "CT_small.dcm", batch)
+    make_instance(batch / "gen.dcm", PatientID="GEN")
+    (batch / "junk.dcm").write_bytes(b"not dicom at all" * 10)
+    kind, node, params, hook = validate({"kind": "import", "path": "batch", "webhook": url})
+    job, _ = jobs.submit(kind, params, node, hook)
+    done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "partial" and done.result["stored"] == 2
+    assert "junk.dcm" in done.result["rejected_files"][0]
+    assert ctx.index.count() == 2
+    assert [r["id"] for r in received] == [job.id] and received[0]["state"] == "partial"
+    assert runner.run_job(job.id, ctx, jobs) is None  # finished: not run twice
+
+
+def test_failed_job_keeps_its_reason_and_a_dead_webhook_does_not_fail_it(ctx, jobs, tmp_path):
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=tmp_path / "import"))
+    job, _ = jobs.submit("import", {"path": "missing"}, webhook="http://127.0.0.1:9/nothing-listens")
+    done = runner.run_job(job.id, ctx, jobs)
+    assert done.state == "failed" and "does not exist" in done.error
+    assert jobs.retry(job.id).state == "queued"
