@@ -83,6 +83,7 @@ jobs_table = Table(
     Column("worker", String(255), nullable=False, default=""),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False, index=True),
+    Column("enqueued_at", Float, nullable=True),
     Column("started_at", Float, nullable=True),
     Column("heartbeat_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
@@ -99,6 +100,35 @@ series_table = Table(
     *(Column(c, Integer, nullable=False, default=0) for c in COUNTERS),
     Column("state", String(16), nullable=False, default="queued"),
     Column("error", Text, nullable=False, default=""),
+)
+
+# Per-node limits shared by every worker (pacsbridge.shared.throttle): one row per held
+# association slot (a lease that expires if its holder dies), and the rate limiter's clock.
+node_leases_table = Table(
+    "pacsbridge_node_leases", metadata,
+    Column("node", String(64), primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+node_rates_table = Table(
+    "pacsbridge_node_rates", metadata,
+    Column("node", String(64), primary_key=True),
+    Column("next_at", Float, nullable=False),
+)
+
+# Series and studies seen arriving, and when they went quiet (pacsbridge.shared.stable).
+stable_table = Table(
+    "pacsbridge_stable", metadata,
+    Column("level", String(8), primary_key=True),          # "series" or "study"
+    Column("uid", String(64), primary_key=True),
+    Column("study_uid", String(64), nullable=False, default=""),
+    Column("patient_id", String(64), nullable=False, default=""),
+    Column("instances", Integer, nullable=False, default=0),
+    Column("last_arrival", Float, nullable=False),
+    Column("stable_at", Float, nullable=True, index=True),
 )
 
 
@@ -484,6 +514,39 @@ class JobStore:
 
     def series(self, job_id: str) -> list[SeriesProgress]:
         return self.get(job_id).series
+
+    def mark_enqueued(self, job_id: str) -> None:
+        """Remember that a ``run_job`` message for this job was just sent."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(enqueued_at=time.time()))
+
+    def forget_enqueued(self, job_id: str) -> None:
+        """The message could not be sent: let the next sweep take the job again."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(enqueued_at=None))
+
+    def due_for_enqueue(self, resend_after: float, stale_after: float) -> list[str]:
+        """Jobs whose message may be lost, each taken by one caller only.
+
+        Queued jobs never enqueued or not re-sent for ``resend_after`` seconds
+        (the broker was down at submit time, or restarted without persistence),
+        and running jobs whose heartbeat is older than ``stale_after`` (their
+        worker died). Their ``enqueued_at`` is set, so that several workers
+        sweeping at once send each job once.
+        """
+        now = time.time()
+        c = jobs_table.c
+        due = or_(and_(c.state == "queued", or_(c.enqueued_at.is_(None), c.enqueued_at < now - resend_after)),
+                  and_(c.state == "running", c.heartbeat_at < now - stale_after,
+                       or_(c.enqueued_at.is_(None), c.enqueued_at < now - stale_after)))
+        taken: list[str] = []
+        with self.engine.begin() as conn:
+            candidates = [r[0] for r in conn.execute(select(c.id).where(due).order_by(c.created_at).limit(1000))]
+            for job_id in candidates:
+                if conn.execute(update(jobs_table).where(and_(c.id == job_id, due))
+                                .values(enqueued_at=now)).rowcount == 1:
+                    taken.append(job_id)
+        return taken
 
     def active_jobs(self, kinds: Sequence[str] = KINDS) -> list[Job]:
         """Queued or running jobs (for a worker that resumes after a restart)."""
