@@ -38,11 +38,15 @@ class Orthanc:
 
     ``modalities``: ``{name: (AET, host, port)}``; these peers may C-FIND,
     C-MOVE and C-GET, and are the possible C-MOVE destinations.
+    ``extra_config``: more configuration keys (``{"LimitFindResults": 5}``).
+    Started again after :meth:`stop`, it keeps its ports and its storage.
     """
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC",
-                 modalities: Mapping[str, tuple[str, str, int]] | None = None) -> None:
+                 modalities: Mapping[str, tuple[str, str, int]] | None = None,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.extra_config = dict(extra_config or {})
         self.aet = aet
         self.modalities = dict(modalities or {})
         self.dicom_port = free_port()
@@ -62,6 +66,7 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "DicomScuTimeout": 10, "DicomAssociationCloseDelay": 0,
+            **self.extra_config,
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
