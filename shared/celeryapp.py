@@ -29,7 +29,11 @@ def broker_url(settings: Settings) -> str:
 def make_celery(settings: Settings | None = None) -> Celery:
     """A Celery app configured for pacsbridge."""
     settings = settings or load_settings()
-    app = Celery("pacsbridge", broker=broker_url(settings), include=["pacsbridge.worker.tasks"])
+    url = broker_url(settings)
+    app = Celery("pacsbridge", broker=url, include=["pacsbridge.worker.tasks"])
+    # Redis redelivers an unacknowledged message after visibility_timeout; kombu's
+    # SQLAlchemy transport passes transport options to create_engine and refuses it.
+    transport_options = {"visibility_timeout": 3600} if url.startswith(("redis", "rediss")) else {}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -38,7 +42,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
         task_default_queue="pacsbridge",
     )

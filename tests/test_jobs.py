@@ -177,3 +177,30 @@ def test_failed_job_keeps_its_reason_and_a_dead_webhook_does_not_fail_it(ctx, jo
     done = runner.run_job(job.id, ctx, jobs)
     assert done.state == "failed" and "does not exist" in done.error
     assert jobs.retry(job.id).state == "queued"
+
+
+def test_a_job_whose_message_was_lost_is_swept_into_the_queue_and_run(tmp_path):
+    """A job row with no message (broker down at submit, or a Redis restart emptied the queue)
+    is found by the worker's sweeper and run: the embedded broker and a real worker process."""
+    from pacsbridge.shared.context import open_context
+
+    from .test_listener import Stack
+
+    stack = Stack(tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+                  PACSBRIDGE_SWEEP_SECONDS="0.5", PACSBRIDGE_IMPORT_ROOT=str(tmp_path / "import"))
+    (tmp_path / "import" / "b").mkdir(parents=True)
+    make_instance(tmp_path / "import" / "b" / "one.dcm")
+    ctx = open_context(stack.settings)
+    ctx.index.create()
+    jobs = JobStore(ctx.index.engine)
+    job, _ = jobs.submit("import", {"path": "b"})  # never enqueued
+    stack.start("worker", "--concurrency", "1")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and jobs.get(job.id).state in ("queued", "running"):
+            time.sleep(0.3)
+        assert jobs.get(job.id).state == "succeeded", (stack.logs / "worker-0.log").read_text()[-3000:]
+        assert ctx.index.count() == 1
+    finally:
+        stack.close()
+        ctx.index.engine.dispose()

@@ -1,25 +1,78 @@
-"""``pacsbridge worker``: a Celery worker with pacsbridge's tasks."""
+"""``pacsbridge worker``: a Celery worker with pacsbridge's tasks, and the job sweeper."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import threading
 
 from pacsbridge.shared.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two sweeps for jobs whose message may be lost.
+SWEEP_SECONDS = float(os.environ.get("PACSBRIDGE_SWEEP_SECONDS", "30"))
+#: A queued job is re-sent when its last message is this old (duplicates are harmless: claims are atomic).
+RESEND_SECONDS = float(os.environ.get("PACSBRIDGE_JOB_RESEND_SECONDS", "300"))
+
+
+def sweep_once(settings: Settings, app: object) -> list[str]:
+    """Send ``run_job`` for queued jobs never (or long ago) enqueued and for running jobs of dead workers."""
+    from pacsbridge.shared.celeryapp import RUN_JOB_TASK
+    from pacsbridge.shared.db import make_engine
+    from pacsbridge.shared.jobs import JobStore
+    from pacsbridge.shared.runner import HEARTBEAT_SECONDS
+
+    jobs = JobStore(_engine(settings.database_url, make_engine))
+    jobs.create()
+    sent = []
+    for job_id in jobs.due_for_enqueue(RESEND_SECONDS, HEARTBEAT_SECONDS * 4):
+        try:
+            app.send_task(RUN_JOB_TASK, [job_id])  # type: ignore[attr-defined]
+            sent.append(job_id)
+        except Exception as exc:  # broker down: the next sweep tries again
+            log.warning("job %s: could not enqueue (%s); will retry", job_id, exc)
+            jobs.forget_enqueued(job_id)
+    if sent:
+        log.info("sweeper: enqueued %d job(s) whose message may have been lost", len(sent))
+    return sent
+
+
+_engines: dict[str, object] = {}
+
+
+def _engine(url: str, make: object) -> object:
+    if url not in _engines:
+        _engines[url] = make(url)  # type: ignore[operator]
+    return _engines[url]
+
+
+def _sweeper(settings: Settings, app: object, stop: threading.Event) -> None:
+    while not stop.wait(SWEEP_SECONDS):
+        try:
+            sweep_once(settings, app)
+        except Exception:  # database outage: sweep again later
+            log.warning("sweeper: sweep failed", exc_info=True)
 
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run a worker in this process until it is stopped."""
-    from .app import make_celery
+    from pacsbridge.shared.celeryapp import make_celery
 
     # tasks read their settings from the environment: pass on what the command line changed
     os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
     os.environ["PACSBRIDGE_STORAGE"] = str(settings.storage)
 
     app = make_celery(settings)
+    stop = threading.Event()
+    threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
     concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
         or os.cpu_count() or 1
     argv = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", "pacsbridge", "--without-gossip",
             "--without-mingle"]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        stop.set()
     return 0
