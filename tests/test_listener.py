@@ -376,3 +376,35 @@ def test_chunked_mode_stores_and_indexes(tmp_path):
         assert [p for p in (root / ".incoming").iterdir()] == []
     finally:
         stack.close()
+
+
+def test_configured_nodes_may_store_from_their_own_address(tmp_path):
+    """A PACS registered as a node sends C-MOVE sub-operations as its own AE: allowed, from its host."""
+    from pacsbridge.listener.peers import parse_peers, with_nodes
+    from pacsbridge.shared.jobs import JobStore, Node
+
+    peers = with_nodes(parse_peers("SENDER"), [("PACS", "127.0.0.1"), ("GHOST", "no-such-host.invalid")])
+    assert peers.allows("PACS", "127.0.0.1") and not peers.allows("PACS", "10.0.0.9")
+    assert not peers.allows("GHOST", "127.0.0.1") and peers.allows("SENDER", "10.0.0.9")
+
+    stack = Stack(tmp_path, PACSBRIDGE_ALLOWED_PEERS="SENDER", PACSBRIDGE_PEERS_REFRESH_SECONDS="0.3")
+    ctx = open_context(stack.settings)
+    ctx.index.create()
+    stack.start("listener")
+    stack.start("worker", "--concurrency", "1")
+    try:
+        make_instance(tmp_path / "a.dcm")
+        assert storescu(stack.port, tmp_path / "a.dcm", aet="NEWPACS").returncode != 0  # not yet a node
+        JobStore(ctx.index.engine).add_node(Node.from_dict(
+            {"name": "newpacs", "ae_title": "NEWPACS", "host": "127.0.0.1", "port": 104}))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            proc = storescu(stack.port, tmp_path / "a.dcm", aet="NEWPACS")
+            if proc.returncode == 0:
+                break
+            time.sleep(0.3)
+        assert proc.returncode == 0, proc.stderr
+        assert len(indexed_sops(stack.settings, 1)) == 1
+    finally:
+        stack.close()
+        ctx.index.engine.dispose()

@@ -1,4 +1,4 @@
-"""Which DICOM peers may store to us: ``PACSBRIDGE_ALLOWED_PEERS``.
+"""Which DICOM peers may store to us: ``PACSBRIDGE_ALLOWED_PEERS`` and the configured nodes.
 
 A comma-separated list of ``AETITLE`` or ``AETITLE@address`` where the
 address is an IP or a network (``10.1.2.0/24``); ``*`` alone allows every
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from pacsbridge.shared.errors import ConfigError
 
-__all__ = ["Peers", "parse_peers"]
+__all__ = ["Peers", "parse_peers", "with_nodes"]
 
 
 class Peers(NamedTuple):
@@ -64,4 +64,26 @@ def parse_peers(text: str) -> Peers:
                 nets.append(ipaddress.ip_network(addr.strip(), strict=False))
             except ValueError:
                 raise ConfigError(f"PACSBRIDGE_ALLOWED_PEERS: bad address in {item!r}") from None
+    return Peers(False, rules)
+
+
+def with_nodes(peers: Peers, nodes: list[tuple[str, str]]) -> Peers:
+    """``peers`` plus each node's ``(AE title, host)``: a PACS we retrieve from sends its
+    C-MOVE sub-operations as that AE, from that host (names resolved to addresses here).
+    A node whose host does not resolve is left out, with a warning."""
+    import logging
+    import socket
+
+    if peers.any_peer:
+        return peers
+    rules = {ae: list(nets) for ae, nets in peers.rules.items()}
+    for ae, host in nodes:
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        except OSError as exc:
+            logging.getLogger(__name__).warning("node %s@%s left out of the allowed peers: %s", ae, host, exc)
+            continue
+        nets = rules.setdefault(ae.strip(), [])
+        if nets or ae.strip() not in peers.rules:  # an AE allowed from anywhere stays so
+            nets.extend(ipaddress.ip_network(a) for a in sorted(addresses))
     return Peers(False, rules)

@@ -74,16 +74,20 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
-def _server_class(peers: Any, shared: socket.socket | None) -> Any:
+def _server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
     from pynetdicom.transport import ThreadedAssociationServer
 
     class Server(ThreadedAssociationServer):
         """Accepts on a listening socket shared by all receiver processes; refuses unknown addresses.
 
+        ``peers`` is replaced when the nodes table changes (see :func:`_refresh_peers`).
+
         The kernel hands each new connection to one process waiting in accept(), so
         associations spread over idle receivers (SO_REUSEPORT would hash them instead,
         and 4 connections often land 3 + 1 + 0 + 0).
         """
+
+        peers: Any = initial_peers
 
         def server_bind(self) -> None:
             if shared is not None:
@@ -99,7 +103,7 @@ def _server_class(peers: Any, shared: socket.socket | None) -> Any:
                 super().server_activate()
 
         def verify_request(self, request: Any, client_address: Any) -> bool:
-            if peers.address_known(client_address[0]):
+            if self.peers.address_known(client_address[0]):
                 return True
             log.warning("connection refused: %s is not the address of an allowed peer", client_address[0])
             return False
@@ -158,11 +162,52 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
+    stop = threading.Event()
+    threading.Thread(target=_refresh_peers, args=(settings, peers, (handlers, server, ae), stop),
+                     name="peers", daemon=True).start()
     try:
         server.serve_forever()
     finally:
+        stop.set()
         server.server_close()
         batcher.close()
+
+
+#: Seconds between two reads of the nodes table for allowed peers.
+PEERS_REFRESH_SECONDS = _env_float("PACSBRIDGE_PEERS_REFRESH_SECONDS", 30)
+
+
+def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any], stop: threading.Event) -> None:
+    """Allow the configured nodes too, re-reading them every ``PEERS_REFRESH_SECONDS``.
+
+    A database outage keeps the last known list (and the static one from the start).
+    """
+    from pacsbridge.shared.db import make_engine
+    from pacsbridge.shared.jobs import JobStore
+
+    from .peers import with_nodes
+
+    handlers, server, ae = holders
+    engine = make_engine(settings.database_url)
+    current = None
+    try:
+        while True:
+            try:
+                nodes = [(n.ae_title, n.host) for n in JobStore(engine).list_nodes()]
+            except Exception as exc:  # tables not created yet, or database down
+                log.debug("peers: nodes not read (%s)", exc)
+                nodes = None
+            if nodes is not None:
+                merged = with_nodes(static, nodes)
+                if merged != current:
+                    current = merged
+                    handlers.peers = server.peers = merged
+                    if not merged.any_peer:
+                        ae.require_calling_aet = merged.ae_titles() or ["\x7fNOBODY"[:16]]
+            if stop.wait(PEERS_REFRESH_SECONDS):
+                return
+    finally:
+        engine.dispose()
 
 
 def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
