@@ -181,6 +181,23 @@ def cmd_service(args: argparse.Namespace) -> int:
     return int(run(args.settings, args) or 0)
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    """Run the HTTP API with werkzeug's development server (production: gunicorn)."""
+    from werkzeug.serving import run_simple
+
+    from pacsbridge.api import create_app
+
+    if args.verbose == 0:
+        logging.getLogger("pacsbridge").setLevel(logging.INFO)
+    settings = args.settings
+    host = args.host or settings.api_host
+    port = args.port or settings.api_port
+    app = create_app({"SETTINGS": settings})
+    err.print(f"pacsbridge API on http://{host}:{port}/api/v1 (OpenAPI: /api/v1/openapi.json, health: /healthz)")
+    run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
+    return EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -258,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--concurrency", type=int, default=None, help="worker processes")
         p.set_defaults(func=cmd_service)
+    p = sub.add_parser("api", help="run the HTTP API (development server)",
+                       description="Run the HTTP API with a development server; in production use "
+                                   "gunicorn 'pacsbridge.api:create_app()'.")
+    p.add_argument("--host", help="address to listen on (PACSBRIDGE_API_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (PACSBRIDGE_API_PORT, default 8080)")
+    p.set_defaults(func=cmd_api)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""``/api/v1/patients|studies|series|instances``: browse the Conquest index.
+
+Items are the index rows, keyed by DICOM keyword (``PatientName``, not
+Conquest's ``PatientNam``; a ``dicom.sql`` name when the tag has no keyword),
+ordered by their key. Every column of a level is a filter, by keyword:
+
+- exact match (``?PatientID=PAT1``, ``?Modality=CT``);
+- text columns take ``*`` and ``?`` wildcards, case-insensitive (``?PatientName=smith*``);
+- UID columns take UIDs only (digits and dots, anything else is a 400);
+- date columns take a DICOM range: ``20240101``, ``20240101-20241231``, ``20240101-``, ``-20241231``.
+
+Besides: ``studies?Modality=CT`` matches a modality among the study's (StudyModality,
+``CT\\RTSTRUCT``); ``instances?StudyInstanceUID=`` goes through the series table.
+Paging: ``limit`` (1..1000, default 100), ``offset``; the answer has ``total``.
+Values are always bound parameters: a quote or SQL in a filter is just text that
+matches nothing.
+
+``GET /instances/{sop}/file`` sends the stored file (``application/dicom``), after
+checking that its path, links resolved, is inside the storage root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, request, send_file
+from pydicom.datadict import keyword_for_tag
+from sqlalchemy import and_, func, or_, select
+from werkzeug.security import safe_join
+
+from pacsbridge.shared.errors import InvalidRequest, NotFound, UnsafePath
+from pacsbridge.shared.index import Index
+
+from .params import check_known, paging
+from .state import state
+
+__all__ = ["bp", "RESOURCES", "FILTERS"]
+
+bp = Blueprint("browse", __name__)
+
+#: URL resource -> index level.
+RESOURCES = {"patients": "Patient", "studies": "Study", "series": "Series", "instances": "Image"}
+
+#: Filters listed in the OpenAPI document (with the shipped dicom.sql every column works).
+FILTERS = {
+    "patients": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"),
+    "studies": ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber", "StudyDate",
+                "StudyDescription", "Modality"),
+    "series": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription",
+               "SeriesDate", "SeriesNumber"),
+    "instances": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"),
+}
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE_RANGE = re.compile(r"^(?P<lo>[0-9]{8})?(?P<dash>-)?(?P<hi>[0-9]{8})?$")
+_MODALITY = re.compile(r"^[A-Z0-9 _]{1,16}$")
+_STUDY_MODALITY, _STUDY_UID = 0x00080061, 0x0020000D
+
+
+def _keyword(col: Any) -> str:
+    return keyword_for_tag(col.tag) or col.name
+
+
+def _level_columns(index: Index, level: str) -> dict[str, Any]:
+    """``{keyword: dicom.sql Column}`` of one level."""
+    out: dict[str, Any] = {}
+    for col in index.schema[level].columns:
+        out.setdefault(_keyword(col), col)
+    return out
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def _condition(column: Any, col: Any, name: str, value: str) -> Any:
+    """The WHERE clause for one filter on one dicom.sql column."""
+    if col.dicom_type == "DT_UI":
+        if len(value) > 64 or not _UID.match(value):
+            raise InvalidRequest(f"{value[:80]!r} is not a DICOM UID (digits and dots)", name)
+        return column == value
+    if col.sql_type == "SQL_C_DATE" or col.dicom_type == "DT_DATE":
+        m = _DATE_RANGE.match(value)
+        if not m or not (m["lo"] or m["hi"]) or (m["lo"] and m["hi"] and not m["dash"]):
+            raise InvalidRequest("a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD, YYYYMMDD-, -YYYYMMDD", name)
+        if not m["dash"]:
+            return column == m["lo"]
+        parts = []
+        if m["lo"]:
+            parts.append(column >= m["lo"])
+        if m["hi"]:
+            parts.append(column <= m["hi"])
+        return and_(*parts)
+    if len(value) > col.length or re.search(r"[\x00-\x1f\x7f\\]", value):
+        raise InvalidRequest(f"at most {col.length} printable characters, no backslash", name)
+    if "*" in value or "?" in value:
+        pattern = _escape_like(value).replace("*", "%").replace("?", "_")
+        return column.ilike(pattern, escape="!")
+    return column == value
+
+
+def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
+    level = RESOURCES[resource]
+    st = state()
+    index = st.ctx.index
+    table = index.tables[level]
+    cols = _level_columns(index, level)
+    extra: set[str] = set()
+    if level == "Study":
+        extra.add("Modality")
+    if level == "Image":
+        extra.add("StudyInstanceUID")
+    allowed = set(cols) | extra | {"limit", "offset"}
+    if single_key is None:
+        check_known(allowed)
+    else:
+        check_known(())
+    limit, offset = paging()
+    key = index.schema[level].key.column
+    conditions = []
+    joins = table
+    filters = {} if single_key is not None else {k: v for k, v in request.args.items()
+                                                     if k not in ("limit", "offset") and v != ""}
+    if single_key is not None:
+        filters[_keyword(index.schema[level].key)] = single_key
+    for name, value in filters.items():
+        if name in cols:
+            col = cols[name]
+            if level == "Study" and name == "Modality":
+                pass  # Study has no Modality column in the shipped dicom.sql; see below
+            else:
+                conditions.append(_condition(table.c[col.column], col, name, value))
+                continue
+        if level == "Study" and name == "Modality":
+            sm = index.schema["Study"].by_tag(_STUDY_MODALITY)
+            if sm is None:
+                raise InvalidRequest("this dicom.sql has no StudyModality column", name)
+            if not _MODALITY.match(value):
+                raise InvalidRequest(f"{value[:80]!r} is not a modality code (e.g. CT, MR)", name)
+            c, v = table.c[sm.column], _escape_like(value)
+            conditions.append(or_(c == value, c.like(f"{v}\\%", escape="!"), c.like(f"%\\{v}", escape="!"),
+                                  c.like(f"%\\{v}\\%", escape="!")))
+        elif level == "Image" and name == "StudyInstanceUID":
+            series = index.tables["Series"]
+            skey = index.schema["Series"].key.column
+            slink = index.schema["Series"].parent
+            ilink = index.schema["Image"].parent
+            assert slink is not None and ilink is not None
+            joins = table.join(series, series.c[skey] == table.c[ilink.column])
+            conditions.append(_condition(series.c[slink.column], slink, name, value))
+    where = and_(*conditions) if conditions else None
+    columns = [table.c[c.column].label(k) for k, c in cols.items()]
+    stmt = select(*columns).select_from(joins)
+    count = select(func.count()).select_from(joins)
+    if where is not None:
+        stmt, count = stmt.where(where), count.where(where)
+    stmt = stmt.order_by(table.c[key]).limit(limit).offset(offset)
+    with index.engine.connect() as conn:
+        total = int(conn.execute(count).scalar_one())
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    key_kw = _keyword(index.schema[level].key)
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, str):
+                row[k] = v.rstrip() if k != key_kw else v
+        if level == "Image":
+            row["file"] = f"/api/v1/instances/{row[key_kw]}/file"
+        if level != "Patient":
+            row["path"] = f"/api/v1/{resource}/{row[key_kw]}"
+    return {"items": rows, "total": total, "limit": limit, "offset": offset}
+
+
+def _one(resource: str, uid: str) -> dict[str, Any]:
+    out = _list(resource, single_key=uid)
+    if not out["items"]:
+        raise NotFound(f"no {resource.rstrip('s') if resource != 'series' else 'series'} {uid!r} in the index")
+    return out["items"][0]  # type: ignore[no-any-return]
+
+
+@bp.get("/patients")
+def patients() -> dict[str, Any]:
+    return _list("patients")
+
+
+@bp.get("/studies")
+def studies() -> dict[str, Any]:
+    return _list("studies")
+
+
+@bp.get("/studies/<uid>")
+def study(uid: str) -> dict[str, Any]:
+    return _one("studies", uid)
+
+
+@bp.get("/series")
+def series_list() -> dict[str, Any]:
+    return _list("series")
+
+
+@bp.get("/series/<uid>")
+def series_one(uid: str) -> dict[str, Any]:
+    return _one("series", uid)
+
+
+@bp.get("/instances")
+def instances() -> dict[str, Any]:
+    return _list("instances")
+
+
+@bp.get("/instances/<uid>")
+def instance(uid: str) -> dict[str, Any]:
+    return _one("instances", uid)
+
+
+@bp.get("/instances/<uid>/file")
+def instance_file(uid: str) -> Response:
+    """The stored file as it was received (``application/dicom``)."""
+    check_known(())
+    if len(uid) > 64 or not _UID.match(uid):
+        raise InvalidRequest(f"{uid[:80]!r} is not a DICOM UID (digits and dots)", "sop")
+    st = state()
+    found = st.ctx.index.lookup_sop([uid])
+    if uid not in found:
+        raise NotFound(f"no instance {uid!r} in the index")
+    relpath, device = found[uid]
+    if device != "MAG0" or not relpath:
+        raise NotFound(f"instance {uid!r} is indexed outside the storage root ({device}); not served")
+    root = st.ctx.storage.root
+    joined = safe_join(str(root), relpath)
+    if joined is None:
+        raise NotFound(f"instance {uid!r}: its indexed path is not inside the storage root; not served")
+    try:
+        path = st.ctx.storage.absolute(relpath)
+    except UnsafePath:
+        raise NotFound(f"instance {uid!r}: its indexed path is not inside the storage root; not served") from None
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real_root not in real.parents:
+        raise NotFound(f"instance {uid!r}: its file resolves outside the storage root; not served")
+    if not real.is_file():
+        raise NotFound(f"instance {uid!r}: the file is gone from storage (run `pacsbridge rebuild --prune`)")
+    return send_file(real, mimetype="application/dicom", as_attachment=True, download_name=f"{uid}.dcm",
+                     conditional=True, etag=True, max_age=0)

@@ -1,0 +1,78 @@
+"""``/healthz`` and ``/metrics``: no token needed.
+
+``/healthz`` checks three things and reports each (``ok``, ``seconds``, ``error``):
+
+- ``database``: ``SELECT 1`` on the index. Required.
+- ``broker``: a connection to the Celery broker (2 s timeout). Required: without
+  it jobs are accepted but wait.
+- ``listener``: a TCP connection to the DICOM listener (``PACSBRIDGE_LISTENER_HOST``,
+  ``0.0.0.0`` meaning this machine, and ``_PORT``; 2 s). Reported only: the API
+  works without it.
+
+200 with ``"status": "ok"`` when every required check passed, else 503 with
+``"status": "failing"``; the body lists every check either way.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+from flask import Blueprint, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pacsbridge.shared.index import ping
+
+from .auth import requires
+from .state import state
+
+__all__ = ["bp"]
+
+bp = Blueprint("health", __name__)
+
+TIMEOUT = 2.0
+
+
+def _timed(check: Callable[[], Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        check()
+        return {"ok": True, "seconds": round(time.perf_counter() - t0, 4)}
+    except Exception as exc:
+        return {"ok": False, "seconds": round(time.perf_counter() - t0, 4),
+                "error": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]}
+
+
+def _broker() -> None:
+    with state().celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT)
+
+
+def _listener() -> None:
+    settings = state().settings
+    host = settings.listener_host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    with socket.create_connection((host, settings.listener_port), timeout=TIMEOUT):
+        pass
+
+
+@bp.get("/healthz")
+@requires("public")
+def healthz() -> tuple[dict[str, Any], int]:
+    checks = {
+        "database": _timed(lambda: ping(state().jobs.engine)),
+        "broker": _timed(_broker),
+        "listener": _timed(_listener),
+    }
+    checks["listener"]["required"] = False
+    ok = checks["database"]["ok"] and checks["broker"]["ok"]
+    return {"status": "ok" if ok else "failing", "checks": checks}, 200 if ok else 503
+
+
+@bp.get("/metrics")
+@requires("public")
+def metrics() -> Response:
+    registry = current_app.extensions["pacsbridge_metrics"]
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

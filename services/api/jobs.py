@@ -1,0 +1,93 @@
+"""``/api/v1/jobs``: submit, list, read, cancel and retry jobs (rows of ``pacsbridge_jobs``).
+
+``POST /jobs`` validates the body (:func:`pacsbridge.shared.jobspec.validate`),
+writes a queued row and sends its id to the workers. It answers
+
+- ``202 {"id", "path", "state", "created": true, "enqueued": ...}`` for a new job;
+- ``200`` with ``"created": false`` and the existing job when an equal job (same
+  kind, node and parameters) is still queued or running: nothing is pulled twice.
+
+``enqueued`` is false when the broker could not be reached; the row stays
+``queued`` (the workers' sweeper sends it later). Submitting, cancelling and
+retrying need role ``user``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+
+from pacsbridge.shared import jobspec
+from pacsbridge.shared.errors import InvalidRequest
+from pacsbridge.shared.jobs import KINDS, STATES, Job
+
+from .auth import requires
+from .params import check_known, json_object, paging, since_arg
+from .state import state
+
+__all__ = ["bp"]
+
+bp = Blueprint("jobs", __name__)
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    return job.to_dict(with_series=False)
+
+
+@bp.post("/jobs")
+@requires("user")
+def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
+    check_known(())
+    kind, node, params, webhook = jobspec.validate(json_object())
+    st = state()
+    job, created = st.jobs.submit(kind, params, node, webhook)
+    enqueued = st.enqueue(job) if created else None
+    body = {"id": job.id, "path": f"/api/v1/jobs/{job.id}", "state": job.state, "created": created,
+            "enqueued": enqueued, "job": _summary(job)}
+    return body, 202 if created else 200, {"Location": body["path"]}
+
+
+@bp.get("/jobs")
+def list_jobs() -> dict[str, Any]:
+    check_known(("state", "kind", "node", "since", "limit", "offset"))
+    from flask import request
+
+    state_, kind, node = (request.args.get(k) or None for k in ("state", "kind", "node"))
+    if state_ is not None and state_ not in STATES:
+        raise InvalidRequest(f"expected one of {', '.join(STATES)}", "state")
+    if node is not None and len(node) > 64:
+        raise InvalidRequest("a node name has at most 64 characters", "node")
+    if kind is not None and kind not in KINDS:
+        raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
+    since = since_arg()
+    limit, offset = paging()
+    jobs, total = state().jobs.list(state=state_, kind=kind, node=node, since=since, limit=limit, offset=offset)
+    return {"items": [_summary(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> dict[str, Any]:
+    """The job with per-series progress (``series``), ``totals`` and its error."""
+    check_known(())
+    return state().jobs.get(job_id).to_dict()
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@requires("user")
+def cancel(job_id: str) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one is asked to stop (``cancel_requested``)."""
+    check_known(())
+    return state().jobs.cancel(job_id).to_dict()
+
+
+@bp.post("/jobs/<job_id>/retry")
+@requires("user")
+def retry(job_id: str) -> tuple[dict[str, Any], int]:
+    """Queue a failed, partial or cancelled job again and send it to the workers."""
+    check_known(())
+    st = state()
+    job = st.jobs.retry(job_id)
+    out = job.to_dict()
+    out["enqueued"] = st.enqueue(job)
+    return out, 202

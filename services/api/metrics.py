@@ -1,0 +1,77 @@
+"""Prometheus metrics of the API (served by :mod:`.health` at ``/metrics``).
+
+- ``pacsbridge_api_requests_total{method,route,status}``
+- ``pacsbridge_api_request_seconds{method,route}`` (histogram)
+- ``pacsbridge_jobs{state}``: jobs per state, counted in the database at scrape time
+
+``route`` is the URL rule (``/api/v1/jobs/<job_id>``), never the raw path, so
+the label set stays small. Each app has its own registry (one per process
+under gunicorn: each worker reports its own requests; the job gauge is the
+same everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from pacsbridge.shared.jobs import STATES, jobs_table
+
+__all__ = ["init_app"]
+
+log = logging.getLogger(__name__)
+
+
+class JobsCollector(Collector):
+    """Jobs by state, read from the jobs table when scraped."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("pacsbridge_jobs", "Jobs per state (counted at scrape time)", labels=["state"])
+        counts = dict.fromkeys(STATES, 0)
+        try:
+            engine = self.app.extensions["pacsbridge"].jobs.engine
+            with engine.connect() as conn:
+                for state, n in conn.execute(select(jobs_table.c.state, func.count()).group_by(jobs_table.c.state)):
+                    counts[state] = int(n)
+        except Exception as exc:  # the database being down must not break the scrape
+            log.warning("metrics: cannot count jobs: %s", exc)
+            return
+        for state, n in counts.items():
+            gauge.add_metric([state], n)
+        yield gauge
+
+
+def init_app(app: Flask) -> None:
+    registry = CollectorRegistry()
+    requests = Counter("pacsbridge_api_requests_total", "HTTP requests answered", ["method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("pacsbridge_api_request_seconds", "Time to answer an HTTP request", ["method", "route"],
+                        registry=registry)
+    registry.register(JobsCollector(app))
+    app.extensions["pacsbridge_metrics"] = registry
+
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    # before authenticate(), so a refused request is still timed
+    app.before_request_funcs.setdefault(None, []).insert(0, app.before_request_funcs[None].pop())

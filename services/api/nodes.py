@@ -1,0 +1,119 @@
+"""``/api/v1/nodes``: DICOM peers kept in the database, C-ECHO and C-FIND through them.
+
+Reading needs role ``read``; echo and query ``user`` (they talk to the PACS);
+creating, changing and deleting nodes ``admin``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response
+
+from pacsbridge.shared.errors import Conflict, InvalidRequest
+from pacsbridge.shared.jobs import Node
+from pacsbridge.shared.query import Query
+
+from .auth import requires
+from .params import check_known, json_object
+from .state import state
+
+__all__ = ["bp", "MAX_FIND_RESULTS"]
+
+bp = Blueprint("nodes", __name__)
+
+#: The most C-FIND answers one query returns (the answer says when it was cut).
+MAX_FIND_RESULTS = 10000
+
+
+def _path(name: str) -> str:
+    return f"/api/v1/nodes/{name}"
+
+
+def _out(node: Node) -> dict[str, Any]:
+    return {**node.to_dict(), "path": _path(node.name)}
+
+
+@bp.get("/nodes")
+def list_nodes() -> dict[str, Any]:
+    check_known(())
+    nodes = state().jobs.list_nodes()
+    return {"items": [_out(n) for n in nodes], "total": len(nodes)}
+
+
+@bp.post("/nodes")
+@requires("admin")
+def create_node() -> tuple[dict[str, Any], int, dict[str, str]]:
+    check_known(())
+    node = state().jobs.add_node(Node.from_dict(json_object()))
+    return _out(node), 201, {"Location": _path(node.name)}
+
+
+@bp.get("/nodes/<name>")
+def get_node(name: str) -> dict[str, Any]:
+    check_known(())
+    return _out(state().jobs.get_node(name))
+
+
+@bp.put("/nodes/<name>")
+@requires("admin")
+def replace_node(name: str) -> dict[str, Any]:
+    """Replace every field (fields left out take their defaults); the name cannot change."""
+    check_known(())
+    body = json_object()
+    if "name" in body and body["name"] != name:
+        raise InvalidRequest("a node cannot be renamed; delete it and create another", "name")
+    jobs = state().jobs
+    jobs.get_node(name)  # 404 before 400s about the body
+    node = Node.from_dict({**body, "name": name})
+    return _out(jobs.update_node(name, node.to_dict()))
+
+
+@bp.patch("/nodes/<name>")
+@requires("admin")
+def update_node(name: str) -> dict[str, Any]:
+    """Change the fields given, keep the others."""
+    check_known(())
+    body = json_object()
+    jobs = state().jobs
+    jobs.get_node(name)
+    return _out(jobs.update_node(name, body))
+
+
+@bp.delete("/nodes/<name>")
+@requires("admin")
+def delete_node(name: str) -> Response:
+    check_known(())
+    state().jobs.delete_node(name)
+    return Response(status=204)
+
+
+@bp.post("/nodes/<name>/echo")
+@requires("user")
+def echo(name: str) -> dict[str, Any]:
+    """C-ECHO the node; a failure is a 502 with the reason."""
+    from pacsbridge.shared import dimse
+
+    check_known(())
+    st = state()
+    node = st.jobs.get_node(name)
+    seconds = dimse.echo(node, calling_ae=st.settings.ae_title)
+    return {"node": name, "ok": True, "seconds": round(seconds, 4), "checked_at": time.time()}
+
+
+@bp.post("/nodes/<name>/query")
+@requires("user")
+def query(name: str) -> dict[str, Any]:
+    """C-FIND on the node at the level of the body's query (default ``study``)."""
+    from pacsbridge.shared import dimse
+
+    check_known(())
+    st = state()
+    node = st.jobs.get_node(name)
+    q = Query.from_dict(json_object())
+    if not node.allow_find:
+        raise Conflict(f"node {name!r} does not allow C-FIND (allow_find is false)")
+    results = dimse.find(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
+    return {"node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
+            "truncated": len(results) >= MAX_FIND_RESULTS, "results": results}
