@@ -1,0 +1,297 @@
+"""Push jobs against real peers: Orthanc, in-process pynetdicom SCPs that refuse or fail, a real worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+
+from pacsbridge.shared import push as pushmod
+from pacsbridge.shared import runner
+from pacsbridge.shared.context import open_context
+from pacsbridge.shared.importer import Importer
+from pacsbridge.shared.jobs import JobStore, Node
+from pacsbridge.shared.jobspec import validate
+
+from .helpers import TEST_FILES, make_instance
+from .orthanc import Orthanc, free_port
+
+#: pydicom's bundled files in several transfer syntaxes
+MIXED = ["CT_small.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm",
+         "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "MR_small_jp2klossless.dcm",
+         "MR_small_RLE.dcm", "SC_rgb_rle.dcm", "rtdose_rle_1frame.dcm"]
+
+
+@pytest.fixture
+def pctx(settings):
+    context = open_context(settings)
+    context.index.create()
+    context.storage.ensure()
+    yield context
+    context.index.engine.dispose()
+
+
+@pytest.fixture
+def jobs(pctx) -> JobStore:
+    return JobStore(pctx.index.engine)
+
+
+def study_from(folder: Path, names, patient: str = "PUSH1", generated: int = 0) -> str:
+    """Copies of bundled files (and generated CT) made one study with fresh UIDs; pixel data untouched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    for i, name in enumerate(names):
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = patient
+        ds.save_as(folder / f"{i:02d}-{name}", enforce_file_format=True)
+    series = generate_uid()
+    for i in range(generated):
+        make_instance(folder / f"ct{i:03d}.dcm", rows=64, PatientID=patient, StudyInstanceUID=study,
+                      SeriesInstanceUID=series, InstanceNumber=i + 1,
+                      PixelData=np.random.default_rng(i).integers(0, 4095, 64 * 64, dtype=np.uint16).tobytes())
+    return study
+
+
+def load(ctx, folder: Path) -> int:
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([folder])
+    assert not report.rejected, report.rejected
+    return report.stored
+
+
+def submit(jobs, node: str, selection) -> str:
+    kind, node_name, params, hook = validate({"kind": "push", "node": node, "selection": selection})
+    return jobs.submit(kind, params, node_name, hook)[0].id
+
+
+def stored_files(ctx) -> dict[str, bytes]:
+    """SOP UID -> bytes of our stored file."""
+    out = {}
+    for sop, obj in ctx.index.run_sql("select SOPInstanc, ObjectFile from DICOMImages")[1]:
+        out[sop] = ctx.storage.absolute(obj).read_bytes()
+    return out
+
+
+def _pixels(data: bytes) -> tuple[str, bytes]:
+    from io import BytesIO
+    ds = pydicom.dcmread(BytesIO(data))
+    return str(ds.file_meta.TransferSyntaxUID), ds.PixelData
+
+
+class RecordingSCP:
+    """A pynetdicom C-STORE SCP in this process (a real peer on a real port).
+
+    ``syntaxes``: the transfer syntaxes it accepts; ``status(ds) -> int`` decides each answer.
+    """
+
+    def __init__(self, syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian), status=lambda ds: 0x0000):
+        self.port = free_port()
+        self.received: dict[str, list] = {}
+        self.status = status
+        self.lock = threading.Lock()
+        ae = AE(ae_title="STRICT")
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, list(syntaxes))
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self.lock:
+            self.received.setdefault(ds.SOPInstanceUID, []).append(ds)
+        return self.status(ds)
+
+    def node(self, name: str = "strict", **kw) -> Node:
+        return Node(name=name, ae_title="STRICT", host="127.0.0.1", port=self.port, **kw)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def scp_factory():
+    made = []
+
+    def make(**kw):
+        scp = RecordingSCP(**kw)
+        made.append(scp)
+        return scp
+
+    yield make
+    for scp in made:
+        scp.close()
+
+
+# -- Orthanc ---------------------------------------------------------------------
+def test_push_a_mixed_study_to_orthanc_arrives_identical(pctx, jobs, tmp_path):
+    study = study_from(tmp_path / "in", MIXED, generated=20)
+    assert load(pctx, tmp_path / "in") == len(MIXED) + 20
+    ours = stored_files(pctx)
+    with Orthanc(tmp_path / "orthanc") as dest:
+        jobs.add_node(Node("orthanc", dest.aet, "127.0.0.1", dest.dicom_port, max_associations=3))
+        job = runner.run_job(submit(jobs, "orthanc", {"StudyInstanceUID": [study]}), pctx, jobs)
+        assert job.state == "succeeded", (job.error, job.result)
+        assert job.result["acknowledged"] == len(ours) and job.result["decompressed"] == 0
+        assert dest.instance_count() == len(ours)
+        for sop, data in ours.items():
+            (found,) = dest.request("POST", "/tools/lookup", sop.encode(), "text/plain")
+            theirs = dest.get(f"/instances/{found['ID']}/file")
+            # same transfer syntax (sent as stored, never transcoded) and the same pixel data bytes
+            assert _pixels(theirs) == _pixels(data), sop
+        series = jobs.get(job.id).series
+        assert len(series) == len(MIXED) + 1
+        assert all(s.pushed == s.expected and s.failed == 0 and s.state == "succeeded" for s in series)
+        # a second push of the same job is not needed; a new job sends again and Orthanc keeps one copy
+        again = runner.run_job(submit(jobs, "orthanc", {"PatientID": ["PUSH1"]}), pctx, jobs)
+        assert again.state == "succeeded" and dest.instance_count() == len(ours)
+
+
+# -- a peer that refuses compressed syntaxes ------------------------------------
+def test_refused_compressed_syntaxes_fall_back_to_decompressed(pctx, jobs, tmp_path, scp_factory):
+    names = ["MR_small_RLE.dcm", "SC_rgb_rle.dcm", "rtdose_rle_1frame.dcm", "CT_small.dcm",
+             "MR_small_implicit.dcm", "SC_rgb_jpeg_dcmtk.dcm"]
+    study = study_from(tmp_path / "in", names)
+    load(pctx, tmp_path / "in")
+    originals = {}
+    for f in (tmp_path / "in").iterdir():
+        ds = pydicom.dcmread(f)
+        originals[ds.SOPInstanceUID] = (f.name.split("-", 1)[1], ds)
+    scp = scp_factory()  # explicit and implicit little endian only
+    jobs.add_node(scp.node(max_associations=2))
+    job = runner.run_job(submit(jobs, "strict", {"StudyInstanceUID": study}), pctx, jobs)
+
+    jpeg_ok = get_decoder(JPEGBaseline8Bit).is_available
+    jpeg_sop = next(s for s, (n, _) in originals.items() if n == "SC_rgb_jpeg_dcmtk.dcm")
+    for sop, (name, ds) in originals.items():
+        if sop == jpeg_sop and not jpeg_ok:
+            assert sop not in scp.received
+            continue
+        (got,) = scp.received[sop]
+        assert got.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        assert got.SOPInstanceUID == sop  # decompressing kept the instance UID
+        assert np.array_equal(got.pixel_array, ds.pixel_array), name
+    assert job.result["decompressed"] == 3 + int(jpeg_ok)
+    if jpeg_ok:  # pragma: no cover - depends on an optional decoder
+        assert job.state == "succeeded"
+    else:  # this machine has no JPEG decoder: reported, with the reason, never dropped
+        assert job.state == "partial"
+        (failure,) = job.result["failures"]
+        assert failure["sop"] == jpeg_sop and "cannot be decompressed" in failure["error"]
+        assert "JPEG Baseline" in failure["error"]
+        row = {s.series_uid: s for s in jobs.get(job.id).series}[originals[jpeg_sop][1].SeriesInstanceUID]
+        assert (row.pushed, row.failed, row.state) == (0, 1, "failed") and "decompressed" in row.error
+
+
+# -- failure statuses, retry --------------------------------------------------------
+def test_failure_statuses_make_a_partial_job_and_retry_resends_only_those(pctx, jobs, tmp_path, scp_factory):
+    series = generate_uid()
+    sops = []
+    for i in range(8):
+        ds = make_instance(tmp_path / "in" / f"{i}.dcm", SeriesInstanceUID=series, InstanceNumber=i + 1)
+        sops.append(ds.SOPInstanceUID)
+    load(pctx, tmp_path / "in")
+    refuse = set(sops[1::3])
+    scp = scp_factory(status=lambda ds: 0xA700 if ds.SOPInstanceUID in refuse else 0x0000)
+    jobs.add_node(scp.node(max_associations=2))
+    job_id = submit(jobs, "strict", {"SeriesInstanceUID": [series]})
+    job = runner.run_job(job_id, pctx, jobs)
+    assert job.state == "partial", job.error
+    assert {f["sop"] for f in job.result["failures"]} == refuse
+    assert {f["status"] for f in job.result["failures"]} == {"0xA700"}
+    assert "0xA700" in job.error
+    (row,) = jobs.get(job_id).series
+    assert (row.expected, row.pushed, row.failed, row.state) == (8, 8 - len(refuse), len(refuse), "partial")
+    assert pushmod.acknowledged(pctx.index.engine, job_id) == set(sops) - refuse
+
+    refuse.clear()  # the peer has room again
+    jobs.retry(job_id)
+    again = runner.run_job(job_id, pctx, jobs)
+    assert again.state == "succeeded", again.error
+    assert again.result["sent"] == 3 and again.result["already_acknowledged"] == 5
+    # acknowledged instances were not sent twice; the refused ones twice
+    assert {s: len(v) for s, v in scp.received.items()} == {s: 2 if s in sops[1::3] else 1 for s in sops}
+    (row,) = jobs.get(job_id).series
+    assert (row.pushed, row.failed, row.state) == (8, 0, "succeeded")
+
+
+# -- the destination is down, or not a push target -------------------------------
+def test_destination_down_or_not_allowed_fails_clearly_and_changes_nothing(pctx, jobs, tmp_path):
+    study_from(tmp_path / "in", ["CT_small.dcm", "MR_small.dcm"])
+    load(pctx, tmp_path / "in")
+    before = {p: p.stat().st_mtime_ns for p in pctx.storage.root.rglob("*") if p.is_file()}
+    rows = pctx.index.run_sql("select SOPInstanc, ObjectFile from DICOMImages order by SOPInstanc")[1]
+    jobs.add_node(Node("down", "NOBODY", "127.0.0.1", free_port(), max_associations=2))
+    jobs.add_node(Node("readonly", "RO", "127.0.0.1", free_port(), allow_store=False))
+    started = time.monotonic()
+    job = runner.run_job(submit(jobs, "down", {"PatientID": "PUSH1"}), pctx, jobs)
+    assert time.monotonic() - started < 30
+    assert job.state == "failed" and "unreachable" in job.error and "down" in job.error
+    assert job.result["failed"] == 2 and job.result["acknowledged"] == 0
+    assert all(s.state == "failed" and s.failed == 1 for s in jobs.get(job.id).series)
+    ro = runner.run_job(submit(jobs, "readonly", {"PatientID": "PUSH1"}), pctx, jobs)
+    assert ro.state == "failed" and "allow_store is false" in ro.error
+    nothing = runner.run_job(submit(jobs, "down", {"PatientID": "nobody"}), pctx, jobs)
+    assert nothing.state == "failed" and "no stored instance" in nothing.error
+    after = {p: p.stat().st_mtime_ns for p in pctx.storage.root.rglob("*") if p.is_file()}
+    assert after == before
+    assert pctx.index.run_sql("select SOPInstanc, ObjectFile from DICOMImages order by SOPInstanc")[1] == rows
+
+
+def test_a_file_missing_from_storage_is_reported_not_skipped(pctx, jobs, tmp_path, scp_factory):
+    series = generate_uid()
+    items = [make_instance(tmp_path / "in" / f"{i}.dcm", SeriesInstanceUID=series) for i in range(3)]
+    load(pctx, tmp_path / "in")
+    obj, _ = pctx.index.lookup_sop([items[0].SOPInstanceUID])[items[0].SOPInstanceUID]
+    pctx.storage.absolute(obj).unlink()
+    scp = scp_factory()
+    jobs.add_node(scp.node())
+    job = runner.run_job(submit(jobs, "strict", {"SeriesInstanceUID": series}), pctx, jobs)
+    assert job.state == "partial"
+    assert [f["sop"] for f in job.result["failures"]] == [items[0].SOPInstanceUID]
+    assert "cannot read" in job.result["failures"][0]["error"]
+    assert set(scp.received) == {d.SOPInstanceUID for d in items[1:]}
+
+
+# -- through the real worker process ------------------------------------------------
+def test_push_job_runs_in_the_real_worker(tmp_path):
+    from pacsbridge.shared.celeryapp import RUN_JOB_TASK, make_celery
+
+    from .test_listener import Stack
+
+    stack = Stack(tmp_path)
+    ctx = open_context(stack.settings)
+    ctx.index.create()
+    ctx.storage.ensure()
+    study = study_from(tmp_path / "in", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"], generated=10)
+    load(ctx, tmp_path / "in")
+    jobs = JobStore(ctx.index.engine)
+    try:
+        with Orthanc(tmp_path / "orthanc") as dest:
+            jobs.add_node(Node("orthanc", dest.aet, "127.0.0.1", dest.dicom_port, max_associations=2))
+            job_id = submit(jobs, "orthanc", {"StudyInstanceUID": [study]})
+            stack.start("worker", "--concurrency", "1")
+            app = make_celery(stack.settings.with_(broker_url=stack.env["PACSBRIDGE_BROKER_URL"]))
+            app.send_task(RUN_JOB_TASK, [job_id])
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and jobs.get(job_id).state in ("queued", "running"):
+                time.sleep(0.3)
+            job = jobs.get(job_id)
+            assert job.state == "succeeded", (job.error, (stack.logs / "worker-0.log").read_text()[-3000:])
+            assert job.result["acknowledged"] == 13 and dest.instance_count() == 13
+            assert job.worker.split(":")[-1] != str(os.getpid())  # run by the worker process
+    finally:
+        stack.close()
+        ctx.index.engine.dispose()
