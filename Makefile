@@ -54,3 +54,19 @@ bench-ingest: debs services install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Deployment (docker-compose.yml). compose-config validates it, alone and with the podman override,
+# with Debian's docker-compose 1.29 (installed if missing; placeholder values for the three required
+# settings). compose-test runs it for real with podman-compose and checks that instances sent with
+# DCMTK get indexed (deploy/compose_test.py: needs root; installs podman & co. from Debian if missing).
+.PHONY: compose-config compose-test
+COMPOSE_CHECK_ENV := POSTGRES_PASSWORD=config-check PACSBRIDGE_API_TOKENS=check:config-check PACSBRIDGE_ALLOWED_PEERS=CHECK
+
+compose-config:
+	@command -v docker-compose >/dev/null || { apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
+	$(COMPOSE_CHECK_ENV) docker-compose -f docker-compose.yml config -q
+	$(COMPOSE_CHECK_ENV) docker-compose -f docker-compose.yml -f compose.podman.yml config -q
+
+compose-test: install
+	$(PY) deploy/compose_test.py

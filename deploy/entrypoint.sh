@@ -14,8 +14,11 @@ if [ "${PACSBRIDGE_INIT_DB:-0}" = "1" ]; then
     deadline=$(( $(date +%s) + timeout ))
     tries=0
     while :; do
-        pacsbridge init && break
+        # `pacsbridge init` prints the database URL, password included: mask it (COLUMNS: one line)
+        out=$(COLUMNS=1000 pacsbridge init 2>&1)
         rc=$?
+        [ -n "$out" ] && printf '%s\n' "$out" | sed -E 's#(://[^:/@[:space:]]*:)[^@[:space:]]*@#\1***@#g' >&2
+        [ "$rc" -eq 0 ] && break
         tries=$((tries + 1))
         if [ "$rc" -eq 2 ]; then
             echo "pacsbridge-entrypoint: configuration error (see above); not starting $*" >&2
