@@ -56,6 +56,20 @@ def _sweeper(settings: Settings, app: object, stop: threading.Event) -> None:
             log.warning("sweeper: sweep failed", exc_info=True)
 
 
+def _stable_checker(settings: Settings, stop: threading.Event) -> None:
+    """Mark series/studies stable (no new arrival for PACSBRIDGE_STABLE_SECONDS); see shared/stable.py."""
+    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.stable import check
+
+    ctx = open_context(settings)
+    while not stop.wait(max(1.0, settings.stable_seconds / 4)):
+        try:
+            for level, uid in check(ctx.index, settings.stable_seconds):
+                log.info("stable %s %s", level, uid)
+        except Exception:  # database outage: check again later
+            log.warning("stable check failed", exc_info=True)
+
+
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run a worker in this process until it is stopped."""
     from pacsbridge.shared.celeryapp import make_celery
@@ -67,6 +81,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     app = make_celery(settings)
     stop = threading.Event()
     threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
+    threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
     concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
         or os.cpu_count() or 1
     argv = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", "pacsbridge", "--without-gossip",

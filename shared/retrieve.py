@@ -1,0 +1,546 @@
+"""The ``retrieve`` job: find what a query matches on a node, pull it, wait until it is indexed.
+
+Built the dicomtrolley way: the job talks to its source through two small
+interfaces, so that QIDO-RS / WADO-RS sources slot in without touching jobs,
+progress or the API:
+
+* a :class:`Searcher` (query model in; studies, series, instances out), here
+  :class:`DimseSearcher` (C-FIND, Study Root);
+* a :class:`Downloader` (series, or SOP UIDs of a series, in; instances into
+  our storage out), here :class:`MoveDownloader` (C-MOVE to our own listener,
+  which stores, and the workers index) and :class:`GetDownloader` (C-GET
+  stored straight into storage through ``ctx.storage`` and indexed here).
+
+What the job does (params: ``{"query": Query.to_dict(), "mode"?: "move"|"get"}``):
+
+1. C-FIND at study level, then series level (``NumberOfSeriesRelatedInstances``;
+   an IMAGE-level C-FIND where the PACS gives no count). A study answer the
+   PACS cut short (its cancel/warning status, or :data:`FIND_LIMIT` reached) is
+   asked again over each half of the date range, recursively (pacsanini's
+   approach), instead of silently losing studies.
+2. One row per series (expected, received, indexed). Series already complete
+   in the index are skipped: re-running the job (a retry, or another worker
+   after a crash) never pulls twice what is indexed.
+3. Series by series: the whole series, or at IMAGE level only the SOP UIDs
+   still missing. Each association holds a :class:`~.throttle.NodeSlots`
+   lease; the :class:`~.throttle.RateLimiter` is charged per instance (C-GET:
+   as each arrives; C-MOVE: the series' expected count before moving it).
+   Outside the node's move window the job *waits* (beating, checking
+   ``cancel``) rather than re-queueing itself: its row says why it waits.
+4. C-MOVE: wait until the listener and workers have indexed the series
+   (poll the index; give up after :data:`WAIT_SECONDS` without progress).
+   Missing instances are pulled again at IMAGE level by SOP UID, at most
+   :data:`REPULLS` times.
+5. End state: ``succeeded`` (everything expected is indexed), ``partial``
+   (series rows say which series miss how many and why; the job error sums
+   it up) or ``failed`` (nothing matched, or nothing could be pulled).
+   C-MOVE/C-GET sub-operation counts are kept in the job result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Iterable, Protocol, Sequence
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import StoragePresentationContexts, build_role, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove)
+from sqlalchemy import select
+
+from .context import Context
+from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
+from .errors import DimseError, InvalidDataset, InvalidRequest, PacsbridgeError, StorageError
+from .index import Index
+from .jobs import Job, JobStore, Node, SeriesProgress
+from .query import Query
+from .records import read_header
+from .runner import Outcome, worker_id
+from .throttle import NodeSlots, RateLimiter, SlotTimeout, in_window, seconds_until_window
+
+__all__ = ["run", "Searcher", "Downloader", "SeriesRef", "Transfer", "DimseSearcher",
+           "MoveDownloader", "GetDownloader", "FIND_LIMIT", "WAIT_SECONDS", "REPULLS"]
+
+log = logging.getLogger(__name__)
+
+#: A C-FIND answer with this many studies is taken as cut short by the PACS (0: rely on its status).
+FIND_LIMIT = int(os.environ.get("PACSBRIDGE_FIND_LIMIT", "0"))
+#: C-MOVE: give up waiting for the index after this many seconds without a new indexed instance.
+WAIT_SECONDS = float(os.environ.get("PACSBRIDGE_RETRIEVE_WAIT_SECONDS", "120"))
+#: How many times missing instances of a series are pulled again at IMAGE level.
+REPULLS = int(os.environ.get("PACSBRIDGE_RETRIEVE_REPULLS", "2"))
+#: Timeout of each association's requests (seconds).
+DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
+#: How long a job waits for a free association slot of its node before failing the series.
+SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
+#: The earliest StudyDate assumed when a truncated query without dates has to be split.
+EARLIEST = dt.date(1900, 1, 1)
+
+
+# -- what a source gives ------------------------------------------------------
+@dataclasses.dataclass
+class SeriesRef:
+    """A series on the source, with how many instances it should have (None: unknown)."""
+
+    study_uid: str
+    series_uid: str
+    patient_id: str = ""
+    modality: str = ""
+    description: str = ""
+    expected: int | None = None
+    sops: tuple[str, ...] | None = None  # only these instances (an IMAGE-level query)
+
+
+@dataclasses.dataclass
+class Transfer:
+    """What one download did: sub-operation counts, SOP UIDs stored here, why it stopped short."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    stored: list[str] = dataclasses.field(default_factory=list)
+    error: str = ""
+
+
+class Searcher(Protocol):
+    """Query model in; studies, series and instances out (C-FIND now, QIDO-RS later)."""
+
+    def studies(self, query: Query) -> list[dict[str, Any]]: ...
+
+    def series(self, query: Query, study: dict[str, Any]) -> list[SeriesRef]: ...
+
+    def instances(self, series: SeriesRef) -> list[str]: ...
+
+
+class Downloader(Protocol):
+    """References in; instances into our storage and index (C-MOVE / C-GET now, WADO-RS later)."""
+
+    #: True when :meth:`fetch` indexes what it stored before returning (no waiting on workers).
+    indexes_itself: bool
+
+    def fetch(self, series: SeriesRef, sops: Sequence[str] | None,
+              cancel: threading.Event) -> Transfer: ...
+
+
+# -- DIMSE searcher -------------------------------------------------------------
+class DimseSearcher:
+    """C-FIND (Study Root) against a node, each association under a :class:`NodeSlots` lease."""
+
+    def __init__(self, node: Node, calling_ae: str, slots: NodeSlots | None = None,
+                 find_limit: int = FIND_LIMIT, timeout: float = DIMSE_TIMEOUT) -> None:
+        self.node = node
+        self.calling_ae = calling_ae
+        self.slots = slots
+        self.find_limit = find_limit
+        self.timeout = timeout
+        self.splits = 0
+
+    def _find(self, query: Query, level: str, identifier: Dataset | None = None) -> Any:
+        if self.slots is None:
+            return find_all(self.node, query, self.calling_ae, level, timeout=self.timeout,
+                            identifier=identifier)
+        with self.slots.acquire(timeout=SLOT_WAIT):
+            return find_all(self.node, query, self.calling_ae, level, timeout=self.timeout,
+                            identifier=identifier)
+
+    def studies(self, query: Query) -> list[dict[str, Any]]:
+        """Matching studies; a range the PACS cut short is split in halves until it is not."""
+        study_query = query.replace(level="study", SeriesInstanceUID=(), SOPInstanceUID=())
+        if study_query.is_empty():  # only series/instance UIDs given: the series level finds them
+            return [{}]
+        found = self._find(study_query, "study")
+        truncated = found.truncated or (self.find_limit and len(found) >= self.find_limit)
+        if not truncated:
+            return list(found)
+        lo = query.min_study_date or EARLIEST
+        hi = query.max_study_date or dt.date.today()
+        if lo >= hi:
+            raise DimseError(f"node {self.node.name!r} cuts the study list short even for the single day "
+                             f"{lo:%Y-%m-%d} ({len(found)} answers); narrow the query")
+        mid = lo + (hi - lo) // 2
+        self.splits += 1
+        log.info("node %s: C-FIND cut short (%d answers, status %s): splitting %s..%s at %s",
+                 self.node.name, len(found), describe_status(found.status), lo, hi, mid)
+        out: dict[str, dict[str, Any]] = {}
+        for part in (query.replace(min_study_date=lo, max_study_date=mid),
+                     query.replace(min_study_date=mid + dt.timedelta(days=1), max_study_date=hi)):
+            for study in self.studies(part):
+                out.setdefault(study.get("StudyInstanceUID") or "", study)
+        return list(out.values())
+
+    def series(self, query: Query, study: dict[str, Any]) -> list[SeriesRef]:
+        """The series of one study (or, for ``{}``, those the query names) with their counts."""
+        uid = study.get("StudyInstanceUID")
+        q = Query(level="series", PatientID=query.PatientID if not uid else "",
+                  StudyInstanceUID=(uid,) if uid else query.StudyInstanceUID,
+                  SeriesInstanceUID=query.SeriesInstanceUID, Modality=query.Modality)
+        out = []
+        for s in self._find(q, "series"):
+            count = s.get("NumberOfSeriesRelatedInstances")
+            ref = SeriesRef(study_uid=s.get("StudyInstanceUID") or uid or "",
+                            series_uid=s.get("SeriesInstanceUID") or "",
+                            patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
+                            modality=str(s.get("Modality") or ""),
+                            description=str(s.get("SeriesDescription") or "")[:64],
+                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None)
+            if not ref.series_uid:
+                continue
+            if query.SOPInstanceUID:
+                ref.sops = tuple(self.instances(ref, query.SOPInstanceUID))
+                ref.expected = len(ref.sops)
+                if not ref.sops:
+                    continue
+            elif ref.expected is None:
+                ref.expected = len(self.instances(ref))
+            out.append(ref)
+        return out
+
+    def instances(self, series: SeriesRef, only: Sequence[str] = ()) -> list[str]:
+        """SOP Instance UIDs of a series (IMAGE-level C-FIND), optionally among ``only``."""
+        q = Query(level="image", StudyInstanceUID=(series.study_uid,) if series.study_uid else (),
+                  SeriesInstanceUID=(series.series_uid,), SOPInstanceUID=tuple(only))
+        return [str(i["SOPInstanceUID"]) for i in self._find(q, "image") if i.get("SOPInstanceUID")]
+
+    def plan(self, query: Query) -> list[SeriesRef]:
+        """Every series the query matches."""
+        seen: dict[str, SeriesRef] = {}
+        for study in self.studies(query):
+            for ref in self.series(query, study):
+                seen.setdefault(ref.series_uid, ref)
+        return list(seen.values())
+
+
+# -- DIMSE downloaders -----------------------------------------------------------
+def _identifier(series: SeriesRef, sops: Sequence[str] | None) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE" if sops else "SERIES"
+    ds.StudyInstanceUID = series.study_uid
+    ds.SeriesInstanceUID = series.series_uid
+    if sops:
+        ds.SOPInstanceUID = list(sops) if len(sops) > 1 else sops[0]
+    return ds
+
+
+def _count(status: Dataset, transfer: Transfer) -> None:
+    for attr, name in (("completed", "NumberOfCompletedSuboperations"),
+                       ("failed", "NumberOfFailedSuboperations"),
+                       ("warning", "NumberOfWarningSuboperations")):
+        value = status.get(name)
+        if value is not None and value != "":
+            setattr(transfer, attr, int(value))
+
+
+def _run_retrieve(node: Node, assoc: Any, responses: Iterable[Any], what: str, transfer: Transfer,
+                  cancel: threading.Event, model: str) -> None:
+    cancelled = False
+    for status, _ in responses:
+        if not status or "Status" not in status:
+            transfer.error = str(lost(node, assoc, what, DIMSE_TIMEOUT))
+            return
+        code = int(status.Status)
+        _count(status, transfer)
+        if code in PENDING:
+            if cancel.is_set() and not cancelled:
+                cancelled = True
+                assoc.send_c_cancel(1, query_model=model)
+            continue
+        if code == STATUS_CANCEL:
+            transfer.error = "cancelled"
+        elif code != 0 and not (0xB000 <= code <= 0xBFFF):
+            comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+            transfer.error = f"{what} failed with status {describe_status(code)}{comment}"
+        elif code != 0:
+            transfer.error = f"{what} ended with warning {describe_status(code)} ({transfer.failed} failed)"
+
+
+class MoveDownloader:
+    """C-MOVE a series (or some of its instances) to our listener's AE; the workers index them."""
+
+    indexes_itself = False
+
+    def __init__(self, node: Node, calling_ae: str, destination: str, slots: NodeSlots | None = None,
+                 rate: RateLimiter | None = None) -> None:
+        self.node = node
+        self.calling_ae = calling_ae
+        self.destination = destination
+        self.slots = slots
+        self.rate = rate
+
+    def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
+        transfer = Transfer()
+        if self.rate is not None:
+            self.rate.wait(len(sops) if sops else (series.expected or 1), cancel=cancel)
+        model = StudyRootQueryRetrieveInformationModelMove
+        try:
+            with _slot(self.slots, cancel):
+                with associate(self.node, self.calling_ae, [build_context(model)],
+                               timeout=DIMSE_TIMEOUT) as assoc:
+                    responses = assoc.send_c_move(_identifier(series, sops), self.destination, model)
+                    _run_retrieve(self.node, assoc, responses, "C-MOVE", transfer, cancel, model)
+        except (DimseError, SlotTimeout) as exc:
+            transfer.error = str(exc)
+        return transfer
+
+
+class GetDownloader:
+    """C-GET a series (or some instances) into ``ctx.storage``, indexing what arrived."""
+
+    indexes_itself = True
+
+    def __init__(self, node: Node, calling_ae: str, ctx: Context, slots: NodeSlots | None = None,
+                 rate: RateLimiter | None = None) -> None:
+        self.node = node
+        self.calling_ae = calling_ae
+        self.ctx = ctx
+        self.slots = slots
+        self.rate = rate
+        from pydicom.datadict import tag_for_keyword
+
+        self.tags = {t for t in (tag_for_keyword(k) for k in ctx.storage.template.keywords()) if t}
+        model = StudyRootQueryRetrieveInformationModelGet
+        storage = [cx.abstract_syntax for cx in StoragePresentationContexts][:127]
+        syntaxes = [str(s) for s in AllTransferSyntaxes]
+        self.contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in storage]
+        self.roles = [build_role(uid, scp_role=True) for uid in storage]
+
+    def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
+        from .importer import Importer
+
+        transfer = Transfer()
+        stored: list[tuple[str, str]] = []  # (relpath, sop)
+        assoc_id = uuid.uuid4().hex
+        problems: list[str] = []
+
+        def on_store(event: Any) -> int:
+            if self.rate is not None:
+                self.rate.wait(1, cancel=cancel)
+            sop = str(event.request.AffectedSOPInstanceUID)
+            try:
+                data = event.encoded_dataset()
+                header = read_header(data, f"C-GET {sop}", self.tags)
+                result = self.ctx.storage.store(data, header)
+            except InvalidDataset as exc:
+                problems.append(f"{sop}: {exc.reason}")
+                return 0xC210
+            except (StorageError, OSError) as exc:
+                problems.append(f"{sop}: {exc}")
+                return 0xA700
+            stored.append((result.relpath, sop))
+            return 0x0000
+
+        model = StudyRootQueryRetrieveInformationModelGet
+        try:
+            with _slot(self.slots, cancel):
+                with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
+                               ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+                    responses = assoc.send_c_get(_identifier(series, sops), model)
+                    _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
+        except (DimseError, SlotTimeout) as exc:
+            transfer.error = str(exc)
+        if problems and not transfer.error:
+            transfer.error = f"{len(problems)} instance(s) not stored: {problems[0]}"
+        if stored:
+            now = time.time()
+            report = Importer(self.ctx.index, self.ctx.storage, workers=1).reindex_files(
+                [r for r, _ in stored], [[self.node.ae_title, assoc_id, now]] * len(stored))
+            for path, reason in report.rejected:
+                log.warning("C-GET from %s: not indexed: %s: %s", self.node.name, path, reason)
+        transfer.stored = [s for _, s in stored]
+        return transfer
+
+
+class _slot:
+    """``with _slot(slots, cancel):`` holds a lease when there are slots, else nothing."""
+
+    def __init__(self, slots: NodeSlots | None, cancel: threading.Event) -> None:
+        self.cm = slots.acquire(timeout=SLOT_WAIT, cancel=cancel) if slots is not None else None
+
+    def __enter__(self) -> None:
+        if self.cm is not None:
+            self.cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
+
+
+# -- the job ---------------------------------------------------------------------
+def indexed_sops(index: Index, series_uid: str) -> set[str]:
+    """SOP Instance UIDs of a series that the index holds."""
+    img = index.tables["Image"]
+    key = index.schema["Image"].key.column
+    link = index.schema["Image"].parent.column  # type: ignore[union-attr]
+    with index.engine.connect() as conn:
+        return {r[0] for r in conn.execute(select(img.c[key]).where(img.c[link] == series_uid))}
+
+
+def _wanted(ref: SeriesRef, have: set[str]) -> int:
+    """How many of the expected instances the index holds."""
+    if ref.sops is not None:
+        return len(have & set(ref.sops))
+    return len(have)
+
+
+def _wait_window(node: Node, jobs: JobStore, job: Job, cancel: threading.Event) -> bool:
+    """Wait until the node's move window opens; False if cancelled meanwhile."""
+    while not in_window(node):
+        delay = seconds_until_window(node)
+        log.info("job %s: node %s allows moves %s only; waiting %.0f s", job.id, node.name,
+                 node.move_window, delay)
+        if cancel.wait(min(delay, 30.0)):
+            return False
+    return not cancel.is_set()
+
+
+def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outcome:
+    """Run a ``retrieve`` job (see the module docstring)."""
+    started = time.monotonic()
+    if not job.node:
+        raise InvalidRequest("a retrieve job needs a node", "node")
+    node = jobs.get_node(job.node)
+    query = Query.from_dict(job.params.get("query", {}))
+    mode = job.params.get("mode") or node.retrieve
+    if not node.allow_find:
+        raise InvalidRequest(f"node {node.name!r} does not allow C-FIND", "node")
+    if mode == "move" and not node.allow_move:
+        raise InvalidRequest(f"node {node.name!r} does not allow C-MOVE; try mode 'get'", "mode")
+    if mode == "get" and not node.allow_get:
+        raise InvalidRequest(f"node {node.name!r} does not allow C-GET; try mode 'move'", "mode")
+    calling_ae = ctx.settings.ae_title
+    engine = ctx.index.engine
+    slots = NodeSlots(engine, node, f"{worker_id()}/{job.id[:8]}")
+    rate = RateLimiter(engine, node)
+    searcher = DimseSearcher(node, calling_ae, slots)
+    downloader: Downloader
+    if mode == "get":
+        downloader = GetDownloader(node, calling_ae, ctx, slots, rate)
+    else:
+        downloader = MoveDownloader(node, calling_ae, node.move_destination or calling_ae, slots, rate)
+
+    plan = searcher.plan(query)
+    result: dict[str, Any] = {"mode": mode, "series": len(plan), "splits": searcher.splits,
+                              "suboperations": {"completed": 0, "failed": 0, "warning": 0},
+                              "repulls": 0, "skipped_complete": 0}
+    if not plan:
+        return Outcome("failed", f"nothing on node {node.name!r} matches the query", result)
+    previous = {s.series_uid: s for s in jobs.series(job.id)}
+    rows = []
+    for ref in plan:
+        have = _wanted(ref, indexed_sops(ctx.index, ref.series_uid))
+        done = have >= (ref.expected or 0)
+        rows.append(SeriesProgress(series_uid=ref.series_uid, study_uid=ref.study_uid, patient_id=ref.patient_id[:64],
+                                   modality=ref.modality[:16], description=ref.description,
+                                   expected=ref.expected or 0, received=have, indexed=have,
+                                   failed=0, state="done" if done else "queued",
+                                   error="" if done else (previous.get(ref.series_uid).error
+                                                          if ref.series_uid in previous else "")))
+    jobs.set_series(job.id, rows)
+    result["expected"] = sum(r.expected for r in rows)
+
+    for ref, row in zip(plan, rows):
+        if row.state == "done":
+            result["skipped_complete"] += 1
+            continue
+        if cancel.is_set():
+            break
+        if mode == "move" and not _wait_window(node, jobs, job, cancel):
+            break
+        _pull_series(ref, row, ctx, jobs, job, searcher, downloader, cancel, result)
+
+    rows = jobs.series(job.id)
+    missing = [r for r in rows if r.indexed < r.expected]
+    result["indexed"] = sum(r.indexed for r in rows)
+    result["missing"] = sum(r.expected - r.indexed for r in missing)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    if cancel.is_set():
+        return Outcome("cancelled", "cancelled by request", result)
+    if not missing:
+        return Outcome("succeeded", "", result)
+    summary = "; ".join(f"series {r.series_uid}: {r.expected - r.indexed} of {r.expected} missing"
+                        f" ({r.error or 'not received'})" for r in missing[:5])
+    more = f"; and {len(missing) - 5} more series" if len(missing) > 5 else ""
+    state = "partial" if result["indexed"] else "failed"
+    return Outcome(state, f"{len(missing)} of {len(rows)} series incomplete: {summary}{more}", result)
+
+
+def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobStore, job: Job,
+                 searcher: DimseSearcher, downloader: Downloader, cancel: threading.Event,
+                 result: dict[str, Any]) -> None:
+    """Pull one series until it is indexed, re-pulling missing instances a bounded number of times."""
+    expected = ref.expected or 0
+    have = indexed_sops(ctx.index, ref.series_uid)
+    jobs.update_series(job.id, ref.series_uid, state="running", error="")
+    error = ""
+    received = _wanted(ref, have)
+    for attempt in range(REPULLS + 1):
+        if cancel.is_set():
+            break
+        sops: Sequence[str] | None = ref.sops
+        if attempt > 0 or have:
+            try:
+                on_source = ref.sops if ref.sops is not None else searcher.instances(ref)
+            except (DimseError, SlotTimeout) as exc:
+                error = str(exc)
+                break
+            sops = [s for s in on_source if s not in have]
+            if not sops:
+                break
+            if attempt > 0:
+                result["repulls"] += 1
+        before = _wanted(ref, have)
+        transfer = downloader.fetch(ref, sops, cancel)
+        for k in ("completed", "failed", "warning"):
+            result["suboperations"][k] += getattr(transfer, k)
+        received = max(received, min(expected, before + transfer.completed + transfer.warning))
+        if downloader.indexes_itself:
+            have = indexed_sops(ctx.index, ref.series_uid)
+        else:
+            have = _wait_indexed(ctx.index, ref, expected, jobs, job, cancel, received)
+        error = transfer.error
+        jobs.update_series(job.id, ref.series_uid, received=max(received, _wanted(ref, have)),
+                           indexed=_wanted(ref, have), failed=transfer.failed)
+        if _wanted(ref, have) >= expected:
+            error = ""
+            break
+        if transfer.error and not transfer.completed and attempt == 0 and "cancelled" in transfer.error:
+            break
+    indexed = _wanted(ref, have)
+    if indexed >= expected:
+        jobs.update_series(job.id, ref.series_uid, state="done", error="", indexed=indexed,
+                           received=max(received, indexed))
+    elif cancel.is_set():
+        jobs.update_series(job.id, ref.series_uid, state="cancelled", error="cancelled by request")
+    else:
+        why = error or "the source answered success but did not send them"
+        jobs.update_series(job.id, ref.series_uid, state="partial",
+                           error=f"{expected - indexed} of {expected} instances missing after "
+                                 f"{REPULLS} re-pull(s): {why}"[:2000])
+
+
+def _wait_indexed(index: Index, ref: SeriesRef, expected: int, jobs: JobStore, job: Job,
+                  cancel: threading.Event, received: int) -> set[str]:
+    """Poll the index until the series is complete, or nothing new arrives for WAIT_SECONDS."""
+    have = indexed_sops(index, ref.series_uid)
+    last, last_change = _wanted(ref, have), time.monotonic()
+    while _wanted(ref, have) < expected and not cancel.is_set():
+        if time.monotonic() - last_change > WAIT_SECONDS:
+            break
+        # what the PACS said it delivered is durably in our storage; give the workers time
+        if _wanted(ref, have) >= received and time.monotonic() - last_change > min(WAIT_SECONDS, 5.0):
+            break
+        cancel.wait(0.3)
+        have = indexed_sops(index, ref.series_uid)
+        n = _wanted(ref, have)
+        if n != last:
+            last, last_change = n, time.monotonic()
+            jobs.update_series(job.id, ref.series_uid, indexed=n, received=max(received, n))
+    return have

@@ -1,0 +1,319 @@
+"""Retrieve jobs against a real Orthanc (the hospital PACS) into a real listener + worker.
+
+Orthanc holds generated CT (3 series of one patient) and some of pydicom's
+files; our listener is its modality ``pb``. Jobs run through the real
+``pacsbridge worker`` process (Celery ``run_job``) in the main tests and
+through :func:`runner.run_job` in this process for the finer ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pacsbridge.shared import retrieve, runner, stable
+from pacsbridge.shared.celeryapp import RUN_JOB_TASK, make_celery
+from pacsbridge.shared.context import Context, open_context
+from pacsbridge.shared.jobs import JobStore, Node
+
+from .helpers import TEST_FILES, make_instance
+from .orthanc import Orthanc
+from .test_listener import Stack
+
+PATIENT = "RETR1"
+SERIES_SIZES = (12, 10, 8)
+PYDICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtstruct.dcm")
+
+
+@pytest.fixture(scope="module")
+def pacs_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Generated CT of patient RETR1 (two studies, three series) and pydicom's files."""
+    root = tmp_path_factory.mktemp("pacs-files")
+    from pydicom.uid import generate_uid
+
+    studies = [generate_uid(), generate_uid()]
+    ct = []
+    for k, n in enumerate(SERIES_SIZES):
+        series = generate_uid()
+        for i in range(n):
+            path = root / f"s{k}" / f"{i}.dcm"
+            make_instance(path, rows=16, PatientID=PATIENT, StudyInstanceUID=studies[min(k, 1)],
+                          SeriesInstanceUID=series, SeriesNumber=k + 1, InstanceNumber=i + 1,
+                          StudyDate=f"2024020{k + 1}")
+            ct.append(path)
+    return {"ct": ct, "pydicom": [TEST_FILES / name for name in PYDICOM_FILES]}
+
+
+def start_pacs(tmp_path: Path, stack: Stack, files: list[Path], **extra: object) -> Orthanc:
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", stack.port)},
+                   extra_config=extra or None).start()
+    pacs.upload(files)
+    return pacs
+
+
+def add_node(ctx: Context, pacs: Orthanc, **limits: object) -> JobStore:
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node(name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port,
+                       **limits))  # type: ignore[arg-type]
+    return jobs
+
+
+def wait_finished(jobs: JobStore, job_id: str, timeout: float = 120.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.get(job_id)
+        if job.state in ("succeeded", "partial", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {jobs.get(job_id).state} after {timeout} s")
+
+
+def index_sops(ctx: Context) -> list[str]:
+    return [r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]]
+
+
+def stored_files(ctx: Context) -> list[Path]:
+    return [p for p in ctx.settings.storage.rglob("*.dcm") if ".incoming" not in p.parts]
+
+
+def make_stack(tmp_path: Path, database_url: str | None = None, broker_url: str | None = None,
+               **env: str) -> Stack:
+    stack = Stack(tmp_path, database_url=database_url, broker_url=broker_url,
+                  PACSBRIDGE_ALLOWED_PEERS="ORTHANC@127.0.0.1", PACSBRIDGE_RETRIEVE_WAIT_SECONDS="10",
+                  **env)
+    ctx = open_context(stack.settings)
+    ctx.index.create()
+    ctx.index.engine.dispose()
+    return stack
+
+
+def celery_of(stack: Stack):  # type: ignore[no-untyped-def]
+    return make_celery(stack.settings.with_(broker_url=stack.env["PACSBRIDGE_BROKER_URL"]))
+
+
+@pytest.fixture
+def ctx_of() -> Iterator:
+    opened: list[Context] = []
+
+    def make(stack: Stack) -> Context:
+        c = open_context(stack.settings)
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.index.engine.dispose()
+
+
+def test_move_by_patient_through_the_worker_postgres_redis(tmp_path, pg_url, pacs_files, ctx_of):
+    stack = make_stack(tmp_path, pg_url)
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"] + pacs_files["pydicom"])
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "2")
+        ctx = ctx_of(stack)
+        jobs = add_node(ctx, pacs)
+        job, created = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}, "mode": "move"}, node="pacs")
+        assert created
+        celery_of(stack).send_task(RUN_JOB_TASK, [job.id])
+        done = wait_finished(jobs, job.id)
+        assert done.state == "succeeded", (done.error, [s.to_dict() for s in done.series])
+        assert sorted(s.expected for s in done.series) == sorted(SERIES_SIZES)
+        assert all(s.indexed == s.expected == s.received and s.state == "done" for s in done.series)
+        assert done.result["suboperations"] == {"completed": sum(SERIES_SIZES), "failed": 0, "warning": 0}
+        import pydicom
+
+        want = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in pacs_files["ct"]}
+        assert set(index_sops(ctx)) == want  # every instance of the patient, nothing else
+
+        # the same request again: a new job (the first is finished) that pulls nothing twice
+        again = runner.run_job(jobs.submit("retrieve", {"query": {"PatientID": PATIENT}, "mode": "move"},
+                                           node="pacs")[0].id, ctx, jobs)
+        assert again.state == "succeeded"
+        assert again.result["skipped_complete"] == 3 and again.result["suboperations"]["completed"] == 0
+
+        # pydicom's files by StudyInstanceUID (a list), C-MOVE through the worker: RT included
+        uids = sorted({str(pydicom.dcmread(p, stop_before_pixels=True, force=True).StudyInstanceUID)
+                       for p in pacs_files["pydicom"]})
+        job2, _ = jobs.submit("retrieve", {"query": {"StudyInstanceUID": uids}}, node="pacs")
+        celery_of(stack).send_task(RUN_JOB_TASK, [job2.id])
+        done2 = wait_finished(jobs, job2.id)
+        assert done2.state == "succeeded", done2.error
+        assert len(index_sops(ctx)) == len(want) + len(PYDICOM_FILES)
+        assert len(stored_files(ctx)) == len(want) + len(PYDICOM_FILES)
+    finally:
+        stack.close()
+        pacs.stop()
+
+
+def test_get_through_the_worker_sqlite_embedded_broker(tmp_path, pacs_files, ctx_of):
+    stack = make_stack(tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"] + pacs_files["pydicom"])
+    try:
+        stack.start("worker", "--concurrency", "1")
+        ctx = ctx_of(stack)
+        jobs = add_node(ctx, pacs, retrieve="get")
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}}, node="pacs")
+        celery_of(stack).send_task(RUN_JOB_TASK, [job.id])
+        done = wait_finished(jobs, job.id)
+        assert done.state == "succeeded", done.error
+        assert done.result["mode"] == "get"
+        assert all(s.indexed == s.expected == s.received for s in done.series)
+        assert len(set(index_sops(ctx))) == sum(SERIES_SIZES) == len(stored_files(ctx))
+        # the stored files are the PACS's instances byte for byte in their pixel data
+        import pydicom
+
+        for p in pacs_files["ct"][:3]:
+            sent = pydicom.dcmread(p)
+            (obj,), = ctx.index.run_sql(
+                f"select ObjectFile from DICOMImages where SOPInstanc='{sent.SOPInstanceUID}'")[1]
+            assert pydicom.dcmread(ctx.settings.storage / obj).PixelData == sent.PixelData
+    finally:
+        stack.close()
+        pacs.stop()
+
+
+def test_orthanc_stopped_mid_move_then_retry_completes(tmp_path, pacs_files, ctx_of, monkeypatch):
+    monkeypatch.setattr(retrieve, "WAIT_SECONDS", 5.0)
+    monkeypatch.setattr(retrieve, "REPULLS", 1)
+    stack = make_stack(tmp_path)
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"])
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        ctx = ctx_of(stack)
+        jobs = add_node(ctx, pacs, max_rate=8.0)  # slow enough to stop Orthanc after the first series
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}}, node="pacs")
+        t = threading.Thread(target=runner.run_job, args=(job.id, ctx, jobs))
+        t.start()
+        deadline = time.monotonic() + 60
+        while not any(s.state == "done" for s in jobs.series(job.id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pacs.stop()
+        t.join(120)
+        done = jobs.get(job.id)
+        assert done.state in ("partial", "failed")
+        assert done.state == "partial"  # the first series made it
+        broken = [s for s in done.series if s.state != "done"]
+        assert broken and all("unreachable" in s.error or "lost" in s.error or "aborted" in s.error
+                              for s in broken), [s.error for s in broken]
+        assert "series incomplete" in done.error
+        pacs.start()  # same ports, same storage
+        jobs.retry(job.id)
+        again = runner.run_job(job.id, ctx, jobs)
+        assert again.state == "succeeded", again.error
+        assert again.attempts == 2
+        assert again.result["skipped_complete"] >= 1
+        assert len(index_sops(ctx)) == sum(SERIES_SIZES) == len(set(index_sops(ctx)))
+    finally:
+        stack.close()
+        pacs.stop()
+
+
+def test_worker_killed_mid_job_another_finishes(tmp_path, pacs_files, ctx_of):
+    stack = make_stack(tmp_path, PACSBRIDGE_HEARTBEAT_SECONDS="0.5", PACSBRIDGE_SWEEP_SECONDS="1")
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"])
+    try:
+        stack.start("listener")
+        first = stack.start("worker-a", "--concurrency", "2")
+        ctx = ctx_of(stack)
+        jobs = add_node(ctx, pacs, max_rate=10.0)
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}}, node="pacs")
+        celery_of(stack).send_task(RUN_JOB_TASK, [job.id])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = jobs.series(job.id)
+            if any(s.indexed for s in rows):
+                break
+            time.sleep(0.1)
+        assert jobs.get(job.id).state == "running"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+        stack.procs.pop("worker-a")
+        stack.start("worker-b", "--concurrency", "2")
+        done = wait_finished(jobs, job.id, timeout=150)
+        assert done.state == "succeeded", done.error
+        assert done.attempts == 2
+        sops = index_sops(ctx)
+        assert len(sops) == len(set(sops)) == sum(SERIES_SIZES)  # nothing indexed twice
+        assert len(stored_files(ctx)) == sum(SERIES_SIZES)        # nor stored twice
+    finally:
+        stack.close()
+        pacs.stop()
+
+
+def test_dedupe_cancel_and_one_association_at_a_time(tmp_path, pacs_files, ctx_of, monkeypatch):
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.3)
+    stack = make_stack(tmp_path)
+    other = [make_instance(tmp_path / "other" / f"{i}.dcm", rows=16, PatientID="RETR2") for i in range(6)]
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"] + sorted((tmp_path / "other").glob("*.dcm")))
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "2")
+        ctx = ctx_of(stack)
+        jobs = add_node(ctx, pacs, max_associations=1, max_rate=40.0)
+        body = {"query": {"PatientID": PATIENT}}
+        j1, created = jobs.submit("retrieve", body, node="pacs")
+        j2, _ = jobs.submit("retrieve", {"query": {"PatientID": "RETR2"}}, node="pacs")
+        threads = [threading.Thread(target=runner.run_job, args=(j.id, ctx, jobs)) for j in (j1, j2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        same, created_again = jobs.submit("retrieve", body, node="pacs")
+        assert same.id == j1.id and not created_again
+        for t in threads:
+            t.join(120)
+        assert jobs.get(j1.id).state == jobs.get(j2.id).state == "succeeded"
+        assert len(index_sops(ctx)) == sum(SERIES_SIZES) + len(other)
+        # Orthanc opened one association to our listener per C-MOVE: never two at once
+        _, rows = ctx.index.run_sql("select association, min(arrived_at), max(arrived_at) "
+                                    "from pacsbridge_arrivals group by association order by 2")
+        assert len(rows) == 4
+        for (_, _, end), (_, start, _) in zip(rows, rows[1:]):
+            assert end <= start
+
+        # cancel: a slow job stops between series and ends cancelled
+        JobStore(ctx.index.engine).update_node("pacs", {"max_rate": 2.0})
+        j3, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}, "mode": "get"}, node="pacs")
+        ctx.index.run_sql("delete from DICOMImages", write=True)
+        t = threading.Thread(target=runner.run_job, args=(j3.id, ctx, jobs))
+        t.start()
+        time.sleep(1.5)
+        jobs.cancel(j3.id)
+        t.join(60)
+        assert not t.is_alive()
+        final = jobs.get(j3.id)
+        assert final.state == "cancelled"
+        assert any(s.state in ("cancelled", "queued") for s in final.series)
+    finally:
+        stack.close()
+        pacs.stop()
+
+
+def test_stable_detection(ctx):
+    now = 1_000_000.0
+
+    def arrive(i: int, series: str, at: float) -> None:
+        ctx.index.record_arrivals([{"sop_uid": f"1.2.{i}", "series_uid": series, "study_uid": "8.1",
+                                    "patient_id": "P", "calling_ae": "PACS", "association": "a",
+                                    "arrived_at": at, "object_file": f"f{i}"}])
+
+    for i in range(4):
+        arrive(i, f"9.{i % 2}", now - 30 + i)
+    assert stable.check(ctx.index, 60, now=now) == []             # 27 s quiet: not yet
+    assert sorted(stable.check(ctx.index, 60, now=now + 40)) == [
+        ("series", "9.0"), ("series", "9.1"), ("study", "8.1")]
+    assert stable.check(ctx.index, 60, now=now + 41) == []        # marked once
+    arrive(9, "9.0", now + 50)                                    # a late instance
+    assert stable.check(ctx.index, 60, now=now + 55) == []
+    rows = {r["uid"]: r for r in stable.stable_since(ctx.index.engine, 0, "series")}
+    assert set(rows) == {"9.1"}                                   # 9.0 is not stable any more
+    assert sorted(stable.check(ctx.index, 60, now=now + 111)) == [("series", "9.0"), ("study", "8.1")]
+    study = stable.stable_since(ctx.index.engine, now + 111)[0]
+    assert study["instances"] == 5 and study["last_arrival"] == now + 50
