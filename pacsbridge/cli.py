@@ -176,6 +176,8 @@ def cmd_service(args: argparse.Namespace) -> int:
         from pacsbridge.listener.server import main as run
     elif args.command == "worker":
         from pacsbridge.worker.main import main as run
+    elif args.command == "serve":
+        from pacsbridge.serve import main as run
     else:  # pragma: no cover - parser allows only these
         raise ConfigError(f"unknown service {args.command}")
     return int(run(args.settings, args) or 0)
@@ -281,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (PACSBRIDGE_API_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (PACSBRIDGE_API_PORT, default 8080)")
     p.set_defaults(func=cmd_api)
+
+    from pacsbridge import client, serve
+
+    serve.add_parser(sub, cmd_service)
+    client.add_parsers(sub)
     return parser
 
 

@@ -263,14 +263,19 @@ class Job:
     heartbeat_at: float | None = None
     finished_at: float | None = None
     series: list[SeriesProgress] = dataclasses.field(default_factory=list)
+    #: totals summed by the database (:meth:`JobStore.list` reads no series rows)
+    summed: dict[str, int] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def totals(self) -> dict[str, int]:
         """Sum of every counter over the series."""
+        if self.summed is not None and not self.series:
+            return dict(self.summed)
         return {c: sum(getattr(s, c) for s in self.series) for c in COUNTERS}
 
     def to_dict(self, with_series: bool = True) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out.pop("summed")
         out["totals"] = self.totals
         out["path"] = f"/api/v1/jobs/{self.id}"
         if with_series:
@@ -412,7 +417,13 @@ class JobStore:
             rows = conn.execute(select(jobs_table).where(where)
                                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id)
                                 .limit(limit).offset(offset))
-            return [_job(r) for r in rows], int(total)
+            found = [_job(r) for r in rows]
+            sums = {r[0]: dict(zip(COUNTERS, map(int, r[1:]))) for r in conn.execute(
+                select(series_table.c.job_id, *(func.sum(series_table.c[c]) for c in COUNTERS))
+                .where(series_table.c.job_id.in_([j.id for j in found])).group_by(series_table.c.job_id))}
+            for job in found:
+                job.summed = sums.get(job.id, dict.fromkeys(COUNTERS, 0))
+            return found, int(total)
 
     def claim(self, job_id: str, worker: str, stale_after: float = 120.0) -> Job | None:
         """Take a job to run it: queued, or running with a stale heartbeat (its worker died)

@@ -1,0 +1,404 @@
+"""The command-line client: pypx's verbs (find, retrieve, push, status ...) spoken to the HTTP API.
+
+``--api`` (``PACSBRIDGE_API_URL``, default ``http://127.0.0.1:8080``) and
+``--token`` (``PACSBRIDGE_API_TOKEN``) say where and as whom. Reports are a
+table, CSV or JSON (``--format``). Exit codes: 0 the job succeeded (or the
+request was done); 1 the job ended partial; 2 bad usage or a request the API
+refused; 3 the job failed or was cancelled, or the API could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Sequence
+
+__all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS"]
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+#: Query flags shared by ``find`` and ``retrieve`` (the query model of the jobs).
+QUERY_FIELDS = ("PatientID", "PatientName", "AccessionNumber", "StudyDescription", "Modality",
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_JOB_EXIT = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "cancelled": EXIT_FAILED}
+
+
+class ClientError(Exception):
+    """The API refused a request (``status`` >= 400) or could not be reached (``status`` 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ApiClient:
+    """A small JSON client of the pacsbridge API (standard library only)."""
+
+    def __init__(self, base: str, token: str = "", timeout: float = 60.0) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        url = f"{self.base}/api/v1/{path.lstrip('/')}"
+        if params:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - the user's own API URL
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise ClientError(exc.code, _error_message(exc.read(), exc.code)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ClientError(0, f"cannot reach the API at {self.base}: {reason}") from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body if body is not None else {})
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return f"HTTP {status}"
+    err = data.get("error", data) if isinstance(data, dict) else {}
+    if isinstance(err, dict):
+        message = err.get("message") or f"HTTP {status}"
+        field = err.get("field")
+        return f"{field}: {message}" if field and field not in message else str(message)
+    return str(err)
+
+
+# -- output ------------------------------------------------------------------------
+def _print(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None) -> None:
+    from pacsbridge.cli import _print_rows
+
+    _print_rows(columns, rows, fmt, title)
+
+
+def _query_from(args: argparse.Namespace) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    for name in QUERY_FIELDS:
+        value = getattr(args, name, None)
+        if value:
+            query[name] = value
+    if getattr(args, "StudyDate", None):
+        lo, sep, hi = args.StudyDate.partition("-")
+        query["min_study_date"] = lo or None
+        query["max_study_date"] = (hi if sep else lo) or None
+        query = {k: v for k, v in query.items() if v is not None}
+    if getattr(args, "level", None):
+        query["level"] = args.level
+    if getattr(args, "include", None):
+        query["include_fields"] = args.include
+    return query
+
+
+def _selection_from(args: argparse.Namespace) -> dict[str, Any]:
+    given = [(k, getattr(args, k)) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "job")
+             if getattr(args, k, None)]
+    if len(given) != 1:
+        raise ClientError(-1, "give exactly one of --PatientID, --StudyInstanceUID, --SeriesInstanceUID, --job")
+    key, value = given[0]
+    return {key: value}
+
+
+JOB_COLUMNS = ("id", "kind", "node", "state", "expected", "received", "indexed", "pushed", "failed", "error")
+SERIES_COLUMNS = ("study_uid", "series_uid", "modality", "description", "expected", "received", "indexed",
+                  "pushed", "failed", "state", "error")
+
+
+def _job_row(job: dict[str, Any]) -> list[Any]:
+    totals = job.get("totals", {})
+    return [job["id"], job["kind"], job.get("node") or "", job["state"],
+            *(totals.get(c, 0) for c in ("expected", "received", "indexed", "pushed", "failed")),
+            (job.get("error") or "")[:120]]
+
+
+def _show_job(job: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        json.dump(job, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    _print(SERIES_COLUMNS, [[s.get(c, "") for c in SERIES_COLUMNS] for s in job.get("series", [])], fmt,
+           title=f"job {job['id']} ({job['kind']}): {job['state']}" + (f" — {job['error']}" if job.get("error") else ""))
+
+
+def _follow(api: ApiClient, job_id: str, fmt: str, interval: float = 1.0) -> dict[str, Any]:
+    """Poll a job until it ends, with live progress bars per series on a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    err = Console(stderr=True, highlight=False)
+    bars: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[state]}"), console=err, disable=not err.is_terminal) as progress:
+        while True:
+            job = api.get(f"jobs/{job_id}")
+            for s in job.get("series", []):
+                label = f"{s.get('modality') or '?':>3} {s.get('description') or s['series_uid'][-20:]}"[:40]
+                total = s.get("expected") or None
+                done = s.get("pushed") if job["kind"] == "push" else s.get("indexed")
+                if s["series_uid"] not in bars:
+                    bars[s["series_uid"]] = progress.add_task(label, total=total, state="")
+                progress.update(bars[s["series_uid"]], total=total, completed=done or 0, state=s.get("state", ""))
+            if job["state"] not in ("queued", "running"):
+                return job  # type: ignore[no-any-return]
+            time.sleep(interval)
+
+
+def _finish(api: ApiClient, job: dict[str, Any], args: argparse.Namespace) -> int:
+    """After a submit: print the id, or follow the job to its end."""
+    if not getattr(args, "follow", False):
+        if args.format == "json":
+            json.dump(job, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(job["id"])
+        return EXIT_OK
+    done = _follow(api, job["id"], args.format)
+    _show_job(done, args.format)
+    return _JOB_EXIT.get(done["state"], EXIT_FAILED)
+
+
+def _submit(api: ApiClient, body: dict[str, Any]) -> dict[str, Any]:
+    answer = api.post("jobs", body)
+    return answer if "state" in answer else api.get(f"jobs/{answer['id']}")  # type: ignore[no-any-return]
+
+
+# -- verbs -------------------------------------------------------------------------
+def cmd_echo(api: ApiClient, args: argparse.Namespace) -> int:
+    result = api.post(f"nodes/{urllib.parse.quote(args.node, safe='')}/echo")
+    _print(list(result), [list(result.values())], args.format)
+    return EXIT_OK
+
+
+def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
+    query = _query_from(args)
+    answer = api.post(f"nodes/{urllib.parse.quote(args.node, safe='')}/query", query)
+    results = answer.get("results", answer) if isinstance(answer, dict) else answer
+    columns: list[str] = []
+    for r in results:
+        columns += [k for k in r if k not in columns]
+    _print(columns, [[_cell(r.get(c)) for c in columns] for r in results], args.format,
+           title=f"{len(results)} result(s) from {args.node}")
+    if not args.then:
+        return EXIT_OK
+    query.pop("level", None)
+    if args.then == "retrieve":
+        job = _submit(api, {"kind": "retrieve", "node": args.node, "query": query})
+    else:
+        # push / repack what the retrieve brings: retrieve first, then act on that job
+        retrieve = _follow(api, _submit(api, {"kind": "retrieve", "node": args.node, "query": query})["id"],
+                           args.format)
+        if retrieve["state"] not in ("succeeded", "partial"):
+            _show_job(retrieve, args.format)
+            return EXIT_FAILED
+        body: dict[str, Any] = {"kind": args.then, "selection": {"job": retrieve["id"]}}
+        if args.then == "push":
+            if not args.to:
+                raise ClientError(-1, "--then push needs --to NODE")
+            body["node"] = args.to
+        else:
+            if not args.dest:
+                raise ClientError(-1, "--then repack needs --dest FOLDER (under PACSBRIDGE_EXPORT_ROOT)")
+            body["dest"] = args.dest
+        job = _submit(api, body)
+    return _finish(api, job, args)
+
+
+def _cell(value: Any) -> Any:
+    return "\\".join(map(str, value)) if isinstance(value, list) else value
+
+
+def cmd_retrieve(api: ApiClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"kind": "retrieve", "node": args.node, "query": _query_from(args)}
+    if args.mode:
+        body["mode"] = args.mode
+    return _finish(api, _submit(api, body), args)
+
+
+def cmd_push(api: ApiClient, args: argparse.Namespace) -> int:
+    return _finish(api, _submit(api, {"kind": "push", "node": args.node, "selection": _selection_from(args)}), args)
+
+
+def cmd_repack(api: ApiClient, args: argparse.Namespace) -> int:
+    body = {"kind": "repack", "selection": _selection_from(args), "dest": args.dest, "link": args.link}
+    if args.layout:
+        body["template"] = args.layout
+    return _finish(api, _submit(api, body), args)
+
+
+def cmd_jobs(api: ApiClient, args: argparse.Namespace) -> int:
+    answer = api.get("jobs", state=args.state, kind=args.kind, node=args.node, limit=args.limit)
+    items = answer.get("items", answer.get("jobs", [])) if isinstance(answer, dict) else answer
+    _print(JOB_COLUMNS, [_job_row(j) for j in items], args.format)
+    return EXIT_OK
+
+
+def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
+    job = _follow(api, args.job, args.format) if args.follow else api.get(f"jobs/{args.job}")
+    _show_job(job, args.format)
+    return _JOB_EXIT.get(job["state"], EXIT_OK)
+
+
+def cmd_cancel(api: ApiClient, args: argparse.Namespace) -> int:
+    job = api.post(f"jobs/{args.job}/cancel")
+    print(f"{job['id']}: {job['state']}")
+    return EXIT_OK
+
+
+def cmd_retry(api: ApiClient, args: argparse.Namespace) -> int:
+    return _finish(api, api.post(f"jobs/{args.job}/retry"), args)
+
+
+def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        node = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
+        for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window"):
+            if getattr(args, opt) is not None:
+                node[opt] = getattr(args, opt)
+        api.post("nodes", node)
+    elif args.action == "rm":
+        api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")
+    answer = api.get("nodes")
+    items = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
+    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window")
+    _print(columns, [[n.get(c, "") for c in columns] for n in items], args.format)
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------
+def _run(verb: Callable[[ApiClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from rich.console import Console
+
+        err = Console(stderr=True, highlight=False)
+        api = ApiClient(args.api or os.environ.get("PACSBRIDGE_API_URL", "http://127.0.0.1:8080"),
+                        args.token or os.environ.get("PACSBRIDGE_API_TOKEN", ""))
+        try:
+            return verb(api, args)
+        except ClientError as exc:
+            if exc.status == -1:
+                err.print(f"[red]error[/red]: {exc}")
+                return EXIT_USAGE
+            if exc.status == 0:
+                err.print(f"[red]failed[/red]: {exc}")
+                return EXIT_FAILED
+            err.print(f"[red]{'refused' if exc.status < 500 else 'failed'} ({exc.status})[/red]: {exc}")
+            return EXIT_USAGE if exc.status < 500 else EXIT_FAILED
+    return run
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", help="API base URL (PACSBRIDGE_API_URL, default http://127.0.0.1:8080)")
+    p.add_argument("--token", help="API token (PACSBRIDGE_API_TOKEN)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+
+def _query_flags(p: argparse.ArgumentParser) -> None:
+    for name in QUERY_FIELDS:
+        p.add_argument(f"--{name}", metavar="VALUE")
+    p.add_argument("--StudyDate", metavar="FROM-TO", help="YYYYMMDD, YYYYMMDD-YYYYMMDD, FROM- or -TO")
+    p.add_argument("--include", nargs="+", metavar="KEYWORD", help="extra fields to return")
+
+
+def _selection_flags(p: argparse.ArgumentParser) -> None:
+    for name in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
+        p.add_argument(f"--{name}", nargs="+", metavar="VALUE")
+    p.add_argument("--job", help="what a retrieve job brought")
+
+
+def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """The client verbs."""
+    p = sub.add_parser("echo", help="C-ECHO a node (through the API)")
+    p.add_argument("node")
+    _common(p)
+    p.set_defaults(func=_run(cmd_echo))
+
+    p = sub.add_parser("find", help="C-FIND on a node, then optionally retrieve / push / repack")
+    p.add_argument("node")
+    p.add_argument("--level", choices=("patient", "study", "series", "image"), default="study")
+    _query_flags(p)
+    p.add_argument("--then", choices=("retrieve", "push", "repack"))
+    p.add_argument("--to", help="--then push: the destination node")
+    p.add_argument("--dest", help="--then repack: folder under PACSBRIDGE_EXPORT_ROOT")
+    p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
+    _common(p)
+    p.set_defaults(func=_run(cmd_find))
+
+    p = sub.add_parser("retrieve", help="retrieve studies from a node (a job)")
+    p.add_argument("node")
+    _query_flags(p)
+    p.add_argument("--mode", choices=("move", "get"), help="C-MOVE or C-GET (default: the node's)")
+    p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
+    _common(p)
+    p.set_defaults(func=_run(cmd_retrieve))
+
+    p = sub.add_parser("push", help="C-STORE what we hold to a node (a job)")
+    p.add_argument("node")
+    _selection_flags(p)
+    p.add_argument("--follow", action="store_true")
+    _common(p)
+    p.set_defaults(func=_run(cmd_push))
+
+    p = sub.add_parser("repack", help="copy or link what we hold into a readable tree (a job)")
+    p.add_argument("--dest", required=True, help="folder under PACSBRIDGE_EXPORT_ROOT")
+    p.add_argument("--layout", help="storage template or preset (default px-repack)")
+    p.add_argument("--link", action="store_true", help="hard links instead of copies")
+    _selection_flags(p)
+    p.add_argument("--follow", action="store_true")
+    _common(p)
+    p.set_defaults(func=_run(cmd_repack))
+
+    p = sub.add_parser("jobs", help="list jobs")
+    p.add_argument("--state")
+    p.add_argument("--kind")
+    p.add_argument("--node")
+    p.add_argument("--limit", type=int, default=50)
+    _common(p)
+    p.set_defaults(func=_run(cmd_jobs))
+
+    p = sub.add_parser("status", help="a job's per-series progress")
+    p.add_argument("job")
+    p.add_argument("--follow", action="store_true", help="live progress until it ends")
+    _common(p)
+    p.set_defaults(func=_run(cmd_status))
+
+    for name, verb, text in (("cancel", cmd_cancel, "cancel a job"), ("retry", cmd_retry, "retry a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job")
+        if name == "retry":
+            p.add_argument("--follow", action="store_true")
+        _common(p)
+        p.set_defaults(func=_run(verb))
+
+    p = sub.add_parser("nodes", help="list, add or remove nodes")
+    p.add_argument("action", nargs="?", choices=("list", "add", "rm"), default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--aet")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--retrieve", choices=("move", "get"))
+    p.add_argument("--move-destination", dest="move_destination")
+    p.add_argument("--max-associations", dest="max_associations", type=int)
+    p.add_argument("--max-rate", dest="max_rate", type=float)
+    p.add_argument("--move-window", dest="move_window")
+    _common(p)
+    p.set_defaults(func=_run(cmd_nodes))

@@ -1,0 +1,167 @@
+"""``pacsbridge serve``: listener, worker and API together, on the embedded default, for a first try.
+
+Each service runs as its own process, with exactly the command a compose
+service runs (``pacsbridge listener`` / ``worker`` / ``api``) and the same
+environment. With nothing configured that means: the SQLite index
+``./conquest.db``, storage in ``./data``, and kombu's SQLAlchemy transport on
+``./pacsbridge-broker.db`` (a real broker that needs no server). Ctrl-C (or
+SIGTERM) stops all of them; if one of them dies, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pacsbridge.shared.celeryapp import DEFAULT_BROKER
+from pacsbridge.shared.config import Settings
+
+__all__ = ["main", "DEFAULT_FIRST_TRY_PEERS"]
+
+#: Who may store to a first-try listener: the usual test senders, from this machine only.
+DEFAULT_FIRST_TRY_PEERS = "STORESCU@127.0.0.1,PYNETDICOM@127.0.0.1,ORTHANC@127.0.0.1"
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def _stop(procs: dict[str, subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"pacsbridge serve: {name} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _banner(settings: Settings, env: dict[str, str], token: str | None) -> str:
+    api = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '') else settings.api_host}:{settings.api_port}"
+    auth = f'-H "Authorization: Bearer {token}" ' if token else '-H "Authorization: Bearer $TOKEN" '
+    lines = [
+        "",
+        "pacsbridge is running. Ctrl-C stops it.",
+        f"  DICOM listener  AE {settings.ae_title} on port {settings.listener_port}"
+        f"  (allowed peers: {env['PACSBRIDGE_ALLOWED_PEERS'] or 'nobody'})",
+        f"  HTTP API        {api}/api/v1   (OpenAPI: {api}/api/v1/openapi.json, health: {api}/healthz)",
+        f"  index           {settings.database_url}",
+        f"  storage         {Path(settings.storage).resolve()}",
+        f"  broker          {env['PACSBRIDGE_BROKER_URL']}",
+    ]
+    if token:
+        lines.append(f"  API token       {token}   (generated for this run; set PACSBRIDGE_API_TOKENS to keep one)")
+    lines += [
+        "",
+        "Try:",
+        f"  storescu -aec {settings.ae_title} 127.0.0.1 {settings.listener_port} some.dcm",
+        f"  curl -s {auth}{api}/api/v1/studies",
+        f"  curl -s {auth}-H 'Content-Type: application/json' {api}/api/v1/nodes \\",
+        "       -d '{\"name\": \"pacs\", \"ae_title\": \"ORTHANC\", \"host\": \"127.0.0.1\", \"port\": 4242}'",
+        f"  curl -s {auth}-H 'Content-Type: application/json' {api}/api/v1/jobs \\",
+        "       -d '{\"kind\": \"retrieve\", \"node\": \"pacs\", \"query\": {\"PatientID\": \"12345\"}}'",
+        f"  PACSBRIDGE_API_URL={api} PACSBRIDGE_API_TOKEN=<token> pacsbridge jobs",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
+    """Start the three services and supervise them until Ctrl-C."""
+    env = dict(os.environ)
+    env["PACSBRIDGE_DATABASE_URL"] = settings.database_url
+    env["PACSBRIDGE_STORAGE"] = str(settings.storage)
+    env["PACSBRIDGE_BROKER_URL"] = settings.broker_url or DEFAULT_BROKER
+    if "PACSBRIDGE_ALLOWED_PEERS" not in os.environ:
+        env["PACSBRIDGE_ALLOWED_PEERS"] = DEFAULT_FIRST_TRY_PEERS
+    token = None
+    if not settings.api_tokens:
+        token = secrets.token_urlsafe(24)
+        env["PACSBRIDGE_API_TOKENS"] = f"serve:{token}:admin"
+    workers = str(getattr(args, "workers", None) or 2)
+
+    from pacsbridge.shared.context import open_context
+
+    ctx = open_context(settings)
+    ctx.index.create()
+    ctx.storage.ensure()
+    if getattr(args, "demo", False):
+        import pydicom
+
+        from pacsbridge.shared.importer import Importer
+
+        folder = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
+        report = Importer(ctx.index, ctx.storage, workers=settings.import_workers).import_paths([folder])
+        print(f"demo data: {report.stored + report.indexed + report.duplicate} of pydicom's test files indexed, "
+              f"{len(report.rejected)} rejected (not DICOM, truncated or without UIDs)", file=sys.stderr)
+    ctx.index.engine.dispose()
+
+    me = [sys.executable, "-m", "pacsbridge.cli"]
+    commands = {
+        "listener": me + ["listener", "--processes", "1"],
+        "worker": me + ["worker", "--concurrency", workers],
+        "api": me + ["api"],
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+        ready = (_wait_port(settings.listener_host, settings.listener_port, procs["listener"])
+                 and _wait_port(settings.api_host, settings.api_port, procs["api"]))
+        if not ready:
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            print(f"pacsbridge serve: {', '.join(dead) or 'a service'} did not start; stopping", file=sys.stderr)
+            return 3
+        print(_banner(settings, env, token), file=sys.stderr, flush=True)
+        while not stopping:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"pacsbridge serve: {name} exited with {proc.returncode}; stopping the others",
+                          file=sys.stderr)
+                    return 3
+            time.sleep(0.5)
+        print("pacsbridge serve: stopping", file=sys.stderr)
+        return 0
+    finally:
+        _stop(procs)
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", func: object) -> None:
+    """The ``serve`` verb."""
+    p = sub.add_parser("serve", help="run listener, worker and API together (first try)",
+                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    p.add_argument("--demo", action="store_true", help="index pydicom's bundled example files first")
+    p.set_defaults(func=func)
