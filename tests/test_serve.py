@@ -1,0 +1,118 @@
+"""``pacsbridge serve`` on the embedded default, driven by DCMTK and by the command-line client.
+
+The first-try path of the README, for real: SQLite index, kombu's SQLAlchemy
+broker, the three services as processes; Orthanc is the PACS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import TEST_FILES, make_instance
+from .orthanc import Orthanc, free_port
+
+PB = [sys.executable, "-m", "pacsbridge.cli"]
+
+
+class Served:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.dicom_port = free_port()
+        self.api_port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+        self.env.update({"PACSBRIDGE_LISTENER_PORT": str(self.dicom_port), "PACSBRIDGE_API_PORT": str(self.api_port),
+                         "PACSBRIDGE_FSYNC": "0", "PACSBRIDGE_PEERS_REFRESH_SECONDS": "1", "TCP_NODELAY": "1",
+                         "PACSBRIDGE_EXPORT_ROOT": str(workdir / "export")})
+        self.log = workdir / "serve.log"
+        self.proc = subprocess.Popen(PB + ["serve", "--workers", "1"], cwd=workdir, env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            found = re.search(r"API token\s+(\S+)", text)
+            if found and "Try:" in text:
+                self.token = found.group(1)
+                break
+            assert self.proc.poll() is None, text
+            time.sleep(0.3)
+        else:
+            raise TimeoutError(self.log.read_text())
+        self.client_env = {**self.env, "PACSBRIDGE_API_URL": f"http://127.0.0.1:{self.api_port}",
+                           "PACSBRIDGE_API_TOKEN": self.token}
+
+    def client(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(PB + list(args), env=self.client_env, cwd=self.workdir, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            return self.proc.wait(timeout=60)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def test_serve_stores_indexes_and_answers_the_client_then_stops_cleanly(served, tmp_path):
+    ds = make_instance(tmp_path / "one.dcm", PatientID="FIRST", rows=16)
+    sent = subprocess.run(["storescu", "-aec", "PACSBRIDGE", "127.0.0.1", str(served.dicom_port),
+                           str(tmp_path / "one.dcm")], env=served.env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = served.client("repack", "--dest", "first", "--PatientID", "FIRST", "--follow", "--format", "json")
+        if out.returncode == 0:
+            break
+        time.sleep(0.5)  # not indexed yet: the repack finds nothing
+    assert out.returncode == 0, out.stdout + out.stderr
+    copied = list((tmp_path / "export" / "first").rglob("*"))
+    assert any(p.is_file() for p in copied)
+    jobs = served.client("jobs", "--format", "csv")
+    assert jobs.returncode == 0 and "repack,,succeeded" in jobs.stdout
+    assert served.client("status", "0" * 32).returncode == 2  # unknown job: a clear refusal
+    bad = served.client("jobs", "--token", "wrong")
+    assert bad.returncode == 2 and "401" in bad.stderr
+    assert served.stop() == 0
+    # every service stopped with it: both ports are free again
+    import socket
+
+    for port in (served.dicom_port, served.api_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_client_finds_and_retrieves_from_a_real_pacs(served, tmp_path):
+    files = [TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"]
+    with Orthanc(tmp_path / "orthanc",
+                 modalities={"pacsbridge": ("PACSBRIDGE", "127.0.0.1", served.dicom_port)}) as pacs:
+        pacs.upload(files)
+        add = served.client("nodes", "add", "pacs", "--aet", "ORTHANC", "--host", "127.0.0.1",
+                            "--port", str(pacs.dicom_port))
+        assert add.returncode == 0, add.stderr
+        assert served.client("echo", "pacs").returncode == 0
+        found = served.client("find", "pacs", "--PatientID", "*", "--StudyDate", "19000101-", "--format", "csv")
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.count("\n") == 1 + 2  # header + two studies
+        got = served.client("retrieve", "pacs", "--PatientID", "*", "--StudyDate", "19000101-", "--follow",
+                            "--format", "json")
+        assert got.returncode == 0, got.stdout + got.stderr
+        import json
+
+        job = json.loads(got.stdout)
+        assert job["state"] == "succeeded" and job["totals"]["indexed"] == 2
+    assert served.stop() == 0
