@@ -114,6 +114,6 @@ def query(name: str) -> dict[str, Any]:
     q = Query.from_dict(json_object())
     if not node.allow_find:
         raise Conflict(f"node {name!r} does not allow C-FIND (allow_find is false)")
-    results = dimse.find(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
+    results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
     return {"node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
-            "truncated": len(results) >= MAX_FIND_RESULTS, "results": results}
+            "truncated": bool(getattr(results, "truncated", False)), "results": list(results)}
