@@ -188,14 +188,14 @@ def test_orthanc_stopped_mid_move_then_retry_completes(tmp_path, pacs_files, ctx
         stack.start("listener")
         stack.start("worker", "--concurrency", "1")
         ctx = ctx_of(stack)
-        jobs = add_node(ctx, pacs, max_rate=8.0)  # slow enough to stop Orthanc after the first series
+        jobs = add_node(ctx, pacs, max_rate=3.0)  # slow enough to stop Orthanc after the first series
         job, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}}, node="pacs")
         t = threading.Thread(target=runner.run_job, args=(job.id, ctx, jobs))
         t.start()
         deadline = time.monotonic() + 60
         while not any(s.state == "done" for s in jobs.series(job.id)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        pacs.stop()
+        pacs.stop(hard=True)  # the PACS dies (kill -9) while the job is between series
         t.join(120)
         done = jobs.get(job.id)
         assert done.state in ("partial", "failed")
@@ -274,17 +274,23 @@ def test_dedupe_cancel_and_one_association_at_a_time(tmp_path, pacs_files, ctx_o
         # Orthanc opened one association to our listener per C-MOVE: never two at once
         _, rows = ctx.index.run_sql("select association, min(arrived_at), max(arrived_at) "
                                     "from pacsbridge_arrivals group by association order by 2")
-        assert len(rows) == 4
+        assert len(rows) >= 4, rows  # at least one per series moved
         for (_, _, end), (_, start, _) in zip(rows, rows[1:]):
-            assert end <= start
+            assert end <= start, rows
 
         # cancel: a slow job stops between series and ends cancelled
         JobStore(ctx.index.engine).update_node("pacs", {"max_rate": 2.0})
-        j3, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}, "mode": "get"}, node="pacs")
-        ctx.index.run_sql("delete from DICOMImages", write=True)
+        from pydicom.uid import generate_uid
+
+        study, series = generate_uid(), [generate_uid() for _ in range(3)]
+        pacs.upload([tmp_path / "slow" / f"{i}.dcm" for i in range(18)
+                     if make_instance(tmp_path / "slow" / f"{i}.dcm", rows=16, PatientID="RETR3",
+                                      StudyInstanceUID=study, SeriesInstanceUID=series[i % 3]) is not None])
+        j3, _ = jobs.submit("retrieve", {"query": {"PatientID": "RETR3"}, "mode": "get"}, node="pacs")
         t = threading.Thread(target=runner.run_job, args=(j3.id, ctx, jobs))
         t.start()
         time.sleep(1.5)
+        assert jobs.get(j3.id).state == "running", jobs.get(j3.id)
         jobs.cancel(j3.id)
         t.join(60)
         assert not t.is_alive()
