@@ -1,0 +1,156 @@
+"""The DIMSE client against a real Orthanc, and the per-node throttles on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pacsbridge.shared import dimse, throttle
+from pacsbridge.shared.db import make_engine
+from pacsbridge.shared.errors import DimseError
+from pacsbridge.shared.jobs import JobStore, Node
+from pacsbridge.shared.query import Query
+from pacsbridge.shared.retrieve import DimseSearcher
+
+from .helpers import TEST_FILES, make_instance
+from .orthanc import Orthanc, free_port
+
+US = "PBTEST"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc that cuts every C-FIND answer at 3, holding 8 studies of patient LIM on 8 days."""
+    root = tmp_path_factory.mktemp("dimse")
+    files = [TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"]
+    for i in range(8):
+        files.append(root / "in" / f"{i}.dcm")
+        make_instance(files[-1], PatientID="LIM", StudyDate=f"2024011{i}")
+    with Orthanc(root / "o", modalities={"us": (US, "127.0.0.1", free_port())},
+                 extra_config={"LimitFindResults": 3}) as o:
+        o.upload(files)
+        yield o
+
+
+def node_of(pacs: Orthanc, **kw: object) -> Node:
+    return Node(name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port, **kw)  # type: ignore[arg-type]
+
+
+def test_echo_and_find(pacs):
+    node = node_of(pacs)
+    assert 0 < dimse.echo(node, US) < 10
+    found = dimse.find(node, Query(level="study", PatientID="1CT1"), US)
+    assert len(found) == 1
+    assert found[0]["PatientID"] == "1CT1" and found[0]["ModalitiesInStudy"] == "CT"
+    assert found[0]["NumberOfStudyRelatedInstances"] == 1
+    series = dimse.find(node, Query(level="series", StudyInstanceUID=(found[0]["StudyInstanceUID"],)), US)
+    assert [s["Modality"] for s in series] == ["CT"]
+
+
+def test_refused_calling_ae_and_unreachable_port(pacs):
+    with pytest.raises(DimseError, match="calling AE 'NOBODY'"):
+        dimse.find(node_of(pacs), Query(level="study", PatientID="1CT1"), "NOBODY")
+    with pytest.raises(DimseError, match="unreachable"):
+        dimse.echo(Node(name="gone", ae_title="GONE", host="127.0.0.1", port=free_port()), US, timeout=3)
+
+
+def test_truncated_find_is_split_by_date(pacs):
+    node = node_of(pacs)
+    cut = dimse.find_all(node, Query(level="study", PatientID="LIM"), US)
+    assert len(cut) == 3 and cut.truncated          # what a plain C-FIND would lose
+    searcher = DimseSearcher(node, US)
+    studies = searcher.studies(Query(level="study", PatientID="LIM"))
+    assert len({s["StudyInstanceUID"] for s in studies}) == 8
+    assert searcher.splits > 0
+    # a bounded range is split within its bounds
+    part = searcher.studies(Query(level="study", PatientID="LIM", min_study_date=datetime(2024, 1, 12).date(),
+                                  max_study_date=datetime(2024, 1, 17).date()))
+    assert sorted(s["StudyDate"] for s in part) == [f"2024011{i}" for i in range(2, 8)]
+
+
+@pytest.fixture
+def engine(db_url: str):  # type: ignore[no-untyped-def]
+    e = make_engine(db_url)
+    JobStore(e).create()
+    yield e
+    e.dispose()
+
+
+def test_node_slots_never_exceed_the_limit(engine):
+    node = Node(name="n", ae_title="N", host="h", port=1, max_associations=2)
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def work(i: int) -> None:
+        with throttle.NodeSlots(engine, node, f"t{i}").acquire(timeout=30):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.2)
+            with lock:
+                active[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2
+    assert throttle.NodeSlots(engine, node, "x").held() == 0
+    with throttle.NodeSlots(engine, node, "a").acquire(), throttle.NodeSlots(engine, node, "b").acquire():
+        with pytest.raises(throttle.SlotTimeout, match="busy"):
+            with throttle.NodeSlots(engine, node, "c").acquire(timeout=0.5):
+                pass
+
+
+def test_lease_of_a_killed_holder_expires(engine, db_url, monkeypatch):
+    monkeypatch.setattr(throttle, "LEASE_SECONDS", 1.0)
+    code = ("import os, time, sys\nos.environ['PACSBRIDGE_LEASE_SECONDS'] = '1'\n"
+            "from pacsbridge.shared import throttle\nfrom pacsbridge.shared.db import make_engine\n"
+            "from pacsbridge.shared.jobs import Node\n"
+            "n = Node(name='n', ae_title='N', host='h', port=1, max_associations=1)\n"
+            "with throttle.NodeSlots(make_engine(sys.argv[1]), n, 'doomed').acquire():\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    node = Node(name="n", ae_title="N", host="h", port=1, max_associations=1)
+    with pytest.raises(throttle.SlotTimeout):  # a live holder keeps renewing its lease
+        with throttle.NodeSlots(engine, node, "me").acquire(timeout=1.5):
+            pass
+    proc.kill()
+    proc.wait()
+    start = time.monotonic()
+    with throttle.NodeSlots(engine, node, "me").acquire(timeout=10):
+        assert time.monotonic() - start < 10
+
+
+def test_rate_limiter_books_instances_in_turn(engine):
+    node = Node(name="r", ae_title="R", host="h", port=1, max_rate=10.0)
+    limiter = throttle.RateLimiter(engine, node)
+    starts = [limiter.reserve(5) for _ in range(4)]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(g >= 0.5 - 1e-6 for g in gaps), gaps           # 5 instances at 10/s = 0.5 s each
+    other = throttle.RateLimiter(engine, node)                 # another worker shares the same clock
+    assert other.reserve(1) >= starts[-1] + 0.5 - 1e-6
+    free = throttle.RateLimiter(engine, Node(name="f", ae_title="F", host="h", port=1))
+    t0 = time.time()
+    free.wait(1000)
+    assert time.time() - t0 < 1                                # 0 = unlimited
+
+
+def test_move_window():
+    night = Node(name="w", ae_title="W", host="h", port=1, move_window="20:00-06:00")
+    day = Node(name="d", ae_title="D", host="h", port=1, move_window="08:30-17:00")
+    assert throttle.in_window(night, datetime(2024, 1, 1, 23, 0))
+    assert throttle.in_window(night, datetime(2024, 1, 1, 5, 59))
+    assert not throttle.in_window(night, datetime(2024, 1, 1, 6, 0))
+    assert throttle.seconds_until_window(night, datetime(2024, 1, 1, 19, 0)) == 3600
+    assert throttle.seconds_until_window(day, datetime(2024, 1, 1, 17, 30)) == 15 * 3600
+    assert throttle.seconds_until_window(day, datetime(2024, 1, 1, 9, 0)) == 0
+    assert throttle.in_window(Node(name="a", ae_title="A", host="h", port=1))
