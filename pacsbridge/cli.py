@@ -191,6 +191,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     if args.verbose == 0:
         logging.getLogger("pacsbridge").setLevel(logging.INFO)
+        logging.getLogger("werkzeug").setLevel(logging.INFO)  # one line per request
     settings = args.settings
     host = args.host or settings.api_host
     port = args.port or settings.api_port

@@ -39,7 +39,10 @@ def _summary(job: Job) -> dict[str, Any]:
 @requires("user")
 def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
     check_known(())
-    kind, node, params, webhook = jobspec.validate(json_object())
+    body = json_object()
+    if not isinstance(body.get("kind"), str):  # jobspec.validate expects a hashable kind
+        raise InvalidRequest(f"expected one of {', '.join(k for k in KINDS if k != 'index')}", "kind")
+    kind, node, params, webhook = jobspec.validate(body)
     st = state()
     job, created = st.jobs.submit(kind, params, node, webhook)
     enqueued = st.enqueue(job) if created else None

@@ -6,12 +6,13 @@ creating, changing and deleting nodes ``admin``.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Blueprint, Response
 
-from pacsbridge.shared.errors import Conflict, InvalidRequest
+from pacsbridge.shared.errors import Conflict, DimseError, InvalidRequest
 from pacsbridge.shared.jobs import Node
 from pacsbridge.shared.query import Query
 
@@ -25,6 +26,16 @@ bp = Blueprint("nodes", __name__)
 
 #: The most C-FIND answers one query returns (the answer says when it was cut).
 MAX_FIND_RESULTS = 10000
+
+
+@contextlib.contextmanager
+def _unreachable(node: Node) -> Iterator[None]:
+    """A host that does not resolve or a socket error is the peer's failure (502), not ours."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise DimseError(f"node {node.name!r} ({node.ae_title}@{node.host}:{node.port}) is unreachable: {exc}") \
+            from None
 
 
 def _path(name: str) -> str:
@@ -98,7 +109,8 @@ def echo(name: str) -> dict[str, Any]:
     check_known(())
     st = state()
     node = st.jobs.get_node(name)
-    seconds = dimse.echo(node, calling_ae=st.settings.ae_title)
+    with _unreachable(node):
+        seconds = dimse.echo(node, calling_ae=st.settings.ae_title)
     return {"node": name, "ok": True, "seconds": round(seconds, 4), "checked_at": time.time()}
 
 
@@ -114,6 +126,7 @@ def query(name: str) -> dict[str, Any]:
     q = Query.from_dict(json_object())
     if not node.allow_find:
         raise Conflict(f"node {name!r} does not allow C-FIND (allow_find is false)")
-    results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
+    with _unreachable(node):
+        results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
     return {"node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
             "truncated": bool(getattr(results, "truncated", False)), "results": list(results)}

@@ -26,7 +26,7 @@ _QTEXT = r"^ *[^\\\x00-\x1f\x7f]{0,64} *$"
 _UID = r"^[0-9]+(\.[0-9]+)*$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _AET = r"^ {0,15}[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$"
-_DATE = r"^((1[0-9]|20)[0-9][0-9](0[1-9]|1[0-2])(0[1-9]|1[0-9]|2[0-8])|(1[0-9]|20)[0-9][0-9]-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]))$"
+_DATE = r"^((1[0-9]|20)[0-9][0-9](0[1-9]|1[0-2])(0[1-9]|1[0-9]|2[0-8])|(1[0-9]|20)[0-9][0-9]-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]))?$"
 _REL = r"^(?!/)(?!.*(^|/)\.\.(/|$))(?=.*[^ ])[^\x00-\x1f\x7f\\]{1,255}$"
 _JOB_ID = r"^[0-9a-f]{32}$"
 
@@ -88,7 +88,7 @@ _NODE_PROPS: dict[str, Any] = {
     "allow_find": {"type": "boolean"}, "allow_move": {"type": "boolean"},
     "allow_get": {"type": "boolean"}, "allow_store": {"type": "boolean"},
     "max_associations": {"type": "integer", "minimum": 1, "maximum": 64},
-    "max_rate": {"type": "number", "minimum": 0, "maximum": 1e9, "description": "instances/s, 0 = unlimited"},
+    "max_rate": {"type": "number", "minimum": 0, "description": "instances/s, 0 = unlimited"},
     "move_window": {"type": "string",
                     "pattern": r"^(([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])?$",
                     "description": "HH:MM-HH:MM when C-MOVE is allowed ('' = any time)"},
