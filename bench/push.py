@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Push benchmark: DCMTK storescu vs a pacsbridge push job, both into DCMTK ``storescp --fork``.
+
+Usage::
+
+    python bench/push.py [--instances 2000] [--runs 3] [--assocs 1,4]
+        [--workdir /tmp/pacsbridge-bench-push]
+        [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_push]
+        [--quiet-wait 60] [--profile]
+
+Steps:
+
+1. ``bench/gen_ct.py`` writes N synthetic 512x512 CT (explicit VR little
+   endian, ~0.5 MB each) into ``WORKDIR/gen`` (cached), and pacsbridge imports
+   them into ``WORKDIR/storage`` with its index on PostgreSQL (the tables are
+   recreated; the import is reused while it holds N instances). The stored
+   files are read once (warm page cache) and ``WORKDIR/quarters/q0..q3`` hold
+   symlinks to 4 disjoint quarters of them for 4 storescu in parallel.
+2. Per run, sender (``storescu`` / ``pacsbridge``) and association count
+   (1 or 4), a fresh ``storescp -aet TARGET --fork -od DIR PORT`` on a free
+   port. Every DCMTK process runs with ``TCP_NODELAY=1``.
+
+   - ``storescu``: ``storescu -aet BENCH -aec TARGET +sd +r +sp *.dcm`` on the
+     storage tree (1) or on the 4 quarters in parallel (4); wall time from the
+     first start to the last exit; exit codes and ``E:``/``W:`` lines checked.
+   - ``pacsbridge``: a node ``TARGET`` with ``max_associations`` = 1 or 4 and a
+     push job of all the patients, run by :func:`pacsbridge.shared.runner.run_job`
+     in this process (what the worker's ``run_job`` task calls); wall time of
+     ``run_job`` (claim, selection, file meta, sending, progress rows, finish).
+   - Checks: N files in DIR, storescu exit 0 / job ``succeeded`` with N acknowledged.
+
+   Before each run the disks are synced and the script waits (up to
+   ``--quiet-wait`` s) for idle CPUs, and records how busy they were.
+3. ``--profile`` runs one more pacsbridge push (1 association) with cProfile in
+   the sending thread and reports process CPU time against wall time and the
+   top functions: where the time goes.
+
+stdout: a table of medians and every run, the ratio pacsbridge / storescu per
+association count (target >= 0.5), then one JSON line with everything.
+Exit status 0 when every check passed (whether or not the target was met), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from benchlib import ensure_database, host_facts, log, median  # noqa: E402
+
+DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-push")
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_push"
+AET = "TARGET"
+CALLING = "BENCH"
+GOAL = 0.5
+
+
+def env_nodelay() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return round(1 - (i1 - i0) / max(1, t1 - t0), 2)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    os.sync()
+    start = time.perf_counter()
+    busy = cpu_busy()
+    while busy > threshold and time.perf_counter() - start < max_wait:
+        busy = cpu_busy()
+    return busy
+
+
+# -- data ------------------------------------------------------------------------------
+def prepare(args: argparse.Namespace):  # noqa: ANN201 - returns (ctx, patients, quarters)
+    from gen_ct import generate
+
+    from pacsbridge.shared.config import Settings
+    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.importer import Importer
+
+    gen = args.workdir / "gen"
+    files = sorted(gen.glob("*.dcm")) if gen.is_dir() else []
+    if len(files) != args.instances:
+        shutil.rmtree(gen, ignore_errors=True)
+        log(f"generating {args.instances} CT instances into {gen} ...")
+        files = generate(gen, args.instances, layout="flat")
+    ensure_database(args.pg_url)
+    settings = Settings(database_url=args.pg_url, storage=args.workdir / "storage", fsync=False, ae_title=CALLING)
+    ctx = open_context(settings)
+    ctx.index.create()
+    if ctx.index.count() != args.instances or len(ctx.storage.walk()) != args.instances:
+        log("importing into pacsbridge (PostgreSQL index) ...")
+        ctx.index.create(force=True)
+        shutil.rmtree(settings.storage, ignore_errors=True)
+        ctx.storage.ensure()
+        t0 = time.perf_counter()
+        report = Importer(ctx.index, ctx.storage).import_paths([gen])
+        log(f"imported {report.stored} in {time.perf_counter() - t0:.1f} s; rejected {len(report.rejected)}")
+    stored = [ctx.storage.root / rel for rel in ctx.storage.walk()]
+    size = 0
+    for f in stored:  # warm the page cache for both senders alike
+        size += len(f.read_bytes())
+    log(f"{len(stored)} stored files, {size / 1e6:.0f} MB read (page cache warm)")
+    quarters_root = args.workdir / "quarters"
+    shutil.rmtree(quarters_root, ignore_errors=True)
+    quarters = []
+    for q in range(4):
+        folder = quarters_root / f"q{q}"
+        folder.mkdir(parents=True)
+        for i, f in enumerate(stored[q::4]):
+            (folder / f"{i:06d}.dcm").symlink_to(f)
+        quarters.append(folder)
+    patients = sorted({r[0] for r in ctx.index.run_sql("select PatientID from DICOMPatients")[1]})
+    return ctx, patients, quarters
+
+
+# -- receiver -----------------------------------------------------------------------------
+class Storescp:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.port = free_port()
+        self.log = open(folder.parent / f"{folder.name}.storescp.log", "wb")
+        self.proc = subprocess.Popen(["storescp", "-aet", AET, "--fork", "-od", str(folder), str(self.port)],
+                                     env=env_nodelay(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if subprocess.run(["echoscu", "-q", "-to", "2", "-aet", CALLING, "-aec", AET, "127.0.0.1",
+                               str(self.port)], env=env_nodelay(), capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise SystemExit("storescp did not answer C-ECHO")
+
+    def received(self) -> int:
+        return sum(1 for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- senders ------------------------------------------------------------------------------
+def run_storescu(port: int, dirs: list[Path], logdir: Path) -> tuple[float, list[str]]:
+    procs, outs = [], []
+    t0 = time.perf_counter()
+    for k, folder in enumerate(dirs):
+        out = logdir / f"storescu-{k}.log"
+        outs.append(out)
+        with open(out, "wb") as fh:
+            procs.append(subprocess.Popen(["storescu", "-aet", CALLING, "-aec", AET, "+sd", "+r", "+sp", "*.dcm",
+                                           "127.0.0.1", str(port), str(folder)], env=env_nodelay(),
+                                          stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    for p in procs:
+        p.wait()
+    seconds = time.perf_counter() - t0
+    problems = []
+    for p, out in zip(procs, outs):
+        bad = [ln for ln in out.read_text(errors="replace").splitlines() if ln.startswith(("E:", "F:", "W:"))]
+        if p.returncode != 0 or bad:
+            problems.append(f"storescu exit {p.returncode}, {bad[:2]}")
+    return seconds, problems
+
+
+def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str) -> tuple[float, dict, list[str]]:
+    from pacsbridge.shared import runner
+    from pacsbridge.shared.jobs import Node
+
+    name = f"bench-{tag}"
+    jobs.add_node(Node(name, AET, "127.0.0.1", port, max_associations=assocs))
+    job, _ = jobs.submit("push", {"selection": {"PatientID": patients}}, node=name)
+    cpu0 = os.times()
+    t0 = time.perf_counter()
+    done = runner.run_job(job.id, ctx, jobs)
+    seconds = time.perf_counter() - t0
+    cpu1 = os.times()
+    problems = []
+    if done is None or done.state != "succeeded":
+        problems.append(f"push job {job.id}: {done.state if done else 'not run'} {done.error if done else ''}")
+    result = dict(done.result) if done else {}
+    result.pop("failures", None)
+    result["process_cpu_s"] = round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2)
+    return seconds, result, problems
+
+
+def profile_push(ctx, jobs, patients: list[str], workdir: Path, top: int = 25) -> dict:
+    """One push (1 association) with cProfile in the sending thread: where the time goes."""
+    from pacsbridge.shared import push as pushmod
+
+    prof = cProfile.Profile()
+    original = pushmod._Sender._run
+
+    def profiled(self: Any) -> None:
+        prof.enable()
+        try:
+            original(self)
+        finally:
+            prof.disable()
+
+    pushmod._Sender._run = profiled  # benchmark instrumentation only
+    scp = Storescp(workdir / "recv-profile")
+    try:
+        seconds, result, problems = run_push(ctx, jobs, patients, scp.port, 1, "profile")
+    finally:
+        pushmod._Sender._run = original
+        scp.stop()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    return {"seconds": round(seconds, 2), "result": result, "problems": problems,
+            "sender_thread_top_tottime": buf.getvalue()}
+
+
+# -- main ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--assocs", default="1,4")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
+    parser.add_argument("--quiet-wait", type=float, default=60.0)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    assocs_list = [int(a) for a in args.assocs.split(",")]
+    if any(a not in (1, 4) for a in assocs_list):
+        parser.error("--assocs: 1 and/or 4")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    from pacsbridge.shared.jobs import JobStore
+
+    ctx, patients, quarters = prepare(args)
+    jobs = JobStore(ctx.index.engine)
+    from pacsbridge.shared import jobs as jobsmod
+    from pacsbridge.shared import push as pushmod
+
+    pushmod.ensure_table(ctx.index.engine)
+    with ctx.index.engine.begin() as conn:  # fresh nodes and jobs for this invocation
+        for table in (pushmod.instances_table, jobsmod.series_table, jobsmod.jobs_table,
+                      jobsmod.node_leases_table, jobsmod.node_rates_table, jobsmod.nodes_table):
+            conn.execute(table.delete())
+    runs: list[dict] = []
+    problems: list[str] = []
+    logdir = args.workdir / "logs"
+    logdir.mkdir(exist_ok=True)
+    for run in range(args.runs):
+        for assocs in assocs_list:
+            for sender in ("storescu", "pacsbridge"):
+                tag = f"{sender}-a{assocs}-r{run}"
+                busy = wait_quiet(args.quiet_wait)
+                scp = Storescp(args.workdir / f"recv-{tag}")
+                try:
+                    if sender == "storescu":
+                        dirs = [ctx.storage.root] if assocs == 1 else quarters
+                        seconds, bad = run_storescu(scp.port, dirs, logdir)
+                        extra: dict = {}
+                    else:
+                        seconds, extra, bad = run_push(ctx, jobs, patients, scp.port, assocs, tag)
+                    got = scp.received()
+                finally:
+                    scp.stop()
+                if got != args.instances:
+                    bad.append(f"{tag}: storescp holds {got} of {args.instances}")
+                problems += bad
+                rate = args.instances / seconds
+                runs.append({"sender": sender, "assocs": assocs, "run": run, "seconds": round(seconds, 2),
+                             "inst_s": round(rate, 1), "cpu_busy_before": busy, **extra})
+                log(f"{tag}: {rate:.0f} inst/s ({seconds:.1f} s){'; ' + '; '.join(bad) if bad else ''}")
+    table: dict[str, dict[int, float | None]] = {}
+    for sender in ("storescu", "pacsbridge"):
+        table[sender] = {a: median([r["inst_s"] for r in runs if r["sender"] == sender and r["assocs"] == a])
+                         for a in assocs_list}
+    ratios = {a: (round(table["pacsbridge"][a] / table["storescu"][a], 2)
+                  if table["pacsbridge"][a] and table["storescu"][a] else None) for a in assocs_list}
+    print(f"push of {args.instances} CT (512x512, explicit VR LE) into storescp --fork; median of {args.runs} "
+          "run(s), inst/s")
+    print(f"{'sender':<12}" + "".join(f"{f'{a} assoc':>12}" for a in assocs_list) + "   runs")
+    for sender in ("storescu", "pacsbridge"):
+        every = ", ".join(f"a{r['assocs']}:{r['inst_s']:.0f}" for r in runs if r["sender"] == sender)
+        print(f"{sender:<12}" + "".join(f"{table[sender][a] or 0:>12.1f}" for a in assocs_list) + f"   {every}")
+    print(f"{'ratio':<12}" + "".join(f"{ratios[a] or 0:>12.2f}" for a in assocs_list) +
+          f"   (pacsbridge / storescu; target >= {GOAL})")
+    prof = profile_push(ctx, jobs, patients, args.workdir) if args.profile else None
+    if prof:
+        print("\nprofile of one pacsbridge push (1 association), sending thread, by own time:")
+        print(prof["sender_thread_top_tottime"])
+        problems += prof["problems"]
+    facts = host_facts(("pacsbridge", "pynetdicom", "pydicom", "sqlalchemy", "psycopg2-binary"))
+    facts["loadavg"] = os.getloadavg()
+    print(json.dumps({"benchmark": "push", "instances": args.instances, "medians": table, "ratios": ratios,
+                      "goal": GOAL, "runs": runs, "profile": {k: v for k, v in (prof or {}).items()
+                                                               if k != "sender_thread_top_tottime"},
+                      "problems": problems, "machine": facts}))
+    ctx.index.engine.dispose()
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
