@@ -56,7 +56,8 @@ def list_jobs() -> dict[str, Any]:
     check_known(("state", "kind", "node", "since", "limit", "offset"))
     from flask import request
 
-    state_, kind, node = (request.args.get(k) or None for k in ("state", "kind", "node"))
+    state_, kind = request.args.get("state"), request.args.get("kind")
+    node = request.args.get("node") or None
     if state_ is not None and state_ not in STATES:
         raise InvalidRequest(f"expected one of {', '.join(STATES)}", "state")
     if node is not None and len(node) > 64:

@@ -70,7 +70,7 @@ def check_known(allowed: Iterable[str]) -> None:
 
 def int_arg(name: str, default: int, minimum: int, maximum: int) -> int:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not re.fullmatch(r"[0-9]{1,12}", raw):
         raise InvalidRequest("expected a whole number", name)
