@@ -23,6 +23,7 @@ from pacsbridge.shared.context import open_context
 from pacsbridge.shared.importer import Importer
 from pacsbridge.shared.jobs import JobStore, Node
 from pacsbridge.shared.jobspec import validate
+from pacsbridge.shared.selection import resolve
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc, free_port
@@ -295,3 +296,52 @@ def test_push_job_runs_in_the_real_worker(tmp_path):
     finally:
         stack.close()
         ctx.index.engine.dispose()
+
+
+# -- limits and cancel ----------------------------------------------------------------
+def test_parallel_associations_stay_within_the_node_limit_and_cancel_stops_between_instances(pctx, jobs, tmp_path):
+    series = generate_uid()
+    for i in range(24):
+        make_instance(tmp_path / "in" / f"{i}.dcm", SeriesInstanceUID=series, InstanceNumber=i + 1)
+    load(pctx, tmp_path / "in")
+    open_now, peak, lock = [0], [0], threading.Lock()
+
+    def opened(event):
+        with lock:
+            open_now[0] += 1
+            peak[0] = max(peak[0], open_now[0])
+
+    def closed(event):
+        with lock:
+            open_now[0] -= 1
+
+    def slow(ds):
+        time.sleep(0.03)  # long enough for every allowed association to open
+        return 0x0000
+
+    scp = RecordingSCP(status=slow)
+    scp.server.bind(evt.EVT_ACCEPTED, opened)
+    scp.server.bind(evt.EVT_RELEASED, closed)
+    scp.server.bind(evt.EVT_ABORTED, closed)
+    try:
+        node = scp.node(max_associations=3)
+        jobs.add_node(node)
+        sel = resolve(pctx.index, pctx.storage, {"SeriesInstanceUID": [series]})
+        report = pushmod.push(node, sel.instances, "PACSBRIDGE", pctx.index.engine)
+        assert report.acknowledged == 24 and not report.failed
+        assert peak[0] == 3 and report.associations == 3  # parallel, and never more than the node allows
+
+        cancel = threading.Event()
+        sent = []
+
+        def stop_after_five(batch):
+            sent.extend(batch)
+
+        scp.status = lambda ds: (cancel.set() if len(scp.received) >= 5 else None) or 0x0000
+        scp.received.clear()
+        report = pushmod.push(scp.node(max_associations=1), sel.instances, "PACSBRIDGE", pctx.index.engine,
+                              cancel=cancel, on_results=stop_after_five)
+        assert report.cancelled and 5 <= report.acknowledged <= 6 and not report.failed
+        assert len(scp.received) == report.acknowledged == len(sent)  # what went out is what is reported
+    finally:
+        scp.close()
