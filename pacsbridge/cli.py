@@ -172,6 +172,9 @@ def cmd_service(args: argparse.Namespace) -> int:
     if args.verbose == 0:
         # a service logs its own events (one line per association, outages) by default
         logging.getLogger("pacsbridge").setLevel(logging.INFO)
+    if args.verbose < 2:
+        # pynetdicom logs every PDU and identifier at INFO: our own lines say what matters
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     if args.command == "listener":
         from pacsbridge.listener.server import main as run
     elif args.command == "worker":
@@ -276,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--processes", type=int, default=None,
                            help="receiver processes sharing the port (PACSBRIDGE_LISTENER_PROCESSES)")
         else:
-            p.add_argument("--concurrency", type=int, default=None, help="worker processes")
+            p.add_argument("--concurrency", type=int, default=None,
+                           help="indexing processes (PACSBRIDGE_WORKER_CONCURRENCY, default: cores)")
+            p.add_argument("--job-concurrency", type=int, default=None,
+                           help="jobs run at once (PACSBRIDGE_JOB_CONCURRENCY, default 2)")
+            p.add_argument("--queues", choices=("all", "index", "jobs"), default=None,
+                           help="what this worker serves (PACSBRIDGE_WORKER_QUEUES, default all)")
         p.set_defaults(func=cmd_service)
     p = sub.add_parser("api", help="run the HTTP API (development server)",
                        description="Run the HTTP API with a development server; in production use "

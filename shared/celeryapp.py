@@ -12,13 +12,17 @@ from celery import Celery
 
 from .config import Settings, load_settings
 
-__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK"]
+__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK", "INDEX_QUEUE", "JOBS_QUEUE"]
 
 #: A broker that needs no server: kombu's SQLAlchemy transport on a SQLite file.
 DEFAULT_BROKER = "sqla+sqlite:///pacsbridge-broker.db"
 INDEX_TASK = "pacsbridge.worker.tasks.index_files"
 #: ``run_job(job_id)``: runs one row of ``pacsbridge_jobs`` (retrieve, push, repack, import).
 RUN_JOB_TASK = "pacsbridge.worker.tasks.run_job"
+#: Indexing has a queue of its own, served by worker processes of its own: a retrieve job
+#: waits for what it pulled to be indexed, so indexing must never queue behind jobs.
+INDEX_QUEUE = "pacsbridge"
+JOBS_QUEUE = "pacsbridge.jobs"
 
 
 def broker_url(settings: Settings) -> str:
@@ -44,7 +48,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
-        task_default_queue="pacsbridge",
+        task_default_queue=INDEX_QUEUE,
+        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}, INDEX_TASK: {"queue": INDEX_QUEUE}},
     )
     return app
 

@@ -71,8 +71,17 @@ def _stable_checker(settings: Settings, stop: threading.Event) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
-    """Run a worker in this process until it is stopped."""
-    from pacsbridge.shared.celeryapp import make_celery
+    """Run the workers until stopped: indexing and jobs, each with processes of its own.
+
+    ``--queues all`` (the default) starts one Celery worker per queue as child
+    processes (same process group: a kill of this process group stops them all)
+    and stops both if either ends; ``--queues index`` / ``--queues jobs`` runs
+    one of them in this process.
+    """
+    queues = getattr(args, "queues", None) or os.environ.get("PACSBRIDGE_WORKER_QUEUES", "all")
+    if queues == "all":
+        return _supervise(args)
+    from pacsbridge.shared.celeryapp import INDEX_QUEUE, JOBS_QUEUE, make_celery
 
     # tasks read their settings from the environment: pass on what the command line changed
     os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
@@ -80,14 +89,64 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 
     app = make_celery(settings)
     stop = threading.Event()
-    threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
-    threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
-    concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
-        or os.cpu_count() or 1
-    argv = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", "pacsbridge", "--without-gossip",
-            "--without-mingle"]
+    if queues == "jobs":
+        threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
+        threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
+        concurrency = getattr(args, "job_concurrency", None) or int(os.environ.get("PACSBRIDGE_JOB_CONCURRENCY", "2"))
+        queue, node = JOBS_QUEUE, "jobs@%h"
+    else:
+        concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
+            or os.cpu_count() or 1
+        queue, node = INDEX_QUEUE, "index@%h"
+    argv = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", queue, "-n", node,
+            "--without-gossip", "--without-mingle"]
     try:
         app.worker_main(argv)
     finally:
         stop.set()
     return 0
+
+
+def _supervise(args: argparse.Namespace | None) -> int:
+    """Run ``worker --queues index`` and ``worker --queues jobs`` as children; stop both together."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = [sys.executable, "-m", "pacsbridge.cli", "worker"]
+    extra: dict[str, list[str]] = {"index": [], "jobs": []}
+    if getattr(args, "concurrency", None):
+        extra["index"] += ["--concurrency", str(args.concurrency)]
+    if getattr(args, "job_concurrency", None):
+        extra["jobs"] += ["--job-concurrency", str(args.job_concurrency)]
+    children = {q: subprocess.Popen(base + ["--queues", q] + extra[q]) for q in ("index", "jobs")}
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        while not stopping:
+            ended = [q for q, p in children.items() if p.poll() is not None]
+            if ended:
+                log.error("worker for %s exited with %s; stopping the other", ended[0],
+                          children[ended[0]].returncode)
+                code = 3
+                break
+            time.sleep(0.5)
+    finally:
+        for p in children.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # Celery's warm shutdown: finish the current task
+        for p in children.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return code
