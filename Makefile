@@ -21,11 +21,10 @@ install: $(VENV)/bin/activate
 install-test: $(VENV)/bin/activate
 	$(PIP) install -q -e '.[test]'
 
-# First try, no server needed: index pydicom's bundled examples into ./data + ./conquest.db
+# First try, no server needed: listener + workers + API on SQLite and an embedded broker, with
+# pydicom's bundled examples indexed into ./data + ./conquest.db; Ctrl-C stops it
 demo: install
-	$(PB) init
-	$(PB) import "$$($(PY) -c 'import os, pydicom; print(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"))')" || [ $$? -eq 1 ]
-	$(PB) summary
+	$(PB) serve --demo
 
 # Debian packages the tests talk to (real DICOM peers)
 debs:
