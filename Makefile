@@ -66,6 +66,7 @@ compose-config:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
 	$(COMPOSE_CHECK_ENV) docker-compose -f docker-compose.yml config -q
 	$(COMPOSE_CHECK_ENV) docker-compose -f docker-compose.yml -f compose.podman.yml config -q
+	$(PYTHON) deploy/compose_test.py --check-settings
 
 compose-test: install
 	$(PY) deploy/compose_test.py

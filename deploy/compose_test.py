@@ -138,6 +138,31 @@ class Run:
         return proc
 
 
+# -- settings ---------------------------------------------------------------------------------
+#: PACSBRIDGE_* names in the code that docker-compose.yml does not pass (the env example says why)
+NOT_PASSED = {"PACSBRIDGE_CONFIG", "PACSBRIDGE_DICOM_SQL", "PACSBRIDGE_AFTER_STORE", "PACSBRIDGE_API_HOST",
+              "PACSBRIDGE_API_URL", "PACSBRIDGE_API_TOKEN"}
+#: names that are not settings (a placeholder in documentation)
+NOT_SETTINGS = {"PACSBRIDGE_NAME"}
+
+
+def check_settings() -> list[str]:
+    """Settings the code reads that docker-compose.yml or deploy/pacsbridge.env.example lacks."""
+    import re
+
+    names: set[str] = set()
+    for folder in ("pacsbridge", "shared", "services"):
+        for path in (ROOT / folder).rglob("*.py"):
+            names |= set(re.findall(r"\bPACSBRIDGE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
+    names -= NOT_SETTINGS
+    compose = set(re.findall(r"^\s+(PACSBRIDGE_[A-Z0-9_]+):", (ROOT / "docker-compose.yml").read_text(), re.M))
+    example = (ROOT / "deploy" / "pacsbridge.env.example").read_text()
+    problems = [f"{n}: read by the code, not passed by docker-compose.yml" for n in sorted(names - compose - NOT_PASSED)]
+    problems += [f"{n}: not described in deploy/pacsbridge.env.example" for n in sorted(names)
+                 if not re.search(rf"\b{n}\b", example)]
+    return problems
+
+
 # -- setup -------------------------------------------------------------------------------------
 def install_packages(run: Run) -> None:
     missing = [p for p in DEBS if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
@@ -305,6 +330,9 @@ def dump_logs(run: Run) -> None:
 
 # -- the test ----------------------------------------------------------------------------------
 def test(run: Run) -> None:
+    problems = check_settings()
+    if problems:
+        raise Failure("settings out of step with the code:\n  " + "\n  ".join(problems))
     run.phase("packages and containers.conf")
     install_packages(run)
     containers_conf()
@@ -461,4 +489,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--check-settings"]:
+        found = check_settings()
+        print("\n".join(found) if found else "every PACSBRIDGE_* setting the code reads is in docker-compose.yml "
+              "and deploy/pacsbridge.env.example")
+        sys.exit(1 if found else 0)
     sys.exit(main())

@@ -3,7 +3,7 @@
 
     pacsbridge-healthcheck            find the service running in this container and check it
     pacsbridge-healthcheck listener   the DICOM port (PACSBRIDGE_LISTENER_PORT, 11112) is listening
-    pacsbridge-healthcheck worker     the Celery worker of this container answers a ping over the broker
+    pacsbridge-healthcheck worker     the Celery workers of this container answer a ping over the broker
     pacsbridge-healthcheck api [URL]  GET URL (default http://127.0.0.1:8080/healthz) answers 2xx
 
 Exit 0 healthy, 1 not. The listener check reads /proc/net/tcp{,6} instead of connecting, so it
@@ -40,17 +40,63 @@ def check_listener() -> str | None:
     return None if listening(port) else f"nothing listens on port {port}"
 
 
-def check_worker() -> str | None:
-    from pacsbridge.shared.config import load_settings
-    from pacsbridge.worker.app import make_celery
+def _cmdlines() -> list[list[str]]:
+    """The command lines of this container's processes, by process id."""
+    lines = []
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        try:
+            raw = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if argv:
+            lines.append(argv)
+    return lines
 
-    node = f"celery@{socket.gethostname()}"
+
+def _pacsbridge_args(argv: list[str]) -> list[str] | None:
+    """What follows the ``pacsbridge`` command (script or ``-m pacsbridge.cli``) in ``argv``, else None."""
+    for i, arg in enumerate(argv[:4]):
+        if os.path.basename(arg) == "pacsbridge" or (arg == "pacsbridge.cli" and i > 0 and argv[i - 1] == "-m"):
+            return argv[i + 1:]
+    return None
+
+
+def worker_nodes(host: str) -> set[str]:
+    """Celery node names this container's workers use: ``<queue>@host`` for ``worker --queues <queue>``."""
+    nodes = set()
+    for argv in _cmdlines():
+        rest = _pacsbridge_args(argv) or []
+        if "worker" in rest and "--queues" in rest[:-1]:
+            queue = rest[rest.index("--queues") + 1]
+            if queue != "all":
+                nodes.add(f"{queue}@{host}")
+    return nodes
+
+
+def check_worker() -> str | None:
+    try:
+        from pacsbridge.shared.celeryapp import make_celery
+    except ImportError:
+        from pacsbridge.worker.app import make_celery  # type: ignore[no-redef]
+    from pacsbridge.shared.config import load_settings
+
+    host = socket.gethostname()
+    expected = worker_nodes(host)
     app = make_celery(load_settings())
     try:
-        replies = app.control.ping(destination=[node], timeout=5.0)
+        if expected:  # answers from exactly these, as soon as they came
+            replies = app.control.ping(destination=sorted(expected), timeout=5.0, limit=len(expected))
+        else:  # node names unknown: ask everyone, keep this container's
+            replies = app.control.ping(timeout=3.0)
     finally:
         app.close()
-    return None if any(node in r for r in replies or []) else f"{node} did not answer a ping"
+    answered = {node for reply in replies or [] for node in reply if node.endswith(f"@{host}")}
+    if expected and not expected <= answered:
+        return f"no answer to a ping from {', '.join(sorted(expected - answered))}"
+    if not answered:
+        return f"no Celery worker of {host} answered a ping"
+    return None
 
 
 def check_api(url: str | None = None) -> str | None:
@@ -64,19 +110,12 @@ def check_api(url: str | None = None) -> str | None:
 
 def detect() -> str | None:
     """The service whose process runs in this container, from the processes' command lines."""
-    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
-        try:
-            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
-        except OSError:
-            continue
-        names = [os.path.basename(a) for a in argv]
-        if any(n.startswith("gunicorn") for n in names[:3]):
+    for argv in _cmdlines():
+        if any(os.path.basename(a).startswith("gunicorn") for a in argv[:3]):
             return "api"
-        for i, n in enumerate(names[:3]):
-            if n == "pacsbridge" or n.endswith("/pacsbridge"):
-                rest = [a for a in argv[i + 1:] if not a.startswith("-")]
-                if rest and rest[0] in ("listener", "worker", "api"):
-                    return rest[0]
+        rest = [a for a in (_pacsbridge_args(argv) or []) if not a.startswith("-")]
+        if rest and rest[0] in ("listener", "worker", "api"):
+            return rest[0]
     return None
 
 
