@@ -42,7 +42,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from pydicom import dcmread
@@ -51,13 +50,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, and_, delete, func, select
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, and_, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from .context import Context
 from .dimse import associate, describe_status, lost
-from .errors import DimseError, InvalidRequest, PacsbridgeError
+from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .runner import Outcome, worker_id
 from .selection import Instance, describe, resolve
