@@ -31,6 +31,7 @@ COPY services/ services/
 RUN /venv/bin/pip install --no-deps . \
  && cd / && rm -rf /src \
  && /venv/bin/python -c "import pacsbridge.cli, pacsbridge.shared.dicomsql, pacsbridge.listener.server, pacsbridge.worker.tasks"
+WORKDIR /
 
 COPY deploy/entrypoint.sh /usr/local/bin/pacsbridge-entrypoint
 COPY deploy/healthcheck.py /usr/local/bin/pacsbridge-healthcheck

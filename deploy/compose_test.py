@@ -231,6 +231,9 @@ def project_ids(run: Run, kind: str) -> list[str]:
 
 def teardown(run: Run) -> None:
     """down -v, then whatever podman-compose 1.0.3 leaves: the network, and anything half-made."""
+    ids = project_ids(run, "container")
+    if ids:  # all at once (down stops them one by one)
+        run(["podman", "stop", "-t", "10", *ids], "down", check=False, timeout=120)
     run([*COMPOSE, "down", "-v"], "down", check=False, timeout=300)
     ids = project_ids(run, "container")
     if ids:
