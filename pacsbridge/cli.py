@@ -103,7 +103,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             err.print(f"[yellow]warning[/yellow]: the existing tables lack {', '.join(missing)} "
                       "(an older dicom.sql?): `pacsbridge init --force` then `pacsbridge rebuild` recreates them")
     what = "recreated" if args.force else ("checked" if existed else "created")
-    err.print(f"index {what}: {ctx.settings.database_url} ({ctx.index.schema.source}); storage {ctx.storage.root}")
+    shown = ctx.index.engine.url.render_as_string(hide_password=True)  # never print the password
+    err.print(f"index {what}: {shown} ({ctx.index.schema.source}); storage {ctx.storage.root}")
     return EXIT_OK
 
 

@@ -60,6 +60,12 @@ def _stop(procs: dict[str, subprocess.Popen[bytes]], grace: float = 20.0) -> Non
             proc.wait()
 
 
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _banner(settings: Settings, env: dict[str, str], token: str | None) -> str:
     api = f"http://{'127.0.0.1' if settings.api_host in ('0.0.0.0', '') else settings.api_host}:{settings.api_port}"
     auth = f'-H "Authorization: Bearer {token}" ' if token else '-H "Authorization: Bearer $TOKEN" '
@@ -69,7 +75,7 @@ def _banner(settings: Settings, env: dict[str, str], token: str | None) -> str:
         f"  DICOM listener  AE {settings.ae_title} on port {settings.listener_port}"
         f"  (allowed peers: {env['PACSBRIDGE_ALLOWED_PEERS'] or 'nobody'})",
         f"  HTTP API        {api}/api/v1   (OpenAPI: {api}/api/v1/openapi.json, health: {api}/healthz)",
-        f"  index           {settings.database_url}",
+        f"  index           {_hide_password(settings.database_url)}",
         f"  storage         {Path(settings.storage).resolve()}",
         f"  broker          {env['PACSBRIDGE_BROKER_URL']}",
     ]

@@ -113,3 +113,29 @@ def test_database_down_is_a_clear_failure(settings, tmp_path):
     make_instance(tmp_path / "a.dcm")
     proc = run(bad, "import", tmp_path / "a.dcm")
     assert proc.returncode == 3 and "database error" in proc.stderr
+
+
+def test_init_never_prints_the_database_password(tmp_path, pg_url):
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from pacsbridge.shared.config import Settings
+
+    role = f"pb_user_{uuid.uuid4().hex[:8]}"  # ours, not user input
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'hunter2-secret'"))
+    try:
+        url = pg_url.replace("postgres@", f"{role}:hunter2-secret@")
+        settings = Settings(database_url=url, storage=tmp_path / "d", fsync=False)
+        with admin.connect() as conn:
+            conn.execute(text(f"GRANT ALL ON SCHEMA public TO {role}"))
+        proc = run(settings, "init")
+        assert "hunter2-secret" not in proc.stdout + proc.stderr
+        assert f"{role}:***@" in proc.stderr.replace("\n", "")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()
