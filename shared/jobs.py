@@ -42,9 +42,9 @@ FINISHED = ("succeeded", "partial", "failed", "cancelled")
 KINDS = ("retrieve", "push", "repack", "import", "index")
 COUNTERS = ("expected", "received", "indexed", "pushed", "failed")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
-_WINDOW = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # printable, no backslash
+_WINDOW = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]\Z")
 
 metadata = MetaData()
 
@@ -203,7 +203,7 @@ class Node:
         if self.move_destination and not _AET.match(self.move_destination):
             raise InvalidRequest("an AE title: 1 to 16 printable characters, no backslash",
                                  "move_destination")
-        if not self.host or len(self.host) > 255 or not re.match(r"^[A-Za-z0-9.:_-]+$", self.host):
+        if not self.host or len(self.host) > 255 or not re.match(r"^[A-Za-z0-9.:_-]+\Z", self.host):
             raise InvalidRequest("a host name or IP address", "host")
         if not 1 <= self.port <= 65535:
             raise InvalidRequest("a TCP port, 1 to 65535", "port")

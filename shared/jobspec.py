@@ -35,8 +35,8 @@ _ALLOWED = {
     "repack": {"kind", "selection", "dest", "template", "link", "webhook"},
     "import": {"kind", "path", "webhook"},
 }
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
+_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def safe_relative(value: Any, field: str) -> str:
@@ -101,7 +101,7 @@ def validate(body: Any) -> tuple[str, str | None, dict[str, Any], str]:
     if not isinstance(body, Mapping):
         raise InvalidRequest("a job request must be a JSON object", "body")
     kind = body.get("kind")
-    if kind not in _ALLOWED:
+    if not isinstance(kind, str) or kind not in _ALLOWED:
         raise InvalidRequest(f"expected one of {', '.join(_ALLOWED)}", "kind")
     unknown = sorted(set(body) - _ALLOWED[kind])
     if unknown:

@@ -37,10 +37,10 @@ RETURN_KEYS: dict[str, tuple[str, ...]] = {
               "InstanceNumber"),
 }
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_CS = re.compile(r"^[A-Z0-9 _]{1,16}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
+_CS = re.compile(r"^[A-Z0-9 _]{1,16}\Z")
 # Printable, no backslash (the DICOM value separator) and no control characters.
-_TEXT = re.compile(r"^[^\\\x00-\x1f\x7f]*$")
+_TEXT = re.compile(r"^[^\\\x00-\x1f\x7f]*\Z")
 _STRING_FIELDS = ("PatientID", "PatientName", "AccessionNumber", "StudyDescription", "Modality")
 _UID_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 

@@ -95,6 +95,9 @@ def test_claim_heartbeat_and_takeover_of_a_dead_worker(jobs):
 @pytest.mark.parametrize("body, field", [
     ([], "body"),
     ({"kind": "steal"}, "kind"),
+    ({"kind": {}}, "kind"),
+    ({"kind": "import", "path": "a\n"}, "path"),
+    ({"kind": "push", "node": "dest", "selection": {"StudyInstanceUID": "1.2.3\n"}}, "selection.StudyInstanceUID"),
     ({"kind": "retrieve", "node": "pacs", "query": {}}, "query"),
     ({"kind": "retrieve", "node": "pacs", "query": {"PatientID": "x", "Evil": 1}}, "Evil"),
     ({"kind": "retrieve", "node": "pacs", "query": {"StudyInstanceUID": "1.2' OR 1=1 --"}}, "StudyInstanceUID"),
@@ -189,7 +192,8 @@ def test_a_job_whose_message_was_lost_is_swept_into_the_queue_and_run(tmp_path):
     from .test_listener import Stack
 
     stack = Stack(tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-                  PACSBRIDGE_SWEEP_SECONDS="0.5", PACSBRIDGE_IMPORT_ROOT=str(tmp_path / "import"))
+                  PACSBRIDGE_SWEEP_SECONDS="0.5", PACSBRIDGE_JOB_RESEND_SECONDS="5",
+                  PACSBRIDGE_IMPORT_ROOT=str(tmp_path / "import"))
     (tmp_path / "import" / "b").mkdir(parents=True)
     make_instance(tmp_path / "import" / "b" / "one.dcm")
     ctx = open_context(stack.settings)
@@ -198,7 +202,7 @@ def test_a_job_whose_message_was_lost_is_swept_into_the_queue_and_run(tmp_path):
     job, _ = jobs.submit("import", {"path": "b"})  # never enqueued
     stack.start("worker", "--concurrency", "1")
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and jobs.get(job.id).state in ("queued", "running"):
             time.sleep(0.3)
         assert jobs.get(job.id).state == "succeeded", (stack.logs / "worker-0.log").read_text()[-3000:]
