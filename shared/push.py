@@ -353,6 +353,7 @@ class _Sender(threading.Thread):
         self.work, self.results, self.slots, self.rate, self.cancel = work, results, slots, rate, cancel
         self.error: str = ""
         self.associations = 0
+        self.current: _File | None = None  # taken from the queue, not yet reported
 
     def _next(self) -> _File | None:
         if self.cancel.is_set():
@@ -368,6 +369,9 @@ class _Sender(threading.Thread):
         except Exception as exc:  # a bug or a database outage: the parent reports what was not sent
             log.exception("push sender %s stopped", self.name)
             self.error = f"{type(exc).__name__}: {exc}"
+            if self.current is not None:
+                f = self.current
+                self.results.put(Sent(f.inst.sop_uid, f.inst.series_uid, False, None, f"not sent: {self.error}"))
         finally:
             self.results.put(None)
 
@@ -383,6 +387,7 @@ class _Sender(threading.Thread):
                         ok = accepted(assoc)
                         gate = _Gate.install(assoc)
                         while (f := self._next()) is not None:
+                            self.current = f
                             self.rate.wait(1, cancel=self.cancel)
                             if gate is not None:
                                 gate.park()
@@ -392,6 +397,7 @@ class _Sender(threading.Thread):
                                 if gate is not None:
                                     gate.set()  # also when nothing was sent
                             self.results.put(sent)
+                            self.current = None
                             if not assoc.is_established:  # aborted or dropped: open a new one
                                 self.error = sent.error
                                 break
