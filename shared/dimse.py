@@ -102,8 +102,11 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
     connected: list[bool] = []
     handlers = list(evt_handlers or [])
     handlers.append((evt.EVT_CONN_OPEN, lambda event: connected.append(True)))
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, max_pdu=0,
-                         ext_neg=ext_neg, evt_handlers=handlers)
+    try:
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, max_pdu=0,
+                             ext_neg=ext_neg, evt_handlers=handlers)
+    except (OSError, ValueError) as exc:  # a host name that does not resolve, a bad address
+        raise DimseError(f"{_where(node)} is unreachable: {exc}") from None
     if not assoc.is_established:
         where = _where(node)
         if assoc.is_rejected:

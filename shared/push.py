@@ -50,7 +50,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, and_, delete, select
+from sqlalchemy import Column, Float, Integer, String, Table, Text, and_, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -58,6 +58,7 @@ from .context import Context
 from .dimse import associate, describe_status, lost
 from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
+from .jobs import metadata as jobs_metadata
 from .runner import Outcome, worker_id
 from .selection import Instance, describe, resolve
 from .throttle import NodeSlots, RateLimiter, SlotTimeout
@@ -83,11 +84,9 @@ RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNINGS = (0x0001, 0x0107, 0x0116)
 
-metadata = MetaData()
-
 #: One row per instance of a push job that ended: acknowledged (``stored``) or ``failed``.
-instances_table = Table(
-    "pacsbridge_push_instances", metadata,
+instances_table = Table(  # with the job tables, so Index.create() makes it too
+    "pacsbridge_push_instances", jobs_metadata,
     Column("job_id", String(32), primary_key=True),
     Column("sop_uid", String(64), primary_key=True),
     Column("series_uid", String(64), nullable=False, default=""),
@@ -135,9 +134,9 @@ class PushReport:
 def ensure_table(engine: Engine) -> None:
     """Create ``pacsbridge_push_instances`` if missing (two workers at once are fine)."""
     try:
-        metadata.create_all(engine, checkfirst=True)
+        jobs_metadata.create_all(engine, checkfirst=True)
     except DBAPIError:  # created by another worker between the check and the CREATE
-        metadata.create_all(engine, checkfirst=True)
+        jobs_metadata.create_all(engine, checkfirst=True)
 
 
 def acknowledged(engine: Engine, job_id: str) -> set[str]:

@@ -59,6 +59,8 @@ def test_refused_calling_ae_and_unreachable_port(pacs):
         dimse.find(node_of(pacs), Query(level="study", PatientID="1CT1"), "NOBODY")
     with pytest.raises(DimseError, match="unreachable"):
         dimse.echo(Node(name="gone", ae_title="GONE", host="127.0.0.1", port=free_port()), US, timeout=3)
+    with pytest.raises(DimseError, match="unreachable"):  # a name that does not resolve: no OSError escapes
+        dimse.echo(Node(name="nowhere", ae_title="X", host="no-such-host.invalid", port=104), US, timeout=3)
 
 
 def test_truncated_find_is_split_by_date(pacs):
