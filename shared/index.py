@@ -150,13 +150,25 @@ class Index:
         the index, never the storage. The tables of nodes and jobs
         (:mod:`pacsbridge.shared.jobs`) are created too, and never dropped.
         """
+        from sqlalchemy.exc import DBAPIError
+
         from .jobs import metadata as jobs_metadata
 
-        with self.engine.begin() as conn:
-            if force:
-                self.metadata.drop_all(conn)
-            self.metadata.create_all(conn)
-            jobs_metadata.create_all(conn)
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    if force:
+                        self.metadata.drop_all(conn)
+                    self.metadata.create_all(conn)
+                    jobs_metadata.create_all(conn)
+                return
+            except DBAPIError:
+                # another process (a second API or worker process starting at the same moment)
+                # created the same table between our check and our CREATE: check again
+                if attempt == 4:
+                    raise
+                force = False
+                time.sleep(0.1 * (attempt + 1))
 
     def exists(self) -> bool:
         """True when the image table exists."""

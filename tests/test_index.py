@@ -216,3 +216,18 @@ def test_special_columns(tmp_path, db_url):
     assert rows["RTDOSE"][2] == dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID
     assert rows["CT"] == (None, None, None, None)
     ctx.index.engine.dispose()
+
+
+def test_tables_created_by_several_processes_at_once(db_url):
+    """Two API processes (gunicorn workers) or a worker and the listener start together: each
+    creates the tables; none fails because another created one first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pacsbridge.shared.config import Settings; "
+            "from pacsbridge.shared.context import open_context; "
+            "open_context(Settings(database_url=sys.argv[1])).index.create()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
