@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from pacsbridge.shared.celeryapp import DEFAULT_BROKER
 from pacsbridge.shared.config import Settings
+from pacsbridge.shared.supervise import Supervisor
 
 __all__ = ["main", "DEFAULT_FIRST_TRY_PEERS"]
 
@@ -41,23 +41,6 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
                 return True
         time.sleep(0.2)
     return False
-
-
-def _stop(procs: dict[str, subprocess.Popen[bytes]], grace: float = 20.0) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    for name, proc in procs.items():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"pacsbridge serve: {name} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _hide_password(url: str) -> str:
@@ -132,36 +115,25 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         "worker": me + ["worker", "--concurrency", workers],
         "api": me + ["api"],
     }
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    sup = Supervisor(own_groups=True)
     try:
-        for name, cmd in commands.items():
-            procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+        procs = {name: sup.start(name, cmd, env) for name, cmd in commands.items()}
         ready = (_wait_port(settings.listener_host, settings.listener_port, procs["listener"])
                  and _wait_port(settings.api_host, settings.api_port, procs["api"]))
         if not ready:
-            dead = [n for n, p in procs.items() if p.poll() is not None]
-            print(f"pacsbridge serve: {', '.join(dead) or 'a service'} did not start; stopping", file=sys.stderr)
+            print(f"pacsbridge serve: {sup.ended() or 'a service'} did not start; stopping", file=sys.stderr)
             return 3
         print(_banner(settings, env, token), file=sys.stderr, flush=True)
-        while not stopping:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"pacsbridge serve: {name} exited with {proc.returncode}; stopping the others",
-                          file=sys.stderr)
-                    return 3
-            time.sleep(0.5)
+        ended = sup.watch()
+        if ended is not None:
+            print(f"pacsbridge serve: {ended} exited with {procs[ended].returncode}; stopping the others",
+                  file=sys.stderr)
+            return 3
         print("pacsbridge serve: stopping", file=sys.stderr)
         return 0
     finally:
-        _stop(procs)
+        for name in sup.stop_all(grace=20.0):
+            print(f"pacsbridge serve: {name} did not stop in 20 s; killed it", file=sys.stderr)
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", func: object) -> None:

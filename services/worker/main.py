@@ -108,11 +108,14 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 
 
 def _supervise(args: argparse.Namespace | None) -> int:
-    """Run ``worker --queues index`` and ``worker --queues jobs`` as children; stop both together."""
-    import signal
-    import subprocess
+    """Run ``worker --queues index`` and ``worker --queues jobs`` as children; stop both together.
+
+    The children stay in this process group, so a signal to the group (compose, a test's
+    kill of the group) reaches them directly too.
+    """
     import sys
-    import time
+
+    from pacsbridge.shared.supervise import Supervisor
 
     base = [sys.executable, "-m", "pacsbridge.cli", "worker"]
     extra: dict[str, list[str]] = {"index": [], "jobs": []}
@@ -120,33 +123,14 @@ def _supervise(args: argparse.Namespace | None) -> int:
         extra["index"] += ["--concurrency", str(args.concurrency)]
     if getattr(args, "job_concurrency", None):
         extra["jobs"] += ["--job-concurrency", str(args.job_concurrency)]
-    children = {q: subprocess.Popen(base + ["--queues", q] + extra[q]) for q in ("index", "jobs")}
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    code = 0
+    sup = Supervisor()
     try:
-        while not stopping:
-            ended = [q for q, p in children.items() if p.poll() is not None]
-            if ended:
-                log.error("worker for %s exited with %s; stopping the other", ended[0],
-                          children[ended[0]].returncode)
-                code = 3
-                break
-            time.sleep(0.5)
+        for queue in ("index", "jobs"):
+            sup.start(queue, base + ["--queues", queue] + extra[queue])
+        ended = sup.watch()
+        if ended is not None:
+            log.error("worker for %s exited with %s; stopping the other", ended, sup.children[ended].returncode)
+            return 3
+        return 0
     finally:
-        for p in children.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # Celery's warm shutdown: finish the current task
-        for p in children.values():
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    return code
+        sup.stop_all(grace=60.0)
