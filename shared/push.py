@@ -61,6 +61,7 @@ from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
 from .runner import Outcome, worker_id
 from .selection import Instance, describe, resolve
+from .sender import FastStore, SendFailed
 from .throttle import NodeSlots, RateLimiter, SlotTimeout
 
 __all__ = ["run", "push", "PushReport", "Sent", "instances_table", "acknowledged", "MAX_CONTEXTS"]
@@ -80,6 +81,8 @@ TIMEOUT = 60.0
 SLOT_TIMEOUT = 600.0
 #: pynetdicom's polling delay per association (its default 0.001 s costs latency per instance).
 RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
+#: Send stored files with :mod:`~pacsbridge.shared.sender` (one socket write per instance); 0: pynetdicom's own.
+FAST_SEND = os.environ.get("PACSBRIDGE_PUSH_FAST", "1") != "0"
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNINGS = (0x0001, 0x0107, 0x0116)
@@ -247,16 +250,21 @@ def accepted(assoc: Any) -> set[tuple[str, str]]:
     return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
-def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]]) -> Sent:
+def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: FastStore | None = None) -> Sent:
     inst = f.inst
     fallback = (f.sop_class, f.transfer_syntax) not in ok
     try:
-        if not fallback:
+        if not fallback and fast is not None:
+            rsp = fast.store(inst.path, f.sop_class, inst.sop_uid, f.transfer_syntax)
+        elif not fallback:
             rsp = assoc.send_c_store(inst.path)  # as stored: the file is not decoded
         else:  # the peer refused the file's own transfer syntax
             rsp = assoc.send_c_store(_decoded(f))
     except _Unconvertible as exc:
         return Sent(inst.sop_uid, inst.series_uid, False, None, str(exc), fallback)
+    except SendFailed as exc:
+        return Sent(inst.sop_uid, inst.series_uid, False, None,
+                    f"node {node.name!r}: C-STORE not sent: {exc}", fallback)
     except ValueError as exc:  # no context at all for this SOP class / syntax
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"the node accepted no presentation context for it: {exc}", fallback)
@@ -385,21 +393,32 @@ class _Sender(threading.Thread):
                         failures = 0
                         ok = accepted(assoc)
                         gate = _Gate.install(assoc)
-                        while (f := self._next()) is not None:
-                            self.current = f
-                            self.rate.wait(1, cancel=self.cancel)
+                        fast = FastStore.attach(assoc, TIMEOUT) if gate is not None and FAST_SEND else None
+                        parked = False
+                        try:
+                            while (f := self._next()) is not None:
+                                self.current = f
+                                self.rate.wait(1, cancel=self.cancel)
+                                if gate is not None and not parked:
+                                    gate.park()
+                                    parked = True
+                                fast_path = fast is not None and fast.can_send(f.sop_class, f.transfer_syntax)
+                                try:
+                                    sent = _send_one(assoc, self.node, f, ok, fast)
+                                finally:
+                                    # the fast path leaves the reactor parked for the next instance (no
+                                    # ~1 ms park per instance); pynetdicom's send_c_store needs it running
+                                    if gate is not None and (not fast_path or not assoc.is_established):
+                                        gate.set()  # also when nothing was sent
+                                        parked = False
+                                self.results.put(sent)
+                                self.current = None
+                                if not assoc.is_established:  # aborted or dropped: open a new one
+                                    self.error = sent.error
+                                    break
+                        finally:
                             if gate is not None:
-                                gate.park()
-                            try:
-                                sent = _send_one(assoc, self.node, f, ok)
-                            finally:
-                                if gate is not None:
-                                    gate.set()  # also when nothing was sent
-                            self.results.put(sent)
-                            self.current = None
-                            if not assoc.is_established:  # aborted or dropped: open a new one
-                                self.error = sent.error
-                                break
+                                gate.set()  # the reactor runs again for the release
             except (DimseError, SlotTimeout) as exc:
                 self.error = str(exc)
                 failures += 1
