@@ -115,4 +115,18 @@ def test_client_finds_and_retrieves_from_a_real_pacs(served, tmp_path):
 
         job = json.loads(got.stdout)
         assert job["state"] == "succeeded" and job["totals"]["indexed"] == 2
+        status = served.client("status", job["id"], "--format", "csv")
+        assert status.returncode == 0 and status.stdout.count(",done,") == 2  # one row per series
+        assert served.client("cancel", job["id"]).returncode == 2  # finished: a clear refusal (409)
+        with Orthanc(tmp_path / "platform", aet="PLATFORM") as platform:
+            assert served.client("nodes", "add", "platform", "--aet", "PLATFORM", "--host", "127.0.0.1",
+                                 "--port", str(platform.dicom_port)).returncode == 0
+            pushed = served.client("push", "platform", "--job", job["id"], "--follow", "--format", "json")
+            assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+            assert json.loads(pushed.stdout)["totals"]["pushed"] == 2
+            assert platform.sop_uids() == pacs.sop_uids()
+        # find --then retrieve: the same query again finds everything indexed, so nothing is pulled twice
+        again = served.client("find", "pacs", "--PatientID", "*", "--StudyDate", "19000101-", "--then", "retrieve",
+                              "--follow", "--format", "json")
+        assert again.returncode == 0, again.stdout + again.stderr
     assert served.stop() == 0
