@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/pacsbridge-bench-retrieve")
     ap.add_argument("--pg-url", default="postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_retrieve")
     ap.add_argument("--targets", default="movescu,move,get")
+    ap.add_argument("--max-associations", type=int, default=4,
+                    help="the PACS node's association limit (series and parts of series pulled in parallel)")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.runs):
         stack = Stack(work / f"stack{run}", database_url=args.pg_url,
                       PACSBRIDGE_ALLOWED_PEERS="ORTHANC@127.0.0.1", PACSBRIDGE_FSYNC="1",
-                      PACSBRIDGE_RETRIEVE_WAIT_SECONDS="60")
+                      PACSBRIDGE_RETRIEVE_WAIT_SECONDS="60",
+                      # production defaults: the test stack's 2 s reconciler re-queues, and the
+                      # workers re-index, every instance stored but not indexed yet
+                      PACSBRIDGE_RECONCILE_SECONDS="300", PACSBRIDGE_RECONCILE_MIN_AGE="30")
         pacs = Orthanc(work / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", stack.port),
                                                      "dest": ("DEST", "127.0.0.1", dest_port)})
         pacs.start()
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.index.create()
                 ctx.storage.ensure()
                 jobs = JobStore(ctx.index.engine)
-                jobs.add_node(Node(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port))
+                jobs.add_node(Node(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port,
+                                   max_associations=args.max_associations))
                 if target == "move":
                     stack.start("listener")
                     stack.start("worker", "--concurrency", "2")
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
             pacs.stop()
     base = median(results.get("movescu", []))
-    report = {"instances": n, "runs": args.runs, "host": host_facts(("pynetdicom", "pydicom", "celery")),
+    report = {"instances": n, "runs": args.runs, "max_associations": args.max_associations, "host": host_facts(("pynetdicom", "pydicom", "celery")),
               "inst_per_s": {t: [round(v, 1) for v in r] for t, r in results.items()},
               "median": {t: median(r) for t, r in results.items()},
               "ratio_to_movescu": {t: round(median(r) / base, 2) for t, r in results.items() if base and r},

@@ -43,9 +43,11 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Protocol, Sequence
 
 from pydicom.dataset import Dataset
@@ -55,7 +57,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from .context import Context
 from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
@@ -82,6 +84,10 @@ REPULLS = int(os.environ.get("PACSBRIDGE_RETRIEVE_REPULLS", "2"))
 DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
 #: How long a job waits for a free association slot of its node before failing the series.
 SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
+#: pynetdicom's polling delay on our associations (its default, 1 ms, is paid per PDU exchanged).
+RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
+#: How often a C-MOVE job looks at the index while the workers index what the listener stored.
+POLL_SECONDS = 0.2
 #: The earliest StudyDate assumed when a truncated query without dates has to be split.
 EARLIEST = dt.date(1900, 1, 1)
 
@@ -220,6 +226,22 @@ class DimseSearcher:
 
 
 # -- DIMSE downloaders -----------------------------------------------------------
+def _tune(event: Any) -> None:
+    """EVT_CONN_OPEN: poll pynetdicom's queues more often, and no Nagle delay on our socket.
+
+    Orthanc (and most PACS) wait for each C-STORE response of a C-GET before
+    sending the next instance, so every millisecond pynetdicom sleeps between
+    polls is paid once per instance.
+    """
+    event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # already closed
+            pass
+
+
 def _identifier(series: SeriesRef, sops: Sequence[str] | None) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "IMAGE" if sops else "SERIES"
@@ -283,7 +305,7 @@ class MoveDownloader:
         try:
             with _slot(self.slots, cancel):
                 with associate(self.node, self.calling_ae, [build_context(model)],
-                               timeout=DIMSE_TIMEOUT) as assoc:
+                               timeout=DIMSE_TIMEOUT, evt_handlers=[(evt.EVT_CONN_OPEN, _tune)]) as assoc:
                     responses = assoc.send_c_move(_identifier(series, sops), self.destination, model)
                     _run_retrieve(self.node, assoc, responses, "C-MOVE", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -341,7 +363,8 @@ class GetDownloader:
         try:
             with _slot(self.slots, cancel):
                 with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
-                               ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+                               ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                                                    (evt.EVT_CONN_OPEN, _tune)]) as assoc:
                     responses = assoc.send_c_get(_identifier(series, sops), model)
                     _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -446,15 +469,31 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     jobs.set_series(job.id, rows)
     result["expected"] = sum(r.expected for r in rows)
 
-    for ref, row in zip(plan, rows):
-        if row.state == "done":
-            result["skipped_complete"] += 1
-            continue
+    todo = [(ref, row) for ref, row in zip(plan, rows) if row.state != "done"]
+    result["skipped_complete"] = len(plan) - len(todo)
+    lock = threading.Lock()
+
+    def pull(ref: SeriesRef, row: SeriesProgress) -> None:
         if cancel.is_set():
-            break
+            return
         if mode == "move" and not _wait_window(node, jobs, job, cancel):
-            break
-        _pull_series(ref, row, ctx, jobs, job, searcher, downloader, cancel, result)
+            return
+        _pull_series(ref, row, ctx, jobs, job, searcher, downloader, cancel, result, lock)
+
+    # Several series at once, each in its own association (within the node's slots): the
+    # PACS, our listener's receivers and the indexing workers then work side by side
+    # instead of waiting for one another series after series.
+    parallel = max(1, min(node.max_associations, len(todo)))
+    if parallel == 1:
+        for ref, row in todo:
+            pull(ref, row)
+    else:
+        with ThreadPoolExecutor(parallel, thread_name_prefix=f"retrieve-{job.id[:8]}") as pool:
+            futures = [pool.submit(pull, ref, row) for ref, row in todo]
+            errors = [f.exception() for f in futures]  # waits for every series
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     rows = jobs.series(job.id)
     missing = [r for r in rows if r.indexed < r.expected]
@@ -474,8 +513,12 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
 
 def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobStore, job: Job,
                  searcher: DimseSearcher, downloader: Downloader, cancel: threading.Event,
-                 result: dict[str, Any]) -> None:
-    """Pull one series until it is indexed, re-pulling missing instances a bounded number of times."""
+                 result: dict[str, Any], lock: threading.Lock | None = None) -> None:
+    """Pull one series until it is indexed, re-pulling missing instances a bounded number of times.
+
+    Runs in parallel with other series of the job: ``result`` is only changed under ``lock``.
+    """
+    lock = lock or threading.Lock()
     expected = ref.expected or 0
     have = indexed_sops(ctx.index, ref.series_uid)
     jobs.update_series(job.id, ref.series_uid, state="running", error="")
@@ -495,11 +538,13 @@ def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobSto
             if not sops:
                 break
             if attempt > 0:
-                result["repulls"] += 1
+                with lock:
+                    result["repulls"] += 1
         before = _wanted(ref, have)
         transfer = downloader.fetch(ref, sops, cancel)
-        for k in ("completed", "failed", "warning"):
-            result["suboperations"][k] += getattr(transfer, k)
+        with lock:
+            for k in ("completed", "failed", "warning"):
+                result["suboperations"][k] += getattr(transfer, k)
         received = max(received, min(expected, before + transfer.completed + transfer.warning))
         if downloader.indexes_itself:
             have = indexed_sops(ctx.index, ref.series_uid)
@@ -526,21 +571,39 @@ def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobSto
                                  f"{REPULLS} re-pull(s): {why}"[:2000])
 
 
+def indexed_count(index: Index, series_uid: str) -> int:
+    """How many instances of a series the index holds (one COUNT, not the SOP list)."""
+    img = index.tables["Image"]
+    link = index.schema["Image"].parent.column  # type: ignore[union-attr]
+    with index.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(img).where(img.c[link] == series_uid))
+                   .scalar_one())
+
+
 def _wait_indexed(index: Index, ref: SeriesRef, expected: int, jobs: JobStore, job: Job,
                   cancel: threading.Event, received: int) -> set[str]:
-    """Poll the index until the series is complete, or nothing new arrives for WAIT_SECONDS."""
-    have = indexed_sops(index, ref.series_uid)
-    last, last_change = _wanted(ref, have), time.monotonic()
-    while _wanted(ref, have) < expected and not cancel.is_set():
+    """Poll the index until the series is complete, or nothing new arrives for WAIT_SECONDS.
+
+    Polls with a COUNT (a whole series' SOP list every poll costs the database more than
+    the answer is worth); the SOP list is read once at the end. A job pulling only some
+    instances (``ref.sops``) compares SOP lists, since other instances may be indexed too.
+    """
+    def wanted() -> int:
+        if ref.sops is not None:
+            return _wanted(ref, indexed_sops(index, ref.series_uid))
+        return indexed_count(index, ref.series_uid)
+
+    n = wanted()
+    last, last_change = n, time.monotonic()
+    while n < expected and not cancel.is_set():
         if time.monotonic() - last_change > WAIT_SECONDS:
             break
         # what the PACS said it delivered is durably in our storage; give the workers time
-        if _wanted(ref, have) >= received and time.monotonic() - last_change > min(WAIT_SECONDS, 5.0):
+        if n >= received and time.monotonic() - last_change > min(WAIT_SECONDS, 5.0):
             break
-        cancel.wait(0.3)
-        have = indexed_sops(index, ref.series_uid)
-        n = _wanted(ref, have)
+        cancel.wait(POLL_SECONDS)
+        n = wanted()
         if n != last:
             last, last_change = n, time.monotonic()
             jobs.update_series(job.id, ref.series_uid, indexed=n, received=max(received, n))
-    return have
+    return indexed_sops(index, ref.series_uid)
