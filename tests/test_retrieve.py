@@ -323,3 +323,68 @@ def test_stable_detection(ctx):
     assert sorted(stable.check(ctx.index, 60, now=now + 111)) == [("series", "9.0"), ("study", "8.1")]
     study = stable.stable_since(ctx.index.engine, now + 111)[0]
     assert study["instances"] == 5 and study["last_arrival"] == now + 50
+
+
+def test_series_in_parallel_exact_counts_and_one_failing_series_reported(tmp_path, pacs_files, ctx_of,
+                                                                         monkeypatch):
+    """Series are pulled at once (one association each, within the node's limit); each series
+    row still gets its own exact counts, and a series that fails while the others run is
+    reported on its own row, without losing or double-counting the others."""
+    monkeypatch.setattr(retrieve, "REPULLS", 0)
+    stack = make_stack(tmp_path)
+    pacs = start_pacs(tmp_path, stack, pacs_files["ct"])
+    try:
+        ctx = ctx_of(stack)
+        # slow enough (shared by every association of the node) that the series overlap
+        jobs = add_node(ctx, pacs, retrieve="get", max_associations=3, max_rate=15.0)
+        import pydicom
+
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs_files["ct"]]
+        by_series: dict[str, set[str]] = {}
+        for h in headers:
+            by_series.setdefault(str(h.SeriesInstanceUID), set()).add(str(h.SOPInstanceUID))
+        # one series cannot be stored: where its folder should be, there is a file (even root fails)
+        broken_uid = str(headers[-1].SeriesInstanceUID)
+        folder = ctx.settings.storage / PATIENT / str(headers[-1].StudyInstanceUID)
+        folder.mkdir(parents=True)
+        (folder / broken_uid).write_text("not a folder")
+
+        from pacsbridge.shared.throttle import NodeSlots
+
+        slots = NodeSlots(ctx.index.engine, jobs.get_node("pacs"), "probe")
+        held: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:  # how many associations the node has at once, while the job runs
+            while not stop.wait(0.05):
+                held.append(slots.held())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": PATIENT}}, node="pacs")
+        try:
+            done = runner.run_job(job.id, ctx, jobs)
+        finally:
+            stop.set()
+            watcher.join()
+        assert done.state == "partial", done.error
+        # the series really ran side by side, and never beyond the node's limit
+        assert 2 <= max(held) <= 3, held
+        rows = {s.series_uid: s for s in done.series}
+        assert set(rows) == set(by_series)
+        for uid, sops in by_series.items():
+            row = rows[uid]
+            assert row.expected == len(sops)
+            if uid == broken_uid:
+                assert row.state == "partial" and row.indexed == 0, row.to_dict()
+                assert row.failed == len(sops) and "C-GET failed" in row.error, row.to_dict()
+            else:
+                assert row.state == "done" and row.indexed == row.received == len(sops), row.to_dict()
+        good = set().union(*(s for u, s in by_series.items() if u != broken_uid))
+        assert sorted(index_sops(ctx)) == sorted(good)  # each once, nothing of the broken series
+        assert done.result["suboperations"]["completed"] == len(good)
+        assert done.result["suboperations"]["failed"] == len(by_series[broken_uid])
+        assert broken_uid in done.error
+    finally:
+        stack.close()
+        pacs.stop()
