@@ -21,7 +21,8 @@ What the job does (params: ``{"query": Query.to_dict(), "mode"?: "move"|"get"}``
 2. One row per series (expected, received, indexed). Series already complete
    in the index are skipped: re-running the job (a retry, or another worker
    after a crash) never pulls twice what is indexed.
-3. Series by series: the whole series, or at IMAGE level only the SOP UIDs
+3. Up to ``node.max_associations`` series at once (one thread and one
+   association each): the whole series, or at IMAGE level only the SOP UIDs
    still missing. Each association holds a :class:`~.throttle.NodeSlots`
    lease; the :class:`~.throttle.RateLimiter` is charged per instance (C-GET:
    as each arrives; C-MOVE: the series' expected count before moving it).
