@@ -470,3 +470,59 @@ def test_peer_killed_mid_push_every_instance_is_acknowledged_or_failed(pctx, job
     rows = jobs.get(job_id).series
     assert sum(r.pushed for r in rows) == res["acknowledged"] and sum(r.failed for r in rows) == res["failed"]
     assert all(r.pushed + r.failed == r.expected == 100 for r in rows)
+
+
+# -- sender processes (PACSBRIDGE_PUSH_PROCESSES=1) ------------------------------------------
+def test_sender_processes_give_exact_counts_and_a_killed_one_reports_what_it_held(pctx, jobs, tmp_path,
+                                                                                  monkeypatch):
+    import signal
+
+    series = [generate_uid() for _ in range(4)]
+    for i in range(80):
+        make_instance(tmp_path / "in" / f"{i}.dcm", SeriesInstanceUID=series[i % 4], InstanceNumber=i)
+    load(pctx, tmp_path / "in")
+    monkeypatch.setattr(pushmod, "PROCESSES", "1")
+    made = []
+    original = pushmod._ProcSender.__init__
+
+    def record(self, *a, **kw):
+        original(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(pushmod._ProcSender, "__init__", record)
+    scp = RecordingSCP(status=lambda ds: time.sleep(0.01) or 0x0000)
+    try:
+        jobs.add_node(scp.node(max_associations=2))
+        job = runner.run_job(submit(jobs, "strict", {"SeriesInstanceUID": series}), pctx, jobs)
+        assert job.state == "succeeded", job.error
+        assert job.result["acknowledged"] == 80 and job.result["associations"] == 2 and len(made) == 2
+        assert {s: len(v) for s, v in scp.received.items()} == {s: 1 for s in pushmod.acknowledged(
+            pctx.index.engine, job.id)}
+        assert all((r.pushed, r.failed, r.state) == (20, 0, "succeeded") for r in jobs.get(job.id).series)
+
+        # kill -9 one sender process mid-push: its unreported instances are failed, the other goes on
+        scp.received.clear()
+        made.clear()
+        sel = resolve(pctx.index, pctx.storage, {"SeriesInstanceUID": series})
+        outcomes = []
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("report", pushmod.push(
+            scp.node(max_associations=2), sel.instances, "PACSBRIDGE", pctx.index.engine,
+            on_results=outcomes.extend)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(made) < 2 or len(scp.received) < 10
+                                               or any(s.proc is None for s in made)):
+            time.sleep(0.005)
+        victim = made[0].proc
+        os.kill(victim.pid, signal.SIGKILL)
+        t.join(60)
+        report = box["report"]
+    finally:
+        scp.close()
+    assert sorted(s.sop_uid for s in outcomes) == sorted(i.sop_uid for i in sel.instances)  # each exactly once
+    assert report.acknowledged + len(report.failed) == 80
+    assert 1 <= len(report.failed) <= pushmod.PROC_WINDOW
+    assert all("exit code -9" in s.error for s in report.failed), report.failed
+    acked = {s.sop_uid for s in outcomes if s.ok}
+    assert acked <= set(scp.received)  # acknowledged means the peer has it
