@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs test bench bench-ingest clean
+.PHONY: demo install install-test services debs test bench bench-ingest bench-retrieve bench-push clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench: install-test
 
 bench-ingest: debs services install-test
 	$(PY) bench/ingest.py
+
+bench-retrieve: debs services install-test
+	$(PY) bench/retrieve.py
+
+bench-push: debs services install-test
+	$(PY) bench/push.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
