@@ -64,7 +64,7 @@ from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
 from .runner import Outcome, worker_id
 from .selection import Instance, describe, resolve
-from .sender import FastStore, SendFailed
+from .sender import FastStore, SendFailed, file_meta
 from .throttle import NodeSlots, RateLimiter, SlotTimeout
 
 __all__ = ["run", "push", "PushReport", "Sent", "instances_table", "acknowledged", "MAX_CONTEXTS"]
@@ -182,12 +182,14 @@ def read_meta(inst: Instance) -> _File:
 
     Raises OSError (file missing or unreadable) or ValueError (no usable meta).
     """
-    try:
-        meta = read_file_meta_info(inst.path)
-    except OSError:
-        raise
-    except Exception as exc:  # pydicom: not DICOM, truncated meta ...
-        raise ValueError(f"unreadable file meta: {exc}") from None
+    meta: Any = file_meta(str(inst.path))  # the common case, ~10x quicker than pydicom
+    if meta is None:
+        try:
+            meta = read_file_meta_info(inst.path)
+        except OSError:
+            raise
+        except Exception as exc:  # pydicom: not DICOM, truncated meta ...
+            raise ValueError(f"unreadable file meta: {exc}") from None
     ts = str(meta.get("TransferSyntaxUID", "") or "")
     sop_class = str(meta.get("MediaStorageSOPClassUID", "") or inst.sop_class)
     sop = str(meta.get("MediaStorageSOPInstanceUID", "") or "")

@@ -104,6 +104,46 @@ def dataset_offset(data: bytes | memoryview) -> int:
     raise ValueError("truncated file meta")
 
 
+_META_TAGS = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID", 0x0010: "TransferSyntaxUID"}
+
+
+def file_meta(path: str, head: int = 8192) -> dict[str, str] | None:
+    """SOP class, SOP instance and transfer syntax UIDs from a file's group 0002, without pydicom.
+
+    ``None`` when the file does not start with a preamble and a well-formed
+    explicit VR little endian group 0002 within its first ``head`` bytes
+    (the caller then asks pydicom). Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(head)
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    out: dict[str, str] = {}
+    pos, end = 132, len(data)
+    while pos + 8 <= end:
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return out
+        vr = data[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                return None
+            length, = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            length, = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        if elem in _META_TAGS:
+            try:
+                out[_META_TAGS[elem]] = data[start:start + length].decode("ascii").rstrip("\x00 ")
+            except UnicodeDecodeError:
+                return None
+        pos = start + length
+    return out if pos == end and len(data) < head else None
+
+
 def pdus(context_id: int, command: bytes, dataset: memoryview, max_pdu: int) -> list[bytes | memoryview]:
     """P-DATA-TF PDUs (as buffers to write in order) for one command set and its data set.
 

@@ -526,3 +526,23 @@ def test_sender_processes_give_exact_counts_and_a_killed_one_reports_what_it_hel
     assert all("exit code -9" in s.error for s in report.failed), report.failed
     acked = {s.sop_uid for s in outcomes if s.ok}
     assert acked <= set(scp.received)  # acknowledged means the peer has it
+
+
+def test_fast_file_meta_reads_what_pydicom_reads(tmp_path):
+    from pydicom.filereader import read_file_meta_info
+
+    from pacsbridge.shared import sender
+
+    names = MIXED + ["MR_small_bigendian.dcm", "emri_small_big_endian.dcm", "no_meta.dcm", "rtplan.dcm"]
+    for name in names:
+        path = TEST_FILES / name
+        if not path.exists():
+            continue
+        ours = sender.file_meta(str(path))
+        if ours is None:  # no preamble / file meta: the caller asks pydicom
+            continue
+        theirs = read_file_meta_info(path)
+        assert ours == {k: str(theirs[k].value) for k in ours}, name
+        assert set(ours) == {"MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"}
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7f")
+    assert sender.file_meta(str(tmp_path / "junk.dcm")) is None  # a length past the end: pydicom decides
