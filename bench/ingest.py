@@ -87,6 +87,8 @@ QUARTERS = 4
 #: The issue's targets: (associations, ratio name) -> minimum
 GOALS = {(4, "indexed_vs_orthanc"): 1.0, (4, "stored_vs_noop"): 0.8, (1, "indexed_vs_orthanc"): 0.8}
 POLL_SECONDS = 0.1
+#: Settings of pacsbridge.listener that the no-op SCP applies too (so "tuned like ours" holds when comparing them)
+SHARED_KNOBS = ("PACSBRIDGE_REACTOR", "PACSBRIDGE_RUN_LOOP_DELAY")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 #: Log lines worth reporting from the pacsbridge services (and the other receivers)
@@ -100,8 +102,9 @@ def log(msg: str) -> None:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The current environment without ``PACSBRIDGE_*``, with ``TCP_NODELAY=1``, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    """The current environment without ``PACSBRIDGE_*`` (except the pynetdicom tuning knobs the no-op SCP
+    shares with the listener, :data:`SHARED_KNOBS`), with ``TCP_NODELAY=1``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_") or k in SHARED_KNOBS}
     env["TCP_NODELAY"] = "1"
     env.update(extra)
     return env

@@ -11,6 +11,8 @@ Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
 - every storage SOP class (``AllStoragePresentationContexts``) in every
   transfer syntax (``ALL_TRANSFER_SYNTAXES``), plus Verification for
   ``echoscu``;
+- per association, what the listener does (:func:`on_conn_open`): a 0.2 ms
+  DUL poll delay, TCP_NODELAY, and reactors that wait instead of polling;
 - the C-STORE handler returns ``0x0000`` without touching ``event.dataset``;
 - several processes share the port with ``SO_REUSEPORT`` (associations of one
   process share its GIL): each forked process builds its own AE and
@@ -75,6 +77,23 @@ def make_ae(aet: str) -> Any:
     return ae
 
 
+def on_conn_open(event: Any) -> None:
+    """The listener's per-association tuning (``pacsbridge.listener.handlers.StoreHandlers.on_conn_open``):
+    its DUL poll delay, TCP_NODELAY, and the waiting reactors of ``pacsbridge.listener.reactor``
+    (``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's polling, as for the listener)."""
+    from pacsbridge.listener.handlers import RUN_LOOP_DELAY
+    from pacsbridge.listener.reactor import install
+
+    event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+    install(event.assoc)
+
+
 def handle_store(event: Any) -> int:
     """Answer success; the data set is neither decoded nor stored."""
     return SUCCESS
@@ -85,7 +104,8 @@ def serve(host: str, port: int, aet: str, ready_fd: int | None = None) -> None:
     from pynetdicom import evt
 
     ae = make_ae(aet)
-    server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handle_store)],
+    server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handle_store),
+                                                            (evt.EVT_CONN_OPEN, on_conn_open)],
                             server_class=_server_class())
 
     def stop() -> None:

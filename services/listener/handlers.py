@@ -29,6 +29,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
+from .reactor import install as install_reactor
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
@@ -80,6 +81,8 @@ class StoreHandlers:
     def on_conn_open(self, event: Any) -> None:
         # pynetdicom polls its queues; its 1 ms default between polls costs throughput
         event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+        # ... and waiting instead of polling does better still (see reactor.py)
+        install_reactor(event.assoc)
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             try:

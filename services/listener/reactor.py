@@ -1,0 +1,264 @@
+"""Waiting instead of polling in pynetdicom's two reactor loops, per association.
+
+pynetdicom 3.0 runs two polling loops per association: the DUL thread
+(``DULServiceProvider.run_reactor``) sleeps ``_run_loop_delay`` whenever it
+had nothing to do, and the association thread (``Association._run_reactor``)
+sleeps a hard-coded 1 ms before each look at its queues. Both add latency to
+every instance (the response waits for the next poll) and burn CPU while the
+handler is busy (fsync): ~35 % of a receiver's samples.
+
+:func:`install` (called from ``EVT_CONN_OPEN``, before the association's
+threads start) replaces both loops of *that* association with copies that
+wait instead:
+
+- the DUL thread blocks in ``select()`` on the association socket and one
+  end of a socket pair; the other end is written when a primitive is queued
+  for sending (``to_provider_queue.put``) or the DUL is told to stop;
+- the association thread blocks on a :class:`threading.Event` set when a
+  DIMSE message is complete (``dimse.msg_queue.put``), when the DUL hands an
+  ACSE primitive up (``to_user_queue.put``: release, abort) and when the DUL
+  thread ends.
+
+Both waits are capped (:data:`WAIT_CAP` seconds), so a wake-up we do not
+signal (ARTIM timer, network idle timeout, a flag set directly) is seen as
+late as that, never missed. Everything else in the loops is pynetdicom's code,
+step for step.
+
+Only for the pynetdicom versions listed in :data:`SUPPORTED` (anything else,
+TLS sockets, or ``PACSBRIDGE_REACTOR=poll`` keeps stock behaviour);
+:func:`install` returns whether it patched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+__all__ = ["install", "enabled", "SUPPORTED", "WAIT_CAP"]
+
+log = logging.getLogger(__name__)
+_ASSOC_LOG = logging.getLogger("pynetdicom.association")  # where pynetdicom logs these
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
+
+#: pynetdicom versions whose reactor loops these copies follow (checked against their source).
+SUPPORTED = ("3.0.",)
+#: Longest wait (seconds) before the loops look again without being woken.
+WAIT_CAP = 0.005
+
+
+def enabled() -> bool:
+    """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow."""
+    if os.environ.get("PACSBRIDGE_REACTOR", "wait").strip().lower() == "poll":
+        return False
+    try:
+        import pynetdicom
+    except ImportError:  # pragma: no cover
+        return False
+    return str(pynetdicom.__version__).startswith(SUPPORTED)
+
+
+def _wrap_put(q: queue.Queue, after: Any) -> None:
+    """Call ``after()`` after every ``q.put`` (an instance attribute, so only this queue)."""
+    put = q.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        after()
+
+    q.put = put_and_wake  # type: ignore[method-assign]
+
+
+def install(assoc: Any) -> bool:
+    """Make ``assoc`` (not started yet: call from ``EVT_CONN_OPEN``) wait instead of poll.
+
+    Returns False, leaving the association as it was, when disabled or not applicable.
+    """
+    if not enabled():
+        return False
+    dul = assoc.dul
+    raw = getattr(dul.socket, "socket", None)
+    try:
+        import ssl
+        if isinstance(raw, ssl.SSLSocket):  # buffered bytes select() cannot see
+            return False
+    except ImportError:  # pragma: no cover
+        pass
+    if raw is None or dul.is_alive() or assoc.is_alive():
+        return False
+    for name in ("_process_recv_primitive", "_is_transport_event", "artim_timer", "state_machine",
+                 "to_provider_queue", "to_user_queue", "event_queue", "_dul_ready", "_reactor_checkpoint"):
+        if not hasattr(dul, name) and not hasattr(assoc, name):
+            log.warning("pynetdicom lacks %s: keeping its polling reactors", name)
+            return False
+
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    assoc_wake = threading.Event()
+
+    def wake_dul() -> None:
+        try:
+            wake_w.send(b"\0")
+        except OSError:  # full (already woken) or closed (DUL gone)
+            pass
+
+    _wrap_put(dul.to_provider_queue, wake_dul)
+    _wrap_put(dul.to_user_queue, assoc_wake.set)
+    _wrap_put(assoc.dimse.msg_queue, assoc_wake.set)
+
+    def kill_dul() -> None:
+        dul._kill_thread = True
+        wake_dul()
+
+    def stop_dul() -> bool:  # pynetdicom's, plus the wake-up
+        if dul.state_machine.current_state == "Sta1":
+            kill_dul()
+            while dul.is_alive():
+                time.sleep(0.0005)
+            return True
+        return False
+
+    dul.kill_dul = kill_dul
+    dul.stop_dul = stop_dul
+
+    from pynetdicom.utils import make_target
+
+    target = make_target(lambda: _run_dul(dul, wake_r, assoc_wake))
+
+    def run() -> None:
+        try:
+            target()
+        finally:
+            assoc_wake.set()  # the association reactor checks dul.is_alive()
+            for s in (wake_r, wake_w):
+                s.close()
+
+    dul.run = run
+    assoc._run_reactor = lambda: _run_association(assoc, assoc_wake)
+    return True
+
+
+def _wait_dul(dul: Any, wake_r: socket.socket) -> None:
+    """Block until the peer sent something, a primitive was queued, or WAIT_CAP passed."""
+    if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+        return
+    raw = getattr(dul.socket, "socket", None) if dul.socket is not None else None
+    timeout = WAIT_CAP
+    try:
+        ready, _, _ = select.select([raw, wake_r] if raw is not None else [wake_r], [], [], timeout)
+    except (OSError, ValueError):  # socket closed meanwhile: pynetdicom's own checks see to it
+        time.sleep(0.0002)
+        return
+    if wake_r in ready:
+        try:
+            while wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def _run_dul(dul: Any, wake_r: socket.socket, assoc_wake: threading.Event) -> None:
+    """``DULServiceProvider.run_reactor`` of pynetdicom 3.0 with ``time.sleep`` replaced by :func:`_wait_dul`."""
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    dul._idle_timer.start()
+    sleep = False
+    while True:
+        if not dul.assoc._dul_ready.is_set():
+            dul.assoc._dul_ready.set()
+            sleep = True
+        if sleep:
+            _wait_dul(dul, wake_r)
+        if dul._kill_thread:
+            break
+        if dul.artim_timer.expired:
+            dul.event_queue.put("Evt18")
+        try:
+            if dul._process_recv_primitive():
+                pass
+            elif dul._is_transport_event():
+                dul._idle_timer.restart()
+        except Exception as exc:
+            _DUL_LOG.error("Exception in DUL.run(), aborting association")
+            _DUL_LOG.exception(exc)
+            abort_pdu = A_ABORT_RQ()
+            abort_pdu.source = 0x02
+            abort_pdu.reason_diagnostic = 0x00
+            dul.socket.send(abort_pdu.encode())
+            dul.assoc.is_aborted = True
+            dul.assoc.is_established = False
+            dul.assoc._kill = True
+            dul._kill_thread = True
+            return
+        try:
+            event = dul.event_queue.get(block=False)
+        except queue.Empty:
+            sleep = True
+            continue
+        dul.state_machine.do_action(event)
+        sleep = False
+
+
+def _run_association(assoc: Any, wake: threading.Event) -> None:
+    """``Association._run_reactor`` of pynetdicom 3.0 with its 1 ms sleep replaced by a wait on ``wake``."""
+    from pynetdicom import evt
+
+    assoc._is_paused = False
+    idle = False
+    while not assoc._kill:
+        if idle:
+            wake.wait(WAIT_CAP)
+        # cleared before looking, so a put after this point sets it again for the next wait
+        wake.clear()
+
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        idle = not msg
+        if msg:
+            assoc._serve_request(msg, context_id)
+
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            _ASSOC_LOG.info("Association Released")
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+
+        if assoc.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if assoc.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            _ASSOC_LOG.info(log_msg)
+            assoc.dul.receive_pdu(wait=False)
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+
+        if assoc.dul.idle_timer_expired():
+            _ASSOC_LOG.error("Network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
