@@ -456,15 +456,23 @@ class JobStore:
             return result.rowcount == 1
 
     def finish(self, job_id: str, state: str, error: str = "",
-               result: Mapping[str, Any] | None = None) -> None:
-        """End a running job (succeeded, partial, failed or cancelled)."""
+               result: Mapping[str, Any] | None = None, worker: str | None = None) -> bool:
+        """End a running job (succeeded, partial, failed or cancelled).
+
+        With ``worker``, only while that worker still holds the job running: a
+        worker whose job was taken over (its beats came late) or ended meanwhile
+        must not write its own end over another run. Returns whether the row changed.
+        """
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         values: dict[str, Any] = {"state": state, "error": error, "finished_at": time.time()}
         if result is not None:
             values["result"] = json.dumps(result, sort_keys=True)
+        where = jobs_table.c.id == job_id
+        if worker is not None:
+            where = and_(where, jobs_table.c.worker == worker, jobs_table.c.state == "running")
         with self.engine.begin() as conn:
-            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+            return conn.execute(update(jobs_table).where(where).values(**values)).rowcount == 1
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job at once; ask a running one to stop. :class:`Conflict` if finished."""
@@ -477,7 +485,14 @@ class JobStore:
             values: dict[str, Any] = {"cancel_requested": True}
             if row.state == "queued":
                 values.update(state="cancelled", finished_at=time.time(), error="cancelled by request")
-            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+            # only in the state read: a worker claiming the job meanwhile keeps it running
+            # (and sees cancel_requested), instead of running a job the row calls cancelled
+            done = conn.execute(update(jobs_table).where(and_(
+                jobs_table.c.id == job_id, jobs_table.c.state == row.state)).values(**values))
+            if done.rowcount == 0:
+                conn.execute(update(jobs_table).where(and_(
+                    jobs_table.c.id == job_id, jobs_table.c.state == "running"))
+                    .values(cancel_requested=True))
         return self.get(job_id)
 
     def is_cancelled(self, job_id: str) -> bool:
@@ -496,7 +511,7 @@ class JobStore:
                                "can be retried")
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(
                 state="queued", error="", cancel_requested=False, finished_at=None, worker="",
-                heartbeat_at=None))
+                heartbeat_at=None, enqueued_at=None))
         return self.get(job_id)
 
     # -- progress -----------------------------------------------------------

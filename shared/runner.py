@@ -6,9 +6,14 @@ in its own module (:data:`RUNNERS`). It reports progress through ``jobs``
 checks ``cancel`` (a :class:`threading.Event` set when the job is cancelled or
 another worker took it over) between steps, and raises
 :class:`~pacsbridge.shared.errors.PacsbridgeError` for a failure the user must
-see. Any other exception (a database outage, a bug) propagates, leaving the
-job ``running``: the worker task retries it, or another worker claims it once
-its heartbeat is stale.
+see. A database outage (:class:`sqlalchemy.exc.DBAPIError`, a pool timeout)
+propagates, leaving the job ``running``: the worker task retries it, or
+another worker claims it once its heartbeat is stale. Any other exception (a
+bug, an OS error) fails the job with its type and message, traceback logged:
+re-running it would only fail again, for ever.
+
+A worker ends only a job it still holds: one taken over by another worker
+(its beats came late) is left to that worker.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import socket
 import threading
 import urllib.request
 from typing import Any, Callable, NamedTuple
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from .context import Context
 from .errors import PacsbridgeError
@@ -69,6 +77,8 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
         log.info("job %s: not claimed (finished, cancelled or held by a live worker)", job_id)
         return None
     log.info("job %s (%s): started by %s, attempt %d", job.id, job.kind, worker, job.attempts)
+    if job.cancel_requested:  # cancelled while its previous worker was dead: do not start again
+        return _end(job_id, jobs, worker, Outcome("cancelled", "cancelled by request", job.result))
     cancel = threading.Event()
     done = threading.Event()
 
@@ -88,14 +98,27 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
         except PacsbridgeError as exc:
             log.warning("job %s failed: %s", job_id, exc)
             outcome = Outcome("failed", str(exc))
+        except (DBAPIError, SATimeoutError):
+            raise  # the database: the task retries, or the sweeper re-sends once the beats stop
+        except Exception as exc:
+            log.exception("job %s (%s): unexpected error", job_id, job.kind)
+            outcome = Outcome("failed", f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
         if cancel.is_set() and jobs.is_cancelled(job_id):
             outcome = Outcome("cancelled", "cancelled by request", outcome.result)
     finally:
         done.set()
         beater.join()
-    jobs.finish(job_id, outcome.state, outcome.error, outcome.result)
+    return _end(job_id, jobs, worker, outcome)
+
+
+def _end(job_id: str, jobs: JobStore, worker: str, outcome: Outcome) -> Job | None:
+    """Record the outcome if ``worker`` still holds the job, then call its webhook."""
+    if not jobs.finish(job_id, outcome.state, outcome.error, outcome.result, worker=worker):
+        log.warning("job %s: no longer held by %s (taken over by another worker); its outcome "
+                    "%s is not recorded", job_id, worker, outcome.state)
+        return None
     finished = jobs.get(job_id)
-    log.info("job %s (%s): %s %s", job_id, job.kind, outcome.state, outcome.error)
+    log.info("job %s (%s): %s %s", job_id, finished.kind, outcome.state, outcome.error)
     if finished.webhook:
         call_webhook(finished)
     return finished

@@ -50,10 +50,14 @@ class ApiState:
             self.celery.send_task(RUN_JOB_TASK, [job.id], retry=True,
                                   retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                                 "interval_max": 0.5})
-            return True
         except Exception as exc:  # kombu/redis raise many types; the job row is the truth anyway
             log.warning("job %s stays queued: the broker is unreachable (%s)", job.id, exc)
             return False
+        try:  # the workers' sweeper re-sends only what was not sent (or long ago)
+            self.jobs.mark_enqueued(job.id)
+        except Exception as exc:  # the message is out; at worst the sweeper sends it once more
+            log.warning("job %s: sent, but not recorded as sent (%s)", job.id, exc)
+        return True
 
     def close(self) -> None:
         self.ctx.index.engine.dispose()
