@@ -35,6 +35,12 @@ Steps:
    the sending thread and reports process CPU time against wall time and the
    top functions: where the time goes.
 
+Knobs read by the push code (set them in the environment of this script):
+``PACSBRIDGE_PUSH_FAST=0`` sends with pynetdicom's own ``send_c_store`` (one
+queued P-DATA per PDU) instead of :mod:`pacsbridge.shared.sender`;
+``PACSBRIDGE_PUSH_PROCESSES=1`` runs each association in its own sender
+process; ``PACSBRIDGE_RUN_LOOP_DELAY`` is pynetdicom's polling delay.
+
 stdout: a table of medians and every run, the ratio pacsbridge / storescu per
 association count (target >= 0.5), then one JSON line with everything.
 Exit status 0 when every check passed (whether or not the target was met), 1 otherwise.
