@@ -291,6 +291,21 @@ def dedupe_key(kind: str, node: str | None, params: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _serialize(conn: Connection, key: str) -> None:
+    """Hold, until the transaction ends, a lock that every submit of ``key`` takes first.
+
+    Without it two equal requests at the same moment (a double click, a client re-sending
+    a POST that timed out) both read "no equal job" and both insert one. PostgreSQL: a
+    transaction-level advisory lock on the key. SQLite: a write (that changes nothing) as
+    the first statement takes the database's write lock, so the read that follows sees
+    the other submit's committed row.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(int(key[:15], 16))))
+    else:
+        conn.execute(update(jobs_table).where(jobs_table.c.id == "").values(state=jobs_table.c.state))
+
+
 def _job(row: Any) -> Job:
     m = row._mapping
     return Job(id=m["id"], kind=m["kind"], node=m["node"], params=json.loads(m["params"]),
@@ -371,6 +386,7 @@ class JobStore:
             raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
         key = dedupe_key(kind, node, params)
         with self.engine.begin() as conn:
+            _serialize(conn, key)
             if node is not None:
                 self._node(conn, node)
             row = conn.execute(select(jobs_table).where(and_(

@@ -135,3 +135,25 @@ def test_a_job_sent_by_the_api_is_not_sent_again_by_the_sweeper(ctx, tmp_path):
         assert job_id not in store.due_for_enqueue(resend_after=300, stale_after=40)
     finally:
         app.extensions["pacsbridge"].close()
+
+
+def test_the_same_request_submitted_at_the_same_moment_makes_one_job(jobs):
+    """A double click, or a client re-sending a POST that timed out: both submits read "no
+    equal job yet" and both inserted one, so the same studies were pulled twice at once
+    (every round on PostgreSQL, about half on SQLite)."""
+    for round_ in range(12):
+        params = {"path": f"race-{round_}"}
+        barrier = threading.Barrier(4)
+        created: list[object] = []
+
+        def submit() -> None:
+            barrier.wait()
+            created.append(jobs.submit("import", params)[1])
+
+        threads = [threading.Thread(target=submit) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(created, key=str) == [False, False, False, True], (round_, created)
+    assert jobs.list(kind="import")[1] == 12
