@@ -516,7 +516,8 @@ class PacsbridgeReceiver(Receiver):
 
         def worker_ready() -> bool:
             try:
-                return re.search(r"celery@\S+ ready\.", worker_log.read_text(errors="replace")) is not None
+                # the indexing worker: "index@host ready." (one Celery worker per role since the jobs issue)
+                return re.search(r"\b(?:index|celery)@\S+ ready\.", worker_log.read_text(errors="replace")) is not None
             except OSError:
                 return False
 
