@@ -408,3 +408,79 @@ def test_configured_nodes_may_store_from_their_own_address(tmp_path):
     finally:
         stack.close()
         ctx.index.engine.dispose()
+
+
+# -- the waiting reactors (services/listener/reactor.py) ----------------------------------------------
+@pytest.mark.parametrize("reactor", ["wait", "poll"])
+def test_short_associations_interleaved_with_a_long_one_lose_nothing(tmp_path, reactor):
+    """Many small associations come and go while a long one runs, in both reactor modes: every instance
+    arrives once, per patient counts are exact."""
+    s = Stack(tmp_path, PACSBRIDGE_REACTOR=reactor)
+    try:
+        s.start("listener")
+        s.start("worker", "--concurrency", "1")
+        long_files = [make_instance(tmp_path / "long" / f"{i}.dcm", rows=128, PatientID="LONG") for i in range(80)]
+        short = [[make_instance(tmp_path / "short" / f"{k}-{i}.dcm", rows=16, PatientID=f"S{k}") for i in range(2)]
+                 for k in range(16)]
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        base = ["storescu", "-aet", "SENDER", "-aec", "PACSBRIDGE", "127.0.0.1", str(s.port)]
+        long_proc = subprocess.Popen(base + [str(tmp_path / "long" / f"{i}.dcm") for i in range(80)], env=env)
+        rcs = []
+        for k in range(0, 16, 4):  # 4 short associations at a time, next to the long one
+            procs = [subprocess.Popen(base + [str(tmp_path / "short" / f"{j}-{i}.dcm") for i in range(2)], env=env)
+                     for j in range(k, k + 4)]
+            rcs += [p.wait(timeout=120) for p in procs]
+        assert rcs == [0] * 16
+        assert long_proc.wait(timeout=120) == 0
+        expected = {ds.SOPInstanceUID for ds in long_files} | {ds.SOPInstanceUID for b in short for ds in b}
+        assert indexed_sops(s.settings, len(expected)) == expected
+        ctx = open_context(s.settings)
+        counts = dict(ctx.index.run_sql("select ImagePat, count(*) from DICOMImages group by ImagePat")[1])
+        ctx.index.engine.dispose()
+        assert counts == {"LONG": 80, **{f"S{k}": 2 for k in range(16)}}
+        assert len(_stored_files(s.settings.storage)) == len(expected)
+    finally:
+        s.close()
+
+
+def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(stack, tmp_path):
+    """A sender killed mid-instance (connection dropped inside a PDU) and one that sends A-ABORT
+    mid-association: nothing partial under a real name, and the listener keeps serving."""
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from pacsbridge.shared.records import read_header
+
+    files = [make_instance(tmp_path / "big" / f"{i}.dcm", rows=512) for i in range(60)]
+    sender = subprocess.Popen(["storescu", "-aet", "SENDER", "-aec", "PACSBRIDGE", "127.0.0.1", str(stack.port),
+                               *[str(tmp_path / "big" / f"{i}.dcm") for i in range(60)]],
+                              env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    root = stack.settings.storage
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_stored_files(root)) < 3:
+        time.sleep(0.01)
+    sender.kill()
+    sender.wait()
+    # A-ABORT from a pynetdicom SCU while it is sending
+    ae = AE(ae_title="LOCAL")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", stack.port, ae_title="PACSBRIDGE")
+    assert assoc.is_established
+    big = [make_instance(rows=512) for _ in range(20)]
+    threading.Timer(0.2, assoc.abort).start()
+    for ds in big:
+        if not assoc.is_established:
+            break
+        assoc.send_c_store(ds)
+    time.sleep(0.5)
+    for p in _stored_files(root):
+        read_header(p.read_bytes(), str(p))  # complete, or it raises
+    # the receivers are still fine: everything resent arrives, once
+    proc = storescu(stack.port, *[tmp_path / "big" / f"{i}.dcm" for i in range(60)])
+    assert proc.returncode == 0, proc.stderr
+    assert {ds.SOPInstanceUID for ds in files} <= indexed_sops(stack.settings, 60)
+    sops = [read_header(p.read_bytes(), str(p)).sop_instance_uid for p in _stored_files(root)]
+    assert len(sops) == len(set(sops))
