@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from sqlalchemy import select
 
-from .errors import InvalidRequest, PacsbridgeError
+from .errors import Conflict, InvalidRequest, PacsbridgeError
 from .index import Index
 from .jobs import JobStore
 from .storage import Storage
@@ -157,6 +157,8 @@ def resolve(index: Index, storage: Storage, selection: Mapping[str, Any],
         The selection is malformed, or names a job without ``jobs``.
     UnknownJob
         ``{"job": id}`` names no job.
+    Conflict
+        ``{"job": id}`` names a job that is still queued or running.
     """
     if not isinstance(selection, Mapping) or len(selection) != 1:
         raise InvalidRequest("an object with exactly one key", "selection")
@@ -164,7 +166,11 @@ def resolve(index: Index, storage: Storage, selection: Mapping[str, Any],
     if key == "job":
         if jobs is None:
             raise InvalidRequest("a job selection needs the job store", "selection.job")
-        series = [s.series_uid for s in jobs.series(str(value))]
+        source = jobs.get(str(value))
+        if source.state in ("queued", "running"):
+            # what it brought is not complete yet: acting on part of it would look like success
+            raise Conflict(f"job {source.id} is still {source.state}; select its series when it has ended")
+        series = [s.series_uid for s in source.series]
         rows = _rows(index, "SeriesInstanceUID", series) if series else []
     elif key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
         values = [value] if isinstance(value, str) else list(value)

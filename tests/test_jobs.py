@@ -210,3 +210,18 @@ def test_a_job_whose_message_was_lost_is_swept_into_the_queue_and_run(tmp_path):
     finally:
         stack.close()
         ctx.index.engine.dispose()
+
+
+def test_acting_on_what_a_running_retrieve_brought_is_refused(ctx, jobs, tmp_path):
+    """A push or repack of {"job": id} while that retrieve still runs would push part of it and
+    call that success: the job fails with the reason instead, and nothing is exported."""
+    jobs.add_node(Node.from_dict(PACS))
+    retrieve, _ = jobs.submit("retrieve", {"query": {"level": "study", "PatientID": "P1"}}, node="pacs")
+    assert jobs.claim(retrieve.id, "elsewhere") is not None  # running on another worker
+    jobs.set_series(retrieve.id, [SeriesProgress("1.2.3", expected=5, indexed=2)])
+    ctx = ctx._replace(settings=ctx.settings.with_(export_root=tmp_path / "export"))
+    repack, _ = jobs.submit("repack", {"selection": {"job": retrieve.id}, "dest": "c1", "template": "px-repack",
+                                       "link": False})
+    done = runner.run_job(repack.id, ctx, jobs)
+    assert done.state == "failed" and "still running" in done.error
+    assert not (tmp_path / "export" / "c1").exists() or not any((tmp_path / "export" / "c1").rglob("*.dcm"))

@@ -10,7 +10,7 @@ import pytest
 
 from pacsbridge.shared import runner
 from pacsbridge.shared.context import open_context
-from pacsbridge.shared.errors import InvalidRequest
+from pacsbridge.shared.errors import Conflict, InvalidRequest
 from pacsbridge.shared.importer import Importer
 from pacsbridge.shared.jobs import JobStore, SeriesProgress
 from pacsbridge.shared.jobspec import validate
@@ -147,6 +147,9 @@ def test_selection_by_job_and_rows_that_escape_storage(rctx, jobs, tmp_path):
     _import(rctx, tmp_path / "in", [a, b])
     job, _ = jobs.submit("import", {"path": "x"})
     jobs.set_series(job.id, [SeriesProgress(a.SeriesInstanceUID)])
+    with pytest.raises(Conflict):  # still queued: what it brings is not complete yet
+        resolve(rctx.index, rctx.storage, {"job": job.id}, jobs)
+    jobs.finish(job.id, "succeeded")
     sel = resolve(rctx.index, rctx.storage, {"job": job.id}, jobs)
     assert [i.sop_uid for i in sel.instances] == [a.SOPInstanceUID] and sel.rejected == []
     assert sel.instances[0].sop_class == a.SOPClassUID and sel.instances[0].path.is_file()
