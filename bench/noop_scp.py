@@ -78,20 +78,12 @@ def make_ae(aet: str) -> Any:
 
 
 def on_conn_open(event: Any) -> None:
-    """The listener's per-association tuning (``pacsbridge.listener.handlers.StoreHandlers.on_conn_open``):
-    its DUL poll delay, TCP_NODELAY, and the waiting reactors of ``pacsbridge.listener.reactor``
-    (``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's polling, as for the listener)."""
-    from pacsbridge.listener.handlers import RUN_LOOP_DELAY
-    from pacsbridge.listener.reactor import install
+    """The listener's per-association tuning (its DUL poll delay, TCP_NODELAY, and the waiting
+    reactors of ``pacsbridge.listener.reactor``; ``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's
+    polling, as for the listener)."""
+    from pacsbridge.listener.handlers import tune_association
 
-    event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-    install(event.assoc)
+    tune_association(event.assoc)
 
 
 def handle_store(event: Any) -> int:

@@ -64,6 +64,20 @@ def load_callback(spec: str) -> AfterStore | None:
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
+def tune_association(assoc: Any) -> None:
+    """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same)."""
+    # pynetdicom polls its queues; its 1 ms default between polls costs throughput
+    assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+    # ... and waiting instead of polling does better still (see reactor.py)
+    install_reactor(assoc)
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class StoreHandlers:
     """Handlers bound to one storage, one queue and one peer list."""
 
@@ -79,16 +93,7 @@ class StoreHandlers:
 
     # -- association events ------------------------------------------------
     def on_conn_open(self, event: Any) -> None:
-        # pynetdicom polls its queues; its 1 ms default between polls costs throughput
-        event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
-        # ... and waiting instead of polling does better still (see reactor.py)
-        install_reactor(event.assoc)
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        tune_association(event.assoc)
 
     def on_accepted(self, event: Any) -> None:
         assoc = event.assoc
