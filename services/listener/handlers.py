@@ -29,7 +29,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
-from .reactor import install as install_reactor
+from pacsbridge.shared.reactor import install as install_reactor
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
