@@ -26,6 +26,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from .errors import DimseError
+from .reactor import install_on_request
 from .query import Query
 
 if TYPE_CHECKING:
@@ -64,6 +65,20 @@ def _where(node: "Node") -> str:
     return f"node {node.name!r} ({node.ae_title}@{node.host}:{node.port})"
 
 
+class _AE(AE):
+    """An AE whose associations get the waiting reactors of :mod:`.reactor` (unless ``PACSBRIDGE_REACTOR=poll``).
+
+    ``_create_socket`` is the one point of ``ApplicationEntity.associate``
+    that sees the new association before ``assoc.request()`` starts its DUL
+    thread (``EVT_CONN_OPEN`` fires later, inside that running thread).
+    """
+
+    def _create_socket(self, assoc: Any, *args: Any, **kwargs: Any) -> Any:
+        sock = super()._create_socket(assoc, *args, **kwargs)
+        install_on_request(assoc)
+        return sock
+
+
 @contextmanager
 def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationContext] | None = None, *,
               timeout: float = 30.0, ext_neg: Any = None,
@@ -90,7 +105,7 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
         The node refused the association (result, source and reason are
         named), aborted it, did not answer in time, or could not be reached.
     """
-    ae = AE(ae_title=calling_ae)
+    ae = _AE(ae_title=calling_ae)
     ae.maximum_pdu_size = 0
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout

@@ -59,6 +59,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .context import Context
 from .dimse import associate, describe_status, lost
+from .reactor import wake
 from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
@@ -349,6 +350,7 @@ class _Gate(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
+        self._assoc: Any = None
         self.set()
         self._parks = 0
         self._counted = threading.Condition()
@@ -366,6 +368,7 @@ class _Gate(threading.Event):
         if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
             return None  # another pynetdicom: its own pausing applies
         gate = cls()
+        gate._assoc = assoc
         assoc._reactor_checkpoint = gate
         return gate
 
@@ -378,6 +381,7 @@ class _Gate(threading.Event):
         with self._counted:
             seen = self._parks
             self.clear()
+            wake(self._assoc)  # the waiting reactor (shared.reactor) would look again only after up to 5 ms
             self._counted.wait_for(lambda: self._parks > seen, timeout)
 
 

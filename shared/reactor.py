@@ -27,6 +27,18 @@ step for step.
 Only for the pynetdicom versions listed in :data:`SUPPORTED` (anything else,
 TLS sockets, or ``PACSBRIDGE_REACTOR=poll`` keeps stock behaviour);
 :func:`install` returns whether it patched.
+
+Who pauses the association reactor (pynetdicom's ``send_*``/``release()``:
+close ``_reactor_checkpoint`` and wait for ``_is_paused``; push's ``_Gate``:
+wait until the reactor blocked on the checkpoint) meets the same checkpoint,
+looked at in the same place in the loop as stock. The reactor counts as paused
+while it waits for a wake-up (nothing between that wait and the checkpoint
+touches a queue); :func:`wake` makes it reach the checkpoint at once.
+
+Listener: :func:`install` from ``EVT_CONN_OPEN`` (acceptor: fired before the
+threads start). Our requests (``shared.dimse.associate``):
+:func:`install_on_request` (requestor: ``EVT_CONN_OPEN`` fires in the running
+DUL thread).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["install", "enabled", "SUPPORTED", "WAIT_CAP"]
+__all__ = ["install", "install_on_request", "wake", "enabled", "SUPPORTED", "WAIT_CAP"]
 
 log = logging.getLogger(__name__)
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")  # where pynetdicom logs these
@@ -89,6 +101,8 @@ def install(assoc: Any) -> bool:
             return False
     except ImportError:  # pragma: no cover
         pass
+    if getattr(dul.socket, "tls_args", None):  # a requestor's socket is wrapped only when it connects
+        return False
     if raw is None or dul.is_alive() or assoc.is_alive():
         return False
     for name in ("_process_recv_primitive", "_is_transport_event", "artim_timer", "state_machine",
@@ -141,7 +155,37 @@ def install(assoc: Any) -> bool:
 
     dul.run = run
     assoc._run_reactor = lambda: _run_association(assoc, assoc_wake)
+    assoc._pacsbridge_wake = assoc_wake.set
     return True
+
+
+def wake(assoc: Any) -> None:
+    """Wake the association reactor of ``assoc`` now (after closing a checkpoint: it parks at once).
+
+    No-op on an association without the waiting reactor (the stock loop looks every 1 ms anyway).
+    """
+    fn = getattr(assoc, "_pacsbridge_wake", None)
+    if fn is not None:
+        fn()
+
+
+def install_on_request(assoc: Any) -> None:
+    """Install on a requestor association from inside ``ApplicationEntity.associate``.
+
+    On the requestor side pynetdicom starts the DUL thread in ``assoc.request()``,
+    which then connects and fires ``EVT_CONN_OPEN`` from that thread: too late to
+    replace its loop. This wraps ``assoc.request`` (an instance attribute, this
+    association only) so that :func:`install` runs just before, when the socket
+    is set and no thread has started. Call it where the association is created
+    and its socket not yet connected (``AE._create_socket``).
+    """
+    request = assoc.request
+
+    def install_then_request() -> None:
+        install(assoc)
+        request()
+
+    assoc.request = install_then_request
 
 
 def _wait_dul(dul: Any, wake_r: socket.socket) -> None:
@@ -213,6 +257,10 @@ def _run_association(assoc: Any, wake: threading.Event) -> None:
     idle = False
     while not assoc._kill:
         if idle:
+            # Counts as paused while waiting, as it is at the checkpoint: from here to the checkpoint's
+            # wait nothing touches a queue, so a send_*/release() that closed the checkpoint and saw
+            # _is_paused may go on at once (stock sleeps 1 ms unpaused; with a 5 ms cap they would wait).
+            assoc._is_paused = True
             wake.wait(WAIT_CAP)
         # cleared before looking, so a put after this point sets it again for the next wait
         wake.clear()

@@ -63,6 +63,31 @@ def test_refused_calling_ae_and_unreachable_port(pacs):
         dimse.echo(Node(name="nowhere", ae_title="X", host="no-such-host.invalid", port=104), US, timeout=3)
 
 
+@pytest.mark.parametrize("reactor", ["wait", "poll"])
+def test_our_associations_get_the_waiting_reactors(pacs, monkeypatch, reactor):
+    """dimse.associate installs shared.reactor before the requestor's threads start (EVT_CONN_OPEN fires in
+    the running DUL thread: too late); PACSBRIDGE_REACTOR=poll keeps pynetdicom's loops. Either way requests,
+    a pause by pynetdicom's own send_* and the release behave, and both threads end."""
+    monkeypatch.setenv("PACSBRIDGE_REACTOR", reactor)
+    node = node_of(pacs)
+    with dimse.associate(node, US) as assoc:
+        assert hasattr(assoc, "_pacsbridge_wake") == (reactor == "wait")
+        assert ("_run_reactor" in vars(assoc)) == (reactor == "wait")
+        for _ in range(20):  # each send_c_echo closes the checkpoint and waits for _is_paused
+            assert assoc.send_c_echo().Status == 0
+        t0 = time.monotonic()
+        assert assoc.send_c_echo().Status == 0
+        assert time.monotonic() - t0 < 1.0
+    assert assoc.is_released
+    for _ in range(100):
+        if not assoc.dul.is_alive() and not assoc.is_alive():
+            break
+        time.sleep(0.02)
+    assert not assoc.dul.is_alive() and not assoc.is_alive()
+    found = dimse.find(node, Query(level="study", PatientID="1CT1"), US)
+    assert len(found) == 1
+
+
 def test_truncated_find_is_split_by_date(pacs):
     node = node_of(pacs)
     cut = dimse.find_all(node, Query(level="study", PatientID="LIM"), US)
