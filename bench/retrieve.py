@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                       PACSBRIDGE_RETRIEVE_WAIT_SECONDS="60",
                       # production defaults: the test stack's 2 s reconciler re-queues, and the
                       # workers re-index, every instance stored but not indexed yet
-                      PACSBRIDGE_RECONCILE_SECONDS="300", PACSBRIDGE_RECONCILE_MIN_AGE="30")
+                      PACSBRIDGE_RECONCILE_SECONDS="300", PACSBRIDGE_RECONCILE_MIN_AGE="30",
+                      # PACSBRIDGE_REACTOR in this script's environment selects the jobs' (this process's)
+                      # reactors; the listener keeps its own setting (PACSBRIDGE_LISTENER_REACTOR, default wait)
+                      PACSBRIDGE_REACTOR=os.environ.get("PACSBRIDGE_LISTENER_REACTOR", "wait"))
         pacs = Orthanc(work / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", stack.port),
                                                      "dest": ("DEST", "127.0.0.1", dest_port)})
         pacs.start()
