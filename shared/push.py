@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -59,7 +58,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .context import Context
 from .dimse import associate, describe_status, lost
-from .reactor import wake
+from .reactor import on_conn_open as reactor_on_conn_open, wake
 from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
@@ -84,7 +83,6 @@ TIMEOUT = 60.0
 #: How long a sender waits for one of the node's association slots.
 SLOT_TIMEOUT = 600.0
 #: pynetdicom's polling delay per association (its default 0.001 s costs latency per instance).
-RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
 #: Parallel associations run in sender processes (``python -m pacsbridge.shared.pushproc``), not threads
 #: sharing our GIL: "auto" when the node allows more than one association, "1" always, "0" never.
 #: Off by default: on a 2-core host the processes' start-up (~0.5 s of imports each) and their
@@ -297,23 +295,7 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
                 fallback)
 
 
-def _tune(event: Any) -> None:
-    """EVT_CONN_OPEN: no Nagle delay on our socket, shorter polling.
-
-    A C-STORE goes out as several PDUs (the peer's maximum PDU size); with
-    Nagle's algorithm the last small one waits for the peer's delayed ACK,
-    which costs tens of milliseconds per instance.
-    """
-    event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # not TCP (tests), or already closed
-            pass
-
-
-_HANDLERS = [(evt.EVT_CONN_OPEN, _tune)]
+_HANDLERS = [(evt.EVT_CONN_OPEN, reactor_on_conn_open)]
 
 
 def quiet(assoc: Any) -> None:

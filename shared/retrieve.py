@@ -44,7 +44,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -55,17 +54,18 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+from pynetdicom.sop_class import (
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
 from sqlalchemy import func, select
 
 from .context import Context
 from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
-from .errors import DimseError, InvalidDataset, InvalidRequest, PacsbridgeError, StorageError
+from .errors import DimseError, InvalidDataset, InvalidRequest, StorageError
 from .index import Index
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .query import Query
+from .reactor import on_conn_open as reactor_on_conn_open
 from .records import read_header
 from .runner import Outcome, worker_id
 from .throttle import NodeSlots, RateLimiter, SlotTimeout, in_window, seconds_until_window
@@ -86,7 +86,6 @@ DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
 #: How long a job waits for a free association slot of its node before failing the series.
 SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
 #: pynetdicom's polling delay on our associations (its default, 1 ms, is paid per PDU exchanged).
-RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 #: The earliest StudyDate assumed when a truncated query without dates has to be split.
@@ -155,7 +154,7 @@ class DimseSearcher:
         with _slot(self.slots, threading.Event()):
             # our own association, tuned: an IMAGE-level answer is one response per instance
             with associate(self.node, self.calling_ae, timeout=self.timeout,
-                           evt_handlers=[(evt.EVT_CONN_OPEN, _tune)]) as assoc:
+                           evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
                 return find_all(self.node, query, self.calling_ae, level, timeout=self.timeout,
                                 identifier=identifier, assoc=assoc)
 
@@ -227,22 +226,6 @@ class DimseSearcher:
 
 
 # -- DIMSE downloaders -----------------------------------------------------------
-def _tune(event: Any) -> None:
-    """EVT_CONN_OPEN: poll pynetdicom's queues more often, and no Nagle delay on our socket.
-
-    Orthanc (and most PACS) wait for each C-STORE response of a C-GET before
-    sending the next instance, so every millisecond pynetdicom sleeps between
-    polls is paid once per instance.
-    """
-    event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # already closed
-            pass
-
-
 def _identifier(series: SeriesRef, sops: Sequence[str] | None) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "IMAGE" if sops else "SERIES"
@@ -306,7 +289,7 @@ class MoveDownloader:
         try:
             with _slot(self.slots, cancel):
                 with associate(self.node, self.calling_ae, [build_context(model)],
-                               timeout=DIMSE_TIMEOUT, evt_handlers=[(evt.EVT_CONN_OPEN, _tune)]) as assoc:
+                               timeout=DIMSE_TIMEOUT, evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
                     responses = assoc.send_c_move(_identifier(series, sops), self.destination, model)
                     _run_retrieve(self.node, assoc, responses, "C-MOVE", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -365,7 +348,7 @@ class GetDownloader:
             with _slot(self.slots, cancel):
                 with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
                                ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                                                    (evt.EVT_CONN_OPEN, _tune)]) as assoc:
+                                                                    (evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
                     responses = assoc.send_c_get(_identifier(series, sops), model)
                     _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:

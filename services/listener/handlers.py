@@ -14,7 +14,6 @@ import importlib
 import logging
 import mmap
 import os
-import socket
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
-from pacsbridge.shared.reactor import install as install_reactor
+from pacsbridge.shared.reactor import install as install_reactor, tune
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
@@ -42,9 +41,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 #: Error: processing failure (anything else)
 PROCESSING_FAILURE = 0x0110
-
-#: Seconds between pynetdicom's DUL polling loops (its default is 0.001).
-RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
 
 INSTANCES = Counter("pacsbridge_listener_instances", "C-STORE requests by result", ["status"])
 BYTES = Counter("pacsbridge_listener_bytes", "Bytes stored by the listener")
@@ -65,17 +61,10 @@ def load_callback(spec: str) -> AfterStore | None:
 
 
 def tune_association(assoc: Any) -> None:
-    """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same)."""
-    # pynetdicom polls its queues; its 1 ms default between polls costs throughput
-    assoc.dul._run_loop_delay = RUN_LOOP_DELAY
-    # ... and waiting instead of polling does better still (see reactor.py)
+    """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same):
+    shorter polling and TCP_NODELAY, then waiting instead of polling (see reactor.py)."""
+    tune(assoc)
     install_reactor(assoc)
-    sock = getattr(assoc.dul.socket, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class StoreHandlers:
