@@ -62,6 +62,7 @@ from sqlalchemy import func, select
 from .context import Context
 from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
 from .errors import DimseError, InvalidDataset, InvalidRequest, StorageError
+from .filemeta import encoded_instance
 from .index import Index
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .query import Query
@@ -331,7 +332,7 @@ class GetDownloader:
                 self.rate.wait(1, cancel=cancel)
             sop = str(event.request.AffectedSOPInstanceUID)
             try:
-                data = event.encoded_dataset()
+                data = encoded_instance(event)
                 header = read_header(data, f"C-GET {sop}", self.tags)
                 result = self.ctx.storage.store(data, header)
             except InvalidDataset as exc:

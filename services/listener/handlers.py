@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from pydicom.datadict import tag_for_keyword
 
 from pacsbridge.shared.errors import InvalidDataset, StorageError
+from pacsbridge.shared.filemeta import encoded_instance
 from pacsbridge.shared.records import read_header
 from pacsbridge.shared.storage import Storage
 
@@ -135,7 +136,7 @@ class StoreHandlers:
         size = 0
         try:
             if path is None:  # STORE_RECV_CHUNKED_DATASET off: write the bytes ourselves
-                data = event.encoded_dataset()
+                data = encoded_instance(event)
                 size = len(data)
                 header = read_header(data, display, self.tags)
                 result = self.storage.store(data, header)

@@ -1,0 +1,82 @@
+"""The listener's own file meta encoder gives pynetdicom's bytes exactly."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta as pynetdicom_encode
+from pynetdicom.events import Event
+
+from pacsbridge.shared.filemeta import encode_file_meta, encoded_instance
+
+from .helpers import readable_test_files
+
+
+def _store_event(sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes) -> Event:
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    request.Priority = 0
+    request.DataSet = io.BytesIO(data)
+    context = SimpleNamespace(transfer_syntax=UID(transfer_syntax), context_id=1, abstract_syntax=UID(sop_class))
+    return Event(SimpleNamespace(), evt.EVT_C_STORE, {"request": request, "context": context})
+
+
+def _metas():
+    """(SOP class, SOP instance, transfer syntax) of every readable pydicom test file with a file meta."""
+    out = {}
+    for path in readable_test_files():
+        try:
+            meta = dcmread(path, stop_before_pixels=True).file_meta
+            key = (str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                   str(meta.TransferSyntaxUID))
+        except Exception:
+            continue
+        if all(key) and all(k.isascii() and len(k) <= 64 for k in key):
+            out.setdefault(key[2], key)  # one per transfer syntax, and some odd-length UIDs on the way
+    return sorted(out.values())
+
+
+@pytest.mark.parametrize("sop_class,sop_instance,transfer_syntax", _metas())
+def test_same_bytes_as_pynetdicom_for_real_files(sop_class, sop_instance, transfer_syntax):
+    ours = encode_file_meta(sop_class, sop_instance, transfer_syntax)
+    theirs = pynetdicom_encode(create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                                                transfer_syntax=UID(transfer_syntax)))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("sop_instance", ["1", "12", "1.2.3", "1.23", "9" * 63, "9" * 64])
+def test_padding_of_odd_and_even_uids(sop_instance):
+    theirs = pynetdicom_encode(create_file_meta(sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"),
+                                                sop_instance_uid=UID(sop_instance),
+                                                transfer_syntax=ExplicitVRLittleEndian))
+    assert encode_file_meta("1.2.840.10008.5.1.4.1.1.2", sop_instance, ExplicitVRLittleEndian) == theirs
+
+
+def test_encoded_instance_equals_pynetdicoms_encoded_dataset():
+    data = bytes(range(256)) * 2048  # the data set is copied as it came, whatever it holds
+    event = _store_event("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.2.1143.1", ExplicitVRLittleEndian, data)
+    assert encoded_instance(event) == event.encoded_dataset()
+    assert event.request.DataSet.getvalue() == data  # and left usable (the view was released)
+    event.request.DataSet.write(b"more")  # a live export would make this raise BufferError
+
+
+def test_values_we_do_not_encode_fall_back_to_pynetdicom():
+    sop_instance = "1.2.3.\u00e9"  # pynetdicom lets it into the request; pydicom writes it somehow
+    event = _store_event("1.2.840.10008.5.1.4.1.1.2", sop_instance, ExplicitVRLittleEndian,
+                         b"\x08\x00\x05\x00CS\x00\x00")
+    with pytest.raises(ValueError):
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", sop_instance, ExplicitVRLittleEndian)
+    assert encoded_instance(event) == event.encoded_dataset()
+
+
+def test_too_long_values_are_refused():
+    with pytest.raises(ValueError):
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1." + "2" * 70, ExplicitVRLittleEndian)
+    with pytest.raises(ValueError):
+        encode_file_meta("1.2", "1.2", ExplicitVRLittleEndian, implementation_version="X" * 17)
