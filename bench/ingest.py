@@ -43,7 +43,10 @@ Steps:
    Before each run the script syncs the disks and waits (up to
    ``--quiet-wait`` seconds) for the CPUs to be idle, and records how busy
    they were: other work on the machine would be measured as part of
-   whichever target runs at the time.  Receivers are started in their own sessions and stopped with SIGTERM to
+   whichever target runs at the time.  Once the receiver answers C-ECHO it
+   waits for idle CPUs again (phase ``settle_s``), so that a receiver still
+   starting (spawned receiver processes, Celery's pool importing) is not
+   measured as slow throughput.  Receivers are started in their own sessions and stopped with SIGTERM to
    the process group (SIGKILL after a timeout), always (try/finally).
 3. A table of medians and every run per target x associations, the ratios
    for pacsbridge (stored / noop, indexed / Orthanc) against the targets of
@@ -666,6 +669,12 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     try:
         receiver.start()
         receiver.wait_ready()
+        # the receiver answering is not the receiver settled: spawned receiver processes and
+        # Celery's pool may still be importing, and that start-up CPU would be measured as
+        # throughput; every target gets the same wait for idle CPUs before the clock starts
+        busy_ready, settled = wait_quiet(args.quiet_wait)
+        receiver.phases["settle_s"] = settled
+        receiver.phases["cpu_busy_at_start"] = round(busy_ready, 2)
         probe = receiver.indexed if isinstance(receiver, PacsbridgeReceiver) else None
         timing, errs = send(receiver.aet, receiver.port, dirs, log_dir, args.instances, probe)
         problems += errs

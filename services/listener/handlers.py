@@ -105,6 +105,8 @@ class StoreHandlers:
                     getattr(rq.primitive, "called_ae_title", "?") if rq.primitive else "?")
 
     def on_closed(self, event: Any, outcome: str) -> None:
+        if self.batcher is not None:
+            self.batcher.flush()  # the transfer is over: index its last instances now
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 class Batcher:
     """Collect stored paths and send them as ``index_files`` tasks.
 
+    A batch goes out when it holds ``max_batch`` paths, when its oldest path
+    has waited ``interval`` seconds, or at once on :meth:`flush` (the
+    listener calls it when an association ends, so the last instances of a
+    transfer do not wait for the interval). Large batches while a transfer
+    streams, no wait at its end.
+
     Parameters
     ----------
     send : callable
@@ -27,7 +33,7 @@ class Batcher:
     max_batch : int
         Paths per task.
     interval : float
-        Longest wait before a partial batch is sent.
+        Longest wait of a path before its (partial) batch is sent.
     """
 
     def __init__(self, send: Callable[[list[Any]], Any], max_batch: int = 100, interval: float = 0.2) -> None:
@@ -35,34 +41,55 @@ class Batcher:
         self.max_batch = max_batch
         self.interval = interval
         self._pending: list[Any] = []
+        self._arrived: list[float] = []  # monotonic arrival time of each pending path
+        self._flush = False
         self._cond = threading.Condition()
         self._stop = False
         self._failing_since: float | None = None
         self.sent = 0
+        self.batches = 0
         self._thread = threading.Thread(target=self._run, name="pacsbridge-batcher", daemon=True)
         self._thread.start()
 
     def add(self, path: Any) -> None:
         with self._cond:
             self._pending.append(path)
-            if len(self._pending) >= self.max_batch:
+            self._arrived.append(time.monotonic())
+            if len(self._pending) == 1 or len(self._pending) >= self.max_batch:
+                self._cond.notify()  # the interval starts, or the batch is full
+
+    def flush(self) -> None:
+        """Send what is pending now (an association ended)."""
+        with self._cond:
+            if self._pending:
+                self._flush = True
                 self._cond.notify()
 
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
 
+    def _next_batch(self) -> list[Any] | None:
+        """Wait until a batch is due; None when stopped with nothing left."""
+        with self._cond:
+            while True:
+                if self._stop:
+                    return self._pending[: self.max_batch] or None
+                if self._pending:
+                    due = self._arrived[0] + self.interval - time.monotonic()
+                    if self._flush or len(self._pending) >= self.max_batch or due <= 0:
+                        self._flush = False
+                        return self._pending[: self.max_batch]
+                    self._cond.wait(due)
+                else:
+                    self._cond.wait()
+
     def _run(self) -> None:
         backoff = self.interval
         while True:
-            with self._cond:
-                if not self._pending and not self._stop:
-                    self._cond.wait(self.interval)
-                if self._stop and not self._pending:
-                    return
-                batch = self._pending[: self.max_batch]
-            if not batch:
-                continue
+            batch = self._next_batch()
+            if batch is None:
+                return
             try:
                 self.send(batch)
             except Exception as exc:
@@ -73,7 +100,7 @@ class Batcher:
                 if self._stop:
                     return  # files are stored; the reconciler will find them
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(max(backoff, 0.05) * 2, 10.0)
                 continue
             if self._failing_since is not None:
                 log.warning("broker back after %.0f s", time.monotonic() - self._failing_since)
@@ -81,7 +108,11 @@ class Batcher:
             backoff = self.interval
             with self._cond:
                 del self._pending[: len(batch)]
+                del self._arrived[: len(batch)]
+                if not self._pending:
+                    self._flush = False
                 self.sent += len(batch)
+                self.batches += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is pending (for up to ``timeout`` seconds) and stop."""

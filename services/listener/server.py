@@ -149,7 +149,7 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
     storage.ensure()
     tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
     batcher = Batcher(make_sender(settings), max_batch=int(_env_float("PACSBRIDGE_ENQUEUE_BATCH", 200)),
-                      interval=_env_float("PACSBRIDGE_ENQUEUE_INTERVAL", 0.2))
+                      interval=_env_float("PACSBRIDGE_ENQUEUE_INTERVAL", 1.0))
     handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
