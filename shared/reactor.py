@@ -292,9 +292,18 @@ def _run_association(assoc: Any, wake: threading.Event) -> None:
         # cleared before looking, so a put after this point sets it again for the next wait
         wake.clear()
 
-        assoc._is_paused = True
-        assoc._reactor_checkpoint.wait()
-        assoc._is_paused = False
+        # A send_*() or release() clears the checkpoint and then waits for _is_paused. If it
+        # cleared it just after our wait() returned, it saw _is_paused still True and went on:
+        # looking at the queue now would take the response it waits for (a 30 s hang, seen here
+        # about once in 1,000 associations). So unpause first, then make sure the checkpoint is
+        # still open; if it closed meanwhile, wait there again. (Stock pynetdicom has the same
+        # window.)
+        while True:
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc._is_paused = False
+            if assoc._reactor_checkpoint.is_set():
+                break
 
         context_id, msg = assoc.dimse.get_msg(block=False)
         idle = not msg

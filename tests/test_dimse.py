@@ -88,6 +88,64 @@ def test_our_associations_get_the_waiting_reactors(pacs, monkeypatch, reactor):
     assert len(found) == 1
 
 
+class _ClosingCheckpoint(threading.Event):
+    """A reactor checkpoint that a send_*() closes just after the reactor passed it (the race's window)."""
+
+    def __init__(self, on_close) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.set()
+        self.passes = 0
+        self.on_close = on_close
+
+    def wait(self, timeout=None):  # type: ignore[no-untyped-def]
+        ok = super().wait(timeout)
+        self.passes += 1
+        if self.passes == 1:
+            # the reactor is past wait() but has not unpaused yet: the requestor closes the checkpoint
+            # now, sees _is_paused still True, sends, and its response is queued at once
+            self.clear()
+            self.on_close()
+        return ok
+
+
+def test_the_waiting_reactor_never_takes_a_response_meant_for_a_send(monkeypatch):
+    """Deterministic replay of a hang seen once in ~1,000 associations: the association reactor must
+    not look at the DIMSE queue while a send_*() holds the checkpoint closed."""
+    import queue as queue_mod
+    from types import SimpleNamespace
+
+    from pacsbridge.shared import reactor
+
+    msgs: queue_mod.Queue = queue_mod.Queue()
+    taken_while_closed = []
+    checkpoint = _ClosingCheckpoint(lambda: msgs.put((1, "C-ECHO-RSP")))
+
+    def get_msg(block: bool = False):  # type: ignore[no-untyped-def]
+        if not checkpoint.is_set():
+            taken_while_closed.append(True)
+        try:
+            return msgs.get_nowait()
+        except queue_mod.Empty:
+            return None, None
+
+    assoc = SimpleNamespace(_kill=False, _is_paused=False, _reactor_checkpoint=checkpoint,
+                            dimse=SimpleNamespace(get_msg=get_msg), is_established=True,
+                            acse=SimpleNamespace(is_release_requested=lambda: False, is_aborted=lambda *a: False),
+                            dul=SimpleNamespace(is_alive=lambda: True, idle_timer_expired=lambda: False),
+                            _serve_request=lambda msg, cx: taken_while_closed.append(msg))
+    wake = threading.Event()
+    thread = threading.Thread(target=reactor._run_association, args=(assoc, wake), daemon=True)
+    thread.start()
+    time.sleep(0.1)  # the reactor now sits at the closed checkpoint
+    assert assoc._is_paused
+    assert msgs.get_nowait() == (1, "C-ECHO-RSP")  # the requestor gets its response
+    assoc._kill = True
+    checkpoint.set()
+    thread.join(2)
+    assert not thread.is_alive()
+    assert taken_while_closed == []
+
+
 def test_truncated_find_is_split_by_date(pacs):
     node = node_of(pacs)
     cut = dimse.find_all(node, Query(level="study", PatientID="LIM"), US)
