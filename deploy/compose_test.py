@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """End-to-end test of docker-compose.yml, run for real with podman-compose (``make compose-test``).
 
-1. installs what is missing from Debian's packages (podman, podman-compose, runc, catatonit,
-   debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if there is none;
+1. installs what is missing from Debian's packages (podman, podman-compose, runc, catatonit, netavark,
+   aardvark-dns, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
+   there is none (netavark as network backend: service names resolve through aardvark-dns);
 2. builds the base image (deploy/base-image.sh, skipped when it exists), then every image with
    ``podman-compose -f docker-compose.yml -f compose.podman.yml build``;
 3. ``up -d`` with a generated database password and API token, two workers, and unusual host ports
@@ -47,7 +48,10 @@ WORKERS = int(os.environ.get("COMPOSE_TEST_WORKERS", "2"))
 REQUIRE_API = os.environ.get("COMPOSE_TEST_REQUIRE_API", "0") == "1"
 KEEP = os.environ.get("COMPOSE_TEST_KEEP", "0") == "1"
 COMPOSE = ["podman-compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f", "compose.podman.yml"]
-DEBS = ["podman", "podman-compose", "runc", "catatonit", "debootstrap", "docker-compose", "dcmtk"]
+# netavark + aardvark-dns: without them (they are only Recommends of podman) podman falls back to CNI,
+# where containers cannot resolve each other's service names ("postgres", "redis")
+DEBS = ["podman", "podman-compose", "runc", "catatonit", "netavark", "aardvark-dns", "debootstrap",
+        "docker-compose", "dcmtk"]
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 CONTAINERS_CONF_TEXT = """\
 # written by pacsbridge's deploy/compose_test.py: rootful podman without systemd
@@ -56,6 +60,8 @@ default_ulimits = []
 [engine]
 cgroup_manager = "cgroupfs"
 runtime = "runc"
+[network]
+network_backend = "netavark"
 """
 OUR_AE, THEIR_AE = "CITEST", "PACSBRIDGE"
 # pydicom's bundled files: four uncompressed instances of four patients in one association,
@@ -178,7 +184,15 @@ def install_packages(run: Run) -> None:
 
 def containers_conf() -> None:
     if CONTAINERS_CONF.exists():
-        if "default_ulimits" not in CONTAINERS_CONF.read_text():
+        text = CONTAINERS_CONF.read_text()
+        if text.startswith(CONTAINERS_CONF_TEXT.splitlines()[0]) and text != CONTAINERS_CONF_TEXT:
+            CONTAINERS_CONF.write_text(CONTAINERS_CONF_TEXT)  # ours, from an older version of this script
+            print(f"  updated {CONTAINERS_CONF}", flush=True)
+            return
+        if "network_backend" not in text:
+            print(f"  note: {CONTAINERS_CONF} sets no network_backend: with CNI, service names may not "
+                  "resolve between containers", flush=True)
+        if "default_ulimits" not in text:
             print(f"  note: {CONTAINERS_CONF} has no `default_ulimits = []`: `podman run` may fail here with "
                   "'error setting rlimits'", flush=True)
         return
