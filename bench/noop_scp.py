@@ -12,7 +12,10 @@ Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
   transfer syntax (``ALL_TRANSFER_SYNTAXES``), plus Verification for
   ``echoscu``;
 - per association, what the listener does (:func:`on_conn_open`): a 0.2 ms
-  DUL poll delay, TCP_NODELAY, and reactors that wait instead of polling;
+  DUL poll delay, TCP_NODELAY, reactors that wait instead of polling, and
+  32 kB socket reads;
+- glibc's malloc thresholds fixed as in the listener's receivers
+  (``shared/memtune.py``);
 - the C-STORE handler returns ``0x0000`` without touching ``event.dataset``;
 - several processes share the port with ``SO_REUSEPORT`` (associations of one
   process share its GIL): each forked process builds its own AE and
@@ -94,6 +97,10 @@ def handle_store(event: Any) -> int:
 def serve(host: str, port: int, aet: str, ready_fd: int | None = None) -> None:
     """Serve in this process until SIGTERM / SIGINT."""
     from pynetdicom import evt
+
+    from pacsbridge.shared.memtune import tune_malloc
+
+    tune_malloc()  # as the listener's receivers do
 
     ae = make_ae(aet)
     server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handle_store),

@@ -167,6 +167,7 @@ def install(assoc: Any) -> bool:
 
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
+    _larger_reads(dul.socket)
 
     from pynetdicom.utils import make_target
 
@@ -184,6 +185,32 @@ def install(assoc: Any) -> bool:
     assoc._run_reactor = lambda: _run_association(assoc, assoc_wake)
     assoc._pacsbridge_wake = assoc_wake.set
     return True
+
+
+#: Bytes per ``recv()`` of :func:`_larger_reads` (pynetdicom reads 4096).
+RECV_CHUNK = 32768
+
+
+def _larger_reads(assoc_socket: Any) -> None:
+    """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call.
+
+    Stock reads 4096 bytes per ``recv()``: 128 calls, bytes objects and appends for each
+    512 kB instance, the largest single item in a profile of the no-op SCP. Same contract:
+    blocks until ``nr_bytes`` are read, returns what came before the peer closed, and
+    lets socket errors out. Larger chunks or one buffer of the PDU's size were tried and
+    cost more (glibc then returns and re-faults the big buffers: ``madvise`` per instance).
+    """
+    def recv(nr_bytes: int) -> bytearray:
+        sock = assoc_socket.socket
+        out = bytearray()
+        while len(out) < nr_bytes:
+            data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
+            if not data:  # the peer closed: what we have (pynetdicom's callers check the length)
+                return out
+            out += data
+        return out
+
+    assoc_socket.recv = recv
 
 
 def wake(assoc: Any) -> None:

@@ -80,3 +80,28 @@ def test_too_long_values_are_refused():
         encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1." + "2" * 70, ExplicitVRLittleEndian)
     with pytest.raises(ValueError):
         encode_file_meta("1.2", "1.2", ExplicitVRLittleEndian, implementation_version="X" * 17)
+
+
+def test_malloc_thresholds_are_set_and_keep_big_buffers_mapped():
+    """shared/memtune.py: on glibc the thresholds are set (the switch turns it off), and afterwards
+    half-megabyte buffers allocated and freed in turn do not fault their pages in each time."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import resource, sys\n"
+        "from pacsbridge.shared.memtune import tune_malloc\n"
+        "ok = tune_malloc()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(200):\n"
+        "    b = bytearray(512 * 1024); b[::4096] = b'x' * len(b[::4096]); del b\n"
+        "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    import os
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) < 200 * 128 // 4, out  # faulting every buffer in would be 200 x 128 pages
+    off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PACSBRIDGE_MALLOC_TUNE": "0"}).stdout.split()
+    assert off[0] == "False"

@@ -467,6 +467,9 @@ def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(
     # A-ABORT from a pynetdicom SCU while it is sending
     ae = AE(ae_title="LOCAL")
     ae.add_requested_context(CTImageStorage)
+    # a send_c_store cut by our own abort waits dimse_timeout for a response that cannot come
+    # (stock pynetdicom client): 5 s, not the default 30, per run
+    ae.dimse_timeout = 5
     assoc = ae.associate("127.0.0.1", stack.port, ae_title="PACSBRIDGE")
     assert assoc.is_established
     big = [make_instance(rows=512) for _ in range(20)]

@@ -143,7 +143,11 @@ def make_sender(settings: Settings) -> Any:
 
 def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
+    from pacsbridge.shared.memtune import tune_malloc
+
     from .handlers import StoreHandlers, load_callback
+
+    tune_malloc()
 
     storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
     storage.ensure()
