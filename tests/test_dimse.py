@@ -239,3 +239,27 @@ def test_move_window():
     assert throttle.seconds_until_window(day, datetime(2024, 1, 1, 17, 30)) == 15 * 3600
     assert throttle.seconds_until_window(day, datetime(2024, 1, 1, 9, 0)) == 0
     assert throttle.in_window(Node(name="a", ae_title="A", host="h", port=1))
+
+
+def test_larger_reads_keep_pynetdicoms_recv_contract():
+    """shared/reactor.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
+    import socket
+    from types import SimpleNamespace
+
+    from pacsbridge.shared import reactor
+
+    a, b = socket.socketpair()
+    try:
+        holder = SimpleNamespace(socket=a)
+        reactor._larger_reads(holder)
+        payload = bytes(range(256)) * 1000  # 256,000 bytes: 8 chunks
+        sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
+        sender.start()
+        got = holder.recv(len(payload))
+        assert isinstance(got, bytearray) and got == payload
+        assert holder.recv(4) == b"NEXT"  # nothing read past what was asked for
+        sender.join()
+        b.close()
+        assert holder.recv(100) == b"tail"  # the peer closed: what came, no exception
+    finally:
+        a.close()
