@@ -3,7 +3,8 @@
 
 1. installs what is missing from Debian's packages (podman, podman-compose, runc, catatonit, netavark,
    aardvark-dns, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
-   there is none (netavark as network backend: service names resolve through aardvark-dns);
+   there is none (netavark as network backend: service names resolve through aardvark-dns), and
+   removes CNI's stale default bridge if podman once ran with CNI here (its route hides netavark's);
 2. builds the base image (deploy/base-image.sh, skipped when it exists), then every image with
    ``podman-compose -f docker-compose.yml -f compose.podman.yml build``;
 3. ``up -d`` with a generated database password and API token, two workers, and unusual host ports
@@ -182,6 +183,27 @@ def install_packages(run: Run) -> None:
     run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], "apt")
 
 
+def drop_stale_cni_bridge() -> None:
+    """Remove CNI's default bridge when netavark is the backend.
+
+    A machine where podman once ran with CNI keeps ``cni-podman0`` with a route to
+    10.88.0.0/16, the subnet of netavark's default network too. Replies to build
+    containers then go to that dead bridge: no DNS, no PyPI, and ``podman-compose build``
+    hangs in pip. Nothing uses the CNI bridge once netavark is the backend.
+    """
+    backend = subprocess.run(["podman", "info", "--format", "{{.Host.NetworkBackend}}"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    if backend != "netavark":
+        return
+    if subprocess.run(["ip", "link", "show", "cni-podman0"], capture_output=True, check=False).returncode != 0:
+        return
+    done = subprocess.run(["ip", "link", "delete", "cni-podman0"], capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        print("  removed the stale CNI bridge cni-podman0 (its route hid netavark's default network)", flush=True)
+    else:
+        print(f"  note: could not remove the stale CNI bridge cni-podman0: {done.stderr.strip()}", flush=True)
+
+
 def containers_conf() -> None:
     if CONTAINERS_CONF.exists():
         text = CONTAINERS_CONF.read_text()
@@ -353,6 +375,7 @@ def test(run: Run) -> None:
     run.phase("packages and containers.conf")
     install_packages(run)
     containers_conf()
+    drop_stale_cni_bridge()
     if (ROOT / ".env").exists():
         raise Failure(f"{ROOT / '.env'} exists: podman-compose 1.0.3 lets it override the test's settings "
                       "(password, token, ports); move it away for the test")
