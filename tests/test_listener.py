@@ -295,18 +295,25 @@ def small_fs(tmp_path):
 
 
 def _send_all(port: int, datasets: list) -> list[int]:
-    from pynetdicom import AE
+    """C-STORE each data set in one association; the statuses (-1: no response).
+
+    Sent through our own ``dimse.associate`` (the waiting reactor): stock pynetdicom's
+    association reactor can take a C-STORE response meant for ``send_c_store`` ("Received
+    unexpected C-STORE service message", then a 30 s DIMSE timeout: this test's old flake).
+    """
+    from pynetdicom import build_context
     from pynetdicom.sop_class import CTImageStorage
 
-    ae = AE(ae_title="LOCAL")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE")
-    assert assoc.is_established
+    from pacsbridge.shared import dimse
+    from pacsbridge.shared.jobs import Node
+
+    node = Node(name="listener", ae_title="PACSBRIDGE", host="127.0.0.1", port=port)
     statuses = []
-    for ds in datasets:
-        rsp = assoc.send_c_store(ds)
-        statuses.append(int(rsp.Status) if "Status" in rsp else -1)
-    assoc.release()
+    with dimse.associate(node, "LOCAL", [build_context(CTImageStorage)]) as assoc:
+        assert "_run_reactor" in vars(assoc)  # the waiting reactor is in place
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            statuses.append(int(rsp.Status) if "Status" in rsp else -1)
     return statuses
 
 
