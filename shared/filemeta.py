@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
 __all__ = ["encode_file_meta", "encoded_instance", "PREAMBLE"]
 
 #: 128 zero bytes and ``DICM``
@@ -38,8 +40,6 @@ def encode_file_meta(sop_class: Any, sop_instance: Any, transfer_syntax: Any,
     (pynetdicom's own unless given). Raises ValueError for a value that is not
     plain ASCII or too long for its VR (the caller then uses pydicom).
     """
-    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
     version = (implementation_version or PYNETDICOM_IMPLEMENTATION_VERSION).encode("ascii")
     if len(version) % 2:
         version += b" "
@@ -65,7 +65,7 @@ def encoded_instance(event: Any) -> bytes:
         meta = encode_file_meta(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
                                 event.context.transfer_syntax)
     except (ValueError, AttributeError):
-        return bytes(event.encoded_dataset())
+        return event.encoded_dataset()  # type: ignore[no-any-return]
     stream = request.DataSet
     view = stream.getbuffer()
     try:

@@ -47,7 +47,6 @@ class Batcher:
         self._stop = False
         self._failing_since: float | None = None
         self.sent = 0
-        self.batches = 0
         self._thread = threading.Thread(target=self._run, name="pacsbridge-batcher", daemon=True)
         self._thread.start()
 
@@ -112,7 +111,6 @@ class Batcher:
                 if not self._pending:
                     self._flush = False
                 self.sent += len(batch)
-                self.batches += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is pending (for up to ``timeout`` seconds) and stop."""
