@@ -64,6 +64,9 @@ class Settings:
         ``PACSBRIDGE_DUPLICATES``: ``keep``, ``replace`` or ``keep-both``.
     fsync : bool
         ``PACSBRIDGE_FSYNC``: fsync every stored file and its folder.
+    drop_cache : bool
+        ``PACSBRIDGE_DROP_CACHE``: once a stored file is fsynced, drop its
+        pages from the page cache (``posix_fadvise(DONTNEED)``).
     special_columns : bool
         ``PACSBRIDGE_SPECIAL_COLUMNS``: add pyconquest's RT columns.
     import_workers : int
@@ -90,6 +93,7 @@ class Settings:
     filename_template: str = "patient-study-series"
     duplicates: str = "keep"
     fsync: bool = True
+    drop_cache: bool = True
     special_columns: bool = False
     import_workers: int = 0
     ae_title: str = "PACSBRIDGE"
@@ -162,7 +166,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if dup not in ("keep", "replace", "keep-both"):
             raise ConfigError(f"PACSBRIDGE_DUPLICATES={dup!r}: expected keep, replace or keep-both")
         kw["duplicates"] = dup
-    for name, attr in (("FSYNC", "fsync"), ("SPECIAL_COLUMNS", "special_columns")):
+    for name, attr in (("FSYNC", "fsync"), ("DROP_CACHE", "drop_cache"), ("SPECIAL_COLUMNS", "special_columns")):
         value = get(name)
         if value is not None:
             kw[attr] = _bool(f"PACSBRIDGE_{name}", value)

@@ -25,5 +25,5 @@ def open_context(settings: Settings) -> Context:
     """Open the index (without creating tables) and the storage of ``settings``."""
     schema = load_schema(settings.dicom_sql, settings.special_columns)
     index = Index(make_engine(settings.database_url), schema)
-    storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
+    storage = Storage.for_settings(settings)
     return Context(settings, index, storage)

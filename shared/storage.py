@@ -256,19 +256,29 @@ class Storage:
         ``replace`` (the newest copy wins) or ``keep-both``.
     fsync : bool
         fsync each file and its folder before reporting it stored.
+    drop_cache : bool
+        Once a file is fsynced, tell the kernel its pages need not stay cached
+        (``POSIX_FADV_DONTNEED``): see :meth:`settle`. Ignored without fsync.
     """
 
     def __init__(self, root: Path | str, template: str = "patient-study-series", duplicates: str = "keep",
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, drop_cache: bool = False) -> None:
         if duplicates not in ("keep", "replace", "keep-both"):
             raise ConfigError(f"duplicates policy {duplicates!r}: use keep, replace or keep-both")
         self.root = Path(root).absolute()
         self.template = Template(template)
         self.duplicates = duplicates
         self.fsync = fsync
+        self.drop_cache = drop_cache and fsync and hasattr(os, "posix_fadvise")
         self.incoming = self.root / INCOMING
         self._made: set[Path] = set()
         self._safe_dirs: set[Path] = set()
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> "Storage":
+        """The storage of an installation (:class:`~pacsbridge.shared.config.Settings`)."""
+        return cls(settings.storage, settings.filename_template, settings.duplicates, settings.fsync,
+                   settings.drop_cache)
 
     def ensure(self) -> None:
         """Create the root and its incoming folder."""
@@ -322,6 +332,26 @@ class Storage:
             self.ensure()
         return tempfile.mkstemp(prefix="in-", suffix=".part", dir=self.incoming)
 
+    def settle(self, fd: int) -> None:
+        """Make a complete file's data durable (when ``fsync``), then let its pages go.
+
+        An instance is written once and read again only by the indexer (its header)
+        and later jobs. Without the drop, every received byte also takes a fresh page of
+        the page cache until memory is full; on a VM whose free memory is handed back
+        to the host (free page reporting) each such page costs a host-side fault:
+        here 1.3-1.5 ms of kernel time per 0.5 MB write instead of 0.1 ms. Only clean
+        pages are dropped (after fsync), so nothing is lost and the file reads back as
+        written (from disk).
+        """
+        if not self.fsync:
+            return
+        os.fsync(fd)
+        if self.drop_cache:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only
+                pass
+
     def _sync_dir(self, folder: Path) -> None:
         if not self.fsync:
             return
@@ -365,8 +395,7 @@ class Storage:
                 else:
                     out.write(source)  # bytes, memoryview, mmap
                 out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
+                self.settle(out.fileno())
                 size = out.tell()
             return self.commit(tmp, rel, final, size)
         except OSError as exc:

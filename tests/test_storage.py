@@ -1,5 +1,7 @@
 """Safe storage: templates, path cleaning, atomic writes, duplicates."""
 
+import os
+import subprocess
 
 import pytest
 
@@ -138,3 +140,40 @@ def test_clean_incoming_removes_leftovers(tmp_path):
     (storage.incoming / "in-x.part").write_bytes(b"partial")
     assert storage.clean_incoming() == 1
     assert storage.walk() == []
+
+
+def _cached_bytes(path):
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--raw", "--noheadings", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_drop_cache_lets_the_pages_of_a_durable_file_go(tmp_path):
+    data = os.urandom(1 << 20)
+    cached = {}
+    for drop in (False, True):
+        storage = Storage(tmp_path / f"drop{drop}", fsync=True, drop_cache=drop)
+        storage.ensure()
+        result = storage.store(data, make_instance())
+        cached[drop] = _cached_bytes(storage.root / result.relpath)
+        assert (storage.root / result.relpath).read_bytes() == data  # read back from disk, as written
+    if cached[False] == 0:
+        pytest.skip(f"{tmp_path}: this file system keeps no page cache to drop")
+    assert cached[False] >= len(data) // 2
+    assert cached[True] == 0
+
+
+def test_drop_cache_needs_fsync(tmp_path):
+    # dirty pages cannot be dropped, and asking would start writeback on every store
+    assert Storage(tmp_path, fsync=False, drop_cache=True).drop_cache is False
+    assert Storage(tmp_path, fsync=True, drop_cache=True).drop_cache is True
+
+
+def test_drop_cache_setting():
+    from pacsbridge.shared.config import load_settings
+
+    assert load_settings({}).drop_cache is True
+    assert load_settings({"PACSBRIDGE_DROP_CACHE": "0"}).drop_cache is False
+    with pytest.raises(ConfigError):
+        load_settings({"PACSBRIDGE_DROP_CACHE": "maybe"})

@@ -147,8 +147,7 @@ class StoreHandlers:
                     size = os.fstat(fh.fileno()).st_size
                     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                         header = read_header(mm, display, self.tags)
-                    if self.storage.fsync:
-                        os.fsync(fh.fileno())
+                    self.storage.settle(fh.fileno())
                 rel = self.storage.path_for(header)
                 result = self.storage.link_into_place(str(path), rel, size)
         except InvalidDataset as exc:

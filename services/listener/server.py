@@ -149,7 +149,7 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
 
     tune_malloc()
 
-    storage = Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync)
+    storage = Storage.for_settings(settings)
     storage.ensure()
     tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
     batcher = Batcher(make_sender(settings), max_batch=int(_env_float("PACSBRIDGE_ENQUEUE_BATCH", 200)),
@@ -293,7 +293,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or 2 * (os.cpu_count() or 1)
     period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
     min_age = _env_float("PACSBRIDGE_RECONCILE_MIN_AGE", 30)
-    Storage(settings.storage, settings.filename_template, settings.duplicates, settings.fsync).ensure()
+    Storage.for_settings(settings).ensure()
     metrics_port = int(_env_float("PACSBRIDGE_LISTENER_METRICS_PORT", 0))
     if metrics_port:
         _start_metrics(metrics_port)
