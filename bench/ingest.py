@@ -40,6 +40,15 @@ Steps:
      left in ``.incoming``, no task left in the queue.  The listener and
      worker logs stay in ``WORKDIR/logs/<run>/`` and are scanned for errors.
 
+   Runs go run by run, each target in turn (not all runs of one target, then the
+   next), so drift during the benchmark is shared. Nothing is deleted between runs:
+   a finished run's files are truncated to 0 bytes (the disk space comes back, the
+   inodes stay) and everything is removed at the end (``--keep-storage`` keeps the
+   files). On ext4 without a journal, creating a file skips every inode freed in the
+   last minutes one by one, so deleting a run's 2,000 files charged 0.4-0.7 ms of
+   kernel time to each file the *next* target created; ``create_ms`` records what
+   creating a file cost before each run (a warning above 0.2 ms).
+
    Before each run the script syncs the disks and waits (up to
    ``--quiet-wait`` seconds) for the CPUs to be idle, and records how busy
    they were: other work on the machine would be measured as part of
@@ -308,15 +317,17 @@ def prepare_data(workdir: Path, instances: int) -> tuple[Path, list[Path]]:
         stamp.write_text(json.dumps({"instances": instances}) + "\n")
 
     quarters_root = workdir / "quarters"
-    shutil.rmtree(quarters_root, ignore_errors=True)
     quarters = []
     bounds = [round(i * len(files) / QUARTERS) for i in range(QUARTERS + 1)]
-    for q in range(QUARTERS):
-        folder = quarters_root / f"q{q}"
-        folder.mkdir(parents=True)
-        for f in files[bounds[q]:bounds[q + 1]]:
-            (folder / f.name).symlink_to(f)
-        quarters.append(folder)
+    wanted = [[f.name for f in files[bounds[q]:bounds[q + 1]]] for q in range(QUARTERS)]
+    have = [sorted(p.name for p in (quarters_root / f"q{q}").glob("*.dcm")) for q in range(QUARTERS)]
+    if have != wanted:  # made again only when they changed: deleting inodes slows later creates (see one_run)
+        shutil.rmtree(quarters_root, ignore_errors=True)
+        for q in range(QUARTERS):
+            (quarters_root / f"q{q}").mkdir(parents=True)
+            for f in files[bounds[q]:bounds[q + 1]]:
+                (quarters_root / f"q{q}" / f.name).symlink_to(f)
+    quarters = [quarters_root / f"q{q}" for q in range(QUARTERS)]
     log(f"quarters: {[bounds[q + 1] - bounds[q] for q in range(QUARTERS)]} files (symlinks) in {quarters_root}")
     size = 0
     for f in files:
@@ -651,6 +662,7 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
     os.sync()  # start every run without the previous run's dirty pages
+    create_ms = create_probe(args.workdir / "runs" / "probes" / name)
     busy, waited = wait_quiet(args.quiet_wait)
     common = (run_dir, log_dir, args.instances)
     receiver: Receiver
@@ -685,7 +697,7 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
         problems += receiver.stop()
     scans = [s for s in (scan_log(p) for p in receiver.logs) if s["alerts"]]
     result: dict[str, Any] = {"target": target, "assocs": assocs, "run": run, "port": receiver.port,
-                              "cpu_busy_before": busy, "waited_for_quiet_s": waited,
+                              "cpu_busy_before": busy, "waited_for_quiet_s": waited, "create_ms": create_ms,
                               "phases": receiver.phases, "storescu_exit": timing.get("storescu_exit")}
     if "stored_s" in timing:
         result["stored_s"] = round(timing["stored_s"], 3)
@@ -699,8 +711,42 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     result["ok"] = not problems
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     if not args.keep_storage:
-        shutil.rmtree(run_dir / "storage", ignore_errors=True)
+        truncate_files(run_dir)
     return result, problems, scans
+
+
+#: Empty files the create probe makes before each run.
+PROBE_FILES = 200
+
+
+def create_probe(folder: Path) -> float:
+    """Milliseconds to create one empty file in a new folder ``folder`` (mean of :data:`PROBE_FILES`).
+
+    On ext4 without a journal (this project's CI machines), creating a file skips,
+    one by one, every inode freed in the last 1-5 minutes (``recently_deleted()``
+    in ``find_inode_bit``): after a run's 2,000 files were deleted the next target paid
+    0.4-0.7 ms of kernel time per file it created (0.02 ms otherwise), whichever target
+    came next. The runs therefore delete nothing (:func:`truncate_files`), and this
+    probe records what creating a file cost before each run. Its files stay (deleting
+    them would be the very thing it measures).
+    """
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for i in range(PROBE_FILES):
+        os.close(os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return round((time.perf_counter() - t0) / PROBE_FILES * 1e3, 3)
+
+
+def truncate_files(root: Path) -> None:
+    """Give back the disk space of a finished run but keep its inodes (see :func:`create_probe`)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if not os.path.islink(path):
+                    os.truncate(path, 0)
+            except OSError:
+                pass
 
 
 # -- report -----------------------------------------------------------------------------
@@ -808,6 +854,11 @@ def print_table(args: argparse.Namespace, results: list[dict], table: dict, rati
             print(f"  a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, indexed {r.get('indexed_s', '-')}"
                   f" s, backlog {r.get('not_indexed_when_stored', '-')}, init {ph.get('flush_init_s', '-')} s, "
                   f"ready {ph.get('ready_s', '-')} s, stop {ph.get('stop_s', '-')} s")
+    slow = [r for r in results if r.get("create_ms", 0) > 0.2]
+    if slow:
+        print(f"WARNING: creating a file cost over 0.2 ms before {len(slow)} run(s) (inodes freed in the last "
+              "minutes, ext4 without a journal): "
+              + ", ".join(f"{r['target']}-a{r['assocs']}-r{r['run']} {r['create_ms']} ms" for r in slow))
     busy = [r for r in results if r.get("cpu_busy_before", 0) > 0.2]
     if busy:
         print(f"WARNING: other load on the machine before {len(busy)} run(s): "
@@ -838,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each run, wait up to this many seconds for the CPUs to be idle "
                              "(other load is reported; default: 60)")
     parser.add_argument("--keep-storage", action="store_true",
-                        help="keep each run's storage folder (default: removed after its checks)")
+                        help="keep each run's stored files (default: emptied after its checks, removed at "
+                             "the end)")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
@@ -862,13 +914,19 @@ def main(argv: list[str] | None = None) -> int:
     log_issues: list[dict] = []
     results: list[dict] = []
     t_all = time.perf_counter()
+    if (args.workdir / "runs").exists():
+        log(f"removing the runs of an earlier invocation in {args.workdir / 'runs'} (creating files may be slow "
+            "for the next minutes on ext4 without a journal: see create_ms)")
+        shutil.rmtree(args.workdir / "runs", ignore_errors=True)
     try:
         gen, quarters = prepare_data(args.workdir, args.instances)
         if "pacsbridge" in args.targets:
             facts["postgres_server"] = ensure_database(args.pg_url)
-        for target in args.targets:
-            for assocs in args.assocs:
-                for run in range(1, args.runs + 1):
+        # run by run, every target in turn: whatever drifts during the benchmark (page cache, the
+        # host) is shared by all targets instead of falling on the last ones
+        for run in range(1, args.runs + 1):
+            for target in args.targets:
+                for assocs in args.assocs:
                     result, errs, scans = one_run(args, target, assocs, run, gen, quarters)
                     results.append(result)
                     problems += errs
@@ -889,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("interrupted")
         log("interrupted")
 
+    if not args.keep_storage:
+        shutil.rmtree(args.workdir / "runs", ignore_errors=True)
     table, ratios, goals = summarize(results, args.targets, args.assocs)
     print_table(args, results, table, ratios, goals)
     for p in problems:
