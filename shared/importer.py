@@ -139,7 +139,13 @@ def _init(job: _Job) -> None:
     _zips.clear()
 
 
-def _read(source: Source) -> Any:
+def _read(source: Source, whole: bool = True) -> Any:
+    """The bytes of ``source``: a zip member, or the file mapped read-only.
+
+    ``whole=False`` (only the header will be read) maps the file for random
+    access: a page fault then reads that page, not the kernel's read-around
+    window (128 kB here, a quarter of a CT slice, nine tenths of it pixel data).
+    """
     if source.member is not None:
         zf = _zips.get(source.path)
         if zf is None:
@@ -149,7 +155,10 @@ def _read(source: Source) -> Any:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             return b""
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if not whole and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        return mapped
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,7 +172,7 @@ def _process(source: Source) -> Outcome:
     buf: Any = None
     try:
         try:
-            buf = _read(source)
+            buf = _read(source, whole=job.mode == "import" or job.dataset)
         except (OSError, zipfile.BadZipFile, KeyError) as exc:
             return Outcome(source, "rejected", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
         if len(buf) == 0:

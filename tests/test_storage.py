@@ -177,3 +177,24 @@ def test_drop_cache_setting():
     assert load_settings({"PACSBRIDGE_DROP_CACHE": "0"}).drop_cache is False
     with pytest.raises(ConfigError):
         load_settings({"PACSBRIDGE_DROP_CACHE": "maybe"})
+
+
+def test_header_reads_of_the_indexer_do_not_read_ahead(tmp_path):
+    # the indexer reads a stored file's header only; without MADV_RANDOM each first touch of the
+    # mapping read the kernel's read-around window (128 kB) from disk into fresh cache pages
+    from pacsbridge.shared.importer import Source, _read
+
+    storage = Storage(tmp_path / "root", fsync=True, drop_cache=True)
+    storage.ensure()
+    cached = {}
+    for whole in (True, False):
+        result = storage.store(os.urandom(1 << 20), make_instance(SOPInstanceUID=f"1.2.3.{int(whole)}"))
+        path = storage.root / result.relpath
+        assert _cached_bytes(path) == 0
+        buf = _read(Source(str(path)), whole=whole)
+        try:
+            assert len(buf[:100]) == 100  # touch the first page, as a header scan does
+        finally:
+            buf.close()
+        cached[whole] = _cached_bytes(path)
+    assert cached[False] <= 16 * 1024 < cached[True]
