@@ -8,7 +8,7 @@ Usage::
         [--targets storescp,orthanc,noop,pacsbridge] [--assocs 1,4]
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest]
         [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--quiet-wait 60]
-        [--keep-storage]
+        [--keep-storage] [--set PACSBRIDGE_NAME=VALUE ...]
 
 Steps:
 
@@ -674,6 +674,7 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
         receiver = NoopReceiver(*common, processes=args.noop_processes)
     else:
         receiver = PacsbridgeReceiver(*common, pg_url=args.pg_url, broker_url=args.broker_url)
+        receiver.env.update(args.pacsbridge_env)
     dirs = [gen] if assocs == 1 else quarters
     problems: list[str] = []
     timing: dict = {}
@@ -891,7 +892,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-storage", action="store_true",
                         help="keep each run's stored files (default: emptied after its checks, removed at "
                              "the end)")
+    parser.add_argument("--set", action="append", default=[], metavar="PACSBRIDGE_NAME=VALUE",
+                        help="a setting for pacsbridge's listener and worker, for before/after runs "
+                             "(e.g. PACSBRIDGE_DROP_CACHE=0); repeatable")
     args = parser.parse_args(argv)
+    args.pacsbridge_env = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("PACSBRIDGE_"):
+            parser.error(f"--set {item!r}: expected PACSBRIDGE_NAME=VALUE")
+        args.pacsbridge_env[name] = value
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
         args.assocs = [int(a) for a in args.assocs.split(",") if a.strip()]
@@ -964,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_goals_met": bool(goals) and all(g["met"] for g in goals.values()),
         "run_details": results, "problems": problems, "log_issues": log_issues,
         "total_seconds": round(time.perf_counter() - t_all, 1), "workdir": str(args.workdir),
+        "pacsbridge_settings": args.pacsbridge_env,
         "machine": facts,
     }
     print(json.dumps(summary), flush=True)
