@@ -490,7 +490,6 @@ class PacsbridgeReceiver(Receiver):
         super().__init__(*args)
         self.pg_url = pg_url
         self.broker_url = broker_url
-        self.processes = int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES") or 2 * (os.cpu_count() or 1))  # the listener default
         self.env = base_env(
             PACSBRIDGE_STORAGE=str(self.storage),
             PACSBRIDGE_DATABASE_URL=pg_url,
@@ -779,7 +778,8 @@ def machine_facts(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001 - a fact, not a check
             facts["redis_server"] = f"unknown ({exc})"
     facts["noop_processes"] = args.noop_processes
-    facts["pacsbridge_listener_processes"] = int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES") or 0) or \
+    # the listener gets no PACSBRIDGE_* from this environment (base_env), only what --set gives
+    facts["pacsbridge_listener_processes"] = int(args.pacsbridge_env.get("PACSBRIDGE_LISTENER_PROCESSES") or 0) or \
         2 * (os.cpu_count() or 1)
     return facts
 
