@@ -382,6 +382,11 @@ class Storage:
         """
         rel = relpath or self.path_for(ds)
         final = self.absolute(rel)
+        if self.duplicates == "keep" and os.path.lexists(final):
+            # the first copy stays: nothing to write, fsync and unlink again (a retrieve of studies
+            # already held did all three per instance, and each freed inode slows later creates on
+            # ext4 without a journal)
+            return StoreResult(rel, "duplicate", _size_of(source))
         fd, tmp = -1, ""
         try:
             fd, tmp = self.temp_file()
@@ -496,6 +501,19 @@ class Storage:
                     continue
                 out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
         return out
+
+
+def _size_of(source: Any) -> int:
+    """Bytes in a source of :meth:`Storage.store` (-1 for a file object, which is not read)."""
+    if isinstance(source, (str, Path)):
+        try:
+            return os.path.getsize(source)
+        except OSError:
+            return -1
+    try:
+        return len(source)
+    except TypeError:
+        return -1
 
 
 def _unlink_quietly(path: str) -> None:

@@ -119,6 +119,19 @@ def test_duplicate_policies(tmp_path):
         assert list(s.incoming.iterdir()) == []
 
 
+def test_a_kept_duplicate_is_not_even_written(tmp_path):
+    storage = Storage(tmp_path / "k", fsync=True)
+    storage.ensure()
+    ds = make_instance()
+    first = storage.store(b"one", ds)
+    closed = open(storage.root / first.relpath, "rb")
+    closed.close()  # reading it would raise ValueError
+    again = storage.store(closed, ds)
+    assert again.action == "duplicate" and again.relpath == first.relpath
+    assert storage.store(b"three", ds).size == 5
+    assert (storage.root / first.relpath).read_bytes() == b"one"
+
+
 def test_unwritable_storage_leaves_nothing(tmp_path):
     storage = Storage(tmp_path / "ro", fsync=True)
     storage.ensure()
