@@ -337,9 +337,10 @@ class Storage:
 
         An instance is written once and read again only by the indexer (its header)
         and later jobs. Without the drop, every received byte also takes a fresh page of
-        the page cache until memory is full; on a VM whose free memory is handed back
-        to the host (free page reporting) each such page costs a host-side fault:
-        here 1.3-1.5 ms of kernel time per 0.5 MB write instead of 0.1 ms. Only clean
+        the page cache until memory is full, and on this project's VMs (free page
+        reporting on: most likely a host-side fault per page) a page the cache never
+        used was slow to fill: 1.3-1.5 ms of kernel time per 0.5 MB write while the
+        cache grew, 0.1 ms with the pages dropped. Only clean
         pages are dropped (after fsync), so nothing is lost and the file reads back as
         written (from disk).
         """
