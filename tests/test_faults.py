@@ -64,3 +64,23 @@ def test_redis_down_during_transfer_loses_nothing(tmp_path, redis):
 def test_postgres_outage_delays_indexing_only(tmp_path, postgres):
     # meanwhile the worker's tasks fail and are retried with backoff
     outage_while_storing(tmp_path, Stack(tmp_path, database_url=postgres.url), postgres, 5, 3, 120)
+
+
+def test_a_receiver_made_while_the_broker_is_down_sends_once_it_is_up(settings):
+    """The receiver prepares its Celery producer at start without connecting: no broker, no wait
+    and no error then; the first batch after the broker starts is delivered."""
+    import redis as redis_client
+
+    from pacsbridge.listener.server import make_sender
+
+    server = ThrowawayRedis()  # not started yet
+    send = make_sender(settings.with_(broker_url=server.url))
+    server.start()
+    try:
+        send(["a/b.dcm", "a/c.dcm"])
+        client = redis_client.Redis(port=server.port)
+        assert client.llen("pacsbridge") == 1  # one task for the batch
+        assert b"a/c.dcm" in client.lindex("pacsbridge", 0)
+        client.close()
+    finally:
+        server.stop()
