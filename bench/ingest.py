@@ -5,7 +5,7 @@ Usage::
 
     python bench/ingest.py [--instances 2000] [--runs 3]
         [--workdir /tmp/pacsbridge-bench-ingest]
-        [--targets storescp,orthanc,noop,pacsbridge] [--assocs 1,4]
+        [--targets storescp,orthanc,noop,durable,pacsbridge] [--assocs 1,4]
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest]
         [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--quiet-wait 60]
         [--keep-storage] [--set PACSBRIDGE_NAME=VALUE ...]
@@ -31,6 +31,10 @@ Steps:
      instance is indexed, so stored = indexed for Orthanc).
    - ``noop``: ``bench/noop_scp.py``, a tuned pynetdicom SCP that stores
      nothing (the pynetdicom ceiling); success = every storescu succeeded.
+   - ``durable``: ``bench/noop_scp.py --store``, the same SCP whose handler
+     only stores each instance durably with pacsbridge's storage code (fsync,
+     cache drop; no header read, template or index): the floor of any
+     pynetdicom receiver that fsyncs; N files in its storage.
    - ``pacsbridge``: ``pacsbridge listener`` and ``pacsbridge worker`` as
      separate process groups on PostgreSQL (``init --force`` before each
      run) and Redis (the broker db is flushed before each run), with
@@ -57,11 +61,15 @@ Steps:
    starting (spawned receiver processes, Celery's pool importing) is not
    measured as slow throughput.  Receivers are started in their own sessions and stopped with SIGTERM to
    the process group (SIGKILL after a timeout), always (try/finally).
-3. A table of medians and every run per target x associations, the ratios
-   for pacsbridge (stored / noop, indexed / Orthanc) against the targets of
-   the issue (4 associations: indexed >= 1.0x Orthanc, stored >= 0.8x noop;
-   1 association: indexed >= 0.8x Orthanc), then one final JSON line with
-   everything, machine facts included.
+3. A table of medians and every run per target x associations; the CPU
+   each target used per instance while storescu sent (the whole machine's,
+   sender included, from ``/proc/stat``, and the receiver's own process
+   groups'); the ratios for pacsbridge (stored / noop, indexed / Orthanc,
+   stored / durable) against the targets of the issue (4 associations:
+   indexed >= 1.0x Orthanc, stored >= 0.8x noop; 1 association: indexed >=
+   0.8x Orthanc), with the limit CPU puts on stored / noop where both are
+   CPU-bound (noop's machine CPU per instance over pacsbridge's); then one
+   final JSON line with everything, machine facts included.
 
 Progress goes to stderr; stdout carries the table and the JSON line.
 Exit status: 0 if every check passed (whether or not the targets were met),
@@ -77,6 +85,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -92,13 +101,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/13"
-TARGETS = ("storescp", "orthanc", "noop", "pacsbridge")
+TARGETS = ("storescp", "orthanc", "noop", "durable", "pacsbridge")
 CALLING_AET = "BENCH"
-AETS = {"storescp": "TARGET", "orthanc": "ORTHANC", "noop": "NOOP", "pacsbridge": "PACSBRIDGE"}
+AETS = {"storescp": "TARGET", "orthanc": "ORTHANC", "noop": "NOOP", "durable": "DURABLE", "pacsbridge": "PACSBRIDGE"}
 QUARTERS = 4
 #: The issue's targets: (associations, ratio name) -> minimum
 GOALS = {(4, "indexed_vs_orthanc"): 1.0, (4, "stored_vs_noop"): 0.8, (1, "indexed_vs_orthanc"): 0.8}
 POLL_SECONDS = 0.1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Settings of pacsbridge.listener that the no-op SCP applies too (so "tuned like ours" holds when comparing them)
 SHARED_KNOBS = ("PACSBRIDGE_REACTOR", "PACSBRIDGE_RUN_LOOP_DELAY")
 READY_TIMEOUT = 60.0
@@ -250,6 +260,55 @@ def cpu_busy(seconds: float = 0.5) -> float:
     time.sleep(seconds)
     total1, idle1 = sample()
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
+
+
+def machine_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / CLOCK_TICKS
+
+
+def group_cpu(pgids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) so far of every live process in the process groups ``pgids``, by pid."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) in pgids:
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return found
+
+
+class CpuMeter:
+    """CPU spent while storescu sends: the machine's, and the receiver's own processes'.
+
+    The receiver's process groups are sampled every 0.1 s, so that processes that end
+    within the window (storescp's forks) count up to their last sample.
+    """
+
+    def __init__(self, pgids: set[int]) -> None:
+        self.pgids = pgids
+        self.start_machine = machine_cpu_s()
+        self.start = group_cpu(pgids) if pgids else {}
+        self.last = dict(self.start)
+
+    def sample(self) -> None:
+        if self.pgids:
+            self.last.update(group_cpu(self.pgids))
+
+    def result(self, instances: int) -> dict[str, float]:
+        """Milliseconds of CPU per instance: whole machine, and the receiver alone."""
+        self.sample()
+        machine = machine_cpu_s() - self.start_machine
+        out = {"machine_cpu_ms": round(1000 * machine / instances, 3)}
+        if self.pgids:
+            receiver = sum(v - self.start.get(pid, 0.0) for pid, v in self.last.items())
+            out["receiver_cpu_ms"] = round(1000 * receiver / instances, 3)
+        return out
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> tuple[float, float]:
@@ -481,6 +540,23 @@ class NoopReceiver(Receiver):
         return []  # nothing is stored: the storescu checks are the check
 
 
+class DurableReceiver(NoopReceiver):
+    """``bench/noop_scp.py --store``: the no-op SCP whose handler only stores, durably, with
+    pacsbridge's storage code (no header read, no template, no index): what any pynetdicom
+    receiver that fsyncs pays at the least."""
+
+    name = "durable"
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.spawn("durable_scp", [sys.executable, str(BENCH_DIR / "noop_scp.py"), str(self.port), "--aet", self.aet,
+                                   "--processes", str(self.processes), "--store", str(self.storage)], base_env())
+
+    def check(self) -> list[str]:
+        n = count_files(self.storage)
+        return [] if n == self.instances else [f"durable: {n} files in {self.storage}, expected {self.instances}"]
+
+
 class PacsbridgeReceiver(Receiver):
     """``pacsbridge listener`` + ``pacsbridge worker`` on PostgreSQL and Redis, fsync on."""
 
@@ -578,26 +654,39 @@ class PacsbridgeReceiver(Receiver):
 
 # -- sending -----------------------------------------------------------------------------
 def send(aec: str, port: int, dirs: list[Path], log_dir: Path, instances: int,
-         probe: Callable[[], int] | None = None) -> tuple[dict, list[str]]:
+         probe: Callable[[], int] | None = None, pgids: set[int] | None = None) -> tuple[dict, list[str]]:
     """Run one storescu per folder in parallel; time them; poll ``probe`` for "indexed".
 
     Returns (timings, problems). ``stored_s`` runs from the first storescu start
     to the last exit; ``indexed_s`` from the first start until ``probe()``
-    (polled every 0.1 s) reaches ``instances``.
+    (polled every 0.1 s) reaches ``instances``. Over the same "stored" window,
+    ``machine_cpu_ms`` and ``receiver_cpu_ms`` (processes in ``pgids``): CPU per instance.
     """
     env = base_env()
     procs: list[subprocess.Popen] = []
     ends: list[float | None] = [None] * len(dirs)
     outs = [log_dir / f"storescu-{k}.log" for k in range(len(dirs))]
+    stored = threading.Event()
     timeout = max(300.0, instances / 5)
     problems: list[str] = []
 
     def waiter(k: int) -> None:
         procs[k].wait()
         ends[k] = time.perf_counter()
+        if all(e is not None for e in ends):
+            stored.set()  # the last storescu is done: the CPU meter stops here
 
     threads = []
     result: dict[str, Any] = {}
+    meter = CpuMeter(pgids or set())
+
+    def meter_loop() -> None:
+        while not stored.wait(0.1):
+            meter.sample()
+        result.update(meter.result(instances))
+
+    sampler = threading.Thread(target=meter_loop, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     try:
         for k, folder in enumerate(dirs):
@@ -637,6 +726,8 @@ def send(aec: str, port: int, dirs: list[Path], log_dir: Path, instances: int,
                 problems.append(f"storescu {p.args[-1]} killed after {timeout:.0f} s")
     for th in threads:
         th.join()
+    stored.set()
+    sampler.join()
     finished = [e for e in ends if e is not None]
     if finished:
         result["stored_s"] = max(finished) - t0
@@ -671,6 +762,8 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
         receiver = OrthancReceiver(*common)
     elif target == "noop":
         receiver = NoopReceiver(*common, processes=args.noop_processes)
+    elif target == "durable":
+        receiver = DurableReceiver(*common, processes=args.noop_processes)
     else:
         receiver = PacsbridgeReceiver(*common, pg_url=args.pg_url, broker_url=args.broker_url)
         receiver.env.update(args.pacsbridge_env)
@@ -688,7 +781,8 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
         receiver.phases["settle_s"] = settled
         receiver.phases["cpu_busy_at_start"] = round(busy_ready, 2)
         probe = receiver.indexed if isinstance(receiver, PacsbridgeReceiver) else None
-        timing, errs = send(receiver.aet, receiver.port, dirs, log_dir, args.instances, probe)
+        timing, errs = send(receiver.aet, receiver.port, dirs, log_dir, args.instances, probe,
+                            pgids={p.pid for p in receiver.procs})
         problems += errs
         problems += receiver.check()
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the others
@@ -699,6 +793,9 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     result: dict[str, Any] = {"target": target, "assocs": assocs, "run": run, "port": receiver.port,
                               "cpu_busy_before": busy, "waited_for_quiet_s": waited, "create_ms": create_ms,
                               "phases": receiver.phases, "storescu_exit": timing.get("storescu_exit")}
+    for key in ("machine_cpu_ms", "receiver_cpu_ms"):
+        if key in timing:
+            result[key] = timing[key]
     if "stored_s" in timing:
         result["stored_s"] = round(timing["stored_s"], 3)
         result["stored_per_s"] = round(args.instances / timing["stored_s"], 1)
@@ -796,12 +893,16 @@ def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -
                 "stored_per_s": median(stored), "stored_runs": [r.get("stored_per_s") for r in runs],
                 "indexed_per_s": median(indexed), "indexed_runs": [r.get("indexed_per_s") for r in runs],
                 "failed_runs": sum(1 for r in runs if not r["ok"]),
+                "machine_cpu_ms": median_ms([r["machine_cpu_ms"] for r in runs if r["ok"] and "machine_cpu_ms" in r]),
+                "receiver_cpu_ms": median_ms([r["receiver_cpu_ms"] for r in runs
+                                              if r["ok"] and "receiver_cpu_ms" in r]),
             }
     ratios: dict[str, dict] = {}
     goals: dict[str, dict] = {}
     for a in assocs_list:
         pb = table.get("pacsbridge", {}).get(str(a), {})
         noop = table.get("noop", {}).get(str(a), {})
+        durable = table.get("durable", {}).get(str(a), {})
         orth = table.get("orthanc", {}).get(str(a), {})
         r = {
             "stored_vs_noop": round(pb["stored_per_s"] / noop["stored_per_s"], 2)
@@ -810,6 +911,14 @@ def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -
             if pb.get("indexed_per_s") and orth.get("indexed_per_s") else None,
             "stored_vs_orthanc": round(pb["stored_per_s"] / orth["stored_per_s"], 2)
             if pb.get("stored_per_s") and orth.get("stored_per_s") else None,
+            "stored_vs_durable": round(pb["stored_per_s"] / durable["stored_per_s"], 2)
+            if pb.get("stored_per_s") and durable.get("stored_per_s") else None,
+            "durable_vs_noop": round(durable["stored_per_s"] / noop["stored_per_s"], 2)
+            if durable.get("stored_per_s") and noop.get("stored_per_s") else None,
+            # where both are CPU-bound, stored/noop cannot exceed this: the no-op's CPU per instance
+            # (machine-wide, sender included) over pacsbridge's
+            "cpu_bound_stored_vs_noop": round(noop["machine_cpu_ms"] / pb["machine_cpu_ms"], 2)
+            if pb.get("machine_cpu_ms") and noop.get("machine_cpu_ms") else None,
         }
         ratios[str(a)] = r
         for (ga, gname), minimum in GOALS.items():
@@ -817,6 +926,11 @@ def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -
                 goals[f"{gname}_{a}assoc"] = {"min": minimum, "value": r[gname],
                                               "met": r[gname] is not None and r[gname] >= minimum}
     return table, ratios, goals
+
+
+def median_ms(values: list[float]) -> float | None:
+    """Median to 0.01 ms, or None for no values."""
+    return round(statistics.median(values), 2) if values else None
 
 
 def fmt(v: float | None) -> str:
@@ -838,11 +952,18 @@ def print_table(args: argparse.Namespace, results: list[dict], table: dict, rati
             print(f"{target:<11} {a:>5} {fmt(row['stored_per_s']):>10} "
                   f"{fmt(row['indexed_per_s']) if target in ('pacsbridge', 'orthanc') else '':>11}   "
                   f"{stored_runs} | {indexed_runs}{failed}")
+    print("\nCPU per instance while storescu sends (ms, medians): whole machine (sender included) / the "
+          "receiver's own processes")
+    for target, per in table.items():
+        for a, row in per.items():
+            print(f"  {target:<11} {a} assoc: machine {row['machine_cpu_ms']} / receiver {row['receiver_cpu_ms']}")
     if "pacsbridge" in table:
         print("\npacsbridge ratios (medians):")
         for a, r in ratios.items():
             print(f"  {a} assoc: stored/noop {r['stored_vs_noop']}, indexed/orthanc {r['indexed_vs_orthanc']}, "
-                  f"stored/orthanc {r['stored_vs_orthanc']}")
+                  f"stored/orthanc {r['stored_vs_orthanc']}, stored/durable {r['stored_vs_durable']}; "
+                  f"durable/noop {r['durable_vs_noop']}; CPU-bound limit of stored/noop "
+                  f"(noop machine CPU / pacsbridge's) {r['cpu_bound_stored_vs_noop']}")
         print("targets of the issue:")
         for name, g in goals.items():
             print(f"  {name}: {g['value']} (need >= {g['min']}): {'MET' if g['met'] else 'NOT MET'}")

@@ -23,7 +23,11 @@ Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
 
 Usage::
 
-    python bench/noop_scp.py PORT [--aet NOOP] [--host 127.0.0.1] [--processes N]
+    python bench/noop_scp.py PORT [--aet NOOP] [--host 127.0.0.1] [--processes N] [--store DIR]
+
+With ``--store DIR`` it is the *durable* reference instead: the same SCP, whose
+handler only writes each instance durably with pacsbridge's storage code (fsync
+of file and folder, cache drop), with no header read, template or queue.
 
 The parent process prints ``noop_scp: ready ...`` on stderr once every
 process has bound the port, forwards SIGTERM / SIGINT to its children and
@@ -38,6 +42,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 __all__ = ["ReusePortServer", "make_ae", "serve", "main"]
@@ -94,8 +99,26 @@ def handle_store(event: Any) -> int:
     return SUCCESS
 
 
-def serve(host: str, port: int, aet: str, ready_fd: int | None = None) -> None:
-    """Serve in this process until SIGTERM / SIGINT."""
+def durable_handler(folder: str) -> Any:
+    """A C-STORE handler that only stores: each instance as received, durably, with pacsbridge's
+    storage code and settings (fsync and cache drop), under ``<SOP Instance UID>.dcm`` in one
+    sub-folder. No header read, no template, no queue: the floor of a durable receiver."""
+    from pacsbridge.shared.config import load_settings
+    from pacsbridge.shared.filemeta import encoded_instance
+    from pacsbridge.shared.storage import Storage
+
+    storage = Storage.for_settings(load_settings().with_(storage=Path(folder), fsync=True))
+    storage.ensure()
+
+    def handle(event: Any) -> int:
+        storage.store(encoded_instance(event), None, relpath=f"in/{event.request.AffectedSOPInstanceUID}.dcm")
+        return SUCCESS
+
+    return handle
+
+
+def serve(host: str, port: int, aet: str, ready_fd: int | None = None, store: str | None = None) -> None:
+    """Serve in this process until SIGTERM / SIGINT (storing into ``store`` when given)."""
     from pynetdicom import evt
 
     from pacsbridge.shared.memtune import tune_malloc
@@ -103,7 +126,8 @@ def serve(host: str, port: int, aet: str, ready_fd: int | None = None) -> None:
     tune_malloc()  # as the listener's receivers do
 
     ae = make_ae(aet)
-    server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handle_store),
+    handler = durable_handler(store) if store else handle_store
+    server = ae.make_server((host, port), evt_handlers=[(evt.EVT_C_STORE, handler),
                                                             (evt.EVT_CONN_OPEN, on_conn_open)],
                             server_class=_server_class())
 
@@ -137,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help=f"processes sharing the port via SO_REUSEPORT (default: cores = {os.cpu_count()})")
+    parser.add_argument("--store", metavar="DIR",
+                        help="store each instance durably into DIR (pacsbridge's storage code, fsync on) instead "
+                             "of nothing: the floor of any durable pynetdicom receiver")
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be >= 1")
@@ -149,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             code = 0
             try:
                 os.close(read_fd)
-                serve(args.host, args.port, args.aet, write_fd)
+                serve(args.host, args.port, args.aet, write_fd, args.store)
             except BaseException as exc:  # noqa: BLE001 - report and exit non-zero
                 print(f"noop_scp[{os.getpid()}]: {exc!r}", file=sys.stderr, flush=True)
                 code = 1
