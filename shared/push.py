@@ -58,7 +58,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .context import Context
 from .dimse import associate, describe_status, lost
-from .reactor import on_conn_open as reactor_on_conn_open, wake
+from .reactor import on_conn_open as reactor_on_conn_open, quiet, wake
 from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
@@ -296,24 +296,6 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
 
 
 _HANDLERS = [(evt.EVT_CONN_OPEN, reactor_on_conn_open)]
-
-
-def quiet(assoc: Any) -> None:
-    """Unbind pynetdicom's standard DIMSE logging handlers from this association.
-
-    They format a multi-line description of every message (the whole
-    command set, decoded again) whatever the log level: ~0.4 ms of the DUL
-    thread per C-STORE response. Unbinding is per association (public
-    ``get_handlers`` / ``unbind``), unlike ``_config.LOG_HANDLER_LEVEL``,
-    which would change every association of the process.
-    """
-    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
-        try:
-            for handler, _ in list(assoc.get_handlers(event)):
-                if getattr(handler, "__module__", "") == "pynetdicom._handlers":
-                    assoc.unbind(event, handler)
-        except Exception:  # another pynetdicom: keep its handlers
-            pass
 
 
 class _Gate(threading.Event):

@@ -52,7 +52,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["install", "install_on_request", "wake", "enabled", "tune", "on_conn_open", "RUN_LOOP_DELAY",
+__all__ = ["install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
            "SUPPORTED", "WAIT_CAP"]
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,30 @@ def tune(assoc: Any) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP, or already closed
+            pass
+
+
+def quiet(assoc: Any) -> None:
+    """Unbind pynetdicom's standard logging handlers from this association when nothing they log
+    would be shown (the ``pynetdicom`` logger not enabled for INFO, as in our services).
+
+    They describe every message whatever the log level: for a C-STORE request they copy
+    the whole received data set (``getvalue()``) to say it is "Present", and format the
+    command set again; for a response ~0.4 ms of the DUL thread. Unbinding is per
+    association (public ``get_handlers`` / ``unbind``), unlike
+    ``_config.LOG_HANDLER_LEVEL``, which would change every association of the process.
+    With ``-vv`` (pynetdicom at DEBUG) they stay, and log as before.
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    from pynetdicom import evt
+
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+        try:
+            for handler, _ in list(assoc.get_handlers(event)):
+                if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                    assoc.unbind(event, handler)
+        except Exception:  # another pynetdicom: keep its handlers
             pass
 
 

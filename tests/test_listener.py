@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -494,3 +495,37 @@ def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(
     assert {ds.SOPInstanceUID for ds in files} <= indexed_sops(stack.settings, 60)
     sops = [read_header(p.read_bytes(), str(p)).sop_instance_uid for p in _stored_files(root)]
     assert len(sops) == len(set(sops))
+
+
+@pytest.mark.parametrize("level, described", [(logging.WARNING, 0), (logging.INFO, 3)])
+def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_path, monkeypatch, level, described):
+    """pynetdicom's standard handlers copy every received data set and format its command set
+    whatever the log level; the listener's associations drop them unless pynetdicom logs at INFO
+    (``-vv``), where they log as before. The instances are stored either way."""
+    from pynetdicom import _handlers
+
+    from pacsbridge.listener.handlers import StoreHandlers
+    from pacsbridge.listener.peers import parse_peers
+    from pacsbridge.listener.server import make_ae
+    from pacsbridge.shared.storage import Storage
+
+    calls = []
+    real = _handlers._recv_c_store_rq
+    monkeypatch.setattr(_handlers, "_recv_c_store_rq", lambda event: calls.append(1) or real(event))
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    logger.setLevel(level)
+    storage = Storage(tmp_path / "storage", fsync=False)
+    storage.ensure()
+    peers = parse_peers("*")
+    port = free_port()
+    server = make_ae(Settings(), peers).start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=StoreHandlers(storage, None, peers).handlers())
+    try:
+        statuses = _send_all(port, [make_instance(PatientID=f"Q{i}") for i in range(3)])
+    finally:
+        server.shutdown()
+        logger.setLevel(old)
+    assert statuses == [0, 0, 0]
+    assert len(_stored_files(storage.root)) == 3
+    assert len(calls) == described

@@ -29,7 +29,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
-from pacsbridge.shared.reactor import install as install_reactor, tune
+from pacsbridge.shared.reactor import install as install_reactor, quiet, tune
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
@@ -63,8 +63,10 @@ def load_callback(spec: str) -> AfterStore | None:
 
 def tune_association(assoc: Any) -> None:
     """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same):
-    shorter polling and TCP_NODELAY, then waiting instead of polling (see reactor.py)."""
+    shorter polling and TCP_NODELAY, no standard logging handlers (unless pynetdicom logs at
+    INFO), then waiting instead of polling (see reactor.py)."""
     tune(assoc)
+    quiet(assoc)
     install_reactor(assoc)
 
 
