@@ -253,13 +253,14 @@ def install_on_request(assoc: Any) -> None:
     On the requestor side pynetdicom starts the DUL thread in ``assoc.request()``,
     which then connects and fires ``EVT_CONN_OPEN`` from that thread: too late to
     replace its loop. This wraps ``assoc.request`` (an instance attribute, this
-    association only) so that :func:`install` runs just before, when the socket
-    is set and no thread has started. Call it where the association is created
+    association only) so that :func:`quiet` and :func:`install` run just before,
+    when the socket is set and no thread has started. Call it where the association is created
     and its socket not yet connected (``AE._create_socket``).
     """
     request = assoc.request
 
     def install_then_request() -> None:
+        quiet(assoc)
         install(assoc)
         request()
 

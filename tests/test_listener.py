@@ -500,8 +500,9 @@ def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(
 @pytest.mark.parametrize("level, described", [(logging.WARNING, 0), (logging.INFO, 3)])
 def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_path, monkeypatch, level, described):
     """pynetdicom's standard handlers copy every received data set and format its command set
-    whatever the log level; the listener's associations drop them unless pynetdicom logs at INFO
-    (``-vv``), where they log as before. The instances are stored either way."""
+    whatever the log level; the listener's associations, and ours as requestor (``dimse.associate``,
+    used by push and retrieve), drop them unless pynetdicom logs at INFO (``-vv``), where they log
+    as before. The instances are stored either way."""
     from pynetdicom import _handlers
 
     from pacsbridge.listener.handlers import StoreHandlers
@@ -509,9 +510,10 @@ def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_pa
     from pacsbridge.listener.server import make_ae
     from pacsbridge.shared.storage import Storage
 
-    calls = []
-    real = _handlers._recv_c_store_rq
-    monkeypatch.setattr(_handlers, "_recv_c_store_rq", lambda event: calls.append(1) or real(event))
+    calls: list[str] = []
+    for name in ("_recv_c_store_rq", "_send_c_store_rq"):  # the listener's side, the sender's side
+        real = getattr(_handlers, name)
+        monkeypatch.setattr(_handlers, name, lambda event, name=name, real=real: calls.append(name) or real(event))
     logger = logging.getLogger("pynetdicom")
     old = logger.level
     logger.setLevel(level)
@@ -528,4 +530,5 @@ def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_pa
         logger.setLevel(old)
     assert statuses == [0, 0, 0]
     assert len(_stored_files(storage.root)) == 3
-    assert len(calls) == described
+    assert calls.count("_recv_c_store_rq") == described
+    assert calls.count("_send_c_store_rq") == described
