@@ -881,6 +881,11 @@ def machine_facts(args: argparse.Namespace) -> dict:
     return facts
 
 
+def _ratio(top: dict, bottom: dict, key: str) -> float | None:
+    """``top[key] / bottom[key]`` to 0.01, or None where either is missing."""
+    return round(top[key] / bottom[key], 2) if top.get(key) and bottom.get(key) else None
+
+
 def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -> tuple[dict, dict, dict]:
     """Medians per target x associations, pacsbridge ratios and goals."""
     table: dict[str, dict[str, dict]] = {}
@@ -905,20 +910,14 @@ def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -
         durable = table.get("durable", {}).get(str(a), {})
         orth = table.get("orthanc", {}).get(str(a), {})
         r = {
-            "stored_vs_noop": round(pb["stored_per_s"] / noop["stored_per_s"], 2)
-            if pb.get("stored_per_s") and noop.get("stored_per_s") else None,
-            "indexed_vs_orthanc": round(pb["indexed_per_s"] / orth["indexed_per_s"], 2)
-            if pb.get("indexed_per_s") and orth.get("indexed_per_s") else None,
-            "stored_vs_orthanc": round(pb["stored_per_s"] / orth["stored_per_s"], 2)
-            if pb.get("stored_per_s") and orth.get("stored_per_s") else None,
-            "stored_vs_durable": round(pb["stored_per_s"] / durable["stored_per_s"], 2)
-            if pb.get("stored_per_s") and durable.get("stored_per_s") else None,
-            "durable_vs_noop": round(durable["stored_per_s"] / noop["stored_per_s"], 2)
-            if durable.get("stored_per_s") and noop.get("stored_per_s") else None,
+            "stored_vs_noop": _ratio(pb, noop, "stored_per_s"),
+            "indexed_vs_orthanc": _ratio(pb, orth, "indexed_per_s"),
+            "stored_vs_orthanc": _ratio(pb, orth, "stored_per_s"),
+            "stored_vs_durable": _ratio(pb, durable, "stored_per_s"),
+            "durable_vs_noop": _ratio(durable, noop, "stored_per_s"),
             # where both are CPU-bound, stored/noop cannot exceed this: the no-op's CPU per instance
             # (machine-wide, sender included) over pacsbridge's
-            "cpu_bound_stored_vs_noop": round(noop["machine_cpu_ms"] / pb["machine_cpu_ms"], 2)
-            if pb.get("machine_cpu_ms") and noop.get("machine_cpu_ms") else None,
+            "cpu_bound_stored_vs_noop": _ratio(noop, pb, "machine_cpu_ms"),
         }
         ratios[str(a)] = r
         for (ga, gname), minimum in GOALS.items():
