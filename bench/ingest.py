@@ -534,7 +534,7 @@ class NoopReceiver(Receiver):
                                 "--processes", str(self.processes)], base_env())
 
     def expected_listeners(self) -> int:
-        return self.processes
+        return 1  # one listening socket, shared by its processes (the listener's model)
 
     def check(self) -> list[str]:
         return []  # nothing is stored: the storescu checks are the check
@@ -1004,8 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"pacsbridge's PostgreSQL index, created if missing (default: {DEFAULT_PG_URL})")
     parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL,
                         help=f"pacsbridge's Redis broker, FLUSHED before each run (default: {DEFAULT_BROKER_URL})")
-    parser.add_argument("--noop-processes", type=int, default=os.cpu_count() or 1,
-                        help="processes of the no-op SCP (default: cores)")
+    parser.add_argument("--noop-processes", type=int, default=2 * (os.cpu_count() or 1),
+                        help="processes of the no-op and durable SCPs (default: the listener's, two per core)")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="before each run, wait up to this many seconds for the CPUs to be idle "
                              "(other load is reported; default: 60)")

@@ -74,7 +74,7 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
-def _server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
+def server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
     from pynetdicom.transport import ThreadedAssociationServer
 
     class Server(ThreadedAssociationServer):
@@ -162,7 +162,7 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
     handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
-                            server_class=_server_class(peers, shared))
+                            server_class=server_class(peers, shared))
 
     def shutdown(*_: Any) -> None:
         # socketserver's own shutdown: pynetdicom's also unregisters the server from the AE,
