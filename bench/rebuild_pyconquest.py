@@ -50,6 +50,13 @@ import time
 from pathlib import Path
 
 _TABLES = ("DICOMimages", "DICOMseries", "DICOMstudies", "DICOMpatients")
+#: One literal query per table (identifiers cannot be bound parameters, so none is built from a string).
+_COUNT_SQL = {
+    "DICOMimages": "SELECT COUNT(*) FROM DICOMimages",
+    "DICOMseries": "SELECT COUNT(*) FROM DICOMseries",
+    "DICOMstudies": "SELECT COUNT(*) FROM DICOMstudies",
+    "DICOMpatients": "SELECT COUNT(*) FROM DICOMpatients",
+}
 
 
 class _ErrorCollector(logging.Handler):
@@ -104,8 +111,7 @@ def _count_rows(db_path: Path) -> dict[str, int | None]:
     try:
         for table in _TABLES:
             try:
-                # table names are the fixed _TABLES constant (identifiers cannot be bound)
-                counts[table] = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                counts[table] = conn.execute(_COUNT_SQL[table]).fetchone()[0]
             except sqlite3.Error:
                 counts[table] = None
     finally:
