@@ -249,23 +249,24 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """``(total, idle)`` clock ticks of all cores so far (``/proc/stat``; idle includes iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return sum(fields), fields[3] + fields[4]
+
+
 def cpu_busy(seconds: float = 0.5) -> float:
     """Fraction of all CPU time that was busy over ``seconds`` (from /proc/stat): other load on the box."""
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields[:8]), idle
-
-    total0, idle0 = sample()
+    total0, idle0 = cpu_ticks()
     time.sleep(seconds)
-    total1, idle1 = sample()
+    total1, idle1 = cpu_ticks()
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
 
 
 def machine_cpu_s() -> float:
-    """Busy CPU seconds of the whole machine so far, all cores (``/proc/stat``: all but idle and iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    return (sum(fields) - fields[3] - fields[4]) / CLOCK_TICKS
+    """Busy CPU seconds of the whole machine so far, all cores."""
+    total, idle = cpu_ticks()
+    return (total - idle) / CLOCK_TICKS
 
 
 def group_cpu(pgids: set[int]) -> dict[int, float]:
@@ -724,9 +725,9 @@ def send(aec: str, port: int, dirs: list[Path], log_dir: Path, instances: int,
                 p.kill()
                 p.wait()
                 problems.append(f"storescu {p.args[-1]} killed after {timeout:.0f} s")
+        stored.set()  # also when a storescu could not start: the meter must not sample forever
     for th in threads:
         th.join()
-    stored.set()
     sampler.join()
     finished = [e for e in ends if e is not None]
     if finished:

@@ -58,7 +58,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .context import Context
 from .dimse import associate, describe_status, lost
-from .reactor import on_conn_open as reactor_on_conn_open, quiet, wake
+from .reactor import on_conn_open as reactor_on_conn_open, wake
 from .errors import DimseError, InvalidRequest
 from .jobs import Job, JobStore, Node, SeriesProgress
 from .jobs import metadata as jobs_metadata
@@ -392,7 +392,6 @@ class _Sender(threading.Thread):
                         self.associations += 1
                         failures = 0
                         ok = accepted(assoc)
-                        quiet(assoc)
                         gate = _Gate.install(assoc)
                         fast = FastStore.attach(assoc, TIMEOUT) if gate is not None and FAST_SEND else None
                         parked = False

@@ -76,7 +76,6 @@ def main(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
                 failures = 0
                 say({"assoc": 1})
                 ok = push.accepted(assoc)
-                push.quiet(assoc)
                 gate = push._Gate.install(assoc)
                 fast = push.FastStore.attach(assoc, push.TIMEOUT) if gate is not None and push.FAST_SEND else None
                 parked = False
