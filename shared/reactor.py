@@ -48,11 +48,12 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any
 
-__all__ = ["install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
+__all__ = ["bounded_reads", "install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
            "SUPPORTED", "WAIT_CAP"]
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def install(assoc: Any) -> bool:
 
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
-    _larger_reads(dul.socket)
+    _larger_reads(dul.socket, assoc.network_timeout)
 
     from pynetdicom.utils import make_target
 
@@ -213,28 +214,77 @@ def install(assoc: Any) -> bool:
 
 #: Bytes per ``recv()`` of :func:`_larger_reads` (pynetdicom reads 4096).
 RECV_CHUNK = 32768
+#: Longest a blocked ``recv()`` waits in the kernel before the deadline of its read is looked at.
+RECV_TICK = 1.0
 
 
-def _larger_reads(assoc_socket: Any) -> None:
-    """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call.
+def _set_timeouts(raw: socket.socket, receive: float, send: float | None) -> bool:
+    """``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` on a blocking socket: a blocked ``recv()`` / ``send()``
+    returns ``EAGAIN`` after that long (a ``BlockingIOError``), at no cost while data flows
+    (unlike ``settimeout()``, which adds a ``poll()`` before every call). False when the
+    socket is not a plain blocking one (then nothing is changed)."""
+    if raw.gettimeout() is not None:
+        return False
+
+    def timeval(seconds: float) -> bytes:
+        whole = int(seconds)
+        return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
+        if send:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send))
+    except OSError:  # closed meanwhile
+        return False
+    return True
+
+
+def _larger_reads(assoc_socket: Any, timeout: float | None = None) -> None:
+    """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call,
+    and giving up on a read that takes longer than ``timeout`` seconds in all.
 
     Stock reads 4096 bytes per ``recv()``: 128 calls, bytes objects and appends for each
     512 kB instance, the largest single item in a profile of the no-op SCP. Same contract:
     blocks until ``nr_bytes`` are read, returns what came before the peer closed, and
     lets socket errors out. Larger chunks or one buffer of the PDU's size were tried and
     cost more (glibc then returns and re-faults the big buffers: ``madvise`` per instance).
+
+    Stock also blocks for ever once a PDU has begun (its socket has no timeout): a peer that
+    sends one byte of a PDU, or half a P-DATA, and stops held a receiver's slot for as long as
+    it liked. With ``timeout`` (the association's network timeout) each ``recv(nr_bytes)``
+    (a PDU's header, then its body) must complete within that time, whatever the peer drips,
+    else :class:`TimeoutError`, which pynetdicom's reader turns into a closed connection
+    (Evt17). The wait is the kernel's (``SO_RCVTIMEO``, :data:`RECV_TICK`), so nothing is
+    added while data flows. A ``send()`` to a peer that stopped reading fails after
+    ``timeout`` likewise (``SO_SNDTIMEO``).
     """
+    raw = getattr(assoc_socket, "socket", None)
+    bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout), timeout)
+
     def recv(nr_bytes: int) -> bytearray:
         sock = assoc_socket.socket
         out = bytearray()
+        deadline = time.monotonic() + timeout if bounded else None  # type: ignore[operator]
         while len(out) < nr_bytes:
-            data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
+            try:
+                data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
+            except BlockingIOError:  # SO_RCVTIMEO: nothing came for RECV_TICK seconds
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no complete PDU data within {timeout:g} s "
+                                       f"({len(out)} of {nr_bytes} bytes)") from None
+                continue
             if not data:  # the peer closed: what we have (pynetdicom's callers check the length)
                 return out
             out += data
         return out
 
     assoc_socket.recv = recv
+
+
+def bounded_reads(assoc_socket: Any, timeout: float | None) -> None:
+    """Give ``assoc_socket`` the reads of :func:`_larger_reads` with a deadline of ``timeout``
+    seconds per PDU read (on associations whose reactor stays pynetdicom's own)."""
+    _larger_reads(assoc_socket, timeout)
 
 
 def wake(assoc: Any) -> None:

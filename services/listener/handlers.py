@@ -29,7 +29,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
-from pacsbridge.shared.reactor import install as install_reactor, quiet, tune
+from pacsbridge.shared.reactor import bounded_reads, install as install_reactor, quiet, tune
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
@@ -64,10 +64,13 @@ def load_callback(spec: str) -> AfterStore | None:
 def tune_association(assoc: Any) -> None:
     """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same):
     shorter polling and TCP_NODELAY, no standard logging handlers (unless pynetdicom logs at
-    INFO), then waiting instead of polling (see reactor.py)."""
+    INFO), then waiting instead of polling (see reactor.py). Every read of a PDU has a deadline
+    (the network timeout), whether the waiting reactor is installed or not: a peer that stops
+    in the middle of a PDU is dropped."""
     tune(assoc)
     quiet(assoc)
-    install_reactor(assoc)
+    if not install_reactor(assoc):
+        bounded_reads(assoc.dul.socket, assoc.network_timeout)
 
 
 class StoreHandlers:

@@ -29,6 +29,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import parse_peers
 from .queue import Batcher
+from .slots import PeerSlots
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,38 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
-def server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
-    from pynetdicom.transport import ThreadedAssociationServer
+def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSlots | None = None) -> Any:
+    from pynetdicom import evt
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    class Handler(RequestHandler):
+        """pynetdicom's ``RequestHandler.handle``, with the connection's slot given back when its
+        association thread ends, whatever the way (release, abort, timeout, error)."""
+
+        def handle(self) -> None:
+            address = self.client_address[0]
+            try:
+                assoc = self._create_association()
+                run = assoc.run
+
+                def run_then_release() -> None:
+                    try:
+                        run()
+                    finally:
+                        if slots is not None:
+                            slots.release(address)
+
+                assoc.run = run_then_release  # type: ignore[method-assign]
+                evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+                assoc.start()
+            except BaseException:
+                if slots is not None:
+                    slots.release(address)
+                raise
 
     class Server(ThreadedAssociationServer):
-        """Accepts on a listening socket shared by all receiver processes; refuses unknown addresses.
+        """Accepts on a listening socket shared by all receiver processes; refuses unknown addresses,
+        and addresses that already hold their share of connections (``slots``).
 
         ``peers`` is replaced when the nodes table changes (see :func:`_refresh_peers`).
 
@@ -88,6 +116,11 @@ def server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
         """
 
         peers: Any = initial_peers
+        _last_warning: dict[str, float] = {}
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["request_handler"] = Handler
+            super().__init__(*args, **kwargs)
 
         def server_bind(self) -> None:
             if shared is not None:
@@ -103,10 +136,27 @@ def server_class(initial_peers: Any, shared: socket.socket | None) -> Any:
                 super().server_activate()
 
         def verify_request(self, request: Any, client_address: Any) -> bool:
-            if self.peers.address_known(client_address[0]):
-                return True
-            log.warning("connection refused: %s is not the address of an allowed peer", client_address[0])
-            return False
+            address = client_address[0]
+            if not self.peers.address_known(address):
+                log.warning("connection refused: %s is not the address of an allowed peer", address)
+                return False
+            held = slots.acquire(address) if slots is not None else 0
+            if held:
+                now = time.monotonic()
+                if now - self._last_warning.get(address, -60.0) >= 10:  # one line per address per 10 s
+                    self._last_warning[address] = now
+                    log.warning("connection refused: %s already holds %d connections "
+                                "(PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER=%d)", address, held, slots.limit)
+                return False
+            return True
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request(request, client_address)  # starts the connection's thread
+            except BaseException:
+                if slots is not None:
+                    slots.release(client_address[0])
+                raise
 
     return Server
 
@@ -146,7 +196,8 @@ def make_sender(settings: Settings) -> Any:
     return send
 
 
-def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None) -> None:
+def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None,
+                  slots: PeerSlots | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
     from pacsbridge.shared.memtune import tune_malloc
 
@@ -162,7 +213,7 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
     handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
-                            server_class=server_class(peers, shared))
+                            server_class=server_class(peers, shared, slots))
 
     def shutdown(*_: Any) -> None:
         # socketserver's own shutdown: pynetdicom's also unregisters the server from the AE,
@@ -277,12 +328,13 @@ def _start_metrics(port: int) -> None:
     log.info("metrics on :%d/metrics", port)
 
 
-def _receiver(settings: Settings, level: int, own_level: int, shared: socket.socket) -> None:
+def _receiver(settings: Settings, level: int, own_level: int, shared: socket.socket, slots: PeerSlots,
+              row: int) -> None:
     """Entry point of a spawned receiver process."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     logging.getLogger("pacsbridge").setLevel(own_level)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    serve_process(settings, parse_peers(settings.allowed_peers), shared)
+    serve_process(settings, parse_peers(settings.allowed_peers), shared, slots.for_process(row))
 
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
@@ -310,8 +362,9 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     shared = listening_socket(settings.listener_host, settings.listener_port)
     print(f"pacsbridge listener: AE {settings.ae_title} on port {settings.listener_port}", file=sys.stderr,
           flush=True)
+    per_peer = int(_env_float("PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER", 8))
     if processes == 1:
-        serve_process(settings, peers, shared)
+        serve_process(settings, peers, shared, PeerSlots(1, per_peer))
         stop.set()
         return 0
     # Receivers are *spawned* (fresh interpreters), not forked: this process already runs the
@@ -320,9 +373,11 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     level = logging.getLogger().level
     own_level = logging.getLogger("pacsbridge").getEffectiveLevel()
     children: dict[int, Any] = {}
+    slots = PeerSlots(processes, per_peer, ctx)
 
     def spawn(slot: int) -> None:
-        proc = ctx.Process(target=_receiver, args=(settings, level, own_level, shared),
+        slots.clear(slot)  # a receiver that died took its connections with it
+        proc = ctx.Process(target=_receiver, args=(settings, level, own_level, shared, slots, slot),
                            name=f"receiver-{slot}", daemon=False)
         proc.start()
         children[slot] = proc
