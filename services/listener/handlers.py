@@ -73,6 +73,25 @@ def tune_association(assoc: Any) -> None:
         bounded_reads(assoc.dul.socket, assoc.network_timeout)
 
 
+def _same_instance(event: Any, header: Any, display: str) -> None:
+    """Refuse a C-STORE whose command names another SOP Instance than its data set: the stored
+    file's meta (built from the command) would contradict its data set."""
+    sent = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip(" \x00")
+    if sent != header.sop_instance_uid:
+        raise InvalidDataset(display, f"the command's AffectedSOPInstanceUID {sent!r} is not the data set's "
+                                      f"SOPInstanceUID {header.sop_instance_uid!r}")
+
+
+def _refusal(status: int, reason: str) -> Any:
+    """A status with its reason as ErrorComment (LO: 64 characters at most)."""
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = reason.encode("ascii", "replace").decode()[:64]
+    return ds
+
+
 class StoreHandlers:
     """Handlers bound to one storage, one queue and one peer list."""
 
@@ -136,8 +155,10 @@ class StoreHandlers:
     def handle_echo(self, event: Any) -> int:
         return SUCCESS
 
-    def handle_store(self, event: Any) -> int:
-        """Store one instance durably, then answer. Never raises."""
+    def handle_store(self, event: Any) -> Any:
+        """Store one instance durably, then answer. Never raises.
+
+        A refusal of the data set (0xC210) carries the reason as its ErrorComment."""
         path = getattr(event, "dataset_path", None)
         display = f"C-STORE {event.request.AffectedSOPInstanceUID} from {event.assoc.requestor.ae_title.strip()}"
         size = 0
@@ -146,12 +167,14 @@ class StoreHandlers:
                 data = encoded_instance(event)
                 size = len(data)
                 header = read_header(data, display, self.tags)
+                _same_instance(event, header, display)
                 result = self.storage.store(data, header)
             else:
                 with open(path, "rb") as fh:
                     size = os.fstat(fh.fileno()).st_size
                     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                         header = read_header(mm, display, self.tags)
+                    _same_instance(event, header, display)
                     self.storage.settle(fh.fileno())
                 rel = self.storage.path_for(header)
                 result = self.storage.link_into_place(str(path), rel, size)
@@ -159,7 +182,7 @@ class StoreHandlers:
             log.warning("refused %s: %s", display, exc.reason)
             INSTANCES.labels("invalid").inc()
             self._count(event, size, True)
-            return CANNOT_UNDERSTAND
+            return _refusal(CANNOT_UNDERSTAND, exc.reason)
         except (StorageError, OSError) as exc:
             log.error("cannot store %s: %s", display, exc)
             INSTANCES.labels("storage_error").inc()
