@@ -43,6 +43,7 @@ DUL thread).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -192,7 +193,7 @@ def install(assoc: Any) -> bool:
 
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
-    _larger_reads(dul.socket, assoc.network_timeout)
+    _larger_reads(dul.socket, assoc.network_timeout, largest_pdu(assoc))
 
     from pynetdicom.utils import make_target
 
@@ -239,7 +240,20 @@ def _set_timeouts(raw: socket.socket, receive: float, send: float | None) -> boo
     return True
 
 
-def _larger_reads(assoc_socket: Any, timeout: float | None = None) -> None:
+#: The largest PDU read when we announced a smaller maximum (an A-ASSOCIATE-RQ with many contexts
+#: may exceed a small one; the maximum binds only P-DATA).
+PDU_FLOOR = 1 << 20
+
+
+def largest_pdu(assoc: Any) -> int | None:
+    """The largest PDU body ``assoc`` accepts from its peer: the maximum we announced (at least
+    :data:`PDU_FLOOR`), or None when we announced none (0, unlimited)."""
+    ours = assoc.acceptor if getattr(assoc, "is_acceptor", False) else assoc.requestor
+    announced = getattr(ours, "maximum_length", 0) or 0
+    return max(int(announced), PDU_FLOOR) if announced else None
+
+
+def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int | None = None) -> None:
     """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call,
     and giving up on a read that takes longer than ``timeout`` seconds in all.
 
@@ -257,11 +271,17 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None) -> None:
     (Evt17). The wait is the kernel's (``SO_RCVTIMEO``, :data:`RECV_TICK`), so nothing is
     added while data flows. A ``send()`` to a peer that stopped reading fails after
     ``timeout`` likewise (``SO_SNDTIMEO``).
+
+    A read longer than ``largest`` bytes (a PDU bigger than the maximum we announced; pynetdicom
+    would gather it whole in memory, up to the 4 GB a PDU header can claim) fails at once with
+    ``EMSGSIZE``, which closes the connection.
     """
     raw = getattr(assoc_socket, "socket", None)
     bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout), timeout)
 
     def recv(nr_bytes: int) -> bytearray:
+        if largest is not None and nr_bytes > largest:
+            raise OSError(errno.EMSGSIZE, f"a PDU of {nr_bytes} bytes, larger than the {largest} we accept")
         sock = assoc_socket.socket
         out = bytearray()
         deadline = time.monotonic() + timeout if bounded else None  # type: ignore[operator]
@@ -281,10 +301,10 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None) -> None:
     assoc_socket.recv = recv
 
 
-def bounded_reads(assoc_socket: Any, timeout: float | None) -> None:
-    """Give ``assoc_socket`` the reads of :func:`_larger_reads` with a deadline of ``timeout``
-    seconds per PDU read (on associations whose reactor stays pynetdicom's own)."""
-    _larger_reads(assoc_socket, timeout)
+def bounded_reads(assoc: Any) -> None:
+    """Give ``assoc`` the reads of :func:`_larger_reads`: a deadline of its network timeout per
+    PDU read, and no PDU larger than we accept (on associations whose reactor stays pynetdicom's own)."""
+    _larger_reads(assoc.dul.socket, assoc.network_timeout, largest_pdu(assoc))
 
 
 def wake(assoc: Any) -> None:

@@ -367,7 +367,7 @@ def read_header_ok(path: Path) -> bool:
 
 
 def test_chunked_mode_stores_and_indexes(tmp_path):
-    """PACSBRIDGE_CHUNKED=1: pynetdicom streams to .incoming and the file is linked into place."""
+    """PACSBRIDGE_CHUNKED=1: every data set is spooled to .incoming as it arrives and linked into place."""
     stack = Stack(tmp_path, PACSBRIDGE_CHUNKED="1")
     try:
         stack.start("listener")
@@ -380,7 +380,7 @@ def test_chunked_mode_stores_and_indexes(tmp_path):
         assert len(stored) == 5
         for p in stored:
             assert read_header_ok(p)
-        time.sleep(1)  # pynetdicom removes its own temporary name after the handler
+        time.sleep(1)
         assert [p for p in (root / ".incoming").iterdir()] == []
     finally:
         stack.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .helpers import make_instance
+from .test_listener import small_fs  # noqa: F401  (a fixture)
 from .test_listener_stall import _stack
 
 
@@ -41,5 +42,58 @@ def test_a_command_uid_that_is_not_the_data_sets_is_refused(tmp_path, chunked):
         assert len(stored) == 1 and "HONEST" in str(stored[0])
         log = "".join(p.read_text() for p in stack.logs.iterdir())
         assert "1.2.3.4" in log and "'../../x'" in log
+    finally:
+        stack.close()
+
+
+def _hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_a_large_instance_streams_to_disk_with_bounded_memory(tmp_path):
+    """A 64 MB instance through DCMTK's storescu: the receiver's peak memory grows by far less than
+    the instance (it was 4.2 times the instance, all in memory), and the file is stored whole."""
+    import pydicom
+
+    from .test_listener import storescu
+
+    stack = _stack(tmp_path, PACSBRIDGE_LISTENER_PROCESSES="1", PACSBRIDGE_SPOOL_ABOVE=str(4 << 20))
+    try:
+        proc = stack.start("listener")
+        make_instance(tmp_path / "warm.dcm", PatientID="WARM")
+        assert storescu(stack.port, tmp_path / "warm.dcm").returncode == 0
+        before = _hwm_kb(proc.pid)
+        big = make_instance(tmp_path / "big.dcm", rows=5792, PatientID="BIG")  # 64 MB of pixel data
+        sent = (tmp_path / "big.dcm").stat().st_size
+        assert storescu(stack.port, tmp_path / "big.dcm").returncode == 0
+        grown = (_hwm_kb(proc.pid) - before) * 1024
+        stored = [p for p in stack.settings.storage.rglob("*.dcm") if "BIG" in str(p)]
+        assert len(stored) == 1
+        assert pydicom.dcmread(stored[0]).PixelData == big.PixelData
+        assert grown < sent / 4, f"peak memory grew by {grown >> 20} MB for a {sent >> 20} MB instance"
+        assert not list((stack.settings.storage / ".incoming").iterdir())
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("env", [{"PACSBRIDGE_CHUNKED": "1"}, {"PACSBRIDGE_SPOOL_ABOVE": "65536"}],
+                         ids=["chunked", "spooled-above-64k"])
+def test_full_disk_while_streaming_answers_out_of_resources(tmp_path, small_fs, env):
+    """Instances streamed to .incoming on a 2 MB file system: 0xA700 once it is full, the association
+    goes on (it was aborted), no partial file anywhere."""
+    from .test_listener import _send_all, _stored_files
+
+    stack = _stack(tmp_path, PACSBRIDGE_STORAGE=str(small_fs / "data"), **env)
+    try:
+        stack.start("listener")
+        datasets = [make_instance(rows=256, PatientID="FULL") for _ in range(30)]  # 128 kB each, 3.8 MB
+        statuses = _send_all(stack.port, datasets)
+        assert statuses.count(0x0000) >= 5 and statuses.count(0xA700) >= 5, statuses
+        assert set(statuses) <= {0x0000, 0xA700}, statuses
+        stored = _stored_files(small_fs / "data")
+        assert len(stored) == statuses.count(0x0000)
+        assert not list((small_fs / "data" / ".incoming").iterdir())
     finally:
         stack.close()

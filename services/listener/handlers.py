@@ -1,11 +1,12 @@
 """C-STORE / C-ECHO handlers and the per-association bookkeeping.
 
-The hot path never decodes the data set: pynetdicom writes what the peer
-sends to a temporary file inside the storage's ``.incoming`` folder
-(``STORE_RECV_CHUNKED_DATASET``), :func:`~pacsbridge.shared.records.read_header`
-reads the few attributes the file name needs (and checks the file is
-complete), the file is fsynced and hard-linked into place, and only then is
-success (0x0000) returned. The path is then queued for indexing.
+The hot path never decodes the data set: what the peer sends is kept in memory,
+or for a large instance written to a temporary file inside the storage's
+``.incoming`` folder as it arrives (spool.py);
+:func:`~pacsbridge.shared.records.read_header` reads the few attributes the file
+name needs (and checks the file is complete), the file is written (or the
+spooled one fsynced) and linked into place, and only then is success (0x0000)
+returned. The path is then queued for indexing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pacsbridge.shared.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
+from .spool import Spool, install as install_spool
 from pacsbridge.shared.reactor import bounded_reads, install as install_reactor, quiet, tune
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
@@ -70,7 +72,7 @@ def tune_association(assoc: Any) -> None:
     tune(assoc)
     quiet(assoc)
     if not install_reactor(assoc):
-        bounded_reads(assoc.dul.socket, assoc.network_timeout)
+        bounded_reads(assoc)
 
 
 def _same_instance(event: Any, header: Any, display: str) -> None:
@@ -96,8 +98,9 @@ class StoreHandlers:
     """Handlers bound to one storage, one queue and one peer list."""
 
     def __init__(self, storage: Storage, batcher: Batcher | None, peers: Peers,
-                 after_store: AfterStore | None = None) -> None:
+                 after_store: AfterStore | None = None, spool_above: int = 16 << 20) -> None:
         self.storage = storage
+        self.spool_above = spool_above
         self.batcher = batcher
         self.peers = peers
         self.after_store = after_store
@@ -108,6 +111,7 @@ class StoreHandlers:
     # -- association events ------------------------------------------------
     def on_conn_open(self, event: Any) -> None:
         tune_association(event.assoc)
+        install_spool(event.assoc, self.spool_above, self.storage.temp_file)
 
     def on_accepted(self, event: Any) -> None:
         assoc = event.assoc
@@ -159,17 +163,21 @@ class StoreHandlers:
         """Store one instance durably, then answer. Never raises.
 
         A refusal of the data set (0xC210) carries the reason as its ErrorComment."""
-        path = getattr(event, "dataset_path", None)
+        stream = getattr(event.request, "DataSet", None)
+        spool = stream if isinstance(stream, Spool) and stream.spilled else None
         display = f"C-STORE {event.request.AffectedSOPInstanceUID} from {event.assoc.requestor.ae_title.strip()}"
         size = 0
         try:
-            if path is None:  # STORE_RECV_CHUNKED_DATASET off: write the bytes ourselves
+            if spool is None:  # in memory (up to PACSBRIDGE_SPOOL_ABOVE): write the bytes ourselves
                 data = encoded_instance(event)
                 size = len(data)
                 header = read_header(data, display, self.tags)
                 _same_instance(event, header, display)
                 result = self.storage.store(data, header)
-            else:
+            else:  # written to .incoming while it arrived (spool.py)
+                if spool.error is not None:
+                    raise StorageError(f"cannot spool {display}: {spool.error.strerror or spool.error}")
+                path = spool.finish()
                 with open(path, "rb") as fh:
                     size = os.fstat(fh.fileno()).st_size
                     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -177,7 +185,7 @@ class StoreHandlers:
                     _same_instance(event, header, display)
                     self.storage.settle(fh.fileno())
                 rel = self.storage.path_for(header)
-                result = self.storage.link_into_place(str(path), rel, size)
+                result = self.storage.link_into_place(path, rel, size)
         except InvalidDataset as exc:
             log.warning("refused %s: %s", display, exc.reason)
             INSTANCES.labels("invalid").inc()
@@ -193,6 +201,9 @@ class StoreHandlers:
             INSTANCES.labels("error").inc()
             self._count(event, size, True)
             return PROCESSING_FAILURE
+        finally:
+            if spool is not None:
+                spool.discard()  # refused or failed (once linked into place, its name is gone already)
         INSTANCES.labels(result.action).inc()
         BYTES.inc(size)
         assoc_id = self._count(event, size, False)

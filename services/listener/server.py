@@ -49,11 +49,11 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                              ImplicitVRLittleEndian)
 
-    # Received data sets are kept in memory and written by our storage code, which turns a full or
-    # read-only disk into 0xA700. With PACSBRIDGE_CHUNKED=1 pynetdicom streams them to .incoming
-    # itself (less memory for huge instances, a little faster), but a full disk then breaks its
-    # write inside pynetdicom and the association is aborted instead of answered.
-    _config.STORE_RECV_CHUNKED_DATASET = os.environ.get("PACSBRIDGE_CHUNKED", "0") == "1"
+    # Received data sets are kept in memory up to PACSBRIDGE_SPOOL_ABOVE bytes, then written to
+    # .incoming as they arrive (spool.py, installed per association by the handlers); a full or
+    # read-only disk is 0xA700 either way. pynetdicom's own chunked mode stays off: a full disk
+    # broke its write inside the reader and aborted the association.
+    _config.STORE_RECV_CHUNKED_DATASET = False
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom accepts the first of *our* syntaxes the sender offers: compressed ones first,
     # so a sender offering a file's own syntax next to an uncompressed one sends it as it is
@@ -63,7 +63,8 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, syntaxes)
     ae.add_supported_context(Verification, uncompressed)
-    ae.maximum_pdu_size = int(_env_float("PACSBRIDGE_MAX_PDU", 0))  # 0 = unlimited
+    # 0 = unlimited; a PDU larger than announced closes the connection (reactor.largest_pdu)
+    ae.maximum_pdu_size = int(_env_float("PACSBRIDGE_MAX_PDU", 4 << 20))
     ae.maximum_associations = int(_env_float("PACSBRIDGE_MAX_ASSOCIATIONS", 16))
     ae.acse_timeout = _env_float("PACSBRIDGE_ACSE_TIMEOUT", 30)
     ae.dimse_timeout = _env_float("PACSBRIDGE_DIMSE_TIMEOUT", 60)
@@ -196,6 +197,14 @@ def make_sender(settings: Settings) -> Any:
     return send
 
 
+def spool_above() -> int:
+    """Bytes of a received data set kept in memory before it goes to ``.incoming``
+    (``PACSBRIDGE_SPOOL_ABOVE``; ``PACSBRIDGE_CHUNKED=1``: none, every data set goes to a file)."""
+    if os.environ.get("PACSBRIDGE_CHUNKED", "0") == "1":
+        return 0
+    return int(_env_float("PACSBRIDGE_SPOOL_ABOVE", 16 << 20))
+
+
 def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None,
                   slots: PeerSlots | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
@@ -207,10 +216,10 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
 
     storage = Storage.for_settings(settings)
     storage.ensure()
-    tempfile.tempdir = str(storage.incoming)  # pynetdicom's chunked files land on the storage's file system
     batcher = Batcher(make_sender(settings), max_batch=int(_env_float("PACSBRIDGE_ENQUEUE_BATCH", 200)),
                       interval=_env_float("PACSBRIDGE_ENQUEUE_INTERVAL", 1.0))
-    handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")))
+    handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")),
+                             spool_above=spool_above())
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
                             server_class=server_class(peers, shared, slots))
