@@ -140,3 +140,16 @@ def test_peer_slots_are_shared_bounded_and_cleared_with_a_dead_receiver():
     assert a.acquire("10.0.0.1") == 0
     slots.clear(1)  # receiver 1 died with its connection
     assert slots.held("10.0.0.1") == 2 and slots.held("10.0.0.2") == 1
+
+
+def test_a_pdu_larger_than_we_accept_closes_the_connection_before_it_is_read(tmp_path):
+    stack = _stack(tmp_path, PACSBRIDGE_NETWORK_TIMEOUT="60")
+    try:
+        stack.start("listener")
+        sock = _connect(stack.port, "127.0.0.2")
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\x00" * 1000)  # "4 GB of A-ASSOCIATE-RQ"
+        assert _closed_by_peer(sock, 5)
+        make_instance(tmp_path / "after.dcm")
+        assert storescu(stack.port, tmp_path / "after.dcm").returncode == 0
+    finally:
+        stack.close()
