@@ -117,6 +117,7 @@ def test_a_stalled_connection_is_dropped_after_its_timeout(tmp_path, what, react
             gone = assoc.is_aborted or not assoc.is_alive()
         else:
             gone = _closed_by_peer(sock, 15)
+            sock.close()
         assert gone, f"{what}: still open after 15 s"
         assert time.monotonic() - started < 12
         # and the listener goes on
@@ -149,6 +150,7 @@ def test_a_pdu_larger_than_we_accept_closes_the_connection_before_it_is_read(tmp
         sock = _connect(stack.port, "127.0.0.2")
         sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\x00" * 1000)  # "4 GB of A-ASSOCIATE-RQ"
         assert _closed_by_peer(sock, 5)
+        sock.close()
         make_instance(tmp_path / "after.dcm")
         assert storescu(stack.port, tmp_path / "after.dcm").returncode == 0
     finally:
