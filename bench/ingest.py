@@ -9,6 +9,7 @@ Usage::
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest]
         [--broker-url redis://127.0.0.1:6379/13] [--noop-processes N] [--quiet-wait 60]
         [--keep-storage] [--set PACSBRIDGE_NAME=VALUE ...]
+        [--baseline-exe OTHER_CHECKOUT/.venv/bin/pacsbridge]  (adds the target ``baseline``)
 
 Steps:
 
@@ -43,6 +44,11 @@ Steps:
      (polled every 0.1 s).  Checks: N files in storage, N rows, nothing
      left in ``.incoming``, no task left in the queue.  The listener and
      worker logs stay in ``WORKDIR/logs/<run>/`` and are scanned for errors.
+
+   - ``baseline`` (only with ``--baseline-exe``): the same as ``pacsbridge``, run by
+     another checkout's ``pacsbridge`` command (an earlier commit, in a worktree with
+     its own venv), so a change is measured against what it changes in the same run:
+     ratios ``indexed_vs_baseline`` / ``stored_vs_baseline``.
 
    Runs go run by run, each target in turn (not all runs of one target, then the
    next), so drift during the benchmark is shared. Nothing is deleted between runs:
@@ -101,9 +107,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_ingest"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/13"
-TARGETS = ("storescp", "orthanc", "noop", "durable", "pacsbridge")
+TARGETS = ("storescp", "orthanc", "noop", "durable", "pacsbridge", "baseline")
+DEFAULT_TARGETS = TARGETS[:-1]
+#: Targets that are pacsbridge (listener + worker, indexed rate measured)
+PACSBRIDGES = ("pacsbridge", "baseline")
 CALLING_AET = "BENCH"
-AETS = {"storescp": "TARGET", "orthanc": "ORTHANC", "noop": "NOOP", "durable": "DURABLE", "pacsbridge": "PACSBRIDGE"}
+AETS = {"storescp": "TARGET", "orthanc": "ORTHANC", "noop": "NOOP", "durable": "DURABLE", "pacsbridge": "PACSBRIDGE",
+        "baseline": "PACSBRIDGE"}
 QUARTERS = 4
 #: The issue's targets: (associations, ratio name) -> minimum
 GOALS = {(4, "indexed_vs_orthanc"): 1.0, (4, "stored_vs_noop"): 0.8, (1, "indexed_vs_orthanc"): 0.8}
@@ -563,8 +573,9 @@ class PacsbridgeReceiver(Receiver):
 
     name = "pacsbridge"
 
-    def __init__(self, *args: Any, pg_url: str, broker_url: str) -> None:
+    def __init__(self, *args: Any, pg_url: str, broker_url: str, exe: str | None = None) -> None:
         super().__init__(*args)
+        self.exe = exe or pacsbridge_exe()
         self.pg_url = pg_url
         self.broker_url = broker_url
         self.env = base_env(
@@ -588,15 +599,15 @@ class PacsbridgeReceiver(Receiver):
             client.flushdb()
         finally:
             client.close()
-        init = subprocess.run([pacsbridge_exe(), "init", "--force"], env=self.env, capture_output=True, text=True,
+        init = subprocess.run([self.exe, "init", "--force"], env=self.env, capture_output=True, text=True,
                               check=False)
         (self.log_dir / "init.log").write_text(init.stdout + init.stderr)
         if init.returncode != 0:
             raise RuntimeError(f"pacsbridge init --force failed (exit {init.returncode}): {init.stderr[-2000:]}")
         self.phases["flush_init_s"] = round(time.perf_counter() - t0, 3)
         self.engine = create_engine(self.pg_url, isolation_level="AUTOCOMMIT")
-        self.spawn("listener", [pacsbridge_exe(), "listener"], self.env, cwd=self.run_dir)
-        self.spawn("worker", [pacsbridge_exe(), "worker"], self.env, cwd=self.run_dir)
+        self.spawn("listener", [self.exe, "listener"], self.env, cwd=self.run_dir)
+        self.spawn("worker", [self.exe, "worker"], self.env, cwd=self.run_dir)
 
     def expected_listeners(self) -> int:
         return 1  # one listening socket, shared by the receiver processes
@@ -766,7 +777,9 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     elif target == "durable":
         receiver = DurableReceiver(*common, processes=args.noop_processes)
     else:
-        receiver = PacsbridgeReceiver(*common, pg_url=args.pg_url, broker_url=args.broker_url)
+        receiver = PacsbridgeReceiver(*common, pg_url=args.pg_url, broker_url=args.broker_url,
+                                      exe=args.baseline_exe if target == "baseline" else None)
+        receiver.name = target
         receiver.env.update(args.pacsbridge_env)
     dirs = [gen] if assocs == 1 else quarters
     problems: list[str] = []
@@ -866,7 +879,7 @@ def machine_facts(args: argparse.Namespace) -> dict:
         ("pacsbridge", "pynetdicom", "pydicom", "celery", "kombu", "redis", "sqlalchemy", "psycopg2-binary"))
     facts.update({"loadavg_at_start": os.getloadavg(), "dcmtk": tool_version(["storescu", "--version"]),
                   "orthanc": tool_version(["Orthanc", "--version"])})
-    if "pacsbridge" in args.targets:
+    if set(PACSBRIDGES) & set(args.targets):
         try:
             import redis
 
@@ -910,7 +923,10 @@ def summarize(results: list[dict], targets: list[str], assocs_list: list[int]) -
         noop = table.get("noop", {}).get(str(a), {})
         durable = table.get("durable", {}).get(str(a), {})
         orth = table.get("orthanc", {}).get(str(a), {})
+        base = table.get("baseline", {}).get(str(a), {})
         r = {
+            "indexed_vs_baseline": _ratio(pb, base, "indexed_per_s"),
+            "stored_vs_baseline": _ratio(pb, base, "stored_per_s"),
             "stored_vs_noop": _ratio(pb, noop, "stored_per_s"),
             "indexed_vs_orthanc": _ratio(pb, orth, "indexed_per_s"),
             "stored_vs_orthanc": _ratio(pb, orth, "stored_per_s"),
@@ -947,10 +963,10 @@ def print_table(args: argparse.Namespace, results: list[dict], table: dict, rati
     for target, per in table.items():
         for a, row in per.items():
             stored_runs = " ".join(fmt(v) for v in row["stored_runs"])
-            indexed_runs = " ".join(fmt(v) for v in row["indexed_runs"]) if target == "pacsbridge" else ""
+            indexed_runs = " ".join(fmt(v) for v in row["indexed_runs"]) if target in PACSBRIDGES else ""
             failed = f"  ({row['failed_runs']} FAILED)" if row["failed_runs"] else ""
             print(f"{target:<11} {a:>5} {fmt(row['stored_per_s']):>10} "
-                  f"{fmt(row['indexed_per_s']) if target in ('pacsbridge', 'orthanc') else '':>11}   "
+                  f"{fmt(row['indexed_per_s']) if target in (*PACSBRIDGES, 'orthanc') else '':>11}   "
                   f"{stored_runs} | {indexed_runs}{failed}")
     print("\nCPU per instance while storescu sends (ms, medians): whole machine (sender included) / the "
           "receiver's own processes")
@@ -963,17 +979,19 @@ def print_table(args: argparse.Namespace, results: list[dict], table: dict, rati
             print(f"  {a} assoc: stored/noop {r['stored_vs_noop']}, indexed/orthanc {r['indexed_vs_orthanc']}, "
                   f"stored/orthanc {r['stored_vs_orthanc']}, stored/durable {r['stored_vs_durable']}; "
                   f"durable/noop {r['durable_vs_noop']}; CPU-bound limit of stored/noop "
-                  f"(noop machine CPU / pacsbridge's) {r['cpu_bound_stored_vs_noop']}")
+                  f"(noop machine CPU / pacsbridge's) {r['cpu_bound_stored_vs_noop']}"
+                  + (f"; against baseline: indexed {r['indexed_vs_baseline']}, stored {r['stored_vs_baseline']}"
+                     if r["indexed_vs_baseline"] is not None else ""))
         print("targets of the issue:")
         for name, g in goals.items():
             print(f"  {name}: {g['value']} (need >= {g['min']}): {'MET' if g['met'] else 'NOT MET'}")
-    pb_runs = [r for r in results if r["target"] == "pacsbridge"]
+    pb_runs = [r for r in results if r["target"] in PACSBRIDGES]
     if pb_runs:
         print("\npacsbridge per run: stored s, indexed s, rows not yet indexed when storescu finished, "
               "startup (flush+init, ready) and stop s")
         for r in pb_runs:
             ph = r["phases"]
-            print(f"  a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, indexed {r.get('indexed_s', '-')}"
+            print(f"  {r['target']} a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, indexed {r.get('indexed_s', '-')}"
                   f" s, backlog {r.get('not_indexed_when_stored', '-')}, init {ph.get('flush_init_s', '-')} s, "
                   f"ready {ph.get('ready_s', '-')} s, stop {ph.get('stop_s', '-')} s")
     slow = [r for r in results if r.get("create_ms", 0) > 0.2]
@@ -998,7 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per target and association count (default: 3)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help=f"generated files, storage and logs (default: {DEFAULT_WORKDIR})")
-    parser.add_argument("--targets", default=",".join(TARGETS),
+    parser.add_argument("--baseline-exe", default=None,
+                        help="another checkout's pacsbridge command: adds the target 'baseline' (see the docstring)")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
     parser.add_argument("--assocs", default="1,4", help="association counts, each 1 or 4 (default: 1,4)")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
@@ -1028,8 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
         args.assocs = [int(a) for a in args.assocs.split(",") if a.strip()]
     except ValueError:
         parser.error("--assocs: expected numbers, e.g. 1,4")
+    if args.baseline_exe and "baseline" not in args.targets:
+        args.targets.append("baseline")
     if not args.targets or any(t not in TARGETS for t in args.targets):
         parser.error(f"--targets: choose from {','.join(TARGETS)}")
+    if "baseline" in args.targets and not (args.baseline_exe and os.access(args.baseline_exe, os.X_OK)):
+        parser.error("--targets baseline needs --baseline-exe: another checkout's pacsbridge command")
     if not args.assocs or any(a not in (1, QUARTERS) for a in args.assocs):
         parser.error(f"--assocs: each must be 1 or {QUARTERS}")
     if args.instances < QUARTERS or args.runs < 1 or args.noop_processes < 1:
@@ -1051,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir / "runs", ignore_errors=True)
     try:
         gen, quarters = prepare_data(args.workdir, args.instances)
-        if "pacsbridge" in args.targets:
+        if set(PACSBRIDGES) & set(args.targets):
             facts["postgres_server"] = ensure_database(args.pg_url)
         # run by run, every target in turn: whatever drifts during the benchmark (page cache, the
         # host) is shared by all targets instead of falling on the last ones
@@ -1064,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
                     for s in scans:
                         log_issues.append({"run": f"{target}-a{assocs}-r{run}", **s})
                     log(f"{target} {assocs} assoc run {run}: stored {result.get('stored_per_s', '-')} inst/s"
-                        + (f", indexed {result.get('indexed_per_s', '-')} inst/s" if target == "pacsbridge" else "")
+                        + (f", indexed {result.get('indexed_per_s', '-')} inst/s" if target in PACSBRIDGES else "")
                         + f" (run wall {result['wall_s']} s, phases {result['phases']}, "
                           f"CPU busy before {result['cpu_busy_before']:.0%}"
                           + (f" after waiting {result['waited_for_quiet_s']} s" if result['waited_for_quiet_s'] > 1
