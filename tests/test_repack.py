@@ -130,9 +130,13 @@ def test_hostile_destinations_are_refused_and_write_nothing(rctx, jobs, tmp_path
                                          "dest": "evil/sub"}).id, rctx, jobs)
     assert done.state == "failed" and "outside PACSBRIDGE_EXPORT_ROOT" in done.error
     assert list(outside.iterdir()) == []
-    # a malformed template
-    bad = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t",
-                                        "template": "{Patient ID}/x.dcm"}).id, rctx, jobs)
+    # a malformed template: refused at submit (400), and by the runner for a row written before that check
+    with pytest.raises(InvalidRequest) as info:
+        validate({"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t", "template": "{Patient ID}/x"})
+    assert info.value.field == "template"
+    old, _ = jobs.submit("repack", {"selection": {"PatientID": ["PB0001"]}, "dest": "t", "link": False,
+                                    "template": "{Patient ID}/x.dcm"})
+    bad = runner.run_job(old.id, rctx, jobs)
     assert bad.state == "failed" and bad.error.startswith("template:")
     # nothing matches
     none = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "nobody"}, "dest": "n"}).id,
