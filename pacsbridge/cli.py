@@ -160,8 +160,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     progress, update = _progress("export")
     with progress:
-        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest),
-                              layout=args.layout if args.subdirs or args.layout else None, progress=update)
+        # --subdirs alone means the patient/study/series tree; --layout names another (and implies --subdirs)
+        layout = args.layout or ("patient-study-series" if args.subdirs else None)
+        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest), layout=layout, progress=update)
     err.print(f"{result.copied} copied, {result.skipped} already there, {len(result.failed)} failed → {args.dest}")
     for f, reason in result.failed:
         err.print(f"[red]failed[/red] {f}: {reason}")

@@ -62,6 +62,7 @@ def test_import_query_summary_export(settings, tmp_path):
     run(settings, "export", "--query", "select seriesinst from dicomseries where modality='CT'", "--dest", dest2,
         "--subdirs", check_rc=0)
     assert len(list(dest2.rglob("*.dcm"))) >= 5 and all(p.is_file() for p in dest2.rglob("*.dcm"))
+    assert all(len(p.relative_to(dest2).parts) == 4 for p in dest2.rglob("*.dcm"))  # patient/study/series/sop
     proc = run(settings, "export", "--query", "select Modality from DICOMSeries", "--dest", tmp_path / "x")
     assert proc.returncode == 2 and "must return one of the columns" in proc.stderr
     proc = run(settings, "export", "--patient", "nobody", "--dest", tmp_path / "y")
@@ -139,3 +140,22 @@ def test_init_never_prints_the_database_password(tmp_path, pg_url):
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
         admin.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_export_subdirs_writes_the_patient_study_series_tree(settings, tmp_path):
+    """Issue 14 item 17: --subdirs without --layout wrote a flat folder; check the tree, not a count."""
+    a = make_instance(tmp_path / "src" / "a.dcm", PatientID="SUB1")
+    b = make_instance(tmp_path / "src" / "b.dcm", PatientID="SUB1", StudyInstanceUID=a.StudyInstanceUID)
+    run(settings, "import", tmp_path / "src", check_rc=0)
+    dest = tmp_path / "out"
+    run(settings, "export", "--patient", "SUB1", "--dest", dest, "--subdirs", check_rc=0)
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == sorted(f"SUB1/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+                         for ds in (a, b))
+    flat = tmp_path / "flat"
+    run(settings, "export", "--patient", "SUB1", "--dest", flat, check_rc=0)
+    assert sorted(p.name for p in flat.iterdir()) == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in (a, b))
+    study = tmp_path / "bystudy"
+    run(settings, "export", "--patient", "SUB1", "--dest", study, "--layout", "study", check_rc=0)
+    assert {p.relative_to(study).parts[0] for p in study.rglob("*.dcm")} == {a.StudyInstanceUID}
