@@ -46,6 +46,7 @@ __all__ = [
     "StoreResult",
     "Template",
     "clean_component",
+    "open_folder",
     "INCOMING",
 ]
 
@@ -265,6 +266,50 @@ class Template:
             if len(rel) <= MAX_RELPATH or limit <= 12:
                 return rel
             limit -= 8  # shorten every component (each keeps a hash of its value) until it fits
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_folder(base: int | str | Path, parts: "list[str] | tuple[str, ...]", create: bool = True) -> int:
+    """A descriptor of the folder ``base/parts[0]/parts[1]/...``, made where missing, links never followed.
+
+    Each component is made (``mkdir`` at a name that exists, even as a link, makes
+    nothing) and opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a
+    symbolic link anywhere below ``base`` can neither lead a folder outside nor be
+    swapped in between the check and the use. ``base`` itself (a descriptor or a
+    path) is trusted: the caller checked it. The caller closes the descriptor.
+
+    Raises
+    ------
+    UnsafePath
+        A component is a symbolic link, not a folder, or ``.``/``..``/empty.
+    OSError
+        A folder cannot be made (permissions, disk full...).
+    """
+    fd = os.dup(base) if isinstance(base, int) else os.open(base, _DIR_FLAGS)
+    try:
+        for i, name in enumerate(parts):
+            if name in ("", ".", "..") or "/" in name or "\x00" in name:
+                raise UnsafePath(f"{'/'.join(parts[:i + 1])!r}: not a plain folder name")
+            if create:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(name, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(f"{'/'.join(parts[:i + 1])}: a symbolic link or not a folder "
+                                     "(links are not followed)") from None
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class StoreResult(NamedTuple):

@@ -256,3 +256,21 @@ def test_find_without_match_says_so(find_setup):
     assert "no match" in proc.stderr
     proc = find_setup.find("--PatientID", "NOBODY", "--format", "json")
     assert proc.returncode == 0 and json.loads(proc.stdout) == [] and "no match" in proc.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_export_never_follows_a_link_inside_dest(settings, tmp_path):
+    """Issue 14 item 13, the command's side: folders under --dest are made without following links."""
+    a = make_instance(tmp_path / "src" / "a.dcm", PatientID="LNK1")
+    b = make_instance(tmp_path / "src" / "b.dcm", PatientID="LNK2")
+    run(settings, "import", tmp_path / "src", check_rc=0)
+    dest, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    dest.mkdir()
+    (dest / "LNK1").symlink_to(outside, target_is_directory=True)
+    proc = run(settings, "export", "--query", "select PatientID from DICOMPatients", "--dest", dest,
+               "--layout", "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm")
+    assert proc.returncode == 1 and "symbolic link" in proc.stderr, proc.stderr
+    assert list(outside.iterdir()) == []
+    assert (dest / "LNK2" / b.StudyInstanceUID / f"{b.SOPInstanceUID}.dcm").is_file()
+    assert a.SOPInstanceUID not in " ".join(str(p) for p in dest.rglob("*"))
