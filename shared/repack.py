@@ -184,7 +184,8 @@ def place(src: Path, folder: int, name: str, link: bool) -> str:
 
 def repack(instances: Sequence[Instance], base: Path, template: str | Template, link: bool = False, *,
            cancel: threading.Event | None = None,
-           progress: Callable[[RepackReport, str | None], None] | None = None) -> RepackReport:
+           progress: Callable[[RepackReport, str | None], None] | None = None,
+           within: Path | None = None) -> RepackReport:
     """Copy (or hard-link) each instance to ``base/<template>``.
 
     Parameters
@@ -201,24 +202,26 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
         Checked between instances.
     progress : callable, optional
         ``progress(report, finished_series_or_None)``, called now and then.
+    within : Path, optional
+        The folder ``base`` must still lie in when it is opened (the export root).
 
     Raises
     ------
     InvalidRequest
-        The template is malformed.
+        The template is malformed, or ``base`` no longer lies inside ``within``.
     """
     try:
         tmpl = template if isinstance(template, Template) else Template(template)
     except ConfigError as exc:
         raise InvalidRequest(str(exc), "template") from None
     tags = [t for t in (tag_for_keyword(k) for k in tmpl.keywords()) if t]
-    real_base = os.path.realpath(base)
+    real_within = os.path.realpath(within if within is not None else base)
     report = RepackReport()
     last = time.monotonic()
     base_fd = open_folder(base, [])
     folders = _Folders(base_fd)
     try:
-        if not _inside(_fd_path(base_fd, base), real_base):  # swapped for a link since it was checked
+        if not _inside(_fd_path(base_fd, base), real_within):  # swapped for a link since it was checked
             raise InvalidRequest("resolves outside PACSBRIDGE_EXPORT_ROOT (a symbolic link?)", "dest")
         for n, inst in enumerate(instances):
             if cancel is not None and cancel.is_set():
@@ -327,7 +330,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
             written[uid] = now
 
     start = time.monotonic()
-    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress)
+    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
+                    within=Path(ctx.settings.export_root))
     failures = [{"sop": s, "series": u, "error": r} for s, u, r in report.failed]
     failures += [{"sop": s, "series": "", "error": r} for s, r in selected.rejected]
     result = {
