@@ -288,3 +288,27 @@ def test_import_stops_between_files_when_cancelled(ctx, tmp_path):
     imp = importer.Importer(ctx.index, ctx.storage, workers=1, progress=lambda done, total: cancel.set())
     report = imp.import_paths([tmp_path / "many"], cancel=cancel)
     assert report.cancelled and 0 < report.total < 2 * importer.BATCH_SIZE
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_cancel_of_a_running_import_job_stops_it(ctx, jobs, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.05)  # the setting, shortened: cancel is seen at a beat
+    root = tmp_path / "import"
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=root, import_workers=1))
+    make_instance(root / "big" / "0.dcm")
+    total = 4000
+    for i in range(1, total):
+        shutil.copy(root / "big" / "0.dcm", root / "big" / f"{i}.dcm")
+    job, _ = jobs.submit("import", {"path": "big"})
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(runner.run_job(job.id, ctx, jobs)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while jobs.get(job.id).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    jobs.cancel(job.id)
+    worker.join(60)
+    assert not worker.is_alive()
+    done = result[0]
+    assert done.state == "cancelled"
+    assert done.result["duplicate"] + done.result["stored"] < total  # it stopped before the end
