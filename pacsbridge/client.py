@@ -116,7 +116,7 @@ def _fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: i
     used, chosen = 1, []  # the table's left border
     for i in order:
         need = max([cell_len(columns[i])] + [cell_len("" if r[i] is None else str(r[i])) for r in rows]) + 3
-        if used + need <= width:
+        if used + need <= width or not chosen:  # the first one in any case: a table of nothing says nothing
             used += need
             chosen.append(columns[i])
     return chosen
