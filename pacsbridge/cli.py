@@ -31,7 +31,8 @@ err = Console(stderr=True, highlight=False)
 
 
 # -- output helpers -----------------------------------------------------------------
-def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None) -> None:
+def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None,
+                width: int | None = None) -> None:
     if fmt == "json":
         json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -46,7 +47,9 @@ def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str,
         for r in rows:
             table.add_row(*("" if v is None else str(v) for v in r))
         # on a terminal rich fits the table to it; into a file or pipe, keep rows on one line
-        Console(highlight=False, width=None if sys.stdout.isatty() else 400).print(table)
+        if width is None and not sys.stdout.isatty():
+            width = 400
+        Console(highlight=False, width=width).print(table)
 
 
 def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
@@ -160,8 +163,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     progress, update = _progress("export")
     with progress:
-        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest),
-                              layout=args.layout if args.subdirs or args.layout else None, progress=update)
+        # --subdirs alone means the patient/study/series tree; --layout names another (and implies --subdirs)
+        layout = args.layout or ("patient-study-series" if args.subdirs else None)
+        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest), layout=layout, progress=update)
     err.print(f"{result.copied} copied, {result.skipped} already there, {len(result.failed)} failed → {args.dest}")
     for f, reason in result.failed:
         err.print(f"[red]failed[/red] {f}: {reason}")

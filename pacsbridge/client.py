@@ -86,10 +86,40 @@ def _error_message(raw: bytes, status: int) -> str:
 
 
 # -- output ------------------------------------------------------------------------
-def _print(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None) -> None:
+def _print(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None,
+           width: int | None = None) -> None:
     from pacsbridge.cli import _print_rows
 
-    _print_rows(columns, rows, fmt, title)
+    _print_rows(columns, rows, fmt, title, width)
+
+
+#: Columns of a C-FIND answer, most useful first: a table shows as many as the terminal holds.
+FIND_COLUMNS = ("PatientID", "PatientName", "StudyDate", "Modality", "ModalitiesInStudy", "SeriesNumber",
+                "InstanceNumber", "StudyDescription", "SeriesDescription", "AccessionNumber",
+                "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances",
+                "NumberOfPatientRelatedStudies", "PatientBirthDate", "PatientSex", "StudyTime",
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def _fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int,
+                 first: Sequence[str] = ()) -> list[str]:
+    """The columns to show in ``width`` terminal cells: by priority, each at its full width.
+
+    ``first`` (the fields the user asked for with ``--include``) come right after PatientID;
+    then :data:`FIND_COLUMNS`' order, then the rest as they came. A column too wide for what
+    is left is skipped and a narrower later one may still fit. They come in that order too.
+    """
+    from rich.cells import cell_len
+
+    rank = {c: i for i, c in enumerate(["PatientID", *first, *FIND_COLUMNS])}
+    order = sorted(range(len(columns)), key=lambda i: (rank.get(columns[i], len(rank)), i))
+    used, chosen = 1, []  # the table's left border
+    for i in order:
+        need = max([cell_len(columns[i])] + [cell_len("" if r[i] is None else str(r[i])) for r in rows]) + 3
+        if used + need <= width or not chosen:  # the first one in any case: a table of nothing says nothing
+            used += need
+            chosen.append(columns[i])
+    return chosen
 
 
 def _query_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,11 +128,18 @@ def _query_from(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value:
             query[name] = value
-    if getattr(args, "StudyDate", None):
-        lo, sep, hi = args.StudyDate.partition("-")
-        query["min_study_date"] = lo or None
-        query["max_study_date"] = (hi if sep else lo) or None
-        query = {k: v for k, v in query.items() if v is not None}
+    if getattr(args, "StudyDate", None) is not None:
+        from pacsbridge.shared.errors import InvalidRequest
+        from pacsbridge.shared.query import parse_date_range
+
+        try:
+            lo, hi = parse_date_range(args.StudyDate, "--StudyDate")
+        except InvalidRequest as exc:
+            raise ClientError(-1, str(exc)) from None
+        if lo:
+            query["min_study_date"] = lo.strftime("%Y%m%d")
+        if hi:
+            query["max_study_date"] = hi.strftime("%Y%m%d")
     if getattr(args, "level", None):
         query["level"] = args.level
     if getattr(args, "include", None):
@@ -193,11 +230,15 @@ def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
     query = _query_from(args)
     answer = api.post(f"nodes/{urllib.parse.quote(args.node, safe='')}/query", query)
     results = answer.get("results", answer) if isinstance(answer, dict) else answer
-    columns: list[str] = []
-    for r in results:
-        columns += [k for k in r if k not in columns]
-    _print(columns, [[_cell(r.get(c)) for c in columns] for r in results], args.format,
-           title=f"{len(results)} result(s) from {args.node}")
+    if not results:
+        from rich.console import Console
+
+        if args.format == "json":
+            print("[]")
+        Console(stderr=True, highlight=False).print(
+            f"no match on {args.node}" + (f": nothing to {args.then}" if args.then else ""))
+        return EXIT_OK
+    _show_found(results, args)
     if not args.then:
         return EXIT_OK
     query.pop("level", None)
@@ -221,6 +262,36 @@ def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
             body["dest"] = args.dest
         job = _submit(api, body)
     return _finish(api, job, args)
+
+
+def _show_found(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> None:
+    """A find answer: the ``--columns`` asked for, else every column (csv, json) or those that fit (table)."""
+    from rich.console import Console
+
+    columns: list[str] = []
+    for r in results:
+        columns += [k for k in r if k not in columns]
+    title = f"{len(results)} result(s) from {args.node}"
+    if args.columns:
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        missing = [c for c in wanted if c not in columns]
+        if missing or not wanted:
+            raise ClientError(-1, f"--columns: {', '.join(missing) or 'nothing given'} not in the answer; it has "
+                                  f"{', '.join(columns)} (ask the node for more with --include)")
+        columns = wanted
+    rows = [[_cell(r.get(c)) for c in columns] for r in results]
+    if args.format == "table" and not args.columns:
+        err = Console(stderr=True, highlight=False)
+        width = Console().width  # the terminal's, or COLUMNS, or 80 into a pipe
+        shown = _fit_columns(columns, rows, width, args.include or ())
+        hidden = [c for c in columns if c not in shown]
+        rows = [[row[columns.index(c)] for c in shown] for row in rows]
+        _print(shown, rows, "table", title=title, width=width)
+        if hidden:
+            err.print(f"{len(hidden)} column(s) did not fit {width} characters: {', '.join(hidden)}; "
+                      "show them with --columns A,B,... or all with --format csv|json")
+        return
+    _print(columns, rows, args.format, title=title)
 
 
 def _cell(value: Any) -> Any:
@@ -315,7 +386,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _query_flags(p: argparse.ArgumentParser) -> None:
     for name in QUERY_FIELDS:
         p.add_argument(f"--{name}", metavar="VALUE")
-    p.add_argument("--StudyDate", metavar="FROM-TO", help="YYYYMMDD, YYYYMMDD-YYYYMMDD, FROM- or -TO")
+    p.add_argument("--StudyDate", metavar="DATE|RANGE",
+                   help="20240101 or 2024-01-01; a range 20240101-20241231 or 2024-01-01..2024-12-31; "
+                        "open ranges 20240101-, -20241231, 2024-01-01.., ..2024-12-31")
     p.add_argument("--include", nargs="+", metavar="KEYWORD", help="extra fields to return")
 
 
@@ -340,6 +413,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--to", help="--then push: the destination node")
     p.add_argument("--dest", help="--then repack: folder under PACSBRIDGE_EXPORT_ROOT")
     p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
+    p.add_argument("--columns", metavar="A,B,...",
+                   help="the answer's columns to print, in this order (default: a table shows as many as "
+                        "fit the terminal, csv and json all)")
     _common(p)
     p.set_defaults(func=_run(cmd_find))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,7 +13,7 @@ from pydicom.datadict import tag_for_keyword
 from .errors import PacsbridgeError, QueryError
 from .index import Index
 from .records import read_header
-from .storage import Storage, Template, clean_component
+from .storage import Storage, Template, clean_component, open_folder
 
 __all__ = ["select_files", "export_files", "ExportResult", "resolve_file"]
 
@@ -82,32 +81,50 @@ def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, An
                  layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExportResult:
     """Copy files to ``dest``: flat (``<SOPInstanceUID>.dcm``) or in a ``layout`` tree.
 
-    An existing file in ``dest`` is never overwritten (counted as skipped).
+    An existing file in ``dest`` is never overwritten (counted as skipped). The
+    folders below ``dest`` are made and opened without following symbolic links
+    (:func:`~pacsbridge.shared.storage.open_folder`), and a file is written
+    only under a name that did not exist, so a link inside ``dest`` never leads a
+    folder or a file elsewhere (that instance fails, with the reason).
     """
+    from .repack import place
+
     result = ExportResult()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     template = Template(layout or "patient-study-series") if layout is not None else None
     tags = [t for t in (tag_for_keyword(k) for k in template.keywords()) if t] if template else []
-    for n, row in enumerate(selected, 1):
-        try:
-            src = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
-            if template is not None:
-                with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    rel = template.render(read_header(mm, str(src), tags))
-            else:
-                rel = clean_component(row["sop"]) + ".dcm"
-            target = dest.joinpath(*rel.split("/"))
-            if target.exists():
-                result.skipped += 1
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.part")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, target)
-                result.copied += 1
-        except (OSError, ValueError, PacsbridgeError) as exc:
-            result.failed.append((row.get("ObjectFile", "?"), getattr(exc, "strerror", None) or str(exc)))
-        if progress:
-            progress(n, len(selected))
+    dest_fd = open_folder(dest, [])
+    folder: tuple[list[str], int] | None = None  # the last folder's descriptor
+    try:
+        for n, row in enumerate(selected, 1):
+            try:
+                src = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
+                if template is not None:
+                    with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        rel = template.render(read_header(mm, str(src), tags))
+                else:
+                    rel = clean_component(row["sop"]) + ".dcm"
+                *parts, name = rel.split("/")
+                if folder is None or folder[0] != parts:
+                    if folder is not None:
+                        os.close(folder[1])
+                        folder = None
+                    folder = (parts, open_folder(dest_fd, parts))
+                try:
+                    outcome = place(src, folder[1], name, link=False)
+                except FileExistsError:  # a different file, or a link, holds the name: left as it is
+                    outcome = "already"
+                if outcome == "placed":
+                    result.copied += 1
+                else:
+                    result.skipped += 1
+            except (OSError, ValueError, PacsbridgeError) as exc:
+                result.failed.append((row.get("ObjectFile", "?"), getattr(exc, "strerror", None) or str(exc)))
+            if progress:
+                progress(n, len(selected))
+    finally:
+        if folder is not None:
+            os.close(folder[1])
+        os.close(dest_fd)
     return result

@@ -7,6 +7,13 @@ in one :class:`Outcome`: ``stored`` (new file in storage and indexed),
 (this SOP Instance is already stored; the policy kept the existing file) or
 ``rejected`` (with the reason). A rejected file never touches what is
 already stored or indexed.
+
+Only regular files are read: a FIFO, a socket or a device is rejected
+("not a regular file") without being opened for a blocking read, and a
+symbolic link to a folder is not followed (and listed). An import confined to
+a root (the ``import`` job: ``PACSBRIDGE_IMPORT_ROOT``) checks every file
+after resolving links, when it is listed and again on the descriptor it
+reads, and rejects one that lies outside the root.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import logging
 import mmap
 import multiprocessing
 import os
+import stat
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +38,7 @@ from .index import Index
 from .records import Rows, build_rows, needs_dataset, read_header, schema_tags
 from .storage import Storage
 
-__all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source"]
+__all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source", "Refused", "check_path", "open_regular"]
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +80,127 @@ class Report:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     removed: int = 0
     pruned: int = 0
+    cancelled: bool = False
 
     @property
     def total(self) -> int:
         return self.stored + self.indexed + self.duplicate + len(self.rejected)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stored": self.stored, "indexed": self.indexed, "duplicate": self.duplicate,
-                "rejected": len(self.rejected), "removed": self.removed, "pruned": self.pruned,
-                "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
+        out = {"stored": self.stored, "indexed": self.indexed, "duplicate": self.duplicate,
+               "rejected": len(self.rejected), "removed": self.removed, "pruned": self.pruned,
+               "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
+        if self.cancelled:
+            out["cancelled"] = True
+        return out
 
 
-def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None) -> Iterator[Source | Outcome]:
+class Refused(Exception):
+    """A file that is not read: not a regular file, or a link out of the import root."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind}): not read"
+
+
+def _inside(real: str, confine: str) -> bool:
+    return real.startswith(confine + os.sep)
+
+
+def check_path(path: str, confine: str | None = None) -> None:
+    """Refuse ``path`` before opening it: not a regular file (links followed), or outside ``confine``.
+
+    ``confine`` is the real path (links resolved) of the root the file must lie in.
+
+    Raises
+    ------
+    Refused
+        With the reason.
+    OSError
+        The file cannot be looked at.
+    """
+    if confine is not None and not _inside(os.path.realpath(path), confine):
+        raise Refused("a symbolic link to outside the import root: not read")
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(_not_regular(st.st_mode))
+
+
+def open_regular(path: str, confine: str | None = None) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file (inside ``confine``, if given).
+
+    The file is opened without blocking (``O_NONBLOCK``: a FIFO with no writer opens at
+    once) and checked on the descriptor itself (``fstat``, and the path the kernel opened,
+    ``/proc/self/fd``), so a name swapped for a link or a FIFO after it was listed is
+    refused too.
+
+    Raises
+    ------
+    Refused, OSError
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(_not_regular(st.st_mode))
+        if confine is not None:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the path as it resolves now
+                real = os.path.realpath(path)
+            if not _inside(real, confine):
+                raise Refused("a symbolic link to outside the import root: not read")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None,
+                 confine: str | Path | None = None) -> Iterator[Source | Outcome]:
     """Files under ``paths`` (recursively), zip members expanded.
 
-    Yields a rejected :class:`Outcome` for a path that does not exist or a
-    zip file that cannot be opened. Dot-files and dot-folders are skipped, and
-    so is anything under ``skip_under`` (the storage's own incoming folder).
+    Yields a rejected :class:`Outcome` for a path that does not exist, a zip
+    file that cannot be opened, a file that is not a regular file (a FIFO would
+    block the reader for ever), a symbolic link to a folder (not followed) and,
+    with ``confine``, a file that resolves outside that folder. Dot-files and
+    dot-folders are skipped, and so is anything under ``skip_under`` (the
+    storage's own incoming folder).
     """
     skip = os.path.realpath(skip_under) if skip_under else None
+    real_confine = os.path.realpath(confine) if confine is not None else None
 
     def one(path: str) -> Iterator[Source | Outcome]:
-        if zipfile.is_zipfile(path):
+        try:
+            check_path(path, real_confine)
+            fd = open_regular(path, real_confine)
+        except Refused as exc:
+            yield Outcome(Source(path), "rejected", str(exc))
+            return
+        except OSError as exc:
+            yield Outcome(Source(path), "rejected", f"cannot read: {exc.strerror or exc}")
+            return
+        with os.fdopen(fd, "rb") as fh:
+            if not zipfile.is_zipfile(fh):
+                yield Source(path)
+                return
             try:
-                with zipfile.ZipFile(path) as zf:
-                    for info in zf.infolist():
-                        if not info.is_dir() and not os.path.basename(info.filename).startswith("."):
-                            yield Source(path, info.filename)
+                fh.seek(0)
+                with zipfile.ZipFile(fh) as zf:
+                    members = [info.filename for info in zf.infolist()
+                               if not info.is_dir() and not os.path.basename(info.filename).startswith(".")]
             except (zipfile.BadZipFile, OSError) as exc:
                 yield Outcome(Source(path), "rejected", f"bad zip file: {exc}")
-        else:
-            yield Source(path)
+                return
+        for member in members:
+            yield Source(path, member)
 
     for p in paths:
         p = str(p)
@@ -111,10 +210,14 @@ def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None) ->
                     dirs[:] = []
                     continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+                    dirs.remove(d)  # os.walk would not go in either: say so
+                    yield Outcome(Source(os.path.join(folder, d)), "rejected",
+                                  "a symbolic link to a folder: not followed")
                 for name in sorted(files):
                     if not name.startswith("."):
                         yield from one(os.path.join(folder, name))
-        elif os.path.isfile(p):
+        elif os.path.lexists(p):  # a file, or something one() refuses with its reason (a FIFO, a dangling link)
             yield from one(p)
         else:
             yield Outcome(Source(p), "rejected", "no such file or directory")
@@ -127,6 +230,7 @@ class _Job(NamedTuple):
     mode: str  # "import", "rebuild", "inplace"
     tags: frozenset[int]
     dataset: bool
+    confine: str | None = None  #: real path every file read must lie under (an import job's root)
 
 
 _job: _Job | None = None
@@ -139,26 +243,30 @@ def _init(job: _Job) -> None:
     _zips.clear()
 
 
-def _read(source: Source, whole: bool = True) -> Any:
+def _read(source: Source, whole: bool = True, confine: str | None = None) -> Any:
     """The bytes of ``source``: a zip member, or the file mapped read-only.
 
     ``whole=False`` (only the header will be read) maps the file for random
     access: a page fault then reads that page, not the kernel's read-around
     window (128 kB here, a quarter of a CT slice, nine tenths of it pixel data).
+    Only a regular file is read (inside ``confine``, if given): see :func:`open_regular`.
     """
     if source.member is not None:
         zf = _zips.get(source.path)
         if zf is None:
-            zf = _zips[source.path] = zipfile.ZipFile(source.path)
+            zf = _zips[source.path] = zipfile.ZipFile(os.fdopen(open_regular(source.path, confine), "rb"))
         return zf.read(source.member)
-    with open(source.path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    fd = open_regular(source.path, confine)
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             return b""
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         if not whole and hasattr(mmap, "MADV_RANDOM"):
             mapped.madvise(mmap.MADV_RANDOM)
         return mapped
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,7 +280,9 @@ def _process(source: Source) -> Outcome:
     buf: Any = None
     try:
         try:
-            buf = _read(source, whole=job.mode == "import" or job.dataset)
+            buf = _read(source, whole=job.mode == "import" or job.dataset, confine=job.confine)
+        except Refused as exc:
+            return Outcome(source, "rejected", str(exc))
         except (OSError, zipfile.BadZipFile, KeyError) as exc:
             return Outcome(source, "rejected", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
         if len(buf) == 0:
@@ -229,24 +339,29 @@ class Importer:
         self.workers = workers or os.cpu_count() or 1
         self.progress = progress or (lambda done, total: None)
 
-    def _job(self, mode: str) -> _Job:
+    def _job(self, mode: str, confine: str | None = None) -> _Job:
         tags = schema_tags(self.index.schema)
         for kw in self.storage.template.keywords():
             tag = tag_for_keyword(kw)
             if tag is not None:
                 tags.add(tag)
-        return _Job(self.index.schema, self.storage, mode, frozenset(tags), needs_dataset(self.index.schema))
+        return _Job(self.index.schema, self.storage, mode, frozenset(tags), needs_dataset(self.index.schema),
+                    confine)
 
     def _run(self, mode: str, sources: Sequence[Source], on_batch: Callable[[list[Outcome]], None],
-             report: Report, already_done: int = 0) -> None:
+             report: Report, already_done: int = 0, confine: str | None = None,
+             cancel: threading.Event | None = None) -> None:
         total = len(sources) + already_done
-        job = self._job(mode)
+        job = self._job(mode, confine)
         done = already_done
         batch: list[Outcome] = []
 
         def consume(outcomes: Iterable[Outcome]) -> None:
             nonlocal done, batch
             for outcome in outcomes:
+                if cancel is not None and cancel.is_set():
+                    report.cancelled = True  # what is done so far is indexed below; the rest is left
+                    break
                 batch.append(outcome)
                 done += 1
                 if len(batch) >= BATCH_SIZE:
@@ -311,11 +426,18 @@ class Importer:
                 report.indexed += 1
         return batch
 
-    def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False) -> Report:
+    def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False, *,
+                     confine: str | Path | None = None, cancel: threading.Event | None = None) -> Report:
         """Import files, folders and zip files.
 
         Parameters
         ----------
+        confine : path, optional
+            Read only files that lie under this folder once links are resolved
+            (the import job's ``PACSBRIDGE_IMPORT_ROOT``); others are rejected.
+        cancel : threading.Event, optional
+            Checked between files: once set, the files read so far are indexed
+            and the run stops (``report.cancelled``).
         move : bool
             Remove each original once it is stored and indexed (never a file
             inside the storage root, and a zip only when all its members went in).
@@ -326,7 +448,8 @@ class Importer:
         self.storage.ensure()
         report = Report()
         sources: list[Source] = []
-        for item in iter_sources(paths, skip_under=self.storage.incoming):
+        real_confine = os.path.realpath(confine) if confine is not None else None
+        for item in iter_sources(paths, skip_under=self.storage.incoming, confine=real_confine):
             if isinstance(item, Outcome):
                 report.rejected.append((item.source.display, item.reason))
             else:
@@ -351,7 +474,8 @@ class Importer:
                 except OSError as exc:
                     log.warning("could not remove %s: %s", o.source.path, exc.strerror)
 
-        self._run("inplace" if in_place else "import", sources, on_batch, report)
+        self._run("inplace" if in_place else "import", sources, on_batch, report, confine=real_confine,
+                  cancel=cancel)
         for path in zip_done - zip_failed:
             try:
                 os.unlink(path)
@@ -359,7 +483,10 @@ class Importer:
             except OSError:
                 pass
         for zf in _zips.values():
+            fp = zf.fp  # opened by us (open_regular): ZipFile.close leaves it open
             zf.close()
+            if fp is not None:
+                fp.close()
         _zips.clear()
         return report
 

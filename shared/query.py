@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from .errors import InvalidRequest
 
-__all__ = ["Query", "LEVELS", "RETURN_KEYS", "parse_date"]
+__all__ = ["Query", "LEVELS", "RETURN_KEYS", "parse_date", "parse_date_range", "DATE_RANGE_HELP"]
 
 #: Query/retrieve levels, lower case as users write them; DICOM spells them upper case.
 LEVELS = ("patient", "study", "series", "image")
@@ -59,6 +59,53 @@ def parse_date(value: Any, field: str) -> dt.date | None:
         except ValueError:
             continue
     raise InvalidRequest(f"{value!r} is not a date (YYYYMMDD or YYYY-MM-DD)", field)
+
+
+#: The forms :func:`parse_date_range` accepts, for help texts and errors.
+DATE_RANGE_HELP = ("a date (20240101 or 2024-01-01) or a range: 20240101-20241231 (DICOM), "
+                   "2024-01-01..2024-12-31 or 2024-01-01/2024-12-31 (either date form); "
+                   "leave one end out for an open range (20240101-, -20241231, 2024-01-01.., ..2024-12-31)")
+_DICOM_RANGE = re.compile(r"([0-9]{8})?-([0-9]{8})?")
+
+
+def parse_date_range(value: str, field: str) -> tuple[dt.date | None, dt.date | None]:
+    """``(first, last)`` of a date or a date range as a user types it (see :data:`DATE_RANGE_HELP`).
+
+    One date is a range of one day. A range is split at ``..`` or ``/`` (ISO 8601's
+    interval), or at the ``-`` of DICOM's ``YYYYMMDD-YYYYMMDD``; ISO dates with their
+    own dashes take ``..`` or ``/`` (``2024-01-01-2024-12-31`` is refused, not guessed).
+
+    Raises
+    ------
+    InvalidRequest
+        Not one of these forms, an impossible date, or a range that ends before it starts;
+        ``field`` names what the user typed (``--StudyDate``).
+    """
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        raise InvalidRequest(f"expected {DATE_RANGE_HELP}", field)
+    for sep in ("..", "/"):
+        if sep in text:
+            lo_text, _, hi_text = text.partition(sep)
+            break
+    else:
+        m = _DICOM_RANGE.fullmatch(text)
+        if m:
+            lo_text, hi_text = m.group(1) or "", m.group(2) or ""
+        elif re.fullmatch(r"[0-9]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            lo_text = hi_text = text
+        else:
+            raise InvalidRequest(f"{value!r}: expected {DATE_RANGE_HELP}", field)
+    if not (lo_text or hi_text):
+        raise InvalidRequest(f"{value!r}: give at least one end; expected {DATE_RANGE_HELP}", field)
+    try:
+        lo = parse_date(lo_text.strip(), field)
+        hi = parse_date(hi_text.strip(), field)
+    except InvalidRequest:
+        raise InvalidRequest(f"{value!r}: expected {DATE_RANGE_HELP}", field) from None
+    if lo and hi and lo > hi:
+        raise InvalidRequest(f"{value!r}: the range ends before it starts", field)
+    return lo, hi
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,11 @@ template language and its path cleaning are storage's
 (:class:`~pacsbridge.shared.storage.Template`; the default ``px-repack`` preset
 is px-repack's ``%PatientID-%PatientName-%PatientBirthDate/...`` tree), so no
 DICOM value can climb out of the destination; the destination itself is
-checked to stay inside the export root after resolving symlinks, and so is
-every folder a file is placed in.
+checked to stay inside the export root after resolving symlinks, and every
+folder below it is made and opened one component at a time without following
+a symbolic link (:func:`~pacsbridge.shared.storage.open_folder`): a link put
+in the export root is refused (listed with the instance), and no folder is
+ever made outside the root through it.
 
 A file is never overwritten: it is written to a temporary name in its
 folder and hard-linked to its final name, which fails if the name exists.
@@ -20,11 +23,11 @@ inode; the export root must then be on the storage's file system).
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import mmap
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -36,15 +39,15 @@ from typing import Any, Callable, Sequence
 from pydicom.datadict import tag_for_keyword
 
 from .context import Context
-from .errors import ConfigError, InvalidRequest, PacsbridgeError
+from .errors import ConfigError, InvalidRequest, PacsbridgeError, UnsafePath
 from .jobs import Job, JobStore, SeriesProgress
 from .jobspec import safe_relative
 from .records import read_header
 from .runner import Outcome
 from .selection import Instance, describe, resolve
-from .storage import Template
+from .storage import Template, open_folder
 
-__all__ = ["RepackReport", "repack", "run", "destination"]
+__all__ = ["RepackReport", "repack", "run", "destination", "place"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +87,10 @@ def destination(export_root: Path, dest: str) -> Path:
     real = os.path.realpath(base)
     if real != real_root and not real.startswith(real_root + os.sep):
         raise InvalidRequest("resolves outside PACSBRIDGE_EXPORT_ROOT (a symbolic link?)", "dest")
-    base.mkdir(parents=True, exist_ok=True)
-    if os.path.realpath(base) != real:  # a link appeared while we made it
-        raise InvalidRequest("resolves outside PACSBRIDGE_EXPORT_ROOT (a symbolic link?)", "dest")
+    try:  # made folder by folder, no link followed: nothing is made outside even if a link appears now
+        os.close(open_folder(root, rel.split("/")))
+    except UnsafePath:
+        raise InvalidRequest("resolves outside PACSBRIDGE_EXPORT_ROOT (a symbolic link?)", "dest") from None
     return base
 
 
@@ -94,39 +98,94 @@ def _inside(path: str, real_base: str) -> bool:
     return path == real_base or path.startswith(real_base + os.sep)
 
 
-def _place(src: Path, target: Path, link: bool) -> str:
-    """Put ``src`` at ``target`` without overwriting; ``placed`` or ``already``.
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
-    Raises FileExistsError (with a message) when a different file holds the name.
+
+def _copy(src: Path, out_fd: int) -> None:
+    """Copy the file ``src`` into ``out_fd`` (``sendfile`` where it can, in the kernel)."""
+    with open(src, "rb") as fh:
+        offset = 0
+        try:
+            while True:
+                sent = os.sendfile(out_fd, fh.fileno(), offset, 1 << 30)
+                if sent == 0:
+                    return
+                offset += sent
+        except OSError:
+            if offset:
+                raise
+        with os.fdopen(os.dup(out_fd), "wb") as out:  # no sendfile between these files: read and write
+            shutil.copyfileobj(fh, out, 1 << 20)
+
+
+def _same_file(src: Path, folder: int, name: str) -> bool:
+    """Whether ``folder/name`` is a regular file (not a link) with ``src``'s inode or bytes."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+    except OSError:  # a link (ELOOP), gone, unreadable
+        return False
+    try:
+        st, ref = os.fstat(fd), os.stat(src)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino):
+            return True
+        if st.st_size != ref.st_size:
+            return False
+        with os.fdopen(os.dup(fd), "rb") as there, open(src, "rb") as here:
+            while True:
+                a, b = here.read(1 << 20), there.read(1 << 20)
+                if a != b:
+                    return False
+                if not a:
+                    return True
+    finally:
+        os.close(fd)
+
+
+def place(src: Path, folder: int, name: str, link: bool) -> str:
+    """Put ``src`` at ``name`` in the folder descriptor ``folder`` without overwriting; ``placed`` or ``already``.
+
+    Every name is taken relative to ``folder`` and no link is followed, so nothing is
+    written through a link someone put there. Raises FileExistsError (with a message)
+    when a different file, or a link, holds the name.
     """
     if link:
         try:
-            os.link(src, target)
+            os.link(src, name, dst_dir_fd=folder)
             return "placed"
         except FileExistsError:
             pass
     else:
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        tmp = f".{name}.{uuid.uuid4().hex[:8]}.part"
+        made = False
         try:
-            shutil.copyfile(src, tmp)
-            os.link(tmp, target)  # no clobbering: fails if the name exists
+            out = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
+            made = True
+            try:
+                _copy(src, out)
+            finally:
+                os.close(out)
+            os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)  # no clobbering
             return "placed"
         except FileExistsError:
             pass
         finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    if not os.path.islink(target) and target.is_file() and (
-            os.path.samefile(src, target) or filecmp.cmp(src, target, shallow=False)):
+            if made:
+                try:
+                    os.unlink(tmp, dir_fd=folder)
+                except OSError:
+                    pass
+    if _same_file(src, folder, name):
         return "already"
-    raise FileExistsError(f"a different file exists at {target.name} (not overwritten)")
+    raise FileExistsError(f"a different file exists at {name} (not overwritten)")
 
 
 def repack(instances: Sequence[Instance], base: Path, template: str | Template, link: bool = False, *,
            cancel: threading.Event | None = None,
-           progress: Callable[[RepackReport, str | None], None] | None = None) -> RepackReport:
+           progress: Callable[[RepackReport, str | None], None] | None = None,
+           within: Path | None = None) -> RepackReport:
     """Copy (or hard-link) each instance to ``base/<template>``.
 
     Parameters
@@ -143,52 +202,90 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
         Checked between instances.
     progress : callable, optional
         ``progress(report, finished_series_or_None)``, called now and then.
+    within : Path, optional
+        The folder ``base`` must still lie in when it is opened (the export root).
 
     Raises
     ------
     InvalidRequest
-        The template is malformed.
+        The template is malformed, or ``base`` no longer lies inside ``within``.
     """
     try:
         tmpl = template if isinstance(template, Template) else Template(template)
     except ConfigError as exc:
         raise InvalidRequest(str(exc), "template") from None
     tags = [t for t in (tag_for_keyword(k) for k in tmpl.keywords()) if t]
-    real_base = os.path.realpath(base)
+    real_within = os.path.realpath(within if within is not None else base)
     report = RepackReport()
-    made: set[Path] = set()
     last = time.monotonic()
-    for n, inst in enumerate(instances):
-        if cancel is not None and cancel.is_set():
-            report.cancelled = True
-            break
-        try:
-            with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                rel = tmpl.render(read_header(mm, str(inst.path), tags))
-            target = base.joinpath(*rel.split("/"))
-            if target.parent not in made:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not _inside(os.path.realpath(target.parent), real_base):
-                    raise PacsbridgeError(f"{rel}: its folder resolves outside the destination")
-                made.add(target.parent)
-            outcome = _place(inst.path, target, link)
-            if outcome == "placed":
-                report.placed += 1
-            else:
-                report.already += 1
-            report.count(inst.series_uid, "done")
-        except (OSError, ValueError, PacsbridgeError) as exc:
-            reason = str(exc) if isinstance(exc, FileExistsError) and exc.args and isinstance(exc.args[0], str) \
-                else (getattr(exc, "strerror", None) or str(exc))
-            if isinstance(exc, OSError) and getattr(exc, "errno", None) == 18:  # EXDEV
-                reason = "cannot hard-link across file systems (use link=false, or an export root on the storage's)"
-            report.failed.append((inst.sop_uid, inst.series_uid, reason))
-            report.count(inst.series_uid, "failed")
-        series_done = n + 1 == len(instances) or instances[n + 1].series_uid != inst.series_uid
-        if progress is not None and (series_done or time.monotonic() - last >= PROGRESS_SECONDS):
-            progress(report, inst.series_uid if series_done else None)
-            last = time.monotonic()
+    base_fd = open_folder(base, [])
+    folders = _Folders(base_fd)
+    try:
+        if not _inside(_fd_path(base_fd, base), real_within):  # swapped for a link since it was checked
+            raise InvalidRequest("resolves outside PACSBRIDGE_EXPORT_ROOT (a symbolic link?)", "dest")
+        for n, inst in enumerate(instances):
+            if cancel is not None and cancel.is_set():
+                report.cancelled = True
+                break
+            _repack_one(inst, folders, tmpl, tags, link, report)
+            series_done = n + 1 == len(instances) or instances[n + 1].series_uid != inst.series_uid
+            if progress is not None and (series_done or time.monotonic() - last >= PROGRESS_SECONDS):
+                progress(report, inst.series_uid if series_done else None)
+                last = time.monotonic()
+    finally:
+        folders.close()
+        os.close(base_fd)
     return report
+
+
+def _fd_path(fd: int, fallback: Path) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(fallback)
+
+
+class _Folders:
+    """The descriptor of the folder last placed into (a series shares one), opened by :func:`open_folder`."""
+
+    def __init__(self, base_fd: int) -> None:
+        self.base_fd = base_fd
+        self.parts: list[str] | None = None
+        self.fd = -1
+
+    def get(self, parts: list[str]) -> int:
+        if parts != self.parts:
+            self.close()
+            self.fd = open_folder(self.base_fd, parts)  # no link followed, nothing made outside
+            self.parts = parts
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.parts = -1, None
+
+
+def _repack_one(inst: Instance, folders: _Folders, tmpl: Template, tags: list[int], link: bool,
+                report: RepackReport) -> None:
+    """Place one instance, or record why not."""
+    try:
+        with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            rel = tmpl.render(read_header(mm, str(inst.path), tags))
+        *parts, name = rel.split("/")
+        outcome = place(inst.path, folders.get(parts), name, link)
+        if outcome == "placed":
+            report.placed += 1
+        else:
+            report.already += 1
+        report.count(inst.series_uid, "done")
+    except (OSError, ValueError, PacsbridgeError) as exc:
+        reason = str(exc) if isinstance(exc, FileExistsError) and exc.args and isinstance(exc.args[0], str) \
+            else (getattr(exc, "strerror", None) or str(exc))
+        if isinstance(exc, OSError) and getattr(exc, "errno", None) == 18:  # EXDEV
+            reason = "cannot hard-link across file systems (use link=false, or an export root on the storage's)"
+        report.failed.append((inst.sop_uid, inst.series_uid, reason))
+        report.count(inst.series_uid, "failed")
 
 
 def _series_state(done: int, failed: int, expected: int) -> str:
@@ -233,7 +330,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
             written[uid] = now
 
     start = time.monotonic()
-    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress)
+    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
+                    within=Path(ctx.settings.export_root))
     failures = [{"sop": s, "series": u, "error": r} for s, u, r in report.failed]
     failures += [{"sop": s, "series": "", "error": r} for s, r in selected.rejected]
     result = {

@@ -150,9 +150,13 @@ def run_import(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) 
         raise InvalidRequest("must stay inside PACSBRIDGE_IMPORT_ROOT", "path")
     if not source.exists():
         raise InvalidRequest(f"{job.params['path']!r} does not exist under the import root", "path")
-    report = Importer(ctx.index, ctx.storage, workers=ctx.settings.import_workers).import_paths([source])
+    # every file is checked against the root after resolving links, and only regular files are read
+    report = Importer(ctx.index, ctx.storage, workers=ctx.settings.import_workers).import_paths(
+        [source], confine=root, cancel=cancel)
     result = {**report.as_dict(), "rejected": len(report.rejected),
               "rejected_files": [f"{p}: {r}" for p, r in report.rejected[:100]]}
+    if report.cancelled:
+        return Outcome("cancelled", "cancelled by request", result)
     imported = report.stored + report.indexed + report.duplicate
     if report.rejected and imported:
         return Outcome("partial", f"{len(report.rejected)} file(s) rejected", result)

@@ -46,6 +46,7 @@ __all__ = [
     "StoreResult",
     "Template",
     "clean_component",
+    "open_folder",
     "INCOMING",
 ]
 
@@ -54,6 +55,8 @@ INCOMING = ".incoming"
 #: Longest cleaned component, and the longest relative path (ObjectFile is varchar(255)).
 MAX_COMPONENT = 128
 MAX_RELPATH = 255
+#: Most folders (components) a template may have: each renders to 13 characters at least.
+MAX_DEPTH = 16
 
 PRESETS = {
     # pacsbridge's default, pacsanini's "patient" sort, Conquest's patient/study/series/SOP tree
@@ -78,6 +81,8 @@ PRESETS["study"] = PRESETS["study-series"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _FIELD = re.compile(r"\{([^{}]*)\}")
+# Python's format-spec mini-language: [[fill]align][sign][z][#][0][width][grouping][.precision][type]
+_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>[0-9]*)[,_]?(?:\.(?P<precision>[0-9]+))?[a-zA-Z%]?", re.S)
 _PX_FIELD = re.compile(r"%(_[a-z0-9]+(?:\|[0-9]+)?_)?([A-Za-z][A-Za-z0-9]*)")
 _counter = itertools.count(1)
 
@@ -128,10 +133,16 @@ def _value(ds: Any, keyword: str) -> Any:
 class Template:
     """A file-name template; see the module docstring for its language.
 
+    Everything a template can make is bounded when it is made: a width or a
+    precision is at most :data:`MAX_COMPONENT`, the literal text of a folder
+    too, a template has at most :data:`MAX_DEPTH` folders, and it is rendered
+    once (with empty values) so that a format that cannot apply (``{PatientID:,}``,
+    ``{X|md5:x}``) is refused now, not at the first store.
+
     Raises
     ------
     ConfigError
-        The template is empty, absolute, or has a ``..`` folder.
+        The template is empty, absolute, has a ``..`` folder, or one of the above.
     """
 
     def __init__(self, template: str) -> None:
@@ -142,12 +153,24 @@ class Template:
         parts = source.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise ConfigError(f"file name template {template!r}: empty, '.' or '..' folder")
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError(f"file name template {template[:80]!r}: {len(parts)} folders (at most {MAX_DEPTH})")
         self.source = source
         self.name = template
         self.parts = parts
         for part in parts:  # validate fields now, not at the first store
+            if len(_FIELD.sub("", part)) > MAX_COMPONENT:
+                raise ConfigError(f"file name template {template[:80]!r}: more than {MAX_COMPONENT} characters "
+                                  "of text in one folder or file name")
             for m in _FIELD.finditer(part):
                 self._parse_field(m.group(1))
+        try:
+            rel = self.render({})
+        except ValueError as exc:  # an int() or format() the spec checks above did not foresee
+            raise ConfigError(f"file name template {template[:80]!r}: {exc}") from None
+        if len(rel) > MAX_RELPATH:
+            raise ConfigError(f"file name template {template[:80]!r}: renders longer than {MAX_RELPATH} "
+                              "characters even with empty values")
 
     @staticmethod
     def _from_px(m: re.Match[str]) -> str:
@@ -168,8 +191,19 @@ class Template:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", keyword or "-"):
             raise ConfigError(f"template field {{{field}}}: {keyword!r} is not a DICOM keyword")
         for f in filters:
-            if f.split(":")[0] not in ("md5", "upper", "lower", "date"):
+            name, colon, arg = f.partition(":")
+            if name not in ("md5", "upper", "lower", "date"):
                 raise ConfigError(f"template field {{{field}}}: unknown filter {f!r}")
+            if colon and (name != "md5" or not arg.isdigit() or not 1 <= int(arg) <= 32):
+                raise ConfigError(f"template field {{{field}}}: {f!r}: only md5 takes a length (1 to 32)")
+        if spec:
+            m = _SPEC.fullmatch(spec)
+            if m is None:
+                raise ConfigError(f"template field {{{field}}}: {spec!r} is not a format spec")
+            for what in ("width", "precision"):
+                if m.group(what) and int(m.group(what)) > MAX_COMPONENT:
+                    raise ConfigError(f"template field {{{field}}}: {what} {int(m.group(what))} is more than "
+                                      f"{MAX_COMPONENT} (the longest name storage writes)")
         return keyword, spec, filters
 
     def _render_field(self, field: str, ds: Any) -> str:
@@ -232,6 +266,50 @@ class Template:
             if len(rel) <= MAX_RELPATH or limit <= 12:
                 return rel
             limit -= 8  # shorten every component (each keeps a hash of its value) until it fits
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_folder(base: int | str | Path, parts: "list[str] | tuple[str, ...]", create: bool = True) -> int:
+    """A descriptor of the folder ``base/parts[0]/parts[1]/...``, made where missing, links never followed.
+
+    Each component is made (``mkdir`` at a name that exists, even as a link, makes
+    nothing) and opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a
+    symbolic link anywhere below ``base`` can neither lead a folder outside nor be
+    swapped in between the check and the use. ``base`` itself (a descriptor or a
+    path) is trusted: the caller checked it. The caller closes the descriptor.
+
+    Raises
+    ------
+    UnsafePath
+        A component is a symbolic link, not a folder, or ``.``/``..``/empty.
+    OSError
+        A folder cannot be made (permissions, disk full...).
+    """
+    fd = os.dup(base) if isinstance(base, int) else os.open(base, _DIR_FLAGS)
+    try:
+        for i, name in enumerate(parts):
+            if name in ("", ".", "..") or "/" in name or "\x00" in name:
+                raise UnsafePath(f"{'/'.join(parts[:i + 1])!r}: not a plain folder name")
+            if create:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(name, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(f"{'/'.join(parts[:i + 1])}: a symbolic link or not a folder "
+                                     "(links are not followed)") from None
+                raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class StoreResult(NamedTuple):

@@ -62,6 +62,7 @@ def test_import_query_summary_export(settings, tmp_path):
     run(settings, "export", "--query", "select seriesinst from dicomseries where modality='CT'", "--dest", dest2,
         "--subdirs", check_rc=0)
     assert len(list(dest2.rglob("*.dcm"))) >= 5 and all(p.is_file() for p in dest2.rglob("*.dcm"))
+    assert all(len(p.relative_to(dest2).parts) == 4 for p in dest2.rglob("*.dcm"))  # patient/study/series/sop
     proc = run(settings, "export", "--query", "select Modality from DICOMSeries", "--dest", tmp_path / "x")
     assert proc.returncode == 2 and "must return one of the columns" in proc.stderr
     proc = run(settings, "export", "--patient", "nobody", "--dest", tmp_path / "y")
@@ -139,3 +140,137 @@ def test_init_never_prints_the_database_password(tmp_path, pg_url):
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
         admin.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_export_subdirs_writes_the_patient_study_series_tree(settings, tmp_path):
+    """Issue 14 item 17: --subdirs without --layout wrote a flat folder; check the tree, not a count."""
+    a = make_instance(tmp_path / "src" / "a.dcm", PatientID="SUB1")
+    b = make_instance(tmp_path / "src" / "b.dcm", PatientID="SUB1", StudyInstanceUID=a.StudyInstanceUID)
+    run(settings, "import", tmp_path / "src", check_rc=0)
+    dest = tmp_path / "out"
+    run(settings, "export", "--patient", "SUB1", "--dest", dest, "--subdirs", check_rc=0)
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == sorted(f"SUB1/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+                         for ds in (a, b))
+    flat = tmp_path / "flat"
+    run(settings, "export", "--patient", "SUB1", "--dest", flat, check_rc=0)
+    assert sorted(p.name for p in flat.iterdir()) == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in (a, b))
+    study = tmp_path / "bystudy"
+    run(settings, "export", "--patient", "SUB1", "--dest", study, "--layout", "study", check_rc=0)
+    assert {p.relative_to(study).parts[0] for p in study.rglob("*.dcm")} == {a.StudyInstanceUID}
+
+
+# -- the client's find, against the real API and a real Orthanc (issue 14 items 18 and 25) -----
+class _FindSetup:
+    def __init__(self, server, pacs) -> None:
+        self.server, self.pacs = server, pacs
+
+    def find(self, *args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
+        from .test_api import TOKENS
+
+        env = {**self.server.env, "PACSBRIDGE_API_URL": self.server.url, "PACSBRIDGE_API_TOKEN": TOKENS["user"],
+               "COLUMNS": str(columns)}
+        return subprocess.run(EXE + ["find", "pacs", *args], env=env, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def find_setup(tmp_path_factory):
+    from .orthanc import Orthanc, free_port
+    from .test_api import Server
+
+    tmp = tmp_path_factory.mktemp("find")
+    for i, date in enumerate(("20231231", "20240101", "20240615", "20250101")):
+        make_instance(tmp / "files" / f"{i}.dcm", PatientID=f"FIND{i}", StudyDate=date,
+                      PatientName=f"Find^Patient{i}", StudyDescription=f"Study number {i} of the find test",
+                      AccessionNumber=f"ACC{i:04d}")
+    server = Server(tmp)
+    try:
+        with Orthanc(tmp / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", free_port())}) as pacs:
+            pacs.upload(sorted((tmp / "files").glob("*.dcm")))
+            status, _, _ = server.call("POST", "/api/v1/nodes", {"name": "pacs", "ae_title": pacs.aet,
+                                                                 "host": "127.0.0.1", "port": pacs.dicom_port})
+            assert status == 201
+            yield _FindSetup(server, pacs)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("value, patients", [
+    ("2024-01-01", {"FIND1"}),  # refused as "min_study_date: '2024' is not a date" before
+    ("20240101", {"FIND1"}),
+    ("2024-01-01..2024-12-31", {"FIND1", "FIND2"}),
+    ("20240101..20241231", {"FIND1", "FIND2"}),
+    ("20240101-20241231", {"FIND1", "FIND2"}),
+    ("2024-01-01/2024-12-31", {"FIND1", "FIND2"}),
+    ("20240102-", {"FIND2", "FIND3"}),
+    ("-20240101", {"FIND0", "FIND1"}),
+    ("2024-06-15..", {"FIND2", "FIND3"}),
+    ("..2023-12-31", {"FIND0"}),
+])
+def test_find_study_date_accepts_dicom_and_iso_dates_and_ranges(find_setup, value, patients):
+    proc = find_setup.find("--PatientID", "FIND*", "--StudyDate", value, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["PatientID"] for r in json.loads(proc.stdout)} == patients
+
+
+@pytest.mark.parametrize("value", ["2024-13-01", "2024-01-01-2024-12-31", "yesterday", "20241231-20240101", "-"])
+def test_find_bad_study_date_names_the_option(find_setup, value):
+    proc = find_setup.find("--PatientID", "FIND*", "--StudyDate", value)
+    assert proc.returncode == 2
+    assert "--StudyDate" in proc.stderr and "min_study_date" not in proc.stderr, proc.stderr
+
+
+def test_find_table_fits_the_terminal_and_says_what_it_left_out(find_setup):
+    proc = find_setup.find("--PatientID", "FIND*", columns=80)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, proc.stdout
+    header = next(line for line in lines if "PatientID" in line)
+    assert "StudyDate" in header and "FIND1" in proc.stdout and "20240615" in proc.stdout
+    # no column squeezed to a sliver: whole values, one row per study
+    assert sum("FIND" in line for line in lines) == 4
+    assert "--columns" in proc.stderr  # the columns left out are named, with how to get them
+    wide = find_setup.find("--PatientID", "FIND*", columns=250)
+    wide_header = next(line for line in wide.stdout.splitlines() if "PatientID" in line)
+    assert wide_header.count("┃") > header.count("┃") >= 5  # more room, more columns
+
+
+def test_find_columns_and_formats(find_setup):
+    proc = find_setup.find("--PatientID", "FIND*", "--format", "csv", "--columns", "PatientID,StudyDate")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(io.StringIO(proc.stdout)))
+    assert rows[0] == ["PatientID", "StudyDate"] and sorted(rows[1:])[1] == ["FIND1", "20240101"]
+    full = find_setup.find("--PatientID", "FIND*", "--format", "csv")
+    assert len(next(csv.reader(io.StringIO(full.stdout)))) >= 10  # csv and json keep every column
+    table = find_setup.find("--PatientID", "FIND*", "--columns", "AccessionNumber", columns=80)
+    assert "ACC0002" in table.stdout and "StudyDate" not in table.stdout
+    bad = find_setup.find("--PatientID", "FIND*", "--columns", "Nonsense")
+    assert bad.returncode == 2 and "--columns" in bad.stderr
+
+
+def test_find_without_match_says_so(find_setup):
+    proc = find_setup.find("--PatientID", "NOBODY")
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert "no match" in proc.stderr
+    proc = find_setup.find("--PatientID", "NOBODY", "--format", "json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [] and "no match" in proc.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_export_never_follows_a_link_inside_dest(settings, tmp_path):
+    """Issue 14 item 13, the command's side: folders under --dest are made without following links."""
+    a = make_instance(tmp_path / "src" / "a.dcm", PatientID="LNK1")
+    b = make_instance(tmp_path / "src" / "b.dcm", PatientID="LNK2")
+    run(settings, "import", tmp_path / "src", check_rc=0)
+    dest, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    dest.mkdir()
+    (dest / "LNK1").symlink_to(outside, target_is_directory=True)
+    proc = run(settings, "export", "--query", "select PatientID from DICOMPatients", "--dest", dest,
+               "--layout", "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm")
+    assert proc.returncode == 1 and "symbolic link" in proc.stderr, proc.stderr
+    assert list(outside.iterdir()) == []
+    assert (dest / "LNK2" / b.StudyInstanceUID / f"{b.SOPInstanceUID}.dcm").is_file()
+    assert a.SOPInstanceUID not in " ".join(str(p) for p in dest.rglob("*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import threading
 import time
@@ -225,3 +226,89 @@ def test_acting_on_what_a_running_retrieve_brought_is_refused(ctx, jobs, tmp_pat
     done = runner.run_job(repack.id, ctx, jobs)
     assert done.state == "failed" and "still running" in done.error
     assert not (tmp_path / "export" / "c1").exists() or not any((tmp_path / "export" / "c1").rglob("*.dcm"))
+
+
+# -- issue 14 items 4 and 8: an import job reads only regular files inside its root -----------------------
+def test_import_job_refuses_links_out_of_the_import_root_and_lists_them(ctx, jobs, tmp_path):
+    root = tmp_path / "import"
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=root))
+    batch = root / "batch"
+    make_instance(batch / "ok.dcm", PatientID="INSIDE")
+    make_instance(root / "elsewhere" / "other.dcm", PatientID="ALSOINSIDE")
+    secret = make_instance(tmp_path / "secret" / "x.dcm", PatientID="SECRET")
+    make_instance(tmp_path / "secret" / "sub" / "y.dcm", PatientID="SECRETDIR")
+    (batch / "link.dcm").symlink_to(tmp_path / "secret" / "x.dcm")
+    (batch / "inside.dcm").symlink_to(root / "elsewhere" / "other.dcm")  # a link that stays inside: read
+    (batch / "chain.dcm").symlink_to(batch / "link.dcm")  # a link to a link out
+    (batch / "dirlink").symlink_to(tmp_path / "secret" / "sub", target_is_directory=True)
+    kind, _, params, _ = validate({"kind": "import", "path": "batch"})
+    job, _ = jobs.submit(kind, params)
+    done = runner.run_job(job.id, ctx, jobs)
+    assert done.state == "partial", (done.error, done.result)
+    patients = {r[0] for r in ctx.index.run_sql("select PatientID from DICOMPatients")[1]}
+    assert patients == {"INSIDE", "ALSOINSIDE"}
+    assert ctx.index.lookup_sop([secret.SOPInstanceUID]) == {}
+    listed = "\n".join(done.result["rejected_files"])
+    for name in ("link.dcm", "chain.dcm", "dirlink"):
+        assert f"{name}: " in listed, listed
+    assert "outside the import root" in listed and "not followed" in listed
+
+
+def test_import_job_skips_a_fifo_and_lists_it(ctx, jobs, tmp_path):
+    root = tmp_path / "import"
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=root))
+    batch = root / "batch"
+    make_instance(batch / "ok.dcm", PatientID="NEXTTOFIFO")
+    os.mkfifo(batch / "pipe.dcm")
+    kind, _, params, _ = validate({"kind": "import", "path": "batch"})
+    job, _ = jobs.submit(kind, params)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(runner.run_job(job.id, ctx, jobs)), daemon=True)
+    worker.start()
+    worker.join(30)
+    try:
+        assert not worker.is_alive(), "the import hung on the FIFO"
+    finally:
+        if worker.is_alive():  # free the job: a writer that opens and closes gives the reader EOF
+            fd = os.open(batch / "pipe.dcm", os.O_WRONLY)
+            os.close(fd)
+            worker.join(30)
+    done = result[0]
+    assert done.state == "partial" and done.result["stored"] == 1
+    assert any("pipe.dcm" in f and "not a regular file" in f for f in done.result["rejected_files"])
+
+
+def test_import_stops_between_files_when_cancelled(ctx, tmp_path):
+    from pacsbridge.shared import importer
+
+    make_instance(tmp_path / "many" / "0.dcm")
+    for i in range(1, 2 * importer.BATCH_SIZE):
+        shutil.copy(tmp_path / "many" / "0.dcm", tmp_path / "many" / f"{i}.dcm")
+    cancel = threading.Event()
+    imp = importer.Importer(ctx.index, ctx.storage, workers=1, progress=lambda done, total: cancel.set())
+    report = imp.import_paths([tmp_path / "many"], cancel=cancel)
+    assert report.cancelled and 0 < report.total < 2 * importer.BATCH_SIZE
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_cancel_of_a_running_import_job_stops_it(ctx, jobs, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.05)  # the setting, shortened: cancel is seen at a beat
+    root = tmp_path / "import"
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=root, import_workers=1))
+    make_instance(root / "big" / "0.dcm")
+    total = 4000
+    for i in range(1, total):
+        shutil.copy(root / "big" / "0.dcm", root / "big" / f"{i}.dcm")
+    job, _ = jobs.submit("import", {"path": "big"})
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(runner.run_job(job.id, ctx, jobs)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while jobs.get(job.id).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    jobs.cancel(job.id)
+    worker.join(60)
+    assert not worker.is_alive()
+    done = result[0]
+    assert done.state == "cancelled"
+    assert done.result["duplicate"] + done.result["stored"] < total  # it stopped before the end

@@ -130,9 +130,13 @@ def test_hostile_destinations_are_refused_and_write_nothing(rctx, jobs, tmp_path
                                          "dest": "evil/sub"}).id, rctx, jobs)
     assert done.state == "failed" and "outside PACSBRIDGE_EXPORT_ROOT" in done.error
     assert list(outside.iterdir()) == []
-    # a malformed template
-    bad = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t",
-                                        "template": "{Patient ID}/x.dcm"}).id, rctx, jobs)
+    # a malformed template: refused at submit (400), and by the runner for a row written before that check
+    with pytest.raises(InvalidRequest) as info:
+        validate({"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t", "template": "{Patient ID}/x"})
+    assert info.value.field == "template"
+    old, _ = jobs.submit("repack", {"selection": {"PatientID": ["PB0001"]}, "dest": "t", "link": False,
+                                    "template": "{Patient ID}/x.dcm"})
+    bad = runner.run_job(old.id, rctx, jobs)
     assert bad.state == "failed" and bad.error.startswith("template:")
     # nothing matches
     none = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "nobody"}, "dest": "n"}).id,
@@ -164,3 +168,32 @@ def test_selection_by_job_and_rows_that_escape_storage(rctx, jobs, tmp_path):
                                          "dest": "d"}).id, rctx, jobs)
     assert done.state == "partial" and done.result["placed"] == 1
     assert done.result["failures"][0]["sop"] == b.SOPInstanceUID
+
+
+def test_a_link_inside_the_export_root_makes_no_folder_outside(rctx, jobs, tmp_path):
+    """Issue 14 item 13: a symlink at a folder the template renders into made the folders below it outside
+    the root (mkdir followed the link; the later check only kept the file from being written)."""
+    victim = make_instance(tmp_path / "in" / "v.dcm", PatientID="VICTIM")
+    other = make_instance(tmp_path / "in" / "o.dcm", PatientID="OTHER")
+    _import(rctx, tmp_path / "in", [victim, other])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "export" / "cohort").mkdir(parents=True)
+    (tmp_path / "export" / "cohort" / "VICTIM").symlink_to(outside, target_is_directory=True)
+    body = {"kind": "repack", "selection": {"PatientID": ["VICTIM", "OTHER"]}, "dest": "cohort",
+            "template": "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm"}
+    done = runner.run_job(_submit(jobs, body).id, rctx, jobs)
+    assert list(outside.iterdir()) == []  # no folder made outside the root
+    assert done.state == "partial" and done.result["placed"] == 1, (done.error, done.result)
+    (failure,) = done.result["failures"]
+    assert failure["sop"] == victim.SOPInstanceUID and "symbolic link" in failure["error"]
+    placed = tmp_path / "export" / "cohort" / "OTHER" / other.StudyInstanceUID / f"{other.SOPInstanceUID}.dcm"
+    assert placed.is_file() and not placed.is_symlink()
+    # a link at the file name itself is never written through either
+    target = tmp_path / "target.dcm"
+    target.write_bytes(b"precious")
+    placed.unlink()
+    placed.symlink_to(target)
+    again = runner.run_job(_submit(jobs, {**body, "selection": {"PatientID": ["OTHER"]}}).id, rctx, jobs)
+    assert again.state == "failed" and target.read_bytes() == b"precious"
+    assert "different file exists" in again.result["failures"][0]["error"]

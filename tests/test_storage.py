@@ -211,3 +211,49 @@ def test_header_reads_of_the_indexer_do_not_read_ahead(tmp_path):
             buf.close()
         cached[whole] = _cached_bytes(path)
     assert cached[False] <= 16 * 1024 < cached[True]
+
+
+# -- issue 14, item 10: a template's widths and components are bounded when it is made --------
+@pytest.mark.parametrize("template", [
+    "{PatientID:>50000000}.dcm",  # 43 s and 480 MB of worker memory before
+    "{SeriesNumber:0100000000d}.dcm",
+    "{PatientID:.100000}/{SOPInstanceUID}.dcm",
+    "{SeriesNumber:.100000f}.dcm",  # a float format of a text value: failed at the first render
+    "{PatientID:,}.dcm",
+    "{PatientID|md5:x}.dcm",  # ValueError at render
+    "{PatientID|md5:99}.dcm",  # an MD5 has 32 hex digits
+    "x" * 200 + "{PatientID}.dcm",  # one component longer than any stored name
+    "/".join(["{PatientID}"] * 40) + ".dcm",  # more folders than ObjectFile can hold
+])
+def test_unbounded_or_broken_templates_are_refused_when_made(template):
+    import time
+
+    from pacsbridge.shared.errors import InvalidRequest
+    from pacsbridge.shared.jobspec import validate
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError):
+        Template(template)
+    with pytest.raises(InvalidRequest) as info:  # what POST /jobs calls: a 400 at submit
+        validate({"kind": "repack", "selection": {"PatientID": "P1"}, "dest": "d", "template": template})
+    assert info.value.field == "template"
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_bounded_templates_still_render():
+    ds = make_instance(PatientID="P1", SeriesNumber=3)
+    assert Template("{PatientID:_<8}/{SeriesNumber:05d}/{PatientID:.1}{SeriesNumber:x}.dcm").render(ds) == \
+        "P1______/00003/P3.dcm"
+    assert Template("{PatientID:>128}.dcm").render(ds).endswith("P1.dcm")
+    for preset in PRESETS:
+        Template(preset)
+
+
+def test_a_huge_value_renders_fast_and_stays_distinct():
+    import time
+
+    t0 = time.monotonic()
+    a = Template("{PatientComments}/x.dcm").render(make_instance(PatientComments="A" * 2_000_000 + "1"))
+    b = Template("{PatientComments}/x.dcm").render(make_instance(PatientComments="A" * 2_000_000 + "2"))
+    assert a != b and len(a.split("/")[0]) <= 128
+    assert time.monotonic() - t0 < 2.0
