@@ -572,3 +572,36 @@ def test_echo_and_query_a_real_orthanc(client, tmp_path):
     assert "orthanc" in err["message"]
     client.patch("/api/v1/nodes/orthanc", json={"host": "no-such-host.invalid"}, headers=auth("admin"))
     assert_error(client.post("/api/v1/nodes/orthanc/query", json={"PatientID": "X"}, headers=auth("user")), 502)
+
+
+def test_echo_and_query_of_a_node_that_answers_half_an_associate_ac(client, monkeypatch):
+    """A node that sends the first bytes of an A-ASSOCIATE-AC and holds the connection: echo and query
+    answer a JSON 502 naming the fault within their deadline (it held the request until the node closed;
+    under gunicorn the worker was killed after 30 s and the client got an HTML 500)."""
+    import threading
+
+    from pacsbridge.api import nodes as api_nodes
+
+    from .servers import HalfAssociatePeer
+
+    monkeypatch.setattr(api_nodes, "ECHO_SECONDS", 2.0)
+    monkeypatch.setattr(api_nodes, "QUERY_SECONDS", (2.0, 3.0))
+    with HalfAssociatePeer() as peer:
+        node = {"name": "half", "ae_title": "HALF", "host": "127.0.0.1", "port": peer.port}
+        assert client.post("/api/v1/nodes", json=node, headers=auth("admin")).status_code == 201
+        for path, body in (("/api/v1/nodes/half/echo", None), ("/api/v1/nodes/half/query", {"PatientID": "X"})):
+            out: list = []
+
+            def call() -> None:
+                t0 = time.monotonic()
+                out.append((client.post(path, json=body, headers=auth("user")), time.monotonic() - t0))
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), f"{path}: no answer after 20 s"
+            resp, seconds = out[0]
+            err = assert_error(resp, 502)
+            assert "12 of the 190 bytes of its A-ASSOCIATE-AC" in err["message"], err
+            assert seconds < 4.5, seconds
+        assert peer.connections == 2
