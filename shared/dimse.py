@@ -255,8 +255,8 @@ class _Watch:
 
     POLL = 0.1
 
-    def __init__(self, cancel: threading.Event | None, deadline: float | None) -> None:
-        self.cancel, self.deadline = cancel, deadline
+    def __init__(self, cancel: threading.Event | None, deadline: float | None, grace: float = 0.0) -> None:
+        self.cancel, self.deadline, self.grace = cancel, deadline, grace
         self.done = threading.Event()
         self.assoc: Any = None
         self.thread: threading.Thread | None = None
@@ -271,6 +271,8 @@ class _Watch:
     def _run(self) -> None:
         while not self.done.wait(self.POLL):
             if self.cancel is not None and self.cancel.is_set():
+                if self.grace and self.assoc.is_established and self.done.wait(self.grace):
+                    return  # the caller ended the association itself (a C-CANCEL was answered)
                 interrupt(self.assoc, "cancelled")
                 return
             if self.deadline is not None and time.monotonic() > self.deadline:
@@ -308,7 +310,8 @@ def _interrupted_text(net: _Net, deadline: float | None) -> str:
 @contextmanager
 def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationContext] | None = None, *,
               timeout: float = 30.0, ext_neg: Any = None, evt_handlers: Any = None,
-              cancel: threading.Event | None = None, deadline: float | None = None) -> Iterator["Association"]:
+              cancel: threading.Event | None = None, deadline: float | None = None,
+              cancel_grace: float = 0.0) -> Iterator["Association"]:
     """An established association with ``node``, released on exit.
 
     Parameters
@@ -329,6 +332,9 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
     cancel : threading.Event, optional
         Once set, the association is interrupted wherever it waits (see
         :func:`interrupt`): the request waiting on it ends without an answer.
+    cancel_grace : float
+        Once established, the association is interrupted only this many seconds
+        after ``cancel`` (the caller first asks the peer to stop: C-CANCEL).
     deadline : float, optional
         Seconds for the whole association, from now (None: only the timeouts
         above); past it the association is interrupted likewise.
@@ -345,7 +351,7 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
     if cancel is not None and cancel.is_set():
         raise DimseError(f"{where}: cancelled before the association was requested")
     net = _Net(timeout)
-    watch = _Watch(cancel, time.monotonic() + deadline if deadline else None)
+    watch = _Watch(cancel, time.monotonic() + deadline if deadline else None, cancel_grace)
     ae = _AE(ae_title=calling_ae, net=net, on_create=watch.start)
     ae.maximum_pdu_size = 0
     ae.acse_timeout = timeout

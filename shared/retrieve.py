@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Protocol, Sequence
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
@@ -60,7 +61,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import func, select
 
 from .context import Context
-from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
+from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, interrupt, lost
 from .errors import DimseError, InvalidDataset, InvalidRequest, StorageError
 from .filemeta import encoded_instance
 from .index import Index
@@ -86,7 +87,8 @@ REPULLS = int(os.environ.get("PACSBRIDGE_RETRIEVE_REPULLS", "2"))
 DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
 #: How long a job waits for a free association slot of its node before failing the series.
 SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
-#: pynetdicom's polling delay on our associations (its default, 1 ms, is paid per PDU exchanged).
+#: After a C-CANCEL, how long the peer has to end the C-MOVE / C-GET before we abort the association.
+CANCEL_GRACE = 2.0
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 #: The earliest StudyDate assumed when a truncated query without dates has to be split.
@@ -116,6 +118,7 @@ class Transfer:
     warning: int = 0
     stored: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
+    failed_uids: list[str] = dataclasses.field(default_factory=list)
 
 
 class Searcher(Protocol):
@@ -143,8 +146,10 @@ class DimseSearcher:
     """C-FIND (Study Root) against a node, each association under a :class:`NodeSlots` lease."""
 
     def __init__(self, node: Node, calling_ae: str, slots: NodeSlots | None = None,
-                 find_limit: int = FIND_LIMIT, timeout: float = DIMSE_TIMEOUT) -> None:
+                 find_limit: int = FIND_LIMIT, timeout: float = DIMSE_TIMEOUT,
+                 cancel: threading.Event | None = None) -> None:
         self.node = node
+        self.cancel = cancel or threading.Event()
         self.calling_ae = calling_ae
         self.slots = slots
         self.find_limit = find_limit
@@ -152,10 +157,10 @@ class DimseSearcher:
         self.splits = 0
 
     def _find(self, query: Query, level: str, identifier: Dataset | None = None) -> Any:
-        with _slot(self.slots, threading.Event()):
+        with _slot(self.slots, self.cancel):
             # our own association, tuned: an IMAGE-level answer is one response per instance
             with associate(self.node, self.calling_ae, timeout=self.timeout,
-                           evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                           evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)], cancel=self.cancel) as assoc:
                 return find_all(self.node, query, self.calling_ae, level, timeout=self.timeout,
                                 identifier=identifier, assoc=assoc)
 
@@ -248,25 +253,61 @@ def _count(status: Dataset, transfer: Transfer) -> None:
 
 def _run_retrieve(node: Node, assoc: Any, responses: Iterable[Any], what: str, transfer: Transfer,
                   cancel: threading.Event, model: str) -> None:
-    cancelled = False
-    for status, _ in responses:
-        if not status or "Status" not in status:
-            transfer.error = str(lost(node, assoc, what, DIMSE_TIMEOUT))
+    """Read a C-MOVE / C-GET's responses into ``transfer``; a cancel stops it between instances.
+
+    Once ``cancel`` is set a watcher sends C-CANCEL at once (not only when the next
+    pending response comes: a peer need not send any), and if the peer has not ended
+    the request within :data:`CANCEL_GRACE` seconds it interrupts the association
+    (A-ABORT): the job stops waiting either way.
+    """
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not cancel.wait(0.1):
+            if finished.is_set():
+                return
+        if finished.is_set():
             return
-        code = int(status.Status)
-        _count(status, transfer)
-        if code in PENDING:
-            if cancel.is_set() and not cancelled:
-                cancelled = True
-                assoc.send_c_cancel(1, query_model=model)
-            continue
-        if code == STATUS_CANCEL:
-            transfer.error = "cancelled"
-        elif code != 0 and not (0xB000 <= code <= 0xBFFF):
-            comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
-            transfer.error = f"{what} failed with status {describe_status(code)}{comment}"
-        elif code != 0:
-            transfer.error = f"{what} ended with warning {describe_status(code)} ({transfer.failed} failed)"
+        try:
+            assoc.send_c_cancel(1, query_model=model)
+        except Exception:  # the association ended meanwhile
+            log.debug("C-CANCEL not sent", exc_info=True)
+        if not finished.wait(CANCEL_GRACE):
+            log.info("node %s: %s not ended %.0f s after C-CANCEL: aborting", node.name, what, CANCEL_GRACE)
+            interrupt(assoc, "cancelled")
+
+    watcher = threading.Thread(target=watch, name=f"{what}-cancel", daemon=True)
+    watcher.start()
+    try:
+        for status, identifier in responses:
+            if not status or "Status" not in status:
+                transfer.error = "cancelled" if cancel.is_set() else str(lost(node, assoc, what, DIMSE_TIMEOUT))
+                return
+            code = int(status.Status)
+            _count(status, transfer)
+            if code in PENDING:
+                continue
+            if code == STATUS_CANCEL:
+                transfer.error = "cancelled"
+            elif code != 0 and not (0xB000 <= code <= 0xBFFF):
+                comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+                transfer.error = f"{what} failed with status {describe_status(code)}{comment}"
+            elif code != 0:
+                transfer.error = f"{what} ended with warning {describe_status(code)} ({transfer.failed} failed)"
+            _failed_uids(identifier, transfer)
+    finally:
+        finished.set()
+        watcher.join(CANCEL_GRACE + 2)
+
+
+def _failed_uids(identifier: Any, transfer: Transfer) -> None:
+    """The Failed SOP Instance UID List (0008,0058) of a final response, if the peer gave one."""
+    try:
+        value = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
+    except Exception:  # an identifier pydicom cannot read
+        return
+    if value:
+        transfer.failed_uids = [str(v) for v in value] if isinstance(value, (MultiValue, list)) else [str(value)]
 
 
 class MoveDownloader:
@@ -286,11 +327,15 @@ class MoveDownloader:
         transfer = Transfer()
         if self.rate is not None:
             self.rate.wait(len(sops) if sops else (series.expected or 1), cancel=cancel)
+        if cancel.is_set():  # cancelled while waiting for its turn: move nothing
+            transfer.error = "cancelled"
+            return transfer
         model = StudyRootQueryRetrieveInformationModelMove
         try:
             with _slot(self.slots, cancel):
-                with associate(self.node, self.calling_ae, [build_context(model)],
-                               timeout=DIMSE_TIMEOUT, evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                with associate(self.node, self.calling_ae, [build_context(model)], timeout=DIMSE_TIMEOUT,
+                               evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)], cancel=cancel,
+                               cancel_grace=CANCEL_GRACE + 1) as assoc:
                     responses = assoc.send_c_move(_identifier(series, sops), self.destination, model)
                     _run_retrieve(self.node, assoc, responses, "C-MOVE", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -349,7 +394,8 @@ class GetDownloader:
             with _slot(self.slots, cancel):
                 with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
                                ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                                                    (evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                                                                    (evt.EVT_CONN_OPEN, reactor_on_conn_open)],
+                               cancel=cancel, cancel_grace=CANCEL_GRACE + 1) as assoc:
                     responses = assoc.send_c_get(_identifier(series, sops), model)
                     _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -427,7 +473,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     engine = ctx.index.engine
     slots = NodeSlots(engine, node, f"{worker_id()}/{job.id[:8]}")
     rate = RateLimiter(engine, node)
-    searcher = DimseSearcher(node, calling_ae, slots)
+    searcher = DimseSearcher(node, calling_ae, slots, cancel=cancel)
     downloader: Downloader
     if mode == "get":
         downloader = GetDownloader(node, calling_ae, ctx, slots, rate)
