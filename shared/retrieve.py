@@ -52,7 +52,10 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (UID, HTJ2K, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000,
+                         JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                         JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 from pynetdicom import StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
@@ -89,6 +92,16 @@ DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
 SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
 #: After a C-CANCEL, how long the peer has to end the C-MOVE / C-GET before we abort the association.
 CANCEL_GRACE = 2.0
+#: Presentation contexts one association may propose (PS3.8: ids 1..255, odd).
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian),
+                 str(ExplicitVRBigEndian))
+#: Compressed syntaxes a C-GET offers a context each, most wanted first (PACS store these; the rest follow).
+GET_COMPRESSED: tuple[str, ...] = tuple(dict.fromkeys(
+    [str(u) for u in (JPEG2000Lossless, JPEG2000, JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit,
+                      JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless, RLELossless, HTJ2KLossless,
+                      HTJ2KLosslessRPCL, HTJ2K)]
+    + [str(u) for u in AllTransferSyntaxes if UID(u).is_compressed]))
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 #: The earliest StudyDate assumed when a truncated query without dates has to be split.
@@ -107,6 +120,7 @@ class SeriesRef:
     description: str = ""
     expected: int | None = None
     sops: tuple[str, ...] | None = None  # only these instances (an IMAGE-level query)
+    sop_classes: tuple[str, ...] = ()  # SOP classes of its study, when the node said (SOPClassesInStudy)
 
 
 @dataclasses.dataclass
@@ -166,7 +180,8 @@ class DimseSearcher:
 
     def studies(self, query: Query) -> list[dict[str, Any]]:
         """Matching studies; a range the PACS cut short is split in halves until it is not."""
-        study_query = query.replace(level="study", SeriesInstanceUID=(), SOPInstanceUID=())
+        study_query = query.replace(level="study", SeriesInstanceUID=(), SOPInstanceUID=(),
+                                    include_fields=tuple(dict.fromkeys(query.include_fields + ("SOPClassesInStudy",))))
         if study_query.is_empty():  # only series/instance UIDs given: the series level finds them
             return [{}]
         found = self._find(study_query, "study")
@@ -203,7 +218,8 @@ class DimseSearcher:
                             patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
                             modality=str(s.get("Modality") or ""),
                             description=str(s.get("SeriesDescription") or "")[:64],
-                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None)
+                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
+                            sop_classes=_uids(study.get("SOPClassesInStudy")))
             if not ref.series_uid:
                 continue
             if query.SOPInstanceUID:
@@ -229,6 +245,14 @@ class DimseSearcher:
             for ref in self.series(query, study):
                 seen.setdefault(ref.series_uid, ref)
         return list(seen.values())
+
+
+def _uids(value: Any) -> tuple[str, ...]:
+    """A C-FIND answer's UI value (one, several, or none) as a tuple."""
+    if not value:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(dict.fromkeys(str(v).strip() for v in values if str(v).strip()))
 
 
 # -- DIMSE downloaders -----------------------------------------------------------
@@ -358,11 +382,39 @@ class GetDownloader:
         from pydicom.datadict import tag_for_keyword
 
         self.tags = {t for t in (tag_for_keyword(k) for k in ctx.storage.template.keywords()) if t}
-        model = StudyRootQueryRetrieveInformationModelGet
-        storage = [cx.abstract_syntax for cx in StoragePresentationContexts][:127]
-        syntaxes = [str(s) for s in AllTransferSyntaxes]
-        self.contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in storage]
-        self.roles = [build_role(uid, scp_role=True) for uid in storage]
+        self._proposals: dict[tuple[str, ...], tuple[list[Any], list[Any]]] = {}
+
+    def proposal(self, sop_classes: Sequence[str]) -> tuple[list[Any], list[Any]]:
+        """Presentation contexts and SCP roles for a C-GET of instances of ``sop_classes``.
+
+        The node sends each instance in a context accepted for its SOP class,
+        preferably in the syntax it stores it in; one that cannot convert
+        (Orthanc without a JPEG 2000 codec) fails the sub-operation when only an
+        uncompressed context was accepted. So for the SOP classes the query
+        found, each compressed syntax of :data:`GET_COMPRESSED` gets a context of
+        its own (the node accepts each one it can send), beside one context of
+        the uncompressed syntaxes, within the 128 contexts an association may
+        propose (:data:`GET_COMPRESSED` is in order of preference when they do
+        not all fit). Unknown SOP classes: one context per common storage SOP
+        class, listing every syntax (the node picks one per class).
+        """
+        key = tuple(sorted(set(sop_classes)))
+        if key not in self._proposals:
+            model = StudyRootQueryRetrieveInformationModelGet
+            per_class = (MAX_CONTEXTS - 1) // len(key) - 1 if key else 0
+            if key and per_class >= 0:
+                compressed = list(GET_COMPRESSED)[:per_class]
+                contexts = [build_context(model)]
+                for uid in key:
+                    contexts.append(build_context(uid, list(_UNCOMPRESSED)))
+                    contexts += [build_context(uid, [ts]) for ts in compressed]
+                classes = list(key)
+            else:
+                classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:MAX_CONTEXTS - 1]
+                syntaxes = list(_UNCOMPRESSED) + [ts for ts in GET_COMPRESSED if ts not in _UNCOMPRESSED]
+                contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in classes]
+            self._proposals[key] = (contexts, [build_role(uid, scp_role=True) for uid in classes])
+        return self._proposals[key]
 
     def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
         from .importer import Importer
@@ -390,16 +442,22 @@ class GetDownloader:
             return 0x0000
 
         model = StudyRootQueryRetrieveInformationModelGet
+        contexts, roles = self.proposal(series.sop_classes)
+        accepted: dict[str, list[str]] = {}
         try:
             with _slot(self.slots, cancel):
-                with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
-                               ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                                                    (evt.EVT_CONN_OPEN, reactor_on_conn_open)],
+                with associate(self.node, self.calling_ae, contexts, timeout=DIMSE_TIMEOUT,
+                               ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                                            (evt.EVT_CONN_OPEN, reactor_on_conn_open)],
                                cancel=cancel, cancel_grace=CANCEL_GRACE + 1) as assoc:
+                    for cx in assoc.accepted_contexts:
+                        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
                     responses = assoc.send_c_get(_identifier(series, sops), model)
                     _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
             transfer.error = str(exc)
+        if transfer.failed and transfer.error != "cancelled" and transfer.failed > len(problems):
+            transfer.error = _explain_get_failures(transfer, accepted, series.sop_classes)
         if problems and not transfer.error:
             transfer.error = f"{len(problems)} instance(s) not stored: {problems[0]}"
         if stored:
@@ -410,6 +468,20 @@ class GetDownloader:
                 log.warning("C-GET from %s: not indexed: %s: %s", self.node.name, path, reason)
         transfer.stored = [s for _, s in stored]
         return transfer
+
+
+def _explain_get_failures(transfer: Transfer, accepted: dict[str, list[str]], sop_classes: Sequence[str]) -> str:
+    """Why C-GET sub-operations failed, as far as we can tell, and what to try instead."""
+    first = f" (first: {transfer.failed_uids[0]})" if transfer.failed_uids else ""
+    status = f"; it answered: {transfer.error}" if transfer.error else ""
+    shown = [c for c in sop_classes if c] or sorted(accepted)[:3]
+    offered = "; ".join(f"{UID(c).name}: " + (", ".join(UID(ts).name for ts in accepted.get(c, [])) or "nothing")
+                        for c in shown[:5])
+    return (f"the node could not send {transfer.failed} instance(s) over C-GET{first}{status}. It must send "
+            f"each one in a transfer syntax accepted for its SOP class (accepted here: {offered or 'none'}); "
+            "a node that stores an instance in another syntax and cannot convert it (JPEG 2000 and other "
+            "compressed syntaxes often) fails the sub-operation. Try mode 'move': C-MOVE lets the node send "
+            "each instance as it stores it")
 
 
 class _slot:

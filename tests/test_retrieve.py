@@ -508,3 +508,66 @@ def test_a_c_get_peer_that_ignores_c_cancel_is_aborted(ctx, tmp_path):
     assert any(cancelled_seen), "the peer never saw our C-CANCEL"
     assert 2 <= len(transfer.stored) <= 14, len(transfer.stored)
     assert len(stored_files(ctx)) == len(transfer.stored)
+
+
+# -- C-GET of what the node stores compressed (issue 14, item 19) -------------------------------------------
+J2K_FILES = ("MR_small_jp2klossless.dcm", "JPEG2000.dcm", "examples_jpeg2k.dcm")
+
+
+def _j2k_patient(folder: Path) -> list[Path]:
+    """pydicom's JPEG 2000 files as one patient (PatientID J2K1), pixel data and transfer syntax untouched."""
+    import pydicom
+
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in J2K_FILES:
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.PatientID = "J2K1"
+        out.append(folder / name)
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+def test_c_get_of_jpeg2000_from_orthanc_arrives_as_stored(ctx, tmp_path):
+    """Orthanc stores JPEG 2000 and cannot transcode it: our C-GET proposes contexts it can send in
+    (it failed with only 0xC000 when each SOP class had one context listing every syntax)."""
+    import pydicom
+
+    files = _j2k_patient(tmp_path / "src")
+    syntaxes = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID:
+                str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)}).start()
+    try:
+        pacs.upload(files)
+        jobs = add_node(ctx, pacs, retrieve="get")
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "J2K1"}}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    finally:
+        pacs.stop()
+    assert done.state == "succeeded", done.error
+    assert sorted(index_sops(ctx)) == sorted(syntaxes)
+    got = {}
+    for p in stored_files(ctx):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        got[ds.SOPInstanceUID] = str(ds.file_meta.TransferSyntaxUID)
+    assert got == syntaxes  # as the node stores them: nothing transcoded on the way
+
+
+def test_c_get_sub_operations_the_node_cannot_send_say_why_and_suggest_c_move(ctx, tmp_path, monkeypatch):
+    """Offered only uncompressed syntaxes (what our C-GET did for every SOP class), Orthanc fails the
+    JPEG 2000 sub-operations: the job says which instances, why, and to try C-MOVE."""
+    files = _j2k_patient(tmp_path / "src")
+    monkeypatch.setattr(retrieve, "GET_COMPRESSED", ())
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)}).start()
+    try:
+        pacs.upload(files)
+        jobs = add_node(ctx, pacs, retrieve="get")
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "J2K1"}}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    finally:
+        pacs.stop()
+    assert done.state == "failed", done
+    for row in done.series:
+        assert "could not send" in row.error and "mode 'move'" in row.error, row.error
+        assert "JPEG 2000" in row.error or "accepted" in row.error, row.error
+    assert "mode 'move'" in done.error
