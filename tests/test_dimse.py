@@ -339,3 +339,38 @@ def test_connection_failures_say_what_happened():
     seconds, exc = _timed(lambda: dimse.echo(Node(name="nowhere", ae_title="X", host="no-such-host.invalid",
                                                   port=104), US, timeout=3), 10)
     assert isinstance(exc, DimseError) and "does not resolve" in str(exc), exc
+
+
+def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
+    """shared/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
+    and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
+    import socket
+    import struct
+    from types import SimpleNamespace
+
+    a, b = socket.socketpair()
+    try:
+        holder = SimpleNamespace(socket=a, tls_args=None)
+        net = dimse._Net(1.0)
+        dimse._deadline_reads(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
+        payload = bytes(range(256)) * 1000
+        sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
+        sender.start()
+        got = holder.recv(len(payload))
+        assert isinstance(got, bytearray) and got == payload
+        assert holder.recv(4) == b"NEXT"
+        sender.join()
+        assert holder.recv(4) == b"tail"
+        b.sendall(struct.pack(">BBI", 0x04, 0, 500) + b"x" * 100)  # a P-DATA-TF announcing 500 bytes, 100 sent
+        assert holder.recv(6) == struct.pack(">BBI", 0x04, 0, 500) and net.pdu == (0x04, 500)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            holder.recv(500)
+        assert 0.9 < time.monotonic() - t0 < 2.0
+        assert net.stalled == (0x04, 100, 500, 1.0)
+        assert "100 of the 500 bytes of its P-DATA-TF" in net.stall_text()
+        b.sendall(b"end")
+        b.close()
+        assert holder.recv(100) == b"end"  # the peer closed: what came, no exception
+    finally:
+        a.close()
