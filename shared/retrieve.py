@@ -64,7 +64,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import func, select
 
 from .context import Context
-from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, interrupt, lost
+from .dimse import PENDING, STATUS_CANCEL, FindResult, associate, describe_status, find_all, interrupt, lost
 from .errors import DimseError, InvalidDataset, InvalidRequest, StorageError
 from .filemeta import encoded_instance
 from .index import Index
@@ -239,11 +239,23 @@ class DimseSearcher:
         return [str(i["SOPInstanceUID"]) for i in self._find(q, "image") if i.get("SOPInstanceUID")]
 
     def plan(self, query: Query) -> list[SeriesRef]:
-        """Every series the query matches."""
+        """Every series the query matches, with the SOP classes of its study when the node tells them."""
         seen: dict[str, SeriesRef] = {}
-        for study in self.studies(query):
+        studies = self.studies(query)
+        for study in studies:
             for ref in self.series(query, study):
                 seen.setdefault(ref.series_uid, ref)
+        unknown = sorted({r.study_uid for r in seen.values() if r.study_uid and not r.sop_classes})
+        if unknown and studies == [{}]:  # series named without their studies: ask the studies (C-GET needs them)
+            try:
+                found = self._find(Query(level="study", StudyInstanceUID=tuple(unknown),
+                                         include_fields=("SOPClassesInStudy",)), "study")
+            except DimseError as exc:
+                log.info("node %s: SOP classes of the studies not found (%s)", self.node.name, exc)
+                found = FindResult()
+            classes = {s.get("StudyInstanceUID"): _uids(s.get("SOPClassesInStudy")) for s in found}
+            for ref in seen.values():
+                ref.sop_classes = ref.sop_classes or classes.get(ref.study_uid, ())
         return list(seen.values())
 
 
@@ -474,9 +486,12 @@ def _explain_get_failures(transfer: Transfer, accepted: dict[str, list[str]], so
     """Why C-GET sub-operations failed, as far as we can tell, and what to try instead."""
     first = f" (first: {transfer.failed_uids[0]})" if transfer.failed_uids else ""
     status = f"; it answered: {transfer.error}" if transfer.error else ""
-    shown = [c for c in sop_classes if c] or sorted(accepted)[:3]
-    offered = "; ".join(f"{UID(c).name}: " + (", ".join(UID(ts).name for ts in accepted.get(c, [])) or "nothing")
-                        for c in shown[:5])
+    if sop_classes:
+        offered = "; ".join(f"{UID(c).name}: " + (", ".join(UID(ts).name for ts in accepted.get(c, [])) or "nothing")
+                            for c in sop_classes[:5])
+    else:  # the node did not say which SOP classes the study holds: one context per common storage class
+        names = sorted({UID(ts).name for v in accepted.values() for ts in v})
+        offered = f"{len(accepted)} storage SOP classes, in {', '.join(names)}" if accepted else ""
     return (f"the node could not send {transfer.failed} instance(s) over C-GET{first}{status}. It must send "
             f"each one in a transfer syntax accepted for its SOP class (accepted here: {offered or 'none'}); "
             "a node that stores an instance in another syntax and cannot convert it (JPEG 2000 and other "

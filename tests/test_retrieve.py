@@ -535,7 +535,8 @@ def _j2k_patient(folder: Path) -> list[Path]:
     return out
 
 
-def test_c_get_of_jpeg2000_from_orthanc_arrives_as_stored(ctx, tmp_path):
+@pytest.mark.parametrize("by", ["patient", "series"])
+def test_c_get_of_jpeg2000_from_orthanc_arrives_as_stored(ctx, tmp_path, by):
     """Orthanc stores JPEG 2000 and cannot transcode it: our C-GET proposes contexts it can send in
     (it failed with only 0xC000 when each SOP class had one context listing every syntax)."""
     import pydicom
@@ -547,7 +548,10 @@ def test_c_get_of_jpeg2000_from_orthanc_arrives_as_stored(ctx, tmp_path):
     try:
         pacs.upload(files)
         jobs = add_node(ctx, pacs, retrieve="get")
-        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "J2K1"}}, node="pacs")
+        query = ({"PatientID": "J2K1"} if by == "patient" else  # series only: their studies are asked apart
+                 {"SeriesInstanceUID": [str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
+                                        for f in files]})
+        job, _ = jobs.submit("retrieve", {"query": query}, node="pacs")
         done = runner.run_job(job.id, ctx, jobs)
     finally:
         pacs.stop()
