@@ -373,6 +373,8 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
                              f"({exc.strerror or exc})") from None
         except (OSError, ValueError) as exc:  # a bad address
             raise DimseError(f"{where} is unreachable: {exc}") from None
+        if assoc.is_established and net.interrupted:  # cancelled while it was being accepted
+            assoc.abort()
         if not assoc.is_established:
             if net.interrupted:
                 message = f"{where}: association request {_interrupted_text(net, deadline)}"

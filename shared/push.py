@@ -82,6 +82,9 @@ MAX_LISTED = 1000
 TIMEOUT = 60.0
 #: How long a sender waits for one of the node's association slots.
 SLOT_TIMEOUT = 600.0
+#: After a cancel, how long an established association may go on (the C-STORE in flight is answered,
+#: the sender stops before the next instance) before it is aborted (a node that stopped answering).
+CANCEL_GRACE = 2.0
 #: pynetdicom's polling delay per association (its default 0.001 s costs latency per instance).
 #: Parallel associations run in sender processes (``python -m pacsbridge.shared.pushproc``), not threads
 #: sharing our GIL: "auto" when the node allows more than one association, "1" always, "0" never.
@@ -388,7 +391,8 @@ class _Sender(threading.Thread):
             try:
                 with self.slots.acquire(timeout=SLOT_TIMEOUT, cancel=self.cancel):
                     with associate(self.node, self.calling_ae, self.contexts, timeout=TIMEOUT,
-                                   evt_handlers=_HANDLERS, cancel=self.cancel) as assoc:
+                                   evt_handlers=_HANDLERS, cancel=self.cancel,
+                                   cancel_grace=CANCEL_GRACE) as assoc:
                         self.associations += 1
                         failures = 0
                         ok = accepted(assoc)
