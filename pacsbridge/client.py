@@ -331,7 +331,8 @@ def cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_cancel(api: ApiClient, args: argparse.Namespace) -> int:
     job = api.post(f"jobs/{args.job}/cancel")
-    print(f"{job['id']}: {job['state']}")
+    said = job.get("cancel") or {}
+    print(f"{job['id']}: {job['state']}" + (f" ({said['message']})" if said.get("message") else ""))
     return EXIT_OK
 
 

@@ -82,6 +82,9 @@ MAX_LISTED = 1000
 TIMEOUT = 60.0
 #: How long a sender waits for one of the node's association slots.
 SLOT_TIMEOUT = 600.0
+#: After a cancel, how long an established association may go on (the C-STORE in flight is answered,
+#: the sender stops before the next instance) before it is aborted (a node that stopped answering).
+CANCEL_GRACE = 2.0
 #: pynetdicom's polling delay per association (its default 0.001 s costs latency per instance).
 #: Parallel associations run in sender processes (``python -m pacsbridge.shared.pushproc``), not threads
 #: sharing our GIL: "auto" when the node allows more than one association, "1" always, "0" never.
@@ -388,7 +391,8 @@ class _Sender(threading.Thread):
             try:
                 with self.slots.acquire(timeout=SLOT_TIMEOUT, cancel=self.cancel):
                     with associate(self.node, self.calling_ae, self.contexts, timeout=TIMEOUT,
-                                   evt_handlers=_HANDLERS) as assoc:
+                                   evt_handlers=_HANDLERS, cancel=self.cancel,
+                                   cancel_grace=CANCEL_GRACE) as assoc:
                         self.associations += 1
                         failures = 0
                         ok = accepted(assoc)
@@ -499,6 +503,16 @@ class _ProcSender(threading.Thread):
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
+        ended = threading.Event()
+
+        def stop_on_cancel() -> None:  # the process may be waiting on the node: end it
+            while not ended.wait(0.1):
+                if self.cancel.is_set():
+                    if self.proc is not None and self.proc.poll() is None:
+                        self.proc.terminate()
+                    return
+
+        threading.Thread(target=stop_on_cancel, name=f"{self.name}-cancel", daemon=True).start()
         try:
             stdin.write(json.dumps(head) + "\n")
             feeding = self._feed(stdin)
@@ -516,7 +530,11 @@ class _ProcSender(threading.Thread):
                     self.error = doc["error"]
         except (BrokenPipeError, ValueError, KeyError):  # the process is gone: what it had is reported below
             pass
+        finally:
+            ended.set()
         code = self.proc.wait()
+        if self.cancel.is_set() and self.inflight:
+            self.error = "cancelled"
         if code != 0 and self.inflight:
             self.error = f"the sender process ended with exit code {code}" + (
                 f" ({self.error})" if self.error else "")

@@ -317,7 +317,7 @@ def wake(assoc: Any) -> None:
         fn()
 
 
-def install_on_request(assoc: Any) -> None:
+def install_on_request(assoc: Any, prepare: Any = None) -> None:
     """Install on a requestor association from inside ``ApplicationEntity.associate``.
 
     On the requestor side pynetdicom starts the DUL thread in ``assoc.request()``,
@@ -325,13 +325,17 @@ def install_on_request(assoc: Any) -> None:
     replace its loop. This wraps ``assoc.request`` (an instance attribute, this
     association only) so that :func:`quiet` and :func:`install` run just before,
     when the socket is set and no thread has started. Call it where the association is created
-    and its socket not yet connected (``AE._create_socket``).
+    and its socket not yet connected (``AE._create_socket``). ``prepare(assoc)``, if given,
+    runs after :func:`install` (whether it patched or not) and before the thread starts:
+    ``shared.dimse`` puts its deadline on the socket's reads there, over :func:`_larger_reads`.
     """
     request = assoc.request
 
     def install_then_request() -> None:
         quiet(assoc)
         install(assoc)
+        if prepare is not None:
+            prepare(assoc)
         request()
 
     assoc.request = install_then_request

@@ -51,7 +51,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Protocol, Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.multival import MultiValue
+from pydicom.uid import (UID, HTJ2K, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000,
+                         JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                         JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 from pynetdicom import StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
@@ -60,7 +64,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import func, select
 
 from .context import Context
-from .dimse import PENDING, STATUS_CANCEL, associate, describe_status, find_all, lost
+from .dimse import PENDING, STATUS_CANCEL, FindResult, associate, describe_status, find_all, interrupt, lost
 from .errors import DimseError, InvalidDataset, InvalidRequest, StorageError
 from .filemeta import encoded_instance
 from .index import Index
@@ -86,7 +90,18 @@ REPULLS = int(os.environ.get("PACSBRIDGE_RETRIEVE_REPULLS", "2"))
 DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
 #: How long a job waits for a free association slot of its node before failing the series.
 SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
-#: pynetdicom's polling delay on our associations (its default, 1 ms, is paid per PDU exchanged).
+#: After a C-CANCEL, how long the peer has to end the C-MOVE / C-GET before we abort the association.
+CANCEL_GRACE = 2.0
+#: Presentation contexts one association may propose (PS3.8: ids 1..255, odd).
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian),
+                 str(ExplicitVRBigEndian))
+#: Compressed syntaxes a C-GET offers a context each, most wanted first (PACS store these; the rest follow).
+GET_COMPRESSED: tuple[str, ...] = tuple(dict.fromkeys(
+    [str(u) for u in (JPEG2000Lossless, JPEG2000, JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit,
+                      JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless, RLELossless, HTJ2KLossless,
+                      HTJ2KLosslessRPCL, HTJ2K)]
+    + [str(u) for u in AllTransferSyntaxes if UID(u).is_compressed]))
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 #: The earliest StudyDate assumed when a truncated query without dates has to be split.
@@ -105,6 +120,7 @@ class SeriesRef:
     description: str = ""
     expected: int | None = None
     sops: tuple[str, ...] | None = None  # only these instances (an IMAGE-level query)
+    sop_classes: tuple[str, ...] = ()  # SOP classes of its study, when the node said (SOPClassesInStudy)
 
 
 @dataclasses.dataclass
@@ -116,6 +132,7 @@ class Transfer:
     warning: int = 0
     stored: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
+    failed_uids: list[str] = dataclasses.field(default_factory=list)
 
 
 class Searcher(Protocol):
@@ -143,8 +160,10 @@ class DimseSearcher:
     """C-FIND (Study Root) against a node, each association under a :class:`NodeSlots` lease."""
 
     def __init__(self, node: Node, calling_ae: str, slots: NodeSlots | None = None,
-                 find_limit: int = FIND_LIMIT, timeout: float = DIMSE_TIMEOUT) -> None:
+                 find_limit: int = FIND_LIMIT, timeout: float = DIMSE_TIMEOUT,
+                 cancel: threading.Event | None = None) -> None:
         self.node = node
+        self.cancel = cancel or threading.Event()
         self.calling_ae = calling_ae
         self.slots = slots
         self.find_limit = find_limit
@@ -152,16 +171,17 @@ class DimseSearcher:
         self.splits = 0
 
     def _find(self, query: Query, level: str, identifier: Dataset | None = None) -> Any:
-        with _slot(self.slots, threading.Event()):
+        with _slot(self.slots, self.cancel):
             # our own association, tuned: an IMAGE-level answer is one response per instance
             with associate(self.node, self.calling_ae, timeout=self.timeout,
-                           evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                           evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)], cancel=self.cancel) as assoc:
                 return find_all(self.node, query, self.calling_ae, level, timeout=self.timeout,
                                 identifier=identifier, assoc=assoc)
 
     def studies(self, query: Query) -> list[dict[str, Any]]:
         """Matching studies; a range the PACS cut short is split in halves until it is not."""
-        study_query = query.replace(level="study", SeriesInstanceUID=(), SOPInstanceUID=())
+        study_query = query.replace(level="study", SeriesInstanceUID=(), SOPInstanceUID=(),
+                                    include_fields=tuple(dict.fromkeys(query.include_fields + ("SOPClassesInStudy",))))
         if study_query.is_empty():  # only series/instance UIDs given: the series level finds them
             return [{}]
         found = self._find(study_query, "study")
@@ -198,7 +218,8 @@ class DimseSearcher:
                             patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
                             modality=str(s.get("Modality") or ""),
                             description=str(s.get("SeriesDescription") or "")[:64],
-                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None)
+                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
+                            sop_classes=_uids(study.get("SOPClassesInStudy")))
             if not ref.series_uid:
                 continue
             if query.SOPInstanceUID:
@@ -218,12 +239,32 @@ class DimseSearcher:
         return [str(i["SOPInstanceUID"]) for i in self._find(q, "image") if i.get("SOPInstanceUID")]
 
     def plan(self, query: Query) -> list[SeriesRef]:
-        """Every series the query matches."""
+        """Every series the query matches, with the SOP classes of its study when the node tells them."""
         seen: dict[str, SeriesRef] = {}
-        for study in self.studies(query):
+        studies = self.studies(query)
+        for study in studies:
             for ref in self.series(query, study):
                 seen.setdefault(ref.series_uid, ref)
+        unknown = sorted({r.study_uid for r in seen.values() if r.study_uid and not r.sop_classes})
+        if unknown and studies == [{}]:  # series named without their studies: ask the studies (C-GET needs them)
+            try:
+                found = self._find(Query(level="study", StudyInstanceUID=tuple(unknown),
+                                         include_fields=("SOPClassesInStudy",)), "study")
+            except DimseError as exc:
+                log.info("node %s: SOP classes of the studies not found (%s)", self.node.name, exc)
+                found = FindResult()
+            classes = {s.get("StudyInstanceUID"): _uids(s.get("SOPClassesInStudy")) for s in found}
+            for ref in seen.values():
+                ref.sop_classes = ref.sop_classes or classes.get(ref.study_uid, ())
         return list(seen.values())
+
+
+def _uids(value: Any) -> tuple[str, ...]:
+    """A C-FIND answer's UI value (one, several, or none) as a tuple."""
+    if not value:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(dict.fromkeys(str(v).strip() for v in values if str(v).strip()))
 
 
 # -- DIMSE downloaders -----------------------------------------------------------
@@ -248,25 +289,61 @@ def _count(status: Dataset, transfer: Transfer) -> None:
 
 def _run_retrieve(node: Node, assoc: Any, responses: Iterable[Any], what: str, transfer: Transfer,
                   cancel: threading.Event, model: str) -> None:
-    cancelled = False
-    for status, _ in responses:
-        if not status or "Status" not in status:
-            transfer.error = str(lost(node, assoc, what, DIMSE_TIMEOUT))
+    """Read a C-MOVE / C-GET's responses into ``transfer``; a cancel stops it between instances.
+
+    Once ``cancel`` is set a watcher sends C-CANCEL at once (not only when the next
+    pending response comes: a peer need not send any), and if the peer has not ended
+    the request within :data:`CANCEL_GRACE` seconds it interrupts the association
+    (A-ABORT): the job stops waiting either way.
+    """
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not cancel.wait(0.1):
+            if finished.is_set():
+                return
+        if finished.is_set():
             return
-        code = int(status.Status)
-        _count(status, transfer)
-        if code in PENDING:
-            if cancel.is_set() and not cancelled:
-                cancelled = True
-                assoc.send_c_cancel(1, query_model=model)
-            continue
-        if code == STATUS_CANCEL:
-            transfer.error = "cancelled"
-        elif code != 0 and not (0xB000 <= code <= 0xBFFF):
-            comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
-            transfer.error = f"{what} failed with status {describe_status(code)}{comment}"
-        elif code != 0:
-            transfer.error = f"{what} ended with warning {describe_status(code)} ({transfer.failed} failed)"
+        try:
+            assoc.send_c_cancel(1, query_model=model)
+        except Exception:  # the association ended meanwhile
+            log.debug("C-CANCEL not sent", exc_info=True)
+        if not finished.wait(CANCEL_GRACE):
+            log.info("node %s: %s not ended %.0f s after C-CANCEL: aborting", node.name, what, CANCEL_GRACE)
+            interrupt(assoc, "cancelled")
+
+    watcher = threading.Thread(target=watch, name=f"{what}-cancel", daemon=True)
+    watcher.start()
+    try:
+        for status, identifier in responses:
+            if not status or "Status" not in status:
+                transfer.error = "cancelled" if cancel.is_set() else str(lost(node, assoc, what, DIMSE_TIMEOUT))
+                return
+            code = int(status.Status)
+            _count(status, transfer)
+            if code in PENDING:
+                continue
+            if code == STATUS_CANCEL:
+                transfer.error = "cancelled"
+            elif code != 0 and not (0xB000 <= code <= 0xBFFF):
+                comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
+                transfer.error = f"{what} failed with status {describe_status(code)}{comment}"
+            elif code != 0:
+                transfer.error = f"{what} ended with warning {describe_status(code)} ({transfer.failed} failed)"
+            _failed_uids(identifier, transfer)
+    finally:
+        finished.set()
+        watcher.join(CANCEL_GRACE + 2)
+
+
+def _failed_uids(identifier: Any, transfer: Transfer) -> None:
+    """The Failed SOP Instance UID List (0008,0058) of a final response, if the peer gave one."""
+    try:
+        value = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
+    except Exception:  # an identifier pydicom cannot read
+        return
+    if value:
+        transfer.failed_uids = [str(v) for v in value] if isinstance(value, (MultiValue, list)) else [str(value)]
 
 
 class MoveDownloader:
@@ -286,11 +363,15 @@ class MoveDownloader:
         transfer = Transfer()
         if self.rate is not None:
             self.rate.wait(len(sops) if sops else (series.expected or 1), cancel=cancel)
+        if cancel.is_set():  # cancelled while waiting for its turn: move nothing
+            transfer.error = "cancelled"
+            return transfer
         model = StudyRootQueryRetrieveInformationModelMove
         try:
             with _slot(self.slots, cancel):
-                with associate(self.node, self.calling_ae, [build_context(model)],
-                               timeout=DIMSE_TIMEOUT, evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                with associate(self.node, self.calling_ae, [build_context(model)], timeout=DIMSE_TIMEOUT,
+                               evt_handlers=[(evt.EVT_CONN_OPEN, reactor_on_conn_open)], cancel=cancel,
+                               cancel_grace=CANCEL_GRACE + 1) as assoc:
                     responses = assoc.send_c_move(_identifier(series, sops), self.destination, model)
                     _run_retrieve(self.node, assoc, responses, "C-MOVE", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
@@ -313,11 +394,39 @@ class GetDownloader:
         from pydicom.datadict import tag_for_keyword
 
         self.tags = {t for t in (tag_for_keyword(k) for k in ctx.storage.template.keywords()) if t}
-        model = StudyRootQueryRetrieveInformationModelGet
-        storage = [cx.abstract_syntax for cx in StoragePresentationContexts][:127]
-        syntaxes = [str(s) for s in AllTransferSyntaxes]
-        self.contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in storage]
-        self.roles = [build_role(uid, scp_role=True) for uid in storage]
+        self._proposals: dict[tuple[str, ...], tuple[list[Any], list[Any]]] = {}
+
+    def proposal(self, sop_classes: Sequence[str]) -> tuple[list[Any], list[Any]]:
+        """Presentation contexts and SCP roles for a C-GET of instances of ``sop_classes``.
+
+        The node sends each instance in a context accepted for its SOP class,
+        preferably in the syntax it stores it in; one that cannot convert
+        (Orthanc without a JPEG 2000 codec) fails the sub-operation when only an
+        uncompressed context was accepted. So for the SOP classes the query
+        found, each compressed syntax of :data:`GET_COMPRESSED` gets a context of
+        its own (the node accepts each one it can send), beside one context of
+        the uncompressed syntaxes, within the 128 contexts an association may
+        propose (:data:`GET_COMPRESSED` is in order of preference when they do
+        not all fit). Unknown SOP classes: one context per common storage SOP
+        class, listing every syntax (the node picks one per class).
+        """
+        key = tuple(sorted(set(sop_classes)))
+        if key not in self._proposals:
+            model = StudyRootQueryRetrieveInformationModelGet
+            per_class = (MAX_CONTEXTS - 1) // len(key) - 1 if key else 0
+            if key and per_class >= 0:
+                compressed = list(GET_COMPRESSED)[:per_class]
+                contexts = [build_context(model)]
+                for uid in key:
+                    contexts.append(build_context(uid, list(_UNCOMPRESSED)))
+                    contexts += [build_context(uid, [ts]) for ts in compressed]
+                classes = list(key)
+            else:
+                classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:MAX_CONTEXTS - 1]
+                syntaxes = list(_UNCOMPRESSED) + [ts for ts in GET_COMPRESSED if ts not in _UNCOMPRESSED]
+                contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in classes]
+            self._proposals[key] = (contexts, [build_role(uid, scp_role=True) for uid in classes])
+        return self._proposals[key]
 
     def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
         from .importer import Importer
@@ -345,15 +454,22 @@ class GetDownloader:
             return 0x0000
 
         model = StudyRootQueryRetrieveInformationModelGet
+        contexts, roles = self.proposal(series.sop_classes)
+        accepted: dict[str, list[str]] = {}
         try:
             with _slot(self.slots, cancel):
-                with associate(self.node, self.calling_ae, self.contexts, timeout=DIMSE_TIMEOUT,
-                               ext_neg=self.roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
-                                                                    (evt.EVT_CONN_OPEN, reactor_on_conn_open)]) as assoc:
+                with associate(self.node, self.calling_ae, contexts, timeout=DIMSE_TIMEOUT,
+                               ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                                            (evt.EVT_CONN_OPEN, reactor_on_conn_open)],
+                               cancel=cancel, cancel_grace=CANCEL_GRACE + 1) as assoc:
+                    for cx in assoc.accepted_contexts:
+                        accepted.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
                     responses = assoc.send_c_get(_identifier(series, sops), model)
                     _run_retrieve(self.node, assoc, responses, "C-GET", transfer, cancel, model)
         except (DimseError, SlotTimeout) as exc:
             transfer.error = str(exc)
+        if transfer.failed and transfer.error != "cancelled" and transfer.failed > len(problems):
+            transfer.error = _explain_get_failures(transfer, accepted, series.sop_classes)
         if problems and not transfer.error:
             transfer.error = f"{len(problems)} instance(s) not stored: {problems[0]}"
         if stored:
@@ -364,6 +480,23 @@ class GetDownloader:
                 log.warning("C-GET from %s: not indexed: %s: %s", self.node.name, path, reason)
         transfer.stored = [s for _, s in stored]
         return transfer
+
+
+def _explain_get_failures(transfer: Transfer, accepted: dict[str, list[str]], sop_classes: Sequence[str]) -> str:
+    """Why C-GET sub-operations failed, as far as we can tell, and what to try instead."""
+    first = f" (first: {transfer.failed_uids[0]})" if transfer.failed_uids else ""
+    status = f"; it answered: {transfer.error}" if transfer.error else ""
+    if sop_classes:
+        offered = "; ".join(f"{UID(c).name}: " + (", ".join(UID(ts).name for ts in accepted.get(c, [])) or "nothing")
+                            for c in sop_classes[:5])
+    else:  # the node did not say which SOP classes the study holds: one context per common storage class
+        names = sorted({UID(ts).name for v in accepted.values() for ts in v})
+        offered = f"{len(accepted)} storage SOP classes, in {', '.join(names)}" if accepted else ""
+    return (f"the node could not send {transfer.failed} instance(s) over C-GET{first}{status}. It must send "
+            f"each one in a transfer syntax accepted for its SOP class (accepted here: {offered or 'none'}); "
+            "a node that stores an instance in another syntax and cannot convert it (JPEG 2000 and other "
+            "compressed syntaxes often) fails the sub-operation. Try mode 'move': C-MOVE lets the node send "
+            "each instance as it stores it")
 
 
 class _slot:
@@ -427,7 +560,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     engine = ctx.index.engine
     slots = NodeSlots(engine, node, f"{worker_id()}/{job.id[:8]}")
     rate = RateLimiter(engine, node)
-    searcher = DimseSearcher(node, calling_ae, slots)
+    searcher = DimseSearcher(node, calling_ae, slots, cancel=cancel)
     downloader: Downloader
     if mode == "get":
         downloader = GetDownloader(node, calling_ae, ctx, slots, rate)

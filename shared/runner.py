@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.request
 from typing import Any, Callable, NamedTuple
 
@@ -34,12 +35,15 @@ from .context import Context
 from .errors import PacsbridgeError
 from .jobs import Job, JobStore
 
-__all__ = ["Outcome", "RUNNERS", "run_job", "worker_id", "HEARTBEAT_SECONDS"]
+__all__ = ["Outcome", "RUNNERS", "run_job", "worker_id", "HEARTBEAT_SECONDS", "CANCEL_POLL_SECONDS"]
 
 log = logging.getLogger(__name__)
 
 #: How often a running job says it is alive; a job silent for 4 beats may be taken over.
 HEARTBEAT_SECONDS = float(os.environ.get("PACSBRIDGE_HEARTBEAT_SECONDS", "10"))
+#: How often a running job looks whether it was cancelled (one indexed read), between its beats:
+#: a cancel takes effect within this, not within a heartbeat.
+CANCEL_POLL_SECONDS = 0.5
 
 #: ``kind -> "module:function"``; imported when first needed.
 RUNNERS = {
@@ -83,9 +87,16 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
     done = threading.Event()
 
     def beat() -> None:
-        while not done.wait(HEARTBEAT_SECONDS):
+        # beats every HEARTBEAT_SECONDS; in between, a cheap look at cancel_requested so that a
+        # cancel reaches the job (and interrupts what it waits for) within CANCEL_POLL_SECONDS
+        last = time.monotonic()
+        while not done.wait(min(CANCEL_POLL_SECONDS, HEARTBEAT_SECONDS)):
             try:
-                if not jobs.heartbeat(job_id, worker):
+                if time.monotonic() - last >= HEARTBEAT_SECONDS:
+                    last = time.monotonic()
+                    if not jobs.heartbeat(job_id, worker):
+                        cancel.set()
+                elif not cancel.is_set() and jobs.is_cancelled(job_id):
                     cancel.set()
             except Exception:  # database outage: keep working, beat again later
                 log.warning("job %s: heartbeat failed", job_id, exc_info=True)

@@ -86,3 +86,104 @@ class ThrowawayPostgres:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class HalfAssociatePeer:
+    """A DICOM node that answers half an A-ASSOCIATE-AC, then holds the connection (a hostile or hung peer).
+
+    A real TCP server thread: it reads each A-ASSOCIATE-RQ, sends the 6-byte PDU header of an
+    A-ASSOCIATE-AC announcing ``length`` bytes and only the first ``sent`` of them (the protocol
+    version and the called AE title it was asked for), and then sends nothing, keeping the socket
+    open until :meth:`close`. ``connections`` counts the associations it was asked for.
+    """
+
+    def __init__(self, length: int = 190, sent: int = 12) -> None:
+        import socket
+        import threading
+
+        self.length, self.sent = length, sent
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = int(self.server.getsockname()[1])
+        self.held: list = []
+        self.connections = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="half-associate-peer", daemon=True)
+        self.thread.start()
+
+    def _read(self, conn, n: int) -> bytes:  # type: ignore[no-untyped-def]
+        out = b""
+        while len(out) < n:
+            chunk = conn.recv(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    def _serve(self) -> None:
+        import struct
+
+        self.server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            self.held.append(conn)
+            conn.settimeout(5)
+            try:
+                head = self._read(conn, 6)
+                if len(head) < 6 or head[0] != 0x01:  # not an A-ASSOCIATE-RQ
+                    continue
+                body = self._read(conn, struct.unpack(">I", head[2:6])[0])
+            except OSError:
+                continue
+            self.connections += 1
+            called = body[4:20]  # as asked: protocol version 1, reserved, called AE title
+            ac_start = struct.pack(">BBI", 0x02, 0x00, self.length) + struct.pack(">HH", 1, 0) + called
+            try:
+                conn.sendall(ac_start[:6 + self.sent])
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        for conn in self.held:
+            conn.close()
+        self.server.close()
+
+    def __enter__(self) -> "HalfAssociatePeer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FullBacklog:
+    """A listening socket whose accept queue is full and never served: a connect to it times out.
+
+    Linux drops the SYNs of a listener whose backlog is full, so a client's connect waits for its
+    own timeout, as with a firewalled or dead host.
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(0)
+        self.port = int(self.server.getsockname()[1])
+        self.fillers = []
+        for _ in range(4):  # fill the queue (backlog 0 still admits one or two)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(s)
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.server.close()

@@ -582,3 +582,80 @@ def test_an_unbounded_repack_template_is_a_400_at_submit(client, app):
             "kind": "repack", "selection": {"PatientID": "P1"}, "dest": "d", "template": template})
         assert_error(resp, 400, "template")
     assert snapshot(app) == before  # no job row written
+
+
+def test_echo_and_query_of_a_node_that_answers_half_an_associate_ac(client, monkeypatch):
+    """A node that sends the first bytes of an A-ASSOCIATE-AC and holds the connection: echo and query
+    answer a JSON 502 naming the fault within their deadline (it held the request until the node closed;
+    under gunicorn the worker was killed after 30 s and the client got an HTML 500)."""
+    import threading
+
+    from pacsbridge.api import nodes as api_nodes
+
+    from .servers import HalfAssociatePeer
+
+    monkeypatch.setattr(api_nodes, "ECHO_SECONDS", 2.0)
+    monkeypatch.setattr(api_nodes, "QUERY_SECONDS", (2.0, 3.0))
+    with HalfAssociatePeer() as peer:
+        node = {"name": "half", "ae_title": "HALF", "host": "127.0.0.1", "port": peer.port}
+        assert client.post("/api/v1/nodes", json=node, headers=auth("admin")).status_code == 201
+        for path, body in (("/api/v1/nodes/half/echo", None), ("/api/v1/nodes/half/query", {"PatientID": "X"})):
+            out: list = []
+
+            def call() -> None:
+                t0 = time.monotonic()
+                out.append((client.post(path, json=body, headers=auth("user")), time.monotonic() - t0))
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), f"{path}: no answer after 20 s"
+            resp, seconds = out[0]
+            err = assert_error(resp, 502)
+            assert "12 of the 190 bytes of its A-ASSOCIATE-AC" in err["message"], err
+            assert seconds < 4.5, seconds
+        assert peer.connections == 2
+
+
+def test_cancel_answers_what_happened(client, app, ctx, tmp_path, monkeypatch):
+    """Cancelling a running job answers once the worker stopped it (it answered `running` and the job went
+    on); a job whose worker does not stop in time gets 202 saying the cancel is requested, not done."""
+    import threading
+
+    from pacsbridge.api import jobs as api_jobs
+    from pacsbridge.shared import runner
+
+    from .servers import HalfAssociatePeer
+
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([_instances(tmp_path, 2)])
+    st = app.extensions["pacsbridge"]
+    with HalfAssociatePeer() as peer:
+        node = {"name": "half", "ae_title": "HALF", "host": "127.0.0.1", "port": peer.port}
+        assert client.post("/api/v1/nodes", json=node, headers=auth("admin")).status_code == 201
+        job = client.post("/api/v1/jobs", json={"kind": "push", "node": "half", "selection": {"PatientID": "PB0"}},
+                          headers=auth("user")).get_json()
+        worker = threading.Thread(target=runner.run_job, args=(job["id"], st.ctx, st.jobs), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 20
+        while peer.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert st.jobs.get(job["id"]).state == "running"
+        resp = client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=auth("user"))
+        worker.join(10)
+    body = resp.get_json()
+    assert resp.status_code == 200, body
+    assert body["state"] == "cancelled" and body["cancel"]["outcome"] == "cancelled", body
+    assert "stopped" in body["cancel"]["message"]
+    # a running row no worker looks at: the answer says the cancel is only requested
+    monkeypatch.setattr(api_jobs, "CANCEL_WAIT_SECONDS", 0.5)
+    other = client.post("/api/v1/jobs", json={"kind": "push", "node": "half", "selection": {"PatientID": "PB1"}},
+                        headers=auth("user")).get_json()
+    assert st.jobs.claim(other["id"], "elsewhere:1") is not None
+    resp = client.post(f"/api/v1/jobs/{other['id']}/cancel", headers=auth("user"))
+    body = resp.get_json()
+    assert resp.status_code == 202 and body["state"] == "running" and body["cancel_requested"], body
+    assert body["cancel"]["outcome"] == "requested" and "elsewhere:1" in body["cancel"]["message"], body
+    queued = client.post("/api/v1/jobs", json={"kind": "push", "node": "half", "selection": {"PatientID": "PB0"}},
+                         headers=auth("user")).get_json()
+    body = client.post(f"/api/v1/jobs/{queued['id']}/cancel", headers=auth("user")).get_json()
+    assert body["state"] == "cancelled" and body["cancel"]["outcome"] == "cancelled", body

@@ -263,3 +263,114 @@ def test_larger_reads_keep_pynetdicoms_recv_contract():
         assert holder.recv(100) == b"tail"  # the peer closed: what came, no exception
     finally:
         a.close()
+
+
+# -- deadlines and cancel on our own associations (issue 14, items 7 and 20) --------------------------------
+def _timed(fn, limit: float):  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a thread; (seconds, exception or result), or fail when it takes longer than ``limit``."""
+    out: list = []
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out.append((time.monotonic(), fn()))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out.append((time.monotonic(), exc))
+        out[-1] = (out[-1][0] - t0, out[-1][1])
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"still blocked after {limit} s"
+    return out[0]
+
+
+@pytest.mark.parametrize("reactor", ["wait", "poll"])
+def test_half_an_associate_ac_fails_within_the_deadline(monkeypatch, reactor):
+    """A node that sends the first bytes of an A-ASSOCIATE-AC and then holds the connection: the echo
+    ends with a clear error after its timeout, whichever reactor runs (pynetdicom's recv had no deadline
+    once a PDU had started to arrive)."""
+    from .servers import HalfAssociatePeer
+
+    monkeypatch.setenv("PACSBRIDGE_REACTOR", reactor)
+    with HalfAssociatePeer() as peer:
+        node = Node(name="half", ae_title="HALF", host="127.0.0.1", port=peer.port)
+        seconds, exc = _timed(lambda: dimse.echo(node, US, timeout=2), 15)
+        assert isinstance(exc, DimseError), exc
+        assert peer.connections == 1
+        assert 1.5 < seconds < 4, seconds
+        assert "12 of the 190 bytes of its A-ASSOCIATE-AC" in str(exc), str(exc)
+
+
+def test_cancel_interrupts_an_association_waiting_on_the_network():
+    """``associate(cancel=...)``: setting the event ends a wait for a stalled peer at once."""
+    from .servers import HalfAssociatePeer
+
+    with HalfAssociatePeer() as peer:
+        node = Node(name="half", ae_title="HALF", host="127.0.0.1", port=peer.port)
+        cancel = threading.Event()
+        threading.Timer(0.5, cancel.set).start()
+
+        def attempt() -> None:
+            with dimse.associate(node, US, timeout=30, cancel=cancel):
+                pass
+
+        seconds, exc = _timed(attempt, 40)
+        assert isinstance(exc, DimseError) and "cancelled" in str(exc), exc
+        assert seconds < 2.5, seconds
+
+
+def test_connection_failures_say_what_happened():
+    """Refused, timed out and a name that does not resolve are told apart (a closed port is not a timeout)."""
+    from .servers import FullBacklog
+
+    closed = Node(name="closed", ae_title="X", host="127.0.0.1", port=free_port())
+    seconds, exc = _timed(lambda: dimse.echo(closed, US, timeout=3), 10)
+    assert isinstance(exc, DimseError) and "connection refused" in str(exc), exc
+    assert "within" not in str(exc) and seconds < 1.5
+    full = FullBacklog()
+    try:
+        seconds, exc = _timed(lambda: dimse.echo(Node(name="full", ae_title="X", host="127.0.0.1",
+                                                      port=full.port), US, timeout=1.5), 10)
+    finally:
+        full.close()
+    assert isinstance(exc, DimseError) and "no TCP connection within 1.5 s" in str(exc), exc
+    assert 1.2 < seconds < 3
+    seconds, exc = _timed(lambda: dimse.echo(Node(name="nowhere", ae_title="X", host="no-such-host.invalid",
+                                                  port=104), US, timeout=3), 10)
+    assert isinstance(exc, DimseError) and "does not resolve" in str(exc), exc
+
+
+def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
+    """shared/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
+    and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
+    import socket
+    import struct
+    from types import SimpleNamespace
+
+    a, b = socket.socketpair()
+    try:
+        holder = SimpleNamespace(socket=a, tls_args=None)
+        net = dimse._Net(1.0)
+        dimse._deadline_reads(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
+        payload = bytes(range(256)) * 1000
+        sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
+        sender.start()
+        got = holder.recv(len(payload))
+        assert isinstance(got, bytearray) and got == payload
+        assert holder.recv(4) == b"NEXT"
+        sender.join()
+        assert holder.recv(4) == b"tail"
+        b.sendall(struct.pack(">BBI", 0x04, 0, 500) + b"x" * 100)  # a P-DATA-TF announcing 500 bytes, 100 sent
+        assert holder.recv(6) == struct.pack(">BBI", 0x04, 0, 500) and net.pdu == (0x04, 500)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            holder.recv(500)
+        assert 0.9 < time.monotonic() - t0 < 2.0
+        assert net.stalled == (0x04, 100, 500, 1.0)
+        assert "100 of the 500 bytes of its P-DATA-TF" in net.stall_text()
+        b.sendall(b"end")
+        b.close()
+        assert holder.recv(100) == b"end"  # the peer closed: what came, no exception
+    finally:
+        a.close()

@@ -546,3 +546,57 @@ def test_fast_file_meta_reads_what_pydicom_reads(tmp_path):
         assert set(ours) == {"MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"}
     (tmp_path / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7f")
     assert sender.file_meta(str(tmp_path / "junk.dcm")) is None  # a length past the end: pydicom decides
+
+
+# -- a node that stalls mid-PDU (issue 14, item 7) ----------------------------------------------------
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_cancel_stops_a_push_waiting_on_a_node_that_sent_half_an_associate_ac(pctx, jobs, tmp_path, monkeypatch,
+                                                                              processes):
+    """The node answers the first bytes of an A-ASSOCIATE-AC and holds the connection: `cancel` ends the
+    job within seconds (it waited until the node closed, whatever cancel said), in a sender thread or a
+    sender process."""
+    from .servers import HalfAssociatePeer
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 10.0)  # the default: cancel must not wait for a beat
+    monkeypatch.setattr(pushmod, "PROCESSES", processes)
+    study_from(tmp_path / "in", ["CT_small.dcm", "MR_small.dcm"])
+    load(pctx, tmp_path / "in")
+    with HalfAssociatePeer() as peer:
+        jobs.add_node(Node("half", "HALF", "127.0.0.1", peer.port))
+        job_id = submit(jobs, "half", {"PatientID": "PUSH1"})
+        t = threading.Thread(target=runner.run_job, args=(job_id, pctx, jobs), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 20
+        while peer.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peer.connections >= 1
+        time.sleep(0.5)
+        asked = time.monotonic()
+        jobs.cancel(job_id)
+        t.join(15)
+        assert not t.is_alive(), "the push job is still waiting on the node"
+        assert time.monotonic() - asked < 4
+    job = jobs.get(job_id)
+    assert job.state == "cancelled", job
+    assert job.result["acknowledged"] == 0
+
+
+def test_a_push_to_a_node_that_sent_half_an_associate_ac_fails_after_its_timeout(pctx, jobs, tmp_path, monkeypatch):
+    from .servers import HalfAssociatePeer
+
+    monkeypatch.setattr(pushmod, "TIMEOUT", 1.5)
+    study_from(tmp_path / "in", ["CT_small.dcm", "MR_small.dcm"])
+    load(pctx, tmp_path / "in")
+    with HalfAssociatePeer() as peer:
+        jobs.add_node(Node("half", "HALF", "127.0.0.1", peer.port))
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(runner.run_job(submit(jobs, "half", {"PatientID": "PUSH1"}),
+                                                                      pctx, jobs)), daemon=True)
+        started = time.monotonic()
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the push job is still waiting on the node"
+        assert time.monotonic() - started < 10
+    job = out[0]
+    assert job.state == "failed" and job.result["failed"] == 2
+    assert "12 of the 190 bytes of its A-ASSOCIATE-AC" in job.error, job.error

@@ -388,3 +388,197 @@ def test_series_in_parallel_exact_counts_and_one_failing_series_reported(tmp_pat
     finally:
         stack.close()
         pacs.stop()
+
+
+# -- cancel between instances (issue 14, item 23) ------------------------------------------------------
+class SlowStore:
+    """A real C-STORE SCP (pynetdicom) that takes ``delay`` seconds per instance: a slow C-MOVE destination."""
+
+    def __init__(self, ae_title: str = "SLOWDEST", delay: float = 0.25) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        from .orthanc import free_port
+
+        self.ae_title, self.delay, self.received = ae_title, delay, []
+        ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_SYNTAXES)
+        self.port = free_port()
+
+        def on_store(event):  # type: ignore[no-untyped-def]
+            time.sleep(self.delay)
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+from pydicom.uid import AllTransferSyntaxes as _ALL  # noqa: E402
+
+ALL_SYNTAXES = [str(s) for s in _ALL]
+
+
+@pytest.mark.parametrize("case", ["get-rate-limited", "move-rate-limited", "move-slow-destination"])
+def test_cancel_takes_effect_between_instances(ctx, tmp_path, monkeypatch, case):
+    """A running retrieve of one 24-instance series is cancelled: it ends `cancelled` within seconds and
+    nothing more arrives (C-GET from a node limited to 2 instances/s went on receiving every instance;
+    C-MOVE waited out its booking, then moved everything)."""
+    from pydicom.uid import generate_uid
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 10.0)  # the default: cancel must not wait for a beat
+    study, series = generate_uid(), generate_uid()
+    files = [tmp_path / "src" / f"{i}.dcm" for i in range(24)]
+    for i, f in enumerate(files):
+        make_instance(f, rows=16, PatientID="CANC1", StudyInstanceUID=study, SeriesInstanceUID=series,
+                      InstanceNumber=i + 1)
+    dest = SlowStore(delay=0.25)
+    mode = case.split("-")[0]
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1),
+                                                     "slow": (dest.ae_title, "127.0.0.1", dest.port)}).start()
+    try:
+        pacs.upload(files)
+        jobs = add_node(ctx, pacs, retrieve=mode, move_destination=dest.ae_title,
+                        max_rate=2.0 if "rate" in case else 0.0)
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "CANC1"}}, node="pacs")
+        t = threading.Thread(target=runner.run_job, args=(job.id, ctx, jobs), daemon=True)
+        t.start()
+        time.sleep(3.0)
+        assert jobs.get(job.id).state == "running"
+        arrived = len(stored_files(ctx)) if mode == "get" else len(dest.received)
+        asked = time.monotonic()
+        jobs.cancel(job.id)
+        t.join(20)
+        assert not t.is_alive(), "the retrieve did not stop"
+        took = time.monotonic() - asked
+        final = jobs.get(job.id)
+        assert final.state == "cancelled", final
+        assert took < 4.0, took
+        time.sleep(1.5)  # what the node might still send after the job ended
+        now = len(stored_files(ctx)) if mode == "get" else len(dest.received)
+        assert now <= arrived + 3 and now < 24, (arrived, now)
+    finally:
+        pacs.stop()
+        dest.close()
+
+
+def test_a_c_get_peer_that_ignores_c_cancel_is_aborted(ctx, tmp_path):
+    """A C-GET SCP (pynetdicom) whose handler ignores C-CANCEL and sends an instance every 0.3 s: the
+    download stops within the C-CANCEL grace (the association is aborted), with what arrived kept."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    from .orthanc import free_port
+
+    series = generate_uid()
+    files = [make_instance(tmp_path / "src" / f"{i}.dcm", rows=16, PatientID="STUB1", SeriesInstanceUID=series,
+                           InstanceNumber=i + 1) for i in range(30)]
+    cancelled_seen: list[bool] = []
+
+    def on_get(event):  # type: ignore[no-untyped-def]
+        yield len(files)
+        for i in range(len(files)):
+            cancelled_seen.append(event.is_cancelled)
+            time.sleep(0.3)
+            yield 0xFF00, dcmread(tmp_path / "src" / f"{i}.dcm")
+
+    ae = AE(ae_title="STUBBORN")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        node = Node(name="stub", ae_title="STUBBORN", host="127.0.0.1", port=port)
+        cancel = threading.Event()
+        asked: list[float] = []
+
+        def cancel_after_two() -> None:  # once instances flow, whatever the association took
+            while len(stored_files(ctx)) < 2:
+                time.sleep(0.02)
+            asked.append(time.monotonic())
+            cancel.set()
+
+        threading.Thread(target=cancel_after_two, daemon=True).start()
+        ref = retrieve.SeriesRef(study_uid=str(files[0].StudyInstanceUID), series_uid=series, expected=30)
+        transfer = retrieve.GetDownloader(node, ctx.settings.ae_title, ctx).fetch(ref, None, cancel)
+        took = time.monotonic() - asked[0]
+    finally:
+        server.shutdown()
+    assert took < retrieve.CANCEL_GRACE + 1.5, took
+    assert transfer.error == "cancelled", transfer
+    assert any(cancelled_seen), "the peer never saw our C-CANCEL"
+    assert 2 <= len(transfer.stored) <= 14, len(transfer.stored)
+    assert len(stored_files(ctx)) == len(transfer.stored)
+
+
+# -- C-GET of what the node stores compressed (issue 14, item 19) -------------------------------------------
+J2K_FILES = ("MR_small_jp2klossless.dcm", "JPEG2000.dcm", "examples_jpeg2k.dcm")
+
+
+def _j2k_patient(folder: Path) -> list[Path]:
+    """pydicom's JPEG 2000 files as one patient (PatientID J2K1), pixel data and transfer syntax untouched."""
+    import pydicom
+
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in J2K_FILES:
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.PatientID = "J2K1"
+        out.append(folder / name)
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize("by", ["patient", "series"])
+def test_c_get_of_jpeg2000_from_orthanc_arrives_as_stored(ctx, tmp_path, by):
+    """Orthanc stores JPEG 2000 and cannot transcode it: our C-GET proposes contexts it can send in
+    (it failed with only 0xC000 when each SOP class had one context listing every syntax)."""
+    import pydicom
+
+    files = _j2k_patient(tmp_path / "src")
+    syntaxes = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID:
+                str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)}).start()
+    try:
+        pacs.upload(files)
+        jobs = add_node(ctx, pacs, retrieve="get")
+        query = ({"PatientID": "J2K1"} if by == "patient" else  # series only: their studies are asked apart
+                 {"SeriesInstanceUID": [str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
+                                        for f in files]})
+        job, _ = jobs.submit("retrieve", {"query": query}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    finally:
+        pacs.stop()
+    assert done.state == "succeeded", done.error
+    assert sorted(index_sops(ctx)) == sorted(syntaxes)
+    got = {}
+    for p in stored_files(ctx):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        got[ds.SOPInstanceUID] = str(ds.file_meta.TransferSyntaxUID)
+    assert got == syntaxes  # as the node stores them: nothing transcoded on the way
+
+
+def test_c_get_sub_operations_the_node_cannot_send_say_why_and_suggest_c_move(ctx, tmp_path, monkeypatch):
+    """Offered only uncompressed syntaxes (what our C-GET did for every SOP class), Orthanc fails the
+    JPEG 2000 sub-operations: the job says which instances, why, and to try C-MOVE."""
+    files = _j2k_patient(tmp_path / "src")
+    monkeypatch.setattr(retrieve, "GET_COMPRESSED", ())
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)}).start()
+    try:
+        pacs.upload(files)
+        jobs = add_node(ctx, pacs, retrieve="get")
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "J2K1"}}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    finally:
+        pacs.stop()
+    assert done.state == "failed", done
+    for row in done.series:
+        assert "could not send" in row.error and "mode 'move'" in row.error, row.error
+        assert "JPEG 2000" in row.error or "accepted" in row.error, row.error
+    assert "mode 'move'" in done.error

@@ -14,19 +14,23 @@ retrying need role ``user``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Blueprint
 
 from pacsbridge.shared import jobspec
 from pacsbridge.shared.errors import InvalidRequest
-from pacsbridge.shared.jobs import KINDS, STATES, Job
+from pacsbridge.shared.jobs import FINISHED, KINDS, STATES, Job
 
 from .auth import requires
 from .params import check_known, json_object, paging, since_arg
 from .state import state
 
-__all__ = ["bp"]
+__all__ = ["bp", "CANCEL_WAIT_SECONDS"]
+
+#: How long ``POST /jobs/<id>/cancel`` waits for a running job's worker to stop it.
+CANCEL_WAIT_SECONDS = 5.0
 
 bp = Blueprint("jobs", __name__)
 
@@ -79,10 +83,34 @@ def get_job(job_id: str) -> dict[str, Any]:
 
 @bp.post("/jobs/<job_id>/cancel")
 @requires("user")
-def cancel(job_id: str) -> dict[str, Any]:
-    """A queued job is cancelled at once; a running one is asked to stop (``cancel_requested``)."""
+def cancel(job_id: str) -> tuple[dict[str, Any], int]:
+    """Cancel a job and say what happened (``cancel``: ``outcome`` and ``message``).
+
+    A queued job is cancelled at once. A running one is asked to stop (``cancel_requested``);
+    its worker sees that within a second and stops between instances, interrupting what it
+    waits for on the network. The answer waits up to :data:`CANCEL_WAIT_SECONDS` for that:
+    200 with the finished job (``cancelled``, or the state it reached first), else 202 with
+    the job still running and outcome ``requested``.
+    """
     check_known(())
-    return state().jobs.cancel(job_id).to_dict()
+    jobs = state().jobs
+    job = jobs.cancel(job_id)
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while job.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = jobs.get(job_id)
+    out = job.to_dict()
+    if job.state == "cancelled":
+        was = "stopped by its worker" if job.started_at else "cancelled before it started"
+        out["cancel"] = {"outcome": "cancelled", "message": f"the job was {was}"}
+        return out, 200
+    if job.state in FINISHED:
+        out["cancel"] = {"outcome": "finished", "message": f"the job ended {job.state} before the cancel reached it"}
+        return out, 200
+    out["cancel"] = {"outcome": "requested",
+                     "message": f"asked worker {job.worker or '(none yet)'} to stop; it has not stopped within "
+                                f"{CANCEL_WAIT_SECONDS:g} s (GET {out['path']} shows when it does)"}
+    return out, 202
 
 
 @bp.post("/jobs/<job_id>/retry")

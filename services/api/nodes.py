@@ -26,6 +26,11 @@ bp = Blueprint("nodes", __name__)
 
 #: The most C-FIND answers one query returns (the answer says when it was cut).
 MAX_FIND_RESULTS = 10000
+#: Seconds for each step of an echo (connection, association, C-ECHO); the whole echo gets 2 s more.
+ECHO_SECONDS = 10.0
+#: Seconds for each step of a query, and for the whole query: an answer (or a clear error) comes
+#: before a gunicorn worker's default 30 s timeout kills the request.
+QUERY_SECONDS = (20.0, 25.0)
 
 
 @contextlib.contextmanager
@@ -103,14 +108,14 @@ def delete_node(name: str) -> Response:
 @bp.post("/nodes/<name>/echo")
 @requires("user")
 def echo(name: str) -> dict[str, Any]:
-    """C-ECHO the node; a failure is a 502 with the reason."""
+    """C-ECHO the node; a failure is a 502 with the reason, within :data:`ECHO_SECONDS` + 2 s."""
     from pacsbridge.shared import dimse
 
     check_known(())
     st = state()
     node = st.jobs.get_node(name)
     with _unreachable(node):
-        seconds = dimse.echo(node, calling_ae=st.settings.ae_title)
+        seconds = dimse.echo(node, calling_ae=st.settings.ae_title, timeout=ECHO_SECONDS)
     return {"node": name, "ok": True, "seconds": round(seconds, 4), "checked_at": time.time()}
 
 
@@ -126,7 +131,10 @@ def query(name: str) -> dict[str, Any]:
     q = Query.from_dict(json_object())
     if not node.allow_find:
         raise Conflict(f"node {name!r} does not allow C-FIND (allow_find is false)")
+    step, whole = QUERY_SECONDS
     with _unreachable(node):
-        results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, max_results=MAX_FIND_RESULTS)
+        with dimse.associate(node, st.settings.ae_title, timeout=step, deadline=whole) as assoc:
+            results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, timeout=step,
+                                     max_results=MAX_FIND_RESULTS, assoc=assoc)
     return {"node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
             "truncated": bool(getattr(results, "truncated", False)), "results": list(results)}

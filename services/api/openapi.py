@@ -191,6 +191,10 @@ SCHEMAS: dict[str, Any] = {
                 "path": {"type": "string"},
                 "series": {"type": "array", "items": _ref("SeriesProgress")},
                 "enqueued": {"type": "boolean"},
+                "cancel": {"type": "object", "description": "the answer to a cancel: what happened",
+                           "properties": {"outcome": {"type": "string",
+                                                      "enum": ["cancelled", "finished", "requested"]},
+                                          "message": {"type": "string"}}},
             }},
     "JobSubmitted": {"type": "object", "required": ["id", "path", "state", "created", "enqueued"],
                      "properties": {"id": {"type": "string"}, "path": {"type": "string"},
@@ -328,7 +332,9 @@ def _paths() -> dict[str, Any]:
     p["/api/v1/jobs/{job_id}"] = {"parameters": [_JOB], "get": _op(
         "A job with per-series progress", {"200": _json(_ref("Job"), "the job"), **_READ, **_errors(404)}, "jobs")}
     p["/api/v1/jobs/{job_id}/cancel"] = {"parameters": [_JOB], "post": _op(
-        "Cancel a job", {"200": _json(_ref("Job"), "cancelled (queued) or asked to stop (running)"),
+        "Cancel a job", {"200": _json(_ref("Job"), "cancelled (queued, or stopped by its worker within 5 s), "
+                                                   "or it ended first; `cancel` says which"),
+                         "202": _json(_ref("Job"), "still running: asked to stop (`cancel.outcome` requested)"),
                          **_errors(400, 401, 403, 404, 409, 503)}, "jobs")}
     p["/api/v1/jobs/{job_id}/retry"] = {"parameters": [_JOB], "post": _op(
         "Queue a failed, partial or cancelled job again", {"202": _json(_ref("Job"), "queued again"),
