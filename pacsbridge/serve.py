@@ -11,6 +11,7 @@ SIGTERM) stops all of them; if one of them dies, the others are stopped too.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from pacsbridge.shared.celeryapp import DEFAULT_BROKER
 from pacsbridge.shared.config import Settings
+from pacsbridge.shared.errors import ConfigError
 from pacsbridge.shared.supervise import Supervisor
 
 __all__ = ["main", "DEFAULT_FIRST_TRY_PEERS"]
@@ -41,6 +43,25 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
                 return True
         time.sleep(0.2)
     return False
+
+
+def _check_ports(settings: Settings) -> None:
+    """Refuse to start when a port is taken (another ``pacsbridge serve`` running, say): before the
+    demo data is indexed into a database that the running one may be using, and before a banner."""
+    wanted = [("DICOM listener", "PACSBRIDGE_LISTENER_PORT", settings.listener_host, settings.listener_port),
+              ("HTTP API", "PACSBRIDGE_API_PORT", settings.api_host, settings.api_port)]
+    if settings.listener_port == settings.api_port:
+        raise ConfigError(f"PACSBRIDGE_LISTENER_PORT and PACSBRIDGE_API_PORT are both {settings.api_port}")
+    for what, name, host, port in wanted:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services do: TIME_WAIT is fine
+                s.bind(infos[0][4])
+        except OSError as exc:
+            why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror or exc})"
+            raise ConfigError(f"port {port} of the {what} ({name}) {why} on {host or '*'}; is another "
+                              f"`pacsbridge serve` running? Stop it, or choose another port: {name}=...") from None
 
 
 def _hide_password(url: str) -> str:
@@ -81,6 +102,7 @@ def _banner(settings: Settings, env: dict[str, str], token: str | None) -> str:
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Start the three services and supervise them until Ctrl-C."""
+    _check_ports(settings)
     env = dict(os.environ)
     env["PACSBRIDGE_DATABASE_URL"] = settings.database_url
     env["PACSBRIDGE_STORAGE"] = str(settings.storage)
@@ -119,7 +141,8 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     try:
         procs = {name: sup.start(name, cmd, env) for name, cmd in commands.items()}
         ready = (_wait_port(settings.listener_host, settings.listener_port, procs["listener"])
-                 and _wait_port(settings.api_host, settings.api_port, procs["api"]))
+                 and _wait_port(settings.api_host, settings.api_port, procs["api"])
+                 and sup.ended() is None)  # a port that answers but whose service has exited is someone else's
         if not ready:
             print(f"pacsbridge serve: {sup.ended() or 'a service'} did not start; stopping", file=sys.stderr)
             return 3
