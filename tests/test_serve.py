@@ -45,6 +45,7 @@ class Served:
             assert self.proc.poll() is None, text
             time.sleep(0.3)
         else:
+            _end(self.proc)
             raise TimeoutError(self.log.read_text())
         self.client_env = {**self.env, "PACSBRIDGE_API_URL": f"http://127.0.0.1:{self.api_port}",
                            "PACSBRIDGE_API_TOKEN": self.token}
@@ -60,13 +61,23 @@ class Served:
         return self.proc.returncode
 
 
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a serve a test left running the way a user does (Ctrl-C: it stops its services); a
+    SIGKILL only if that fails (its services, in sessions of their own, would outlive it)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def served(tmp_path):
     s = Served(tmp_path)
     yield s
-    if s.proc.poll() is None:
-        s.proc.kill()
-        s.proc.wait()
+    _end(s.proc)
 
 
 def test_serve_stores_indexes_and_answers_the_client_then_stops_cleanly(served, tmp_path):
@@ -158,12 +169,6 @@ def test_a_second_serve_on_busy_ports_names_the_port_and_touches_nothing(served,
     assert served.stop() == 0
 
 
-def _stop_demo(demo: Served) -> None:
-    if demo.proc.poll() is None:
-        demo.proc.kill()
-        demo.proc.wait()
-
-
 def test_demo_try_line_runs_as_printed_and_the_token_is_kept(tmp_path):
     import shlex
     import stat
@@ -187,7 +192,7 @@ def test_demo_try_line_runs_as_printed_and_the_token_is_kept(tmp_path):
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert demo.stop() == 0
     finally:
-        _stop_demo(demo)
+        _end(demo.proc)
     # started again in the same folder: the same token
     again = Served(tmp_path, "--demo", log="serve2.log")
     try:
@@ -195,7 +200,7 @@ def test_demo_try_line_runs_as_printed_and_the_token_is_kept(tmp_path):
         assert again.client("jobs").returncode == 0
         assert again.stop() == 0
     finally:
-        _stop_demo(again)
+        _end(again.proc)
 
 
 def test_demo_accepts_dcmtk_and_pynetdicom_defaults_then_stops_quickly_and_cleanly(tmp_path):
@@ -238,7 +243,7 @@ def test_demo_accepts_dcmtk_and_pynetdicom_defaults_then_stops_quickly_and_clean
         assert "SIGTERM" not in stop_log and "ERROR" not in stop_log and "did not stop" not in stop_log, stop_log
         assert took < 15, f"stopping took {took:.1f} s"  # it took 20 s and a SIGKILL; about 9 s now
     finally:
-        _stop_demo(demo)
+        _end(demo.proc)
 
 
 def test_any_ae_from_an_address_is_that_address_only():
