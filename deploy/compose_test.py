@@ -7,12 +7,16 @@
    removes CNI's stale default bridge if podman once ran with CNI here (its route hides netavark's);
 2. builds the base image (deploy/base-image.sh, skipped when it exists), then every image with
    ``podman-compose -f docker-compose.yml -f compose.podman.yml build``;
-3. ``up -d`` with a generated database password and API token, two workers, and unusual host ports
-   (the machine's own PostgreSQL and Redis are never touched: those two are not published);
-4. waits for the listener (DCMTK ``echoscu``) and the API (``GET /healthz``), checks that an unknown
+3. ``up -d`` with a generated database password and API token, two workers, unusual host ports
+   (the machine's own PostgreSQL and Redis are never touched: those two are not published), and a
+   certificate pair made by ``deploy/tls-selfsigned.sh`` (a throwaway CA) for the TLS front;
+4. waits for the listener (DCMTK ``echoscu``) and the API through the TLS front (``GET /healthz``
+   over HTTPS, trusting only the generated CA), checks that the same request without that CA fails
+   verification, that plain HTTP to the HTTPS port gets no API answer and that the API container
+   publishes no port (plain HTTP to the API only inside the compose network), checks that an unknown
    AE title is refused, sends pydicom's example files with DCMTK ``storescu`` (one JPEG file in its
    own association, to see it stored as sent), and checks that every instance is indexed in the
-   containers' PostgreSQL (``pacsbridge sql`` in a worker) and listed by ``GET /api/v1/studies``;
+   containers' PostgreSQL (``pacsbridge sql`` in a worker) and listed by ``GET /api/v1/studies`` (HTTPS);
    runs every container's health check (``podman healthcheck run``);
 5. always ``down -v`` and removes the project's network, volumes and containers (also on Ctrl-C).
 
@@ -20,7 +24,7 @@ Exit status 0 when everything passed, 1 with the reason otherwise. Logs of every
 a temporary folder when something failed (its path is printed).
 
 Settings: COMPOSE_TEST_PROJECT (pacsbridge-ci), COMPOSE_TEST_DICOM_PORT (31112),
-COMPOSE_TEST_API_PORT (38080), COMPOSE_TEST_WORKERS (2), COMPOSE_TEST_REQUIRE_API (0: when the
+COMPOSE_TEST_HTTPS_PORT (38443), COMPOSE_TEST_WORKERS (2), COMPOSE_TEST_REQUIRE_API (0: when the
 API cannot be created yet, the index is checked with SQL only; 1: the API must answer),
 COMPOSE_TEST_KEEP=1 (leave the stack running, for debugging; ``down`` it yourself).
 """
@@ -33,6 +37,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -44,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = os.environ.get("COMPOSE_TEST_PROJECT", "pacsbridge-ci")
 DICOM_PORT = int(os.environ.get("COMPOSE_TEST_DICOM_PORT", "31112"))
-API_PORT = int(os.environ.get("COMPOSE_TEST_API_PORT", "38080"))
+HTTPS_PORT = int(os.environ.get("COMPOSE_TEST_HTTPS_PORT", "38443"))
 WORKERS = int(os.environ.get("COMPOSE_TEST_WORKERS", "2"))
 REQUIRE_API = os.environ.get("COMPOSE_TEST_REQUIRE_API", "0") == "1"
 KEEP = os.environ.get("COMPOSE_TEST_KEEP", "0") == "1"
@@ -81,7 +86,9 @@ class Run:
 
     def __init__(self) -> None:
         self.logdir = Path(tempfile.mkdtemp(prefix="pacsbridge-compose-test-"))
+        self.tls = self.logdir / "tls"  # deploy/tls-selfsigned.sh writes the pair and the CA here
         self.env = self._env()
+        self.env["PACSBRIDGE_TLS_DIR"] = str(self.tls)
         self.phases: list[tuple[str, float]] = []
         self.t0 = time.monotonic()
         self.notes: list[str] = []
@@ -96,8 +103,10 @@ class Run:
             "PACSBRIDGE_API_TOKENS": f"ci:{secrets.token_hex(16)}",
             "PACSBRIDGE_ALLOWED_PEERS": OUR_AE,
             "PACSBRIDGE_LISTENER_PUBLISH": f"127.0.0.1:{DICOM_PORT}",
-            "PACSBRIDGE_API_PUBLISH": f"127.0.0.1:{API_PORT}",
+            "PACSBRIDGE_HTTPS_PUBLISH": f"127.0.0.1:{HTTPS_PORT}",
             "PACSBRIDGE_WORKERS": str(WORKERS),
+            # an image of this project's own: another checkout's test run builds its own
+            "PACSBRIDGE_IMAGE": f"localhost/{PROJECT}:latest",
             "PACSBRIDGE_RECONCILE_MIN_AGE": "5",
             "BUILDAH_FORMAT": "docker",  # keep the images' HEALTHCHECK (the OCI format drops it)
             "TCP_NODELAY": "1",  # DCMTK: no Nagle delay on small PDUs
@@ -292,7 +301,7 @@ def name(service: str, n: int = 1) -> str:
 
 
 def expected_containers() -> list[str]:
-    return [name("postgres"), name("redis"), name("listener"), name("api")] + \
+    return [name("postgres"), name("redis"), name("listener"), name("api"), name("proxy")] + \
            [name("worker", i) for i in range(1, WORKERS + 1)]
 
 
@@ -316,10 +325,10 @@ def wait_for(what: str, probe, timeout: float, run: Run, allow_down: tuple[str, 
         time.sleep(1)
 
 
-def http(url: str, token: str | None = None) -> tuple[int, str]:
+def http(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> tuple[int, str]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10, context=context) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode("utf-8", "replace")
@@ -347,6 +356,34 @@ def indexed_sops(run: Run) -> dict[str, str]:
     rows = json.loads(proc.stdout or "[]")
     return {str(r.get("sopinstanc") or r.get("SOPInstanc")): str(r.get("objectfile") or r.get("ObjectFile"))
             for r in rows}
+
+
+def published_ports(run: Run, container: str) -> list[str]:
+    """``podman port``: the container's ports published on the host (``8443/tcp -> 127.0.0.1:38443``)."""
+    out = run(["podman", "port", container], "ports", capture=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def check_tls_front(run: Run, base: str) -> None:
+    """HTTPS is the only way to the API from the host: verified TLS, no plain HTTP, no API port."""
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10):  # the system's CAs only
+            raise Failure("the TLS front's certificate verified without the generated CA")
+    except urllib.error.URLError as exc:
+        if not isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise Failure(f"HTTPS without the generated CA failed, but not on verification: {exc.reason!r}") from None
+    print("  without the generated CA: certificate verify failed", flush=True)
+    status, body = http(f"http://127.0.0.1:{HTTPS_PORT}/healthz")
+    if status == 200 or '"ok"' in body or '"checks"' in body:
+        raise Failure(f"plain HTTP to the HTTPS port reached the API ({status}): {body[:200]}")
+    print(f"  plain HTTP to the HTTPS port: {status} (no API answer)", flush=True)
+    api_ports = published_ports(run, name("api"))
+    if api_ports:
+        raise Failure(f"the API container publishes {api_ports}: plain HTTP must stay inside the compose network")
+    proxy_ports = published_ports(run, name("proxy"))
+    if proxy_ports != [f"8443/tcp -> 127.0.0.1:{HTTPS_PORT}"]:
+        raise Failure(f"the proxy publishes {proxy_ports}, expected only 8443/tcp on 127.0.0.1:{HTTPS_PORT}")
+    print(f"  the API container publishes no port; the proxy only {proxy_ports[0]}", flush=True)
 
 
 def api_can_start(run: Run) -> tuple[bool, str]:
@@ -379,11 +416,17 @@ def test(run: Run) -> None:
     if (ROOT / ".env").exists():
         raise Failure(f"{ROOT / '.env'} exists: podman-compose 1.0.3 lets it override the test's settings "
                       "(password, token, ports); move it away for the test")
-    for port in (DICOM_PORT, API_PORT):
+    for port in (DICOM_PORT, HTTPS_PORT):
         if not port_free(port):
-            raise Failure(f"127.0.0.1:{port} is in use: set COMPOSE_TEST_DICOM_PORT / COMPOSE_TEST_API_PORT")
+            raise Failure(f"127.0.0.1:{port} is in use: set COMPOSE_TEST_DICOM_PORT / COMPOSE_TEST_HTTPS_PORT")
     files = pydicom_files()
     teardown(run)  # what a killed earlier run may have left
+
+    # the documented way to make a pair for a try; clients trust its ca.pem, nothing else
+    run(["sh", "deploy/tls-selfsigned.sh", str(run.tls)], "tls")
+    for f in ("cert.pem", "key.pem", "ca.pem"):
+        if not (run.tls / f).is_file():
+            raise Failure(f"deploy/tls-selfsigned.sh did not write {f}")
 
     run.phase("base image")
     run(["bash", "deploy/base-image.sh"], "base-image", timeout=900)
@@ -407,12 +450,16 @@ def test(run: Run) -> None:
         raise Failure("the listener accepted C-ECHO from AE INTRUDER, which PACSBRIDGE_ALLOWED_PEERS does not list")
     print("  unknown AE title INTRUDER refused", flush=True)
 
-    run.phase("api ready (/healthz)")
+    run.phase("api ready through the TLS front (/healthz over HTTPS)")
     api_ok, why = api_can_start(run)
-    base = f"http://127.0.0.1:{API_PORT}"
+    base = f"https://localhost:{HTTPS_PORT}"
+    ca = ssl.create_default_context(cafile=str(run.tls / "ca.pem"))
     if api_ok:
-        waited = wait_for("api GET /healthz", lambda: http(f"{base}/healthz")[0] == 200, 120, run)
-        print(f"  /healthz answered 200 after {waited:.1f} s", flush=True)
+        waited = wait_for("api GET /healthz over HTTPS", lambda: http(f"{base}/healthz", context=ca)[0] == 200, 120,
+                          run)
+        print(f"  https://localhost:{HTTPS_PORT}/healthz answered 200 after {waited:.1f} s (verified "
+              "with the generated CA)", flush=True)
+        check_tls_front(run, base)
     elif REQUIRE_API:
         raise Failure(f"the API cannot start: {why}")
     else:
@@ -448,10 +495,10 @@ def test(run: Run) -> None:
 
     if api_ok:
         run.phase("api: GET /api/v1/studies")
-        status, _ = http(f"{base}/api/v1/studies")
+        status, _ = http(f"{base}/api/v1/studies", context=ca)
         if status != 401:
             raise Failure(f"GET /api/v1/studies without a token answered {status}, not 401")
-        status, body = http(f"{base}/api/v1/studies?limit=1000", run.token)
+        status, body = http(f"{base}/api/v1/studies?limit=1000", run.token, context=ca)
         if status != 200:
             raise Failure(f"GET /api/v1/studies answered {status}: {body[:300]}")
         missing = sorted({f["study"] for f in files.values() if f["study"] not in body})
@@ -463,7 +510,8 @@ def test(run: Run) -> None:
     # podman runs health checks from systemd timers, absent here: run each one, as docker would,
     # until it passes (a worker started last may still be starting)
     deadline = time.monotonic() + 60
-    pending = [c for c in expected_containers() if api_ok or c != name("api")]
+    # the proxy (caddy) has no health check of its own: the HTTPS requests above are its check
+    pending = [c for c in expected_containers() if (api_ok or c != name("api")) and c != name("proxy")]
     while pending:
         pending = [c for c in pending
                    if run(["podman", "healthcheck", "run", c], "healthcheck", check=False).returncode != 0]
@@ -473,7 +521,8 @@ def test(run: Run) -> None:
         if pending:
             time.sleep(2)
     check_running(run, allow_down=() if api_ok else (name("api"),))
-    print(f"  {len(expected_containers()) - (0 if api_ok else 1)} containers healthy", flush=True)
+    checked = [c for c in expected_containers() if c != name("proxy") and (api_ok or c != name("api"))]
+    print(f"  {len(checked)} containers healthy (the proxy has no health check)", flush=True)
 
 
 def main() -> int:
@@ -486,7 +535,7 @@ def main() -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    print(f"compose test: project {PROJECT}, DICOM 127.0.0.1:{DICOM_PORT}, API 127.0.0.1:{API_PORT}, "
+    print(f"compose test: project {PROJECT}, DICOM 127.0.0.1:{DICOM_PORT}, HTTPS 127.0.0.1:{HTTPS_PORT}, "
           f"{WORKERS} workers; logs in {run.logdir}", flush=True)
     ok = False
     try:

@@ -80,6 +80,10 @@ class Settings:
     stable_seconds : int
         ``PACSBRIDGE_STABLE_SECONDS``: a series with no new instance for this
         long is marked stable.
+    require_called_ae : bool
+        ``PACSBRIDGE_REQUIRE_CALLED_AE``: refuse associations whose called AE
+        title is not ``ae_title`` (``pacsbridge serve`` turns it off, so that
+        DCMTK's and pynetdicom's default ``ANY-SCP`` get in, with a warning).
     api_host, api_port : str, int
         ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
     api_tokens : str
@@ -101,6 +105,7 @@ class Settings:
     listener_port: int = 11112
     broker_url: str = ""
     allowed_peers: str = ""
+    require_called_ae: bool = True
     export_root: Path = Path("export")
     import_root: Path = Path("import")
     stable_seconds: int = 60
@@ -166,7 +171,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if dup not in ("keep", "replace", "keep-both"):
             raise ConfigError(f"PACSBRIDGE_DUPLICATES={dup!r}: expected keep, replace or keep-both")
         kw["duplicates"] = dup
-    for name, attr in (("FSYNC", "fsync"), ("DROP_CACHE", "drop_cache"), ("SPECIAL_COLUMNS", "special_columns")):
+    for name, attr in (("FSYNC", "fsync"), ("DROP_CACHE", "drop_cache"), ("SPECIAL_COLUMNS", "special_columns"),
+                       ("REQUIRE_CALLED_AE", "require_called_ae")):
         value = get(name)
         if value is not None:
             kw[attr] = _bool(f"PACSBRIDGE_{name}", value)

@@ -14,8 +14,11 @@ __all__ = ["Supervisor"]
 class Supervisor:
     """Catch SIGINT/SIGTERM, watch named children, stop them all on the way out.
 
-    ``own_groups``: each child leads its own process group (``start_new_session``),
-    so stopping signals the whole group (a child's own children too).
+    ``own_groups``: each child leads its own process group (``start_new_session``), so a
+    terminal's Ctrl-C reaches only us. Stopping asks each child (the leader) to stop, and the child
+    stops its own children: a Celery worker's pool processes must not get the SIGTERM themselves
+    (Celery logs each as an error, replaces them and takes far longer to stop). Whatever is left of
+    a group after its leader ended, or after ``grace``, is killed.
     """
 
     def __init__(self, own_groups: bool = False) -> None:
@@ -46,13 +49,13 @@ class Supervisor:
             time.sleep(poll)
         return None
 
-    def _signal(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+    def _signal(self, proc: subprocess.Popen[bytes], sig: int, group: bool = False) -> None:
         try:
-            if self.own_groups:
-                os.killpg(proc.pid, sig)
-            else:
+            if group and self.own_groups:
+                os.killpg(proc.pid, sig)  # the group id stays in use (not reused) while any member lives
+            elif proc.poll() is None:
                 proc.send_signal(sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
     def stop_all(self, grace: float = 30.0) -> list[str]:
@@ -69,7 +72,8 @@ class Supervisor:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
+                self._signal(proc, signal.SIGKILL, group=True)
                 proc.wait()
                 killed.append(name)
+            self._signal(proc, signal.SIGKILL, group=True)  # anything its leader left behind
         return killed

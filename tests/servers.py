@@ -1,7 +1,11 @@
-"""Throwaway servers for fault tests: stopping them leaves the machine's own services up."""
+"""Throwaway servers: the tests' own Redis (each stack's broker) and, for fault tests, PostgreSQL.
+
+Stopping or emptying them leaves the machine's own services, which other test runs share, alone.
+"""
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -10,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .test_listener import free_port
+from .orthanc import free_port
 
 
 class ThrowawayRedis:
@@ -30,6 +34,7 @@ class ThrowawayRedis:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).returncode == 0:
+                atexit.register(self.stop)  # a test that never reaches its stop() leaves no server behind
                 return
             time.sleep(0.05)
         raise TimeoutError("redis did not start")
@@ -39,6 +44,7 @@ class ThrowawayRedis:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+        atexit.unregister(self.stop)
 
 
 def _pg_bin(name: str) -> str:

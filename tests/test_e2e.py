@@ -3,7 +3,7 @@
 listener, worker and API run as separate processes with the commands of
 docker-compose.yml (``pacsbridge listener``, ``pacsbridge worker``, gunicorn on
 ``pacsbridge.api:create_app()``) and its environment variables, against the
-machine's real PostgreSQL and Redis. Orthanc is the hospital PACS; a second
+machine's real PostgreSQL and a redis-server of its own. Orthanc is the hospital PACS; a second
 Orthanc is the research platform's DICOM node. A retrieve job submitted over
 HTTP goes C-MOVE → listener → worker → index and succeeds with the right
 per-series counts; a push job then sends it to the second node, where every
@@ -29,6 +29,7 @@ import pytest
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc, free_port
+from .servers import ThrowawayRedis
 
 pytestmark = pytest.mark.slow
 TOKEN = "e2e-secret-token"
@@ -40,13 +41,13 @@ class Compose:
     def __init__(self, tmp_path: Path, database_url: str) -> None:
         self.dicom_port = free_port()
         self.api_port = free_port()
-        redis_db = self.dicom_port % 14 + 1
-        subprocess.run(["redis-cli", "-n", str(redis_db), "flushdb"], check=True, capture_output=True)
+        self.redis = ThrowawayRedis()  # the broker: our own, never a database of the machine's Redis
+        self.redis.start()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
         self.env.update({
             # the values docker-compose.yml gives, with this machine's addresses
             "PACSBRIDGE_DATABASE_URL": database_url,
-            "PACSBRIDGE_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+            "PACSBRIDGE_BROKER_URL": self.redis.url,
             "PACSBRIDGE_STORAGE": str(tmp_path / "data"),
             "PACSBRIDGE_EXPORT_ROOT": str(tmp_path / "export"),
             "PACSBRIDGE_IMPORT_ROOT": str(tmp_path / "import"),
@@ -123,6 +124,7 @@ class Compose:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        self.redis.stop()
 
 
 def _pixels(data: bytes) -> str:

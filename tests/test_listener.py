@@ -17,6 +17,7 @@ from pacsbridge.shared.config import Settings
 from pacsbridge.shared.context import open_context
 
 from .helpers import TEST_FILES, make_instance
+from .servers import ThrowawayRedis
 
 PB = [sys.executable, "-m", "pacsbridge.cli"]
 
@@ -43,19 +44,20 @@ class Stack:
     def __init__(self, tmp_path: Path, database_url: str | None = None, broker_url: str | None = None,
                  **env_extra: str) -> None:
         self.port = free_port()
-        db = self.port % 14 + 1
+        # the broker: our own redis-server unless given one (never a database of the machine's Redis)
+        self.redis = None if broker_url else ThrowawayRedis()
+        if self.redis is not None:
+            self.redis.start()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
         self.env.update({
             "PACSBRIDGE_STORAGE": str(tmp_path / "data"),
             "PACSBRIDGE_DATABASE_URL": database_url or f"sqlite:///{tmp_path / 'idx.db'}",
-            "PACSBRIDGE_BROKER_URL": broker_url or f"redis://127.0.0.1:6379/{db}",
+            "PACSBRIDGE_BROKER_URL": broker_url or self.redis.url,
             "PACSBRIDGE_ALLOWED_PEERS": "SENDER,LOCAL@127.0.0.1",
             "PACSBRIDGE_LISTENER_PORT": str(self.port), "PACSBRIDGE_LISTENER_PROCESSES": "2", "TCP_NODELAY": "1",
             "PACSBRIDGE_RECONCILE_MIN_AGE": "0", "PACSBRIDGE_RECONCILE_SECONDS": "2",
         })
         self.env.update(env_extra)
-        if broker_url is None:
-            subprocess.run(["redis-cli", "-n", str(db), "flushdb"], check=True, capture_output=True)
         self.logs = tmp_path / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.settings = Settings(database_url=self.env["PACSBRIDGE_DATABASE_URL"], storage=tmp_path / "data")
@@ -84,6 +86,8 @@ class Stack:
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+        if self.redis is not None:
+            self.redis.stop()
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 A comma-separated list of ``AETITLE`` or ``AETITLE@address`` where the
 address is an IP or a network (``10.1.2.0/24``); ``*`` alone allows every
-peer (for a first try only). Empty allows nobody.
+peer (for a first try only), ``*@address`` any calling AE title from that
+address (``pacsbridge serve``: ``*@127.0.0.1``). Empty allows nobody.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import NamedTuple
 
 from pacsbridge.shared.errors import ConfigError
 
-__all__ = ["Peers", "parse_peers", "with_nodes"]
+__all__ = ["Peers", "parse_peers", "with_nodes", "ANY_AE"]
+
+#: ``*@address``: any calling AE title, from that address only.
+ANY_AE = "*"
 
 
 class Peers(NamedTuple):
@@ -22,10 +26,23 @@ class Peers(NamedTuple):
     def ae_titles(self) -> list[str]:
         return sorted(self.rules)
 
+    def calling_aets(self) -> list[str]:
+        """pynetdicom's ``require_calling_aet``: [] accepts any title (checked with the address once accepted)."""
+        if self.any_peer or ANY_AE in self.rules:
+            return []
+        # an empty list would mean "anyone" to pynetdicom: keep a title no one can send
+        return self.ae_titles() or ["\x7fNOBODY"[:16]]
+
     def allows(self, ae_title: str, address: str) -> bool:
         if self.any_peer:
             return True
         nets = self.rules.get(ae_title.strip())
+        if self._from(nets, address):
+            return True
+        return self._from(self.rules.get(ANY_AE), address)
+
+    @staticmethod
+    def _from(nets: list | None, address: str) -> bool:
         if nets is None:
             return False
         if not nets:
@@ -58,6 +75,9 @@ def parse_peers(text: str) -> Peers:
         ae = ae.strip()
         if not ae or len(ae) > 16 or "\\" in ae:
             raise ConfigError(f"PACSBRIDGE_ALLOWED_PEERS: bad AE title in {item!r}")
+        if ae == ANY_AE and not addr.strip():
+            raise ConfigError(f"PACSBRIDGE_ALLOWED_PEERS: {item!r} in a list needs an address (*@127.0.0.1); "
+                              "* alone allows every peer")
         nets = rules.setdefault(ae, [])
         if addr:
             try:

@@ -27,7 +27,7 @@ from pacsbridge.shared.config import Settings
 from pacsbridge.shared.errors import ConfigError
 from pacsbridge.shared.storage import Storage
 
-from .peers import parse_peers
+from .peers import ANY_AE, parse_peers
 from .queue import Batcher
 from .slots import PeerSlots
 
@@ -69,10 +69,8 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     ae.acse_timeout = _env_float("PACSBRIDGE_ACSE_TIMEOUT", 30)
     ae.dimse_timeout = _env_float("PACSBRIDGE_DIMSE_TIMEOUT", 60)
     ae.network_timeout = _env_float("PACSBRIDGE_NETWORK_TIMEOUT", 60)
-    ae.require_called_aet = True
-    if not peers.any_peer:
-        # an empty list would mean "anyone" to pynetdicom: keep a title no one can send
-        ae.require_calling_aet = peers.ae_titles() or ["\x7fNOBODY"[:16]]
+    ae.require_called_aet = settings.require_called_ae
+    ae.require_calling_aet = peers.calling_aets()
     return ae
 
 
@@ -271,8 +269,7 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
                 if merged != current:
                     current = merged
                     handlers.peers = server.peers = merged
-                    if not merged.any_peer:
-                        ae.require_calling_aet = merged.ae_titles() or ["\x7fNOBODY"[:16]]
+                    ae.require_calling_aet = merged.calling_aets()
             if stop.wait(PEERS_REFRESH_SECONDS):
                 return
     finally:
@@ -355,6 +352,12 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         log.warning("PACSBRIDGE_ALLOWED_PEERS=*: any calling AE may store here (fine for a first try only)")
     elif not peers.rules:
         log.warning("PACSBRIDGE_ALLOWED_PEERS is empty: every association will be rejected")
+    elif ANY_AE in peers.rules:
+        log.warning("PACSBRIDGE_ALLOWED_PEERS=*@%s: any calling AE title from there may store here "
+                    "(fine for a first try only)", ",".join(map(str, peers.rules[ANY_AE])))
+    if not settings.require_called_ae:
+        log.warning("PACSBRIDGE_REQUIRE_CALLED_AE=0: any called AE title is accepted, not only %s "
+                    "(fine for a first try only)", settings.ae_title)
     processes = (getattr(args, "processes", None) if args is not None else None) or \
         int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or 2 * (os.cpu_count() or 1)
     period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
