@@ -44,7 +44,9 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _ERROR_TEXT = {
-    400: "Bad request: malformed JSON, unknown field or parameter, wrong type or value (`field` names it)",
+    400: "Bad request: malformed JSON, unknown field or parameter, wrong type or value, a control character "
+         "(NUL ...) or bytes that are not UTF-8 in a path or query parameter, a lone surrogate in the body "
+         "(`field` names it)",
     401: "No token, an unknown or expired token",
     403: "The token's role may not do this",
     404: "No such resource",
