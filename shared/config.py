@@ -80,6 +80,10 @@ class Settings:
     stable_seconds : int
         ``PACSBRIDGE_STABLE_SECONDS``: a series with no new instance for this
         long is marked stable.
+    listener_metrics_host : str
+        ``PACSBRIDGE_LISTENER_METRICS_HOST``: the address the listener's metrics
+        (``PACSBRIDGE_LISTENER_METRICS_PORT``) listen on; empty: the listener's own
+        host, so a listener bound to 127.0.0.1 does not publish its metrics further.
     api_host, api_port : str, int
         ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
     api_tokens : str
@@ -99,6 +103,7 @@ class Settings:
     ae_title: str = "PACSBRIDGE"
     listener_host: str = "0.0.0.0"
     listener_port: int = 11112
+    listener_metrics_host: str = ""
     broker_url: str = ""
     allowed_peers: str = ""
     export_root: Path = Path("export")
@@ -178,6 +183,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["listener_host"] = get("LISTENER_HOST")
     if get("LISTENER_PORT"):
         kw["listener_port"] = _int("PACSBRIDGE_LISTENER_PORT", get("LISTENER_PORT") or "", 1)
+    if get("LISTENER_METRICS_HOST"):
+        kw["listener_metrics_host"] = get("LISTENER_METRICS_HOST")
     if get("BROKER_URL"):
         kw["broker_url"] = get("BROKER_URL")
     if get("ALLOWED_PEERS") is not None:

@@ -23,8 +23,9 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .errors import InvalidRequest
+from .errors import ConfigError, InvalidRequest
 from .query import Query
+from .storage import Template
 
 __all__ = ["validate", "SELECTION_KEYS", "safe_relative"]
 
@@ -129,6 +130,10 @@ def validate(body: Any) -> tuple[str, str | None, dict[str, Any], str]:
         template = body.get("template", "px-repack")
         if not isinstance(template, str) or not template or len(template) > 1024:
             raise InvalidRequest("a preset name or a template string", "template")
+        try:  # the runner's own check, now: a bad template is a 400, not a job that fails later
+            Template(template)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc), "template") from None
         params["template"] = template
         link = body.get("link", False)
         if not isinstance(link, bool):

@@ -244,7 +244,8 @@ def test_jobs_submit_dedupe_list_cancel_retry(client, app):
     jobs.set_series(first["id"], [SeriesProgress("1.2.3", study_uid="1.2", expected=10, received=4, indexed=3)])
     got = client.get(first["path"], headers=auth("read")).get_json()
     assert got["series"][0]["series_uid"] == "1.2.3" and got["totals"]["expected"] == 10
-    assert got["params"]["query"]["PatientID"] == "P1" and got["webhook"] == "https://platform.example/hook"
+    assert got["params"]["query"]["PatientID"] == "P1" and got["webhook"] == ""  # only its owner sees it
+    assert client.get(first["path"], headers=auth("user")).get_json()["webhook"] == "https://platform.example/hook"
 
     page = client.get("/api/v1/jobs?limit=1", headers=auth("read")).get_json()
     assert page["total"] == 2 and len(page["items"]) == 1 and page["items"][0]["id"] == imp["id"]

@@ -10,13 +10,16 @@ writes a queued row and sends its id to the workers. It answers
 ``enqueued`` is false when the broker could not be reached; the row stays
 ``queued`` (the workers' sweeper sends it later). Submitting, cancelling and
 retrying need role ``user``.
+
+A job's ``webhook`` (its URL may hold a key) and ``worker`` (host and pid) are shown
+only to the token that submitted it (``owner``) and to admins; others see them empty.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, g
 
 from pacsbridge.shared import jobspec
 from pacsbridge.shared.errors import InvalidRequest
@@ -31,8 +34,21 @@ __all__ = ["bp"]
 bp = Blueprint("jobs", __name__)
 
 
+#: Fields only a job's owner and admins see.
+PRIVATE = ("webhook", "worker")
+
+
+def _view(job: Job, with_series: bool = True) -> dict[str, Any]:
+    """The job as this request's token may see it."""
+    out = job.to_dict(with_series=with_series)
+    if g.get("role") != "admin" and not (job.owner and g.get("token_name") == job.owner):
+        for name in PRIVATE:
+            out[name] = ""
+    return out
+
+
 def _summary(job: Job) -> dict[str, Any]:
-    return job.to_dict(with_series=False)
+    return _view(job, with_series=False)
 
 
 @bp.post("/jobs")
@@ -44,7 +60,7 @@ def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
         raise InvalidRequest(f"expected one of {', '.join(k for k in KINDS if k != 'index')}", "kind")
     kind, node, params, webhook = jobspec.validate(body)
     st = state()
-    job, created = st.jobs.submit(kind, params, node, webhook)
+    job, created = st.jobs.submit(kind, params, node, webhook, owner=g.token_name)
     enqueued = st.enqueue(job) if created else None
     body = {"id": job.id, "path": f"/api/v1/jobs/{job.id}", "state": job.state, "created": created,
             "enqueued": enqueued, "job": _summary(job)}
@@ -74,7 +90,7 @@ def list_jobs() -> dict[str, Any]:
 def get_job(job_id: str) -> dict[str, Any]:
     """The job with per-series progress (``series``), ``totals`` and its error."""
     check_known(())
-    return state().jobs.get(job_id).to_dict()
+    return _view(state().jobs.get(job_id))
 
 
 @bp.post("/jobs/<job_id>/cancel")
@@ -82,7 +98,7 @@ def get_job(job_id: str) -> dict[str, Any]:
 def cancel(job_id: str) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one is asked to stop (``cancel_requested``)."""
     check_known(())
-    return state().jobs.cancel(job_id).to_dict()
+    return _view(state().jobs.cancel(job_id))
 
 
 @bp.post("/jobs/<job_id>/retry")
@@ -92,6 +108,6 @@ def retry(job_id: str) -> tuple[dict[str, Any], int]:
     check_known(())
     st = state()
     job = st.jobs.retry(job_id)
-    out = job.to_dict()
+    out = _view(job)
     out["enqueued"] = st.enqueue(job)
     return out, 202

@@ -78,6 +78,8 @@ def check_text() -> None:
     for name, value in (request.view_args or {}).items():
         if isinstance(value, str) and _CONTROL.search(value):
             raise InvalidRequest(_CONTROL_MESSAGE, name)
+        if isinstance(value, str) and "\ufffd" in value:  # what a server may make of bytes that are not UTF-8
+            raise InvalidRequest("not UTF-8 (or U+FFFD, the replacement character)", name)
     try:
         pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True,
                           encoding="utf-8", errors="strict")
