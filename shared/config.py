@@ -86,6 +86,12 @@ class Settings:
         host, so a listener bound to 127.0.0.1 does not publish its metrics further.
     api_host, api_port : str, int
         ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
+    api_threads : int
+        ``PACSBRIDGE_API_THREADS``: threads of ``pacsbridge api`` that run requests
+        (waitress reads each request whole before a thread takes it).
+    api_connections : int
+        ``PACSBRIDGE_API_CONNECTIONS``: open client connections ``pacsbridge api`` keeps
+        at most (further ones wait in the listen backlog).
     api_tokens : str
         ``PACSBRIDGE_API_TOKENS``: ``name:token[:role]`` entries separated by
         commas; a secret, so only ever from the environment or the env file.
@@ -111,6 +117,8 @@ class Settings:
     stable_seconds: int = 60
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    api_threads: int = 8
+    api_connections: int = 1000
     api_tokens: str = dataclasses.field(default="", repr=False)
 
     def with_(self, **changes: object) -> "Settings":
@@ -198,6 +206,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["api_host"] = get("API_HOST")
     if get("API_PORT"):
         kw["api_port"] = _int("PACSBRIDGE_API_PORT", get("API_PORT") or "", 1)
+    if get("API_THREADS"):
+        kw["api_threads"] = _int("PACSBRIDGE_API_THREADS", get("API_THREADS") or "", 1)
+    if get("API_CONNECTIONS"):
+        kw["api_connections"] = _int("PACSBRIDGE_API_CONNECTIONS", get("API_CONNECTIONS") or "", 1)
     if get("API_TOKENS") is not None:
         kw["api_tokens"] = get("API_TOKENS")
     return Settings(**kw)  # type: ignore[arg-type]

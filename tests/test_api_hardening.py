@@ -222,3 +222,78 @@ def test_bytes_that_are_not_utf8_in_a_path_over_a_real_socket_are_400(tmp_path):
             assert status == 400 and "UTF-8" in body["error"]["message"], (path, body)
     finally:
         s.close()
+
+
+# -- item 14: slow clients must not starve the API -----------------------------------------------
+def _compose_api_command(port: int) -> list[str]:
+    """The api service's command in docker-compose.yml, made to run here on ``port``."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.yml").read_text())
+    cmd = []
+    for arg in compose["services"]["api"]["command"]:
+        arg = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", arg)  # compose's defaults
+        arg = arg.replace("0.0.0.0:8080", f"127.0.0.1:{port}")
+        cmd.append(arg)
+    if cmd[0] == "pacsbridge":
+        return [sys.executable, "-m", "pacsbridge.cli", *cmd[1:]]
+    return [sys.executable, "-m", *cmd]
+
+
+def test_dripping_clients_do_not_starve_the_api(tmp_path):
+    """64 connections that send their request a byte every half second (the compose command,
+    started here): /healthz and an authenticated request still answer at once."""
+    import os
+    import threading
+
+    from .test_listener import free_port, wait_port
+
+    port = free_port()
+    s = Server.__new__(Server)  # the same environment as Server, with compose's command
+    s.port, s.tmp, s.procs = port, tmp_path, []
+    s.env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    s.env.update({"PACSBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'idx.db'}",
+                  "PACSBRIDGE_STORAGE": str(tmp_path / "data"),
+                  "PACSBRIDGE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+                  "PACSBRIDGE_API_TOKENS": f"rea:{TOKENS['read']}:read", "PACSBRIDGE_API_HOST": "127.0.0.1",
+                  "PACSBRIDGE_API_PORT": str(port), "PACSBRIDGE_LISTENER_PORT": str(free_port())})
+    s._start(_compose_api_command(port), "api")
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+
+    def drip(sock: socket.socket) -> None:
+        line = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        for i in range(len(line)):
+            if stop.wait(0.5):
+                return
+            try:
+                sock.send(line[i:i + 1])
+            except OSError:
+                return
+
+    try:
+        wait_port(port, timeout=30)
+        assert s.call("GET", "/healthz", role=None)[0] == 200
+        threads = []
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(sock)
+            threads.append(threading.Thread(target=drip, args=(sock,), daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(2)  # every dripper has sent its first bytes and is being read
+        for path, role in (("/healthz", None), ("/api/v1/jobs", "read"), ("/healthz", None)):
+            t0 = time.monotonic()
+            req = urllib.request.Request(s.url + path, headers=auth(role) if role else {})
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                assert resp.status == 200
+            assert time.monotonic() - t0 < 2.0, (path, time.monotonic() - t0)
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
+        s.close()
