@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="indexing processes (PACSBRIDGE_WORKER_CONCURRENCY, default: cores)")
             p.add_argument("--job-concurrency", type=int, default=None,
                            help="jobs run at once (PACSBRIDGE_JOB_CONCURRENCY, default 2)")
-            p.add_argument("--queues", choices=("all", "index", "jobs"), default=None,
+            p.add_argument("--queues", choices=("all", "index", "jobs", "webhooks"), default=None,
                            help="what this worker serves (PACSBRIDGE_WORKER_QUEUES, default all)")
         p.set_defaults(func=cmd_service)
     p = sub.add_parser("api", help="run the HTTP API (waitress)",

@@ -95,6 +95,21 @@ class Settings:
     api_tokens : str
         ``PACSBRIDGE_API_TOKENS``: ``name:token[:role]`` entries separated by
         commas; a secret, so only ever from the environment or the env file.
+    webhook_allow : str
+        ``PACSBRIDGE_WEBHOOK_ALLOW``: where job webhooks may go (host names,
+        ``*.domain``, addresses and networks, comma separated); empty: webhooks
+        are off. See :mod:`pacsbridge.shared.webhooks`.
+    webhook_secret : str
+        ``PACSBRIDGE_WEBHOOK_SECRET`` (or the file named by
+        ``PACSBRIDGE_WEBHOOK_SECRET_FILE``): the key webhooks are signed with
+        (HMAC-SHA256); never in the database.
+    webhook_timeout : int
+        ``PACSBRIDGE_WEBHOOK_TIMEOUT``: seconds one webhook request may take in all.
+    webhook_retries : int
+        ``PACSBRIDGE_WEBHOOK_RETRIES``: retries (with exponential backoff) of a
+        webhook that timed out or answered 5xx.
+    webhook_threads : int
+        ``PACSBRIDGE_WEBHOOK_THREADS``: webhooks sent at once per worker container.
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -120,10 +135,30 @@ class Settings:
     api_threads: int = 8
     api_connections: int = 1000
     api_tokens: str = dataclasses.field(default="", repr=False)
+    webhook_allow: str = ""
+    webhook_secret: str = dataclasses.field(default="", repr=False)
+    webhook_timeout: int = 5
+    webhook_retries: int = 8
+    webhook_threads: int = 4
 
     def with_(self, **changes: object) -> "Settings":
         """Return a copy with some settings changed."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _secret(name: str, value: str | None, file: str | None) -> str:
+    """A secret from ``NAME`` or from the file named by ``NAME_FILE`` (docker/podman secrets)."""
+    if value and file:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
+    if file:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={file}: {exc.strerror}") from None
+    value = value or ""
+    if value and (len(value) < 16 or any(ord(c) < 0x21 for c in value)):
+        raise ConfigError(f"{name}: at least 16 printable characters (e.g. `openssl rand -hex 32`)")
+    return value
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -212,4 +247,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["api_connections"] = _int("PACSBRIDGE_API_CONNECTIONS", get("API_CONNECTIONS") or "", 1)
     if get("API_TOKENS") is not None:
         kw["api_tokens"] = get("API_TOKENS")
+    if get("WEBHOOK_ALLOW"):
+        kw["webhook_allow"] = get("WEBHOOK_ALLOW")
+    kw["webhook_secret"] = _secret("PACSBRIDGE_WEBHOOK_SECRET", get("WEBHOOK_SECRET"), get("WEBHOOK_SECRET_FILE"))
+    if get("WEBHOOK_TIMEOUT"):
+        kw["webhook_timeout"] = _int("PACSBRIDGE_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT") or "", 1)
+    if get("WEBHOOK_RETRIES"):
+        kw["webhook_retries"] = _int("PACSBRIDGE_WEBHOOK_RETRIES", get("WEBHOOK_RETRIES") or "", 0)
+    if get("WEBHOOK_THREADS"):
+        kw["webhook_threads"] = _int("PACSBRIDGE_WEBHOOK_THREADS", get("WEBHOOK_THREADS") or "", 1)
     return Settings(**kw)  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def api_settings(settings: Settings, tmp_path: Path) -> Settings:
     (tmp_path / "import").mkdir()
     return settings.with_(api_tokens=TOKEN_SPEC, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
                           import_root=tmp_path / "import", export_root=tmp_path / "export",
-                          listener_port=free_port())
+                          listener_port=free_port(), webhook_allow="platform.example")
 
 
 @pytest.fixture
@@ -392,7 +392,8 @@ def test_metrics_count_requests_and_jobs(client):
 class Server:
     """``pacsbridge api`` (or gunicorn) as a process on a free port, plus a worker if asked."""
 
-    def __init__(self, tmp_path: Path, database_url: str | None = None, gunicorn: bool = False) -> None:
+    def __init__(self, tmp_path: Path, database_url: str | None = None, gunicorn: bool = False,
+                 **extra_env: str) -> None:
         self.port = free_port()
         self.tmp = tmp_path
         (tmp_path / "import").mkdir(exist_ok=True)
@@ -405,6 +406,7 @@ class Server:
             "PACSBRIDGE_LISTENER_PORT": str(free_port()), "PACSBRIDGE_IMPORT_WORKERS": "1",
             "PACSBRIDGE_API_PORT": str(self.port),
         })
+        self.env.update(extra_env)
         self.procs: list[subprocess.Popen] = []
         cmd = ([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{self.port}",
                 "pacsbridge.api:create_app()"] if gunicorn else PB + ["api"])
@@ -416,8 +418,8 @@ class Server:
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
-    def worker(self) -> None:
-        self._start(PB + ["worker", "--concurrency", "1"], "worker")
+    def worker(self, *extra: str) -> None:
+        self._start(PB + ["worker", "--concurrency", "1", *extra], "worker")
 
     @property
     def url(self) -> str:

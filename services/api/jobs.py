@@ -58,8 +58,8 @@ def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
     body = json_object()
     if not isinstance(body.get("kind"), str):  # jobspec.validate expects a hashable kind
         raise InvalidRequest(f"expected one of {', '.join(k for k in KINDS if k != 'index')}", "kind")
-    kind, node, params, webhook = jobspec.validate(body)
     st = state()
+    kind, node, params, webhook = jobspec.validate(body, st.webhook_policy)
     job, created = st.jobs.submit(kind, params, node, webhook, owner=g.token_name)
     enqueued = st.enqueue(job) if created else None
     body = {"id": job.id, "path": f"/api/v1/jobs/{job.id}", "state": job.state, "created": created,
