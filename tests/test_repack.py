@@ -130,9 +130,14 @@ def test_hostile_destinations_are_refused_and_write_nothing(rctx, jobs, tmp_path
                                          "dest": "evil/sub"}).id, rctx, jobs)
     assert done.state == "failed" and "outside PACSBRIDGE_EXPORT_ROOT" in done.error
     assert list(outside.iterdir()) == []
-    # a malformed template
-    bad = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t",
-                                        "template": "{Patient ID}/x.dcm"}).id, rctx, jobs)
+    # a malformed template: refused at submit, and by the runner for a row written without validate()
+    with pytest.raises(InvalidRequest) as info:
+        _submit(jobs, {"kind": "repack", "selection": {"PatientID": "PB0001"}, "dest": "t",
+                       "template": "{Patient ID}/x.dcm"})
+    assert info.value.field == "template"
+    row, _ = jobs.submit("repack", {"selection": {"PatientID": "PB0001"}, "dest": "t",
+                                    "template": "{Patient ID}/x.dcm", "link": False})
+    bad = runner.run_job(row.id, rctx, jobs)
     assert bad.state == "failed" and bad.error.startswith("template:")
     # nothing matches
     none = runner.run_job(_submit(jobs, {"kind": "repack", "selection": {"PatientID": "nobody"}, "dest": "n"}).id,

@@ -115,7 +115,8 @@ _SELECTION = {
 }
 
 _WEBHOOK = {"type": "string", "nullable": True, "maxLength": 2048, "pattern": r"^(https?://[^/?#\x00-\x20\x7f]+.*)?$",
-            "description": "called with the finished job (POST, JSON)"}
+            "description": "called with the finished job (POST, JSON, signed: X-Pacsbridge-Signature); only a "
+                           "destination in PACSBRIDGE_WEBHOOK_ALLOW, else 400"}
 
 
 def _job_request(kind: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
