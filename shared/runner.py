@@ -21,7 +21,6 @@ the job's slot never waits on the receiver.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import socket

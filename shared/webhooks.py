@@ -228,7 +228,8 @@ def _resolve(host: str, port: int) -> list[Address]:
     return seen
 
 
-def check_url(url: str, policy: Policy, resolve: bool = True, strict_resolve: bool = True) -> tuple[Target, list[Address]]:
+def check_url(url: str, policy: Policy, resolve: bool = True,
+              strict_resolve: bool = True) -> tuple[Target, list[Address]]:
     """Check that ``url`` goes where the allow-list lets webhooks go.
 
     Returns the target and the addresses it may connect to (every address the name resolves
@@ -277,26 +278,37 @@ def backoff(retries: int) -> float:
     return float(min(600, 2 ** retries))
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to the address that was checked, whatever the name resolves to by now."""
+def _connect(addresses: list[Address], port: int, timeout: float) -> socket.socket:
+    """A connection to the first of the checked ``addresses`` that answers."""
+    error: OSError = OSError("no address")
+    for address in addresses:
+        try:
+            return socket.create_connection((str(address), port), timeout)
+        except OSError as exc:
+            error = exc
+    raise error
 
-    def __init__(self, host: str, port: int, address: Address, timeout: float) -> None:
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the addresses that were checked, whatever the name resolves to by now."""
+
+    def __init__(self, host: str, port: int, addresses: list[Address], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = str(address)
+        self._addresses = addresses
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _connect(self._addresses, self.port, self.timeout)  # type: ignore[arg-type]
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS to the checked address; the certificate is checked against the host name (SNI too)."""
+    """HTTPS to the checked addresses; the certificate is checked against the host name (SNI too)."""
 
-    def __init__(self, host: str, port: int, address: Address, timeout: float) -> None:
+    def __init__(self, host: str, port: int, addresses: list[Address], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = str(address)
+        self._addresses = addresses
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = _connect(self._addresses, self.port, self.timeout)  # type: ignore[arg-type]
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
@@ -315,9 +327,8 @@ def deliver(url: str, body: bytes, policy: Policy, secret: bytes, timeout: float
     if not secret:
         raise WebhookRefused("PACSBRIDGE_WEBHOOK_SECRET is not set: webhooks are never sent unsigned")
     target, addresses = check_url(url, policy)
-    address = addresses[0]
     cls = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
-    conn = cls(target.host, target.port, address, timeout)
+    conn = cls(target.host, target.port, addresses, timeout)
     headers = {"Content-Type": "application/json", "User-Agent": "pacsbridge", EVENT_HEADER: "job.finished",
                DELIVERY_HEADER: delivery, SIGNATURE_HEADER: sign(body, secret)}
     expired = threading.Event()
@@ -342,7 +353,8 @@ def deliver(url: str, body: bytes, policy: Policy, secret: bytes, timeout: float
     except (OSError, http.client.HTTPException) as exc:
         reason = f"no answer within {timeout:g} s" if expired.is_set() or isinstance(exc, TimeoutError) else \
             f"{type(exc).__name__}: {exc}"
-        raise WebhookFailed(f"{target.host}:{target.port} ({address}): {reason}") from None
+        where = ", ".join(map(str, addresses))
+        raise WebhookFailed(f"{target.host}:{target.port} ({where}): {reason}") from None
     finally:
         timer.cancel()
         conn.close()

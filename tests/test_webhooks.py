@@ -11,12 +11,11 @@ import http.server
 import json
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from .helpers import make_instance
-from .test_api import (TOKENS, Server, api_settings, assert_error, auth, snapshot)  # noqa: F401 - fixture
+from .test_api import Server, api_settings, assert_error, auth, snapshot  # noqa: F401 - a fixture
 
 SECRET = "webhook-secret-0123456789abcdef"
 
