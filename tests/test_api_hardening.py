@@ -297,3 +297,25 @@ def test_dripping_clients_do_not_starve_the_api(tmp_path):
         for sock in socks:
             sock.close()
         s.close()
+
+
+def test_raw_bytes_that_are_not_utf8_in_a_query_string_are_400(tmp_path):
+    """Bytes sent as they are (not %-escaped), over a real socket: a 400, never a 500."""
+    from .test_listener import wait_port
+
+    s = Server(tmp_path)
+    try:
+        wait_port(s.port)
+        for target in (b"/api/v1/studies?PatientName=\xff\xfe", b"/api/v1/jobs/\xff"):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"Authorization: Bearer " + TOKENS["read"].encode() + b"\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400", answer  # waitress refuses such a request line itself
+            if b"application/json" in head:
+                assert json.loads(body)["error"]["status"] == 400, answer
+    finally:
+        s.close()

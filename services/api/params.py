@@ -90,6 +90,9 @@ def check_text() -> None:
             raise InvalidRequest(f"a parameter name with a control character: {name!r}", "query")
         if _CONTROL.search(value):
             raise InvalidRequest(_CONTROL_MESSAGE, name)
+    for name, value in request.args.items(multi=True):  # raw bytes that are not UTF-8 (not %-escaped)
+        if "\ufffd" in name or "\ufffd" in value:
+            raise InvalidRequest("not UTF-8 (or U+FFFD, the replacement character)", name)
 
 
 def check_known(allowed: Iterable[str]) -> None:
