@@ -176,6 +176,37 @@ def test_send_checks_the_resolved_address_and_follows_no_redirect(receiver):
         verify(last["headers"], last["body"], secret="another-secret-0123456789")
 
 
+def test_https_goes_to_the_checked_address_and_checks_the_certificate_against_the_name(tmp_path, monkeypatch):
+    """A TLS receiver with a certificate for ``localhost``: sent when the name matches (SNI and the
+    check use the URL's name, the connection the checked address), refused when it does not."""
+    import ssl
+    import subprocess
+
+    from pacsbridge.shared import webhooks
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the test's CA, for ssl.create_default_context()
+    r = Receiver()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    r.socket = context.wrap_socket(r.socket, server_side=True)
+    try:
+        port = r.server_address[1]
+        policy = webhooks.Policy.parse("127.0.0.0/8, ::1")  # localhost by its addresses
+        status = webhooks.deliver(f"https://localhost:{port}/tls", b'{"tls": true}', policy, SECRET.encode(),
+                                  timeout=5)
+        assert status == 204 and r.requests[-1]["headers"]["Host"] == f"localhost:{port}"
+        assert verify(r.requests[-1]["headers"], r.requests[-1]["body"]) == {"tls": True}
+        with pytest.raises(webhooks.WebhookFailed, match="certificate|CERTIFICATE"):
+            webhooks.deliver(f"https://127.0.0.1:{port}/tls", b"{}", policy, SECRET.encode(), timeout=5)
+        assert len(r.requests) == 1
+    finally:
+        r.close()
+
+
 # -- a real worker --------------------------------------------------------------------------------
 def _wait(s: Server, path: str, timeout: float = 90) -> dict:
     deadline = time.monotonic() + timeout
