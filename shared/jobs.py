@@ -84,6 +84,8 @@ jobs_table = Table(
     # the name of the API token that submitted the job ("" from the CLI or a rule): it, and admins,
     # see the job's webhook and worker. Added to older databases by upgrade().
     Column("owner", String(64), nullable=False, default="", server_default=""),
+    # what became of the webhook: queued, sent (status), retrying (why), failed or refused (why)
+    Column("webhook_status", String(512), nullable=False, default="", server_default=""),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False, index=True),
     Column("enqueued_at", Float, nullable=True),
@@ -261,6 +263,7 @@ class Job:
     webhook: str = ""
     worker: str = ""
     owner: str = ""
+    webhook_status: str = ""
     cancel_requested: bool = False
     created_at: float = 0.0
     started_at: float | None = None
@@ -336,6 +339,7 @@ def _job(row: Any) -> Job:
     return Job(id=m["id"], kind=m["kind"], node=m["node"], params=json.loads(m["params"]),
                state=m["state"], attempts=m["attempts"], error=m["error"],
                result=json.loads(m["result"] or "{}"), webhook=m["webhook"], worker=m["worker"], owner=m["owner"],
+               webhook_status=m["webhook_status"],
                cancel_requested=bool(m["cancel_requested"]), created_at=m["created_at"],
                started_at=m["started_at"], heartbeat_at=m["heartbeat_at"], finished_at=m["finished_at"])
 
@@ -584,6 +588,11 @@ class JobStore:
 
     def series(self, job_id: str) -> list[SeriesProgress]:
         return self.get(job_id).series
+
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        """Say what became of the job's webhook (shown to its owner and admins)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(webhook_status=status[:512]))
 
     def mark_enqueued(self, job_id: str) -> None:
         """Remember that a ``run_job`` message for this job was just sent."""

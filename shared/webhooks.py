@@ -73,6 +73,7 @@ class WebhookRefused(InvalidRequest):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "webhook")
+        self.reason = message
 
 
 class WebhookFailed(PacsbridgeError):

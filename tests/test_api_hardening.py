@@ -90,6 +90,7 @@ def test_only_the_owner_and_admins_see_a_jobs_webhook_and_worker(two_users_app):
     job_id = resp.get_json()["id"]
     jobs = two_users_app.extensions["pacsbridge"].jobs
     assert jobs.claim(job_id, "worker-host-7:4242") is not None
+    jobs.set_webhook_status(job_id, "refused: s3cret host resolves to 10.1.2.3")
     other = {"Authorization": f"Bearer {OTHER_USER}"}
     for headers in (auth("read"), other):
         one = c.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
@@ -101,7 +102,7 @@ def test_only_the_owner_and_admins_see_a_jobs_webhook_and_worker(two_users_app):
     for headers in (auth("user"), auth("admin")):  # the owner, and an admin
         one = c.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
         listed = c.get("/api/v1/jobs", headers=headers).get_json()["items"][0]
-        assert one["webhook"] == hook and one["worker"] == "worker-host-7:4242"
+        assert one["webhook"] == hook and one["worker"] == "worker-host-7:4242" and "10.1.2.3" in one["webhook_status"]
         assert listed["webhook"] == hook and listed["worker"] == "worker-host-7:4242"
     # what cancel answers follows the same rule
     cancelled = c.post(f"/api/v1/jobs/{job_id}/cancel", headers=other).get_json()
@@ -198,7 +199,8 @@ def test_a_database_made_before_job_owners_gets_the_column(db_url):
     engine = make_engine(db_url)
     try:
         old = MetaData()
-        Table(jobs_table.name, old, *(c.copy() for c in jobs_table.columns if c.name != "owner"))
+        Table(jobs_table.name, old, *(c.copy() for c in jobs_table.columns
+                                       if c.name not in ("owner", "webhook_status")))
         old.create_all(engine)
         with engine.begin() as conn:
             conn.execute(insert(old.tables[jobs_table.name]).values(
@@ -207,7 +209,7 @@ def test_a_database_made_before_job_owners_gets_the_column(db_url):
         jobs = JobStore(engine)
         jobs.create()
         jobs.create()  # idempotent
-        assert jobs.get("a" * 32).owner == ""
+        assert jobs.get("a" * 32).owner == "" and jobs.get("a" * 32).webhook_status == ""
         job, _ = jobs.submit("import", {"path": "y"}, owner="uma")
         assert jobs.get(job.id).owner == "uma"
     finally:

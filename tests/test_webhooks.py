@@ -259,5 +259,10 @@ def test_webhooks_from_a_real_worker(tmp_path, receiver):
         # the redirect: asked once, never followed, never retried
         time.sleep(2)
         assert receiver.paths().count("/redirect") == 1 and "/target" not in receiver.paths()
+        # what became of each webhook: for the owner (and admins), not for a read token
+        status_of = {n: s.call("GET", submitted[n]["path"], role="user")[1]["webhook_status"] for n in ("a", "b")}
+        assert status_of["a"] == "sent: answered 204", status_of
+        assert status_of["b"].startswith("refused: answered 302"), status_of
+        assert s.call("GET", submitted["b"]["path"], role="read")[1]["webhook_status"] == ""
     finally:
         s.close()

@@ -11,8 +11,9 @@ writes a queued row and sends its id to the workers. It answers
 ``queued`` (the workers' sweeper sends it later). Submitting, cancelling and
 retrying need role ``user``.
 
-A job's ``webhook`` (its URL may hold a key) and ``worker`` (host and pid) are shown
-only to the token that submitted it (``owner``) and to admins; others see them empty.
+A job's ``webhook`` (its URL may hold a key), ``webhook_status`` (what became of it) and
+``worker`` (host and pid) are shown only to the token that submitted it (``owner``) and to
+admins; others see them empty.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ bp = Blueprint("jobs", __name__)
 
 
 #: Fields only a job's owner and admins see.
-PRIVATE = ("webhook", "worker")
+PRIVATE = ("webhook", "webhook_status", "worker")
 
 
 def _view(job: Job, with_series: bool = True) -> dict[str, Any]:

@@ -191,6 +191,8 @@ SCHEMAS: dict[str, Any] = {
                 "worker": {"type": "string", "description": "host:pid; empty unless the token is the owner's or "
                                                             "an admin's"},
                 "owner": {"type": "string", "description": "name of the token that submitted the job"},
+                "webhook_status": {"type": "string", "description": "queued, sent, retry n, failed or refused, "
+                                                                    "with the reason (owner and admins)"},
                 "cancel_requested": {"type": "boolean"},
                 "created_at": {"type": "number"},
                 **{k: {"type": "number", "nullable": True} for k in ("started_at", "heartbeat_at", "finished_at")},

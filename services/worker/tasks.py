@@ -60,6 +60,7 @@ def run_job(job_id: str) -> str | None:
 
 
 def _queue_webhook(job: Job) -> None:
+    _jobs().set_webhook_status(job.id, "queued")
     send_webhook.apply_async([job.id], queue=WEBHOOK_QUEUE, retry=True,
                              retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
 
@@ -81,15 +82,20 @@ def send_webhook(self: Task, job_id: str) -> str:
                                   timeout=settings.webhook_timeout, delivery=job.id)
     except webhooks.WebhookRefused as exc:
         log.warning("job %s: webhook not sent: %s", job_id, exc)
+        _jobs().set_webhook_status(job_id, f"refused: {exc.reason}")
         return "refused"
     except webhooks.WebhookFailed as exc:
         if self.request.retries >= settings.webhook_retries:
             log.error("job %s: webhook given up after %d retries: %s", job_id, self.request.retries, exc)
+            _jobs().set_webhook_status(job_id, f"failed after {self.request.retries} retries: {exc}")
             return "failed"
         delay = webhooks.backoff(self.request.retries)
         log.warning("job %s: webhook failed (%s); retry %d in %g s", job_id, exc, self.request.retries + 1, delay)
+        _jobs().set_webhook_status(job_id, f"retry {self.request.retries + 1} of {settings.webhook_retries} "
+                                           f"in {delay:g} s: {exc}")
         raise self.retry(countdown=delay, max_retries=settings.webhook_retries) from None
     log.info("job %s: webhook answered %s", job_id, status)
+    _jobs().set_webhook_status(job_id, f"sent: answered {status}")
     return "sent"
 
 
