@@ -186,7 +186,7 @@ def parse_url(url: str) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, str(address) if address else host, port, path, address)
+    return Target(parts.scheme, str(address) if address is not None else host, port, path, address)
 
 
 def _inet_aton_accepts(host: str) -> bool:
@@ -198,9 +198,8 @@ def _inet_aton_accepts(host: str) -> bool:
 
 
 def _kind(address: Address) -> str:
-    for attr, name in (("is_loopback", "loopback"), ("is_link_local", "link-local"), ("is_private", "private"),
-                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
-                       ("is_reserved", "reserved")):
+    for attr, name in (("is_loopback", "loopback"), ("is_unspecified", "unspecified"), ("is_link_local", "link-local"),
+                       ("is_multicast", "multicast"), ("is_private", "private"), ("is_reserved", "reserved")):
         if getattr(address, attr):
             return name
     return "not public" if not address.is_global else "public"
