@@ -205,6 +205,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     host = args.host or settings.api_host
     port = args.port or settings.api_port
     app = create_app({"SETTINGS": settings})
+    _access_log(app)
     err.print(f"pacsbridge API on http://{host}:{port}/api/v1 (OpenAPI: /api/v1/openapi.json, health: /healthz)")
     server = create_server(app, host=host, port=port, threads=settings.api_threads,
                            connection_limit=settings.api_connections,
@@ -212,6 +213,27 @@ def cmd_api(args: argparse.Namespace) -> int:
                            channel_timeout=60, ident="pacsbridge")
     server.run()
     return EXIT_OK
+
+
+def _access_log(app: Any) -> None:
+    """One line per request (waitress writes none): address, token, method, path, status, time.
+
+    The query string is left out: it may hold names and IDs of patients.
+    """
+    import time
+
+    from flask import g, request
+
+    access = logging.getLogger("pacsbridge.api.access")
+
+    @app.after_request
+    def _log(response: Any) -> Any:
+        started = g.get("started")
+        took = f"{(time.perf_counter() - started) * 1000:.0f} ms" if started is not None else "-"
+        path = request.path.encode("unicode_escape").decode("ascii")  # a %0A cannot forge a log line
+        access.info("%s %s %s %s %s %s", request.remote_addr, g.get("token_name", "-"), request.method,
+                    path, response.status_code, took)
+        return response
 
 
 # -- parser ----------------------------------------------------------------------------
