@@ -60,9 +60,14 @@ def run_job(job_id: str) -> str | None:
 
 
 def _queue_webhook(job: Job) -> None:
-    _jobs().set_webhook_status(job.id, "queued")
-    send_webhook.apply_async([job.id], queue=WEBHOOK_QUEUE, retry=True,
-                             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    """Hand the finished job's webhook to the webhook queue (the job's slot never waits on it)."""
+    _jobs().set_webhook_status(job.id, "queued")  # first: the sender may write its outcome at once
+    try:
+        send_webhook.apply_async([job.id], queue=WEBHOOK_QUEUE, retry=True,
+                                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception as exc:  # kombu and redis raise many types
+        _jobs().set_webhook_status(job.id, f"not sent: the broker was unreachable ({exc})")
+        raise
 
 
 @shared_task(name=WEBHOOK_TASK, bind=True, autoretry_for=(OperationalError, DBAPIError), retry_backoff=True,
