@@ -69,17 +69,10 @@ def two_users_app(api_settings):  # noqa: F811 - the fixture imported above
     from pacsbridge.api import create_app
 
     settings = api_settings.with_(api_tokens=f"{api_settings.api_tokens},ulf:{OTHER_USER}:user")
-    settings = _allow_webhooks(settings, "platform.example")
+    settings = settings.with_(webhook_allow="platform.example")
     application = create_app({"SETTINGS": settings, "TESTING": True})
     yield application
     application.extensions["pacsbridge"].close()
-
-
-def _allow_webhooks(settings, allow: str):
-    """Settings allowing webhooks to ``allow`` (once the setting exists)."""
-    if hasattr(settings, "webhook_allow"):
-        return settings.with_(webhook_allow=allow)
-    return settings
 
 
 def test_only_the_owner_and_admins_see_a_jobs_webhook_and_worker(two_users_app):
