@@ -192,21 +192,52 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    """Run the HTTP API with werkzeug's development server (production: gunicorn)."""
-    from werkzeug.serving import run_simple
+    """Run the HTTP API with waitress (what compose runs too).
+
+    waitress reads every request whole in its I/O loop and only then hands it to one of
+    ``PACSBRIDGE_API_THREADS`` threads, so clients that send slowly (or not at all) hold a
+    socket, never a thread: a few of them cannot starve the API, as they did gunicorn's
+    sync workers (a thread or a process per connection from its first byte).
+    """
+    from waitress.server import create_server
 
     from pacsbridge.api import create_app
 
     if args.verbose == 0:
         logging.getLogger("pacsbridge").setLevel(logging.INFO)
-        logging.getLogger("werkzeug").setLevel(logging.INFO)  # one line per request
     settings = args.settings
     host = args.host or settings.api_host
     port = args.port or settings.api_port
     app = create_app({"SETTINGS": settings})
+    _access_log(app)
     err.print(f"pacsbridge API on http://{host}:{port}/api/v1 (OpenAPI: /api/v1/openapi.json, health: /healthz)")
-    run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
+    server = create_server(app, host=host, port=port, threads=settings.api_threads,
+                           connection_limit=settings.api_connections,
+                           asyncore_use_poll=True,  # poll(), not select(): more than 1024 descriptors
+                           channel_timeout=60, ident="pacsbridge")
+    server.run()
     return EXIT_OK
+
+
+def _access_log(app: Any) -> None:
+    """One line per request (waitress writes none): address, token, method, path, status, time.
+
+    The query string is left out: it may hold names and IDs of patients.
+    """
+    import time
+
+    from flask import g, request
+
+    access = logging.getLogger("pacsbridge.api.access")
+
+    @app.after_request
+    def _log(response: Any) -> Any:
+        started = g.get("started")
+        took = f"{(time.perf_counter() - started) * 1000:.0f} ms" if started is not None else "-"
+        path = request.path.encode("unicode_escape").decode("ascii")  # a %0A cannot forge a log line
+        access.info("%s %s %s %s %s %s", request.remote_addr, g.get("token_name", "-"), request.method,
+                    path, response.status_code, took)
+        return response
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -288,12 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="indexing processes (PACSBRIDGE_WORKER_CONCURRENCY, default: cores)")
             p.add_argument("--job-concurrency", type=int, default=None,
                            help="jobs run at once (PACSBRIDGE_JOB_CONCURRENCY, default 2)")
-            p.add_argument("--queues", choices=("all", "index", "jobs"), default=None,
+            p.add_argument("--queues", choices=("all", "index", "jobs", "webhooks"), default=None,
                            help="what this worker serves (PACSBRIDGE_WORKER_QUEUES, default all)")
         p.set_defaults(func=cmd_service)
-    p = sub.add_parser("api", help="run the HTTP API (development server)",
-                       description="Run the HTTP API with a development server; in production use "
-                                   "gunicorn 'pacsbridge.api:create_app()'.")
+    p = sub.add_parser("api", help="run the HTTP API (waitress)",
+                       description="Run the HTTP API with waitress, which slow clients cannot starve "
+                                   "(PACSBRIDGE_API_THREADS, PACSBRIDGE_API_CONNECTIONS).")
     p.add_argument("--host", help="address to listen on (PACSBRIDGE_API_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (PACSBRIDGE_API_PORT, default 8080)")
     p.set_defaults(func=cmd_api)

@@ -12,7 +12,8 @@ from celery import Celery
 
 from .config import Settings, load_settings
 
-__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK", "INDEX_QUEUE", "JOBS_QUEUE"]
+__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK", "WEBHOOK_TASK", "INDEX_QUEUE",
+           "JOBS_QUEUE", "WEBHOOK_QUEUE"]
 
 #: A broker that needs no server: kombu's SQLAlchemy transport on a SQLite file.
 DEFAULT_BROKER = "sqla+sqlite:///pacsbridge-broker.db"
@@ -23,6 +24,10 @@ RUN_JOB_TASK = "pacsbridge.worker.tasks.run_job"
 #: waits for what it pulled to be indexed, so indexing must never queue behind jobs.
 INDEX_QUEUE = "pacsbridge"
 JOBS_QUEUE = "pacsbridge.jobs"
+#: ``send_webhook(job_id)``: POSTs a finished job to its webhook. A queue (and worker threads) of
+#: its own: a slow or dead receiver never holds a job slot, and retries wait there, not in a job.
+WEBHOOK_TASK = "pacsbridge.worker.tasks.send_webhook"
+WEBHOOK_QUEUE = "pacsbridge.webhooks"
 
 
 def broker_url(settings: Settings) -> str:
@@ -49,7 +54,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
         task_default_queue=INDEX_QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}, INDEX_TASK: {"queue": INDEX_QUEUE}},
+        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}, INDEX_TASK: {"queue": INDEX_QUEUE},
+                     WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
     )
     return app
 

@@ -84,11 +84,36 @@ class Settings:
         ``PACSBRIDGE_REQUIRE_CALLED_AE``: refuse associations whose called AE
         title is not ``ae_title`` (``pacsbridge serve`` turns it off, so that
         DCMTK's and pynetdicom's default ``ANY-SCP`` get in, with a warning).
+    listener_metrics_host : str
+        ``PACSBRIDGE_LISTENER_METRICS_HOST``: the address the listener's metrics
+        (``PACSBRIDGE_LISTENER_METRICS_PORT``) listen on; empty: the listener's own
+        host, so a listener bound to 127.0.0.1 does not publish its metrics further.
     api_host, api_port : str, int
         ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
+    api_threads : int
+        ``PACSBRIDGE_API_THREADS``: threads of ``pacsbridge api`` that run requests
+        (waitress reads each request whole before a thread takes it).
+    api_connections : int
+        ``PACSBRIDGE_API_CONNECTIONS``: open client connections ``pacsbridge api`` keeps
+        at most (further ones wait in the listen backlog).
     api_tokens : str
         ``PACSBRIDGE_API_TOKENS``: ``name:token[:role]`` entries separated by
         commas; a secret, so only ever from the environment or the env file.
+    webhook_allow : str
+        ``PACSBRIDGE_WEBHOOK_ALLOW``: where job webhooks may go (host names,
+        ``*.domain``, addresses and networks, comma separated); empty: webhooks
+        are off. See :mod:`pacsbridge.shared.webhooks`.
+    webhook_secret : str
+        ``PACSBRIDGE_WEBHOOK_SECRET`` (or the file named by
+        ``PACSBRIDGE_WEBHOOK_SECRET_FILE``): the key webhooks are signed with
+        (HMAC-SHA256); never in the database.
+    webhook_timeout : int
+        ``PACSBRIDGE_WEBHOOK_TIMEOUT``: seconds one webhook request may take in all.
+    webhook_retries : int
+        ``PACSBRIDGE_WEBHOOK_RETRIES``: retries (with exponential backoff) of a
+        webhook that timed out or answered 5xx.
+    webhook_threads : int
+        ``PACSBRIDGE_WEBHOOK_THREADS``: webhooks sent at once per worker container.
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -103,6 +128,7 @@ class Settings:
     ae_title: str = "PACSBRIDGE"
     listener_host: str = "0.0.0.0"
     listener_port: int = 11112
+    listener_metrics_host: str = ""
     broker_url: str = ""
     allowed_peers: str = ""
     require_called_ae: bool = True
@@ -111,11 +137,33 @@ class Settings:
     stable_seconds: int = 60
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    api_threads: int = 8
+    api_connections: int = 1000
     api_tokens: str = dataclasses.field(default="", repr=False)
+    webhook_allow: str = ""
+    webhook_secret: str = dataclasses.field(default="", repr=False)
+    webhook_timeout: int = 5
+    webhook_retries: int = 8
+    webhook_threads: int = 4
 
     def with_(self, **changes: object) -> "Settings":
         """Return a copy with some settings changed."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _secret(name: str, value: str | None, file: str | None) -> str:
+    """A secret from ``NAME`` or from the file named by ``NAME_FILE`` (docker/podman secrets)."""
+    if value and file:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
+    if file:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={file}: {exc.strerror}") from None
+    value = value or ""
+    if value and (len(value) < 16 or any(ord(c) < 0x21 for c in value)):
+        raise ConfigError(f"{name}: at least 16 printable characters (e.g. `openssl rand -hex 32`)")
+    return value
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -184,6 +232,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["listener_host"] = get("LISTENER_HOST")
     if get("LISTENER_PORT"):
         kw["listener_port"] = _int("PACSBRIDGE_LISTENER_PORT", get("LISTENER_PORT") or "", 1)
+    if get("LISTENER_METRICS_HOST"):
+        kw["listener_metrics_host"] = get("LISTENER_METRICS_HOST")
     if get("BROKER_URL"):
         kw["broker_url"] = get("BROKER_URL")
     if get("ALLOWED_PEERS") is not None:
@@ -197,6 +247,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         kw["api_host"] = get("API_HOST")
     if get("API_PORT"):
         kw["api_port"] = _int("PACSBRIDGE_API_PORT", get("API_PORT") or "", 1)
+    if get("API_THREADS"):
+        kw["api_threads"] = _int("PACSBRIDGE_API_THREADS", get("API_THREADS") or "", 1)
+    if get("API_CONNECTIONS"):
+        kw["api_connections"] = _int("PACSBRIDGE_API_CONNECTIONS", get("API_CONNECTIONS") or "", 1)
     if get("API_TOKENS") is not None:
         kw["api_tokens"] = get("API_TOKENS")
+    if get("WEBHOOK_ALLOW"):
+        kw["webhook_allow"] = get("WEBHOOK_ALLOW")
+    kw["webhook_secret"] = _secret("PACSBRIDGE_WEBHOOK_SECRET", get("WEBHOOK_SECRET"), get("WEBHOOK_SECRET_FILE"))
+    if get("WEBHOOK_TIMEOUT"):
+        kw["webhook_timeout"] = _int("PACSBRIDGE_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT") or "", 1)
+    if get("WEBHOOK_RETRIES"):
+        kw["webhook_retries"] = _int("PACSBRIDGE_WEBHOOK_RETRIES", get("WEBHOOK_RETRIES") or "", 0)
+    if get("WEBHOOK_THREADS"):
+        kw["webhook_threads"] = _int("PACSBRIDGE_WEBHOOK_THREADS", get("WEBHOOK_THREADS") or "", 1)
     return Settings(**kw)  # type: ignore[arg-type]

@@ -153,6 +153,7 @@ class Index:
         from sqlalchemy.exc import DBAPIError
 
         from .jobs import metadata as jobs_metadata
+        from .jobs import upgrade as upgrade_jobs
 
         for attempt in range(5):
             try:
@@ -161,6 +162,7 @@ class Index:
                         self.metadata.drop_all(conn)
                     self.metadata.create_all(conn)
                     jobs_metadata.create_all(conn)
+                    upgrade_jobs(conn)  # columns added since the tables were made
                 return
             except DBAPIError:
                 # another process (a second API or worker process starting at the same moment)

@@ -81,6 +81,11 @@ jobs_table = Table(
     Column("result", Text, nullable=False, default="{}"),
     Column("webhook", String(2048), nullable=False, default=""),
     Column("worker", String(255), nullable=False, default=""),
+    # the name of the API token that submitted the job ("" from the CLI or a rule): it, and admins,
+    # see the job's webhook and worker. Added to older databases by upgrade().
+    Column("owner", String(64), nullable=False, default="", server_default=""),
+    # what became of the webhook: queued, sent (status), retrying (why), failed or refused (why)
+    Column("webhook_status", String(512), nullable=False, default="", server_default=""),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False, index=True),
     Column("enqueued_at", Float, nullable=True),
@@ -257,6 +262,8 @@ class Job:
     result: dict[str, Any] = dataclasses.field(default_factory=dict)
     webhook: str = ""
     worker: str = ""
+    owner: str = ""
+    webhook_status: str = ""
     cancel_requested: bool = False
     created_at: float = 0.0
     started_at: float | None = None
@@ -291,6 +298,27 @@ def dedupe_key(kind: str, node: str | None, params: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def upgrade(conn: Connection) -> list[str]:
+    """Add the columns of these tables that an older database lacks (each has a server default).
+
+    ``create_all`` makes missing tables only. Returns what was added, as ``table.column``.
+    """
+    from sqlalchemy import inspect, text
+    from sqlalchemy.schema import CreateColumn
+
+    added = []
+    insp = inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"].lower() for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name.lower() not in have:
+                # identifiers and types from the metadata above, never from input
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+                added.append(f"{table.name}.{column.name}")
+    return added
+
+
 def _serialize(conn: Connection, key: str) -> None:
     """Hold, until the transaction ends, a lock that every submit of ``key`` takes first.
 
@@ -310,7 +338,8 @@ def _job(row: Any) -> Job:
     m = row._mapping
     return Job(id=m["id"], kind=m["kind"], node=m["node"], params=json.loads(m["params"]),
                state=m["state"], attempts=m["attempts"], error=m["error"],
-               result=json.loads(m["result"] or "{}"), webhook=m["webhook"], worker=m["worker"],
+               result=json.loads(m["result"] or "{}"), webhook=m["webhook"], worker=m["worker"], owner=m["owner"],
+               webhook_status=m["webhook_status"],
                cancel_requested=bool(m["cancel_requested"]), created_at=m["created_at"],
                started_at=m["started_at"], heartbeat_at=m["heartbeat_at"], finished_at=m["finished_at"])
 
@@ -322,8 +351,10 @@ class JobStore:
         self.engine = engine
 
     def create(self) -> None:
-        """Create the tables if missing (idempotent)."""
-        metadata.create_all(self.engine, checkfirst=True)
+        """Create the tables if missing, and their newer columns (idempotent)."""
+        with self.engine.begin() as conn:
+            metadata.create_all(conn, checkfirst=True)
+            upgrade(conn)
 
     # -- nodes --------------------------------------------------------------
     def add_node(self, node: Node) -> Node:
@@ -377,10 +408,11 @@ class JobStore:
 
     # -- jobs ---------------------------------------------------------------
     def submit(self, kind: str, params: Mapping[str, Any], node: str | None = None,
-               webhook: str = "") -> tuple[Job, bool]:
+               webhook: str = "", owner: str = "") -> tuple[Job, bool]:
         """Create a queued job, or return the equal one already queued or running.
 
-        Returns ``(job, created)``. The node, when given, must exist.
+        Returns ``(job, created)``. The node, when given, must exist. ``owner`` is the name
+        of the API token that asks (it, and admins, see the job's webhook and worker).
         """
         if kind not in KINDS:
             raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
@@ -398,7 +430,7 @@ class JobStore:
             conn.execute(insert(jobs_table).values(
                 id=job_id, kind=kind, node=node, params=json.dumps(params, sort_keys=True),
                 dedupe_key=key, state="queued", attempts=0, error="", result="{}", webhook=webhook,
-                worker="", cancel_requested=False, created_at=time.time()))
+                worker="", owner=owner, cancel_requested=False, created_at=time.time()))
         return self.get(job_id), True
 
     def get(self, job_id: str, with_series: bool = True) -> Job:
@@ -556,6 +588,11 @@ class JobStore:
 
     def series(self, job_id: str) -> list[SeriesProgress]:
         return self.get(job_id).series
+
+    def set_webhook_status(self, job_id: str, status: str) -> None:
+        """Say what became of the job's webhook (shown to its owner and admins)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(webhook_status=status[:512]))
 
     def mark_enqueued(self, job_id: str) -> None:
         """Remember that a ``run_job`` message for this job was just sent."""

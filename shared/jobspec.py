@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
+from . import webhooks
 from .errors import ConfigError, InvalidRequest
 from .query import Query
 from .storage import Template
@@ -76,19 +76,19 @@ def _selection(value: Any) -> dict[str, Any]:
     return {key: items}
 
 
-def _webhook(value: Any) -> str:
+def _webhook(value: Any, policy: webhooks.Policy | None) -> str:
     if value in (None, ""):
         return ""
-    if not isinstance(value, str) or len(value) > 2048:
-        raise InvalidRequest("an http(s) URL of at most 2048 characters", "webhook")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidRequest("an http(s) URL", "webhook")
-    return value
+    if policy is None:  # the form only; the API passes its allow-list, and the sender checks again
+        webhooks.parse_url(value)
+    else:  # a listed name that does not resolve now is checked again when sent
+        webhooks.check_url(value, policy, strict_resolve=False)
+    return str(value)
 
 
-def validate(body: Any) -> tuple[str, str | None, dict[str, Any], str]:
-    """Check a job request.
+def validate(body: Any, webhook_policy: webhooks.Policy | None = None
+             ) -> tuple[str, str | None, dict[str, Any], str]:
+    """Check a job request; ``webhook_policy`` (``PACSBRIDGE_WEBHOOK_ALLOW``) checks where its webhook goes.
 
     Returns
     -------
@@ -108,7 +108,7 @@ def validate(body: Any) -> tuple[str, str | None, dict[str, Any], str]:
     if unknown:
         raise InvalidRequest(f"unknown field(s) for a {kind} job: {', '.join(map(repr, unknown))}; "
                              f"known: {', '.join(sorted(_ALLOWED[kind]))}", unknown[0])
-    webhook = _webhook(body.get("webhook"))
+    webhook = _webhook(body.get("webhook"), webhook_policy)
     node: str | None = None
     if "node" in _ALLOWED[kind]:
         node = body.get("node")
@@ -130,8 +130,8 @@ def validate(body: Any) -> tuple[str, str | None, dict[str, Any], str]:
         template = body.get("template", "px-repack")
         if not isinstance(template, str) or not template or len(template) > 1024:
             raise InvalidRequest("a preset name or a template string", "template")
-        try:
-            Template(template)  # the repack runs this same check; refuse now, not after a 202
+        try:  # the runner's own check, now: a bad template is a 400, not a job that fails later
+            Template(template)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), "template") from None
         params["template"] = template

@@ -1,4 +1,4 @@
-"""Run one job row: claim it, run the code of its kind, record the outcome, call its webhook.
+"""Run one job row: claim it, run the code of its kind, record the outcome, hand on its webhook.
 
 The code of each kind is a function ``run(job, ctx, jobs, cancel) -> Outcome``
 in its own module (:data:`RUNNERS`). It reports progress through ``jobs``
@@ -13,19 +13,19 @@ bug, an OS error) fails the job with its type and message, traceback logged:
 re-running it would only fail again, for ever.
 
 A worker ends only a job it still holds: one taken over by another worker
-(its beats came late) is left to that worker.
+(its beats came late) is left to that worker. A finished job with a webhook is
+handed to ``notify`` (the worker queues it for :mod:`pacsbridge.shared.webhooks`):
+the job's slot never waits on the receiver.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import socket
 import threading
 import time
-import urllib.request
 from typing import Any, Callable, NamedTuple
 
 from sqlalchemy.exc import DBAPIError
@@ -72,8 +72,15 @@ def _runner(kind: str) -> Callable[[Job, Context, JobStore, threading.Event], Ou
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
-def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None) -> Job | None:
-    """Claim and run one job. Returns the finished job, or None if it was not ours to run."""
+Notify = Callable[[Job], None]
+
+
+def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None,
+            notify: Notify | None = None) -> Job | None:
+    """Claim and run one job. Returns the finished job, or None if it was not ours to run.
+
+    ``notify(job)`` is called once the outcome is recorded, for a job with a webhook.
+    """
     worker = worker or worker_id()
     stale = HEARTBEAT_SECONDS * 4
     job = jobs.claim(job_id, worker, stale_after=stale)
@@ -82,7 +89,7 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
         return None
     log.info("job %s (%s): started by %s, attempt %d", job.id, job.kind, worker, job.attempts)
     if job.cancel_requested:  # cancelled while its previous worker was dead: do not start again
-        return _end(job_id, jobs, worker, Outcome("cancelled", "cancelled by request", job.result))
+        return _end(job_id, jobs, worker, Outcome("cancelled", "cancelled by request", job.result), notify)
     cancel = threading.Event()
     done = threading.Event()
 
@@ -119,35 +126,23 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
     finally:
         done.set()
         beater.join()
-    return _end(job_id, jobs, worker, outcome)
+    return _end(job_id, jobs, worker, outcome, notify)
 
 
-def _end(job_id: str, jobs: JobStore, worker: str, outcome: Outcome) -> Job | None:
-    """Record the outcome if ``worker`` still holds the job, then call its webhook."""
+def _end(job_id: str, jobs: JobStore, worker: str, outcome: Outcome, notify: Notify | None) -> Job | None:
+    """Record the outcome if ``worker`` still holds the job, then hand on its webhook."""
     if not jobs.finish(job_id, outcome.state, outcome.error, outcome.result, worker=worker):
         log.warning("job %s: no longer held by %s (taken over by another worker); its outcome "
                     "%s is not recorded", job_id, worker, outcome.state)
         return None
     finished = jobs.get(job_id)
     log.info("job %s (%s): %s %s", job_id, finished.kind, outcome.state, outcome.error)
-    if finished.webhook:
-        call_webhook(finished)
+    if finished.webhook and notify is not None:
+        try:
+            notify(finished)
+        except Exception:  # the broker: the job is done all the same; its webhook is lost (logged)
+            log.exception("job %s: could not queue its webhook", job_id)
     return finished
-
-
-def call_webhook(job: Job, timeout: float = 10.0) -> bool:
-    """POST the finished job as JSON to its webhook. Failures are logged, never raised."""
-    body = json.dumps(job.to_dict()).encode()
-    request = urllib.request.Request(job.webhook, data=body, method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "User-Agent": "pacsbridge"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked in jobspec
-            log.info("job %s: webhook %s answered %s", job.id, job.webhook, response.status)
-            return True
-    except Exception as exc:  # a research platform that is down must not fail the job
-        log.warning("job %s: webhook %s failed: %s", job.id, job.webhook, exc)
-        return False
 
 
 def run_import(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outcome:

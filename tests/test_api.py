@@ -42,7 +42,7 @@ def api_settings(settings: Settings, tmp_path: Path) -> Settings:
     (tmp_path / "import").mkdir()
     return settings.with_(api_tokens=TOKEN_SPEC, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
                           import_root=tmp_path / "import", export_root=tmp_path / "export",
-                          listener_port=free_port())
+                          listener_port=free_port(), webhook_allow="platform.example")
 
 
 @pytest.fixture
@@ -244,7 +244,8 @@ def test_jobs_submit_dedupe_list_cancel_retry(client, app):
     jobs.set_series(first["id"], [SeriesProgress("1.2.3", study_uid="1.2", expected=10, received=4, indexed=3)])
     got = client.get(first["path"], headers=auth("read")).get_json()
     assert got["series"][0]["series_uid"] == "1.2.3" and got["totals"]["expected"] == 10
-    assert got["params"]["query"]["PatientID"] == "P1" and got["webhook"] == "https://platform.example/hook"
+    assert got["params"]["query"]["PatientID"] == "P1" and got["webhook"] == ""  # only its owner sees it
+    assert client.get(first["path"], headers=auth("user")).get_json()["webhook"] == "https://platform.example/hook"
 
     page = client.get("/api/v1/jobs?limit=1", headers=auth("read")).get_json()
     assert page["total"] == 2 and len(page["items"]) == 1 and page["items"][0]["id"] == imp["id"]
@@ -391,7 +392,8 @@ def test_metrics_count_requests_and_jobs(client):
 class Server:
     """``pacsbridge api`` (or gunicorn) as a process on a free port, plus a worker if asked."""
 
-    def __init__(self, tmp_path: Path, database_url: str | None = None, gunicorn: bool = False) -> None:
+    def __init__(self, tmp_path: Path, database_url: str | None = None, gunicorn: bool = False,
+                 **extra_env: str) -> None:
         self.port = free_port()
         self.tmp = tmp_path
         (tmp_path / "import").mkdir(exist_ok=True)
@@ -404,6 +406,7 @@ class Server:
             "PACSBRIDGE_LISTENER_PORT": str(free_port()), "PACSBRIDGE_IMPORT_WORKERS": "1",
             "PACSBRIDGE_API_PORT": str(self.port),
         })
+        self.env.update(extra_env)
         self.procs: list[subprocess.Popen] = []
         cmd = ([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{self.port}",
                 "pacsbridge.api:create_app()"] if gunicorn else PB + ["api"])
@@ -415,8 +418,8 @@ class Server:
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
-    def worker(self) -> None:
-        self._start(PB + ["worker", "--concurrency", "1"], "worker")
+    def worker(self, *extra: str) -> None:
+        self._start(PB + ["worker", "--concurrency", "1", *extra], "worker")
 
     @property
     def url(self) -> str:

@@ -1,8 +1,8 @@
 """Full stack, end to end: the three services as compose starts them, a researcher over HTTP.
 
 listener, worker and API run as separate processes with the commands of
-docker-compose.yml (``pacsbridge listener``, ``pacsbridge worker``, gunicorn on
-``pacsbridge.api:create_app()``) and its environment variables, against the
+docker-compose.yml (``pacsbridge listener``, ``pacsbridge worker``, ``pacsbridge api``)
+and its environment variables, against the
 machine's real PostgreSQL and a redis-server of its own. Orthanc is the hospital PACS; a second
 Orthanc is the research platform's DICOM node. A retrieve job submitted over
 HTTP goes C-MOVE → listener → worker → index and succeeds with the right
@@ -66,10 +66,7 @@ class Compose:
         pb = [sys.executable, "-m", "pacsbridge.cli"]
         init = subprocess.run(pb + ["init"], env=self.env, capture_output=True, text=True)  # the entrypoint's step
         assert init.returncode == 0, init.stderr
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        for name, cmd in (("listener", pb + ["listener"]), ("worker", pb + ["worker"]),
-                          ("api", [gunicorn, "--bind", f"127.0.0.1:{self.api_port}", "--workers", "2",
-                                   "pacsbridge.api:create_app()"])):
+        for name, cmd in (("listener", pb + ["listener"]), ("worker", pb + ["worker"]), ("api", pb + ["api"])):
             self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=open(self.logs / f"{name}.log", "w"),
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_http()

@@ -158,7 +158,9 @@ def webhook():
     server.shutdown()
 
 
-def test_import_job_runs_reports_and_calls_its_webhook(ctx, jobs, tmp_path, webhook):
+def test_import_job_runs_reports_and_hands_on_its_webhook(ctx, jobs, tmp_path, webhook):
+    from pacsbridge.shared import webhooks
+
     url, received = webhook
     settings = ctx.settings.with_(import_root=tmp_path / "import")
     ctx = ctx._replace(settings=settings)
@@ -167,12 +169,17 @@ def test_import_job_runs_reports_and_calls_its_webhook(ctx, jobs, tmp_path, webh
     shutil.copy(TEST_FILES / "CT_small.dcm", batch)
     make_instance(batch / "gen.dcm", PatientID="GEN")
     (batch / "junk.dcm").write_bytes(b"not dicom at all" * 10)
-    kind, node, params, hook = validate({"kind": "import", "path": "batch", "webhook": url})
+    policy = webhooks.Policy.parse("127.0.0.1")
+    kind, node, params, hook = validate({"kind": "import", "path": "batch", "webhook": url}, policy)
     job, _ = jobs.submit(kind, params, node, hook)
-    done = runner.run_job(job.id, ctx, jobs)
+    notified = []
+    done = runner.run_job(job.id, ctx, jobs, notify=notified.append)
     assert done is not None and done.state == "partial" and done.result["stored"] == 2
     assert "junk.dcm" in done.result["rejected_files"][0]
     assert ctx.index.count() == 2
+    assert [j.id for j in notified] == [job.id] and received == []  # handed on, not sent from the job
+    body = json.dumps(notified[0].to_dict()).encode()
+    assert webhooks.deliver(notified[0].webhook, body, policy, b"0123456789abcdef0123") == 204
     assert [r["id"] for r in received] == [job.id] and received[0]["state"] == "partial"
     assert runner.run_job(job.id, ctx, jobs) is None  # finished: not run twice
 

@@ -40,7 +40,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ConfigError
         A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry).
     """
-    from . import auth, browse, errors, health, jobs, metrics, nodes, openapi
+    from . import auth, browse, errors, health, jobs, metrics, nodes, openapi, params
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -59,6 +59,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     errors.register(app)
     app.before_request(auth.authenticate)
+    app.before_request(params.check_text)  # after the token: a stranger learns nothing from a 400
     metrics.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp, url_prefix=API_PREFIX)

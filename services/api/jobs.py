@@ -10,6 +10,10 @@ writes a queued row and sends its id to the workers. It answers
 ``enqueued`` is false when the broker could not be reached; the row stays
 ``queued`` (the workers' sweeper sends it later). Submitting, cancelling and
 retrying need role ``user``.
+
+A job's ``webhook`` (its URL may hold a key), ``webhook_status`` (what became of it) and
+``worker`` (host and pid) are shown only to the token that submitted it (``owner``) and to
+admins; others see them empty.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, g
 
 from pacsbridge.shared import jobspec
 from pacsbridge.shared.errors import InvalidRequest
@@ -35,8 +39,21 @@ CANCEL_WAIT_SECONDS = 5.0
 bp = Blueprint("jobs", __name__)
 
 
+#: Fields only a job's owner and admins see.
+PRIVATE = ("webhook", "webhook_status", "worker")
+
+
+def _view(job: Job, with_series: bool = True) -> dict[str, Any]:
+    """The job as this request's token may see it."""
+    out = job.to_dict(with_series=with_series)
+    if g.get("role") != "admin" and not (job.owner and g.get("token_name") == job.owner):
+        for name in PRIVATE:
+            out[name] = ""
+    return out
+
+
 def _summary(job: Job) -> dict[str, Any]:
-    return job.to_dict(with_series=False)
+    return _view(job, with_series=False)
 
 
 @bp.post("/jobs")
@@ -46,9 +63,9 @@ def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
     body = json_object()
     if not isinstance(body.get("kind"), str):  # jobspec.validate expects a hashable kind
         raise InvalidRequest(f"expected one of {', '.join(k for k in KINDS if k != 'index')}", "kind")
-    kind, node, params, webhook = jobspec.validate(body)
     st = state()
-    job, created = st.jobs.submit(kind, params, node, webhook)
+    kind, node, params, webhook = jobspec.validate(body, st.webhook_policy)
+    job, created = st.jobs.submit(kind, params, node, webhook, owner=g.token_name)
     enqueued = st.enqueue(job) if created else None
     body = {"id": job.id, "path": f"/api/v1/jobs/{job.id}", "state": job.state, "created": created,
             "enqueued": enqueued, "job": _summary(job)}
@@ -78,7 +95,7 @@ def list_jobs() -> dict[str, Any]:
 def get_job(job_id: str) -> dict[str, Any]:
     """The job with per-series progress (``series``), ``totals`` and its error."""
     check_known(())
-    return state().jobs.get(job_id).to_dict()
+    return _view(state().jobs.get(job_id))
 
 
 @bp.post("/jobs/<job_id>/cancel")
@@ -99,7 +116,7 @@ def cancel(job_id: str) -> tuple[dict[str, Any], int]:
     while job.state == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
         job = jobs.get(job_id)
-    out = job.to_dict()
+    out = _view(job)
     if job.state == "cancelled":
         was = "stopped by its worker" if job.started_at else "cancelled before it started"
         out["cancel"] = {"outcome": "cancelled", "message": f"the job was {was}"}
@@ -107,8 +124,9 @@ def cancel(job_id: str) -> tuple[dict[str, Any], int]:
     if job.state in FINISHED:
         out["cancel"] = {"outcome": "finished", "message": f"the job ended {job.state} before the cancel reached it"}
         return out, 200
+    worker = out.get("worker") or "its worker"  # the worker's name only where this token may see it
     out["cancel"] = {"outcome": "requested",
-                     "message": f"asked worker {job.worker or '(none yet)'} to stop; it has not stopped within "
+                     "message": f"asked {worker} to stop; it has not stopped within "
                                 f"{CANCEL_WAIT_SECONDS:g} s (GET {out['path']} shows when it does)"}
     return out, 202
 
@@ -120,6 +138,6 @@ def retry(job_id: str) -> tuple[dict[str, Any], int]:
     check_known(())
     st = state()
     job = st.jobs.retry(job_id)
-    out = job.to_dict()
+    out = _view(job)
     out["enqueued"] = st.enqueue(job)
     return out, 202

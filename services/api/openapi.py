@@ -44,7 +44,9 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _ERROR_TEXT = {
-    400: "Bad request: malformed JSON, unknown field or parameter, wrong type or value (`field` names it)",
+    400: "Bad request: malformed JSON, unknown field or parameter, wrong type or value, a control character "
+         "(NUL ...) or bytes that are not UTF-8 in a path or query parameter, a lone surrogate in the body "
+         "(`field` names it)",
     401: "No token, an unknown or expired token",
     403: "The token's role may not do this",
     404: "No such resource",
@@ -113,7 +115,8 @@ _SELECTION = {
 }
 
 _WEBHOOK = {"type": "string", "nullable": True, "maxLength": 2048, "pattern": r"^(https?://[^/?#\x00-\x20\x7f]+.*)?$",
-            "description": "called with the finished job (POST, JSON)"}
+            "description": "called with the finished job (POST, JSON, signed: X-Pacsbridge-Signature); only a "
+                           "destination in PACSBRIDGE_WEBHOOK_ALLOW, else 400"}
 
 
 def _job_request(kind: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -183,8 +186,14 @@ SCHEMAS: dict[str, Any] = {
                 "id": {"type": "string"}, "kind": {"type": "string", "enum": list(KINDS)},
                 "node": {"type": "string", "nullable": True}, "params": {"type": "object"},
                 "state": {"type": "string", "enum": list(STATES)}, "attempts": {"type": "integer"},
-                "error": {"type": "string"}, "result": {"type": "object"}, "webhook": {"type": "string"},
-                "worker": {"type": "string"}, "cancel_requested": {"type": "boolean"},
+                "error": {"type": "string"}, "result": {"type": "object"},
+                "webhook": {"type": "string", "description": "empty unless the token is the owner's or an admin's"},
+                "worker": {"type": "string", "description": "host:pid; empty unless the token is the owner's or "
+                                                            "an admin's"},
+                "owner": {"type": "string", "description": "name of the token that submitted the job"},
+                "webhook_status": {"type": "string", "description": "queued, sent, retry n, failed or refused, "
+                                                                    "with the reason (owner and admins)"},
+                "cancel_requested": {"type": "boolean"},
                 "created_at": {"type": "number"},
                 **{k: {"type": "number", "nullable": True} for k in ("started_at", "heartbeat_at", "finished_at")},
                 "totals": {"type": "object", "additionalProperties": {"type": "integer"}},

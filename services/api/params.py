@@ -6,13 +6,15 @@ import datetime as dt
 import json
 import re
 from typing import Any, Iterable
+from urllib.parse import parse_qsl
 
 from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
 
 from pacsbridge.shared.errors import InvalidRequest
 
-__all__ = ["json_object", "paging", "check_known", "int_arg", "since_arg", "MAX_LIMIT", "DEFAULT_LIMIT"]
+__all__ = ["json_object", "paging", "check_known", "check_text", "int_arg", "since_arg", "MAX_LIMIT",
+           "DEFAULT_LIMIT"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -39,13 +41,19 @@ def json_object() -> dict[str, Any]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What JSON's ``\\udXXX`` escapes can give and no text holds: a surrogate on its own (a pair is one
+#: character once decoded). It cannot be encoded as UTF-8, so it would fail later (a path, a row).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL_MESSAGE = "control characters (newline, tab, NUL ...) are not allowed"
 
 
 def _no_control(value: Any, where: str) -> None:
-    """No string of a body (key or value) may hold a control character: none needs one."""
+    """No string of a body (key or value) may hold a control character or a lone surrogate."""
     if isinstance(value, str):
         if _CONTROL.search(value):
-            raise InvalidRequest("control characters (newline, tab, NUL ...) are not allowed", where or "body")
+            raise InvalidRequest(_CONTROL_MESSAGE, where or "body")
+        if _SURROGATE.search(value):
+            raise InvalidRequest("a lone UTF-16 surrogate (\\udXXX) is not a character", where or "body")
     elif isinstance(value, dict):
         for k, v in value.items():
             _no_control(k, where or "body")
@@ -53,6 +61,38 @@ def _no_control(value: Any, where: str) -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _no_control(v, f"{where}[{i}]")
+
+
+def check_text() -> None:
+    """``before_request``: path and query-string parameters are UTF-8 text without control characters.
+
+    Every route takes names, ids, UIDs and filters: none needs a NUL, a newline or bytes that
+    are not UTF-8, and a NUL reaching PostgreSQL fails the query (a 500). Refused here for every
+    route at once, before any view or database sees them, with the parameter named.
+    """
+    raw_path = request.environ.get("PATH_INFO", "")
+    try:  # WSGI hands the decoded path as latin-1 text: its bytes must be UTF-8
+        raw_path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise InvalidRequest("the path is not UTF-8", "path") from None
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise InvalidRequest(_CONTROL_MESSAGE, name)
+        if isinstance(value, str) and "\ufffd" in value:  # what a server may make of bytes that are not UTF-8
+            raise InvalidRequest("not UTF-8 (or U+FFFD, the replacement character)", name)
+    try:
+        pairs = parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True,
+                          encoding="utf-8", errors="strict")
+    except UnicodeError:
+        raise InvalidRequest("the query string is not UTF-8", "query") from None
+    for name, value in pairs:
+        if _CONTROL.search(name):
+            raise InvalidRequest(f"a parameter name with a control character: {name!r}", "query")
+        if _CONTROL.search(value):
+            raise InvalidRequest(_CONTROL_MESSAGE, name)
+    for name, value in request.args.items(multi=True):  # raw bytes that are not UTF-8 (not %-escaped)
+        if "\ufffd" in name or "\ufffd" in value:
+            raise InvalidRequest("not UTF-8 (or U+FFFD, the replacement character)", name)
 
 
 def check_known(allowed: Iterable[str]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import current_app
 
+from pacsbridge.shared import webhooks
 from pacsbridge.shared.config import Settings
 from pacsbridge.shared.context import Context, open_context
 from pacsbridge.shared.jobs import Job, JobStore
@@ -25,6 +26,7 @@ class ApiState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tokens: list[Token] = parse_tokens(settings.api_tokens)
+        self.webhook_policy = webhooks.Policy.parse(settings.webhook_allow)
         self.ctx: Context = open_context(settings)
         self.ctx.index.create()  # idempotent: also creates the node and job tables
         self.jobs = JobStore(self.ctx.index.engine)

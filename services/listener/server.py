@@ -316,8 +316,17 @@ def _reconciler(settings: Settings, stop: threading.Event, period: float, min_ag
             return
 
 
-def _start_metrics(port: int) -> None:
-    """Serve the counters of every receiver process on ``port`` (Prometheus multiprocess mode)."""
+def _start_metrics(port: int, settings: Settings | None = None) -> None:
+    """Serve the counters of every receiver process on ``port`` (Prometheus multiprocess mode).
+
+    They listen on ``PACSBRIDGE_LISTENER_METRICS_HOST``, by default the listener's own host:
+    a listener bound to 127.0.0.1 keeps its metrics on 127.0.0.1 too.
+    """
+    if settings is None:
+        from pacsbridge.shared.config import load_settings
+
+        settings = load_settings()
+    host = settings.listener_metrics_host or settings.listener_host or "0.0.0.0"
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         folder = tempfile.mkdtemp(prefix="pacsbridge-metrics-")
@@ -330,8 +339,8 @@ def _start_metrics(port: int) -> None:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=folder)
-    start_http_server(port, registry=registry)
-    log.info("metrics on :%d/metrics", port)
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on %s:%d/metrics", host, port)
 
 
 def _receiver(settings: Settings, level: int, own_level: int, shared: socket.socket, slots: PeerSlots,

@@ -71,17 +71,17 @@ def _stable_checker(settings: Settings, stop: threading.Event) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
-    """Run the workers until stopped: indexing and jobs, each with processes of its own.
+    """Run the workers until stopped: indexing, jobs and webhooks, each with processes of its own.
 
     ``--queues all`` (the default) starts one Celery worker per queue as child
     processes (same process group: a kill of this process group stops them all)
-    and stops both if either ends; ``--queues index`` / ``--queues jobs`` runs
-    one of them in this process.
+    and stops all if one ends; ``--queues index`` / ``jobs`` / ``webhooks`` runs
+    one of them in this process (a deployment that splits them needs each).
     """
     queues = getattr(args, "queues", None) or os.environ.get("PACSBRIDGE_WORKER_QUEUES", "all")
     if queues == "all":
         return _supervise(args)
-    from pacsbridge.shared.celeryapp import INDEX_QUEUE, JOBS_QUEUE, make_celery
+    from pacsbridge.shared.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
 
     # tasks read their settings from the environment: pass on what the command line changed
     os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
@@ -94,6 +94,14 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
         concurrency = getattr(args, "job_concurrency", None) or int(os.environ.get("PACSBRIDGE_JOB_CONCURRENCY", "2"))
         queue, node = JOBS_QUEUE, "jobs@%h"
+    elif queues == "webhooks":
+        # threads: each webhook waits on the network (at most PACSBRIDGE_WEBHOOK_TIMEOUT); retries
+        # wait in the broker's schedule, not in a thread
+        argv = ["worker", "--loglevel=INFO", "--pool=threads", f"--concurrency={settings.webhook_threads}",
+                "-Q", WEBHOOK_QUEUE,
+                "-n", "webhooks@%h", "--without-gossip", "--without-mingle"]
+        app.worker_main(argv)
+        return 0
     else:
         concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
             or os.cpu_count() or 1
@@ -108,7 +116,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 
 
 def _supervise(args: argparse.Namespace | None) -> int:
-    """Run ``worker --queues index`` and ``worker --queues jobs`` as children; stop both together.
+    """Run ``worker --queues index``, ``jobs`` and ``webhooks`` as children; stop them together.
 
     The children stay in this process group, so a signal to the group (compose, a test's
     kill of the group) reaches them directly too.
@@ -125,11 +133,11 @@ def _supervise(args: argparse.Namespace | None) -> int:
         extra["jobs"] += ["--job-concurrency", str(args.job_concurrency)]
     sup = Supervisor()
     try:
-        for queue in ("index", "jobs"):
-            sup.start(queue, base + ["--queues", queue] + extra[queue])
+        for queue in ("index", "jobs", "webhooks"):
+            sup.start(queue, base + ["--queues", queue] + extra.get(queue, []))
         ended = sup.watch()
         if ended is not None:
-            log.error("worker for %s exited with %s; stopping the other", ended, sup.children[ended].returncode)
+            log.error("worker for %s exited with %s; stopping the others", ended, sup.children[ended].returncode)
             return 3
         return 0
     finally:
