@@ -26,7 +26,8 @@ from pydicom.datadict import tag_for_keyword
 from .dicomsql import Schema
 from .errors import InvalidDataset, PacsbridgeError
 from .index import Index
-from .records import Rows, build_rows, needs_dataset, read_header, schema_tags
+from .records import Rows, build_rows, clean_text, needs_dataset, read_header, schema_tags
+from .quarantine import Quarantine
 from .storage import Storage
 
 __all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source"]
@@ -118,6 +119,24 @@ def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None) ->
             yield from one(p)
         else:
             yield Outcome(Source(p), "rejected", "no such file or directory")
+
+
+def transient(exc: BaseException) -> bool:
+    """True for an error of the database itself (down, restarting, locked, a lost connection, a
+    deadlock, a schema it lacks), which no instance causes and a retry of the same batch may
+    cure; false for a refusal of the values (a NUL, a constraint ...), which splitting isolates."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.ProgrammingError, sa.DisconnectionError,
+                        sa.TimeoutError, sa.ResourceClosedError)):
+        return True
+    return isinstance(exc, sa.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _db_reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {text}"[:500]
 
 
 # -- the per-file work, run in worker processes ----------------------------------
@@ -228,6 +247,9 @@ class Importer:
         self.storage = storage
         self.workers = workers or os.cpu_count() or 1
         self.progress = progress or (lambda done, total: None)
+        self.quarantine = Quarantine(index.engine)
+        #: resolve the index_failed entries of files indexed after all (rebuild)
+        self.resolve_indexed = False
 
     def _job(self, mode: str) -> _Job:
         tags = schema_tags(self.index.schema)
@@ -294,12 +316,20 @@ class Importer:
         seen: dict[str, Outcome] = {}
         for o in good:
             seen[o.sop] = o  # the same SOP twice in one batch: the last copy wins the row
-        self.index.upsert([o.rows for o in seen.values()])  # type: ignore[misc]
-        for _, old_rel in replaced:  # the index now points at the new copy
+        failed = self._upsert_isolating(list(seen.values()))
+        if failed:
+            self._set_aside(batch, failed)
+        for sop, old_rel in replaced:  # the index now points at the new copy
+            if sop in failed:
+                continue
             try:
                 self.storage.absolute(old_rel).unlink()
             except (OSError, PacsbridgeError):
                 pass
+        if self.resolve_indexed:
+            done = [o.relpath for o in batch if o.status == "indexed" and o.relpath]
+            if done:
+                self.quarantine.resolve_indexed(done)
         for o in batch:
             if o.status == "rejected":
                 report.rejected.append((o.source.display, o.reason))
@@ -310,6 +340,43 @@ class Importer:
             else:
                 report.indexed += 1
         return batch
+
+    def _upsert_isolating(self, outcomes: list[Outcome]) -> dict[str, str]:
+        """Index ``outcomes`` in one transaction; if the database refuses it, split the batch in
+        halves until each refused instance is alone. Returns ``{sop: reason}`` of those refused.
+
+        An outage (:func:`transient`) is raised as it is: the caller retries the whole batch later.
+        """
+        if not outcomes:
+            return {}
+        try:
+            self.index.upsert([o.rows for o in outcomes])  # type: ignore[misc]
+            return {}
+        except Exception as exc:
+            if transient(exc):
+                raise
+            if len(outcomes) == 1:
+                return {outcomes[0].sop: _db_reason(exc)}
+            log.warning("the database refused a batch of %d instances (%s); splitting it to find which",
+                        len(outcomes), _db_reason(exc))
+        half = len(outcomes) // 2
+        return self._upsert_isolating(outcomes[:half]) | self._upsert_isolating(outcomes[half:])
+
+    def _set_aside(self, batch: list[Outcome], failed: dict[str, str]) -> None:
+        """Record the refused instances in the quarantine; they count as rejected."""
+        key = self.index.schema
+        records = []
+        for i, o in enumerate(batch):
+            if o.rows is None or o.sop not in failed or o.status == "rejected":
+                continue
+            reason = f"not indexed: the database refused it: {failed[o.sop]}"
+            batch[i] = o._replace(status="rejected", reason=reason, rows=None)
+            if o.relpath and not os.path.isabs(o.relpath):
+                records.append({"relpath": o.relpath, "detail": failed[o.sop], "sop_uid": o.sop,
+                                "series_uid": o.rows["Image"].get(key["Image"].parent.column),  # type: ignore
+                                "study_uid": o.rows["Series"].get(key["Series"].parent.column),  # type: ignore
+                                "patient_id": o.rows["Patient"].get(key["Patient"].key.column)})
+        self.quarantine.record_failures(records)
 
     def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False) -> Report:
         """Import files, folders and zip files.
@@ -390,7 +457,11 @@ class Importer:
         if missing_only:
             files = [f for f in files if f not in known]
         sources = [Source(str(self.storage.root / f)) for f in files]
-        self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        self.resolve_indexed = True
+        try:
+            self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        finally:
+            self.resolve_indexed = False
         return report
 
     def reindex_files(self, relpaths: Sequence[str],
@@ -417,7 +488,8 @@ class Importer:
                 rows.append({"sop_uid": o.rows["Image"][sop_key], "series_uid": o.rows["Image"][link],
                              "study_uid": o.rows["Series"][self.index.schema["Series"].parent.column],  # type: ignore
                              "patient_id": o.rows["Patient"][self.index.schema["Patient"].key.column],
-                             "calling_ae": str(ae)[:16], "association": str(assoc)[:36], "arrived_at": float(ts),
+                             "calling_ae": (clean_text(str(ae)) or "")[:16],
+                             "association": (clean_text(str(assoc)) or "")[:36], "arrived_at": float(ts),
                              "object_file": o.relpath})
             self.index.record_arrivals(rows)
 

@@ -1,0 +1,146 @@
+"""What indexing sets aside (issue 14, items 2 and 5): bad values, instances that fail, UID conflicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from pacsbridge.shared.importer import Importer
+
+from .helpers import make_instance
+from .test_api import api_settings, app, client  # noqa: F401 (fixtures)
+
+
+def _sops(ctx) -> set[str]:
+    return {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]}
+
+
+def _batch_with_nul(folder: Path) -> tuple[list, list]:
+    """20 normal instances and two with a NUL inside an indexed text value (one batch)."""
+    good = [make_instance(folder / f"good{i:02d}.dcm", PatientID="PNUL") for i in range(20)]
+    bad = [make_instance(folder / "coil.dcm", PatientID="PNUL", ReceiveCoilName="Coil\x00X"),
+           make_instance(folder / "pid.dcm", PatientID="A\x00B")]
+    return good, bad
+
+
+def test_nul_in_a_value_is_cleaned_and_blocks_nothing(ctx, tmp_path):
+    """On PostgreSQL a NUL inside a value failed the whole batch (``A string literal cannot contain
+    NUL``): the 20 normal instances of that batch were never indexed, and rebuild stopped at 0 rows."""
+    good, bad = _batch_with_nul(tmp_path / "in")
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "in"])
+    assert report.stored == 22 and report.rejected == []
+    assert _sops(ctx) == {d.SOPInstanceUID for d in good + bad}
+    coil, = ctx.index.run_sql("select ReceivingC from DICOMImages where ReceivingC is not null")[1]
+    assert coil == ("Coil X",)
+    assert sorted(r[0] for r in ctx.index.run_sql("select PatientID from DICOMPatients")[1]) == ["A B", "PNUL"]
+    # the worker's path and rebuild, on the same files
+    ctx.index.create(force=True)
+    rel = ctx.storage.walk()
+    assert Importer(ctx.index, ctx.storage, workers=1).reindex_files(rel).indexed == 22
+    ctx.index.create(force=True)
+    rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+    assert rebuilt.indexed == 22 and rebuilt.rejected == [] and ctx.index.count() == 22
+
+
+def _refuse_image_number(ctx, number: str) -> None:
+    """Make the database itself refuse one instance: a trigger on the image table (a real refusal,
+    as a value the database cannot hold would give)."""
+    with ctx.index.engine.begin() as conn:
+        if ctx.index.dialect == "postgresql":
+            conn.execute(text(
+                "CREATE OR REPLACE FUNCTION pb_test_refuse() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.imagenumbe = '{number}' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"))
+            conn.execute(text("CREATE TRIGGER pb_test_refuse BEFORE INSERT OR UPDATE ON dicomimages "
+                              "FOR EACH ROW EXECUTE FUNCTION pb_test_refuse()"))
+        else:
+            conn.execute(text(f"CREATE TRIGGER pb_test_refuse BEFORE INSERT ON DICOMImages "
+                              f"WHEN NEW.ImageNumbe = '{number}' "
+                              "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"))
+
+
+def test_a_refused_instance_is_isolated_recorded_and_skipped(ctx, tmp_path):
+    """One instance the database refuses fails nothing else: its batch is split until it is alone,
+    it is recorded (quarantine, index_failed, with the database's reason), the reconciler does
+    not queue it again, rebuild reports and skips it, and indexes it once the database takes it."""
+    from pacsbridge.listener.server import reconcile_once
+    from pacsbridge.shared.quarantine import Quarantine
+
+    from .servers import ThrowawayRedis
+
+    good = [make_instance(tmp_path / "in" / f"g{i:02d}.dcm", PatientID="PISO", InstanceNumber=i) for i in range(20)]
+    bad = make_instance(tmp_path / "in" / "bad.dcm", PatientID="PISO", InstanceNumber=666)
+    _refuse_image_number(ctx, "666")
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "in"])
+    assert report.stored == 20
+    (path, reason), = report.rejected
+    assert path.endswith("bad.dcm") and "refused by the test trigger" in reason
+    assert _sops(ctx) == {d.SOPInstanceUID for d in good}
+    quarantine = Quarantine(ctx.index.engine)
+    (entry,), total = quarantine.list(reason="index_failed")
+    assert total == 1 and entry["sop_uid"] == bad.SOPInstanceUID and entry["patient_id"] == "PISO"
+    assert "refused by the test trigger" in entry["detail"] and not entry["resolved"]
+    assert ctx.storage.absolute(entry["relpath"]).is_file()  # the file stays where it was stored
+
+    # the worker's task on the same files: one entry still, counted twice
+    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(ctx.storage.walk())
+    assert report.indexed == 20 and len(report.rejected) == 1
+    (entry,), _ = quarantine.list()
+    assert entry["attempts"] == 2
+
+    # the reconciler does not queue it for ever
+    server = ThrowawayRedis()
+    server.start()
+    try:
+        assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 0
+    finally:
+        server.stop()
+
+    # rebuild reports and skips it ...
+    ctx.index.create(force=True)
+    _refuse_image_number(ctx, "666")
+    rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+    assert rebuilt.indexed == 20 and len(rebuilt.rejected) == 1 and ctx.index.count() == 20
+    # ... and indexes it once the database takes it, closing the entry
+    with ctx.index.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER pb_test_refuse" + (" ON dicomimages" if ctx.index.dialect == "postgresql"
+                                                          else "")))
+    rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+    assert rebuilt.indexed == 21 and rebuilt.rejected == []
+    entry = quarantine.get(entry["id"])
+    assert entry["resolved"] and entry["decision"] == "indexed"
+
+
+def test_the_api_and_metrics_show_and_resolve_a_refused_instance(client, ctx, tmp_path):
+    """GET /quarantine, GET /quarantine/<id>, POST .../resolve (admin only, audited), the gauge."""
+    from .test_api import assert_error, auth
+
+    make_instance(tmp_path / "in" / "ok.dcm", PatientID="PAPI", InstanceNumber=1)
+    bad = make_instance(tmp_path / "in" / "bad.dcm", PatientID="PAPI", InstanceNumber=666)
+    _refuse_image_number(ctx, "666")
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "in"])
+    page = client.get("/api/v1/quarantine?reason=index_failed&resolved=false", headers=auth("read")).get_json()
+    assert page["total"] == 1 and page["items"][0]["sop_uid"] == bad.SOPInstanceUID
+    entry = page["items"][0]
+    assert client.get(entry["path"], headers=auth("read")).get_json()["detail"] == entry["detail"]
+    assert_error(client.get("/api/v1/quarantine/999999", headers=auth("read")), 404)
+    assert_error(client.get("/api/v1/quarantine?reason=other", headers=auth("read")), 400, "reason")
+    text_ = client.get("/metrics").get_data(as_text=True)
+    assert 'pacsbridge_quarantine{reason="index_failed",state="open"} 1.0' in text_
+    resolve = entry["path"] + "/resolve"
+    assert_error(client.post(resolve, json={"decision": "retry"}, headers=auth("user")), 403)
+    assert_error(client.post(resolve, json={"decision": "correct"}, headers=auth("admin")), 400, "decision")
+    assert_error(client.post(resolve, json={"decision": "retry"}, headers=auth("admin")), 409)  # still refused
+    with ctx.index.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER pb_test_refuse" + (" ON dicomimages" if ctx.index.dialect == "postgresql"
+                                                          else "")))
+    done = client.post(resolve, json={"decision": "retry"}, headers=auth("admin"))
+    assert done.status_code == 200, done.get_json()
+    body = done.get_json()
+    assert body["resolved"] and body["decision"] == "retry" and body["resolved_by"] == "ada"
+    assert bad.SOPInstanceUID in _sops(ctx)
+    assert_error(client.post(resolve, json={"decision": "discard"}, headers=auth("admin")), 409)
+    text_ = client.get("/metrics").get_data(as_text=True)
+    assert 'pacsbridge_quarantine{reason="index_failed",state="resolved"} 1.0' in text_
