@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from .errors import Conflict, InvalidRequest, NotFound
 from .jobs import quarantine_table as table
+from .storage import QUARANTINE
 
 __all__ = ["Quarantine", "REASONS", "DECISIONS", "QUARANTINE_DIR", "UnknownQuarantine"]
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 REASONS = ("index_failed", "uid_conflict")
 DECISIONS = {"index_failed": ("retry", "discard"), "uid_conflict": ("correct", "new-patient", "discard")}
 #: Folder (inside the storage root) for instances set aside by a UID conflict.
-QUARANTINE_DIR = ".quarantine"
+QUARANTINE_DIR = QUARANTINE
 
 
 class UnknownQuarantine(NotFound):
