@@ -16,6 +16,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .errors import InvalidDataset, PacsbridgeError
 from .index import Index
 from .records import Rows, build_rows, clean_text, needs_dataset, read_header, schema_tags
 from .quarantine import Quarantine
-from .storage import Storage
+from .storage import QUARANTINE, Storage
 
 __all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source"]
 
@@ -72,6 +73,7 @@ class Report:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     removed: int = 0
     pruned: int = 0
+    quarantined: int = 0  #: rebuild: files of the quarantine area given an entry
 
     @property
     def total(self) -> int:
@@ -80,6 +82,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {"stored": self.stored, "indexed": self.indexed, "duplicate": self.duplicate,
                 "rejected": len(self.rejected), "removed": self.removed, "pruned": self.pruned,
+                "quarantined": self.quarantined,
                 "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
 
 
@@ -293,6 +296,10 @@ class Importer:
     def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
         """Index the good outcomes of a batch; count everything; return what was committed."""
         good = [o for o in batch if o.rows is not None and o.status != "rejected"]
+        conflicts = self._find_conflicts(good)
+        if conflicts:
+            self._set_aside_conflicts(batch, conflicts)
+            good = [o for o in good if id(o) not in conflicts]
         replaced: list[tuple[str, str]] = []
         if self.storage.duplicates != "keep-both" and good:
             # a template with {time}/{counter} names each copy differently: the index decides
@@ -378,6 +385,102 @@ class Importer:
                                 "patient_id": o.rows["Patient"].get(key["Patient"].key.column)})
         self.quarantine.record_failures(records)
 
+    def _find_conflicts(self, outcomes: list[Outcome]) -> dict[int, tuple[str, str, str]]:
+        """Instances whose Study, Series or SOP Instance UID is indexed (or comes earlier in this
+        batch) under another PatientID: ``{id(outcome): (level, uid, other_patient)}``, the
+        highest level that clashes."""
+        if not outcomes:
+            return {}
+        schema = self.index.schema
+        pkey, skey, sekey = (schema[lv].key.column for lv in ("Patient", "Study", "Series"))
+
+        def uids(o: Outcome) -> tuple[tuple[str, str], ...]:
+            rows = o.rows
+            assert rows is not None
+            return (("Study", rows["Study"][skey]), ("Series", rows["Series"][sekey]), ("Image", o.sop))
+
+        owners = self.index.owners([o.rows["Study"][skey] for o in outcomes],  # type: ignore[index]
+                                   [o.rows["Series"][sekey] for o in outcomes], [o.sop for o in outcomes])
+        claimed: dict[str, dict[str, str]] = {"Study": {}, "Series": {}, "Image": {}}
+        found: dict[int, tuple[str, str, str]] = {}
+        for o in outcomes:
+            patient = o.rows["Patient"][pkey] or ""  # type: ignore[index]
+            for level, uid in uids(o):
+                if uid in owners[level]:
+                    other = owners[level][uid] or ""
+                elif uid in claimed[level]:
+                    other = claimed[level][uid]
+                else:
+                    continue
+                if other != patient:
+                    found[id(o)] = (level, uid, other)
+                    break
+            else:
+                for level, uid in uids(o):
+                    claimed[level].setdefault(uid, patient)
+        return found
+
+    def _set_aside_conflicts(self, batch: list[Outcome], conflicts: dict[int, tuple[str, str, str]]) -> None:
+        """Move each conflicting instance under ``<root>/.quarantine/`` and record it (uid_conflict)."""
+        schema = self.index.schema
+        for i, o in enumerate(batch):
+            if id(o) not in conflicts or o.rows is None:
+                continue
+            level, uid, other = conflicts[id(o)]
+            patient = o.rows["Patient"][schema["Patient"].key.column] or ""
+            name = {"Study": "Study Instance", "Series": "Series Instance", "Image": "SOP Instance"}[level]
+            detail = (f"{name} UID {uid} is indexed under PatientID {other!r}; this instance has PatientID "
+                      f"{patient!r}: set aside, not indexed")
+            where = o.relpath
+            if o.relpath and not os.path.isabs(o.relpath):
+                where = self._move_to_quarantine(o.relpath)
+            self.quarantine.add("uid_conflict", where, detail, level=level.lower(),
+                                sop_uid=o.sop, series_uid=o.rows["Series"][schema["Series"].key.column],
+                                study_uid=o.rows["Study"][schema["Study"].key.column], patient_id=patient[:64],
+                                other_patient_id=other[:64], original_relpath=o.relpath[:255])
+            log.warning("UID conflict: %s (%s)", detail, o.source.display)
+            batch[i] = o._replace(status="rejected", reason=f"quarantined: {detail}", rows=None)
+
+    def _move_to_quarantine(self, relpath: str) -> str:
+        """Move a stored file to ``.quarantine/<random>/<name>``; returns its new relative path."""
+        folder = f"{QUARANTINE}/{uuid.uuid4().hex}"
+        rel = f"{folder}/{os.path.basename(relpath)}"
+        (self.storage.root / folder).mkdir(parents=True, exist_ok=True)
+        os.replace(self.storage.absolute(relpath), self.storage.root / rel)
+        return rel
+
+    def recognise_quarantine(self) -> int:
+        """Record files of the quarantine area that have no entry (the database was replaced ...).
+
+        Returns how many were recorded.
+        """
+        area = self.storage.root / QUARANTINE
+        if not area.is_dir():
+            return 0
+        known = self.quarantine.relpaths("uid_conflict")
+        n = 0
+        for folder, _, files in os.walk(area):
+            for name in sorted(files):
+                rel = os.path.relpath(os.path.join(folder, name), self.storage.root).replace(os.sep, "/")
+                if rel in known:
+                    continue
+                values: dict[str, Any] = {}
+                try:
+                    with open(os.path.join(folder, name), "rb") as fh:
+                        header = read_header(fh.read(), rel, self._job("rebuild").tags)
+                    rows = build_rows(header, self.index.schema, rel)
+                    schema = self.index.schema
+                    values = {"sop_uid": header.sop_instance_uid,
+                              "series_uid": rows["Series"][schema["Series"].key.column],
+                              "study_uid": rows["Study"][schema["Study"].key.column],
+                              "patient_id": (rows["Patient"][schema["Patient"].key.column] or "")[:64]}
+                except (OSError, PacsbridgeError) as exc:
+                    values = {"detail": f"unreadable: {exc}"}
+                detail = values.pop("detail", "found in the quarantine area without an entry (recorded by rebuild)")
+                self.quarantine.add("uid_conflict", rel, detail, **values)
+                n += 1
+        return n
+
     def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False) -> Report:
         """Import files, folders and zip files.
 
@@ -442,6 +545,7 @@ class Importer:
         """
         self.storage.ensure()
         report = Report()
+        report.quarantined = self.recognise_quarantine()
         files = self.storage.walk()
         known = self.index.object_files() if (missing_only or prune) else set()
         if prune:

@@ -316,6 +316,62 @@ class Index:
                     out[sop] = (path, dev)
         return out
 
+    def owners(self, studies: Sequence[str], series: Sequence[str],
+               sops: Sequence[str]) -> dict[str, dict[str, str | None]]:
+        """The PatientID each given UID is indexed under: ``{"Study"|"Series"|"Image": {uid: patient}}``.
+
+        UIDs not indexed are absent; a level whose table has no PatientID column is empty.
+        """
+        out: dict[str, dict[str, str | None]] = {"Study": {}, "Series": {}, "Image": {}}
+        with self.engine.connect() as conn:
+            for level, uids in (("Study", studies), ("Series", series), ("Image", sops)):
+                pid = self._patient_column(level)
+                if pid is None or not uids:
+                    continue
+                table, key = self.tables[level], self.schema[level].key.column
+                uids = sorted(set(uids))
+                for i in range(0, len(uids), 500):
+                    for uid, patient in conn.execute(select(table.c[key], table.c[pid])
+                                                     .where(table.c[key].in_(uids[i:i + 500]))):
+                        out[level][uid] = patient
+        return out
+
+    def _patient_column(self, level: str) -> str | None:
+        tdef = self.schema[level]
+        col = tdef.parent if level == "Study" else tdef.by_tag(_PATIENT_ID)
+        return col.column if col is not None else None
+
+    def reassign(self, level: str, uid: str, patient: str, conn: Connection | None = None) -> int:
+        """Give a study, series or image and everything under it PatientID ``patient`` (a correction).
+
+        Returns the number of image rows that now say ``patient``.
+        """
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.reassign(level, uid, patient, own)
+        study, series, image = self.tables["Study"], self.tables["Series"], self.tables["Image"]
+        skey, sekey, ikey = (self.schema[lv].key.column for lv in ("Study", "Series", "Image"))
+        selink = self.schema["Series"].parent.column  # type: ignore[union-attr]
+        ilink = self.schema["Image"].parent.column  # type: ignore[union-attr]
+        if level == "Study":
+            series_uids = [r[0] for r in conn.execute(select(series.c[sekey]).where(series.c[selink] == uid))]
+            sops = [r[0] for r in conn.execute(select(image.c[ikey]).where(image.c[ilink].in_(series_uids)))] \
+                if series_uids else []
+        elif level == "Series":
+            series_uids = [uid]
+            sops = [r[0] for r in conn.execute(select(image.c[ikey]).where(image.c[ilink] == uid))]
+        else:
+            series_uids, sops = [], [uid]
+        changes = [("Study", [uid] if level == "Study" else []), ("Series", series_uids), ("Image", sops)]
+        for lv, uids in changes:
+            pid = self._patient_column(lv)
+            if pid is None or not uids:
+                continue
+            table, key = self.tables[lv], self.schema[lv].key.column
+            for i in range(0, len(uids), 500):
+                conn.execute(update(table).where(table.c[key].in_(uids[i:i + 500])).values({table.c[pid]: patient}))
+        return len(sops)
+
     def files_for(self, *, patient: str | None = None, study: str | None = None,
                   series: Sequence[str] | None = None, sops: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Image rows (ObjectFile, DeviceName, keys) selected by patient, study, series or SOP UIDs.

@@ -92,6 +92,11 @@ class Quarantine:
                                                        created_at=time.time(), **values))
             return int(result.inserted_primary_key[0])
 
+    def relpaths(self, reason: str) -> set[str]:
+        """Paths of every entry (open or resolved) of ``reason``."""
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(select(table.c.relpath).where(table.c.reason == reason))}
+
     def open_relpaths(self) -> set[str]:
         """Paths of unresolved entries (the reconciler does not queue them again)."""
         with self.engine.connect() as conn:

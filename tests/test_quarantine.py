@@ -144,3 +144,96 @@ def test_the_api_and_metrics_show_and_resolve_a_refused_instance(client, ctx, tm
     assert_error(client.post(resolve, json={"decision": "discard"}, headers=auth("admin")), 409)
     text_ = client.get("/metrics").get_data(as_text=True)
     assert 'pacsbridge_quarantine{reason="index_failed",state="resolved"} 1.0' in text_
+
+
+# -- item 5: one UID, two patients -------------------------------------------------------------
+def _context(settings, duplicates):
+    from pacsbridge.shared.context import open_context
+
+    ctx = open_context(settings.with_(duplicates=duplicates))
+    ctx.index.create()
+    ctx.storage.ensure()
+    return ctx
+
+
+def _tables(ctx):
+    out = {}
+    with ctx.index.engine.connect() as conn:
+        for t in ("DICOMPatients", "DICOMStudies", "DICOMSeries", "DICOMImages"):
+            out[t] = sorted(tuple(r)[:4] + (r[-2],) if t == "DICOMImages" else tuple(r)[:4]
+                            for r in conn.execute(text(f"select * from {t}")))  # fixed names
+    return out
+
+
+def _patient_b(folder: Path, a, level: str):
+    shared = {"study": {"StudyInstanceUID": a.StudyInstanceUID},
+              "series": {"SeriesInstanceUID": a.SeriesInstanceUID},
+              "image": {"SOPInstanceUID": a.SOPInstanceUID}}[level]
+    return make_instance(folder / "b.dcm", PatientID="PATB", PatientName="B^B", **shared)
+
+
+@pytest.mark.parametrize("duplicates", ["keep", "replace", "keep-both"])
+@pytest.mark.parametrize("level", ["study", "series", "image"])
+def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, level, duplicates):
+    """Patient B's instance sharing A's Study / Series / SOP Instance UID took over A's rows (a repack
+    of B exported A's image, one of A found nothing), and each re-index flipped them back and forth."""
+    from pacsbridge.shared.quarantine import Quarantine
+
+    ctx = _context(settings, duplicates)
+    try:
+        a1 = make_instance(tmp_path / "a" / "a1.dcm", PatientID="PATA", PatientName="A^A")
+        a2 = make_instance(tmp_path / "a" / "a2.dcm", PatientID="PATA", PatientName="A^A",
+                           StudyInstanceUID=a1.StudyInstanceUID, SeriesInstanceUID=a1.SeriesInstanceUID)
+        imp = Importer(ctx.index, ctx.storage, workers=1)
+        imp.import_paths([tmp_path / "a"])
+        b = _patient_b(tmp_path / "b", a1, level)
+        report = imp.import_paths([tmp_path / "b"])
+        assert report.stored == 0 and len(report.rejected) == 1 and "quarantined" in report.rejected[0][1]
+        (entry,), _ = Quarantine(ctx.index.engine).list(reason="uid_conflict")
+        assert entry["level"] == level and entry["patient_id"] == "PATB" and entry["other_patient_id"] == "PATA"
+        assert entry["sop_uid"] == b.SOPInstanceUID and entry["relpath"].startswith(".quarantine/")
+        assert ctx.storage.absolute(entry["relpath"]).is_file()
+        # a selection of B finds nothing, one of A finds A's two files, with A's own data
+        assert ctx.index.files_for(patient="PATB") == []
+        a_files = ctx.index.files_for(patient="PATA")
+        assert sorted(f["sop"] for f in a_files) == sorted([a1.SOPInstanceUID, a2.SOPInstanceUID])
+        import pydicom
+        for f in a_files:
+            assert pydicom.dcmread(ctx.storage.absolute(f["ObjectFile"])).PatientID == "PATA"
+        assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
+        before = _tables(ctx)
+        # rebuild (twice, from nothing) gives the same index, and recognises the quarantine area
+        for _ in range(2):
+            ctx.index.create(force=True)
+            rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+            assert rebuilt.rejected == [] and rebuilt.quarantined == 0
+            assert _tables(ctx) == before
+        assert Quarantine(ctx.index.engine).list()[1] == 1
+    finally:
+        ctx.index.engine.dispose()
+
+
+def test_a_conflict_inside_one_batch_and_a_lost_entry(ctx, tmp_path):
+    """Two patients in one batch (the worker's task): the later one is set aside. The quarantine area
+    is storage's: a rebuild on a new database records what it holds, and indexes none of it."""
+    from pacsbridge.shared.quarantine import Quarantine
+
+    a = make_instance(tmp_path / "in" / "a.dcm", PatientID="PATA")
+    make_instance(tmp_path / "in" / "b.dcm", PatientID="PATB", StudyInstanceUID=a.StudyInstanceUID)
+    for name in ("a.dcm", "b.dcm"):
+        ctx.storage.store((tmp_path / "in" / name).read_bytes(),
+                          __import__("pydicom").dcmread(tmp_path / "in" / name), None)
+    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(ctx.storage.walk())
+    assert report.indexed == 1 and len(report.rejected) == 1
+    assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
+    quarantine = Quarantine(ctx.index.engine)
+    (entry,), _ = quarantine.list()
+    assert entry["patient_id"] == "PATB" and entry["level"] == "study"
+    with ctx.index.engine.begin() as conn:
+        conn.execute(text("delete from pacsbridge_quarantine"))
+    ctx.index.create(force=True)
+    rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+    assert rebuilt.indexed == 1 and rebuilt.quarantined == 1
+    (found,), _ = quarantine.list()
+    assert found["relpath"] == entry["relpath"] and found["patient_id"] == "PATB"
+    assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
