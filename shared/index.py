@@ -362,6 +362,10 @@ class Index:
             sops = [r[0] for r in conn.execute(select(image.c[ikey]).where(image.c[ilink] == uid))]
         else:
             series_uids, sops = [], [uid]
+        spid = self._patient_column("Study")
+        before = set()
+        if level == "Study" and spid is not None:
+            before = {r[0] for r in conn.execute(select(study.c[spid]).where(study.c[skey] == uid))} - {patient}
         changes = [("Study", [uid] if level == "Study" else []), ("Series", series_uids), ("Image", sops)]
         for lv, uids in changes:
             pid = self._patient_column(lv)
@@ -370,6 +374,11 @@ class Index:
             table, key = self.tables[lv], self.schema[lv].key.column
             for i in range(0, len(uids), 500):
                 conn.execute(update(table).where(table.c[key].in_(uids[i:i + 500])).values({table.c[pid]: patient}))
+        patients, pkey = self.tables["Patient"], self.schema["Patient"].key.column
+        for old in before:  # the patient the study was taken from, if nothing of theirs is left
+            if spid is not None and conn.execute(select(study.c[skey]).where(study.c[spid] == old).limit(1)).first() \
+                    is None:
+                conn.execute(patients.delete().where(patients.c[pkey] == old))
         return len(sops)
 
     def files_for(self, *, patient: str | None = None, study: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import text
 
@@ -197,7 +198,6 @@ def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, leve
         assert ctx.index.files_for(patient="PATB") == []
         a_files = ctx.index.files_for(patient="PATA")
         assert sorted(f["sop"] for f in a_files) == sorted([a1.SOPInstanceUID, a2.SOPInstanceUID])
-        import pydicom
         for f in a_files:
             assert pydicom.dcmread(ctx.storage.absolute(f["ObjectFile"])).PatientID == "PATA"
         assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
@@ -221,8 +221,7 @@ def test_a_conflict_inside_one_batch_and_a_lost_entry(ctx, tmp_path):
     a = make_instance(tmp_path / "in" / "a.dcm", PatientID="PATA")
     make_instance(tmp_path / "in" / "b.dcm", PatientID="PATB", StudyInstanceUID=a.StudyInstanceUID)
     for name in ("a.dcm", "b.dcm"):
-        ctx.storage.store((tmp_path / "in" / name).read_bytes(),
-                          __import__("pydicom").dcmread(tmp_path / "in" / name), None)
+        ctx.storage.store((tmp_path / "in" / name).read_bytes(), pydicom.dcmread(tmp_path / "in" / name))
     report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(ctx.storage.walk())
     assert report.indexed == 1 and len(report.rejected) == 1
     assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
@@ -237,3 +236,77 @@ def test_a_conflict_inside_one_batch_and_a_lost_entry(ctx, tmp_path):
     (found,), _ = quarantine.list()
     assert found["relpath"] == entry["relpath"] and found["patient_id"] == "PATB"
     assert ctx.index.run_sql("select PatientID from DICOMPatients")[1] == [("PATA",)]
+
+
+def test_an_admin_resolves_uid_conflicts_each_audited(client, ctx, tmp_path, caplog):
+    """correct (a merge resend: the newer PatientID wins, the whole study and its files follow, the
+    rest of the resend is released), new-patient (a copy with new UIDs, the original untouched) and
+    discard; who and when are in the entry and the log; a rebuild afterwards gives the same index."""
+    import logging
+
+    from pacsbridge.shared.quarantine import Quarantine
+
+    from .test_api import assert_error, auth
+
+    caplog.set_level(logging.WARNING)
+    a = [make_instance(tmp_path / "a" / f"a{i}.dcm", PatientID="PATA", PatientName="A^A", InstanceNumber=i)
+         for i in range(2)]
+    a[1].StudyInstanceUID, a[1].SeriesInstanceUID = a[0].StudyInstanceUID, a[0].SeriesInstanceUID
+    a[1].save_as(tmp_path / "a" / "a1.dcm", enforce_file_format=True)
+    imp = Importer(ctx.index, ctx.storage, workers=1)
+    imp.import_paths([tmp_path / "a"])
+    # the PACS merged A into B and sends the study again: same UIDs, PatientID PATB
+    (tmp_path / "b").mkdir()
+    for i, d in enumerate(a):
+        d.PatientID, d.PatientName = "PATB", "B^B"
+        d.save_as(tmp_path / "b" / f"b{i}.dcm", enforce_file_format=True)
+    imp.import_paths([tmp_path / "b"])
+    page = client.get("/api/v1/quarantine?reason=uid_conflict", headers=auth("read")).get_json()
+    assert page["total"] == 2 and {e["patient_id"] for e in page["items"]} == {"PATB"}
+    first = page["items"][-1]
+    assert_error(client.post(first["path"] + "/resolve", json={"decision": "correct"}, headers=auth("user")), 403)
+    assert_error(client.post(first["path"] + "/resolve", json={"decision": "retry"}, headers=auth("admin")), 400,
+                 "decision")
+    done = client.post(first["path"] + "/resolve", json={"decision": "correct"}, headers=auth("admin"))
+    assert done.status_code == 200, done.get_json()
+    assert done.get_json()["decision"] == "correct" and done.get_json()["resolved_by"] == "ada"
+    assert "decided by ada" in caplog.text
+    # the whole study follows B, in the index and in its files; the rest of the resend is released
+    assert ctx.index.files_for(patient="PATA") == []
+    b_files = ctx.index.files_for(patient="PATB")
+    assert sorted(f["sop"] for f in b_files) == sorted(d.SOPInstanceUID for d in a)
+    for f in b_files:
+        assert pydicom.dcmread(ctx.storage.absolute(f["ObjectFile"])).PatientID == "PATB"
+    assert client.get("/api/v1/quarantine?resolved=false", headers=auth("read")).get_json()["total"] == 0
+    assert not [p for p in (ctx.storage.root / ".quarantine").rglob("*") if p.is_file()]
+
+    # another patient who reuses the study UID: kept as a new instance, the original untouched
+    c = make_instance(tmp_path / "c" / "c.dcm", PatientID="PATC", StudyInstanceUID=a[0].StudyInstanceUID)
+    imp.import_paths([tmp_path / "c"])
+    (entry,), _ = Quarantine(ctx.index.engine).list(resolved=False)
+    original = ctx.storage.absolute(entry["relpath"]).read_bytes()
+    done = client.post(entry["path"] + "/resolve", json={"decision": "new-patient"}, headers=auth("admin"))
+    assert done.status_code == 200, done.get_json()
+    c_files = ctx.index.files_for(patient="PATC")
+    assert len(c_files) == 1 and c_files[0]["sop"] != c.SOPInstanceUID and c_files[0]["study"] != c.StudyInstanceUID
+    copy = pydicom.dcmread(ctx.storage.absolute(c_files[0]["ObjectFile"]))
+    assert copy.PatientID == "PATC" and copy.file_meta.MediaStorageSOPInstanceUID == copy.SOPInstanceUID
+    assert ctx.storage.absolute(entry["relpath"]).read_bytes() == original
+    assert len(ctx.index.files_for(patient="PATB")) == 2
+
+    # discard
+    make_instance(tmp_path / "d" / "d.dcm", PatientID="PATD", SeriesInstanceUID=a[0].SeriesInstanceUID)
+    imp.import_paths([tmp_path / "d"])
+    entry = client.get("/api/v1/quarantine?resolved=false", headers=auth("read")).get_json()["items"][0]
+    assert client.post(entry["path"] + "/resolve", json={"decision": "discard"},
+                       headers=auth("admin")).status_code == 200
+    assert not ctx.storage.absolute(entry["relpath"]).exists()
+    text_ = client.get("/metrics").get_data(as_text=True)
+    assert 'pacsbridge_quarantine{reason="uid_conflict",state="resolved"} 4.0' in text_
+    assert 'pacsbridge_quarantine{reason="uid_conflict",state="open"} 0.0' in text_
+
+    before = _tables(ctx)
+    ctx.index.create(force=True)
+    rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
+    assert rebuilt.rejected == [] and rebuilt.quarantined == 0
+    assert _tables(ctx) == before
