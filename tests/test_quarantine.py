@@ -310,3 +310,33 @@ def test_an_admin_resolves_uid_conflicts_each_audited(client, ctx, tmp_path, cap
     rebuilt = Importer(ctx.index, ctx.storage, workers=1).rebuild()
     assert rebuilt.rejected == [] and rebuilt.quarantined == 0
     assert _tables(ctx) == before
+
+
+def test_the_quarantine_verb(settings, tmp_path):
+    """``pacsbridge quarantine list|show|resolve``, run as a user runs it."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pacsbridge.cli", *map(str, args)], env=cli_env(settings),
+                              capture_output=True, text=True, timeout=120)
+
+    a = make_instance(tmp_path / "a" / "a.dcm", PatientID="PATA")
+    make_instance(tmp_path / "b" / "b.dcm", PatientID="PATB", StudyInstanceUID=a.StudyInstanceUID)
+    assert run("import", tmp_path / "a").returncode == 0
+    proc = run("import", tmp_path / "b")
+    assert proc.returncode == 1 and "quarantined" in proc.stderr
+    (entry,) = json.loads(run("quarantine", "list", "--format", "json").stdout)
+    assert entry["reason"] == "uid_conflict" and entry["patient_id"] == "PATB"
+    shown = json.loads(run("quarantine", "show", entry["id"], "--format", "json").stdout)
+    assert shown["other_patient_id"] == "PATA" and not shown["resolved"]
+    proc = run("quarantine", "resolve", entry["id"], "retry")
+    assert proc.returncode == 2 and "decision" in proc.stderr
+    proc = run("quarantine", "resolve", entry["id"], "discard", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resolved_by"].startswith("cli:")
+    assert json.loads(run("quarantine", "list", "--format", "json").stdout) == []
+    assert len(json.loads(run("quarantine", "list", "--state", "all", "--format", "json").stdout)) == 1
