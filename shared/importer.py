@@ -296,14 +296,13 @@ class Importer:
     def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
         """Index the good outcomes of a batch; count everything; return what was committed."""
         good = [o for o in batch if o.rows is not None and o.status != "rejected"]
-        conflicts = self._find_conflicts(good)
+        conflicts, known = self._find_conflicts(good)
         if conflicts:
             self._set_aside_conflicts(batch, conflicts)
             good = [o for o in good if id(o) not in conflicts]
         replaced: list[tuple[str, str]] = []
         if self.storage.duplicates != "keep-both" and good:
             # a template with {time}/{counter} names each copy differently: the index decides
-            known = self.index.lookup_sop([o.sop for o in good])
             keep = []
             for o in good:
                 old = known.get(o.sop)
@@ -385,12 +384,14 @@ class Importer:
                                 "patient_id": o.rows["Patient"].get(key["Patient"].key.column)})
         self.quarantine.record_failures(records)
 
-    def _find_conflicts(self, outcomes: list[Outcome]) -> dict[int, tuple[str, str, str]]:
+    def _find_conflicts(self, outcomes: list[Outcome]) -> tuple[dict[int, tuple[str, str, str]],
+                                                                 dict[str, tuple[str, str]]]:
         """Instances whose Study, Series or SOP Instance UID is indexed (or comes earlier in this
         batch) under another PatientID: ``{id(outcome): (level, uid, other_patient)}``, the
-        highest level that clashes."""
+        highest level that clashes; and, from the same query, ``{sop: (ObjectFile, DeviceName)}``
+        of the instances already indexed (for the duplicates policy)."""
         if not outcomes:
-            return {}
+            return {}, {}
         schema = self.index.schema
         pkey, skey, sekey = (schema[lv].key.column for lv in ("Patient", "Study", "Series"))
 
@@ -399,8 +400,8 @@ class Importer:
             assert rows is not None
             return (("Study", rows["Study"][skey]), ("Series", rows["Series"][sekey]), ("Image", o.sop))
 
-        owners = self.index.owners([o.rows["Study"][skey] for o in outcomes],  # type: ignore[index]
-                                   [o.rows["Series"][sekey] for o in outcomes], [o.sop for o in outcomes])
+        owners, known = self.index.owners([o.rows["Study"][skey] for o in outcomes],  # type: ignore[index]
+                                          [o.rows["Series"][sekey] for o in outcomes], [o.sop for o in outcomes])
         claimed: dict[str, dict[str, str]] = {"Study": {}, "Series": {}, "Image": {}}
         found: dict[int, tuple[str, str, str]] = {}
         for o in outcomes:
@@ -418,7 +419,7 @@ class Importer:
             else:
                 for level, uid in uids(o):
                     claimed[level].setdefault(uid, patient)
-        return found
+        return found, known
 
     def _set_aside_conflicts(self, batch: list[Outcome], conflicts: dict[int, tuple[str, str, str]]) -> None:
         """Move each conflicting instance under ``<root>/.quarantine/`` and record it (uid_conflict)."""

@@ -21,7 +21,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (CHAR, Column, Float, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
-                        func, inspect, select, text, update)
+                        func, inspect, literal, select, text, union_all, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import quoted_name
 
@@ -317,24 +317,45 @@ class Index:
         return out
 
     def owners(self, studies: Sequence[str], series: Sequence[str],
-               sops: Sequence[str]) -> dict[str, dict[str, str | None]]:
-        """The PatientID each given UID is indexed under: ``{"Study"|"Series"|"Image": {uid: patient}}``.
+               sops: Sequence[str]) -> tuple[dict[str, dict[str, str | None]], dict[str, tuple[str, str]]]:
+        """The PatientID each given UID is indexed under, in one round trip:
+        ``({"Study"|"Series"|"Image": {uid: patient}}, {sop: (ObjectFile, DeviceName)})``.
 
-        UIDs not indexed are absent; a level whose table has no PatientID column is empty.
+        UIDs not indexed are absent; a level whose table has no PatientID column is empty
+        (its UIDs are still looked up for the second dict, which is :meth:`lookup_sop`'s).
         """
         out: dict[str, dict[str, str | None]] = {"Study": {}, "Series": {}, "Image": {}}
+        files: dict[str, tuple[str, str]] = {}
+        studies, series, sops = sorted(set(studies)), sorted(set(series)), sorted(set(sops))
         with self.engine.connect() as conn:
-            for level, uids in (("Study", studies), ("Series", series), ("Image", sops)):
-                pid = self._patient_column(level)
-                if pid is None or not uids:
+            for i in range(0, max(len(studies), len(series), len(sops)), 500):
+                parts = []
+                for level, uids in (("Study", studies[i:i + 500]), ("Series", series[i:i + 500]),
+                                    ("Image", sops[i:i + 500])):
+                    pid = self._patient_column(level)
+                    if not uids or (pid is None and level != "Image"):
+                        continue
+                    table, key = self.tables[level], self.schema[level].key.column
+                    patient = table.c[pid] if pid is not None else literal(None, String())
+                    where_ = table.c[key].in_(uids)
+                    if level == "Image":
+                        parts.append(select(literal(level).label("level"), table.c[key].label("uid"),
+                                            patient.label("patient"), table.c.ObjectFile.label("f"),
+                                            table.c.DeviceName.label("d")).where(where_))
+                    else:
+                        parts.append(select(literal(level).label("level"), table.c[key].label("uid"),
+                                            patient.label("patient"), literal(None, String()).label("f"),
+                                            literal(None, String()).label("d")).where(where_))
+                if not parts:
                     continue
-                table, key = self.tables[level], self.schema[level].key.column
-                uids = sorted(set(uids))
-                for i in range(0, len(uids), 500):
-                    for uid, patient in conn.execute(select(table.c[key], table.c[pid])
-                                                     .where(table.c[key].in_(uids[i:i + 500]))):
-                        out[level][uid] = patient
-        return out
+                stmt = parts[0] if len(parts) == 1 else union_all(*parts)
+                for level, uid, patient, path, device in conn.execute(stmt):
+                    if level == "Image":
+                        files[uid] = (path, device)
+                        if self._patient_column("Image") is None:
+                            continue
+                    out[level][uid] = patient
+        return out, files
 
     def _patient_column(self, level: str) -> str | None:
         tdef = self.schema[level]
