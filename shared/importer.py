@@ -432,23 +432,24 @@ class Importer:
             name = {"Study": "Study Instance", "Series": "Series Instance", "Image": "SOP Instance"}[level]
             detail = (f"{name} UID {uid} is indexed under PatientID {other!r}; this instance has PatientID "
                       f"{patient!r}: set aside, not indexed")
-            where = o.relpath
-            if o.relpath and not os.path.isabs(o.relpath):
-                where = self._move_to_quarantine(o.relpath)
-            self.quarantine.add("uid_conflict", where, detail, level=level.lower(),
-                                sop_uid=o.sop, series_uid=o.rows["Series"][schema["Series"].key.column],
-                                study_uid=o.rows["Study"][schema["Study"].key.column], patient_id=patient[:64],
-                                other_patient_id=other[:64], original_relpath=o.relpath[:255])
+            inside = bool(o.relpath) and not os.path.isabs(o.relpath)  # not a file indexed in place
+            where = f"{QUARANTINE}/{uuid.uuid4().hex}/{os.path.basename(o.relpath)}" if inside else o.relpath
+            # the entry first: if the database is down now, the file has not moved and the task's retry
+            # finds it where it was
+            entry = self.quarantine.add(
+                "uid_conflict", where, detail, level=level.lower(), sop_uid=o.sop,
+                series_uid=o.rows["Series"][schema["Series"].key.column],
+                study_uid=o.rows["Study"][schema["Study"].key.column], patient_id=patient[:64],
+                other_patient_id=other[:64], original_relpath=o.relpath[:255])
+            if inside:
+                try:
+                    (self.storage.root / where).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.storage.absolute(o.relpath), self.storage.root / where)
+                except (OSError, PacsbridgeError) as exc:  # not moved: still set aside, where it lies
+                    log.error("could not move %s to the quarantine area: %s", o.relpath, exc)
+                    self.quarantine.relocate(entry, o.relpath, f"{detail} (not moved: {exc})")
             log.warning("UID conflict: %s (%s)", detail, o.source.display)
             batch[i] = o._replace(status="rejected", reason=f"quarantined: {detail}", rows=None)
-
-    def _move_to_quarantine(self, relpath: str) -> str:
-        """Move a stored file to ``.quarantine/<random>/<name>``; returns its new relative path."""
-        folder = f"{QUARANTINE}/{uuid.uuid4().hex}"
-        rel = f"{folder}/{os.path.basename(relpath)}"
-        (self.storage.root / folder).mkdir(parents=True, exist_ok=True)
-        os.replace(self.storage.absolute(relpath), self.storage.root / rel)
-        return rel
 
     def recognise_quarantine(self) -> int:
         """Record files of the quarantine area that have no entry (the database was replaced ...).

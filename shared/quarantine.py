@@ -92,6 +92,12 @@ class Quarantine:
                                                        created_at=time.time(), **values))
             return int(result.inserted_primary_key[0])
 
+    def relocate(self, entry_id: int, relpath: str, detail: str) -> None:
+        """Say where an entry's file lies after all (it could not be moved)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == entry_id).values(relpath=relpath[:255],
+                                                                            detail=detail[:2000]))
+
     def relpaths(self, reason: str) -> set[str]:
         """Paths of every entry (open or resolved) of ``reason``."""
         with self.engine.connect() as conn:
