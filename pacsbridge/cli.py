@@ -71,7 +71,8 @@ def _report(report: Any, fmt: str, seconds: float) -> int:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        parts = [f"{data[k]} {k}" for k in ("stored", "indexed", "duplicate", "rejected", "removed", "pruned")
+        parts = [f"{data[k]} {k}" for k in ("stored", "indexed", "duplicate", "rejected", "removed", "pruned",
+                                             "quarantined")
                  if data[k] or k in ("rejected",)]
         err.print(f"{', '.join(parts)} in {seconds:.1f} s"
                   + (f" ({data['files_per_second']:,} files/s)" if data["files_per_second"] else ""))

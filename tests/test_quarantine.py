@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -340,3 +341,45 @@ def test_the_quarantine_verb(settings, tmp_path):
     assert json.loads(proc.stdout)["resolved_by"].startswith("cli:")
     assert json.loads(run("quarantine", "list", "--format", "json").stdout) == []
     assert len(json.loads(run("quarantine", "list", "--state", "all", "--format", "json").stdout)) == 1
+
+
+def test_through_the_listener_and_a_worker_on_postgresql(tmp_path, pg_url):
+    """The reported case, end to end: instances stored over DICOM (acknowledged), a NUL in two of
+    them and a UID of another patient in one; the worker on the real PostgreSQL indexes every normal
+    instance, sets the conflicting one aside, and the reconciler queues nothing again."""
+    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.quarantine import Quarantine
+
+    from .servers import ThrowawayRedis
+    from .test_listener import Stack, indexed_sops, storescu
+
+    broker = ThrowawayRedis()
+    broker.start()
+    stack = Stack(tmp_path, database_url=pg_url, broker_url=broker.url)
+    try:
+        folder = tmp_path / "send"
+        good, bad = _batch_with_nul(folder)
+        other = make_instance(folder / "zz-other.dcm", PatientID="OTHER", StudyInstanceUID=good[0].StudyInstanceUID)
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        proc = storescu(stack.port, *sorted(folder.iterdir()))
+        assert proc.returncode == 0, proc.stderr
+        expected = {d.SOPInstanceUID for d in good + bad}
+        assert indexed_sops(stack.settings, 22, timeout=90) == expected
+        ctx = open_context(stack.settings)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not Quarantine(ctx.index.engine).list()[1]:
+            time.sleep(0.3)
+        (entry,), _ = Quarantine(ctx.index.engine).list()
+        assert entry["reason"] == "uid_conflict" and entry["sop_uid"] == other.SOPInstanceUID
+        time.sleep(3)  # whatever the reconciler queued at start (min age 0 here) is done
+        queued = "".join(p.read_text() for p in stack.logs.iterdir()).count("were not indexed; queued them")
+        time.sleep(5)  # two more reconciler periods: nothing is queued again, nothing changes
+        assert indexed_sops(stack.settings, 22, timeout=1) == expected
+        assert Quarantine(ctx.index.engine).list()[1] == 1
+        ctx.index.engine.dispose()
+        logs = "".join(p.read_text() for p in stack.logs.iterdir())
+        assert logs.count("were not indexed; queued them") == queued
+    finally:
+        stack.close()
+        broker.stop()
