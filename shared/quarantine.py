@@ -203,6 +203,8 @@ def resolve(ctx: Any, entry_id: int, decision: Any, by: str) -> dict[str, Any]:
         report = Importer(ctx.index, ctx.storage, workers=1).reindex_files([entry["relpath"]])
         if report.indexed != 1:
             reason = report.rejected[0][1] if report.rejected else "not indexed"
+            if reason.startswith("quarantined:"):  # now refused for another reason, with an entry of its own
+                return store.close(entry_id, "retry", by, f"{entry['detail']}; on retry: {reason}")
             raise Conflict(f"quarantine entry {entry_id}: still not indexed: {reason}")
         return store.close(entry_id, "retry", by)
     # discard: the file goes, the entry says who decided it
