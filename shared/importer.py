@@ -11,7 +11,10 @@ already stored or indexed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import mmap
 import multiprocessing
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from pydicom.datadict import tag_for_keyword
+from sqlalchemy import text
 
 from .dicomsql import Schema
 from .errors import InvalidDataset, PacsbridgeError
@@ -293,9 +297,63 @@ class Importer:
         with ctx.Pool(self.workers, initializer=_init, initargs=(job,)) as pool:
             consume(pool.imap(_process, sources, chunksize=32))
 
+    @contextlib.contextmanager
+    def _uid_lock(self, outcomes: list[Outcome]) -> Iterator[None]:
+        """Hold the studies and series of ``outcomes`` while they are checked and written, so that two
+        workers indexing two patients of one study at the same moment cannot both pass the check.
+
+        PostgreSQL: session advisory locks on a hash of each Study and Series UID, taken in order
+        (no deadlock), one or a few per batch. SQLite (one host, one writer at a time anyway): an
+        exclusive lock on a file beside the database.
+        """
+        if not outcomes:
+            yield
+            return
+        schema = self.index.schema
+        if self.index.dialect == "postgresql":
+            skey, sekey = schema["Study"].key.column, schema["Series"].key.column
+            uids = {o.rows["Study"][skey] for o in outcomes} | {o.rows["Series"][sekey]  # type: ignore[index]
+                                                                 for o in outcomes}
+            keys = sorted({int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big",
+                                          signed=True) for u in uids})
+            with self.index.engine.connect() as conn:
+                try:
+                    for key in keys:
+                        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                    conn.commit()
+            return
+        database = self.index.engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.index-lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
         """Index the good outcomes of a batch; count everything; return what was committed."""
         good = [o for o in batch if o.rows is not None and o.status != "rejected"]
+        with self._uid_lock(good):
+            self._index_good(batch, good)
+        for o in batch:
+            if o.status == "rejected":
+                report.rejected.append((o.source.display, o.reason))
+            elif o.status == "duplicate":
+                report.duplicate += 1
+            elif o.status == "stored":
+                report.stored += 1
+            else:
+                report.indexed += 1
+        return batch
+
+    def _index_good(self, batch: list[Outcome], good: list[Outcome]) -> None:
+        """Check, apply the duplicates policy and index (under :meth:`_uid_lock`)."""
         conflicts, known = self._find_conflicts(good)
         if conflicts:
             self._set_aside_conflicts(batch, conflicts)
@@ -336,16 +394,6 @@ class Importer:
             done = [o.relpath for o in batch if o.status == "indexed" and o.relpath]
             if done:
                 self.quarantine.resolve_indexed(done)
-        for o in batch:
-            if o.status == "rejected":
-                report.rejected.append((o.source.display, o.reason))
-            elif o.status == "duplicate":
-                report.duplicate += 1
-            elif o.status == "stored":
-                report.stored += 1
-            else:
-                report.indexed += 1
-        return batch
 
     def _upsert_isolating(self, outcomes: list[Outcome]) -> dict[str, str]:
         """Index ``outcomes`` in one transaction; if the database refuses it, split the batch in

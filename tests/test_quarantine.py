@@ -383,3 +383,50 @@ def test_through_the_listener_and_a_worker_on_postgresql(tmp_path, pg_url):
     finally:
         stack.close()
         broker.stop()
+
+
+def test_two_workers_indexing_two_patients_of_one_study_at_once(tmp_path, db_url):
+    """Two index tasks at the same moment (two worker processes), one per patient, same Study UID:
+    exactly one patient is indexed under the study, the other is set aside, every round."""
+    import threading
+
+    from pacsbridge.shared.config import Settings
+    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.quarantine import Quarantine
+
+    settings = Settings(database_url=db_url, storage=tmp_path / "data", fsync=False)
+    ctxs = [open_context(settings) for _ in range(2)]
+    ctxs[0].index.create()
+    ctxs[0].storage.ensure()
+    try:
+        for round_ in range(15):
+            study = pydicom.uid.generate_uid()
+            rels = []
+            for who in ("A", "B"):
+                path = tmp_path / "in" / f"{round_}{who}.dcm"
+                ds = make_instance(path, PatientID=f"R{round_}{who}", StudyInstanceUID=study)
+                rels.append([ctxs[0].storage.store(path, ds).relpath])
+            barrier = threading.Barrier(2)
+            errors = []
+
+            def index(i):
+                try:
+                    imp = Importer(ctxs[i].index, ctxs[i].storage, workers=1)
+                    barrier.wait()
+                    imp.reindex_files(rels[i])
+                except Exception as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=index, args=(i,)) for i in range(2)]
+            [t.start() for t in threads]
+            [t.join(60) for t in threads]
+            assert errors == []
+            owners = {r[0] for r in ctxs[0].index.run_sql(
+                f"select PatientID from DICOMStudies where StudyInsta = '{study}'")[1]}  # a generated UID
+            series_owners = {r[0] for r in ctxs[0].index.run_sql(
+                f"select SeriesPat from DICOMSeries where StudyInsta = '{study}'")[1]}
+            assert len(owners) == 1 and series_owners == owners, (round_, owners, series_owners)
+        assert Quarantine(ctxs[0].index.engine).list(reason="uid_conflict")[1] == 15
+    finally:
+        for c in ctxs:
+            c.index.engine.dispose()
