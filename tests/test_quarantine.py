@@ -195,7 +195,16 @@ def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, leve
         assert entry["level"] == level and entry["patient_id"] == "PATB" and entry["other_patient_id"] == "PATA"
         assert entry["sop_uid"] == b.SOPInstanceUID and entry["relpath"].startswith(".quarantine/")
         assert ctx.storage.absolute(entry["relpath"]).is_file()
-        # a selection of B finds nothing, one of A finds A's two files, with A's own data
+        # a selection of B (what repack and push resolve) finds nothing, one of A finds A's two
+        # files, with A's own data
+        from pacsbridge.shared.selection import resolve
+
+        assert resolve(ctx.index, ctx.storage, {"PatientID": "PATB"}).instances == []
+        study = resolve(ctx.index, ctx.storage, {"StudyInstanceUID": a1.StudyInstanceUID}).instances
+        assert len(study) == 2 and {i.patient_id for i in study} == {"PATA"}
+        chosen = resolve(ctx.index, ctx.storage, {"PatientID": "PATA"}).instances
+        assert sorted(i.sop_uid for i in chosen) == sorted([a1.SOPInstanceUID, a2.SOPInstanceUID])
+        assert all(pydicom.dcmread(i.path).PatientID == "PATA" for i in chosen)
         assert ctx.index.files_for(patient="PATB") == []
         a_files = ctx.index.files_for(patient="PATA")
         assert sorted(f["sop"] for f in a_files) == sorted([a1.SOPInstanceUID, a2.SOPInstanceUID])
