@@ -33,7 +33,7 @@ from .errors import InvalidDataset, PacsbridgeError
 from .index import Index
 from .records import Rows, build_rows, clean_text, needs_dataset, read_header, schema_tags
 from .quarantine import Quarantine
-from .storage import QUARANTINE, Storage
+from .storage import OWN_FOLDERS, QUARANTINE, Storage
 
 __all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source"]
 
@@ -341,6 +341,7 @@ class Importer:
         good = [o for o in batch if o.rows is not None and o.status != "rejected"]
         with self._uid_lock(good):
             self._index_good(batch, good)
+        self._record_unreadable(batch)
         for o in batch:
             if o.status == "rejected":
                 report.rejected.append((o.source.display, o.reason))
@@ -351,6 +352,24 @@ class Importer:
             else:
                 report.indexed += 1
         return batch
+
+    def _record_unreadable(self, batch: list[Outcome]) -> None:
+        """Record stored files that cannot be indexed at all (not DICOM, truncated, no UID) as
+        ``index_failed``: the reconciler would otherwise queue them again every period."""
+        root = _real_root(self.storage.root)
+        records = []
+        for o in batch:
+            if o.status != "rejected" or o.source.member is not None or o.reason.startswith(
+                    ("quarantined:", "not indexed:")):
+                continue
+            real = os.path.realpath(o.source.path)
+            if not real.startswith(root + os.sep) or not os.path.isfile(real):
+                continue  # an import from elsewhere, or a file gone since it was queued
+            rel = os.path.relpath(real, root).replace(os.sep, "/")
+            if rel.split("/", 1)[0] in OWN_FOLDERS:
+                continue
+            records.append({"relpath": rel, "detail": o.reason})
+        self.quarantine.record_failures(records)
 
     def _index_good(self, batch: list[Outcome], good: list[Outcome]) -> None:
         """Check, apply the duplicates policy and index (under :meth:`_uid_lock`)."""

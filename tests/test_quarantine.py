@@ -439,3 +439,29 @@ def test_two_workers_indexing_two_patients_of_one_study_at_once(tmp_path, db_url
     finally:
         for c in ctxs:
             c.index.engine.dispose()
+
+
+def test_a_stored_file_that_is_not_an_instance_is_recorded_not_queued_for_ever(ctx, tmp_path):
+    """A file in storage the worker rejects (truncated, not DICOM, a stray dot file now that the walk
+    sees dot names) is recorded once; the reconciler then leaves it alone."""
+    from pacsbridge.listener.server import reconcile_once
+    from pacsbridge.shared.quarantine import Quarantine
+
+    from .servers import ThrowawayRedis
+
+    make_instance(tmp_path / "ok.dcm", PatientID="PSTRAY")
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "ok.dcm"])
+    data = (ctx.storage.root / ctx.storage.walk()[0]).read_bytes()
+    (ctx.storage.root / "PSTRAY" / "cut.dcm").write_bytes(data[:-100])
+    (ctx.storage.root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files(ctx.storage.walk())
+    assert report.indexed == 1 and len(report.rejected) == 2
+    entries, total = Quarantine(ctx.index.engine).list(reason="index_failed")
+    assert total == 2 and {e["relpath"] for e in entries} == {"PSTRAY/cut.dcm", ".DS_Store"}
+    assert any("runs to byte" in e["detail"] for e in entries)
+    server = ThrowawayRedis()
+    server.start()
+    try:
+        assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 0
+    finally:
+        server.stop()
