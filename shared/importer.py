@@ -19,6 +19,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import tempfile
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -304,7 +305,7 @@ class Importer:
 
         PostgreSQL: session advisory locks on a hash of each Study and Series UID, taken in order
         (no deadlock), one or a few per batch. SQLite (one host, one writer at a time anyway): an
-        exclusive lock on a file beside the database.
+        exclusive lock on a file in the temporary folder named after the database's path.
         """
         if not outcomes:
             yield
@@ -329,7 +330,8 @@ class Importer:
         if not database or database == ":memory:":
             yield
             return
-        with open(f"{database}.index-lock", "a+b") as fh:
+        digest = hashlib.blake2b(os.path.realpath(database).encode(), digest_size=8).hexdigest()
+        with open(os.path.join(tempfile.gettempdir(), f"pacsbridge-index-{digest}.lock"), "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
