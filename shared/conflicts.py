@@ -35,6 +35,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from .errors import Conflict
+from .quarantine import discard, file_of
 
 __all__ = ["resolve_conflict", "PATIENT_ATTRIBUTES"]
 
@@ -69,6 +70,12 @@ def _import_one(ctx: Any, data: bytes, ds: Any) -> str:
     return ""
 
 
+def _drop(entry: dict[str, Any], path: Any) -> None:
+    """Remove a quarantined file now stored again (never one indexed in place, outside storage)."""
+    if not os.path.isabs(str(entry["relpath"])):
+        path.unlink(missing_ok=True)
+
+
 def _study_of(ctx: Any, entry: dict[str, Any]) -> str:
     """The indexed study that holds the entry's conflicting UID."""
     index = ctx.index
@@ -87,7 +94,7 @@ def _study_of(ctx: Any, entry: dict[str, Any]) -> str:
 def _correct(ctx: Any, store: Any, entry: dict[str, Any], by: str) -> dict[str, Any]:
     from .importer import Importer
 
-    quarantined = ctx.storage.absolute(entry["relpath"])
+    quarantined = file_of(ctx, entry)
     source = pydicom.dcmread(quarantined)
     patient = {k: source.get(k) for k in PATIENT_ATTRIBUTES}
     study = _study_of(ctx, entry)
@@ -130,24 +137,26 @@ def _correct(ctx: Any, store: Any, entry: dict[str, Any], by: str) -> dict[str, 
     if reason:
         raise Conflict(f"quarantine entry {entry['id']}: the study now follows {new_patient!r}, but the "
                        f"quarantined instance was not indexed: {reason}")
-    quarantined.unlink(missing_ok=True)
+    _drop(entry, quarantined)
     closed = store.close(entry["id"], "correct", by, detail)
     # the rest of the same resend (same patient, same study) clashed for the same reason
     others, _ = store.list(reason="uid_conflict", resolved=False, limit=1000)
     for other in others:
         if other["patient_id"] != new_patient or other["study_uid"] != entry["study_uid"]:
             continue
-        path = ctx.storage.absolute(other["relpath"])
+        path = file_of(ctx, other)
+        if not path.is_file():
+            continue
         reason = _import_one(ctx, path.read_bytes(), None)
         if not reason:
-            path.unlink(missing_ok=True)
+            _drop(other, path)
             store.close(other["id"], "correct", by, f"{other['detail']}; released by the correction of "
                                                     f"quarantine entry {entry['id']}")
     return closed
 
 
 def _new_patient(ctx: Any, store: Any, entry: dict[str, Any], by: str) -> dict[str, Any]:
-    quarantined = ctx.storage.absolute(entry["relpath"])
+    quarantined = file_of(ctx, entry)
     ds = pydicom.dcmread(quarantined)
     patient = str(ds.get("PatientID", "") or "")
     new = {}
@@ -172,6 +181,4 @@ def resolve_conflict(ctx: Any, store: Any, entry: dict[str, Any], decision: str,
         return _correct(ctx, store, entry, by)
     if decision == "new-patient":
         return _new_patient(ctx, store, entry, by)
-    closed = store.close(entry["id"], "discard", by)
-    ctx.storage.absolute(entry["relpath"]).unlink(missing_ok=True)
-    return closed
+    return discard(ctx, store, entry, by)

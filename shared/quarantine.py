@@ -22,6 +22,7 @@ Decisions (:meth:`Quarantine.resolve` records who and when, and logs it):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -193,6 +194,8 @@ def resolve(ctx: Any, entry_id: int, decision: Any, by: str) -> dict[str, Any]:
     decision = store.check_decision(entry, decision)
     if entry["resolved"]:
         raise Conflict(f"quarantine entry {entry_id} is already resolved ({entry['decision']})")
+    if decision != "discard" and not file_of(ctx, entry).is_file():
+        raise Conflict(f"quarantine entry {entry_id}: its file {entry['relpath']!r} is gone; discard the entry")
     if entry["reason"] == "uid_conflict":
         from .conflicts import resolve_conflict
 
@@ -207,10 +210,24 @@ def resolve(ctx: Any, entry_id: int, decision: Any, by: str) -> dict[str, Any]:
                 return store.close(entry_id, "retry", by, f"{entry['detail']}; on retry: {reason}")
             raise Conflict(f"quarantine entry {entry_id}: still not indexed: {reason}")
         return store.close(entry_id, "retry", by)
-    # discard: the file goes, the entry says who decided it
-    closed = store.close(entry_id, "discard", by)
+    return discard(ctx, store, entry, by)
+
+
+def file_of(ctx: Any, entry: Mapping[str, Any]) -> Any:
+    """The entry's file: in storage, or (an instance indexed in place) where it lies."""
+    from pathlib import Path
+
+    rel = str(entry["relpath"])
+    return Path(rel) if os.path.isabs(rel) else ctx.storage.absolute(rel)
+
+
+def discard(ctx: Any, store: "Quarantine", entry: Mapping[str, Any], by: str) -> dict[str, Any]:
+    """Close the entry and delete its file, if the file is storage's (one indexed in place stays)."""
+    closed = store.close(entry["id"], "discard", by)
+    if os.path.isabs(str(entry["relpath"])):
+        return closed
     try:
         ctx.storage.absolute(entry["relpath"]).unlink(missing_ok=True)
     except OSError as exc:
-        log.warning("quarantine %d: could not remove %s: %s", entry_id, entry["relpath"], exc)
+        log.warning("quarantine %d: could not remove %s: %s", entry["id"], entry["relpath"], exc)
     return closed

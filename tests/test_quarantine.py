@@ -465,3 +465,32 @@ def test_a_stored_file_that_is_not_an_instance_is_recorded_not_queued_for_ever(c
         assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 0
     finally:
         server.stop()
+
+
+def test_a_conflict_indexed_in_place_is_never_moved_or_deleted(client, ctx, tmp_path):
+    """``import --in-place``: the file is the user's, outside storage; it is set aside where it lies,
+    and neither the conflict nor a discard moves or deletes it. A decision on an entry whose file is
+    gone is a 409, not a 500."""
+    from .test_api import assert_error, auth
+
+    a = make_instance(tmp_path / "a" / "a.dcm", PatientID="PATA")
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "a"])
+    b = tmp_path / "ext" / "b.dcm"
+    make_instance(b, PatientID="PATB", StudyInstanceUID=a.StudyInstanceUID)
+    before = b.read_bytes()
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "ext"], in_place=True)
+    assert report.indexed == 0 and len(report.rejected) == 1
+    entry = client.get("/api/v1/quarantine", headers=auth("read")).get_json()["items"][0]
+    assert entry["relpath"] == str(b.resolve())
+    assert client.post(entry["path"] + "/resolve", json={"decision": "discard"},
+                       headers=auth("admin")).status_code == 200
+    assert b.read_bytes() == before
+    # an entry whose stored file was removed by hand
+    c = make_instance(tmp_path / "c" / "c.dcm", PatientID="PATC", StudyInstanceUID=a.StudyInstanceUID)
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "c"])
+    entry = client.get("/api/v1/quarantine?resolved=false", headers=auth("read")).get_json()["items"][0]
+    assert entry["sop_uid"] == c.SOPInstanceUID
+    ctx.storage.absolute(entry["relpath"]).unlink()
+    assert_error(client.post(entry["path"] + "/resolve", json={"decision": "correct"}, headers=auth("admin")), 409)
+    assert client.post(entry["path"] + "/resolve", json={"decision": "discard"},
+                       headers=auth("admin")).status_code == 200
