@@ -7,6 +7,13 @@ in one :class:`Outcome`: ``stored`` (new file in storage and indexed),
 (this SOP Instance is already stored; the policy kept the existing file) or
 ``rejected`` (with the reason). A rejected file never touches what is
 already stored or indexed.
+
+One instance never blocks another: a batch the database refuses is split until
+the refused instance is alone, and that one is recorded in the quarantine
+(``index_failed``); an instance whose Study, Series or SOP Instance UID is
+indexed under another PatientID is moved to ``<root>/.quarantine/`` and
+recorded (``uid_conflict``) instead of being indexed. See
+:mod:`pacsbridge.shared.quarantine`.
 """
 
 from __future__ import annotations
