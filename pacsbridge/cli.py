@@ -74,7 +74,8 @@ def _report(report: Any, fmt: str, seconds: float) -> int:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        parts = [f"{data[k]} {k}" for k in ("stored", "indexed", "duplicate", "rejected", "removed", "pruned")
+        parts = [f"{data[k]} {k}" for k in ("stored", "indexed", "duplicate", "rejected", "removed", "pruned",
+                                             "quarantined")
                  if data[k] or k in ("rejected",)]
         err.print(f"{', '.join(parts)} in {seconds:.1f} s"
                   + (f" ({data['files_per_second']:,} files/s)" if data["files_per_second"] else ""))
@@ -170,6 +171,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     for f, reason in result.failed:
         err.print(f"[red]failed[/red] {f}: {reason}")
     return EXIT_REJECTED if result.failed else EXIT_OK
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    """What indexing set aside: list, show one entry, or carry out a decision (audited as ``cli:<user>``)."""
+    import getpass
+
+    from pacsbridge.shared.errors import InvalidRequest
+    from pacsbridge.shared.quarantine import Quarantine, resolve
+
+    ctx = _context(args)
+    _require_tables(ctx)
+    ctx.index.create()  # the quarantine table of an index made by an older version
+    store = Quarantine(ctx.index.engine)
+    columns = ["id", "reason", "level", "patient_id", "other_patient_id", "sop_uid", "relpath", "decision",
+               "resolved_by", "detail"]
+    if args.action == "list":
+        resolved = {"open": False, "resolved": True, "all": None}[args.state]
+        items, total = store.list(reason=args.reason, resolved=resolved, limit=args.limit)
+        _print_rows(columns, [[e[c] for c in columns] for e in items], args.format,
+                    title=f"quarantine: {len(items)} of {total}")
+        return EXIT_OK
+    if args.id is None:
+        raise ConfigError(f"quarantine {args.action}: give the entry's id")
+    if args.action == "show":
+        entry = store.get(args.id)
+    else:
+        if args.decision is None:
+            raise ConfigError("quarantine resolve: give a decision (retry, discard, correct, new-patient)")
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "?"
+        try:
+            entry = resolve(ctx, args.id, args.decision, f"cli:{user}")
+        except InvalidRequest as exc:  # a decision that does not fit the entry: bad usage
+            raise ConfigError(str(exc)) from None
+    if args.format == "json":
+        json.dump(entry, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        _print_rows(["field", "value"], [[k, v] for k, v in entry.items()], "table")
+    return EXIT_OK
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -307,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subdirs", action="store_true", help="sort into patient/study/series folders")
     p.add_argument("--layout", metavar="T", help="sub-folder template or preset (implies --subdirs)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quarantine", help="what indexing set aside: list, show, resolve", description=(
+        "Instances indexing set aside: index_failed (the database refused the instance) and uid_conflict (its "
+        "UID is indexed under another PatientID). resolve ID DECISION: retry or discard (index_failed); "
+        "correct, new-patient or discard (uid_conflict). Each decision is logged and kept in the entry."))
+    p.add_argument("action", choices=("list", "show", "resolve"))
+    p.add_argument("id", nargs="?", type=int, help="entry id (show, resolve)")
+    p.add_argument("decision", nargs="?", choices=("retry", "discard", "correct", "new-patient"))
+    p.add_argument("--reason", choices=("index_failed", "uid_conflict"))
+    p.add_argument("--state", choices=("open", "resolved", "all"), default="open", help="list: default open")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_quarantine)
 
     for name, text in (("listener", "run the DICOM C-STORE listener"), ("worker", "run a Celery worker")):
         p = sub.add_parser(name, help=text, description=text)

@@ -10,7 +10,8 @@ sequence is closed: a truncated file is detected without reading its pixels.
 It handles what senders actually use: implicit and explicit VR little
 endian, and every encapsulated (compressed) syntax, with the ASCII, Latin-1
 and UTF-8 character sets. Anything else (no file meta, big endian, deflate,
-another character set, an undefined-length UN) raises :class:`NeedsPydicom`
+another character set or ISO 2022 code extensions such as ``\\ISO 2022 IR 87``,
+an undefined-length UN) raises :class:`NeedsPydicom`
 and the caller falls back to pydicom, which handles all of it more slowly.
 """
 
@@ -83,6 +84,8 @@ def _decode(vr: str, raw: bytes, encoding: str, little: bool = True) -> str | No
         text = text.rstrip("\x00 ").lstrip(" ") if vr != "UI" else text.rstrip("\x00 ").strip()
         if vr not in _SINGLE_VALUED and "\\" in text:
             text = "\\".join(p.strip(" \x00") for p in text.split("\\"))
+        if vr == "PN" and "=" in text:  # empty trailing component groups carry nothing (as pydicom)
+            text = "\\".join(p.rstrip("=") for p in text.split("\\"))
         return text or None
     fmt = _BINARY.get(vr)
     if fmt is None:
@@ -93,6 +96,19 @@ def _decode(vr: str, raw: bytes, encoding: str, little: bool = True) -> str | No
         return None
     values = struct.unpack(("<" if little else ">") + fmt * count, bytes(raw[: count * size]))
     return "\\".join(str(v) for v in values)
+
+
+def _encoding(charset: str) -> str | None:
+    """The Python codec for a Specific Character Set the fast reader handles, else ``None``.
+
+    A second value means ISO 2022 code extensions (``\\ISO 2022 IR 87``: the first value,
+    empty, is the default repertoire; escape sequences switch to JIS X 0208 within a value):
+    those are pydicom's to decode, unless every extension is plain ASCII.
+    """
+    first, *extensions = (v.strip() for v in charset.split("\\"))
+    if any(v not in ("", "ISO 2022 IR 6") for v in extensions):
+        return None
+    return _ENCODINGS.get(first)
 
 
 def _meta(buf: Any, path: str) -> tuple[int, str]:
@@ -234,7 +250,7 @@ def scan(buf: Any, wanted: Iterable[int], path: str = "") -> FastHeader:
     if ts in _NOT_HANDLED:
         raise NeedsPydicom(f"transfer syntax {ts}")
     raw, charset = _walk(buf, pos, ts == IMPLICIT_LE, False, set(wanted), path)
-    encoding = _ENCODINGS.get(charset.split("\\")[0].strip() if "\\" not in charset.strip("\\") else "?")
+    encoding = _encoding(charset)
     if encoding is None:
         raise NeedsPydicom(f"character set {charset!r}")
     values: dict[int, str] = {}

@@ -14,29 +14,43 @@ symbolic link to a folder is not followed (and listed). An import confined to
 a root (the ``import`` job: ``PACSBRIDGE_IMPORT_ROOT``) checks every file
 after resolving links, when it is listed and again on the descriptor it
 reads, and rejects one that lies outside the root.
+
+One instance never blocks another: a batch the database refuses is split until
+the refused instance is alone, and that one is recorded in the quarantine
+(``index_failed``); an instance whose Study, Series or SOP Instance UID is
+indexed under another PatientID is moved to ``<root>/.quarantine/`` and
+recorded (``uid_conflict``) instead of being indexed. See
+:mod:`pacsbridge.shared.quarantine`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import mmap
 import multiprocessing
 import os
 import stat
+import tempfile
 import threading
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from pydicom.datadict import tag_for_keyword
+from sqlalchemy import text
 
 from .dicomsql import Schema
 from .errors import InvalidDataset, PacsbridgeError
 from .index import Index
-from .records import Rows, build_rows, needs_dataset, read_header, schema_tags
-from .storage import Storage
+from .records import Rows, build_rows, clean_text, needs_dataset, read_header, schema_tags
+from .quarantine import Quarantine
+from .storage import OWN_FOLDERS, QUARANTINE, Storage
 
 __all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source", "Refused", "check_path", "open_regular"]
 
@@ -81,6 +95,7 @@ class Report:
     removed: int = 0
     pruned: int = 0
     cancelled: bool = False
+    quarantined: int = 0  #: rebuild: files of the quarantine area given an entry
 
     @property
     def total(self) -> int:
@@ -89,6 +104,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         out = {"stored": self.stored, "indexed": self.indexed, "duplicate": self.duplicate,
                "rejected": len(self.rejected), "removed": self.removed, "pruned": self.pruned,
+               "quarantined": self.quarantined,
                "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
         if self.cancelled:
             out["cancelled"] = True
@@ -223,6 +239,24 @@ def iter_sources(paths: Iterable[str | Path], skip_under: Path | None = None,
             yield Outcome(Source(p), "rejected", "no such file or directory")
 
 
+def transient(exc: BaseException) -> bool:
+    """True for an error of the database itself (down, restarting, locked, a lost connection, a
+    deadlock, a schema it lacks), which no instance causes and a retry of the same batch may
+    cure; false for a refusal of the values (a NUL, a constraint ...), which splitting isolates."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.ProgrammingError, sa.DisconnectionError,
+                        sa.TimeoutError, sa.ResourceClosedError)):
+        return True
+    return isinstance(exc, sa.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _db_reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {text}"[:500]
+
+
 # -- the per-file work, run in worker processes ----------------------------------
 class _Job(NamedTuple):
     schema: Schema
@@ -338,6 +372,9 @@ class Importer:
         self.storage = storage
         self.workers = workers or os.cpu_count() or 1
         self.progress = progress or (lambda done, total: None)
+        self.quarantine = Quarantine(index.engine)
+        #: resolve the index_failed entries of files indexed after all (rebuild)
+        self.resolve_indexed = False
 
     def _job(self, mode: str, confine: str | None = None) -> _Job:
         tags = schema_tags(self.index.schema)
@@ -383,13 +420,90 @@ class Importer:
         with ctx.Pool(self.workers, initializer=_init, initargs=(job,)) as pool:
             consume(pool.imap(_process, sources, chunksize=32))
 
+    @contextlib.contextmanager
+    def _uid_lock(self, outcomes: list[Outcome]) -> Iterator[None]:
+        """Hold the studies and series of ``outcomes`` while they are checked and written, so that two
+        workers indexing two patients of one study at the same moment cannot both pass the check.
+
+        PostgreSQL: session advisory locks on a hash of each Study and Series UID, taken in order
+        (no deadlock), one or a few per batch. SQLite (one host, one writer at a time anyway): an
+        exclusive lock on a file in the temporary folder named after the database's path.
+        """
+        if not outcomes:
+            yield
+            return
+        schema = self.index.schema
+        if self.index.dialect == "postgresql":
+            skey, sekey = schema["Study"].key.column, schema["Series"].key.column
+            uids = {o.rows["Study"][skey] for o in outcomes} | {o.rows["Series"][sekey]  # type: ignore[index]
+                                                                 for o in outcomes}
+            keys = sorted({int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "big",
+                                          signed=True) for u in uids})
+            with self.index.engine.connect() as conn:
+                try:
+                    for key in keys:
+                        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                    conn.commit()
+            return
+        database = self.index.engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        digest = hashlib.blake2b(os.path.realpath(database).encode(), digest_size=8).hexdigest()
+        with open(os.path.join(tempfile.gettempdir(), f"pacsbridge-index-{digest}.lock"), "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
         """Index the good outcomes of a batch; count everything; return what was committed."""
         good = [o for o in batch if o.rows is not None and o.status != "rejected"]
+        with self._uid_lock(good):
+            self._index_good(batch, good)
+        self._record_unreadable(batch)
+        for o in batch:
+            if o.status == "rejected":
+                report.rejected.append((o.source.display, o.reason))
+            elif o.status == "duplicate":
+                report.duplicate += 1
+            elif o.status == "stored":
+                report.stored += 1
+            else:
+                report.indexed += 1
+        return batch
+
+    def _record_unreadable(self, batch: list[Outcome]) -> None:
+        """Record stored files that cannot be indexed at all (not DICOM, truncated, no UID) as
+        ``index_failed``: the reconciler would otherwise queue them again every period."""
+        root = _real_root(self.storage.root)
+        records = []
+        for o in batch:
+            if o.status != "rejected" or o.source.member is not None or o.reason.startswith(
+                    ("quarantined:", "not indexed:")):
+                continue
+            real = os.path.realpath(o.source.path)
+            if not real.startswith(root + os.sep) or not os.path.isfile(real):
+                continue  # an import from elsewhere, or a file gone since it was queued
+            rel = os.path.relpath(real, root).replace(os.sep, "/")
+            if rel.split("/", 1)[0] in OWN_FOLDERS:
+                continue
+            records.append({"relpath": rel, "detail": o.reason})
+        self.quarantine.record_failures(records)
+
+    def _index_good(self, batch: list[Outcome], good: list[Outcome]) -> None:
+        """Check, apply the duplicates policy and index (under :meth:`_uid_lock`)."""
+        conflicts, known = self._find_conflicts(good)
+        if conflicts:
+            self._set_aside_conflicts(batch, conflicts)
+            good = [o for o in good if id(o) not in conflicts]
         replaced: list[tuple[str, str]] = []
         if self.storage.duplicates != "keep-both" and good:
             # a template with {time}/{counter} names each copy differently: the index decides
-            known = self.index.lookup_sop([o.sop for o in good])
             keep = []
             for o in good:
                 old = known.get(o.sop)
@@ -409,22 +523,156 @@ class Importer:
         seen: dict[str, Outcome] = {}
         for o in good:
             seen[o.sop] = o  # the same SOP twice in one batch: the last copy wins the row
-        self.index.upsert([o.rows for o in seen.values()])  # type: ignore[misc]
-        for _, old_rel in replaced:  # the index now points at the new copy
+        failed = self._upsert_isolating(list(seen.values()))
+        if failed:
+            self._set_aside(batch, failed)
+        for sop, old_rel in replaced:  # the index now points at the new copy
+            if sop in failed:
+                continue
             try:
                 self.storage.absolute(old_rel).unlink()
             except (OSError, PacsbridgeError):
                 pass
-        for o in batch:
-            if o.status == "rejected":
-                report.rejected.append((o.source.display, o.reason))
-            elif o.status == "duplicate":
-                report.duplicate += 1
-            elif o.status == "stored":
-                report.stored += 1
+        if self.resolve_indexed:
+            done = [o.relpath for o in batch if o.status == "indexed" and o.relpath]
+            if done:
+                self.quarantine.resolve_indexed(done)
+
+    def _upsert_isolating(self, outcomes: list[Outcome]) -> dict[str, str]:
+        """Index ``outcomes`` in one transaction; if the database refuses it, split the batch in
+        halves until each refused instance is alone. Returns ``{sop: reason}`` of those refused.
+
+        An outage (:func:`transient`) is raised as it is: the caller retries the whole batch later.
+        """
+        if not outcomes:
+            return {}
+        try:
+            self.index.upsert([o.rows for o in outcomes])  # type: ignore[misc]
+            return {}
+        except Exception as exc:
+            if transient(exc):
+                raise
+            if len(outcomes) == 1:
+                return {outcomes[0].sop: _db_reason(exc)}
+            log.warning("the database refused a batch of %d instances (%s); splitting it to find which",
+                        len(outcomes), _db_reason(exc))
+        half = len(outcomes) // 2
+        return self._upsert_isolating(outcomes[:half]) | self._upsert_isolating(outcomes[half:])
+
+    def _set_aside(self, batch: list[Outcome], failed: dict[str, str]) -> None:
+        """Record the refused instances in the quarantine; they count as rejected."""
+        key = self.index.schema
+        records = []
+        for i, o in enumerate(batch):
+            if o.rows is None or o.sop not in failed or o.status == "rejected":
+                continue
+            reason = f"not indexed: the database refused it: {failed[o.sop]}"
+            batch[i] = o._replace(status="rejected", reason=reason, rows=None)
+            if o.relpath and not os.path.isabs(o.relpath):
+                records.append({"relpath": o.relpath, "detail": failed[o.sop], "sop_uid": o.sop,
+                                "series_uid": o.rows["Image"].get(key["Image"].parent.column),  # type: ignore
+                                "study_uid": o.rows["Series"].get(key["Series"].parent.column),  # type: ignore
+                                "patient_id": o.rows["Patient"].get(key["Patient"].key.column)})
+        self.quarantine.record_failures(records)
+
+    def _find_conflicts(self, outcomes: list[Outcome]) -> tuple[dict[int, tuple[str, str, str]],
+                                                                 dict[str, tuple[str, str]]]:
+        """Instances whose Study, Series or SOP Instance UID is indexed (or comes earlier in this
+        batch) under another PatientID: ``{id(outcome): (level, uid, other_patient)}``, the
+        highest level that clashes; and, from the same query, ``{sop: (ObjectFile, DeviceName)}``
+        of the instances already indexed (for the duplicates policy)."""
+        if not outcomes:
+            return {}, {}
+        schema = self.index.schema
+        pkey, skey, sekey = (schema[lv].key.column for lv in ("Patient", "Study", "Series"))
+
+        def uids(o: Outcome) -> tuple[tuple[str, str], ...]:
+            rows = o.rows
+            assert rows is not None
+            return (("Study", rows["Study"][skey]), ("Series", rows["Series"][sekey]), ("Image", o.sop))
+
+        owners, known = self.index.owners([o.rows["Study"][skey] for o in outcomes],  # type: ignore[index]
+                                          [o.rows["Series"][sekey] for o in outcomes], [o.sop for o in outcomes])
+        claimed: dict[str, dict[str, str]] = {"Study": {}, "Series": {}, "Image": {}}
+        found: dict[int, tuple[str, str, str]] = {}
+        for o in outcomes:
+            patient = o.rows["Patient"][pkey] or ""  # type: ignore[index]
+            for level, uid in uids(o):
+                if uid in owners[level]:
+                    other = owners[level][uid] or ""
+                elif uid in claimed[level]:
+                    other = claimed[level][uid]
+                else:
+                    continue
+                if other != patient:
+                    found[id(o)] = (level, uid, other)
+                    break
             else:
-                report.indexed += 1
-        return batch
+                for level, uid in uids(o):
+                    claimed[level].setdefault(uid, patient)
+        return found, known
+
+    def _set_aside_conflicts(self, batch: list[Outcome], conflicts: dict[int, tuple[str, str, str]]) -> None:
+        """Move each conflicting instance under ``<root>/.quarantine/`` and record it (uid_conflict)."""
+        schema = self.index.schema
+        for i, o in enumerate(batch):
+            if id(o) not in conflicts or o.rows is None:
+                continue
+            level, uid, other = conflicts[id(o)]
+            patient = o.rows["Patient"][schema["Patient"].key.column] or ""
+            name = {"Study": "Study Instance", "Series": "Series Instance", "Image": "SOP Instance"}[level]
+            detail = (f"{name} UID {uid} is indexed under PatientID {other!r}; this instance has PatientID "
+                      f"{patient!r}: set aside, not indexed")
+            inside = bool(o.relpath) and not os.path.isabs(o.relpath)  # not a file indexed in place
+            where = f"{QUARANTINE}/{uuid.uuid4().hex}/{os.path.basename(o.relpath)}" if inside else o.relpath
+            # the entry first: if the database is down now, the file has not moved and the task's retry
+            # finds it where it was
+            entry = self.quarantine.add(
+                "uid_conflict", where, detail, level=level.lower(), sop_uid=o.sop,
+                series_uid=o.rows["Series"][schema["Series"].key.column],
+                study_uid=o.rows["Study"][schema["Study"].key.column], patient_id=patient[:64],
+                other_patient_id=other[:64], original_relpath=o.relpath[:255])
+            if inside:
+                try:
+                    (self.storage.root / where).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.storage.absolute(o.relpath), self.storage.root / where)
+                except (OSError, PacsbridgeError) as exc:  # not moved: still set aside, where it lies
+                    log.error("could not move %s to the quarantine area: %s", o.relpath, exc)
+                    self.quarantine.relocate(entry, o.relpath, f"{detail} (not moved: {exc})")
+            log.warning("UID conflict: %s (%s)", detail, o.source.display)
+            batch[i] = o._replace(status="rejected", reason=f"quarantined: {detail}", rows=None)
+
+    def recognise_quarantine(self) -> int:
+        """Record files of the quarantine area that have no entry (the database was replaced ...).
+
+        Returns how many were recorded.
+        """
+        area = self.storage.root / QUARANTINE
+        if not area.is_dir():
+            return 0
+        known = self.quarantine.relpaths("uid_conflict")
+        n = 0
+        for folder, _, files in os.walk(area):
+            for name in sorted(files):
+                rel = os.path.relpath(os.path.join(folder, name), self.storage.root).replace(os.sep, "/")
+                if rel in known:
+                    continue
+                values: dict[str, Any] = {}
+                try:
+                    with open(os.path.join(folder, name), "rb") as fh:
+                        header = read_header(fh.read(), rel, self._job("rebuild").tags)
+                    rows = build_rows(header, self.index.schema, rel)
+                    schema = self.index.schema
+                    values = {"sop_uid": header.sop_instance_uid,
+                              "series_uid": rows["Series"][schema["Series"].key.column],
+                              "study_uid": rows["Study"][schema["Study"].key.column],
+                              "patient_id": (rows["Patient"][schema["Patient"].key.column] or "")[:64]}
+                except (OSError, PacsbridgeError) as exc:
+                    values = {"detail": f"unreadable: {exc}"}
+                detail = values.pop("detail", "found in the quarantine area without an entry (recorded by rebuild)")
+                self.quarantine.add("uid_conflict", rel, detail, **values)
+                n += 1
+        return n
 
     def import_paths(self, paths: Sequence[str | Path], move: bool = False, in_place: bool = False, *,
                      confine: str | Path | None = None, cancel: threading.Event | None = None) -> Report:
@@ -502,6 +750,7 @@ class Importer:
         """
         self.storage.ensure()
         report = Report()
+        report.quarantined = self.recognise_quarantine()
         files = self.storage.walk()
         known = self.index.object_files() if (missing_only or prune) else set()
         if prune:
@@ -517,7 +766,11 @@ class Importer:
         if missing_only:
             files = [f for f in files if f not in known]
         sources = [Source(str(self.storage.root / f)) for f in files]
-        self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        self.resolve_indexed = True
+        try:
+            self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+        finally:
+            self.resolve_indexed = False
         return report
 
     def reindex_files(self, relpaths: Sequence[str],
@@ -544,7 +797,8 @@ class Importer:
                 rows.append({"sop_uid": o.rows["Image"][sop_key], "series_uid": o.rows["Image"][link],
                              "study_uid": o.rows["Series"][self.index.schema["Series"].parent.column],  # type: ignore
                              "patient_id": o.rows["Patient"][self.index.schema["Patient"].key.column],
-                             "calling_ae": str(ae)[:16], "association": str(assoc)[:36], "arrived_at": float(ts),
+                             "calling_ae": (clean_text(str(ae)) or "")[:16],
+                             "association": (clean_text(str(assoc)) or "")[:36], "arrived_at": float(ts),
                              "object_file": o.relpath})
             self.index.record_arrivals(rows)
 

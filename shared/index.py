@@ -21,7 +21,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (CHAR, Column, Float, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
-                        func, inspect, select, text, update)
+                        func, inspect, literal, select, text, union_all, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import quoted_name
 
@@ -317,6 +317,92 @@ class Index:
                         .where(images.c[key].in_(chunk))):
                     out[sop] = (path, dev)
         return out
+
+    def owners(self, studies: Sequence[str], series: Sequence[str],
+               sops: Sequence[str]) -> tuple[dict[str, dict[str, str | None]], dict[str, tuple[str, str]]]:
+        """The PatientID each given UID is indexed under, in one round trip:
+        ``({"Study"|"Series"|"Image": {uid: patient}}, {sop: (ObjectFile, DeviceName)})``.
+
+        UIDs not indexed are absent; a level whose table has no PatientID column is empty
+        (its UIDs are still looked up for the second dict, which is :meth:`lookup_sop`'s).
+        """
+        out: dict[str, dict[str, str | None]] = {"Study": {}, "Series": {}, "Image": {}}
+        files: dict[str, tuple[str, str]] = {}
+        studies, series, sops = sorted(set(studies)), sorted(set(series)), sorted(set(sops))
+        with self.engine.connect() as conn:
+            for i in range(0, max(len(studies), len(series), len(sops)), 500):
+                parts = []
+                for level, uids in (("Study", studies[i:i + 500]), ("Series", series[i:i + 500]),
+                                    ("Image", sops[i:i + 500])):
+                    pid = self._patient_column(level)
+                    if not uids or (pid is None and level != "Image"):
+                        continue
+                    table, key = self.tables[level], self.schema[level].key.column
+                    patient = table.c[pid] if pid is not None else literal(None, String())
+                    where_ = table.c[key].in_(uids)
+                    if level == "Image":
+                        parts.append(select(literal(level).label("level"), table.c[key].label("uid"),
+                                            patient.label("patient"), table.c.ObjectFile.label("f"),
+                                            table.c.DeviceName.label("d")).where(where_))
+                    else:
+                        parts.append(select(literal(level).label("level"), table.c[key].label("uid"),
+                                            patient.label("patient"), literal(None, String()).label("f"),
+                                            literal(None, String()).label("d")).where(where_))
+                if not parts:
+                    continue
+                stmt = parts[0] if len(parts) == 1 else union_all(*parts)
+                for level, uid, patient, path, device in conn.execute(stmt):
+                    if level == "Image":
+                        files[uid] = (path, device)
+                        if self._patient_column("Image") is None:
+                            continue
+                    out[level][uid] = patient
+        return out, files
+
+    def _patient_column(self, level: str) -> str | None:
+        tdef = self.schema[level]
+        col = tdef.parent if level == "Study" else tdef.by_tag(_PATIENT_ID)
+        return col.column if col is not None else None
+
+    def reassign(self, level: str, uid: str, patient: str, conn: Connection | None = None) -> int:
+        """Give a study, series or image and everything under it PatientID ``patient`` (a correction).
+
+        Returns the number of image rows that now say ``patient``.
+        """
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.reassign(level, uid, patient, own)
+        study, series, image = self.tables["Study"], self.tables["Series"], self.tables["Image"]
+        skey, sekey, ikey = (self.schema[lv].key.column for lv in ("Study", "Series", "Image"))
+        selink = self.schema["Series"].parent.column  # type: ignore[union-attr]
+        ilink = self.schema["Image"].parent.column  # type: ignore[union-attr]
+        if level == "Study":
+            series_uids = [r[0] for r in conn.execute(select(series.c[sekey]).where(series.c[selink] == uid))]
+            sops = [r[0] for r in conn.execute(select(image.c[ikey]).where(image.c[ilink].in_(series_uids)))] \
+                if series_uids else []
+        elif level == "Series":
+            series_uids = [uid]
+            sops = [r[0] for r in conn.execute(select(image.c[ikey]).where(image.c[ilink] == uid))]
+        else:
+            series_uids, sops = [], [uid]
+        spid = self._patient_column("Study")
+        before = set()
+        if level == "Study" and spid is not None:
+            before = {r[0] for r in conn.execute(select(study.c[spid]).where(study.c[skey] == uid))} - {patient}
+        changes = [("Study", [uid] if level == "Study" else []), ("Series", series_uids), ("Image", sops)]
+        for lv, uids in changes:
+            pid = self._patient_column(lv)
+            if pid is None or not uids:
+                continue
+            table, key = self.tables[lv], self.schema[lv].key.column
+            for i in range(0, len(uids), 500):
+                conn.execute(update(table).where(table.c[key].in_(uids[i:i + 500])).values({table.c[pid]: patient}))
+        patients, pkey = self.tables["Patient"], self.schema["Patient"].key.column
+        for old in before:  # the patient the study was taken from, if nothing of theirs is left
+            if spid is not None and conn.execute(select(study.c[skey]).where(study.c[spid] == old).limit(1)).first() \
+                    is None:
+                conn.execute(patients.delete().where(patients.c[pkey] == old))
+        return len(sops)
 
     def files_for(self, *, patient: str | None = None, study: str | None = None,
                   series: Sequence[str] | None = None, sops: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ Tables (beside Conquest's, prefixed so they never clash with a ``dicom.sql``)::
     pacsbridge_nodes       one row per DICOM peer: AE title, address, what it allows, its limits
     pacsbridge_jobs        one row per job: kind, parameters, state, attempts, error, timestamps
     pacsbridge_job_series  per job and series: expected, received, indexed, pushed, failed
+    pacsbridge_quarantine  what indexing set aside (a refused instance, a UID of two patients)
 
 Job states::
 
@@ -134,6 +135,28 @@ stable_table = Table(
     Column("instances", Integer, nullable=False, default=0),
     Column("last_arrival", Float, nullable=False),
     Column("stable_at", Float, nullable=True, index=True),
+)
+
+# What indexing set aside (pacsbridge.shared.quarantine): an instance whose rows the database
+# refused (index_failed), or one whose UID is already indexed under another patient (uid_conflict).
+quarantine_table = Table(
+    "pacsbridge_quarantine", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("relpath", String(255), nullable=False, index=True),  # where the file lies, relative to the root
+    Column("reason", String(16), nullable=False, index=True),    # index_failed | uid_conflict
+    Column("detail", Text, nullable=False, default=""),
+    Column("level", String(8), nullable=False, default=""),      # uid_conflict: study, series or image
+    Column("sop_uid", String(64), nullable=False, default="", index=True),
+    Column("series_uid", String(64), nullable=False, default=""),
+    Column("study_uid", String(64), nullable=False, default=""),
+    Column("patient_id", String(64), nullable=False, default=""),        # of this instance
+    Column("other_patient_id", String(64), nullable=False, default=""),  # already indexed under the UID
+    Column("original_relpath", String(255), nullable=False, default=""),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("resolved_at", Float, nullable=True, index=True),
+    Column("resolved_by", String(64), nullable=False, default=""),
+    Column("decision", String(16), nullable=False, default=""),
 )
 
 

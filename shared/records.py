@@ -13,6 +13,7 @@ column length, dates as 8 digits, empty values left out (``None``).
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Iterable
 
 from pydicom import dcmread
@@ -27,7 +28,7 @@ from .fastheader import NeedsPydicom, check_complete, scan
 from .special import special_values
 
 __all__ = ["Header", "read_header", "check_complete", "build_rows", "Rows", "REQUIRED_UIDS", "schema_tags",
-           "needs_dataset"]
+           "needs_dataset", "clean_text"]
 
 #: Keywords without which an instance cannot be indexed.
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -164,7 +165,23 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+#: What no index column may hold: C0 and C1 control characters (PostgreSQL refuses a NUL in
+#: text; the others break lists and terminals) and lone surrogates (not encodable in UTF-8).
+_UNFIT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean_text(text: str | None) -> str | None:
+    """``text`` fit for a database column: each control character becomes a space (``Coil\\0X`` is
+    ``Coil X``); ``None`` if nothing is left."""
+    if text is None or _UNFIT.search(text) is None:
+        return text
+    return _UNFIT.sub(" ", text).strip() or None
+
+
 def _convert(col: Column, text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = clean_text(text)
     if text is None:
         return None
     if col.sql_type == "SQL_C_DATE":
@@ -204,7 +221,7 @@ def build_rows(header: Header, schema: Schema, object_file: str, device: str = "
                         special = special_values(header.dataset) if header.dataset is not None else {}
                     except Exception:
                         special = {}
-                value = special.get(col.column)
+                value = clean_text(special.get(col.column))
                 row[col.column] = value[: col.length] if value else None
                 continue
             row[col.column] = _convert(col, values.get(col.tag))

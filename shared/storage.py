@@ -48,10 +48,16 @@ __all__ = [
     "clean_component",
     "open_folder",
     "INCOMING",
+    "QUARANTINE",
+    "OWN_FOLDERS",
 ]
 
 #: Folder (inside the root) for files being written.
 INCOMING = ".incoming"
+#: Folder (inside the root) for instances set aside by a UID conflict (:mod:`.quarantine`).
+QUARANTINE = ".quarantine"
+#: Storage's own folders at the root: never a stored instance (no cleaned name starts with a dot).
+OWN_FOLDERS = frozenset({INCOMING, QUARANTINE})
 #: Longest cleaned component, and the longest relative path (ObjectFile is varchar(255)).
 MAX_COMPONENT = 128
 MAX_RELPATH = 255
@@ -87,14 +93,16 @@ _PX_FIELD = re.compile(r"%(_[a-z0-9]+(?:\|[0-9]+)?_)?([A-Za-z][A-Za-z0-9]*)")
 _counter = itertools.count(1)
 
 
-def clean_component(value: Any, empty: str = "unknown", limit: int = MAX_COMPONENT) -> str:
+def clean_component(value: Any, empty: str = "unknown", limit: int = MAX_COMPONENT, suffix: bool = False) -> str:
     """A single safe path component made from a DICOM value.
 
     Accents are stripped, every character outside ``A-Z a-z 0-9 . _ -`` becomes
     ``_`` (Conquest also replaces ``/ \\ ; > < | , : ? * "`` and spaces), an
-    all-dot or empty result becomes ``empty``, Windows device names are
+    all-dot or empty result becomes ``empty``, leading dots become ``_`` (with a hash:
+    a dot name is hidden, and storage's own folders are dot names), Windows device names are
     prefixed, and a result longer than ``limit`` keeps its start and gets an
-    8-digit hash of the original so that two long values stay distinct.
+    8-digit hash of the original so that two long values stay distinct. ``suffix``: the
+    literal end of a template's file name (``.dcm``), which follows a value and may start with a dot.
     """
     text = "" if value is None else str(value)
     original = text
@@ -104,6 +112,10 @@ def clean_component(value: Any, empty: str = "unknown", limit: int = MAX_COMPONE
     text = _UNSAFE.sub("_", text.strip())
     if set(text) <= {"."}:
         text = ""
+    elif text.startswith(".") and not suffix:
+        # a dot name is hidden (ls, the storage walk): ``../x`` gave ``.._x``; keep it apart from ``__x``
+        bare = text.lstrip(".")
+        text, lossy = "_" * (len(text) - len(bare)) + bare, True
     if text and lossy:
         text = f"{text}_{hashlib.md5(original.encode('utf-8', 'replace')).hexdigest()[:8]}"
     if not text:
@@ -258,7 +270,7 @@ class Template:
             tail = part[part.rindex("}") + 1:] if "}" in part else ""
             body = part[: len(part) - len(tail)]
             text = _FIELD.sub(lambda m: self._render_field(m.group(1), ds).replace("/", "_"), body)
-            rendered.append((text, clean_component(tail, empty="") if tail else ""))
+            rendered.append((text, clean_component(tail, empty="", suffix=True) if tail else ""))
         limit = MAX_COMPONENT
         while True:
             out = [clean_component(text, limit=max(12, limit - len(tail))) + tail for text, tail in rendered]
@@ -569,15 +581,15 @@ class Storage:
         return n
 
     def walk(self) -> "list[str]":
-        """Every file under the root (relative, ``/``-separated), skipping dot-folders."""
+        """Every file under the root (relative, ``/``-separated) but those in storage's own folders
+        (:data:`OWN_FOLDERS`: ``.incoming``, ``.quarantine``). Other dot names are walked: storage
+        wrote them before names were kept from starting with a dot."""
         out: list[str] = []
         root = str(self.root)
         for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             rel = os.path.relpath(folder, root)
+            dirs[:] = sorted(d for d in dirs if rel != "." or d not in OWN_FOLDERS)
             for name in sorted(files):
-                if name.startswith("."):
-                    continue
                 out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
         return out
 

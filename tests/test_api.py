@@ -473,7 +473,7 @@ def test_schemathesis_finds_nothing(server, tmp_path):
                            "-H", f"Authorization: Bearer {TOKENS['admin']}"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
-    assert " passed" in proc.stdout and "Tested: 23" in proc.stdout
+    assert " passed" in proc.stdout and "Tested: 26" in proc.stdout
 
 
 def test_real_server_over_http(server):

@@ -56,3 +56,43 @@ def test_generated_instance_round_trip(tmp_path):
     header = read_header((tmp_path / "x.dcm").read_bytes(), "x", TAGS)
     assert header.get("PatientName") == "Ünïcødé^Ñame"
     assert header.sop_instance_uid == ds.SOPInstanceUID
+
+
+CHARSET_FILES = TEST_FILES.parent / "charset_files"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CHARSET_FILES.glob("*.dcm")))
+def test_every_character_set_reads_as_pydicom_decodes_it(name):
+    """pydicom's character-set files: the fast reader either decodes a value exactly as pydicom does
+    or hands the file to pydicom. ISO 2022 IR 87 / IR 149 names (with code extensions, the first
+    value empty) were read as Latin-1, raw escape sequences and all."""
+    import pydicom
+
+    data = (CHARSET_FILES / name).read_bytes()
+    tags = TAGS | {0x00100010}
+    slow = _pydicom_header(data, name, tags)
+    try:
+        fast = scan(data, tags, name).values
+    except NeedsPydicom:
+        fast = slow.values
+    assert {t: fast.get(t) for t in tags} == {t: slow.values.get(t) for t in tags}
+    name_ = fast.get(0x00100010)
+    if name_:
+        assert "\x1b" not in name_
+        assert name_ == str(pydicom.dcmread(CHARSET_FILES / name).PatientName)
+
+
+def test_a_japanese_name_is_indexed_decoded(ctx, tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from pacsbridge.shared.importer import Importer
+
+    for name in ("chrH31.dcm", "chrI2.dcm"):
+        ds = pydicom.dcmread(CHARSET_FILES / name)
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.StudyInstanceUID = ds.get("StudyInstanceUID") or generate_uid()
+        ds.save_as(tmp_path / name)
+    assert Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path]).stored == 2
+    names = {r[0] for r in ctx.index.run_sql("select PatientNam from DICOMPatients")[1]}
+    assert names == {"Yamada^Tarou=山田^太郎=やまだ^たろう", "Hong^Gildong=洪^吉洞=홍^길동"}

@@ -257,3 +257,45 @@ def test_a_huge_value_renders_fast_and_stays_distinct():
     b = Template("{PatientComments}/x.dcm").render(make_instance(PatientComments="A" * 2_000_000 + "2"))
     assert a != b and len(a.split("/")[0]) <= 128
     assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("value", ["../x", ".hidden", "..x", ". x"])
+def test_a_cleaned_name_never_starts_with_a_dot(value):
+    """``../x`` became ``.._x``, a dot folder the storage walk skipped: rebuild --prune dropped its
+    rows and the reconciler never saw its files."""
+    out = clean_component(value)
+    assert not out.startswith(".")
+    assert out != clean_component(value.lstrip(".").lstrip())  # still distinct from the value without dots
+
+
+def test_rebuild_prune_and_the_reconciler_see_dot_named_patients(ctx, tmp_path):
+    from pacsbridge.listener.server import reconcile_once
+    from pacsbridge.shared.importer import Importer
+
+    from .servers import ThrowawayRedis
+
+    files = [make_instance(tmp_path / "in" / f"{i}.dcm", PatientID=pid) for i, pid in enumerate(["../x", ".hidden",
+                                                                                                 "plain"])]
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "in"])
+    assert ctx.index.count() == 3
+    assert not any(part.startswith(".") for rel in ctx.storage.walk() for part in rel.split("/"))
+    assert len(ctx.storage.walk()) == 3
+    report = Importer(ctx.index, ctx.storage, workers=1).rebuild(prune=True)
+    assert report.pruned == 0 and ctx.index.count() == 3
+    # a storage written before the fix has such folders: the walk sees them (not .incoming)
+    old = ctx.storage.root / ".hidden" / "1.2.3" / "1.2.3.4"
+    old.mkdir(parents=True)
+    make_instance(old / "old.dcm", PatientID=".hidden")
+    (ctx.storage.incoming / "in-leftover.part").write_bytes(b"partial")
+    assert ".hidden/1.2.3/1.2.3.4/old.dcm" in ctx.storage.walk()
+    assert not any(rel.startswith(".incoming") for rel in ctx.storage.walk())
+    server = ThrowawayRedis()
+    server.start()
+    try:
+        assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 1
+    finally:
+        server.stop()
+    assert Importer(ctx.index, ctx.storage, workers=1).rebuild(missing_only=True).indexed == 1
+    assert {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]} >= {
+        d.SOPInstanceUID for d in files}
+    assert ctx.index.count() == 4

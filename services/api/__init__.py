@@ -1,7 +1,7 @@
 """The HTTP API (``pacsbridge api``; gunicorn: ``gunicorn 'pacsbridge.api:create_app()'``).
 
 Routes live under ``/api/v1`` (one blueprint per resource module: :mod:`.nodes`,
-:mod:`.jobs`, :mod:`.browse`), plus ``/healthz`` and ``/metrics``
+:mod:`.jobs`, :mod:`.browse`, :mod:`.quarantine`), plus ``/healthz`` and ``/metrics``
 (:mod:`.health`) and the OpenAPI document ``/api/v1/openapi.json``
 (:mod:`.openapi`). Every error has one shape (:mod:`.errors`); every route but
 ``/healthz``, ``/metrics`` and the OpenAPI document needs a bearer token
@@ -40,7 +40,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ConfigError
         A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry).
     """
-    from . import auth, browse, errors, health, jobs, metrics, nodes, openapi, params
+    from . import auth, browse, errors, health, jobs, metrics, nodes, openapi, params, quarantine
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -66,4 +66,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(nodes.bp, url_prefix=API_PREFIX)
     app.register_blueprint(jobs.bp, url_prefix=API_PREFIX)
     app.register_blueprint(browse.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(quarantine.bp, url_prefix=API_PREFIX)
     return app

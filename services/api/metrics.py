@@ -3,6 +3,8 @@
 - ``pacsbridge_api_requests_total{method,route,status}``
 - ``pacsbridge_api_request_seconds{method,route}`` (histogram)
 - ``pacsbridge_jobs{state}``: jobs per state, counted in the database at scrape time
+- ``pacsbridge_quarantine{reason,state}``: entries set aside by indexing (``index_failed``,
+  ``uid_conflict``), ``open`` or ``resolved``, counted at scrape time
 
 ``route`` is the URL rule (``/api/v1/jobs/<job_id>``), never the raw path, so
 the label set stays small. Each app has its own registry (one per process
@@ -23,6 +25,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from pacsbridge.shared.jobs import STATES, jobs_table
+from pacsbridge.shared.quarantine import Quarantine
 
 __all__ = ["init_app"]
 
@@ -51,6 +54,25 @@ class JobsCollector(Collector):
         yield gauge
 
 
+class QuarantineCollector(Collector):
+    """Quarantine entries by reason, open or resolved, read when scraped."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("pacsbridge_quarantine", "Instances set aside by indexing, by reason "
+                                  "(index_failed, uid_conflict), open or resolved", labels=["reason", "state"])
+        try:
+            counts = Quarantine(self.app.extensions["pacsbridge"].jobs.engine).counts()
+        except Exception as exc:  # the database being down must not break the scrape
+            log.warning("metrics: cannot count the quarantine: %s", exc)
+            return
+        for (reason, resolved), n in sorted(counts.items()):
+            gauge.add_metric([reason, "resolved" if resolved else "open"], n)
+        yield gauge
+
+
 def init_app(app: Flask) -> None:
     registry = CollectorRegistry()
     requests = Counter("pacsbridge_api_requests_total", "HTTP requests answered", ["method", "route", "status"],
@@ -58,6 +80,7 @@ def init_app(app: Flask) -> None:
     latency = Histogram("pacsbridge_api_request_seconds", "Time to answer an HTTP request", ["method", "route"],
                         registry=registry)
     registry.register(JobsCollector(app))
+    registry.register(QuarantineCollector(app))
     app.extensions["pacsbridge_metrics"] = registry
 
     @app.before_request

@@ -221,6 +221,32 @@ SCHEMAS: dict[str, Any] = {
     "IndexPage": {"type": "object", "required": ["items", "total", "limit", "offset"],
                   "properties": {"items": {"type": "array", "items": _ref("IndexRow")}, "total": {"type": "integer"},
                                  "limit": {"type": "integer"}, "offset": {"type": "integer"}}},
+    "QuarantineEntry": {
+        "type": "object",
+        "required": ["id", "relpath", "reason", "detail", "sop_uid", "series_uid", "study_uid", "patient_id",
+                     "other_patient_id", "created_at", "resolved", "resolved_at", "resolved_by", "decision", "path"],
+        "properties": {
+            "id": {"type": "integer"},
+            "relpath": {"type": "string", "description": "the file, relative to the storage root"},
+            "reason": {"type": "string", "enum": ["index_failed", "uid_conflict"]},
+            "detail": {"type": "string", "description": "the database's refusal, or which UID clashes"},
+            "level": {"type": "string", "description": "uid_conflict: study, series or image"},
+            **{k: {"type": "string"} for k in ("sop_uid", "series_uid", "study_uid", "patient_id",
+                                                "other_patient_id", "original_relpath", "resolved_by",
+                                                "decision", "path")},
+            "attempts": {"type": "integer"}, "created_at": {"type": "number"},
+            "resolved": {"type": "boolean"}, "resolved_at": {"type": "number", "nullable": True},
+        }},
+    "QuarantineList": {"type": "object", "required": ["items", "total", "limit", "offset"],
+                       "properties": {"items": {"type": "array", "items": _ref("QuarantineEntry")},
+                                      "total": {"type": "integer"}, "limit": {"type": "integer"},
+                                      "offset": {"type": "integer"}}},
+    "QuarantineDecision": {"type": "object", "additionalProperties": False, "required": ["decision"],
+                           "properties": {"decision": {
+                               "type": "string", "enum": ["retry", "discard", "correct", "new-patient"],
+                               "description": "index_failed: retry or discard; uid_conflict: correct (this "
+                                              "instance's PatientID wins, every row of the UID follows it), "
+                                              "new-patient (kept as a new stored file with new UIDs) or discard"}}},
     "Check": {"type": "object", "required": ["ok", "seconds"],
               "properties": {"ok": {"type": "boolean"}, "seconds": {"type": "number"}, "error": {"type": "string"},
                              "required": {"type": "boolean"}}},
@@ -275,6 +301,7 @@ def _path_param(name: str, schema: dict[str, Any] | None = None) -> dict[str, An
 
 _NODE_NAME = _path_param("name", {"type": "string", "minLength": 1, "maxLength": 64, "pattern": _NAME})
 _JOB = _path_param("job_id", {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[0-9a-zA-Z]+$"})
+_ENTRY = _path_param("entry_id", {"type": "string", "minLength": 1, "maxLength": 12, "pattern": r"^[0-9]+$"})
 _SOP = _path_param("uid", {"type": "string", "maxLength": 64, "pattern": _UID})
 
 _READ = _errors(400, 401, 503)
@@ -348,6 +375,18 @@ def _paths() -> dict[str, Any]:
     p["/api/v1/jobs/{job_id}/retry"] = {"parameters": [_JOB], "post": _op(
         "Queue a failed, partial or cancelled job again", {"202": _json(_ref("Job"), "queued again"),
                                                           **_errors(400, 401, 403, 404, 409, 503)}, "jobs")}
+    p["/api/v1/quarantine"] = {"get": _op("What indexing set aside, newest first", {
+        "200": _json(_ref("QuarantineList"), "a page of entries"), **_READ}, "quarantine",
+        params=[{"name": "reason", "in": "query", "schema": {"type": "string",
+                                                             "enum": ["index_failed", "uid_conflict"]}},
+                {"name": "resolved", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+                *_PAGING])}
+    p["/api/v1/quarantine/{entry_id}"] = {"parameters": [_ENTRY], "get": _op(
+        "One quarantine entry", {"200": _json(_ref("QuarantineEntry"), "the entry"), **_READ, **_errors(404)},
+        "quarantine")}
+    p["/api/v1/quarantine/{entry_id}/resolve"] = {"parameters": [_ENTRY], "post": _op(
+        "Decide on an entry (admin; audited)", {"200": _json(_ref("QuarantineEntry"), "resolved"), **_WRITE,
+                                                **_errors(404, 409)}, "quarantine", body=_ref("QuarantineDecision"))}
     for resource in ("patients", "studies", "series", "instances"):
         p[f"/api/v1/{resource}"] = {"get": _op(f"Browse {resource} in the index", {
             "200": _json(_ref("IndexPage"), "a page of index rows"), **_READ}, "index",
@@ -371,7 +410,7 @@ def document() -> dict[str, Any]:
         "info": {"title": "pacsbridge API", "version": __version__,
                  "description": "Nodes, jobs and the Conquest index of a pacsbridge installation. Every error is "
                                 "`{\"error\": {\"status\", \"message\", \"field\"?, \"path\"}}`. Roles: read < user "
-                                "(jobs, echo, query) < admin (nodes)."},
+                                "(jobs, echo, query) < admin (nodes, quarantine decisions)."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": _paths(),

@@ -279,11 +279,15 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
 def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
     """Enqueue stored files that are not indexed (older than ``min_age`` seconds). Returns how many."""
     from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.quarantine import Quarantine
 
     ctx = open_context(settings)
     try:
         ctx.index.create()
         known = ctx.index.object_files()
+        # what indexing set aside (the database refused it) is recorded, not lost: queuing it
+        # again would fail again, for ever (``rebuild`` or an admin's ``retry`` tries it again)
+        known |= Quarantine(ctx.index.engine).open_relpaths()
         now = time.time()
         missing = []
         for rel in ctx.storage.walk():
