@@ -226,40 +226,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             kw[attr] = _bool(f"PACSBRIDGE_{name}", value)
     if get("IMPORT_WORKERS") is not None:
         kw["import_workers"] = _int("PACSBRIDGE_IMPORT_WORKERS", get("IMPORT_WORKERS") or "0")
-    if get("AE_TITLE"):
-        kw["ae_title"] = get("AE_TITLE")
-    if get("LISTENER_HOST"):
-        kw["listener_host"] = get("LISTENER_HOST")
-    if get("LISTENER_PORT"):
-        kw["listener_port"] = _int("PACSBRIDGE_LISTENER_PORT", get("LISTENER_PORT") or "", 1)
-    if get("LISTENER_METRICS_HOST"):
-        kw["listener_metrics_host"] = get("LISTENER_METRICS_HOST")
-    if get("BROKER_URL"):
-        kw["broker_url"] = get("BROKER_URL")
     if get("ALLOWED_PEERS") is not None:
         kw["allowed_peers"] = get("ALLOWED_PEERS")
     for name, attr in (("EXPORT_ROOT", "export_root"), ("IMPORT_ROOT", "import_root")):
         if get(name):
             kw[attr] = Path(get(name))  # type: ignore[arg-type]
-    if get("STABLE_SECONDS"):
-        kw["stable_seconds"] = _int("PACSBRIDGE_STABLE_SECONDS", get("STABLE_SECONDS") or "", 1)
-    if get("API_HOST"):
-        kw["api_host"] = get("API_HOST")
-    if get("API_PORT"):
-        kw["api_port"] = _int("PACSBRIDGE_API_PORT", get("API_PORT") or "", 1)
-    if get("API_THREADS"):
-        kw["api_threads"] = _int("PACSBRIDGE_API_THREADS", get("API_THREADS") or "", 1)
-    if get("API_CONNECTIONS"):
-        kw["api_connections"] = _int("PACSBRIDGE_API_CONNECTIONS", get("API_CONNECTIONS") or "", 1)
     if get("API_TOKENS") is not None:
         kw["api_tokens"] = get("API_TOKENS")
-    if get("WEBHOOK_ALLOW"):
-        kw["webhook_allow"] = get("WEBHOOK_ALLOW")
     kw["webhook_secret"] = _secret("PACSBRIDGE_WEBHOOK_SECRET", get("WEBHOOK_SECRET"), get("WEBHOOK_SECRET_FILE"))
-    if get("WEBHOOK_TIMEOUT"):
-        kw["webhook_timeout"] = _int("PACSBRIDGE_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT") or "", 1)
-    if get("WEBHOOK_RETRIES"):
-        kw["webhook_retries"] = _int("PACSBRIDGE_WEBHOOK_RETRIES", get("WEBHOOK_RETRIES") or "", 0)
-    if get("WEBHOOK_THREADS"):
-        kw["webhook_threads"] = _int("PACSBRIDGE_WEBHOOK_THREADS", get("WEBHOOK_THREADS") or "", 1)
+    for name, attr in (("AE_TITLE", "ae_title"), ("LISTENER_HOST", "listener_host"),
+                       ("LISTENER_METRICS_HOST", "listener_metrics_host"), ("BROKER_URL", "broker_url"),
+                       ("API_HOST", "api_host"), ("WEBHOOK_ALLOW", "webhook_allow")):
+        if get(name):
+            kw[attr] = get(name)
+    for name, attr, minimum in (("LISTENER_PORT", "listener_port", 1), ("STABLE_SECONDS", "stable_seconds", 1),
+                                ("API_PORT", "api_port", 1), ("API_THREADS", "api_threads", 1),
+                                ("API_CONNECTIONS", "api_connections", 1), ("WEBHOOK_TIMEOUT", "webhook_timeout", 1),
+                                ("WEBHOOK_RETRIES", "webhook_retries", 0), ("WEBHOOK_THREADS", "webhook_threads", 1)):
+        if get(name):
+            kw[attr] = _int(f"PACSBRIDGE_{name}", get(name) or "", minimum)
     return Settings(**kw)  # type: ignore[arg-type]
