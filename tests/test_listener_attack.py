@@ -1,0 +1,118 @@
+"""Attacks on the listener's promises (per-PDU deadlines, per-address slots, spooling), against the
+real listener process. Each test here reproduced a defect of main when it was written.
+
+Attackers connect from 127.0.0.2 (the loopback network answers on all of 127/8); the broker is a
+throwaway SQLite file (no Redis state touched), and no worker runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from .helpers import make_instance
+from .test_listener_stall import _stack
+
+ATTACKER = "127.0.0.2"
+
+
+def _associate(port: int, ae_title: str = "SENDER", source: str = ATTACKER) -> object:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE", bind_address=(source, 0))
+
+
+def _pdu(*pdvs: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU of ``(context id, message control header, bytes)`` PDVs."""
+    body = b"".join(struct.pack(">LBB", len(data) + 2, cid, header) + data for cid, header, data in pdvs)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def _command(**elements: object) -> bytes:
+    """A command set, implicit VR little endian, with its group length."""
+    from pydicom import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    cmd = Dataset()
+    for keyword, value in elements.items():
+        setattr(cmd, keyword, value)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, cmd)
+    encoded = fp.getvalue()
+    return struct.pack("<HHLL", 0, 0, 4, len(encoded)) + encoded
+
+
+def _context(assoc: object, abstract: str) -> int:
+    return next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == abstract)  # type: ignore[attr-defined]
+
+
+def _hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def _open_in(pid: int, folder: str) -> list[str]:
+    """Paths under ``folder`` that process ``pid`` holds open."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(folder):
+            out.append(target)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before", ["no command", "a C-ECHO command"])
+def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, before):
+    """Data set fragments before any command, or after a command that is not a C-STORE, were gathered
+    in memory without bound (only a C-STORE's data set is spooled): 400 MB grew the receiver by 460 MB.
+    Now the association is aborted once such data passes PACSBRIDGE_SPOOL_ABOVE."""
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    stack = _stack(tmp_path, PACSBRIDGE_LISTENER_PROCESSES="1", PACSBRIDGE_SPOOL_ABOVE=str(8 << 20))
+    try:
+        proc = stack.start("listener")
+        make_instance(tmp_path / "warm.dcm")
+        from .test_listener import storescu
+
+        assert storescu(stack.port, tmp_path / "warm.dcm").returncode == 0
+        before_kb = _hwm_kb(proc.pid)
+        assoc = _associate(stack.port)
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        if before == "a C-ECHO command":
+            cid = _context(assoc, Verification)
+            raw.sendall(_pdu((cid, 0x03, _command(AffectedSOPClassUID=Verification, CommandField=0x0030,
+                                                  MessageID=1, CommandDataSetType=0x0000))))
+        else:
+            cid = _context(assoc, CTImageStorage)
+        chunk = _pdu((cid, 0x00, bytes((4 << 20) - 64)))  # a data set fragment, never the last
+        sent = 0
+        try:
+            for _ in range(50):  # 200 MB
+                raw.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # closed by the listener: what we want
+            pass
+        time.sleep(1)
+        grown = (_hwm_kb(proc.pid) - before_kb) * 1024
+        assoc.abort()
+        assert grown < 64 << 20, f"{before}: the receiver grew by {grown >> 20} MB after {sent >> 20} MB"
+        # and the listener goes on
+        assert storescu(stack.port, tmp_path / "warm.dcm").returncode == 0
+    finally:
+        stack.close()
