@@ -116,3 +116,42 @@ def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, b
         assert storescu(stack.port, tmp_path / "warm.dcm").returncode == 0
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("end", ["A-ABORT", "reset"])
+def test_a_store_cut_off_mid_data_set_leaves_nothing_in_incoming(tmp_path, end):
+    """With every data set spooled (PACSBRIDGE_CHUNKED=1), an association that ends in the middle of
+    one left its partial file in .incoming (until the reconciler's hour), so a sender that keeps
+    aborting filled the disk."""
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    stack = _stack(tmp_path, PACSBRIDGE_LISTENER_PROCESSES="1", PACSBRIDGE_CHUNKED="1")
+    incoming = stack.settings.storage / ".incoming"
+    try:
+        proc = stack.start("listener")
+        assoc = _associate(stack.port)
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket
+        cid = _context(assoc, CTImageStorage)
+        ds = make_instance(rows=256)
+        raw.sendall(_pdu((cid, 0x03, _command(AffectedSOPClassUID=ds.SOPClassUID, CommandField=0x0001,
+                                              MessageID=1, Priority=0, CommandDataSetType=0x0000,
+                                              AffectedSOPInstanceUID=ds.SOPInstanceUID)),
+                         (cid, 0x00, bytes(20000))))
+        raw.sendall(_pdu((cid, 0x00, bytes(20000))))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not list(incoming.iterdir()):
+            time.sleep(0.1)
+        assert list(incoming.iterdir()), "the data set was not spooled"
+        if end == "A-ABORT":
+            assoc.abort()
+        else:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (list(incoming.iterdir()) or _open_in(proc.pid, str(incoming))):
+            time.sleep(0.2)
+        assert not list(incoming.iterdir()), f"after {end}: left in .incoming"
+        assert not _open_in(proc.pid, str(incoming)), f"after {end}: still open"
+    finally:
+        stack.close()
