@@ -155,3 +155,34 @@ def test_a_store_cut_off_mid_data_set_leaves_nothing_in_incoming(tmp_path, end):
         assert not _open_in(proc.pid, str(incoming)), f"after {end}: still open"
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("close", ["FIN", "reset", "half an A-ASSOCIATE-RQ, then reset"])
+def test_a_connection_closed_before_its_association_request_gives_its_slot_back(tmp_path, close):
+    """A connection closed before its A-ASSOCIATE-RQ (a port check, a sender that gave up) kept its
+    per-address slot for the whole ACSE timeout (pynetdicom waits that long for the request even
+    after the connection closed): two port checks locked their address out for 30 s."""
+    stack = _stack(tmp_path, PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER="2", PACSBRIDGE_ACSE_TIMEOUT="30")
+    try:
+        stack.start("listener")
+        warm = _associate(stack.port)  # the receivers are up
+        assert warm.is_established
+        warm.release()
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", stack.port), timeout=5, source_address=(ATTACKER, 0))
+            if close.startswith("half"):
+                s.sendall(b"\x01\x00\x00\x00")
+            time.sleep(0.2)  # accepted, its slot taken
+            if close == "FIN":
+                s.close()
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        time.sleep(1.5)
+        started = time.monotonic()
+        assoc = _associate(stack.port)
+        assert assoc.is_established, f"after two connections closed ({close}), the address is locked out"
+        assoc.release()
+        assert time.monotonic() - started < 5
+    finally:
+        stack.close()
