@@ -186,3 +186,20 @@ def test_a_connection_closed_before_its_association_request_gives_its_slot_back(
         assert time.monotonic() - started < 5
     finally:
         stack.close()
+
+
+def test_an_ipv4_peer_of_a_dual_stack_listener_is_matched_against_its_ipv4_rule(tmp_path):
+    """Listening on "::" (IPv4 and IPv6), an IPv4 peer's address is ``::ffff:a.b.c.d``: it matched no
+    IPv4 rule of PACSBRIDGE_ALLOWED_PEERS, and every address-bound peer was refused. Its per-address
+    slots are those of the IPv4 form either way (slots.py maps one into the other)."""
+    from .test_listener import storescu
+
+    stack = _stack(tmp_path, PACSBRIDGE_LISTENER_HOST="::", PACSBRIDGE_ALLOWED_PEERS="SENDER@127.0.0.1")
+    try:
+        stack.start("listener")
+        make_instance(tmp_path / "one.dcm")
+        proc = storescu(stack.port, tmp_path / "one.dcm")
+        assert proc.returncode == 0, proc.stderr
+        assert storescu(stack.port, tmp_path / "one.dcm", aet="OTHER").returncode != 0  # the title still counts
+    finally:
+        stack.close()
