@@ -203,3 +203,90 @@ def test_an_ipv4_peer_of_a_dual_stack_listener_is_matched_against_its_ipv4_rule(
         assert storescu(stack.port, tmp_path / "one.dcm", aet="OTHER").returncode != 0  # the title still counts
     finally:
         stack.close()
+
+
+def _association_rq(calling: str, abstract: str, syntax: str) -> bytes:
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends for one presentation context (id 1), as bytes."""
+    import threading
+
+    from pynetdicom import AE
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    got: dict[str, bytes] = {}
+
+    def capture() -> None:
+        conn, _ = server.accept()
+        conn.settimeout(5)
+        got["rq"] = conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(abstract, syntax)
+    ae.acse_timeout = 1
+    ae.associate("127.0.0.1", server.getsockname()[1], ae_title="PACSBRIDGE")
+    thread.join()
+    server.close()
+    return got["rq"]
+
+
+@pytest.mark.slow
+def test_a_peer_refused_for_its_address_cannot_store_before_the_abort(tmp_path):
+    """A calling AE allowed only from another address was accepted, then aborted from EVT_ACCEPTED;
+    pynetdicom only queues an abort asked for inside a handler, so a C-STORE sent as soon as the
+    A-ASSOCIATE-AC arrived was sometimes handled, and stored, first (3 in 30 with the receiver busy).
+    Such a peer is now rejected before anything is accepted."""
+    import subprocess
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    stack = _stack(tmp_path, PACSBRIDGE_ALLOWED_PEERS="SENDER@10.9.9.9,LOCAL@127.0.0.0/8",
+                   PACSBRIDGE_LISTENER_PROCESSES="1", PACSBRIDGE_FSYNC="0")
+    rq = _association_rq("SENDER", CTImageStorage, ExplicitVRLittleEndian)
+    loaders = []
+    try:
+        stack.start("listener")
+        # allowed traffic keeps the receiver busy, as a real one is
+        big = [tmp_path / f"load{k}.dcm" for k in range(3)]
+        for path in big:
+            make_instance(path, rows=1024, PatientID="LOAD")
+        loaders = [subprocess.Popen(["storescu", "-aet", "LOCAL", "-aec", "PACSBRIDGE", "127.0.0.1", str(stack.port),
+                                     *map(str, big * 30)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for _ in range(2)]
+        for i in range(40):
+            ds = make_instance(PatientID=f"REFUSED{i}")
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, ds)
+            store = _pdu((1, 0x03, _command(AffectedSOPClassUID=ds.SOPClassUID, CommandField=0x0001, MessageID=1,
+                                            Priority=0, CommandDataSetType=0x0000,
+                                            AffectedSOPInstanceUID=ds.SOPInstanceUID)),
+                         (1, 0x02, fp.getvalue()))
+            with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as s:
+                s.sendall(rq)
+                s.recv(6)  # the answer's PDU header: the C-STORE follows at once, as a sender's does
+                try:
+                    s.sendall(store)
+                    while s.recv(65536):
+                        pass
+                except OSError:
+                    pass
+        for proc in loaders:
+            proc.kill()
+            proc.wait()
+        stored = [p for p in stack.settings.storage.rglob("*.dcm") if "REFUSED" in str(p)]
+        assert not stored, f"{len(stored)} instances of a refused peer stored"
+        log = "".join(p.read_text() for p in stack.logs.iterdir())
+        assert "calling AE 'SENDER' from 127.0.0.1 is not an allowed peer" in log
+    finally:
+        for proc in loaders:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stack.close()
