@@ -290,3 +290,44 @@ def test_a_peer_refused_for_its_address_cannot_store_before_the_abort(tmp_path):
                 proc.kill()
                 proc.wait()
         stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["A-ASSOCIATE-RQ", "P-DATA"])
+def test_a_peer_dripping_a_pdu_byte_by_byte_is_dropped_after_the_network_timeout(tmp_path, where):
+    """A byte every 0.5 s, less than the kernel's wait of a read (RECV_TICK, 1 s): each recv() returned
+    data, and the PDU's deadline was looked at only when one came back empty-handed, so the read
+    of a PDU of 1,000 bytes went on for 500 s, holding a receiver's thread and slot."""
+    stack = _stack(tmp_path, PACSBRIDGE_NETWORK_TIMEOUT="3", PACSBRIDGE_ACSE_TIMEOUT="3")
+    try:
+        stack.start("listener")
+        assoc = None
+        if where == "P-DATA":
+            from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+            assoc = _associate(stack.port)
+            assert assoc.is_established
+            sock = assoc.dul.socket.socket
+            pdu = _pdu((_context(assoc, CTImageStorage), 0x00, bytes(994)))
+        else:
+            sock = socket.create_connection(("127.0.0.1", stack.port), timeout=10, source_address=(ATTACKER, 0))
+            pdu = struct.pack(">BBL", 0x01, 0, 1000) + bytes(1000)
+        started = time.monotonic()
+        closed = None
+        for byte in pdu[:30]:  # 15 s
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            if assoc is not None and (assoc.is_aborted or not assoc.is_alive()):
+                closed = time.monotonic() - started
+                break
+            time.sleep(0.5)
+        if assoc is not None:
+            assoc.abort()
+        else:
+            sock.close()
+        assert closed is not None and closed < 8, f"{where} dripped for 15 s: still open"
+    finally:
+        stack.close()
