@@ -296,6 +296,9 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int 
             if not data:  # the peer closed: what we have (pynetdicom's callers check the length)
                 return out
             out += data
+            # a peer dripping bytes faster than RECV_TICK never lets recv() time out: look here too
+            if deadline is not None and len(out) < nr_bytes and time.monotonic() >= deadline:
+                raise TimeoutError(f"no complete PDU data within {timeout:g} s ({len(out)} of {nr_bytes} bytes)")
         return out
 
     assoc_socket.recv = recv
