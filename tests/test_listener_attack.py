@@ -76,7 +76,7 @@ def _open_in(pid: int, folder: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("before", ["no command", "a C-ECHO command"])
+@pytest.mark.parametrize("before", ["no command", "a C-ECHO command", "a command without end"])
 def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, before):
     """Data set fragments before any command, or after a command that is not a C-STORE, were gathered
     in memory without bound (only a C-STORE's data set is spooled): 400 MB grew the receiver by 460 MB.
@@ -100,7 +100,8 @@ def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, b
                                                   MessageID=1, CommandDataSetType=0x0000))))
         else:
             cid = _context(assoc, CTImageStorage)
-        chunk = _pdu((cid, 0x00, bytes((4 << 20) - 64)))  # a data set fragment, never the last
+        # a data set fragment, never the last (or a command fragment, never the last)
+        chunk = _pdu((cid, 0x01 if before == "a command without end" else 0x00, bytes((4 << 20) - 64)))
         sent = 0
         try:
             for _ in range(50):  # 200 MB
