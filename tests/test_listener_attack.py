@@ -79,7 +79,8 @@ def _open_in(pid: int, folder: str) -> list[str]:
 @pytest.mark.parametrize("before", ["no command", "a C-ECHO command", "a command without end"])
 def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, before):
     """Data set fragments before any command, or after a command that is not a C-STORE, were gathered
-    in memory without bound (only a C-STORE's data set is spooled): 400 MB grew the receiver by 460 MB.
+    in memory without bound (only a C-STORE's data set is spooled), and so were command fragments that
+    never end: 400 MB grew the receiver by 460 MB.
     Now the association is aborted once such data passes PACSBRIDGE_SPOOL_ABOVE."""
     from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -112,7 +113,7 @@ def test_data_that_no_store_command_announced_cannot_grow_a_receiver(tmp_path, b
         time.sleep(1)
         grown = (_hwm_kb(proc.pid) - before_kb) * 1024
         assoc.abort()
-        assert grown < 64 << 20, f"{before}: the receiver grew by {grown >> 20} MB after {sent >> 20} MB"
+        assert grown < 100 << 20, f"{before}: the receiver grew by {grown >> 20} MB after {sent >> 20} MB"
         # and the listener goes on
         assert storescu(stack.port, tmp_path / "warm.dcm").returncode == 0
     finally:

@@ -19,7 +19,8 @@ attribute; pynetdicom's code runs unchanged) and reads the message's ``command_s
 version alone (then everything stays in memory, as before).
 
 Data set fragments no spool takes (sent before any command, after a command that is not a C-STORE
-request, or after one whose file meta cannot be packed) stay in pynetdicom's ``BytesIO``; past
+request, or after one whose file meta cannot be packed), and a command still incomplete, stay in
+pynetdicom's ``BytesIO``; past
 :func:`in_memory_bound` bytes the association is aborted as for an invalid PDU (Evt19), or a peer
 could grow a receiver without end. An association that ends with a data set half received, or
 with a complete one never handled, has its spooled files removed when its thread ends.
@@ -164,10 +165,15 @@ def install(assoc: Any, limit: int, temp_file: Callable[[], tuple[int, str]]) ->
     bound = in_memory_bound(limit)
 
     def refuse(msg: Any, held: int) -> None:
-        log.warning("association from %s aborted: %d bytes of data set that no C-STORE request announced",
-                    getattr(assoc.requestor, "address", "?"), held)
+        log.warning("association from %s aborted: %d bytes of command or data set that no C-STORE "
+                    "request announced", getattr(assoc.requestor, "address", "?"), held)
         msg.data_set = _Drop()
+        msg.encoded_command_set = _Drop()
         dimse.dul.event_queue.put("Evt19")  # as pynetdicom does for an invalid message: A-ABORT, close
+
+    def held(msg: Any) -> int:
+        """Bytes of ``msg`` in memory: its command so far and its data set."""
+        return sum(b.tell() for b in (msg.data_set, getattr(msg, "encoded_command_set", None)) if b is not None)
 
     def receive_and_spool(primitive: Any) -> None:
         receive(primitive)
@@ -177,16 +183,16 @@ def install(assoc: Any, limit: int, temp_file: Callable[[], tuple[int, str]]) ->
         command = getattr(msg, "command_set", None)
         if command is None or getattr(command, "CommandField", None) != C_STORE_RQ \
                 or getattr(command, "CommandDataSetType", 0x0101) == 0x0101:
-            if msg.data_set is not None and msg.data_set.tell() > bound:
-                refuse(msg, msg.data_set.tell())
+            if held(msg) > bound:
+                refuse(msg, held(msg))
             return
         try:
             syntax = assoc._accepted_cx[msg.context_id].transfer_syntax[0]
             head = PREAMBLE + encode_file_meta(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
         except (ValueError, AttributeError, KeyError, UnicodeError):
             # a command our packer cannot write: this one stays in memory, as before, up to the bound
-            if msg.data_set.tell() > bound:
-                refuse(msg, msg.data_set.tell())
+            if held(msg) > bound:
+                refuse(msg, held(msg))
             return
         spool = Spool(limit, temp_file, head)
         with msg.data_set.getbuffer() as received:  # the fragments of this PDU already read
