@@ -333,3 +333,31 @@ def test_a_peer_dripping_a_pdu_byte_by_byte_is_dropped_after_the_network_timeout
         assert closed is not None and closed < 8, f"{where} dripped for 15 s: still open"
     finally:
         stack.close()
+
+
+def test_a_p_data_of_a_million_tiny_pdvs_costs_the_receiver_little(tmp_path):
+    """A 4 MiB P-DATA-TF (the largest we accept) made of 600,000 PDVs of one byte: pynetdicom decodes
+    each into Python objects, 136 MB and 2.4 s of CPU for that one PDU (8 such connections per address
+    at once). A P-DATA with more PDVs than any sender puts in one (MAX_PDVS) now closes the connection
+    before it is decoded."""
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    stack = _stack(tmp_path, PACSBRIDGE_LISTENER_PROCESSES="1")
+    try:
+        proc = stack.start("listener")
+        assoc = _associate(stack.port)
+        assert assoc.is_established
+        before_kb = _hwm_kb(proc.pid)
+        pdv = struct.pack(">LBB", 3, _context(assoc, CTImageStorage), 0x00) + b"\x00"
+        body = pdv * ((4 << 20) // len(pdv))
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not assoc.is_aborted and assoc.is_alive():
+            time.sleep(0.1)
+        grown = (_hwm_kb(proc.pid) - before_kb) * 1024
+        gone = assoc.is_aborted or not assoc.is_alive()
+        assoc.abort()
+        assert grown < 40 << 20, f"the receiver grew by {grown >> 20} MB for one 4 MiB PDU"
+        assert gone
+    finally:
+        stack.close()
