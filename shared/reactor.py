@@ -253,6 +253,21 @@ def largest_pdu(assoc: Any) -> int | None:
     return max(int(announced), PDU_FLOOR) if announced else None
 
 
+#: Most PDVs a P-DATA-TF may carry: senders put one or two in a PDU, and pynetdicom decodes each into
+#: Python objects (a 4 MiB PDU of one-byte PDVs: 600,000 of them, 134 MB and 2.4 s of CPU).
+MAX_PDVS = 1024
+
+
+def _too_many_pdvs(body: bytearray) -> bool:
+    """Whether the PDV items of a P-DATA-TF body number more than :data:`MAX_PDVS` (walks at most that many)."""
+    pos, end = 0, len(body)
+    for _ in range(MAX_PDVS):
+        if pos + 4 > end:
+            return False
+        pos += 4 + struct.unpack_from(">L", body, pos)[0]
+    return pos + 4 <= end
+
+
 def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int | None = None) -> None:
     """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call,
     and giving up on a read that takes longer than ``timeout`` seconds in all.
@@ -274,12 +289,24 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int 
 
     A read longer than ``largest`` bytes (a PDU bigger than the maximum we announced; pynetdicom
     would gather it whole in memory, up to the 4 GB a PDU header can claim) fails at once with
-    ``EMSGSIZE``, which closes the connection.
+    ``EMSGSIZE``, which closes the connection; so does a P-DATA-TF of more than :data:`MAX_PDVS`
+    PDVs (pynetdicom reads a PDU's 6-byte header, then its body: the reads alternate).
     """
     raw = getattr(assoc_socket, "socket", None)
     bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout), timeout)
+    pdu_type = [-1]  # of the header just read; -1: the next read is a header
 
     def recv(nr_bytes: int) -> bytearray:
+        out = read(nr_bytes)
+        if pdu_type[0] < 0:
+            pdu_type[0] = out[0] if len(out) == 6 else 0
+        else:
+            if pdu_type[0] == 0x04 and _too_many_pdvs(out):
+                raise OSError(errno.EMSGSIZE, f"a P-DATA-TF of more than {MAX_PDVS} PDVs")
+            pdu_type[0] = -1
+        return out
+
+    def read(nr_bytes: int) -> bytearray:
         if largest is not None and nr_bytes > largest:
             raise OSError(errno.EMSGSIZE, f"a PDU of {nr_bytes} bytes, larger than the {largest} we accept")
         sock = assoc_socket.socket
@@ -296,6 +323,9 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int 
             if not data:  # the peer closed: what we have (pynetdicom's callers check the length)
                 return out
             out += data
+            # a peer dripping bytes faster than RECV_TICK never lets recv() time out: look here too
+            if deadline is not None and len(out) < nr_bytes and time.monotonic() >= deadline:
+                raise TimeoutError(f"no complete PDU data within {timeout:g} s ({len(out)} of {nr_bytes} bytes)")
         return out
 
     assoc_socket.recv = recv

@@ -113,15 +113,25 @@ class StoreHandlers:
         tune_association(event.assoc)
         install_spool(event.assoc, self.spool_above, self.storage.temp_file)
 
+    def on_requested(self, event: Any) -> None:
+        """Reject (A-ASSOCIATE-RJ, calling AE not recognised) a calling AE that is not allowed from
+        this address, before anything is accepted. It was aborted from EVT_ACCEPTED, where
+        pynetdicom only queues the abort: a C-STORE sent as soon as the A-ASSOCIATE-AC arrived was
+        sometimes stored first. Same steps as pynetdicom's own rejections (reject, then kill)."""
+        assoc = event.assoc
+        ae = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+        address = assoc.requestor.address
+        if self.peers.allows(ae, address):
+            return
+        log.warning("association refused: calling AE %r from %s is not an allowed peer", ae, address)
+        ASSOCIATIONS.labels("refused").inc()
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()
+
     def on_accepted(self, event: Any) -> None:
         assoc = event.assoc
         ae = assoc.requestor.ae_title.strip()
         address = assoc.requestor.address
-        if not self.peers.allows(ae, address):
-            log.warning("association refused: calling AE %r from %s is not an allowed peer", ae, address)
-            ASSOCIATIONS.labels("refused").inc()
-            assoc.abort()
-            return
         with self._lock:
             self._stats[id(assoc)] = {"ae": ae, "address": address, "start": time.monotonic(), "instances": 0,
                                       "bytes": 0, "failures": 0, "id": uuid.uuid4().hex}
@@ -223,6 +233,7 @@ class StoreHandlers:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.on_conn_open),
+            (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_RELEASED, self.on_closed, ["released"]),

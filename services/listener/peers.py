@@ -47,21 +47,26 @@ class Peers(NamedTuple):
             return False
         if not nets:
             return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in nets)
+        forms = _forms(address)
+        return any(ip in net for ip in forms for net in nets)
 
     def address_known(self, address: str) -> bool:
         """Could any peer connect from ``address``? (checked before the association)"""
         if self.any_peer or any(not nets for nets in self.rules.values()):
             return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for nets in self.rules.values() for net in nets)
+        forms = _forms(address)
+        return any(ip in net for ip in forms for nets in self.rules.values() for net in nets)
+
+
+def _forms(address: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """``address`` as the rules may name it: an IPv4 peer of a dual-stack listener ("::") arrives as
+    ``::ffff:a.b.c.d``, which matches its IPv4 rules too. [] when it is no address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return []
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return [ip, mapped] if mapped is not None else [ip]
 
 
 def parse_peers(text: str) -> Peers:

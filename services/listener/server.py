@@ -74,6 +74,17 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
+def _closed_before_request(event: Any) -> None:
+    """EVT_CONN_CLOSE of an accepted connection: closed before its A-ASSOCIATE-RQ (Sta2), pynetdicom's
+    DUL stops (AA-5) but tells the association thread nothing, which then waits the whole ACSE
+    timeout for the request, holding the connection's per-address slot: two port checks locked
+    their address out for 30 s. ``None`` is what that wait returns on a timeout, so the thread
+    ends at once, as it would then."""
+    dul = event.assoc.dul
+    if event.assoc.is_acceptor and dul.state_machine.current_state == "Sta2":
+        dul.to_user_queue.put(None)
+
+
 def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSlots | None = None) -> Any:
     from pynetdicom import evt
     from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -96,6 +107,7 @@ def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSl
                             slots.release(address)
 
                 assoc.run = run_then_release  # type: ignore[method-assign]
+                assoc.bind(evt.EVT_CONN_CLOSE, _closed_before_request)
                 evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
                 assoc.start()
             except BaseException:
