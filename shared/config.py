@@ -203,7 +203,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     merged.update({k: v for k, v in env.items() if k.startswith("PACSBRIDGE_")})
 
     def get(name: str) -> str | None:
-        return merged.get(f"PACSBRIDGE_{name}")
+        value = merged.get(f"PACSBRIDGE_{name}")
+        # blank is unset: compose passes optional settings as "${NAME:- }" (podman-compose 1.0.3
+        # leaves "${NAME:-}" unsubstituted, the literal text then reached the services)
+        return None if value is not None and not value.strip() else value
 
     kw: dict[str, object] = {}
     if get("DATABASE_URL"):

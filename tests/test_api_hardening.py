@@ -314,3 +314,13 @@ def test_raw_bytes_that_are_not_utf8_in_a_query_string_are_400(tmp_path):
                 assert json.loads(body)["error"]["status"] == 400, answer
     finally:
         s.close()
+
+
+def test_blank_optional_settings_are_unset():
+    """compose passes optional settings as "${NAME:- }" (podman-compose 1.0.3 left "${NAME:-}" as it was):
+    a blank webhook secret and its _FILE twin are both unset, not "both set"; a blank allow-list is empty."""
+    from pacsbridge.shared.config import load_settings
+
+    s = load_settings({"PACSBRIDGE_WEBHOOK_SECRET": " ", "PACSBRIDGE_WEBHOOK_SECRET_FILE": " ",
+                       "PACSBRIDGE_WEBHOOK_ALLOW": " ", "PACSBRIDGE_LISTENER_METRICS_HOST": " "})
+    assert s.webhook_secret == "" and not s.webhook_allow.strip() and s.listener_metrics_host == ""

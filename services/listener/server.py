@@ -332,16 +332,12 @@ def _reconciler(settings: Settings, stop: threading.Event, period: float, min_ag
             return
 
 
-def _start_metrics(port: int, settings: Settings | None = None) -> None:
+def _start_metrics(port: int, settings: Settings) -> None:
     """Serve the counters of every receiver process on ``port`` (Prometheus multiprocess mode).
 
     They listen on ``PACSBRIDGE_LISTENER_METRICS_HOST``, by default the listener's own host:
     a listener bound to 127.0.0.1 keeps its metrics on 127.0.0.1 too.
     """
-    if settings is None:
-        from pacsbridge.shared.config import load_settings
-
-        settings = load_settings()
     host = settings.listener_metrics_host or settings.listener_host or "0.0.0.0"
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
@@ -390,7 +386,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     Storage.for_settings(settings).ensure()
     metrics_port = int(_env_float("PACSBRIDGE_LISTENER_METRICS_PORT", 0))
     if metrics_port:
-        _start_metrics(metrics_port)
+        _start_metrics(metrics_port, settings)
     stop = threading.Event()
     threading.Thread(target=_reconciler, args=(settings, stop, period, min_age), daemon=True,
                      name="reconciler").start()
