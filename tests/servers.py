@@ -39,6 +39,13 @@ class ThrowawayRedis:
             time.sleep(0.05)
         raise TimeoutError("redis did not start")
 
+    def __enter__(self) -> "ThrowawayRedis":
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -93,12 +93,8 @@ def test_a_refused_instance_is_isolated_recorded_and_skipped(ctx, tmp_path):
     assert entry["attempts"] == 2
 
     # the reconciler does not queue it for ever
-    server = ThrowawayRedis()
-    server.start()
-    try:
+    with ThrowawayRedis() as server:
         assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 0
-    finally:
-        server.stop()
 
     # rebuild reports and skips it ...
     ctx.index.create(force=True)
@@ -459,12 +455,8 @@ def test_a_stored_file_that_is_not_an_instance_is_recorded_not_queued_for_ever(c
     entries, total = Quarantine(ctx.index.engine).list(reason="index_failed")
     assert total == 2 and {e["relpath"] for e in entries} == {"PSTRAY/cut.dcm", ".DS_Store"}
     assert any("runs to byte" in e["detail"] for e in entries)
-    server = ThrowawayRedis()
-    server.start()
-    try:
+    with ThrowawayRedis() as server:
         assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 0
-    finally:
-        server.stop()
 
 
 def test_a_conflict_indexed_in_place_is_never_moved_or_deleted(client, ctx, tmp_path):

@@ -289,12 +289,8 @@ def test_rebuild_prune_and_the_reconciler_see_dot_named_patients(ctx, tmp_path):
     (ctx.storage.incoming / "in-leftover.part").write_bytes(b"partial")
     assert ".hidden/1.2.3/1.2.3.4/old.dcm" in ctx.storage.walk()
     assert not any(rel.startswith(".incoming") for rel in ctx.storage.walk())
-    server = ThrowawayRedis()
-    server.start()
-    try:
+    with ThrowawayRedis() as server:
         assert reconcile_once(ctx.settings.with_(broker_url=server.url), min_age=0) == 1
-    finally:
-        server.stop()
     assert Importer(ctx.index, ctx.storage, workers=1).rebuild(missing_only=True).indexed == 1
     assert {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]} >= {
         d.SOPInstanceUID for d in files}
