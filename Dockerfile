@@ -13,24 +13,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/venv \
     PATH=/venv/bin:$PATH
 
-# The dependencies first, from pyproject.toml alone (empty package folders stand in for the code),
-# so that a change of code rebuilds only the last layers.
+# The dependencies first, read from pyproject.toml alone, so that a change of code rebuilds only the
+# last layers.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python3 -m venv /venv \
- && mkdir -p pacsbridge shared services/listener services/worker services/api \
- && touch pacsbridge/__init__.py shared/__init__.py services/listener/__init__.py \
-          services/worker/__init__.py services/api/__init__.py \
- && /venv/bin/pip install . \
- && /venv/bin/pip uninstall -y pacsbridge \
- && rm -rf pacsbridge shared services build *.egg-info
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+      > /tmp/requirements.txt \
+ && /venv/bin/pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
 
+# pacsbridge/shared, pacsbridge/listener, ... are links to shared/ and services/* (docs/architecture.md)
+COPY README.md ./
 COPY pacsbridge/ pacsbridge/
 COPY shared/ shared/
 COPY services/ services/
 RUN /venv/bin/pip install --no-deps . \
  && cd / && rm -rf /src \
- && /venv/bin/python -c "import pacsbridge.cli, pacsbridge.shared.dicomsql, pacsbridge.listener.server, pacsbridge.worker.tasks"
+ && /venv/bin/python -c "import pacsbridge.cli, pacsbridge.shared.core.dicomsql, pacsbridge.listener.server, pacsbridge.worker.tasks"
 WORKDIR /
 
 COPY deploy/entrypoint.sh /usr/local/bin/pacsbridge-entrypoint

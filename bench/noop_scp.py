@@ -15,7 +15,7 @@ Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
   DUL poll delay, TCP_NODELAY, reactors that wait instead of polling, and
   32 kB socket reads;
 - glibc's malloc thresholds fixed as in the listener's receivers
-  (``shared/memtune.py``);
+  (``shared/core/memtune.py``);
 - the C-STORE handler returns ``0x0000`` without touching ``event.dataset``;
 - the listener's process model: as many processes as the listener starts by
   default (two per core; associations of one process share its GIL), forked
@@ -75,7 +75,7 @@ def make_ae(aet: str) -> Any:
 
 def on_conn_open(event: Any) -> None:
     """The listener's per-association tuning (its DUL poll delay, TCP_NODELAY, and the waiting
-    reactors of ``pacsbridge.shared.reactor``; ``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's
+    reactors of ``pacsbridge.shared.dicom.reactor``; ``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's
     polling, as for the listener)."""
     from pacsbridge.listener.handlers import tune_association
 
@@ -91,9 +91,9 @@ def durable_handler(folder: str) -> Any:
     """A C-STORE handler that only stores: each instance as received, durably, with pacsbridge's
     storage code and settings (fsync and cache drop), under ``<SOP Instance UID>.dcm`` in one
     sub-folder. No header read, no template, no queue: the floor of a durable receiver."""
-    from pacsbridge.shared.config import load_settings
-    from pacsbridge.shared.filemeta import encoded_instance
-    from pacsbridge.shared.storage import Storage
+    from pacsbridge.shared.core.config import load_settings
+    from pacsbridge.shared.dicom.filemeta import encoded_instance
+    from pacsbridge.shared.index.storage import Storage
 
     storage = Storage.for_settings(load_settings().with_(storage=Path(folder), fsync=True))
     storage.ensure()
@@ -110,7 +110,7 @@ def serve(shared: socket.socket, aet: str, ready_fd: int | None = None, store: s
     ``store`` when given)."""
     from pynetdicom import evt
 
-    from pacsbridge.shared.memtune import tune_malloc
+    from pacsbridge.shared.core.memtune import tune_malloc
 
     tune_malloc()  # as the listener's receivers do
 

@@ -24,7 +24,7 @@ Steps:
      storage tree (1) or on the 4 quarters in parallel (4); wall time from the
      first start to the last exit; exit codes and ``E:``/``W:`` lines checked.
    - ``pacsbridge``: a node ``TARGET`` with ``max_associations`` = 1 or 4 and a
-     push job of all the patients, run by :func:`pacsbridge.shared.runner.run_job`
+     push job of all the patients, run by :func:`pacsbridge.worker.runner.run_job`
      in this process (what the worker's ``run_job`` task calls); wall time of
      ``run_job`` (claim, selection, file meta, sending, progress rows, finish).
    - Checks: N files in DIR, storescu exit 0 / job ``succeeded`` with N acknowledged.
@@ -37,7 +37,7 @@ Steps:
 
 Knobs read by the push code (set them in the environment of this script):
 ``PACSBRIDGE_PUSH_FAST=0`` sends with pynetdicom's own ``send_c_store`` (one
-queued P-DATA per PDU) instead of :mod:`pacsbridge.shared.sender`;
+queued P-DATA per PDU) instead of :mod:`pacsbridge.shared.dicom.sender`;
 ``PACSBRIDGE_PUSH_PROCESSES=1`` runs each association in its own sender
 process; ``PACSBRIDGE_RUN_LOOP_DELAY`` is pynetdicom's polling delay.
 
@@ -111,9 +111,9 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
 def prepare(args: argparse.Namespace):  # noqa: ANN201 - returns (ctx, patients, quarters)
     from gen_ct import generate
 
-    from pacsbridge.shared.config import Settings
-    from pacsbridge.shared.context import open_context
-    from pacsbridge.shared.importer import Importer
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.shared.index.importer import Importer
 
     gen = args.workdir / "gen"
     files = sorted(gen.glob("*.dcm")) if gen.is_dir() else []
@@ -210,8 +210,8 @@ def run_storescu(port: int, dirs: list[Path], logdir: Path) -> tuple[float, list
 
 
 def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str) -> tuple[float, dict, list[str]]:
-    from pacsbridge.shared import runner
-    from pacsbridge.shared.jobs import Node
+    from pacsbridge.worker import runner
+    from pacsbridge.shared.dicom.node import Node
 
     name = f"bench-{tag}"
     jobs.add_node(Node(name, AET, "127.0.0.1", port, max_associations=assocs))
@@ -232,7 +232,7 @@ def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str) -
 
 def profile_push(ctx, jobs, patients: list[str], workdir: Path, top: int = 25) -> dict:
     """One push (1 association) with cProfile in the sending thread: where the time goes."""
-    from pacsbridge.shared import push as pushmod
+    from pacsbridge.worker.kinds import push as pushmod
 
     prof = cProfile.Profile()
     original = pushmod._Sender._run
@@ -274,16 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--assocs: 1 and/or 4")
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    from pacsbridge.shared.jobs import JobStore
+    from pacsbridge.shared.jobs.store import JobStore
 
     ctx, patients, quarters = prepare(args)
     jobs = JobStore(ctx.index.engine)
-    from pacsbridge.shared import jobs as jobsmod
-    from pacsbridge.shared import push as pushmod
+    from pacsbridge.shared.core import schema as jobsmod
+    from pacsbridge.worker.kinds import push as pushmod
 
     pushmod.ensure_table(ctx.index.engine)
     with ctx.index.engine.begin() as conn:  # fresh nodes and jobs for this invocation
-        for table in (pushmod.instances_table, jobsmod.series_table, jobsmod.jobs_table,
+        for table in (jobsmod.instances_table, jobsmod.series_table, jobsmod.jobs_table,
                       jobsmod.node_leases_table, jobsmod.node_rates_table, jobsmod.nodes_table):
             conn.execute(table.delete())
     runs: list[dict] = []

@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                         conn.execute(text(f"drop table if exists {table} cascade"))  # fixed names
                 engine.dispose()
                 subprocess.run(["rm", "-rf", str(stack.settings.storage)], check=True)
-                from pacsbridge.shared import runner
-                from pacsbridge.shared.context import open_context
-                from pacsbridge.shared.jobs import JobStore, Node
+                from pacsbridge.worker import runner
+                from pacsbridge.shared.index.context import open_context
+                from pacsbridge.shared.jobs.store import JobStore
+                from pacsbridge.shared.dicom.node import Node
 
                 ctx = open_context(stack.settings.with_(fsync=True))
                 ctx.index.create()

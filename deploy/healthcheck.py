@@ -76,10 +76,10 @@ def worker_nodes(host: str) -> set[str]:
 
 def check_worker() -> str | None:
     try:
-        from pacsbridge.shared.celeryapp import make_celery
+        from pacsbridge.shared.core.celeryapp import make_celery
     except ImportError:
         from pacsbridge.worker.app import make_celery  # type: ignore[no-redef]
-    from pacsbridge.shared.config import load_settings
+    from pacsbridge.shared.core.config import load_settings
 
     host = socket.gethostname()
     expected = worker_nodes(host)

@@ -8,7 +8,6 @@ work (database unreachable, storage not writable).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -18,11 +17,11 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from pacsbridge import __version__
-from pacsbridge.shared.config import Settings, load_settings
-from pacsbridge.shared.errors import ConfigError, DicomSqlError, PacsbridgeError, QueryError
+from pacsbridge.output import print_rows as _print_rows
+from pacsbridge.shared.core.config import Settings, load_settings
+from pacsbridge.shared.core.errors import ConfigError, DicomSqlError, PacsbridgeError, QueryError
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -31,27 +30,6 @@ err = Console(stderr=True, highlight=False)
 
 
 # -- output helpers -----------------------------------------------------------------
-def _print_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None,
-                width: int | None = None) -> None:
-    if fmt == "json":
-        json.dump([dict(zip(columns, r)) for r in rows], sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    elif fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(["" if v is None else v for v in r] for r in rows)
-    else:
-        table = Table(title=title, show_lines=False)
-        for c in columns:
-            table.add_column(str(c), overflow="fold")
-        for r in rows:
-            table.add_row(*("" if v is None else str(v) for v in r))
-        # on a terminal rich fits the table to it; into a file or pipe, keep rows on one line
-        if width is None and not sys.stdout.isatty():
-            width = 400
-        Console(highlight=False, width=width).print(table)
-
-
 def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False)
@@ -85,7 +63,7 @@ def _report(report: Any, fmt: str, seconds: float) -> int:
 
 
 def _context(args: argparse.Namespace) -> Any:
-    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.index.context import open_context
 
     return open_context(args.settings)
 
@@ -116,7 +94,7 @@ def _run_importer(args: argparse.Namespace, label: str, work: Callable[[Any], An
     """Open the index (creating tables), run ``work(importer)`` under a progress bar, report."""
     import time
 
-    from pacsbridge.shared.importer import Importer
+    from pacsbridge.shared.index.importer import Importer
 
     ctx = _context(args)
     ctx.index.create()
@@ -154,7 +132,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pacsbridge.shared.export import export_files, select_files
+    from pacsbridge.shared.index.export import export_files, select_files
 
     ctx = _context(args)
     _require_tables(ctx)
@@ -177,8 +155,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     """What indexing set aside: list, show one entry, or carry out a decision (audited as ``cli:<user>``)."""
     import getpass
 
-    from pacsbridge.shared.errors import InvalidRequest
-    from pacsbridge.shared.quarantine import Quarantine, resolve
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.index.conflicts import resolve
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     ctx = _context(args)
     _require_tables(ctx)

@@ -88,7 +88,7 @@ def _error_message(raw: bytes, status: int) -> str:
 # -- output ------------------------------------------------------------------------
 def _print(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, title: str | None = None,
            width: int | None = None) -> None:
-    from pacsbridge.cli import _print_rows
+    from pacsbridge.output import print_rows as _print_rows
 
     _print_rows(columns, rows, fmt, title, width)
 
@@ -129,8 +129,8 @@ def _query_from(args: argparse.Namespace) -> dict[str, Any]:
         if value:
             query[name] = value
     if getattr(args, "StudyDate", None) is not None:
-        from pacsbridge.shared.errors import InvalidRequest
-        from pacsbridge.shared.query import parse_date_range
+        from pacsbridge.shared.core.errors import InvalidRequest
+        from pacsbridge.shared.dicom.query import parse_date_range
 
         try:
             lo, hi = parse_date_range(args.StudyDate, "--StudyDate")

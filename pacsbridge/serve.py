@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from pacsbridge.shared.celeryapp import DEFAULT_BROKER
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.errors import ConfigError
-from pacsbridge.shared.supervise import Supervisor
+from pacsbridge.shared.core.celeryapp import DEFAULT_BROKER
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.core.errors import ConfigError
+from pacsbridge.shared.core.supervise import Supervisor
 
 __all__ = ["main", "DEFAULT_FIRST_TRY_PEERS"]
 
@@ -165,7 +165,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         env["PACSBRIDGE_API_TOKENS"] = f"serve:{token}:admin"
     workers = str(getattr(args, "workers", None) or 2)
 
-    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.index.context import open_context
 
     ctx = open_context(settings)
     ctx.index.create()
@@ -173,7 +173,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     if getattr(args, "demo", False):
         import pydicom
 
-        from pacsbridge.shared.importer import Importer
+        from pacsbridge.shared.index.importer import Importer
 
         folder = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
         report = Importer(ctx.index, ctx.storage, workers=settings.import_workers).import_paths([folder])

@@ -10,8 +10,8 @@ from typing import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.context import Context, open_context
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.index.context import Context, open_context
 
 #: The machine's PostgreSQL (trust auth); .ci/run starts it.
 PG_ADMIN_URL = os.environ.get("PACSBRIDGE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")

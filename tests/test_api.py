@@ -18,10 +18,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from pacsbridge.api import create_app
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.context import open_context
-from pacsbridge.shared.importer import Importer
-from pacsbridge.shared.jobs import SeriesProgress, jobs_table, nodes_table, series_table
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.index.context import open_context
+from pacsbridge.shared.index.importer import Importer
+from pacsbridge.shared.jobs.store import SeriesProgress
+from pacsbridge.shared.core.schema import jobs_table, nodes_table, series_table
 
 from .helpers import TEST_FILES, make_instance
 from .test_listener import free_port, wait_port
@@ -117,7 +118,7 @@ def test_no_tokens_configured_means_closed(api_settings, caplog):
 
 
 def test_malformed_token_setting_is_refused(api_settings):
-    from pacsbridge.shared.errors import ConfigError
+    from pacsbridge.shared.core.errors import ConfigError
 
     for bad in ("justaname", "a:short", f"a:{TOKENS['read']}:root", f"a:{TOKENS['read']}:read:tomorrow",
                 f"a:{TOKENS['read']},a:{TOKENS['user']}"):
@@ -290,7 +291,7 @@ def test_broker_down_keeps_the_job_queued(api_settings, caplog):
 def test_database_down_is_503(api_settings, tmp_path):
     app = create_app({"SETTINGS": api_settings})
     st = app.extensions["pacsbridge"]
-    from pacsbridge.shared.db import make_engine
+    from pacsbridge.shared.core.db import make_engine
 
     st.jobs.engine = make_engine("postgresql://postgres@127.0.0.1:1/none")  # nobody listens there
     c = app.test_client()
@@ -626,7 +627,7 @@ def test_cancel_answers_what_happened(client, app, ctx, tmp_path, monkeypatch):
     import threading
 
     from pacsbridge.api import jobs as api_jobs
-    from pacsbridge.shared import runner
+    from pacsbridge.worker import runner
 
     from .servers import HalfAssociatePeer
 

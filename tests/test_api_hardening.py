@@ -186,8 +186,9 @@ def test_a_database_made_before_job_owners_gets_the_column(db_url):
     """An index made by an older release (no ``owner`` column) keeps working: create() adds it."""
     from sqlalchemy import MetaData, Table, insert
 
-    from pacsbridge.shared.db import make_engine
-    from pacsbridge.shared.jobs import JobStore, jobs_table
+    from pacsbridge.shared.core.db import make_engine
+    from pacsbridge.shared.jobs.store import JobStore
+    from pacsbridge.shared.core.schema import jobs_table
 
     engine = make_engine(db_url)
     try:
@@ -319,7 +320,7 @@ def test_raw_bytes_that_are_not_utf8_in_a_query_string_are_400(tmp_path):
 def test_blank_optional_settings_are_unset():
     """compose passes optional settings as "${NAME:- }" (podman-compose 1.0.3 left "${NAME:-}" as it was):
     a blank webhook secret and its _FILE twin are both unset, not "both set"; a blank allow-list is empty."""
-    from pacsbridge.shared.config import load_settings
+    from pacsbridge.shared.core.config import load_settings
 
     s = load_settings({"PACSBRIDGE_WEBHOOK_SECRET": " ", "PACSBRIDGE_WEBHOOK_SECRET_FILE": " ",
                        "PACSBRIDGE_WEBHOOK_ALLOW": " ", "PACSBRIDGE_LISTENER_METRICS_HOST": " "})

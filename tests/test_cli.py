@@ -121,7 +121,7 @@ def test_init_never_prints_the_database_password(tmp_path, pg_url):
 
     from sqlalchemy import create_engine, text
 
-    from pacsbridge.shared.config import Settings
+    from pacsbridge.shared.core.config import Settings
 
     role = f"pb_user_{uuid.uuid4().hex[:8]}"  # ours, not user input
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")

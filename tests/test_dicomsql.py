@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pacsbridge.shared.dicomsql import default_dicom_sql, load_schema, parse_dicom_sql
-from pacsbridge.shared.errors import DicomSqlError
+from pacsbridge.shared.core.dicomsql import default_dicom_sql, load_schema, parse_dicom_sql
+from pacsbridge.shared.core.errors import DicomSqlError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "conquest-dicom.sql"
 

@@ -12,12 +12,14 @@ from typing import Iterator
 
 import pytest
 
-from pacsbridge.shared import dimse, throttle
-from pacsbridge.shared.db import make_engine
-from pacsbridge.shared.errors import DimseError
-from pacsbridge.shared.jobs import JobStore, Node
-from pacsbridge.shared.query import Query
-from pacsbridge.shared.retrieve import DimseSearcher
+from pacsbridge.shared.dicom import dimse
+from pacsbridge.shared.nodes import throttle
+from pacsbridge.shared.core.db import make_engine
+from pacsbridge.shared.core.errors import DimseError
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.dicom.query import Query
+from pacsbridge.worker.kinds.retrieve import DimseSearcher
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc, free_port
@@ -114,7 +116,7 @@ def test_the_waiting_reactor_never_takes_a_response_meant_for_a_send(monkeypatch
     import queue as queue_mod
     from types import SimpleNamespace
 
-    from pacsbridge.shared import reactor
+    from pacsbridge.shared.dicom import reactor
 
     msgs: queue_mod.Queue = queue_mod.Queue()
     taken_while_closed = []
@@ -197,8 +199,8 @@ def test_node_slots_never_exceed_the_limit(engine):
 def test_lease_of_a_killed_holder_expires(engine, db_url, monkeypatch):
     monkeypatch.setattr(throttle, "LEASE_SECONDS", 1.0)
     code = ("import os, time, sys\nos.environ['PACSBRIDGE_LEASE_SECONDS'] = '1'\n"
-            "from pacsbridge.shared import throttle\nfrom pacsbridge.shared.db import make_engine\n"
-            "from pacsbridge.shared.jobs import Node\n"
+            "from pacsbridge.shared.nodes import throttle\nfrom pacsbridge.shared.core.db import make_engine\n"
+            "from pacsbridge.shared.dicom.node import Node\n"
             "n = Node(name='n', ae_title='N', host='h', port=1, max_associations=1)\n"
             "with throttle.NodeSlots(make_engine(sys.argv[1]), n, 'doomed').acquire():\n"
             "    print('held', flush=True); time.sleep(60)\n")
@@ -242,11 +244,11 @@ def test_move_window():
 
 
 def test_larger_reads_keep_pynetdicoms_recv_contract():
-    """shared/reactor.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
+    """shared/dicom/reactor.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
     import socket
     from types import SimpleNamespace
 
-    from pacsbridge.shared import reactor
+    from pacsbridge.shared.dicom import reactor
 
     a, b = socket.socketpair()
     try:
@@ -342,7 +344,7 @@ def test_connection_failures_say_what_happened():
 
 
 def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
-    """shared/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
+    """shared/dicom/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
     and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
     import socket
     import struct

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pacsbridge.shared.dicomsql import load_schema
-from pacsbridge.shared.errors import InvalidDataset, TruncatedFile
-from pacsbridge.shared.fastheader import NeedsPydicom, scan
-from pacsbridge.shared.records import _pydicom_header, read_header, schema_tags
+from pacsbridge.shared.core.dicomsql import load_schema
+from pacsbridge.shared.core.errors import InvalidDataset, TruncatedFile
+from pacsbridge.shared.dicom.fastheader import NeedsPydicom, scan
+from pacsbridge.shared.index.records import _pydicom_header, read_header, schema_tags
 
 from .helpers import TEST_FILES, make_instance, pydicom_test_files
 
@@ -86,7 +86,7 @@ def test_a_japanese_name_is_indexed_decoded(ctx, tmp_path):
     import pydicom
     from pydicom.uid import generate_uid
 
-    from pacsbridge.shared.importer import Importer
+    from pacsbridge.shared.index.importer import Importer
 
     for name in ("chrH31.dcm", "chrI2.dcm"):
         ds = pydicom.dcmread(CHARSET_FILES / name)

@@ -11,7 +11,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta as pynetdicom_encode
 from pynetdicom.events import Event
 
-from pacsbridge.shared.filemeta import encode_file_meta, encoded_instance
+from pacsbridge.shared.dicom.filemeta import encode_file_meta, encoded_instance
 
 from .helpers import readable_test_files
 
@@ -83,14 +83,14 @@ def test_too_long_values_are_refused():
 
 
 def test_malloc_thresholds_are_set_and_keep_big_buffers_mapped():
-    """shared/memtune.py: on glibc the thresholds are set (the switch turns it off), and afterwards
+    """shared/core/memtune.py: on glibc the thresholds are set (the switch turns it off), and afterwards
     half-megabyte buffers allocated and freed in turn do not fault their pages in each time."""
     import subprocess
     import sys
 
     probe = (
         "import resource, sys\n"
-        "from pacsbridge.shared.memtune import tune_malloc\n"
+        "from pacsbridge.shared.core.memtune import tune_malloc\n"
         "ok = tune_malloc()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(200):\n"

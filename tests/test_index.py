@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from sqlalchemy import text
 
-from pacsbridge.shared.errors import QueryError
-from pacsbridge.shared.importer import Importer
+from pacsbridge.shared.core.errors import QueryError
+from pacsbridge.shared.index.importer import Importer
 
 from .helpers import make_instance, pydicom_test_files, readable_test_files
 
@@ -197,8 +197,8 @@ def test_zip_move_and_in_place(ctx, tmp_path):
 
 
 def test_special_columns(tmp_path, db_url):
-    from pacsbridge.shared.config import Settings
-    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import open_context
     from .helpers import TEST_FILES
 
     ctx = open_context(Settings(database_url=db_url, storage=tmp_path / "d", fsync=False, special_columns=True))
@@ -224,8 +224,8 @@ def test_tables_created_by_several_processes_at_once(db_url):
     import subprocess
     import sys
 
-    code = ("import sys; from pacsbridge.shared.config import Settings; "
-            "from pacsbridge.shared.context import open_context; "
+    code = ("import sys; from pacsbridge.shared.core.config import Settings; "
+            "from pacsbridge.shared.index.context import open_context; "
             "open_context(Settings(database_url=sys.argv[1])).index.create()")
     procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stderr=subprocess.PIPE, text=True)
              for _ in range(4)]

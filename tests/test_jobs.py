@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from pacsbridge.shared import runner
-from pacsbridge.shared.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
-from pacsbridge.shared.jobs import JobStore, Node, SeriesProgress
-from pacsbridge.shared.jobspec import validate
-from pacsbridge.shared.query import Query
+from pacsbridge.worker import runner
+from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
+from pacsbridge.shared.jobs.store import JobStore, SeriesProgress
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.jobs.spec import validate
+from pacsbridge.shared.dicom.query import Query
 
 from .helpers import TEST_FILES, make_instance
 
@@ -159,7 +160,7 @@ def webhook():
 
 
 def test_import_job_runs_reports_and_hands_on_its_webhook(ctx, jobs, tmp_path, webhook):
-    from pacsbridge.shared import webhooks
+    from pacsbridge.shared.jobs import webhooks
 
     url, received = webhook
     settings = ctx.settings.with_(import_root=tmp_path / "import")
@@ -195,7 +196,7 @@ def test_failed_job_keeps_its_reason_and_a_dead_webhook_does_not_fail_it(ctx, jo
 def test_a_job_whose_message_was_lost_is_swept_into_the_queue_and_run(tmp_path):
     """A job row with no message (broker down at submit, or a Redis restart emptied the queue)
     is found by the worker's sweeper and run: the embedded broker and a real worker process."""
-    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.index.context import open_context
 
     from .test_listener import Stack
 
@@ -286,7 +287,7 @@ def test_import_job_skips_a_fifo_and_lists_it(ctx, jobs, tmp_path):
 
 
 def test_import_stops_between_files_when_cancelled(ctx, tmp_path):
-    from pacsbridge.shared import importer
+    from pacsbridge.shared.index import importer
 
     make_instance(tmp_path / "many" / "0.dcm")
     for i in range(1, 2 * importer.BATCH_SIZE):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.context import open_context
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.index.context import open_context
 
 from .helpers import TEST_FILES, make_instance
 from .servers import ThrowawayRedis
@@ -201,7 +201,7 @@ def test_kill_9_mid_association_leaves_no_partial_file(stack, tmp_path):
     stack.stop("listener", signal.SIGKILL)
     sender.wait(timeout=60)
     # every file under a real name is complete (a truncated one would fail read_header)
-    from pacsbridge.shared.records import read_header
+    from pacsbridge.shared.index.records import read_header
 
     for p in root.rglob("*"):
         if p.is_file() and ".incoming" not in p.relative_to(root).parts:
@@ -309,8 +309,8 @@ def _send_all(port: int, datasets: list) -> list[int]:
     from pynetdicom import build_context
     from pynetdicom.sop_class import CTImageStorage
 
-    from pacsbridge.shared import dimse
-    from pacsbridge.shared.jobs import Node
+    from pacsbridge.shared.dicom import dimse
+    from pacsbridge.shared.dicom.node import Node
 
     node = Node(name="listener", ae_title="PACSBRIDGE", host="127.0.0.1", port=port)
     statuses = []
@@ -339,7 +339,7 @@ def test_full_storage_answers_out_of_resources_and_keeps_what_it_has(tmp_path, s
         stored = _stored_files(small_fs / "data")
         ok = [d for d, s in zip(datasets, statuses) if s == 0]
         assert len(stored) == len(ok)  # no partial file under a real name
-        from pacsbridge.shared.records import read_header
+        from pacsbridge.shared.index.records import read_header
 
         for p in stored:
             read_header(p.read_bytes(), str(p))  # complete
@@ -365,7 +365,7 @@ def test_read_only_storage_answers_out_of_resources(tmp_path, small_fs):
 
 
 def read_header_ok(path: Path) -> bool:
-    from pacsbridge.shared.records import read_header
+    from pacsbridge.shared.index.records import read_header
 
     return bool(read_header(path.read_bytes(), str(path)).sop_instance_uid)
 
@@ -393,7 +393,8 @@ def test_chunked_mode_stores_and_indexes(tmp_path):
 def test_configured_nodes_may_store_from_their_own_address(tmp_path):
     """A PACS registered as a node sends C-MOVE sub-operations as its own AE: allowed, from its host."""
     from pacsbridge.listener.peers import parse_peers, with_nodes
-    from pacsbridge.shared.jobs import JobStore, Node
+    from pacsbridge.shared.jobs.store import JobStore
+    from pacsbridge.shared.dicom.node import Node
 
     peers = with_nodes(parse_peers("SENDER"), [("PACS", "127.0.0.1"), ("GHOST", "no-such-host.invalid")])
     assert peers.allows("PACS", "127.0.0.1") and not peers.allows("PACS", "10.0.0.9")
@@ -422,7 +423,7 @@ def test_configured_nodes_may_store_from_their_own_address(tmp_path):
         ctx.index.engine.dispose()
 
 
-# -- the waiting reactors (shared/reactor.py) ----------------------------------------------
+# -- the waiting reactors (shared/dicom/reactor.py) ----------------------------------------------
 @pytest.mark.parametrize("reactor", ["wait", "poll"])
 def test_short_associations_interleaved_with_a_long_one_lose_nothing(tmp_path, reactor):
     """Many small associations come and go while a long one runs, in both reactor modes: every instance
@@ -463,7 +464,7 @@ def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
-    from pacsbridge.shared.records import read_header
+    from pacsbridge.shared.index.records import read_header
 
     files = [make_instance(tmp_path / "big" / f"{i}.dcm", rows=512) for i in range(60)]
     sender = subprocess.Popen(["storescu", "-aet", "SENDER", "-aec", "PACSBRIDGE", "127.0.0.1", str(stack.port),
@@ -512,7 +513,7 @@ def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_pa
     from pacsbridge.listener.handlers import StoreHandlers
     from pacsbridge.listener.peers import parse_peers
     from pacsbridge.listener.server import make_ae
-    from pacsbridge.shared.storage import Storage
+    from pacsbridge.shared.index.storage import Storage
 
     calls: list[str] = []
     for name in ("_recv_c_store_rq", "_send_c_store_rq"):  # the listener's side, the sender's side

@@ -15,13 +15,14 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
-from pacsbridge.shared import push as pushmod
-from pacsbridge.shared import runner
-from pacsbridge.shared.context import open_context
-from pacsbridge.shared.importer import Importer
-from pacsbridge.shared.jobs import JobStore, Node
-from pacsbridge.shared.jobspec import validate
-from pacsbridge.shared.selection import resolve
+from pacsbridge.worker.kinds import push as pushmod
+from pacsbridge.worker import runner
+from pacsbridge.shared.index.context import open_context
+from pacsbridge.shared.index.importer import Importer
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.jobs.spec import validate
+from pacsbridge.worker.selection import resolve
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc, free_port
@@ -266,7 +267,7 @@ def test_a_file_missing_from_storage_is_reported_not_skipped(pctx, jobs, tmp_pat
 
 # -- through the real worker process ------------------------------------------------
 def test_push_job_runs_in_the_real_worker(tmp_path):
-    from pacsbridge.shared.celeryapp import RUN_JOB_TASK, make_celery
+    from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK, make_celery
 
     from .test_listener import Stack
 
@@ -345,13 +346,13 @@ def test_parallel_associations_stay_within_the_node_limit_and_cancel_stops_betwe
         scp.close()
 
 
-# -- the lean C-STORE path (shared/sender.py) --------------------------------------------
+# -- the lean C-STORE path (shared/dicom/sender.py) --------------------------------------------
 def test_fast_command_set_is_pynetdicoms_encoding():
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from pacsbridge.shared import sender
+    from pacsbridge.shared.dicom import sender
 
     for sop_class, sop, msg_id in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", 7),
                                    ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.56", 65535)]:
@@ -366,7 +367,7 @@ def test_fast_command_set_is_pynetdicoms_encoding():
 
 
 def test_fast_pdus_fragment_like_pynetdicom():
-    from pacsbridge.shared import sender
+    from pacsbridge.shared.dicom import sender
 
     data = memoryview(bytes(range(256)) * 100)  # 25,600 bytes
     out = sender.pdus(3, b"CMD!", data, 4096)
@@ -384,7 +385,7 @@ def test_fast_pdus_fragment_like_pynetdicom():
 @pytest.mark.parametrize("max_pdu", [4096, 0])
 def test_fast_path_sends_each_file_byte_for_byte_and_counts_every_series(pctx, jobs, tmp_path, max_pdu):
     """Several series over 3 parallel associations into a peer with small or unlimited PDUs."""
-    from pacsbridge.shared import sender
+    from pacsbridge.shared.dicom import sender
 
     series = [generate_uid() for _ in range(3)]
     for i in range(30):
@@ -531,7 +532,7 @@ def test_sender_processes_give_exact_counts_and_a_killed_one_reports_what_it_hel
 def test_fast_file_meta_reads_what_pydicom_reads(tmp_path):
     from pydicom.filereader import read_file_meta_info
 
-    from pacsbridge.shared import sender
+    from pacsbridge.shared.dicom import sender
 
     names = MIXED + ["MR_small_bigendian.dcm", "emri_small_big_endian.dcm", "no_meta.dcm", "rtplan.dcm"]
     for name in names:

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from sqlalchemy import text
 
-from pacsbridge.shared.importer import Importer
+from pacsbridge.shared.index.importer import Importer
 
 from .helpers import make_instance
 from .test_api import api_settings, app, client  # noqa: F401 (fixtures)
@@ -68,7 +68,7 @@ def test_a_refused_instance_is_isolated_recorded_and_skipped(ctx, tmp_path):
     it is recorded (quarantine, index_failed, with the database's reason), the reconciler does
     not queue it again, rebuild reports and skips it, and indexes it once the database takes it."""
     from pacsbridge.listener.server import reconcile_once
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     from .servers import ThrowawayRedis
 
@@ -146,7 +146,7 @@ def test_the_api_and_metrics_show_and_resolve_a_refused_instance(client, ctx, tm
 
 # -- item 5: one UID, two patients -------------------------------------------------------------
 def _context(settings, duplicates):
-    from pacsbridge.shared.context import open_context
+    from pacsbridge.shared.index.context import open_context
 
     ctx = open_context(settings.with_(duplicates=duplicates))
     ctx.index.create()
@@ -175,7 +175,7 @@ def _patient_b(folder: Path, a, level: str):
 def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, level, duplicates):
     """Patient B's instance sharing A's Study / Series / SOP Instance UID took over A's rows (a repack
     of B exported A's image, one of A found nothing), and each re-index flipped them back and forth."""
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     ctx = _context(settings, duplicates)
     try:
@@ -193,7 +193,7 @@ def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, leve
         assert ctx.storage.absolute(entry["relpath"]).is_file()
         # a selection of B (what repack and push resolve) finds nothing, one of A finds A's two
         # files, with A's own data
-        from pacsbridge.shared.selection import resolve
+        from pacsbridge.worker.selection import resolve
 
         assert resolve(ctx.index, ctx.storage, {"PatientID": "PATB"}).instances == []
         study = resolve(ctx.index, ctx.storage, {"StudyInstanceUID": a1.StudyInstanceUID}).instances
@@ -222,7 +222,7 @@ def test_a_uid_of_two_patients_is_set_aside_never_mixed(settings, tmp_path, leve
 def test_a_conflict_inside_one_batch_and_a_lost_entry(ctx, tmp_path):
     """Two patients in one batch (the worker's task): the later one is set aside. The quarantine area
     is storage's: a rebuild on a new database records what it holds, and indexes none of it."""
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     a = make_instance(tmp_path / "in" / "a.dcm", PatientID="PATA")
     make_instance(tmp_path / "in" / "b.dcm", PatientID="PATB", StudyInstanceUID=a.StudyInstanceUID)
@@ -250,7 +250,7 @@ def test_an_admin_resolves_uid_conflicts_each_audited(client, ctx, tmp_path, cap
     discard; who and when are in the entry and the log; a rebuild afterwards gives the same index."""
     import logging
 
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     from .test_api import assert_error, auth
 
@@ -352,8 +352,8 @@ def test_through_the_listener_and_a_worker_on_postgresql(tmp_path, pg_url):
     """The reported case, end to end: instances stored over DICOM (acknowledged), a NUL in two of
     them and a UID of another patient in one; the worker on the real PostgreSQL indexes every normal
     instance, sets the conflicting one aside, and the reconciler queues nothing again."""
-    from pacsbridge.shared.context import open_context
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     from .servers import ThrowawayRedis
     from .test_listener import Stack, indexed_sops, storescu
@@ -395,9 +395,9 @@ def test_two_workers_indexing_two_patients_of_one_study_at_once(tmp_path, db_url
     exactly one patient is indexed under the study, the other is set aside, every round."""
     import threading
 
-    from pacsbridge.shared.config import Settings
-    from pacsbridge.shared.context import open_context
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     settings = Settings(database_url=db_url, storage=tmp_path / "data", fsync=False)
     ctxs = [open_context(settings) for _ in range(2)]
@@ -441,7 +441,7 @@ def test_a_stored_file_that_is_not_an_instance_is_recorded_not_queued_for_ever(c
     """A file in storage the worker rejects (truncated, not DICOM, a stray dot file now that the walk
     sees dot names) is recorded once; the reconciler then leaves it alone."""
     from pacsbridge.listener.server import reconcile_once
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     from .servers import ThrowawayRedis
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacsbridge.shared import runner
-from pacsbridge.shared.context import open_context
-from pacsbridge.shared.errors import Conflict, InvalidRequest
-from pacsbridge.shared.importer import Importer
-from pacsbridge.shared.jobs import JobStore, SeriesProgress
-from pacsbridge.shared.jobspec import validate
-from pacsbridge.shared.selection import resolve
+from pacsbridge.worker import runner
+from pacsbridge.shared.index.context import open_context
+from pacsbridge.shared.core.errors import Conflict, InvalidRequest
+from pacsbridge.shared.index.importer import Importer
+from pacsbridge.shared.jobs.store import JobStore, SeriesProgress
+from pacsbridge.shared.jobs.spec import validate
+from pacsbridge.worker.selection import resolve
 
 from .helpers import make_instance
 

@@ -17,10 +17,14 @@ from typing import Iterator
 
 import pytest
 
-from pacsbridge.shared import retrieve, runner, stable
-from pacsbridge.shared.celeryapp import RUN_JOB_TASK, make_celery
-from pacsbridge.shared.context import Context, open_context
-from pacsbridge.shared.jobs import JobStore, Node
+from pacsbridge.shared.nodes import sources
+from pacsbridge.worker.kinds import retrieve
+from pacsbridge.worker import runner
+from pacsbridge.worker import stable
+from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK, make_celery
+from pacsbridge.shared.index.context import Context, open_context
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.dicom.node import Node
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc
@@ -349,7 +353,7 @@ def test_series_in_parallel_exact_counts_and_one_failing_series_reported(tmp_pat
         folder.mkdir(parents=True)
         (folder / broken_uid).write_text("not a folder")
 
-        from pacsbridge.shared.throttle import NodeSlots
+        from pacsbridge.shared.nodes.throttle import NodeSlots
 
         slots = NodeSlots(ctx.index.engine, jobs.get_node("pacs"), "probe")
         held: list[int] = []
@@ -505,12 +509,12 @@ def test_a_c_get_peer_that_ignores_c_cancel_is_aborted(ctx, tmp_path):
             cancel.set()
 
         threading.Thread(target=cancel_after_two, daemon=True).start()
-        ref = retrieve.SeriesRef(study_uid=str(files[0].StudyInstanceUID), series_uid=series, expected=30)
-        transfer = retrieve.GetDownloader(node, ctx.settings.ae_title, ctx).fetch(ref, None, cancel)
+        ref = sources.SeriesRef(study_uid=str(files[0].StudyInstanceUID), series_uid=series, expected=30)
+        transfer = sources.GetDownloader(node, ctx.settings.ae_title, ctx).fetch(ref, None, cancel)
         took = time.monotonic() - asked[0]
     finally:
         server.shutdown()
-    assert took < retrieve.CANCEL_GRACE + 1.5, took
+    assert took < sources.CANCEL_GRACE + 1.5, took
     assert transfer.error == "cancelled", transfer
     assert any(cancelled_seen), "the peer never saw our C-CANCEL"
     assert 2 <= len(transfer.stored) <= 14, len(transfer.stored)
@@ -568,7 +572,7 @@ def test_c_get_sub_operations_the_node_cannot_send_say_why_and_suggest_c_move(ct
     """Offered only uncompressed syntaxes (what our C-GET did for every SOP class), Orthanc fails the
     JPEG 2000 sub-operations: the job says which instances, why, and to try C-MOVE."""
     files = _j2k_patient(tmp_path / "src")
-    monkeypatch.setattr(retrieve, "GET_COMPRESSED", ())
+    monkeypatch.setattr(sources, "GET_COMPRESSED", ())
     pacs = Orthanc(tmp_path / "orthanc", modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)}).start()
     try:
         pacs.upload(files)

@@ -12,9 +12,10 @@ import time
 import pytest
 from sqlalchemy import update
 
-from pacsbridge.shared import runner
-from pacsbridge.shared.jobs import JobStore, jobs_table
-from pacsbridge.shared.runner import Outcome
+from pacsbridge.worker import runner
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.core.schema import jobs_table
+from pacsbridge.worker.outcome import Outcome
 
 #: What the stand-in body saw, per test.
 CALLS: list[str] = []
@@ -37,7 +38,7 @@ def jobs(ctx) -> JobStore:
 def stand_in(monkeypatch):
     CALLS.clear()
     RELEASE.clear()
-    monkeypatch.setitem(runner.RUNNERS, "import", f"{__name__}:waiting_body")
+    monkeypatch.setitem(runner.RUNNERS, "import", waiting_body)
     monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.1)
     yield CALLS
 
@@ -103,8 +104,7 @@ def test_a_database_error_in_a_job_still_propagates_for_the_task_retry(ctx, jobs
     def broken(job, ctx, jobs, cancel):
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
 
-    monkeypatch.setitem(runner.RUNNERS, "import", f"{__name__}:_broken")
-    monkeypatch.setitem(globals(), "_broken", broken)
+    monkeypatch.setitem(runner.RUNNERS, "import", broken)
     job, _ = jobs.submit("import", {"path": "x"})
     with pytest.raises(OperationalError):
         runner.run_job(job.id, ctx, jobs, worker="A")

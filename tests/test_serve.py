@@ -248,7 +248,7 @@ def test_demo_accepts_dcmtk_and_pynetdicom_defaults_then_stops_quickly_and_clean
 
 def test_any_ae_from_an_address_is_that_address_only():
     from pacsbridge.listener.peers import parse_peers, with_nodes
-    from pacsbridge.shared.errors import ConfigError
+    from pacsbridge.shared.core.errors import ConfigError
 
     peers = parse_peers("*@127.0.0.1,PACS@10.1.2.3")
     assert peers.allows("ECHOSCU", "127.0.0.1") and peers.allows("PACS", "127.0.0.1")

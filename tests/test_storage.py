@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from pacsbridge.shared.errors import ConfigError, StorageError, UnsafePath
-from pacsbridge.shared.storage import PRESETS, Storage, Template, clean_component
+from pacsbridge.shared.core.errors import ConfigError, StorageError, UnsafePath
+from pacsbridge.shared.index.storage import PRESETS, Storage, Template, clean_component
 
 from .helpers import make_instance
 
@@ -184,7 +184,7 @@ def test_drop_cache_needs_fsync(tmp_path):
 
 
 def test_drop_cache_setting():
-    from pacsbridge.shared.config import load_settings
+    from pacsbridge.shared.core.config import load_settings
 
     assert load_settings({}).drop_cache is True
     assert load_settings({"PACSBRIDGE_DROP_CACHE": "0"}).drop_cache is False
@@ -195,7 +195,7 @@ def test_drop_cache_setting():
 def test_header_reads_of_the_indexer_do_not_read_ahead(tmp_path):
     # the indexer reads a stored file's header only; without MADV_RANDOM each first touch of the
     # mapping read the kernel's read-around window (128 kB) from disk into fresh cache pages
-    from pacsbridge.shared.importer import Source, _read
+    from pacsbridge.shared.index.importer import Source, _read
 
     storage = Storage(tmp_path / "root", fsync=True, drop_cache=True)
     storage.ensure()
@@ -228,8 +228,8 @@ def test_header_reads_of_the_indexer_do_not_read_ahead(tmp_path):
 def test_unbounded_or_broken_templates_are_refused_when_made(template):
     import time
 
-    from pacsbridge.shared.errors import InvalidRequest
-    from pacsbridge.shared.jobspec import validate
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.jobs.spec import validate
 
     t0 = time.monotonic()
     with pytest.raises(ConfigError):
@@ -270,7 +270,7 @@ def test_a_cleaned_name_never_starts_with_a_dot(value):
 
 def test_rebuild_prune_and_the_reconciler_see_dot_named_patients(ctx, tmp_path):
     from pacsbridge.listener.server import reconcile_once
-    from pacsbridge.shared.importer import Importer
+    from pacsbridge.shared.index.importer import Importer
 
     from .servers import ThrowawayRedis
 

@@ -145,7 +145,7 @@ def test_a_webhook_to_an_allowed_destination_is_accepted(api_settings, receiver,
 
 
 def test_a_malformed_allow_list_stops_the_api(api_settings):  # noqa: F811
-    from pacsbridge.shared.errors import ConfigError
+    from pacsbridge.shared.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="PACSBRIDGE_WEBHOOK_ALLOW"):
         _app(api_settings, "10.0.0.0/33")
@@ -153,7 +153,7 @@ def test_a_malformed_allow_list_stops_the_api(api_settings):  # noqa: F811
 
 # -- at send time -------------------------------------------------------------------------------
 def test_send_checks_the_resolved_address_and_follows_no_redirect(receiver):
-    from pacsbridge.shared import webhooks
+    from pacsbridge.shared.jobs import webhooks
 
     port = receiver.server_address[1]
     policy = webhooks.Policy.parse("localhost")  # a listed name that resolves to loopback (a rebinding)
@@ -182,7 +182,7 @@ def test_https_goes_to_the_checked_address_and_checks_the_certificate_against_th
     import ssl
     import subprocess
 
-    from pacsbridge.shared import webhooks
+    from pacsbridge.shared.jobs import webhooks
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",

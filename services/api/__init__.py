@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from pacsbridge.shared.config import Settings, load_settings
+from pacsbridge.shared.core.config import Settings, load_settings
 
 __all__ = ["create_app", "API_PREFIX", "MAX_BODY"]
 
@@ -32,7 +32,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     Parameters
     ----------
     test_config : Mapping, optional
-        Flask config overrides; ``SETTINGS`` (a :class:`~pacsbridge.shared.config.Settings`)
+        Flask config overrides; ``SETTINGS`` (a :class:`~pacsbridge.shared.core.config.Settings`)
         replaces the settings read from the environment.
 
     Raises

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, TypeVar
 
 from flask import current_app, g, request
 
-from pacsbridge.shared.errors import ConfigError
+from pacsbridge.shared.core.errors import ConfigError
 
 from .errors import ApiError
 

@@ -31,8 +31,8 @@ from pydicom.datadict import keyword_for_tag
 from sqlalchemy import and_, func, or_, select
 from werkzeug.security import safe_join
 
-from pacsbridge.shared.errors import InvalidRequest, NotFound, UnsafePath
-from pacsbridge.shared.index import Index
+from pacsbridge.shared.core.errors import InvalidRequest, NotFound, UnsafePath
+from pacsbridge.shared.index.conquest import Index
 
 from .params import check_known, paging
 from .state import state

@@ -6,7 +6,7 @@
     {"error": {"status": 400, "message": "expected a string", "field": "PatientID", "path": "..."}}
 
 ``field`` appears when one input field is to blame. Flask's own errors (404,
-405, 413, 415, malformed JSON) and :class:`~pacsbridge.shared.errors.PacsbridgeError`
+405, 413, 415, malformed JSON) and :class:`~pacsbridge.shared.core.errors.PacsbridgeError`
 subclasses take the same shape:
 
 =======================  ======
@@ -28,7 +28,7 @@ from flask import Flask, Response, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from pacsbridge.shared.errors import (Conflict, ConfigError, DimseError, InvalidRequest, NotFound,
+from pacsbridge.shared.core.errors import (Conflict, ConfigError, DimseError, InvalidRequest, NotFound,
                                       PacsbridgeError, QueryError)
 
 __all__ = ["error_response", "register", "ApiError", "STATUS_OF"]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pacsbridge.shared.index import ping
+from pacsbridge.shared.index.conquest import ping
 
 from .auth import requires
 from .state import state

@@ -1,6 +1,6 @@
 """``/api/v1/jobs``: submit, list, read, cancel and retry jobs (rows of ``pacsbridge_jobs``).
 
-``POST /jobs`` validates the body (:func:`pacsbridge.shared.jobspec.validate`),
+``POST /jobs`` validates the body (:func:`pacsbridge.shared.jobs.spec.validate`),
 writes a queued row and sends its id to the workers. It answers
 
 - ``202 {"id", "path", "state", "created": true, "enqueued": ...}`` for a new job;
@@ -23,9 +23,9 @@ from typing import Any
 
 from flask import Blueprint, g
 
-from pacsbridge.shared import jobspec
-from pacsbridge.shared.errors import InvalidRequest
-from pacsbridge.shared.jobs import FINISHED, KINDS, STATES, Job
+from pacsbridge.shared.jobs import spec as jobspec
+from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.jobs.store import FINISHED, KINDS, STATES, Job
 
 from .auth import requires
 from .params import check_known, json_object, paging, since_arg

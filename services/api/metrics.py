@@ -24,8 +24,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from pacsbridge.shared.jobs import STATES, jobs_table
-from pacsbridge.shared.quarantine import Quarantine
+from pacsbridge.shared.jobs.store import STATES
+from pacsbridge.shared.core.schema import jobs_table
+from pacsbridge.shared.index.quarantine import Quarantine
 
 __all__ = ["init_app"]
 

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 from flask import Blueprint, Response
 
-from pacsbridge.shared.errors import Conflict, DimseError, InvalidRequest
-from pacsbridge.shared.jobs import Node
-from pacsbridge.shared.query import Query
+from pacsbridge.shared.core.errors import Conflict, DimseError, InvalidRequest
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.dicom.query import Query
 
 from .auth import requires
 from .params import check_known, json_object
@@ -109,7 +109,7 @@ def delete_node(name: str) -> Response:
 @requires("user")
 def echo(name: str) -> dict[str, Any]:
     """C-ECHO the node; a failure is a 502 with the reason, within :data:`ECHO_SECONDS` + 2 s."""
-    from pacsbridge.shared import dimse
+    from pacsbridge.shared.dicom import dimse
 
     check_known(())
     st = state()
@@ -123,7 +123,7 @@ def echo(name: str) -> dict[str, Any]:
 @requires("user")
 def query(name: str) -> dict[str, Any]:
     """C-FIND on the node at the level of the body's query (default ``study``)."""
-    from pacsbridge.shared import dimse
+    from pacsbridge.shared.dicom import dimse
 
     check_known(())
     st = state()

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint
 
 from pacsbridge import __version__
-from pacsbridge.shared.jobs import KINDS, STATES
+from pacsbridge.shared.jobs.store import KINDS, STATES
 
 from .auth import requires
 from .browse import FILTERS

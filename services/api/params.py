@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
 
-from pacsbridge.shared.errors import InvalidRequest
+from pacsbridge.shared.core.errors import InvalidRequest
 
 __all__ = ["json_object", "paging", "check_known", "check_text", "int_arg", "since_arg", "MAX_LIMIT",
            "DEFAULT_LIMIT"]

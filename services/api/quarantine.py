@@ -3,7 +3,7 @@
 ``GET /quarantine`` lists entries newest first (``reason``, ``resolved``, paging),
 ``GET /quarantine/<id>`` reads one, ``POST /quarantine/<id>/resolve``
 ``{"decision": ...}`` (role ``admin``) carries a decision out; the token's name
-and the time are kept in the entry and logged. See :mod:`pacsbridge.shared.quarantine`.
+and the time are kept in the entry and logged. See :mod:`pacsbridge.shared.index.quarantine`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from pacsbridge.shared.errors import InvalidRequest
-from pacsbridge.shared.quarantine import REASONS, Quarantine, UnknownQuarantine, resolve
+from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.index.conflicts import resolve
+from pacsbridge.shared.index.quarantine import REASONS, Quarantine, UnknownQuarantine
 
 from .auth import requires
 from .params import check_known, json_object, paging

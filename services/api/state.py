@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import current_app
 
-from pacsbridge.shared import webhooks
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.context import Context, open_context
-from pacsbridge.shared.jobs import Job, JobStore
+from pacsbridge.shared.jobs import webhooks
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.index.context import Context, open_context
+from pacsbridge.shared.jobs.store import Job, JobStore
 
 from .auth import Token, parse_tokens
 
@@ -38,7 +38,7 @@ class ApiState:
         """The process's one Celery app (made on first use)."""
         with self._lock:
             if self._celery is None:
-                from pacsbridge.shared.celeryapp import make_celery
+                from pacsbridge.shared.core.celeryapp import make_celery
 
                 self._celery = make_celery(self.settings)
             return self._celery
@@ -46,7 +46,7 @@ class ApiState:
     def enqueue(self, job: Job) -> bool:
         """Send ``run_job(job.id)`` to the workers. False (logged) if the broker is unreachable:
         the row stays queued and the workers' sweeper picks it up later."""
-        from pacsbridge.shared.celeryapp import RUN_JOB_TASK
+        from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK
 
         try:
             self.celery.send_task(RUN_JOB_TASK, [job.id], retry=True,

@@ -3,7 +3,7 @@
 The hot path never decodes the data set: what the peer sends is kept in memory,
 or for a large instance written to a temporary file inside the storage's
 ``.incoming`` folder as it arrives (spool.py);
-:func:`~pacsbridge.shared.records.read_header` reads the few attributes the file
+:func:`~pacsbridge.shared.index.records.read_header` reads the few attributes the file
 name needs (and checks the file is complete), the file is written (or the
 spooled one fsynced) and linked into place, and only then is success (0x0000)
 returned. The path is then queued for indexing.
@@ -23,15 +23,15 @@ from typing import Any, Callable
 from prometheus_client import Counter
 from pydicom.datadict import tag_for_keyword
 
-from pacsbridge.shared.errors import InvalidDataset, StorageError
-from pacsbridge.shared.filemeta import encoded_instance
-from pacsbridge.shared.records import read_header
-from pacsbridge.shared.storage import Storage
+from pacsbridge.shared.core.errors import InvalidDataset, StorageError
+from pacsbridge.shared.dicom.filemeta import encoded_instance
+from pacsbridge.shared.index.records import read_header
+from pacsbridge.shared.index.storage import Storage
 
 from .peers import Peers
 from .queue import Batcher
 from .spool import Spool, install as install_spool
-from pacsbridge.shared.reactor import bounded_reads, install as install_reactor, quiet, tune
+from pacsbridge.shared.dicom.reactor import bounded_reads, install as install_reactor, quiet, tune
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 

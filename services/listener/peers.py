@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import NamedTuple
 
-from pacsbridge.shared.errors import ConfigError
+from pacsbridge.shared.core.errors import ConfigError
 
 __all__ = ["Peers", "parse_peers", "with_nodes", "ANY_AE"]
 

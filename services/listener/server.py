@@ -23,9 +23,9 @@ import threading
 import time
 from typing import Any
 
-from pacsbridge.shared.config import Settings
-from pacsbridge.shared.errors import ConfigError
-from pacsbridge.shared.storage import Storage
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.core.errors import ConfigError
+from pacsbridge.shared.index.storage import Storage
 
 from .peers import ANY_AE, parse_peers
 from .queue import Batcher
@@ -188,7 +188,7 @@ def listening_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
 
 
 def make_sender(settings: Settings) -> Any:
-    from pacsbridge.shared.celeryapp import INDEX_TASK, make_celery
+    from pacsbridge.shared.core.celeryapp import INDEX_TASK, make_celery
 
     app = make_celery(settings)
     # Import the broker's transport and build the producer pool now, not in the first batch: in a
@@ -218,7 +218,7 @@ def spool_above() -> int:
 def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None,
                   slots: PeerSlots | None = None) -> None:
     """One receiver: serve until SIGTERM, then flush the queue."""
-    from pacsbridge.shared.memtune import tune_malloc
+    from pacsbridge.shared.core.memtune import tune_malloc
 
     from .handlers import StoreHandlers, load_callback
 
@@ -261,8 +261,8 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
 
     A database outage keeps the last known list (and the static one from the start).
     """
-    from pacsbridge.shared.db import make_engine
-    from pacsbridge.shared.jobs import JobStore
+    from pacsbridge.shared.core.db import make_engine
+    from pacsbridge.shared.jobs.store import JobStore
 
     from .peers import with_nodes
 
@@ -290,8 +290,8 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
 
 def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
     """Enqueue stored files that are not indexed (older than ``min_age`` seconds). Returns how many."""
-    from pacsbridge.shared.context import open_context
-    from pacsbridge.shared.quarantine import Quarantine
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.shared.index.quarantine import Quarantine
 
     ctx = open_context(settings)
     try:

@@ -32,7 +32,7 @@ import logging
 import os
 from typing import Any, Callable
 
-from pacsbridge.shared.filemeta import PREAMBLE, encode_file_meta
+from pacsbridge.shared.dicom.filemeta import PREAMBLE, encode_file_meta
 
 __all__ = ["Spool", "install", "in_memory_bound"]
 

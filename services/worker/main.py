@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 
-from pacsbridge.shared.config import Settings
+from pacsbridge.shared.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +19,10 @@ RESEND_SECONDS = float(os.environ.get("PACSBRIDGE_JOB_RESEND_SECONDS", "300"))
 
 def sweep_once(settings: Settings, app: object) -> list[str]:
     """Send ``run_job`` for queued jobs never (or long ago) enqueued and for running jobs of dead workers."""
-    from pacsbridge.shared.celeryapp import RUN_JOB_TASK
-    from pacsbridge.shared.db import make_engine
-    from pacsbridge.shared.jobs import JobStore
-    from pacsbridge.shared.runner import HEARTBEAT_SECONDS
+    from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK
+    from pacsbridge.shared.core.db import make_engine
+    from pacsbridge.shared.jobs.store import JobStore
+    from pacsbridge.worker.runner import HEARTBEAT_SECONDS
 
     jobs = JobStore(_engine(settings.database_url, make_engine))
     jobs.create()
@@ -57,9 +57,9 @@ def _sweeper(settings: Settings, app: object, stop: threading.Event) -> None:
 
 
 def _stable_checker(settings: Settings, stop: threading.Event) -> None:
-    """Mark series/studies stable (no new arrival for PACSBRIDGE_STABLE_SECONDS); see shared/stable.py."""
-    from pacsbridge.shared.context import open_context
-    from pacsbridge.shared.stable import check
+    """Mark series/studies stable (no new arrival for PACSBRIDGE_STABLE_SECONDS); see services/worker/stable.py."""
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.worker.stable import check
 
     ctx = open_context(settings)
     while not stop.wait(max(1.0, settings.stable_seconds / 4)):
@@ -81,7 +81,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     queues = getattr(args, "queues", None) or os.environ.get("PACSBRIDGE_WORKER_QUEUES", "all")
     if queues == "all":
         return _supervise(args)
-    from pacsbridge.shared.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
+    from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
 
     # tasks read their settings from the environment: pass on what the command line changed
     os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
@@ -123,7 +123,7 @@ def _supervise(args: argparse.Namespace | None) -> int:
     """
     import sys
 
-    from pacsbridge.shared.supervise import Supervisor
+    from pacsbridge.shared.core.supervise import Supervisor
 
     base = [sys.executable, "-m", "pacsbridge.cli", "worker"]
     extra: dict[str, list[str]] = {"index": [], "jobs": []}

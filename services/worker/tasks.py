@@ -9,12 +9,13 @@ from celery import Task, shared_task
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError, DBAPIError
 
-from pacsbridge.shared.config import load_settings
-from pacsbridge.shared.context import Context, open_context
-from pacsbridge.shared import runner, webhooks
-from pacsbridge.shared.celeryapp import RUN_JOB_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
-from pacsbridge.shared.importer import Importer
-from pacsbridge.shared.jobs import Job, JobStore
+from pacsbridge.shared.core.config import load_settings
+from pacsbridge.shared.index.context import Context, open_context
+from pacsbridge.worker import runner
+from pacsbridge.shared.jobs import webhooks
+from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
+from pacsbridge.shared.index.importer import Importer
+from pacsbridge.shared.jobs.store import Job, JobStore
 
 log = get_task_logger(__name__)
 
@@ -50,7 +51,7 @@ def _jobs() -> JobStore:
 @shared_task(name=RUN_JOB_TASK, autoretry_for=(OperationalError, DBAPIError), retry_backoff=True,
              retry_backoff_max=600, retry_jitter=True, max_retries=None)
 def run_job(job_id: str) -> str | None:
-    """Run one job row (retrieve, push, repack, import); see :mod:`pacsbridge.shared.runner`.
+    """Run one job row (retrieve, push, repack, import); see :mod:`pacsbridge.worker.runner`.
 
     A database outage raises and the task is retried with backoff; the job
     stays ``running`` under this worker's id, which may claim it again.
@@ -73,7 +74,7 @@ def _queue_webhook(job: Job) -> None:
 @shared_task(name=WEBHOOK_TASK, bind=True, autoretry_for=(OperationalError, DBAPIError), retry_backoff=True,
              retry_backoff_max=600, retry_jitter=True, max_retries=None)
 def send_webhook(self: Task, job_id: str) -> str:
-    """POST the finished job to its webhook (see :mod:`pacsbridge.shared.webhooks`).
+    """POST the finished job to its webhook (see :mod:`pacsbridge.shared.jobs.webhooks`).
 
     Runs on its own queue: a slow receiver holds one webhook thread, never a job slot. A
     timeout, refused connection or 5xx is retried with exponential backoff

@@ -1,0 +1,177 @@
+"""The house's import rules (docs/architecture.md), checked on the source: no install, nothing imported.
+
+Every ``import`` counts, also one inside a function or under ``TYPE_CHECKING``: a rule broken lazily is
+broken all the same.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Where each import name lives (pacsbridge/shared etc. are links to these folders).
+FOLDERS = {
+    "pacsbridge.shared": ROOT / "shared",
+    "pacsbridge.listener": ROOT / "services" / "listener",
+    "pacsbridge.worker": ROOT / "services" / "worker",
+    "pacsbridge.api": ROOT / "services" / "api",
+    "pacsbridge": ROOT / "pacsbridge",
+}
+
+#: The layers of ``shared/``, and what each may import (besides itself).
+SHARED_LAYERS = {
+    "core": set(),
+    "dicom": {"core"},
+    "index": {"core", "dicom"},
+    "jobs": {"core", "dicom", "index"},
+    "nodes": {"core", "dicom", "index"},
+}
+SERVICES = ("pacsbridge.listener", "pacsbridge.worker", "pacsbridge.api")
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package, folder in FOLDERS.items():
+        for path in sorted(folder.rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            name = ".".join([package, *parts])
+            if package == "pacsbridge" and path.parent != folder:
+                continue  # pacsbridge/shared and the others: read once, under their own folder
+            found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The pacsbridge modules ``name`` imports (a package import counts as its ``__init__``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    is_package = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # "from package import module" imports that module
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in MODULES else module for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target.startswith("pacsbridge") and target != name:
+                out.add(target)
+    return out
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if module.startswith("pacsbridge.shared.") and len(parts) > 2 else None
+
+
+def test_the_tree_is_read():
+    """The rules below look at something: every layer and service has modules, with imports."""
+    layers = {_layer(m) for m in MODULES}
+    assert set(SHARED_LAYERS) <= layers
+    for service in SERVICES:
+        assert any(m.startswith(service + ".") for m in MODULES), service
+    assert "pacsbridge.worker.kinds.retrieve" in MODULES
+    assert "pacsbridge.shared.nodes.sources" in GRAPH["pacsbridge.worker.kinds.retrieve"]
+    assert GRAPH["pacsbridge"] == set()
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("pacsbridge.shared")))
+def test_shared_imports_only_lower_layers_and_never_a_service(module):
+    layer = _layer(module)
+    allowed = SHARED_LAYERS.get(layer, set()) | ({layer} if layer else set()) if layer else set(SHARED_LAYERS)
+    for target in sorted(GRAPH[module]):
+        assert target.startswith("pacsbridge.shared"), f"{module} imports {target}: shared/ imports no service"
+        target_layer = _layer(target)
+        if target_layer is None:  # the package pacsbridge.shared itself
+            continue
+        assert target_layer in allowed, (
+            f"{module} ({layer}) imports {target} ({target_layer}); {layer} may import {sorted(allowed)}")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(SERVICES)))
+def test_services_import_shared_never_each_other(module):
+    own = next(s for s in SERVICES if module.startswith(s))
+    for target in sorted(GRAPH[module]):
+        # "pacsbridge" alone is the root package's __init__ (its __version__), which imports nothing
+        assert target == "pacsbridge" or target.startswith(("pacsbridge.shared", own)), (
+            f"{module} imports {target}: a service imports pacsbridge.shared and itself only")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    # a package's __init__ importing its own modules is how a package hands names on, not a cycle
+    graph = {m: {t for t in ts if not (m.startswith(t + ".") and MODULES[t].name == "__init__.py")}
+             for m, ts in GRAPH.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_job_kinds_are_registered_not_loaded_by_name():
+    # (the listener's PACSBRIDGE_AFTER_STORE names a user's own callback: that one is loaded by name)
+    for name, path in MODULES.items():
+        if not name.startswith("pacsbridge.worker"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "import_module(" not in text and "__import__(" not in text, path
