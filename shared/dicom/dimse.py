@@ -36,7 +36,8 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (made at import time)
+    StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from pacsbridge.shared.core.errors import DimseError
 from pacsbridge.shared.dicom.reactor import install_on_request

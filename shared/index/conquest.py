@@ -128,19 +128,20 @@ class Index:
         self.schema = schema
         self.dialect = engine.dialect.name
         self.metadata, self.tables = build_metadata(schema, fold=self.dialect == "postgresql")
+        insert: Any
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         elif self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[no-redef]
         else:  # pragma: no cover - make_engine refuses others
             raise IndexError_(f"unsupported database {self.dialect}")
         self._insert = insert
         self._upserts = {level: self._upsert_statement(level) for level in LEVELS}
         st = schema["Study"].by_tag(_STUDY_MODALITY)
         mo = schema["Series"].by_tag(_MODALITY)
-        self._study_modality = st.column if st is not None else None
+        self._study_modality: Any = st.column if st is not None else None
         self._study_modality_len = st.length if st is not None else 0
-        self._series_modality = mo.column if mo is not None else None
+        self._series_modality: Any = mo.column if mo is not None else None
 
     # -- schema -------------------------------------------------------------
     def create(self, force: bool = False) -> None:
@@ -191,13 +192,13 @@ class Index:
     def _upsert_statement(self, level: str) -> Any:
         table = self.tables[level]
         key = self.schema[level].key.column
-        stmt = self._insert(table)
+        stmt: Any = self._insert(table)
         keep_first = {"qTimeStamp", "AccessTime", "qFlags", "qSpare"}
         changes = {c: func.coalesce(stmt.excluded[c.key], c)
                    for c in table.columns if c.key != key and c.key not in keep_first}
-        if level == "Study" and self._study_modality_col(table):
-            # set afterwards from the series, see _update_study_modalities
-            changes.pop(table.c[self._study_modality_col(table)], None)
+        modality = self._study_modality_col(table) if level == "Study" else None
+        if modality:  # set afterwards from the series, see _update_study_modalities
+            changes.pop(table.c[modality], None)
         stmt = stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
         if self.dialect == "postgresql":
             # with RETURNING, SQLAlchemy batches an ON CONFLICT executemany into multi-row
@@ -282,7 +283,7 @@ class Index:
                 return self.record_arrivals(arrivals, own)
         table = self.tables["Arrival"]
         latest = {a["sop_uid"]: a for a in sorted(arrivals, key=lambda a: a["arrived_at"])}
-        stmt = self._insert(table)
+        stmt: Any = self._insert(table)
         stmt = stmt.on_conflict_do_update(
             index_elements=[table.c.sop_uid],
             set_={c: stmt.excluded[c.key] for c in table.columns if c.key != "sop_uid"},
@@ -486,7 +487,7 @@ class Index:
         with self.engine.connect() as conn:
             per = conn.execute(select(ser.c[pid.column], ser.c[mod], func.count())
                                .group_by(ser.c[pid.column], ser.c[mod])).all()
-            images = dict(conn.execute(select(ser.c[pid.column], func.count())
+            images: dict[Any, int] = dict(conn.execute(select(ser.c[pid.column], func.count())
                                        .select_from(img.join(ser, ser.c[skey] == img.c[ilink]))
                                        .group_by(ser.c[pid.column])).all())
         standard = ["CT", "MR", "PT", "RTSTRUCT", "RTDOSE", "RTPLAN"]

@@ -259,7 +259,7 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
     fallback = (f.sop_class, f.transfer_syntax) not in ok
     try:
         if not fallback and fast is not None:
-            rsp = fast.store(inst.path, f.sop_class, inst.sop_uid, f.transfer_syntax)
+            rsp = fast.store(str(inst.path), f.sop_class, inst.sop_uid, f.transfer_syntax)
         elif not fallback:
             rsp = assoc.send_c_store(inst.path)  # as stored: the file is not decoded
         else:  # the peer refused the file's own transfer syntax
@@ -281,7 +281,7 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
                     str(lost(node, assoc, "C-STORE", TIMEOUT)), fallback)
     if code == 0 or code in _WARNINGS or 0xB000 <= code <= 0xBFFF:
         return Sent(inst.sop_uid, inst.series_uid, True, code, "" if code == 0 else describe_status(code), fallback)
-    comment = f": {rsp.ErrorComment}" if "ErrorComment" in rsp else ""
+    comment = f": {rsp.ErrorComment}" if rsp is not None and "ErrorComment" in rsp else ""
     return Sent(inst.sop_uid, inst.series_uid, False, code, f"C-STORE answered {describe_status(code)}{comment}",
                 fallback)
 
@@ -649,7 +649,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
         raise InvalidRequest(f"node {node.name!r} does not accept pushes (allow_store is false)", "node")
     engine = ctx.index.engine
     ensure_table(engine)
-    selection = job.params.get("selection")
+    selection = job.params.get("selection") or {}
     selected = resolve(ctx.index, ctx.storage, selection, jobs)
     if not selected.instances and not selected.rejected:
         raise InvalidRequest(f"no stored instance matches {describe(selection)}", "selection")
