@@ -41,7 +41,7 @@ services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
 
-# The whole suite, then the compose file validated and run for real with Podman (README, Tests)
+# The whole suite, then the compose file validated and run for real with Podman (docs/testing.md)
 test: debs services install-test compose-config
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) compose-test
