@@ -48,6 +48,7 @@ lint: install-test
 	$(VENV)/bin/mypy
 
 # The checks and the whole suite, then the compose file validated and run for real with Podman
+# (docs/testing.md)
 test: debs services install-test lint compose-config
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) compose-test

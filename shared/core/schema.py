@@ -1,4 +1,4 @@
-"""pacsbridge's own tables, declared once (DESIGN.md, contract 3: jobs are rows).
+"""pacsbridge's own tables, declared once (docs/architecture.md, contract 3: jobs are rows).
 
 Beside Conquest's tables (whose columns come from ``dicom.sql``, :mod:`.dicomsql`), prefixed so
 they never clash with a ``dicom.sql``::

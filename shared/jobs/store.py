@@ -1,4 +1,4 @@
-"""Nodes and jobs, kept as rows in the index database (DESIGN.md, contract 3).
+"""Nodes and jobs, kept as rows in the index database (docs/architecture.md, contract 3).
 
 Tables (declared in :mod:`pacsbridge.shared.core.schema`)::
 
