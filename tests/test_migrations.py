@@ -195,3 +195,19 @@ def test_a_user_dicom_sql_with_an_extra_column_migrates(db_url, tmp_path):
         assert conn.execute(text(f"select count(SliceThick) from {table}")).scalar() == 2
         assert conn.execute(select(func.count()).select_from(text(table))).scalar() == 2
     engine.dispose()
+
+
+def test_a_database_migrated_by_a_newer_pacsbridge_is_refused(tmp_path):
+    """A revision this version does not know: refused with a message that says so, nothing changed."""
+    from pacsbridge.shared.core.errors import IndexError_
+
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    ctx = open_context(Settings(database_url=url, storage=tmp_path / "data", fsync=False))
+    ctx.index.create()
+    with ctx.index.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(IndexError_, match="revision 9999.*newer pacsbridge"):
+        ctx.index.create()
+    with ctx.index.engine.connect() as conn:
+        assert migrations.current(conn) == "9999"
+    ctx.index.engine.dispose()

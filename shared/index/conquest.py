@@ -25,7 +25,6 @@ from sqlalchemy import (MetaData, String, Table, bindparam, func, inspect, liter
                         update)
 from sqlalchemy.engine import Connection, Engine
 
-from pacsbridge.shared.core import migrations
 from pacsbridge.shared.core.dicomsql import LEVELS, Schema
 from pacsbridge.shared.core.errors import IndexError_, QueryError
 from pacsbridge.shared.core.schema import arrivals_table, conquest_tables, ident
@@ -97,6 +96,8 @@ class Index:
         arrivals), never the storage, and never the tables of nodes and jobs.
         """
         from sqlalchemy.exc import DBAPIError
+
+        from pacsbridge.shared.core import migrations
 
         index = [*self.metadata.sorted_tables, arrivals_table]
         for attempt in range(5):

@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from alembic import command
-from alembic.config import Config
-from alembic.operations import Operations
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Table, inspect, text
 from sqlalchemy.engine import Connection
 
-__all__ = ["SCRIPTS", "VERSION_TABLE", "config", "head", "current", "upgrade", "complete"]
+from pacsbridge.shared.core.errors import IndexError_
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where it is used: importing the index (every command, every worker child)
+# does not pay for it, only a start that migrates or checks the revision.
+
+__all__ = ["SCRIPTS", "VERSION_TABLE", "config", "head", "revisions", "current", "upgrade", "complete"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ _LOCK_KEY = 0x7061637362726467
 
 def config(conn: Connection | None = None) -> Config:
     """Alembic's configuration, without a file; ``conn`` is the connection ``env.py`` migrates."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPTS)
     cfg.set_main_option("file_template", "r%%(rev)s_%%(slug)s")
@@ -60,9 +65,19 @@ def config(conn: Connection | None = None) -> Config:
 @functools.cache
 def head() -> str:
     """The newest revision."""
+    from alembic.script import ScriptDirectory
+
     found = ScriptDirectory.from_config(config()).get_current_head()
     assert found is not None, "no revision under migrations/versions"
     return found
+
+
+@functools.cache
+def revisions() -> frozenset[str]:
+    """Every revision this pacsbridge knows."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(s.revision for s in ScriptDirectory.from_config(config()).walk_revisions())
 
 
 def current(conn: Connection) -> str | None:
@@ -97,11 +112,16 @@ def upgrade(conn: Connection, tables: Sequence[Table] = (), drop: Iterable[Table
     done: list[str] = []
     was = current(conn)
     if was != head():
+        if was is not None and was not in revisions():
+            raise IndexError_(f"the database is at revision {was}, which this pacsbridge does not know (it knows "
+                              f"up to {head()}): a newer pacsbridge migrated it; run that version")
         if was is None:
             ours = [n for n in inspect(conn).get_table_names() if n.lower().startswith("pacsbridge_")]
             if ours:
                 log.warning("the database was made before migrations (%d pacsbridge tables, no %s): its tables "
                             "and rows are kept, what is missing is added", len(ours), VERSION_TABLE)
+        from alembic import command
+
         command.upgrade(config(conn), "head")
         done.append(f"migrated from {was or 'nothing'} to {head()}")
         log.info("database migrated from %s to %s", was or "nothing", head())
@@ -121,7 +141,7 @@ def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
         return done
     insp = inspect(conn)
     present = {n.lower(): n for n in insp.get_table_names()}
-    ops: Operations | None = None
+    ops: Any = None
     for table in tables:
         name = present.get(str(table.name).lower())
         if name is None:
@@ -129,16 +149,20 @@ def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
             done.append(f"created {table.name}")
             continue
         have = {c["name"].lower() for c in insp.get_columns(name)}
-        lacking = set()
+        lacking: set[str] = set()  # key columns of another key than the table was made with
         for column in table.columns:
             if column.name.lower() in have:
                 continue
             if column.primary_key:
-                lacking.add(column.name.lower())  # another key than the one the table was made with: leave it to --force
+                lacking.add(column.name.lower())
                 log.warning("%s has no column %s, the key of this dicom.sql: `pacsbridge init --force` and "
                             "`pacsbridge rebuild` remake the index", name, column.name)
                 continue
-            ops = ops or Operations(MigrationContext.configure(conn))
+            if ops is None:
+                from alembic.operations import Operations
+                from alembic.runtime.migration import MigrationContext
+
+                ops = Operations(MigrationContext.configure(conn))
             ops.add_column(name, Column(column.name, column.type, nullable=True))
             done.append(f"added {name}.{column.name}")
         indexes = {str(ix["name"]).lower() for ix in insp.get_indexes(name)}
