@@ -3,7 +3,9 @@
 The jobs and nodes, the throttles' leases and rates, stable detection, the arrivals, and the push
 instances (which that version made at run time, when a worker first pushed). Each table is created
 only if missing, so a database made before the migrations keeps what it has (docs/migrations.md).
-Frozen: a later change is a new revision, never an edit here.
+Frozen: a later change is a new revision, never an edit here. Each of these tables kept the columns
+of its first commit until 9650286 (``git log -S``), so creating what is missing brings any earlier
+database to this revision too.
 
 Revision ID: 0001
 Revises:
