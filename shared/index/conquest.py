@@ -118,7 +118,8 @@ class Index:
         return self.schema["Image"].table.lower() in names
 
     def check_columns(self) -> list[str]:
-        """Columns the schema defines but the database lacks (an old dicom.sql)."""
+        """Columns the schema defines but the database lacks (an old dicom.sql): none after :meth:`create`,
+        which adds them, except a key column of another dicom.sql (``init --force`` and ``rebuild``)."""
         insp = inspect(self.engine)
         missing = []
         for level in LEVELS:
