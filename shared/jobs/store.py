@@ -32,7 +32,8 @@ from sqlalchemy import and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
-from pacsbridge.shared.core.schema import COUNTERS, jobs_table, metadata, nodes_table, series_table, upgrade
+from pacsbridge.shared.core import migrations
+from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, series_table
 from pacsbridge.shared.dicom.node import Node
 
 __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FINISHED", "KINDS",
@@ -146,10 +147,9 @@ class JobStore:
         self.engine = engine
 
     def create(self) -> None:
-        """Create the tables if missing, and their newer columns (idempotent)."""
+        """Bring pacsbridge's tables to the current schema (the migrations; idempotent)."""
         with self.engine.begin() as conn:
-            metadata.create_all(conn, checkfirst=True)
-            upgrade(conn)
+            migrations.upgrade(conn)
 
     # -- nodes --------------------------------------------------------------
     def add_node(self, node: Node) -> Node:

@@ -54,7 +54,6 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import and_, delete, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.dicom.dimse import associate, describe_status, lost
@@ -63,7 +62,6 @@ from pacsbridge.shared.core.errors import DimseError, InvalidRequest
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
-from pacsbridge.shared.core.schema import metadata as jobs_metadata
 from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.worker.selection import Instance, describe, resolve
 from pacsbridge.shared.dicom.sender import FastStore, SendFailed, file_meta
@@ -134,14 +132,6 @@ class PushReport:
     cancelled: bool = False
     per_series: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: float = 0.0
-
-
-def ensure_table(engine: Engine) -> None:
-    """Create ``pacsbridge_push_instances`` if missing (two workers at once are fine)."""
-    try:
-        jobs_metadata.create_all(engine, checkfirst=True)
-    except DBAPIError:  # created by another worker between the check and the CREATE
-        jobs_metadata.create_all(engine, checkfirst=True)
 
 
 def acknowledged(engine: Engine, job_id: str) -> set[str]:
@@ -648,7 +638,6 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     if not node.allow_store:
         raise InvalidRequest(f"node {node.name!r} does not accept pushes (allow_store is false)", "node")
     engine = ctx.index.engine
-    ensure_table(engine)
     selection = job.params.get("selection") or {}
     selected = resolve(ctx.index, ctx.storage, selection, jobs)
     if not selected.instances and not selected.rejected:
