@@ -116,7 +116,7 @@ def test_the_waiting_reactor_never_takes_a_response_meant_for_a_send(monkeypatch
     import queue as queue_mod
     from types import SimpleNamespace
 
-    from pacsbridge.shared.dicom import reactor
+    from pacsbridge.shared.dicom.compat import reactor
 
     msgs: queue_mod.Queue = queue_mod.Queue()
     taken_while_closed = []
@@ -244,16 +244,16 @@ def test_move_window():
 
 
 def test_larger_reads_keep_pynetdicoms_recv_contract():
-    """shared/dicom/reactor.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
+    """shared/dicom/compat/reads.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
     import socket
     from types import SimpleNamespace
 
-    from pacsbridge.shared.dicom import reactor
+    from pacsbridge.shared.dicom.compat import reads
 
     a, b = socket.socketpair()
     try:
         holder = SimpleNamespace(socket=a)
-        reactor._larger_reads(holder)
+        reads.deadline_reads(holder)
         payload = bytes(range(256)) * 1000  # 256,000 bytes: 8 chunks
         sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
         sender.start()
@@ -344,17 +344,19 @@ def test_connection_failures_say_what_happened():
 
 
 def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
-    """shared/dicom/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
+    """Our associations' reads (compat.requestor.deadline_reads_for): exactly nr_bytes across chunks, nothing past it, what came before a close,
     and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
     import socket
     import struct
     from types import SimpleNamespace
 
+    from pacsbridge.shared.dicom.compat.requestor import deadline_reads_for
+
     a, b = socket.socketpair()
     try:
         holder = SimpleNamespace(socket=a, tls_args=None)
         net = dimse._Net(1.0)
-        dimse._deadline_reads(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
+        deadline_reads_for(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
         payload = bytes(range(256)) * 1000
         sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
         sender.start()
