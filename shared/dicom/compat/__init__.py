@@ -62,6 +62,8 @@ UPSTREAM = {
     "pynetdicom.transport.RequestHandler.handle": "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
     "pynetdicom.transport.RequestHandler._create_association": "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
     "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    # acceptor.reject sends the A-ASSOCIATE-RJ from EVT_REQUESTED as pynetdicom's own rejections do (s)
+    "pynetdicom.acse.ACSE.send_reject": "700998293bbcb6c9df16202bcb32900f0b66634ff07cd662c5c3e4a2a7cd4825",
     "pynetdicom.fsm.AA_5": "4a8a4a3ac26f1f17e7441984087c73680b1421ef1e73b3887e43c12f19dee09d",
     # reactor.py runs its loop in make_target's wrapper, as pynetdicom does (s)
     "pynetdicom.utils.make_target": "81bc7a65ab49454a6fea80b60a33b33d597c4c0eddea2c8b2a8b152a001aa4d8",
