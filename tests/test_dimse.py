@@ -365,7 +365,8 @@ def test_connection_failures_say_what_happened():
 
 
 def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
-    """Our associations' reads (compat.requestor.deadline_reads_for): exactly nr_bytes across chunks, nothing past it, what came before a close,
+    """Our associations' reads (compat.requestor.deadline_reads_for): exactly nr_bytes across chunks, nothing
+    past it, what came before a close,
     and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
     import socket
     import struct

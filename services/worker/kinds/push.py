@@ -99,7 +99,8 @@ PROCESSES = os.environ.get("PACSBRIDGE_PUSH_PROCESSES", "0")
 PROC_MIN_FILES = 100
 #: Files handed to a sender process ahead of its outcomes (so it never waits for the next one).
 PROC_WINDOW = 2
-#: Send stored files with :class:`~pacsbridge.shared.dicom.compat.store.FastStore` (one socket write per instance); 0: pynetdicom's own.
+#: Send stored files with :class:`~pacsbridge.shared.dicom.compat.store.FastStore` (one socket write per
+#: instance); 0: pynetdicom's own.
 FAST_SEND = os.environ.get("PACSBRIDGE_PUSH_FAST", "1") != "0"
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

@@ -67,16 +67,18 @@ def main(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
         inst = Instance(sop, series, "", Path(path), obj, "MAG0", sop_class)
         return int(k), push._File(inst, sop_class, ts)
 
+    pending = next_file()
+
     def take() -> push._File | None:
         return pending[1] if pending is not None else None
 
     def done(f: push._File, sent: push.Sent) -> None:
         nonlocal pending
-        assert pending is not None
-        say({"n": pending[0], "ok": sent.ok, "status": sent.status, "error": sent.error, "fallback": sent.fallback})
+        if pending is not None:  # the file take() gave
+            say({"n": pending[0], "ok": sent.ok, "status": sent.status, "error": sent.error,
+                 "fallback": sent.fallback})
         pending = next_file()
 
-    pending = next_file()
     failures = 0
     while pending is not None and failures < 2:
         try:

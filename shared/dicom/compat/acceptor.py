@@ -106,7 +106,7 @@ def divert_data_sets(assoc: Any, divert: Callable[[Any, str], io.BytesIO | None]
 
     Returns False, changing nothing (said once), where pynetdicom is not the version this follows.
     """
-    dimse = getattr(assoc, "dimse", None)
+    dimse: Any = getattr(assoc, "dimse", None)
     if not supported():
         fallback("data set spool")
         return False
