@@ -19,7 +19,7 @@ import logging
 import weakref
 from typing import Any, Callable
 
-from . import check, supported, fallback
+from . import check, fallback, supported, version
 
 __all__ = ["handler_class", "closed_before_request", "reject", "divert_data_sets", "C_STORE_RQ"]
 
@@ -48,8 +48,25 @@ def handler_class(on_end: Callable[[str], None] | None = None) -> Any:
     from pynetdicom import evt
     from pynetdicom.transport import RequestHandler
 
-    if not check("connection handler", RequestHandler, "_create_association"):
-        return RequestHandler  # nothing gives the connection's slot back: it is freed on the next start
+    if not hasattr(RequestHandler, "_create_association"):
+        # pynetdicom's own handle(), which tells nobody when the association ends: the slot is given back
+        # as soon as the association thread started (the per-address limit then counts connections being
+        # set up only; never a slot that stays taken)
+        fallback("connection handler", f"pynetdicom {version()} has no RequestHandler._create_association; "
+                                       "the per-address association limit is not enforced")
+
+        class Stock(RequestHandler):
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                finally:
+                    if on_end is not None:
+                        on_end(self.client_address[0])
+
+        return Stock
+
+    # used on any release that has _create_association (this copy only adds the callback): without it,
+    # per-address slots would never be given back
 
     class Handler(RequestHandler):
         def handle(self) -> None:
