@@ -384,7 +384,9 @@ def test_chunked_mode_stores_and_indexes(tmp_path):
         assert len(stored) == 5
         for p in stored:
             assert read_header_ok(p)
-        time.sleep(1)
+        deadline = time.monotonic() + 20  # the last association's thread may still be ending
+        while list((root / ".incoming").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [p for p in (root / ".incoming").iterdir()] == []
     finally:
         stack.close()
