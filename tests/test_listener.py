@@ -425,7 +425,7 @@ def test_configured_nodes_may_store_from_their_own_address(tmp_path):
         ctx.index.engine.dispose()
 
 
-# -- the waiting reactors (shared/dicom/reactor.py) ----------------------------------------------
+# -- the waiting reactors (shared/dicom/compat/reactor.py) ----------------------------------------------
 @pytest.mark.parametrize("reactor", ["wait", "poll"])
 def test_short_associations_interleaved_with_a_long_one_lose_nothing(tmp_path, reactor):
     """Many small associations come and go while a long one runs, in both reactor modes: every instance
