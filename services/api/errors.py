@@ -63,7 +63,9 @@ def error_response(status: int, message: str, field: str = "", headers: dict[str
     if field:
         body["field"] = field
     body.update(extra)
-    response = jsonify({"error": body})
+    from .models import ErrorBody, answer
+
+    response = jsonify(answer(ErrorBody, {"error": body}))
     response.status_code = status
     for k, v in (headers or {}).items():
         response.headers[k] = v

@@ -14,7 +14,7 @@ import datetime as dt
 import re
 from typing import Any, Mapping
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 from pydicom.datadict import dictionary_VR, keyword_dict
@@ -141,6 +141,14 @@ class QueryModel(Model):
     whole that JSON Schema cannot say; the OpenAPI document says them in words.
     """
 
+    #: What the OpenAPI document says in words (JSON Schema cannot).
+    rules: ClassVar[tuple[str, ...]] = (
+        "at least one matching key: PatientID, PatientName, AccessionNumber, StudyDescription, Modality, a UID or "
+        "a study date (a PatientID, PatientName or StudyDescription of only `*` matches everything: refused, "
+        "`query`)",
+        "min_study_date is not after max_study_date (`min_study_date`)",
+        "a 29 February only in a leap year",
+    )
     help = {
         "level": f"expected one of {', '.join(LEVELS)}",
         "PatientID": "at most 64 printable characters, no backslash",
