@@ -16,18 +16,31 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Mapping, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import InvalidRequest
 
-__all__ = ["Model", "check", "refuse", "TEXT_PATTERN", "CONTROL_FREE"]
+__all__ = ["Model", "check", "refuse", "TEXT_PATTERN", "CONTROL_FREE", "Integral"]
 
 #: Free text: no control characters (the API refuses them in every string of a body).
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 CONTROL_FREE = TEXT_PATTERN
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``392.0`` is the integer 392 (JSON Schema says so too); ``392.5`` is not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+#: Put on an integer field: an integer as JSON Schema means it (a number without a fraction; a string or a
+#: boolean is not one). Wrap it around the bounded type, ``Annotated[Annotated[int, Field(ge=1)], Integral]``,
+#: so that the document shows the bounds as ``minimum`` / ``maximum``.
+Integral = BeforeValidator(_integral)
 
 
 class Model(BaseModel):
@@ -85,7 +98,7 @@ def _message(err: ErrorDetails, model: type[BaseModel], known: list[str]) -> str
         return f"unknown field(s) {err['loc'][-1]!r}; known: {', '.join(known)}"
     if kind == "missing":
         return "required"
-    if kind not in ("string_type", "list_type", "dict_type", "model_type"):
+    if kind not in ("string_type", "list_type", "dict_type", "model_type", "int_type", "float_type", "bool_type"):
         for name in reversed(err["loc"]):
             for helper in _helps(model):
                 if isinstance(name, str) and name in helper:

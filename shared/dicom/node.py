@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import Field
 
 from pacsbridge.shared.core.errors import InvalidRequest
-from pacsbridge.shared.core.models import TEXT_PATTERN, Model, check
+from pacsbridge.shared.core.models import TEXT_PATTERN, Integral, Model, check
 
 __all__ = ["Node", "NodeModel", "NodePatch", "NodeReplace", "NAME_PATTERN", "AET_PATTERN", "AETitle", "NodeName"]
 
@@ -23,6 +23,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AET_PATTERN = r"^ {0,15}[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$"
 AETitle = Annotated[str, Field(max_length=16, pattern=AET_PATTERN)]
 NodeName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Port = Annotated[Annotated[int, Field(ge=1, le=65535)], Integral]
+Associations = Annotated[Annotated[int, Field(ge=1, le=64)], Integral]
 _WINDOW = r"^(([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])?$"
 _AET_HELP = "an AE title: 1 to 16 printable characters, no backslash, not only spaces"
 
@@ -46,14 +48,14 @@ class NodeModel(Model):
     name: NodeName
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")]
-    port: Annotated[int, Field(ge=1, le=65535)]
+    port: Port
     retrieve: Literal["move", "get"] = Field("move", description="C-MOVE (to move_destination) or C-GET")
     move_destination: AETitle | Literal[""] = Field("", description="C-MOVE destination AE ('' = our own AE title)")
     allow_find: bool = True
     allow_move: bool = True
     allow_get: bool = True
     allow_store: bool = True
-    max_associations: Annotated[int, Field(ge=1, le=64)] = 2
+    max_associations: Associations = 2
     max_rate: Annotated[float, Field(ge=0)] = Field(0.0, description="instances per second, 0 = unlimited")
     move_window: Annotated[str, Field(pattern=_WINDOW)] = Field(
         "", description="HH:MM-HH:MM (local time, may wrap midnight) when C-MOVE is allowed; '' = any time")
@@ -73,14 +75,14 @@ class NodePatch(NodeModel):
     name: NodeName | None = None  # type: ignore[assignment]
     ae_title: AETitle | None = None  # type: ignore[assignment]
     host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")] | None = None  # type: ignore[assignment]
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None  # type: ignore[assignment]
+    port: Port | None = None  # type: ignore[assignment]
     retrieve: Literal["move", "get"] | None = None  # type: ignore[assignment]
     move_destination: AETitle | Literal[""] | None = None  # type: ignore[assignment]
     allow_find: bool | None = None  # type: ignore[assignment]
     allow_move: bool | None = None  # type: ignore[assignment]
     allow_get: bool | None = None  # type: ignore[assignment]
     allow_store: bool | None = None  # type: ignore[assignment]
-    max_associations: Annotated[int, Field(ge=1, le=64)] | None = None  # type: ignore[assignment]
+    max_associations: Associations | None = None  # type: ignore[assignment]
     max_rate: Annotated[float, Field(ge=0)] | None = None  # type: ignore[assignment]
     move_window: Annotated[str, Field(pattern=_WINDOW)] | None = None  # type: ignore[assignment]
     description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] | None = None  # type: ignore[assignment]

@@ -148,6 +148,8 @@ class QueryModel(Model):
         "`query`)",
         "min_study_date is not after max_study_date (`min_study_date`)",
         "a 29 February only in a leap year",
+        "include_fields: DICOM keywords of the standard's dictionary (pydicom's), not sequences "
+        "(`include_fields`; the schema gives their form, listing all 3,800 would make the document 20 times larger)",
     )
     help = {
         "level": f"expected one of {', '.join(LEVELS)}",
@@ -177,7 +179,8 @@ class QueryModel(Model):
     SOPInstanceUID: _OneUID | _UIDList | None = None
     min_study_date: _Date | None = Field(None, description="YYYYMMDD or YYYY-MM-DD")
     max_study_date: _Date | None = Field(None, description="YYYYMMDD or YYYY-MM-DD; not before min_study_date")
-    include_fields: list[Annotated[str, Field(json_schema_extra={"enum": list(QUERY_KEYWORDS)})]] = Field(
+    include_fields: list[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$",
+                                              examples=["InstitutionName"])]] = Field(
         default_factory=list, description="extra DICOM keywords to return (any keyword but a sequence)")
 
     @field_validator("level")
