@@ -153,6 +153,32 @@ def test_nodes_crud(client):
     assert_error(client.get("/api/v1/nodes/pacs", headers=auth("read")), 404)
 
 
+# -- the contract (issue 15 item 3) -------------------------------------------------------
+def test_the_document_is_generated_from_every_route_and_the_models(client, app, api_settings):
+    from pacsbridge.api.contract import document
+    from pacsbridge.shared.dicom.node import AET_PATTERN
+    from pacsbridge.shared.jobs.spec import REQUESTS
+
+    doc = client.get("/api/v1/openapi.json").get_json()
+    assert doc["openapi"] == "3.1.0"
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    routes = {(rule.rule.replace("<", "{").replace(">", "}"), method.lower()) for rule in app.url_map.iter_rules()
+              if rule.endpoint != "static" for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert documented == routes and len(routes) == 27
+    schemas = doc["components"]["schemas"]
+    assert schemas["NodeModel"]["properties"]["ae_title"]["pattern"] == AET_PATTERN
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in
+            doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]} \
+        == {m.__name__ for m in REQUESTS.values()}
+    assert schemas["QueryModel"]["additionalProperties"] is False
+    # a route nobody described fails the document, instead of missing from it
+    other = create_app({"SETTINGS": api_settings, "TESTING": True})
+    other.add_url_rule("/api/v1/undescribed", "undescribed", lambda: "")
+    with other.app_context(), pytest.raises(RuntimeError, match="undescribed"):
+        document(other)
+    other.extensions["pacsbridge"].close()
+
+
 # -- bad input: a clear 4xx in the one shape, nothing changed -----------------------------
 BAD = [
     ("post", "/api/v1/nodes", {"data": "{not json", "content_type": "application/json"}, 400, "body"),
