@@ -127,7 +127,7 @@ class JobOut(Out):
     path: str
     series: list[SeriesProgressOut] = None  # type: ignore[assignment]
     enqueued: bool = None  # type: ignore[assignment]
-    cancel: CancelAnswer = Field(None, description="the answer to a cancel: what happened")  # type: ignore[arg-type]
+    cancel: CancelAnswer = Field(None, description="the answer to a cancel: what happened")  # type: ignore[assignment]
 
 
 class JobSubmitted(Out):
@@ -256,8 +256,9 @@ class JobListArgs(PageArgs):
 
     state: Literal[STATES] = None  # type: ignore[valid-type]
     kind: Literal[KINDS] = None  # type: ignore[valid-type]
-    node: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = Field(None, description="'' = any")
-    since: Annotated[str, Field(max_length=64, pattern=SINCE_PATTERN)] = Field(
+    node: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="'' = any")
+    since: Annotated[str, Field(max_length=64, pattern=SINCE_PATTERN)] = Field(  # type: ignore[assignment]
         None, description="Unix seconds or ISO 8601 (2024-05-01, 2024-05-01T10:00:00Z)")
 
 
@@ -265,4 +266,4 @@ class QuarantineArgs(PageArgs):
     help = {**PageArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
 
     reason: Literal[(*REASONS, "")] = Field(None, description="'' = any")  # type: ignore[valid-type]
-    resolved: Literal["true", "false", ""] = Field(None, description="'' = either")
+    resolved: Literal["true", "false", ""] = Field(None, description="'' = either")  # type: ignore[arg-type]

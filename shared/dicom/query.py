@@ -225,12 +225,11 @@ class QueryModel(Model):
                 return ()
             return (value,) if isinstance(value, str) else tuple(value)
 
-        return Query(level=self.level,
-                     **{name: (getattr(self, name) or "").strip() for name in _STRING_FIELDS},
-                     **{name: uids(getattr(self, name)) for name in _UID_FIELDS},
-                     min_study_date=parse_date(self.min_study_date, "min_study_date"),
+        fields: dict[str, Any] = {name: (getattr(self, name) or "").strip() for name in _STRING_FIELDS}
+        fields.update({name: uids(getattr(self, name)) for name in _UID_FIELDS})
+        return Query(level=self.level, min_study_date=parse_date(self.min_study_date, "min_study_date"),
                      max_study_date=parse_date(self.max_study_date, "max_study_date"),
-                     include_fields=tuple(self.include_fields))
+                     include_fields=tuple(self.include_fields), **fields)
 
 
 @dataclasses.dataclass(frozen=True)
