@@ -245,5 +245,8 @@ def _view_for(app: Flask, path: str, method: str) -> Callable[..., Any]:
 @operation("This document (OpenAPI 3.1, generated from the models)", "meta",
            {200: ("OpenAPI 3.1 document", ("application/json", {"type": "object"}))}, errors=())
 def openapi_json() -> dict[str, Any]:
-    return document()
+    made = current_app.extensions.get("pacsbridge_openapi")
+    if made is None:  # routes, models and the index's dicom.sql do not change while the process runs
+        made = current_app.extensions["pacsbridge_openapi"] = document()
+    return made  # type: ignore[no-any-return]
 

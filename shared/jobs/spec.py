@@ -42,6 +42,10 @@ _ID = re.compile(r"^[0-9a-f]{32}\Z")
 REL_PATTERN = r"^(?!/)(?!.*(^|/)\.\.(/|$))(?=.*[^ ])[^\x00-\x1f\x7f\\]{1,255}$"
 
 
+_REL_HELP = ("a relative path that stays inside its root: no leading '/', no '..', at most 255 printable "
+             "characters, no backslash")
+
+
 def safe_relative(value: Any, field: str) -> str:
     """A relative POSIX path without ``..``, absolute parts or control characters."""
     if not isinstance(value, str) or not value.strip(" "):
@@ -89,14 +93,17 @@ class Selection(Model):
         return {key: [value] if isinstance(value, str) and key != "job" else value}
 
 
-_Webhook = Annotated[str, Field(max_length=2048, pattern=r"^(https?://[^/?#\x00-\x20\x7f]+[^\x00-\x20\x7f]*)?$")]
+_Webhook = Annotated[str, Field(max_length=2048,
+                                pattern=r"^([hH][tT][tT][pP][sS]?://[^/?#\x00-\x20\x7f]+[^\x00-\x20\x7f]*)?$")]
 _NodeRef = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN,
                                 description="the name of a configured node (404 if there is none)")]
 
 
 class _Job(Model):
     help = {"node": "the name of a configured node", "mode": "'move' or 'get' (default: the node's own)",
-            "link": "true (hard links) or false (copies)", "template": "a preset name or a template string"}
+            "link": "true (hard links) or false (copies)", "template": "a preset name or a template string",
+            "webhook": "an http(s) URL of at most 2048 characters, without spaces or control characters",
+            "dest": _REL_HELP, "path": _REL_HELP}
 
     webhook: _Webhook | None = Field(
         None, description="called with the finished job (POST, JSON, signed: X-Pacsbridge-Signature); only a "
