@@ -3,7 +3,8 @@
 Routes live under ``/api/v1`` (one blueprint per resource module: :mod:`.nodes`,
 :mod:`.jobs`, :mod:`.browse`, :mod:`.quarantine`), plus ``/healthz`` and ``/metrics``
 (:mod:`.health`) and the OpenAPI document ``/api/v1/openapi.json``, generated from the
-views' operations and the pydantic models (:mod:`.contract`, :mod:`.models`). Every error has one shape (:mod:`.errors`); every route but
+views' operations and the pydantic models (:mod:`.contract`, :mod:`.models`). Every error has one shape
+(:mod:`.errors`); every route but
 ``/healthz``, ``/metrics`` and the OpenAPI document needs a bearer token
 (:mod:`.auth`).
 """

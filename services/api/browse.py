@@ -175,8 +175,8 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
     return {"items": rows, "total": total, "limit": limit, "offset": offset}
 
 
-_UID_SCHEMA = {"type": "string", "maxLength": 64, "pattern": r"^([0-9]+(\.[0-9]+)*)?$"}
-_DATE_SCHEMA = {"type": "string", "pattern": r"^([0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8})?$"}
+_UID_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": r"^([0-9]+(\.[0-9]+)*)?$"}
+_DATE_SCHEMA: dict[str, Any] = {"type": "string", "pattern": r"^([0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8})?$"}
 
 
 def _filters(resource: str) -> list[dict[str, Any]]:

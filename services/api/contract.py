@@ -69,7 +69,8 @@ class Operation:
 
 
 def operation(summary: str, tag: str, responses: dict[int, tuple[str, Any]], *, errors: tuple[int, ...] = READ,
-              body: Any = None, args: type[Args] | None = None, params: Callable[[], list[dict[str, Any]]] | None = None,
+              body: Any = None, args: type[Args] | None = None,
+              params: Callable[[], list[dict[str, Any]]] | None = None,
               path: dict[str, dict[str, Any]] | None = None, description: str = "",
               rules: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Describe a view: ``responses`` ``{status: (text, model or None or (content type, schema))}``,

@@ -234,7 +234,8 @@ def _whole_number(value: Any) -> Any:
 #: leap year only, which the pattern cannot say).
 _MMDD = "((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31|02-29)"
 SINCE_PATTERN = (r"^([0-9]{1,10}(\.[0-9]{1,9})?|([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-" + _MMDD +
-                 r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?)?$")
+                 r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+                 r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?)?$")
 
 Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT), BeforeValidator(_whole_number)]
 Offset = Annotated[int, Field(ge=0, le=10**9), BeforeValidator(_whole_number)]
