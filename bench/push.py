@@ -232,7 +232,7 @@ def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str) -
 
 def profile_push(ctx, jobs, patients: list[str], workdir: Path, top: int = 25) -> dict:
     """One push (1 association) with cProfile in the sending thread: where the time goes."""
-    from pacsbridge.worker.kinds import push as pushmod
+    from pacsbridge.shared.nodes import pusher as pushmod
 
     prof = cProfile.Profile()
     original = pushmod._Sender._run

@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
-from pacsbridge.worker.kinds import push as pushmod
+from pacsbridge.shared.nodes import pusher as pushmod
 from pacsbridge.worker import runner
 from pacsbridge.shared.index.context import open_context
 from pacsbridge.shared.index.importer import Importer

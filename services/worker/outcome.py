@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from typing import Any, Callable, NamedTuple
 
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.jobs.store import Job, JobStore
+from pacsbridge.shared.nodes.throttle import worker_id
 
 __all__ = ["Outcome", "JobCode", "worker_id"]
 
@@ -20,10 +19,6 @@ class Outcome(NamedTuple):
     error: str = ""
     result: dict[str, Any] = {}
 
-
-def worker_id() -> str:
-    """This process, as ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 #: The code of a job kind: ``run(job, ctx, jobs, cancel) -> Outcome``.

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, PacsbridgeError
 from pacsbridge.shared.index.conquest import Index
+from pacsbridge.shared.index.instance import Instance
 from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.shared.index.storage import Storage
 
@@ -36,19 +37,6 @@ CHUNK = 500
 
 _SOP_CLASS = 0x00080016
 _PATIENT_ID = 0x00100020
-
-
-class Instance(NamedTuple):
-    """One stored instance of a selection."""
-
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    path: Path  #: absolute, checked
-    object_file: str  #: as indexed (ObjectFile)
-    device: str  #: MAG0 or EXTERN
-    sop_class: str = ""  #: from the index when its dicom.sql has the column, else ""
-    patient_id: str = ""
 
 
 class Selection(NamedTuple):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = float(os.environ.get("PACSBRIDGE_LEASE_SECONDS", "30"))
 #: How often a waiting :meth:`NodeSlots.acquire` looks for a free slot.
 POLL_SECONDS = 0.2
+
+
+def worker_id() -> str:
+    """This process, as ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
 
 
 class SlotTimeout(TimeoutError):

@@ -1,7 +1,7 @@
 """A push sender in its own process: one association at a time, files in on stdin, outcomes out on stdout.
 
-``python -m pacsbridge.worker.kinds.pushproc`` is started by
-:class:`pacsbridge.worker.kinds.push._ProcSender` (with ``subprocess``, so it works
+``python -m pacsbridge.shared.nodes.pushproc`` is started by
+:class:`pacsbridge.shared.nodes.pusher._ProcSender` (with ``subprocess``, so it works
 from Celery's daemonic prefork children, where ``multiprocessing`` cannot
 start processes). Associations in one process share its GIL; in separate
 processes parallel associations use every core.
@@ -31,11 +31,11 @@ from typing import IO, Any
 
 from pynetdicom.presentation import build_context
 
-from pacsbridge.worker.kinds import push
+from pacsbridge.shared.nodes import pusher as push
 from pacsbridge.shared.core.errors import DimseError
 from pacsbridge.shared.dicom.compat import send_files_as_stored
 from pacsbridge.shared.dicom.node import Node
-from pacsbridge.worker.selection import Instance
+from pacsbridge.shared.index.instance import Instance
 
 
 def _reader(stream: IO[str]) -> Any:
