@@ -152,6 +152,8 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Start the three services and supervise them until Ctrl-C."""
     _check_ports(settings)
     env = dict(os.environ)
+    # every setting the services must share, the command line's (--dicom-sql, --special-columns ...) too
+    env.update(settings.environ())
     env["PACSBRIDGE_DATABASE_URL"] = settings.database_url
     env["PACSBRIDGE_STORAGE"] = str(settings.storage)
     env["PACSBRIDGE_BROKER_URL"] = settings.broker_url or DEFAULT_BROKER

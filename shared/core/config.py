@@ -80,7 +80,7 @@ def _f(default: Any, group: str, description: str, *, more: str = "", compose: C
 
 
 class Settings(BaseSettings):
-    """Every setting pacsbridge reads; field ``x`` is the variable ``PACSBRIDGE_X``."""
+    """Every setting pacsbridge reads; a field ``name`` is the variable ``PACSBRIDGE_NAME`` (:func:`env_name`)."""
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid", validate_default=True)
 
@@ -131,9 +131,9 @@ class Settings(BaseSettings):
 
     # -- dicom ----------------------------------------------------------------------------------
     scu_dimse_timeout: float = _f(
-        60.0, "dicom", "timeout (s) of our own requests to a node: C-FIND, C-MOVE, C-GET, C-STORE (push), C-ECHO",
-        more="Timeout (s) of the requests of our DICOM client (jobs' C-FIND, C-MOVE, C-GET and push's\n"
-             "C-STORE, the API's echo and query). Until 0.1 PACSBRIDGE_DIMSE_TIMEOUT set this too; that one\n"
+        60.0, "dicom", "timeout (s) of the jobs' requests to a node: C-FIND, C-MOVE, C-GET, push's C-STORE",
+        more="Timeout (s) of the jobs' requests to a node (retrieve's C-FIND, C-MOVE, C-GET and push's\n"
+             "C-STORE). Until 0.1 PACSBRIDGE_DIMSE_TIMEOUT set this too (and push used neither); that one\n"
              "is the listener's now.", gt=0)
     run_loop_delay: float = _f(0.0002, "dicom", "pynetdicom's polling delay per association (s)", ge=0)
     reactor: Literal["wait", "poll"] = _f(
@@ -395,8 +395,8 @@ DEPLOY_SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("PACSBRIDGE_INIT_TIMEOUT", "120", "startup",
      "Each pacsbridge container runs `pacsbridge init` (idempotent) before its command and waits this\n"
      "long (s) for the database."),
-    ("PACSBRIDGE_INIT_DB", "0", "fixed",
-     "1: deploy/entrypoint.sh runs `pacsbridge init` before the command (docker-compose.yml sets 1)."),
+    ("PACSBRIDGE_INIT_DB", "1", "fixed",
+     "1: deploy/entrypoint.sh runs `pacsbridge init` before the command (the image's default is 0)."),
 )
 
 
@@ -469,7 +469,7 @@ def load_settings_with_sources(environ: Mapping[str, str] | None = None,
 
 
 def _describe(exc: ValidationError, values: Mapping[str, str]) -> str:
-    """pydantic's errors as one message per variable: ``PACSBRIDGE_X='bad': what is wrong``."""
+    """pydantic's errors as one message per variable: ``PACSBRIDGE_NAME='bad': what is wrong``."""
     lines = []
     for error in exc.errors():
         loc = error.get("loc") or ()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import queue
 import select
 import socket
@@ -53,6 +52,8 @@ import struct
 import threading
 import time
 from typing import Any
+
+from pacsbridge.shared.core.config import initial_settings
 
 __all__ = ["bounded_reads", "install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
            "SUPPORTED", "WAIT_CAP"]
@@ -69,7 +70,9 @@ WAIT_CAP = 0.005
 
 #: Seconds between pynetdicom's polls where its stock loops run (its default is 0.001): each
 #: millisecond it sleeps is paid once per instance when the peer waits for every response.
-RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
+RUN_LOOP_DELAY = initial_settings().run_loop_delay  # PACSBRIDGE_RUN_LOOP_DELAY
+#: ``poll``: pynetdicom's own loops everywhere (PACSBRIDGE_REACTOR).
+REACTOR = initial_settings().reactor
 
 
 def tune(assoc: Any) -> None:
@@ -119,7 +122,7 @@ def on_conn_open(event: Any) -> None:
 
 def enabled() -> bool:
     """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow."""
-    if os.environ.get("PACSBRIDGE_REACTOR", "wait").strip().lower() == "poll":
+    if REACTOR == "poll":
         return False
     try:
         import pynetdicom
