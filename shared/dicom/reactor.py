@@ -71,8 +71,6 @@ WAIT_CAP = 0.005
 #: Seconds between pynetdicom's polls where its stock loops run (its default is 0.001): each
 #: millisecond it sleeps is paid once per instance when the peer waits for every response.
 RUN_LOOP_DELAY = initial_settings().run_loop_delay  # PACSBRIDGE_RUN_LOOP_DELAY
-#: ``poll``: pynetdicom's own loops everywhere (PACSBRIDGE_REACTOR).
-REACTOR = initial_settings().reactor
 
 
 def tune(assoc: Any) -> None:
@@ -122,7 +120,7 @@ def on_conn_open(event: Any) -> None:
 
 def enabled() -> bool:
     """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow."""
-    if REACTOR == "poll":
+    if initial_settings().reactor == "poll":  # PACSBRIDGE_REACTOR
         return False
     try:
         import pynetdicom
