@@ -164,6 +164,9 @@ def test_environ_round_trip(tmp_path):
     assert env["PACSBRIDGE_DICOM_SQL"] == str(Path("my.sql").absolute())  # a child may run elsewhere
     back = load_settings(env)
     assert back.with_(webhook_secret="x" * 20) == s.with_(dicom_sql=Path("my.sql").absolute())
+    import pickle
+
+    assert pickle.loads(pickle.dumps(s)) == s  # the listener hands its settings to spawned receivers
 
 
 # -- global options reach the children ---------------------------------------------------------
