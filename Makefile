@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs test bench bench-ingest bench-retrieve bench-push clean
+.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,15 @@ services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 	@for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
 
-# The whole suite, then the compose file validated and run for real with Podman (README, Tests)
-test: debs services install-test compose-config
+# ruff (pyflakes, pycodestyle, bugbear) and mypy over the tree as it is (pyproject.toml says how);
+# the import rules of docs/architecture.md are tests/test_architecture.py, part of the suite
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The checks and the whole suite, then the compose file validated and run for real with Podman
+# (docs/testing.md)
+test: debs services install-test lint compose-config
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) compose-test
 

@@ -991,7 +991,8 @@ def print_table(args: argparse.Namespace, results: list[dict], table: dict, rati
               "startup (flush+init, ready) and stop s")
         for r in pb_runs:
             ph = r["phases"]
-            print(f"  {r['target']} a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, indexed {r.get('indexed_s', '-')}"
+            print(f"  {r['target']} a{r['assocs']} r{r['run']}: stored {r.get('stored_s', '-')} s, "
+                  f"indexed {r.get('indexed_s', '-')}"
                   f" s, backlog {r.get('not_indexed_when_stored', '-')}, init {ph.get('flush_init_s', '-')} s, "
                   f"ready {ph.get('ready_s', '-')} s, stop {ph.get('stop_s', '-')} s")
     slow = [r for r in results if r.get("create_ms", 0) > 0.2]

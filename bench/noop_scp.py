@@ -5,7 +5,7 @@ This is the ceiling for any pynetdicom-based receiver on the machine: the
 network and DIMSE work is done, the data set is never decoded, written or
 even looked at.
 
-Tuning (see ``/work/shared/notes/pynetdicom-speed.md``):
+Tuning (docs/performance.md, "pynetdicom as a C-STORE SCP"):
 
 - ``ae.maximum_pdu_size = 0`` (unlimited): the sender uses its largest PDUs;
 - every storage SOP class (``AllStoragePresentationContexts``) in every

@@ -279,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx, patients, quarters = prepare(args)
     jobs = JobStore(ctx.index.engine)
     from pacsbridge.shared.core import schema as jobsmod
-    from pacsbridge.worker.kinds import push as pushmod
 
-    pushmod.ensure_table(ctx.index.engine)
     with ctx.index.engine.begin() as conn:  # fresh nodes and jobs for this invocation
         for table in (jobsmod.instances_table, jobsmod.series_table, jobsmod.jobs_table,
                       jobsmod.node_leases_table, jobsmod.node_rates_table, jobsmod.nodes_table):

@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()
             pacs.stop()
     base = median(results.get("movescu", []))
-    report = {"instances": n, "runs": args.runs, "max_associations": args.max_associations, "host": host_facts(("pynetdicom", "pydicom", "celery")),
+    report = {"instances": n, "runs": args.runs, "max_associations": args.max_associations,
+              "host": host_facts(("pynetdicom", "pydicom", "celery")),
               "inst_per_s": {t: [round(v, 1) for v in r] for t, r in results.items()},
               "median": {t: median(r) for t, r in results.items()},
               "ratio_to_movescu": {t: round(median(r) / base, 2) for t, r in results.items() if base and r},

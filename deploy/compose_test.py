@@ -178,7 +178,8 @@ def check_settings() -> list[str]:
     # passed to the services (`NAME: ...`), or read by compose itself (`${NAME:-default}`)
     compose = set(re.findall(r"^\s+(PACSBRIDGE_[A-Z0-9_]+):", text, re.M)) | set(re.findall(r"\$\{(PACSBRIDGE_[A-Z0-9_]+)", text))
     example = (ROOT / "deploy" / "pacsbridge.env.example").read_text()
-    problems = [f"{n}: read by the code, not passed by docker-compose.yml" for n in sorted(names - compose - NOT_PASSED)]
+    problems = [f"{n}: read by the code, not passed by docker-compose.yml"
+                for n in sorted(names - compose - NOT_PASSED)]
     problems += [f"{n}: not described in deploy/pacsbridge.env.example" for n in sorted(names)
                  if not re.search(rf"\b{n}\b", example)]
     return problems
@@ -298,7 +299,8 @@ def teardown(run: Run) -> None:
 def container_states(run: Run) -> dict[str, str]:
     out = run(["podman", "ps", "-a", "--format", "json", "--filter", f"label=io.podman.compose.project={PROJECT}"],
               "ps", capture=True).stdout
-    return {(c["Names"][0] if isinstance(c["Names"], list) else c["Names"]): c["State"] for c in json.loads(out or "[]")}
+    return {(c["Names"][0] if isinstance(c["Names"], list) else c["Names"]): c["State"]
+            for c in json.loads(out or "[]")}
 
 
 def name(service: str, n: int = 1) -> str:

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Entrypoint of the pacsbridge image (installed as /usr/local/bin/pacsbridge-entrypoint).
 #
-# With PACSBRIDGE_INIT_DB=1 it first creates the index tables with `pacsbridge init`, which is
-# idempotent (without --force it creates only what is missing and never drops anything), retrying
+# With PACSBRIDGE_INIT_DB=1 it first creates the index tables, or migrates an older database, with
+# `pacsbridge init`, which is idempotent (without --force it adds only what is missing and never
+# drops anything; docs/migrations.md), retrying
 # while the database is not reachable yet (a compose `depends_on` only orders the starts) or
 # while another container creates the same tables at the same moment; it gives up after
 # PACSBRIDGE_INIT_TIMEOUT seconds (default 120), at once on a configuration error (exit 2).

@@ -77,14 +77,12 @@ def _require_tables(ctx: Any) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     ctx = _context(args)
     existed = ctx.index.exists()
-    ctx.index.create(force=args.force)
+    done = ctx.index.create(force=args.force)  # the migrations: any older database is brought to head
     ctx.storage.ensure()
     if existed and not args.force:
-        missing = ctx.index.check_columns()
-        if missing:
-            err.print(f"[yellow]warning[/yellow]: the existing tables lack {', '.join(missing)} "
-                      "(an older dicom.sql?): `pacsbridge init --force` then `pacsbridge rebuild` recreates them")
-    what = "recreated" if args.force else ("checked" if existed else "created")
+        for line in done:
+            err.print(f"upgraded: {line}")
+    what = "recreated" if args.force else ("upgraded" if existed and done else "checked" if existed else "created")
     shown = ctx.index.engine.url.render_as_string(hide_password=True)  # never print the password
     err.print(f"index {what}: {shown} ({ctx.index.schema.source}); storage {ctx.storage.root}")
     return EXIT_OK
@@ -299,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", help="create the index tables", description="Create the index tables from dicom.sql.")
-    p.add_argument("--force", action="store_true", help="drop and recreate the tables (files are kept)")
+    p = sub.add_parser("init", help="create the index tables, or bring an older database up to date",
+                       description="Create the tables (Conquest's from dicom.sql, and pacsbridge's), or bring a "
+                                   "database made by an older pacsbridge or with an older dicom.sql up to date: "
+                                   "the migrations add what is missing and keep every row (docs/migrations.md).")
+    p.add_argument("--force", action="store_true",
+                   help="drop and recreate Conquest's tables, emptying the index (files, jobs and nodes are kept)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("import", help="import files, folders and zip files",

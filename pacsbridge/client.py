@@ -114,7 +114,8 @@ def _fit_columns(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: i
 
     rank = {c: i for i, c in enumerate(["PatientID", *first, *FIND_COLUMNS])}
     order = sorted(range(len(columns)), key=lambda i: (rank.get(columns[i], len(rank)), i))
-    used, chosen = 1, []  # the table's left border
+    used = 1  # the table's left border
+    chosen: list[str] = []
     for i in order:
         need = max([cell_len(columns[i])] + [cell_len("" if r[i] is None else str(r[i])) for r in rows]) + 3
         if used + need <= width or not chosen:  # the first one in any case: a table of nothing says nothing
@@ -175,7 +176,8 @@ def _show_job(job: dict[str, Any], fmt: str) -> None:
         sys.stdout.write("\n")
         return
     _print(SERIES_COLUMNS, [[s.get(c, "") for c in SERIES_COLUMNS] for s in job.get("series", [])], fmt,
-           title=f"job {job['id']} ({job['kind']}): {job['state']}" + (f" — {job['error']}" if job.get("error") else ""))
+           title=f"job {job['id']} ({job['kind']}): {job['state']}"
+           + (f" — {job['error']}" if job.get("error") else ""))
 
 
 def _follow(api: ApiClient, job_id: str, fmt: str, interval: float = 1.0) -> dict[str, Any]:
@@ -319,7 +321,7 @@ def cmd_repack(api: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_jobs(api: ApiClient, args: argparse.Namespace) -> int:
     answer = api.get("jobs", state=args.state, kind=args.kind, node=args.node, limit=args.limit)
-    items = answer.get("items", answer.get("jobs", [])) if isinstance(answer, dict) else answer
+    items: Any = answer.get("items", answer.get("jobs", [])) if isinstance(answer, dict) else answer
     _print(JOB_COLUMNS, [_job_row(j) for j in items], args.format)
     return EXIT_OK
 
@@ -351,7 +353,7 @@ def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
     elif args.action == "rm":
         api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")
     answer = api.get("nodes")
-    items = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
+    items: Any = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
     columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window")
     _print(columns, [[n.get(c, "") for c in columns] for n in items], args.format)
     return EXIT_OK

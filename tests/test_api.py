@@ -608,7 +608,7 @@ def test_echo_and_query_of_a_node_that_answers_half_an_associate_ac(client, monk
 
             def call() -> None:
                 t0 = time.monotonic()
-                out.append((client.post(path, json=body, headers=auth("user")), time.monotonic() - t0))
+                out.append((client.post(path, json=body, headers=auth("user")), time.monotonic() - t0))  # noqa: B023 (called and joined within the iteration)
 
             t = threading.Thread(target=call, daemon=True)
             t.start()

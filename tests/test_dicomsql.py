@@ -37,7 +37,8 @@ def test_reference_parses_to_conquest_tables_and_columns():
 def test_user_file_with_extra_column():
     text = default_dicom_sql().replace(
         '{ 0x0054, 0x0400, "ImageID", 16, SQL_C_CHAR, DT_STR },',
-        '{ 0x0054, 0x0400, "ImageID", 16, SQL_C_CHAR, DT_STR },\n { 0x0018, 0x0050, "SliceThickness", 16, SQL_C_CHAR, DT_STR },')
+        '{ 0x0054, 0x0400, "ImageID", 16, SQL_C_CHAR, DT_STR },\n'
+        ' { 0x0018, 0x0050, "SliceThickness", 16, SQL_C_CHAR, DT_STR },')
     schema = parse_dicom_sql(text)
     assert schema["Image"].by_tag(0x00180050).column == "SliceThick"
     assert schema["Image"].parent.column == "SeriesInst"

@@ -113,8 +113,8 @@ def test_conquest_value_rules(ctx, tmp_path):
     study = pydicom.uid.generate_uid()
     make_instance(tmp_path / "a.dcm", StudyInstanceUID=study, Modality="CT", PatientName="A" * 100,
                   ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], StudyDescription="first")
-    make_instance(tmp_path / "b.dcm", StudyInstanceUID=study, Modality="RTSTRUCT", StudyDescription=None, PatientName=None,
-                  StudyDate="2024.01.02")
+    make_instance(tmp_path / "b.dcm", StudyInstanceUID=study, Modality="RTSTRUCT", StudyDescription=None,
+                  PatientName=None, StudyDate="2024.01.02")
     make_instance(tmp_path / "c.dcm", StudyInstanceUID=study, Modality="CT", PatientName=None)
     Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "a.dcm"])
     Importer(ctx.index, ctx.storage, workers=1).import_paths([tmp_path / "b.dcm", tmp_path / "c.dcm"])

@@ -417,10 +417,10 @@ def test_two_workers_indexing_two_patients_of_one_study_at_once(tmp_path, db_url
             def index(i):
                 try:
                     imp = Importer(ctxs[i].index, ctxs[i].storage, workers=1)
-                    barrier.wait()
-                    imp.reindex_files(rels[i])
+                    barrier.wait()  # noqa: B023 (called and joined within the iteration)
+                    imp.reindex_files(rels[i])  # noqa: B023 (called and joined within the iteration)
                 except Exception as exc:  # reported below
-                    errors.append(exc)
+                    errors.append(exc)  # noqa: B023 (called and joined within the iteration)
 
             threads = [threading.Thread(target=index, args=(i,)) for i in range(2)]
             [t.start() for t in threads]

@@ -147,8 +147,8 @@ def test_the_same_request_submitted_at_the_same_moment_makes_one_job(jobs):
         created: list[object] = []
 
         def submit() -> None:
-            barrier.wait()
-            created.append(jobs.submit("import", params)[1])
+            barrier.wait()  # noqa: B023 (called and joined within the iteration)
+            created.append(jobs.submit("import", params)[1])  # noqa: B023 (called and joined within the iteration)
 
         threads = [threading.Thread(target=submit) for _ in range(4)]
         for t in threads:

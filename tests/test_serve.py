@@ -81,7 +81,7 @@ def served(tmp_path):
 
 
 def test_serve_stores_indexes_and_answers_the_client_then_stops_cleanly(served, tmp_path):
-    ds = make_instance(tmp_path / "one.dcm", PatientID="FIRST", rows=16)
+    make_instance(tmp_path / "one.dcm", PatientID="FIRST", rows=16)
     sent = subprocess.run(["storescu", "-aec", "PACSBRIDGE", "127.0.0.1", str(served.dicom_port),
                            str(tmp_path / "one.dcm")], env=served.env, capture_output=True, text=True, timeout=60)
     assert sent.returncode == 0, sent.stderr

@@ -83,7 +83,7 @@ def receiver():
 
 
 def verify(headers: dict[str, str], body: bytes, secret: str = SECRET, tolerance: float = 300) -> dict:
-    """What a receiver does (the README's snippet): check the signature and the timestamp."""
+    """What a receiver does (the snippet in docs/api.md): check the signature and the timestamp."""
     fields = dict(part.split("=", 1) for part in headers["X-Pacsbridge-Signature"].split(","))
     timestamp = int(fields["t"])
     expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()

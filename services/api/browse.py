@@ -106,7 +106,7 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
     level = RESOURCES[resource]
     st = state()
     index = st.ctx.index
-    table = index.tables[level]
+    table: Any = index.tables[level]
     cols = _level_columns(index, level)
     extra: set[str] = set()
     if level == "Study":

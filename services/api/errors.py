@@ -87,7 +87,7 @@ def _api(exc: ApiError) -> Response:
 
 
 def _pacsbridge(exc: PacsbridgeError) -> Response:
-    for cls, status in STATUS_OF:
+    for cls, status in STATUS_OF:  # noqa: B007 (status is read after the loop)
         if isinstance(exc, cls):
             break
     else:

@@ -53,7 +53,7 @@ def make_ae(settings: Settings, peers: Any) -> Any:
                     ExplicitVRBigEndian]
     syntaxes = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in uncompressed] + uncompressed
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.add_supported_context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]
     ae.add_supported_context(Verification, uncompressed)
     # 0 = unlimited; a PDU larger than announced closes the connection (reactor.largest_pdu)
     ae.maximum_pdu_size = settings.max_pdu
@@ -127,11 +127,11 @@ def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSl
 
         def server_bind(self) -> None:
             if shared is not None:
-                self.socket.close()
+                self.socket.close()  # type: ignore[union-attr]
                 self.socket = shared
                 self.server_address = shared.getsockname()
                 return
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # type: ignore[union-attr]
             super().server_bind()
 
         def server_activate(self) -> None:
@@ -149,7 +149,8 @@ def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSl
                 if now - self._last_warning.get(address, -60.0) >= 10:  # one line per address per 10 s
                     self._last_warning[address] = now
                     log.warning("connection refused: %s already holds %d connections "
-                                "(PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER=%d)", address, held, slots.limit)
+                                "(PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER=%d)", address, held,
+                                slots.limit if slots is not None else 0)
                 return False
             return True
 
@@ -186,8 +187,8 @@ def make_sender(settings: Settings) -> Any:
     # Import the broker's transport and build the producer pool now, not in the first batch: in a
     # fresh receiver that took ~0.1 s of CPU (kombu and redis-py imports) while the first transfer
     # ran. Nothing connects yet, so a broker that is down does not delay the start.
-    app.amqp.producer_pool
-    app.backend
+    _ = app.amqp.producer_pool
+    _ = app.backend
 
     def send(items: list[Any]) -> None:
         """Items are relative paths, or ``(path, calling_ae, association_id, arrived_at)``."""

@@ -73,7 +73,7 @@ class PeerSlots:
         """Connections ``address`` holds in all receivers."""
         high, low = _key(address)
         with self.table.get_lock():
-            t = self.table.get_obj()
+            t: Any = self.table.get_obj()  # a ctypes array of c_longlong
             return sum(t[i + 2] for i in range(0, len(t), _FIELDS) if t[i + 2] and t[i] == high and t[i + 1] == low)
 
     def acquire(self, address: str) -> int:
@@ -81,8 +81,8 @@ class PeerSlots:
         address holds already (the limit reached, or this receiver's row is full)."""
         high, low = _key(address)
         with self.table.get_lock():
-            t = self.table.get_obj()
-            total = 0
+            t: Any = self.table.get_obj()  # a ctypes array of c_longlong
+            total: int = 0
             if self.limit:
                 for i in range(0, len(t), _FIELDS):
                     if t[i + 2] and t[i] == high and t[i + 1] == low:
@@ -105,7 +105,7 @@ class PeerSlots:
         """Give back a slot taken by :meth:`acquire` in this receiver."""
         high, low = _key(address)
         with self.table.get_lock():
-            t = self.table.get_obj()
+            t: Any = self.table.get_obj()  # a ctypes array of c_longlong
             for i in self._entries(self.row):
                 if t[i + 2] and t[i] == high and t[i + 1] == low:
                     t[i + 2] -= 1

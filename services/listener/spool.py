@@ -21,8 +21,8 @@ version alone (then everything stays in memory, as before).
 Data set fragments no spool takes (sent before any command, after a command that is not a C-STORE
 request, or after one whose file meta cannot be packed), and a command still incomplete, stay in
 pynetdicom's ``BytesIO``; past :func:`in_memory_bound` bytes the association is aborted as for an
-invalid PDU (Evt19), or a peer could grow a receiver without end. An association that ends with a data set half received, or
-with a complete one never handled, has its spooled files removed when its thread ends.
+invalid PDU (Evt19), or a peer could grow a receiver without end. An association that ends with a data set
+half received, or with a complete one never handled, has its spooled files removed when its thread ends.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def install(assoc: Any, limit: int, temp_file: Callable[[], tuple[int, str]]) ->
     """
     import pynetdicom
 
-    dimse = getattr(assoc, "dimse", None)
+    dimse: Any = getattr(assoc, "dimse", None)
     if not str(pynetdicom.__version__).startswith("3.0.") or not hasattr(dimse, "receive_primitive") \
             or not hasattr(dimse, "msg_queue"):
         return False

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import threading
+from typing import Any
 
 from pacsbridge.shared.core.config import Settings
 
@@ -40,7 +41,7 @@ def sweep_once(settings: Settings, app: object) -> list[str]:
 _engines: dict[str, object] = {}
 
 
-def _engine(url: str, make: object) -> object:
+def _engine(url: str, make: Any) -> Any:
     if url not in _engines:
         _engines[url] = make(url)  # type: ignore[operator]
     return _engines[url]
@@ -111,7 +112,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     return 0
 
 
-def _supervise(args: argparse.Namespace | None) -> int:
+def _supervise(args: Any) -> int:
     """Run ``worker --queues index``, ``jobs`` and ``webhooks`` as children; stop them together.
 
     The children stay in this process group, so a signal to the group (compose, a test's

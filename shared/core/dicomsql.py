@@ -19,6 +19,7 @@ Column names are truncated to 10 characters, as Conquest does by default.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from importlib import resources
 from pathlib import Path
@@ -99,13 +100,14 @@ class TableDef(NamedTuple):
         return None
 
 
-class Schema(NamedTuple):
-    """A parsed ``dicom.sql``: one :class:`TableDef` per section."""
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """A parsed ``dicom.sql``: one :class:`TableDef` per section (``schema["Image"]``)."""
 
     tables: dict[str, TableDef]
     source: str
 
-    def __getitem__(self, level: str) -> TableDef:  # type: ignore[override]
+    def __getitem__(self, level: str) -> TableDef:
         return self.tables[level]
 
     def with_extra_columns(self, level: str, columns: list[Column]) -> "Schema":
@@ -124,7 +126,7 @@ class Schema(NamedTuple):
         cols[at:at] = columns
         tables = dict(self.tables)
         tables[level] = tdef._replace(columns=tuple(cols))
-        return self._replace(tables=tables)
+        return dataclasses.replace(self, tables=tables)
 
 
 _COMMENT_BLOCK = re.compile(r"/\*.*?\*/", re.S)

@@ -1,7 +1,9 @@
-"""pacsbridge's own tables, declared once (DESIGN.md, contract 3: jobs are rows).
+"""Every table of the index database, declared here and nowhere else (docs/migrations.md).
 
-Beside Conquest's tables (whose columns come from ``dicom.sql``, :mod:`.dicomsql`), prefixed so
-they never clash with a ``dicom.sql``::
+Conquest's tables (DICOMPatients, DICOMStudies, DICOMSeries, DICOMImages, DICOMWorkList) take their
+columns from a ``dicom.sql`` (:mod:`.dicomsql`), so they are built from the parsed file by
+:func:`conquest_tables`. pacsbridge's own tables are fixed, declared below on :data:`metadata`, and
+prefixed so they never clash with a ``dicom.sql``::
 
     pacsbridge_nodes          one row per DICOM peer: AE title, address, what it allows, its limits
     pacsbridge_jobs           one row per job: kind, parameters, state, attempts, error, timestamps
@@ -11,15 +13,23 @@ they never clash with a ``dicom.sql``::
     pacsbridge_stable         series waiting to become stable
     pacsbridge_quarantine     what indexing set aside (a refused instance, a UID of two patients)
     pacsbridge_push_instances per push job and instance: acknowledged or failed
+    pacsbridge_arrivals       who sent each instance, and when (jobs, stable-study detection)
+
+A change to them is a migration (:mod:`.migrations`): :func:`pacsbridge.shared.core.migrations.upgrade`
+brings any older database to what this module declares, and a test fails when the two differ.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text
-from sqlalchemy.engine import Connection
+from typing import Any
+
+from sqlalchemy import CHAR, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.sql.elements import quoted_name
+
+from pacsbridge.shared.core.dicomsql import Schema, TableDef
 
 __all__ = ["COUNTERS", "metadata", "nodes_table", "jobs_table", "series_table", "node_leases_table", "node_rates_table",
-           "stable_table", "quarantine_table", "instances_table", "upgrade"]
+           "stable_table", "quarantine_table", "instances_table", "arrivals_table", "conquest_tables", "ident"]
 
 #: The counters of a job's series (columns of ``pacsbridge_job_series``).
 COUNTERS = ("expected", "received", "indexed", "pushed", "failed")
@@ -60,7 +70,7 @@ jobs_table = Table(
     Column("webhook", String(2048), nullable=False, default=""),
     Column("worker", String(255), nullable=False, default=""),
     # the name of the API token that submitted the job ("" from the CLI or a rule): it, and admins,
-    # see the job's webhook and worker. Added to older databases by upgrade().
+    # see the job's webhook and worker. Added to older databases by migration 0002.
     Column("owner", String(64), nullable=False, default="", server_default=""),
     # what became of the webhook: queued, sent (status), retrying (why), failed or refused (why)
     Column("webhook_status", String(512), nullable=False, default="", server_default=""),
@@ -151,23 +161,77 @@ instances_table = Table(
 )
 
 
+# Not Conquest's: who sent each instance, and when (jobs and stable-study detection). With the index
+# (Index.tables["Arrival"]): ``init --force`` empties it with Conquest's tables.
+arrivals_table = Table(
+    "pacsbridge_arrivals", metadata,
+    Column("sop_uid", String(64), primary_key=True, autoincrement=False),
+    Column("series_uid", String(64), index=True),
+    Column("study_uid", String(64), index=True),
+    Column("patient_id", String(64)),
+    Column("calling_ae", String(16)),
+    Column("association", String(36)),
+    Column("arrived_at", Float, index=True),
+    Column("object_file", String(255)),
+)
 
-def upgrade(conn: Connection) -> list[str]:
-    """Add the columns of these tables that an older database lacks (each has a server default).
 
-    ``create_all`` makes missing tables only. Returns what was added, as ``table.column``.
+# -- Conquest's tables, from a dicom.sql ----------------------------------------------------------
+#: Tag of PatientID (0010,0020).
+_PATIENT_ID = 0x00100020
+
+
+def ident(name: str) -> quoted_name:
+    """An identifier SQLAlchemy renders unquoted (PostgreSQL folds it)."""
+    return quoted_name(name, quote=False)
+
+
+def _sa_type(col: Any) -> Any:
+    if col.sql_type == "SQL_C_DATE":
+        return CHAR(8)
+    if col.length > 1000:
+        return Text()
+    return String(col.length)
+
+
+def _conquest_table(metadata: MetaData, tdef: TableDef, fold: bool) -> Table:
+    def name(n: str) -> quoted_name:
+        return ident(n.lower() if fold else n)
+
+    def col(n: str, *args: Any, **kw: Any) -> Column:  # type: ignore[type-arg]
+        return Column(name(n), *args, key=n, **kw)
+
+    cols = []
+    for i, c in enumerate(tdef.columns):
+        primary = i == 0 and tdef.level != "WorkList"
+        cols.append(col(c.column, _sa_type(c), primary_key=primary, nullable=not primary, autoincrement=False))
+    cols += [col("AccessTime", Integer), col("qTimeStamp", Integer), col("qFlags", Integer),
+             col("qSpare", String(64))]
+    if tdef.level == "Image":
+        cols += [col("ObjectFile", String(255)), col("DeviceName", String(32))]
+    table = Table(name(tdef.table), metadata, *cols)
+    lower = tdef.table.lower()
+    parent = tdef.parent
+    if parent is not None:
+        # Conquest indexes the link to the parent, and (parent, key) pairs
+        Index(ident(f"{lower}_{parent.column.lower()}"), table.c[parent.column])
+        Index(ident(f"{lower}_{parent.column.lower()}_key"), table.c[parent.column], table.c[tdef.key.column])
+    pid = tdef.by_tag(_PATIENT_ID)
+    if tdef.level in ("Series", "Image") and pid is not None and pid is not parent:
+        Index(ident(f"{lower}_{pid.column.lower()}"), table.c[pid.column])
+    if tdef.level == "Image":
+        Index(ident(f"{lower}_objectfile"), table.c["ObjectFile"])
+    return table
+
+
+def conquest_tables(schema: Schema, fold: bool = False, metadata: MetaData | None = None) -> dict[str, Table]:
+    """Conquest's tables for every section of a parsed ``dicom.sql``, by level, on ``metadata``.
+
+    Identifiers are never quoted, so PostgreSQL folds them to lower case exactly as it does in a
+    user's hand-written SQL. ``fold`` gives lower-case names (PostgreSQL); SQLite keeps Conquest's
+    spelling, so ``select *`` returns ``SeriesInst`` as pyconquest code expects. Column keys are
+    always Conquest's spelling. Their columns follow the user's file, so no migration names them:
+    :func:`pacsbridge.shared.core.migrations.upgrade` creates what the database lacks of them.
     """
-    from sqlalchemy import inspect, text
-    from sqlalchemy.schema import CreateColumn
-
-    added = []
-    insp = inspect(conn)
-    for table in metadata.sorted_tables:
-        have = {c["name"].lower() for c in insp.get_columns(table.name)}
-        for column in table.columns:
-            if column.name.lower() not in have:
-                # identifiers and types from the metadata above, never from input
-                ddl = CreateColumn(column).compile(dialect=conn.dialect)
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
-                added.append(f"{table.name}.{column.name}")
-    return added
+    metadata = MetaData() if metadata is None else metadata
+    return {level: _conquest_table(metadata, tdef, fold) for level, tdef in schema.tables.items()}

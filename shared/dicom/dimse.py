@@ -5,7 +5,7 @@ quiet failures (an association object that is simply not established) into
 a :class:`~pacsbridge.shared.core.errors.DimseError` that says what happened:
 refused (with the peer's result, source and reason), aborted, timed out or
 unreachable. The maximum PDU we accept is unlimited (``0``): pynetdicom
-reads large PDUs much faster (see ``notes/pynetdicom-speed.md``).
+reads large PDUs much faster (docs/performance.md, "pynetdicom as a C-STORE SCP").
 
 Every association has deadlines: the TCP connection (at most 10 s), the
 ACSE and DIMSE answers, and every PDU read (:func:`_deadline_reads`): a peer
@@ -36,7 +36,8 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (made at import time)
+    StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from pacsbridge.shared.core.errors import DimseError
 from pacsbridge.shared.dicom.reactor import install_on_request

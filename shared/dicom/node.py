@@ -70,7 +70,7 @@ class Node:
             if name not in merged:
                 continue
             value = merged[name]
-            want = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(f.type)]
+            want: Any = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(f.type)]
             if isinstance(value, bool) and want is not bool:
                 raise InvalidRequest(f"expected {f.type}", name)
             if not isinstance(value, want):

@@ -55,7 +55,8 @@ from typing import Any
 
 from pacsbridge.shared.core.config import initial_settings
 
-__all__ = ["bounded_reads", "install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
+__all__ = ["bounded_reads", "install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open",
+           "RUN_LOOP_DELAY",
            "SUPPORTED", "WAIT_CAP"]
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int 
     PDVs (pynetdicom reads a PDU's 6-byte header, then its body: the reads alternate).
     """
     raw = getattr(assoc_socket, "socket", None)
-    bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout), timeout)
+    bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout or 0.0), timeout or 0.0)
     pdu_type = [-1]  # of the header just read; -1: the next read is a header
 
     def recv(nr_bytes: int) -> bytearray:

@@ -1,8 +1,9 @@
 """The Conquest-compatible index (DICOMPatients / Studies / Series / Images).
 
-Tables are built from a :class:`~pacsbridge.shared.core.dicomsql.Schema` with
-SQLAlchemy Core. Identifiers are never quoted, so PostgreSQL folds them to
-lower case exactly as it does in a user's hand-written SQL, and
+Its tables are declared by :func:`pacsbridge.shared.core.schema.conquest_tables`
+from a parsed ``dicom.sql``, and made or brought up to date by the migrations
+(:meth:`Index.create`). Identifiers are never quoted, so PostgreSQL folds them
+to lower case exactly as it does in a user's hand-written SQL, and
 ``select SeriesInst from DICOMSeries`` runs unchanged on SQLite and on
 PostgreSQL.
 
@@ -20,16 +21,16 @@ import logging
 import time
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (CHAR, Column, Float, Index as SAIndex, Integer, MetaData, String, Table, Text, bindparam,
-                        func, inspect, literal, select, text, union_all, update)
+from sqlalchemy import (MetaData, String, Table, bindparam, func, inspect, literal, select, text, union_all,
+                        update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.sql.elements import quoted_name
 
-from pacsbridge.shared.core.dicomsql import LEVELS, Schema, TableDef
+from pacsbridge.shared.core.dicomsql import LEVELS, Schema
 from pacsbridge.shared.core.errors import IndexError_, QueryError
+from pacsbridge.shared.core.schema import arrivals_table, conquest_tables, ident
 from pacsbridge.shared.index.records import Rows
 
-__all__ = ["Index", "build_metadata", "ident"]
+__all__ = ["Index", "ident"]
 
 log = logging.getLogger(__name__)
 
@@ -37,69 +38,6 @@ log = logging.getLogger(__name__)
 _STUDY_MODALITY = 0x00080061
 _MODALITY = 0x00080060
 _PATIENT_ID = 0x00100020
-
-
-def ident(name: str) -> quoted_name:
-    """An identifier SQLAlchemy renders unquoted (PostgreSQL folds it)."""
-    return quoted_name(name, quote=False)
-
-
-def _sa_type(col: Any) -> Any:
-    if col.sql_type == "SQL_C_DATE":
-        return CHAR(8)
-    if col.length > 1000:
-        return Text()
-    return String(col.length)
-
-
-def _table(metadata: MetaData, tdef: TableDef, fold: bool) -> Table:
-    def name(n: str) -> quoted_name:
-        return ident(n.lower() if fold else n)
-
-    def col(n: str, *args: Any, **kw: Any) -> Column:  # type: ignore[type-arg]
-        return Column(name(n), *args, key=n, **kw)
-
-    cols = []
-    for i, c in enumerate(tdef.columns):
-        primary = i == 0 and tdef.level != "WorkList"
-        cols.append(col(c.column, _sa_type(c), primary_key=primary, nullable=not primary, autoincrement=False))
-    cols += [col("AccessTime", Integer), col("qTimeStamp", Integer), col("qFlags", Integer),
-             col("qSpare", String(64))]
-    if tdef.level == "Image":
-        cols += [col("ObjectFile", String(255)), col("DeviceName", String(32))]
-    table = Table(name(tdef.table), metadata, *cols)
-    lower = tdef.table.lower()
-    parent = tdef.parent
-    if parent is not None:
-        # Conquest indexes the link to the parent, and (parent, key) pairs
-        SAIndex(ident(f"{lower}_{parent.column.lower()}"), table.c[parent.column])
-        SAIndex(ident(f"{lower}_{parent.column.lower()}_key"), table.c[parent.column], table.c[tdef.key.column])
-    pid = tdef.by_tag(_PATIENT_ID)
-    if tdef.level in ("Series", "Image") and pid is not None and pid is not parent:
-        SAIndex(ident(f"{lower}_{pid.column.lower()}"), table.c[pid.column])
-    if tdef.level == "Image":
-        SAIndex(ident(f"{lower}_objectfile"), table.c["ObjectFile"])
-    return table
-
-
-def build_metadata(schema: Schema, fold: bool = False) -> tuple[MetaData, dict[str, Table]]:
-    """SQLAlchemy tables for every section of ``schema``.
-
-    ``fold`` gives lower-case names (PostgreSQL, where unquoted identifiers fold
-    to lower case); SQLite keeps Conquest's spelling, so ``select *`` returns
-    ``SeriesInst`` as pyconquest code expects. Column keys are always
-    Conquest's spelling.
-    """
-    metadata = MetaData()
-    tables = {level: _table(metadata, tdef, fold) for level, tdef in schema.tables.items()}
-    # not Conquest's: who sent each instance, and when (for jobs and stable-study detection)
-    tables["Arrival"] = Table(
-        "pacsbridge_arrivals", metadata,
-        Column("sop_uid", String(64), primary_key=True, autoincrement=False),
-        Column("series_uid", String(64), index=True), Column("study_uid", String(64), index=True),
-        Column("patient_id", String(64)), Column("calling_ae", String(16)), Column("association", String(36)),
-        Column("arrived_at", Float, index=True), Column("object_file", String(255)))
-    return metadata, tables
 
 
 def _merge_modalities(*values: str | None) -> str | None:
@@ -127,50 +65,53 @@ class Index:
         self.engine = engine
         self.schema = schema
         self.dialect = engine.dialect.name
-        self.metadata, self.tables = build_metadata(schema, fold=self.dialect == "postgresql")
+        #: Conquest's tables, from the dicom.sql (on a MetaData of their own)
+        self.metadata = MetaData()
+        self.tables: dict[str, Table] = conquest_tables(schema, fold=self.dialect == "postgresql",
+                                                        metadata=self.metadata)
+        # not Conquest's: who sent each instance, and when (for jobs and stable-study detection)
+        self.tables["Arrival"] = arrivals_table
+        insert: Any
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         elif self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[no-redef]
         else:  # pragma: no cover - make_engine refuses others
             raise IndexError_(f"unsupported database {self.dialect}")
         self._insert = insert
         self._upserts = {level: self._upsert_statement(level) for level in LEVELS}
         st = schema["Study"].by_tag(_STUDY_MODALITY)
         mo = schema["Series"].by_tag(_MODALITY)
-        self._study_modality = st.column if st is not None else None
+        self._study_modality: Any = st.column if st is not None else None
         self._study_modality_len = st.length if st is not None else 0
-        self._series_modality = mo.column if mo is not None else None
+        self._series_modality: Any = mo.column if mo is not None else None
 
     # -- schema -------------------------------------------------------------
-    def create(self, force: bool = False) -> None:
-        """Create the tables (and indexes) that do not exist; ``force`` drops them first.
+    def create(self, force: bool = False) -> list[str]:
+        """Bring the database to the current schema (the migrations, docs/migrations.md); returns what was done.
 
-        ``force`` is pyconquest's ``create_standard_dicom_tables``: it empties
-        the index, never the storage. The tables of nodes and jobs
-        (:mod:`pacsbridge.shared.jobs.store`) are created too, and never dropped.
+        Every table is made or completed: pacsbridge's (jobs, nodes, ...) by the revisions,
+        Conquest's from this index's ``dicom.sql`` (a column the file has and the table lacks is
+        added). Nothing is dropped, except with ``force``, pyconquest's
+        ``create_standard_dicom_tables``: it empties the index (Conquest's tables and the
+        arrivals), never the storage, and never the tables of nodes and jobs.
         """
         from sqlalchemy.exc import DBAPIError
 
-        from pacsbridge.shared.core.schema import metadata as jobs_metadata
-        from pacsbridge.shared.core.schema import upgrade as upgrade_jobs
+        from pacsbridge.shared.core import migrations
 
+        index = [*self.metadata.sorted_tables, arrivals_table]
         for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
-                    if force:
-                        self.metadata.drop_all(conn)
-                    self.metadata.create_all(conn)
-                    jobs_metadata.create_all(conn)
-                    upgrade_jobs(conn)  # columns added since the tables were made
-                return
+                    return migrations.upgrade(conn, index, drop=index if force else ())
             except DBAPIError:
-                # another process (a second API or worker process starting at the same moment)
-                # created the same table between our check and our CREATE: check again
+                # another process (a second API or worker process starting at the same moment) was
+                # creating the same table, and the lock did not cover it: check again
                 if attempt == 4:
                     raise
-                force = False
                 time.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def exists(self) -> bool:
         """True when the image table exists."""
@@ -178,7 +119,8 @@ class Index:
         return self.schema["Image"].table.lower() in names
 
     def check_columns(self) -> list[str]:
-        """Columns the schema defines but the database lacks (an old dicom.sql)."""
+        """Columns the schema defines but the database lacks (an old dicom.sql): none after :meth:`create`,
+        which adds them, except a key column of another dicom.sql (``init --force`` and ``rebuild``)."""
         insp = inspect(self.engine)
         missing = []
         for level in LEVELS:
@@ -191,13 +133,13 @@ class Index:
     def _upsert_statement(self, level: str) -> Any:
         table = self.tables[level]
         key = self.schema[level].key.column
-        stmt = self._insert(table)
+        stmt: Any = self._insert(table)
         keep_first = {"qTimeStamp", "AccessTime", "qFlags", "qSpare"}
         changes = {c: func.coalesce(stmt.excluded[c.key], c)
                    for c in table.columns if c.key != key and c.key not in keep_first}
-        if level == "Study" and self._study_modality_col(table):
-            # set afterwards from the series, see _update_study_modalities
-            changes.pop(table.c[self._study_modality_col(table)], None)
+        modality = self._study_modality_col(table) if level == "Study" else None
+        if modality:  # set afterwards from the series, see _update_study_modalities
+            changes.pop(table.c[modality], None)
         stmt = stmt.on_conflict_do_update(index_elements=[table.c[key]], set_=changes)
         if self.dialect == "postgresql":
             # with RETURNING, SQLAlchemy batches an ON CONFLICT executemany into multi-row
@@ -282,7 +224,7 @@ class Index:
                 return self.record_arrivals(arrivals, own)
         table = self.tables["Arrival"]
         latest = {a["sop_uid"]: a for a in sorted(arrivals, key=lambda a: a["arrived_at"])}
-        stmt = self._insert(table)
+        stmt: Any = self._insert(table)
         stmt = stmt.on_conflict_do_update(
             index_elements=[table.c.sop_uid],
             set_={c: stmt.excluded[c.key] for c in table.columns if c.key != "sop_uid"},
@@ -486,7 +428,7 @@ class Index:
         with self.engine.connect() as conn:
             per = conn.execute(select(ser.c[pid.column], ser.c[mod], func.count())
                                .group_by(ser.c[pid.column], ser.c[mod])).all()
-            images = dict(conn.execute(select(ser.c[pid.column], func.count())
+            images: dict[Any, int] = dict(conn.execute(select(ser.c[pid.column], func.count())
                                        .select_from(img.join(ser, ser.c[skey] == img.c[ilink]))
                                        .group_by(ser.c[pid.column])).all())
         standard = ["CT", "MR", "PT", "RTSTRUCT", "RTDOSE", "RTPLAN"]

@@ -17,7 +17,7 @@ class Context(NamedTuple):
     """What most commands need: the settings, the index and the storage."""
 
     settings: Settings
-    index: Index
+    index: Index  # type: ignore[assignment]  # (a field, where tuple has a method of that name)
     storage: Storage
 
 

@@ -66,7 +66,8 @@ def select_files(index: Index, *, patient: str | None = None, study: str | None 
             ikey = index.schema["Image"].key.column
             for i in range(0, len(values), 500):
                 for r in conn.execute(img.select().with_only_columns(
-                        img.c[ikey].label("sop"), img.c.ObjectFile.label("ObjectFile"), img.c.DeviceName.label("DeviceName"))
+                        img.c[ikey].label("sop"), img.c.ObjectFile.label("ObjectFile"),
+                        img.c.DeviceName.label("DeviceName"))
                         .where(img.c.ObjectFile.in_(values[i:i + 500]))):
                     if r.ObjectFile in wanted:
                         out.append(dict(r._mapping))

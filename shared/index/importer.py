@@ -385,7 +385,7 @@ class Importer:
         return _Job(self.index.schema, self.storage, mode, frozenset(tags), needs_dataset(self.index.schema),
                     confine)
 
-    def _run(self, mode: str, sources: Sequence[Source], on_batch: Callable[[list[Outcome]], None],
+    def _run(self, mode: str, sources: Sequence[Source], on_batch: Callable[[list[Outcome]], Any],
              report: Report, already_done: int = 0, confine: str | None = None,
              cancel: threading.Event | None = None) -> None:
         total = len(sources) + already_done
@@ -592,7 +592,8 @@ class Importer:
             return (("Study", rows["Study"][skey]), ("Series", rows["Series"][sekey]), ("Image", o.sop))
 
         owners, known = self.index.owners([o.rows["Study"][skey] for o in outcomes],  # type: ignore[index]
-                                          [o.rows["Series"][sekey] for o in outcomes], [o.sop for o in outcomes])
+                                          [o.rows["Series"][sekey] for o in outcomes],  # type: ignore[index]
+                                          [o.sop for o in outcomes])
         claimed: dict[str, dict[str, str]] = {"Study": {}, "Series": {}, "Image": {}}
         found: dict[int, tuple[str, str, str]] = {}
         for o in outcomes:

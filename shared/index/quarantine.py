@@ -91,7 +91,7 @@ class Quarantine:
         with self.engine.begin() as conn:
             result = conn.execute(insert(table).values(reason=reason, relpath=relpath[:255], detail=detail[:2000],
                                                        created_at=time.time(), **values))
-            return int(result.inserted_primary_key[0])
+            return int(result.inserted_primary_key[0])  # type: ignore[index]
 
     def relocate(self, entry_id: int, relpath: str, detail: str) -> None:
         """Say where an entry's file lies after all (it could not be moved)."""

@@ -72,7 +72,7 @@ class Header:
         return default if value is None else value
 
 
-_REQUIRED_TAGS = {k: tag_for_keyword(k) for k in REQUIRED_UIDS}
+_REQUIRED_TAGS: dict[str, int] = {k: int(tag_for_keyword(k)) for k in REQUIRED_UIDS}  # type: ignore[arg-type]
 
 
 def _element_value(ds: Any, tag: int) -> Any:

@@ -489,7 +489,7 @@ class Storage:
                 elif hasattr(source, "read") and not hasattr(source, "madvise"):
                     shutil.copyfileobj(source, out, 1 << 20)
                 else:
-                    out.write(source)  # bytes, memoryview, mmap
+                    out.write(source)  # type: ignore[arg-type]  # bytes, memoryview, mmap
                 out.flush()
                 self.settle(out.fileno())
                 size = out.tell()

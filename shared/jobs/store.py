@@ -1,4 +1,4 @@
-"""Nodes and jobs, kept as rows in the index database (DESIGN.md, contract 3).
+"""Nodes and jobs, kept as rows in the index database (docs/architecture.md, contract 3).
 
 Tables (declared in :mod:`pacsbridge.shared.core.schema`)::
 
@@ -20,6 +20,7 @@ is queued or running returns that job (``dedupe_key``).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,8 @@ from sqlalchemy import and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
-from pacsbridge.shared.core.schema import COUNTERS, jobs_table, metadata, nodes_table, series_table, upgrade
+from pacsbridge.shared.core import migrations
+from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, series_table
 from pacsbridge.shared.dicom.node import Node
 
 __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FINISHED", "KINDS",
@@ -145,10 +147,9 @@ class JobStore:
         self.engine = engine
 
     def create(self) -> None:
-        """Create the tables if missing, and their newer columns (idempotent)."""
+        """Bring pacsbridge's tables to the current schema (the migrations; idempotent)."""
         with self.engine.begin() as conn:
-            metadata.create_all(conn, checkfirst=True)
-            upgrade(conn)
+            migrations.upgrade(conn)
 
     # -- nodes --------------------------------------------------------------
     def add_node(self, node: Node) -> Node:
@@ -380,7 +381,7 @@ class JobStore:
             conn.execute(update(series_table).where(and_(
                 series_table.c.job_id == job_id, series_table.c.series_uid == series_uid)).values(**values))
 
-    def series(self, job_id: str) -> list[SeriesProgress]:
+    def series(self, job_id: str) -> builtins.list[SeriesProgress]:
         return self.get(job_id).series
 
     def set_webhook_status(self, job_id: str, status: str) -> None:
@@ -398,7 +399,7 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(enqueued_at=None))
 
-    def due_for_enqueue(self, resend_after: float, stale_after: float) -> list[str]:
+    def due_for_enqueue(self, resend_after: float, stale_after: float) -> builtins.list[str]:
         """Jobs whose message may be lost, each taken by one caller only.
 
         Queued jobs never enqueued or not re-sent for ``resend_after`` seconds
@@ -412,7 +413,7 @@ class JobStore:
         due = or_(and_(c.state == "queued", or_(c.enqueued_at.is_(None), c.enqueued_at < now - resend_after)),
                   and_(c.state == "running", c.heartbeat_at < now - stale_after,
                        or_(c.enqueued_at.is_(None), c.enqueued_at < now - stale_after)))
-        taken: list[str] = []
+        taken: builtins.list[str] = []
         with self.engine.begin() as conn:
             candidates = [r[0] for r in conn.execute(select(c.id).where(due).order_by(c.created_at).limit(1000))]
             for job_id in candidates:
@@ -421,7 +422,7 @@ class JobStore:
                     taken.append(job_id)
         return taken
 
-    def active_jobs(self, kinds: Sequence[str] = KINDS) -> list[Job]:
+    def active_jobs(self, kinds: Sequence[str] = KINDS) -> builtins.list[Job]:
         """Queued or running jobs (for a worker that resumes after a restart)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs_table).where(and_(

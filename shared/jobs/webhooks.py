@@ -222,7 +222,7 @@ def _resolve(host: str, port: int) -> list[Address]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     seen: list[Address] = []
     for info in infos:
-        address = _canonical(ipaddress.ip_address(info[4][0].split("%")[0]))
+        address = _canonical(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
         if address not in seen:
             seen.append(address)
     return seen

@@ -31,13 +31,14 @@ from pydicom.uid import (UID, HTJ2K, AllTransferSyntaxes, DeflatedExplicitVRLitt
                          JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 from pynetdicom import StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (made at import time)
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
 
 from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
-from pacsbridge.shared.dicom.dimse import PENDING, STATUS_CANCEL, FindResult, associate, describe_status, find_all, interrupt, lost
+from pacsbridge.shared.dicom.dimse import (PENDING, STATUS_CANCEL, FindResult, associate, describe_status, find_all,
+                                           interrupt, lost)
 from pacsbridge.shared.core.errors import DimseError, InvalidDataset, StorageError
 from pacsbridge.shared.dicom.filemeta import encoded_instance
 from pacsbridge.shared.dicom.node import Node
@@ -388,7 +389,7 @@ class GetDownloader:
                     contexts += [build_context(uid, [ts]) for ts in compressed]
                 classes = list(key)
             else:
-                classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:MAX_CONTEXTS - 1]
+                classes = [str(cx.abstract_syntax) for cx in StoragePresentationContexts][:MAX_CONTEXTS - 1]
                 syntaxes = list(_UNCOMPRESSED) + [ts for ts in GET_COMPRESSED if ts not in _UNCOMPRESSED]
                 contexts = [build_context(model)] + [build_context(uid, syntaxes) for uid in classes]
             self._proposals[key] = (contexts, [build_role(uid, scp_role=True) for uid in classes])

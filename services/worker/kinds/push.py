@@ -53,7 +53,6 @@ from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import and_, delete, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
@@ -63,7 +62,6 @@ from pacsbridge.shared.core.errors import DimseError, InvalidRequest
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
-from pacsbridge.shared.core.schema import metadata as jobs_metadata
 from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.worker.selection import Instance, describe, resolve
 from pacsbridge.shared.dicom.sender import FastStore, SendFailed, file_meta
@@ -134,14 +132,6 @@ class PushReport:
     cancelled: bool = False
     per_series: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: float = 0.0
-
-
-def ensure_table(engine: Engine) -> None:
-    """Create ``pacsbridge_push_instances`` if missing (two workers at once are fine)."""
-    try:
-        jobs_metadata.create_all(engine, checkfirst=True)
-    except DBAPIError:  # created by another worker between the check and the CREATE
-        jobs_metadata.create_all(engine, checkfirst=True)
 
 
 def acknowledged(engine: Engine, job_id: str) -> set[str]:
@@ -259,7 +249,7 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
     fallback = (f.sop_class, f.transfer_syntax) not in ok
     try:
         if not fallback and fast is not None:
-            rsp = fast.store(inst.path, f.sop_class, inst.sop_uid, f.transfer_syntax)
+            rsp = fast.store(str(inst.path), f.sop_class, inst.sop_uid, f.transfer_syntax)
         elif not fallback:
             rsp = assoc.send_c_store(inst.path)  # as stored: the file is not decoded
         else:  # the peer refused the file's own transfer syntax
@@ -281,7 +271,7 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
                     str(lost(node, assoc, "C-STORE", TIMEOUT)), fallback)
     if code == 0 or code in _WARNINGS or 0xB000 <= code <= 0xBFFF:
         return Sent(inst.sop_uid, inst.series_uid, True, code, "" if code == 0 else describe_status(code), fallback)
-    comment = f": {rsp.ErrorComment}" if "ErrorComment" in rsp else ""
+    comment = f": {rsp.ErrorComment}" if rsp is not None and "ErrorComment" in rsp else ""
     return Sent(inst.sop_uid, inst.series_uid, False, code, f"C-STORE answered {describe_status(code)}{comment}",
                 fallback)
 
@@ -648,8 +638,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     if not node.allow_store:
         raise InvalidRequest(f"node {node.name!r} does not accept pushes (allow_store is false)", "node")
     engine = ctx.index.engine
-    ensure_table(engine)
-    selection = job.params.get("selection")
+    selection = job.params.get("selection") or {}
     selected = resolve(ctx.index, ctx.storage, selection, jobs)
     if not selected.instances and not selected.rejected:
         raise InvalidRequest(f"no stored instance matches {describe(selection)}", "selection")

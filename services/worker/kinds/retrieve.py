@@ -139,7 +139,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
                                    modality=ref.modality[:16], description=ref.description,
                                    expected=ref.expected or 0, received=have, indexed=have,
                                    failed=0, state="done" if done else "queued",
-                                   error="" if done else (previous.get(ref.series_uid).error
+                                   error="" if done else (previous[ref.series_uid].error
                                                           if ref.series_uid in previous else "")))
     jobs.set_series(job.id, rows)
     result["expected"] = sum(r.expected for r in rows)
