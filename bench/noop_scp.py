@@ -75,7 +75,7 @@ def make_ae(aet: str) -> Any:
 
 def on_conn_open(event: Any) -> None:
     """The listener's per-association tuning (its DUL poll delay, TCP_NODELAY, and the waiting
-    reactors of ``pacsbridge.shared.dicom.reactor``; ``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's
+    reactors of ``pacsbridge.shared.dicom.compat.reactor``; ``PACSBRIDGE_REACTOR=poll`` keeps pynetdicom's
     polling, as for the listener)."""
     from pacsbridge.listener.handlers import tune_association
 

@@ -37,7 +37,7 @@ Steps:
 
 Knobs read by the push code (set them in the environment of this script):
 ``PACSBRIDGE_PUSH_FAST=0`` sends with pynetdicom's own ``send_c_store`` (one
-queued P-DATA per PDU) instead of :mod:`pacsbridge.shared.dicom.sender`;
+queued P-DATA per PDU) instead of :class:`pacsbridge.shared.dicom.compat.store.FastStore`;
 ``PACSBRIDGE_PUSH_PROCESSES=1`` runs each association in its own sender
 process; ``PACSBRIDGE_RUN_LOOP_DELAY`` is pynetdicom's polling delay.
 

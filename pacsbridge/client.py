@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from pacsbridge.shared.core.config import load_settings
 
-__all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS"]
+__all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS", "check_job", "check_query"]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 #: Query flags shared by ``find`` and ``retrieve`` (the query model of the jobs).
@@ -217,7 +217,49 @@ def _finish(api: ApiClient, job: dict[str, Any], args: argparse.Namespace) -> in
     return _JOB_EXIT.get(done["state"], EXIT_FAILED)
 
 
+#: The option that sets a field of a request (what an error names), where it is not ``--<field>``.
+_OPTION_OF = {"selection.PatientID": "--PatientID", "selection.StudyInstanceUID": "--StudyInstanceUID",
+              "selection.SeriesInstanceUID": "--SeriesInstanceUID", "selection.job": "--job", "template": "--layout",
+              "min_study_date": "--StudyDate", "max_study_date": "--StudyDate", "include_fields": "--include",
+              "ae_title": "--aet", "move_destination": "--move-destination", "max_associations": "--max-associations",
+              "max_rate": "--max-rate", "move_window": "--move-window", "query": "the query"}
+
+
+def _refused_here(exc: Exception) -> ClientError:
+    """A request the shared models refuse, said with the option to change (exit 2, nothing sent)."""
+    field = getattr(exc, "field", "") or ""
+    message = str(exc)
+    if field and message.startswith(f"{field}: "):
+        message = message[len(field) + 2:]
+    option = _OPTION_OF.get(field) or (f"--{field}" if field and "." not in field else field)
+    return ClientError(-1, f"{option}: {message}" if option else message)
+
+
+def check_job(body: dict[str, Any]) -> None:
+    """Check a job request with the models the API and the worker check it with
+    (:mod:`pacsbridge.shared.jobs.spec`), before sending it. The webhook's allow-list is the API's to check."""
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.jobs.spec import validate
+
+    try:
+        validate(body)
+    except InvalidRequest as exc:
+        raise _refused_here(exc) from None
+
+
+def check_query(query: dict[str, Any]) -> None:
+    """Check a query with the query model of the API (:class:`pacsbridge.shared.dicom.query.QueryModel`)."""
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.dicom.query import Query
+
+    try:
+        Query.from_dict(query)
+    except InvalidRequest as exc:
+        raise _refused_here(exc) from None
+
+
 def _submit(api: ApiClient, body: dict[str, Any]) -> dict[str, Any]:
+    check_job(body)
     answer = api.post("jobs", body)
     return answer if "state" in answer else api.get(f"jobs/{answer['id']}")  # type: ignore[no-any-return]
 
@@ -231,6 +273,7 @@ def cmd_echo(api: ApiClient, args: argparse.Namespace) -> int:
 
 def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
     query = _query_from(args)
+    check_query(query)
     answer = api.post(f"nodes/{urllib.parse.quote(args.node, safe='')}/query", query)
     results = answer.get("results", answer) if isinstance(answer, dict) else answer
     if not results:
@@ -349,6 +392,13 @@ def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
         for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window"):
             if getattr(args, opt) is not None:
                 node[opt] = getattr(args, opt)
+        from pacsbridge.shared.core.errors import InvalidRequest
+        from pacsbridge.shared.dicom.node import Node
+
+        try:  # the API's own node model, before anything is sent
+            Node.from_dict(node)
+        except InvalidRequest as exc:
+            raise _refused_here(exc) from None
         api.post("nodes", node)
     elif args.action == "rm":
         api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")

@@ -274,3 +274,23 @@ def test_export_never_follows_a_link_inside_dest(settings, tmp_path):
     assert list(outside.iterdir()) == []
     assert (dest / "LNK2" / b.StudyInstanceUID / f"{b.SOPInstanceUID}.dcm").is_file()
     assert a.SOPInstanceUID not in " ".join(str(p) for p in dest.rglob("*"))
+
+
+@pytest.mark.parametrize("args, option", [
+    (["push", "pacs", "--PatientID", "P*"], "--PatientID"),
+    (["repack", "--dest", "../out", "--PatientID", "P1"], "--dest"),
+    (["repack", "--dest", "out", "--layout", "{PatientID|evil}", "--PatientID", "P1"], "--layout"),
+    (["retrieve", "pacs", "--PatientID", "P1", "--include", "ReferencedSeriesSequence"], "--include"),
+    (["find", "pacs", "--PatientName", "*"], "the query"),
+    (["nodes", "add", "pacs", "--aet", "A\\B", "--host", "h", "--port", "104"], "--aet"),
+])
+def test_the_client_checks_requests_with_the_apis_models_before_sending(args, option):
+    """Issue 15 item 3: the CLI builds job specs, queries and nodes and checks them with the models the API
+    and the worker use: refused here (exit 2, the option named), nothing sent (the API is not even up)."""
+    from .test_listener import free_port
+
+    env = {"PACSBRIDGE_API_URL": f"http://127.0.0.1:{free_port()}", "PACSBRIDGE_API_TOKEN": "t" * 20,
+           "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    proc = subprocess.run(EXE + args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert option in proc.stderr and "cannot reach" not in proc.stderr, proc.stderr

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from sqlalchemy import select
 
 from pacsbridge.shared.dicom import dimse
 from pacsbridge.shared.nodes import throttle
 from pacsbridge.shared.core.db import make_engine
+from pacsbridge.shared.core.schema import node_leases_table
 from pacsbridge.shared.core.errors import DimseError
 from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.shared.dicom.node import Node
@@ -97,9 +99,11 @@ class _ClosingCheckpoint(threading.Event):
         super().__init__()
         self.set()
         self.passes = 0
+        self.entered = 0  # calls of wait(), counted before it blocks
         self.on_close = on_close
 
     def wait(self, timeout=None):  # type: ignore[no-untyped-def]
+        self.entered += 1
         ok = super().wait(timeout)
         self.passes += 1
         if self.passes == 1:
@@ -116,7 +120,7 @@ def test_the_waiting_reactor_never_takes_a_response_meant_for_a_send(monkeypatch
     import queue as queue_mod
     from types import SimpleNamespace
 
-    from pacsbridge.shared.dicom import reactor
+    from pacsbridge.shared.dicom.compat import reactor
 
     msgs: queue_mod.Queue = queue_mod.Queue()
     taken_while_closed = []
@@ -138,7 +142,10 @@ def test_the_waiting_reactor_never_takes_a_response_meant_for_a_send(monkeypatch
     wake = threading.Event()
     thread = threading.Thread(target=reactor._run_association, args=(assoc, wake), daemon=True)
     thread.start()
-    time.sleep(0.1)  # the reactor now sits at the closed checkpoint
+    deadline = time.monotonic() + 10
+    while checkpoint.entered < 2 and time.monotonic() < deadline:  # until it sits at the closed checkpoint
+        time.sleep(0.001)
+    assert checkpoint.entered == 2 and checkpoint.passes == 1
     assert assoc._is_paused
     assert msgs.get_nowait() == (1, "C-ECHO-RSP")  # the requestor gets its response
     assoc._kill = True
@@ -198,7 +205,7 @@ def test_node_slots_never_exceed_the_limit(engine):
 
 def test_lease_of_a_killed_holder_expires(engine, db_url, monkeypatch):
     monkeypatch.setattr(throttle, "LEASE_SECONDS", 1.0)
-    code = ("import os, time, sys\nos.environ['PACSBRIDGE_LEASE_SECONDS'] = '1'\n"
+    code = ("import os, time, sys\nos.environ['PACSBRIDGE_LEASE_SECONDS'] = '3'\n"
             "from pacsbridge.shared.nodes import throttle\nfrom pacsbridge.shared.core.db import make_engine\n"
             "from pacsbridge.shared.dicom.node import Node\n"
             "n = Node(name='n', ae_title='N', host='h', port=1, max_associations=1)\n"
@@ -207,8 +214,22 @@ def test_lease_of_a_killed_holder_expires(engine, db_url, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     node = Node(name="n", ae_title="N", host="h", port=1, max_associations=1)
-    with pytest.raises(throttle.SlotTimeout):  # a live holder keeps renewing its lease
-        with throttle.NodeSlots(engine, node, "me").acquire(timeout=1.5):
+
+    def expiry() -> float:
+        with engine.begin() as conn:
+            return float(conn.execute(select(node_leases_table.c.expires_at)
+                                      .where(node_leases_table.c.node == "n")).scalar_one())
+
+    # a live holder keeps renewing its lease (3 s, renewed every second): seen renewed twice, its slot is busy
+    seen = [expiry()]
+    deadline = time.monotonic() + 30
+    while len(seen) < 3 and time.monotonic() < deadline:
+        if expiry() > seen[-1]:
+            seen.append(expiry())
+        time.sleep(0.05)
+    assert len(seen) == 3, seen
+    with pytest.raises(throttle.SlotTimeout):
+        with throttle.NodeSlots(engine, node, "me").acquire(timeout=0.5):
             pass
     proc.kill()
     proc.wait()
@@ -244,16 +265,16 @@ def test_move_window():
 
 
 def test_larger_reads_keep_pynetdicoms_recv_contract():
-    """shared/dicom/reactor.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
+    """shared/dicom/compat/reads.py's 32 kB reads: exactly nr_bytes across many chunks, what came before a close."""
     import socket
     from types import SimpleNamespace
 
-    from pacsbridge.shared.dicom import reactor
+    from pacsbridge.shared.dicom.compat import reads
 
     a, b = socket.socketpair()
     try:
         holder = SimpleNamespace(socket=a)
-        reactor._larger_reads(holder)
+        reads.deadline_reads(holder)
         payload = bytes(range(256)) * 1000  # 256,000 bytes: 8 chunks
         sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
         sender.start()
@@ -344,17 +365,20 @@ def test_connection_failures_say_what_happened():
 
 
 def test_deadline_reads_keep_pynetdicoms_recv_contract_and_give_up_on_a_stalled_pdu():
-    """shared/dicom/dimse.py's reads: exactly nr_bytes across chunks, nothing past it, what came before a close,
+    """Our associations' reads (compat.requestor.deadline_reads_for): exactly nr_bytes across chunks, nothing
+    past it, what came before a close,
     and a TimeoutError (pynetdicom: connection closed) when a PDU stops arriving for longer than the timeout."""
     import socket
     import struct
     from types import SimpleNamespace
 
+    from pacsbridge.shared.dicom.compat.requestor import deadline_reads_for
+
     a, b = socket.socketpair()
     try:
         holder = SimpleNamespace(socket=a, tls_args=None)
         net = dimse._Net(1.0)
-        dimse._deadline_reads(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
+        deadline_reads_for(SimpleNamespace(dul=SimpleNamespace(socket=holder)), net)
         payload = bytes(range(256)) * 1000
         sender = threading.Thread(target=lambda: (b.sendall(payload + b"NEXT"), b.sendall(b"tail")))
         sender.start()

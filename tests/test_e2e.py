@@ -131,6 +131,24 @@ def _pixels(data: bytes) -> str:
     return hashlib.sha256(ds.PixelData).hexdigest()
 
 
+def _wait_until_allowed(port: int, calling_ae: str, timeout: float = 30.0) -> None:
+    """Until the listener on ``port`` accepts an association (a C-ECHO) from ``calling_ae``."""
+    from pacsbridge.shared.core.errors import DimseError
+    from pacsbridge.shared.dicom import dimse
+    from pacsbridge.shared.dicom.node import Node
+
+    listener = Node(name="listener", ae_title="PACSBRIDGE", host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dimse.echo(listener, calling_ae, timeout=5)
+            return
+        except DimseError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_retrieve_over_http_then_push_to_a_second_node(tmp_path, pg_url):
     # the hospital PACS: pydicom's CT and MR plus a generated two-series CT study, one patient each
     files = [TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"]
@@ -151,7 +169,9 @@ def test_retrieve_over_http_then_push_to_a_second_node(tmp_path, pg_url):
                                                         "host": "127.0.0.1", "port": platform.dicom_port})[0] == 201
             status, echo = stack.call("POST", "/api/v1/nodes/hospital/echo")
             assert status == 200, echo
-            time.sleep(1.5)  # the listener re-reads the nodes every second here (30 s by default)
+            # the listener re-reads the nodes every second here (30 s by default): the C-MOVE's sub-operations
+            # come from the hospital's AE title, which it accepts once it has seen the new node
+            _wait_until_allowed(stack.dicom_port, "ORTHANC")
 
             # one HTTP call gets the patient's study into pacsbridge
             status, sub = stack.call("POST", "/api/v1/jobs", {"kind": "retrieve", "node": "hospital",

@@ -320,3 +320,39 @@ def test_cancel_of_a_running_import_job_stops_it(ctx, jobs, tmp_path, monkeypatc
     done = result[0]
     assert done.state == "cancelled"
     assert done.result["duplicate"] + done.result["stored"] < total  # it stopped before the end
+
+
+# -- one contract (issue 15 item 3): the models the API and the CLI check with, the worker checks too ---------
+def test_the_worker_checks_a_rows_params_with_the_request_models(ctx, jobs, tmp_path):
+    """A row the API would have refused (written by hand, or by an older release) fails before anything
+    is read or written, with the field named."""
+    ctx = ctx._replace(settings=ctx.settings.with_(import_root=tmp_path / "import"))
+    (tmp_path / "import" / "x").mkdir(parents=True)
+    for params, field in (({"path": "../x"}, "path"), ({"path": "x", "colour": "red"}, "colour"),
+                          ({"selection": {"PatientID": "P*"}, "dest": "d"}, "selection.PatientID")):
+        kind = "repack" if "selection" in params else "import"
+        job, _ = jobs.submit(kind, params)
+        done = runner.run_job(job.id, ctx, jobs)
+        assert done.state == "failed" and done.error.startswith(f"{field}: "), (params, done.error)
+
+
+def test_one_ae_title_rule_for_a_node_and_its_move_destination():
+    """The document and the code had two AE-title rules; a C-MOVE destination of spaces passed the code."""
+    import re
+
+    from pacsbridge.shared.dicom.node import AET_PATTERN, NodeModel
+
+    schema = NodeModel.model_json_schema()["properties"]
+    destination = next(s for s in schema["move_destination"]["anyOf"] if "pattern" in s)
+    assert schema["ae_title"]["pattern"] == destination["pattern"] == AET_PATTERN
+    for field in ("ae_title", "move_destination"):
+        for bad in ("   ", "A\\B", "A" * 17, "NUL\x00", ""):
+            if field == "move_destination" and bad == "":
+                continue  # '' is "our own AE title"
+            with pytest.raises(InvalidRequest) as info:
+                Node.from_dict({**PACS, field: bad})
+            assert info.value.field == field
+            assert not re.fullmatch(AET_PATTERN, bad) or len(bad) > 16
+        for good in ("PACS", " PACS", "A" * 16, "with space", "*ANY#"):
+            assert getattr(Node.from_dict({**PACS, field: good}), field) == good
+            assert re.fullmatch(AET_PATTERN, good)

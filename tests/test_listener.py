@@ -384,7 +384,9 @@ def test_chunked_mode_stores_and_indexes(tmp_path):
         assert len(stored) == 5
         for p in stored:
             assert read_header_ok(p)
-        time.sleep(1)
+        deadline = time.monotonic() + 20  # the last association's thread may still be ending
+        while list((root / ".incoming").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [p for p in (root / ".incoming").iterdir()] == []
     finally:
         stack.close()
@@ -423,7 +425,7 @@ def test_configured_nodes_may_store_from_their_own_address(tmp_path):
         ctx.index.engine.dispose()
 
 
-# -- the waiting reactors (shared/dicom/reactor.py) ----------------------------------------------
+# -- the waiting reactors (shared/dicom/compat/reactor.py) ----------------------------------------------
 @pytest.mark.parametrize("reactor", ["wait", "poll"])
 def test_short_associations_interleaved_with_a_long_one_lose_nothing(tmp_path, reactor):
     """Many small associations come and go while a long one runs, in both reactor modes: every instance

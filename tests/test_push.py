@@ -304,18 +304,21 @@ def test_parallel_associations_stay_within_the_node_limit_and_cancel_stops_betwe
         make_instance(tmp_path / "in" / f"{i}.dcm", SeriesInstanceUID=series, InstanceNumber=i + 1)
     load(pctx, tmp_path / "in")
     open_now, peak, lock = [0], [0], threading.Lock()
+    all_open = threading.Event()
 
     def opened(event):
         with lock:
             open_now[0] += 1
             peak[0] = max(peak[0], open_now[0])
+            if open_now[0] >= 3:
+                all_open.set()
 
     def closed(event):
         with lock:
             open_now[0] -= 1
 
     def slow(ds):
-        time.sleep(0.03)  # long enough for every allowed association to open
+        all_open.wait(20)  # no answer before every allowed association is open (one sender cannot do it all)
         return 0x0000
 
     scp = RecordingSCP(status=slow)

@@ -2,8 +2,9 @@
 
 Routes live under ``/api/v1`` (one blueprint per resource module: :mod:`.nodes`,
 :mod:`.jobs`, :mod:`.browse`, :mod:`.quarantine`), plus ``/healthz`` and ``/metrics``
-(:mod:`.health`) and the OpenAPI document ``/api/v1/openapi.json``
-(:mod:`.openapi`). Every error has one shape (:mod:`.errors`); every route but
+(:mod:`.health`) and the OpenAPI document ``/api/v1/openapi.json``, generated from the
+views' operations and the pydantic models (:mod:`.contract`, :mod:`.models`). Every error has one shape
+(:mod:`.errors`); every route but
 ``/healthz``, ``/metrics`` and the OpenAPI document needs a bearer token
 (:mod:`.auth`).
 """
@@ -40,7 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ConfigError
         A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry).
     """
-    from . import auth, browse, errors, health, jobs, metrics, nodes, openapi, params, quarantine
+    from . import auth, browse, contract, errors, health, jobs, metrics, nodes, params, quarantine
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -62,7 +63,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.before_request(params.check_text)  # after the token: a stranger learns nothing from a 400
     metrics.init_app(app)
     app.register_blueprint(health.bp)
-    app.register_blueprint(openapi.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(contract.bp, url_prefix=API_PREFIX)
     app.register_blueprint(nodes.bp, url_prefix=API_PREFIX)
     app.register_blueprint(jobs.bp, url_prefix=API_PREFIX)
     app.register_blueprint(browse.bp, url_prefix=API_PREFIX)

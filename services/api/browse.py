@@ -34,6 +34,8 @@ from werkzeug.security import safe_join
 from pacsbridge.shared.core.errors import InvalidRequest, NotFound, UnsafePath
 from pacsbridge.shared.index.conquest import Index
 
+from .contract import READ, operation
+from .models import MAX_LIMIT, IndexPage, IndexRow, PageArgs, answer
 from .params import check_known, paging
 from .state import state
 
@@ -173,6 +175,56 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
     return {"items": rows, "total": total, "limit": limit, "offset": offset}
 
 
+_UID_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": r"^([0-9]+(\.[0-9]+)*)?$"}
+_DATE_SCHEMA: dict[str, Any] = {"type": "string", "pattern": r"^([0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8})?$"}
+
+
+def _filters(resource: str) -> list[dict[str, Any]]:
+    """The filters of ``resource`` listed in the document, each as the index's own dicom.sql column takes it
+    (its length, whether it holds UIDs or dates): made when the document is asked for."""
+    index = state().ctx.index
+    level = RESOURCES[resource]
+    cols = _level_columns(index, level)
+    if level == "Image":
+        series = _level_columns(index, "Series")
+        cols.setdefault("StudyInstanceUID", series.get("StudyInstanceUID"))
+    out = []
+    for name in FILTERS[resource]:
+        col = cols.get(name)
+        if level == "Study" and name == "Modality":
+            schema, text = {"type": "string", "pattern": r"^([A-Z0-9 _]{1,16})?$"}, \
+                "a modality among the study's (StudyModality)"
+        elif col is None:
+            continue
+        elif col.dicom_type == "DT_UI":
+            schema, text = dict(_UID_SCHEMA), "exact UID"
+        elif col.sql_type == "SQL_C_DATE" or col.dicom_type == "DT_DATE":
+            schema, text = dict(_DATE_SCHEMA), "DICOM date or range (20240101-20241231, 20240101-, -20241231)"
+        else:
+            schema = {"type": "string", "maxLength": col.length, "pattern": r"^[^\\\x00-\x1f\x7f]*$"}
+            text = "exact, or with * and ? wildcards (case-insensitive)"
+        out.append({"name": name, "in": "query", "description": text, "schema": schema})
+    page = PageArgs.model_json_schema()["properties"]
+    out += [{"name": k, "in": "query", "schema": {key: v for key, v in page[k].items() if key != "title"}}
+            for k in ("limit", "offset")]
+    return out
+
+
+_SOP = {"uid": {"type": "string", "maxLength": 64, "pattern": r"^[0-9]+(\.[0-9]+)*$"}}
+
+
+def _browse(resource: str) -> Any:
+    return operation(f"Browse {resource} in the index", "index", {200: ("a page of index rows", IndexPage)},
+                     params=lambda: _filters(resource),
+                     description=f"Every column of the level is a filter (by DICOM keyword; those listed are the "
+                                 f"usual ones); limit 1 to {MAX_LIMIT}, offset.")
+
+
+def _single(resource: str) -> Any:
+    return operation(f"One of the {resource}", "index", {200: ("the index row", IndexRow)}, errors=READ + (404,),
+                     path=_SOP)
+
+
 def _one(resource: str, uid: str) -> dict[str, Any]:
     out = _list(resource, single_key=uid)
     if not out["items"]:
@@ -181,41 +233,51 @@ def _one(resource: str, uid: str) -> dict[str, Any]:
 
 
 @bp.get("/patients")
+@_browse("patients")
 def patients() -> dict[str, Any]:
-    return _list("patients")
+    return answer(IndexPage, _list("patients"))  # type: ignore[no-any-return]
 
 
 @bp.get("/studies")
+@_browse("studies")
 def studies() -> dict[str, Any]:
-    return _list("studies")
+    return answer(IndexPage, _list("studies"))  # type: ignore[no-any-return]
 
 
 @bp.get("/studies/<uid>")
+@_single("studies")
 def study(uid: str) -> dict[str, Any]:
-    return _one("studies", uid)
+    return answer(IndexRow, _one("studies", uid))  # type: ignore[no-any-return]
 
 
 @bp.get("/series")
+@_browse("series")
 def series_list() -> dict[str, Any]:
-    return _list("series")
+    return answer(IndexPage, _list("series"))  # type: ignore[no-any-return]
 
 
 @bp.get("/series/<uid>")
+@_single("series")
 def series_one(uid: str) -> dict[str, Any]:
-    return _one("series", uid)
+    return answer(IndexRow, _one("series", uid))  # type: ignore[no-any-return]
 
 
 @bp.get("/instances")
+@_browse("instances")
 def instances() -> dict[str, Any]:
-    return _list("instances")
+    return answer(IndexPage, _list("instances"))  # type: ignore[no-any-return]
 
 
 @bp.get("/instances/<uid>")
+@_single("instances")
 def instance(uid: str) -> dict[str, Any]:
-    return _one("instances", uid)
+    return answer(IndexRow, _one("instances", uid))  # type: ignore[no-any-return]
 
 
 @bp.get("/instances/<uid>/file")
+@operation("Download the stored file", "index",
+           {200: ("the file as received", ("application/dicom", {"type": "string", "format": "binary"}))},
+           errors=READ + (404,), path=_SOP)
 def instance_file(uid: str) -> Response:
     """The stored file as it was received (``application/dicom``)."""
     check_known(())

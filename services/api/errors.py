@@ -31,6 +31,8 @@ from werkzeug.exceptions import HTTPException
 from pacsbridge.shared.core.errors import (Conflict, ConfigError, DimseError, InvalidRequest, NotFound,
                                       PacsbridgeError, QueryError)
 
+from .models import ErrorBody, answer
+
 __all__ = ["error_response", "register", "ApiError", "STATUS_OF"]
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def error_response(status: int, message: str, field: str = "", headers: dict[str
     if field:
         body["field"] = field
     body.update(extra)
-    response = jsonify({"error": body})
+    response = jsonify(answer(ErrorBody, {"error": body}))
     response.status_code = status
     for k, v in (headers or {}).items():
         response.headers[k] = v

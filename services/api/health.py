@@ -25,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pacsbridge.shared.index.conquest import ping
 
 from .auth import requires
+from .contract import operation
+from .models import Health, answer
 from .state import state
 
 __all__ = ["bp"]
@@ -60,6 +62,9 @@ def _listener() -> None:
 
 @bp.get("/healthz")
 @requires("public")
+@operation("Health of database, broker and listener", "health",
+           {200: ("database and broker answer", Health), 503: ("the database or the broker does not answer", Health)},
+           errors=())
 def healthz() -> tuple[dict[str, Any], int]:
     checks = {
         "database": _timed(lambda: ping(state().jobs.engine)),
@@ -68,11 +73,13 @@ def healthz() -> tuple[dict[str, Any], int]:
     }
     checks["listener"]["required"] = False
     ok = checks["database"]["ok"] and checks["broker"]["ok"]
-    return {"status": "ok" if ok else "failing", "checks": checks}, 200 if ok else 503
+    return answer(Health, {"status": "ok" if ok else "failing", "checks": checks}), 200 if ok else 503
 
 
 @bp.get("/metrics")
 @requires("public")
+@operation("Prometheus metrics (of every API process: multiprocess mode under gunicorn)", "health",
+           {200: ("Prometheus text format", ("text/plain", {"type": "string"}))}, errors=())
 def metrics() -> Response:
     registry = current_app.extensions["pacsbridge_metrics"]
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

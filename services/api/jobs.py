@@ -23,12 +23,15 @@ from typing import Any
 
 from flask import Blueprint, g
 
-from pacsbridge.shared.jobs import spec as jobspec
 from pacsbridge.shared.core.errors import InvalidRequest
-from pacsbridge.shared.jobs.store import FINISHED, KINDS, STATES, Job
+from pacsbridge.shared.dicom.query import QueryModel
+from pacsbridge.shared.jobs import spec as jobspec
+from pacsbridge.shared.jobs.store import FINISHED, KINDS, Job
 
 from .auth import requires
-from .params import check_known, json_object, paging, since_arg
+from .contract import READ, WRITE, operation
+from .models import JobList, JobListArgs, JobOut, JobSubmitted, answer
+from .params import args, check_known, json_object, since_arg
 from .state import state
 
 __all__ = ["bp", "CANCEL_WAIT_SECONDS"]
@@ -41,6 +44,15 @@ bp = Blueprint("jobs", __name__)
 
 #: Fields only a job's owner and admins see.
 PRIVATE = ("webhook", "webhook_status", "worker")
+
+
+_JOB_ID = {"job_id": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[0-9a-zA-Z]+$"}}
+#: What a job request must satisfy beyond its schema (the document says it in words).
+RULES = (*(f"retrieve: {r}" for r in QueryModel.rules),
+         "webhook: its host is one PACSBRIDGE_WEBHOOK_ALLOW lists (and resolves to an address it allows); "
+         "else 400 (`webhook`)",
+         "repack: the template parses (fields of the index, known filters, bounded widths) (`template`)",
+         "the node exists (else 404)")
 
 
 def _view(job: Job, with_series: bool = True) -> dict[str, Any]:
@@ -58,6 +70,11 @@ def _summary(job: Job) -> dict[str, Any]:
 
 @bp.post("/jobs")
 @requires("user")
+@operation("Submit a job", "jobs", {202: ("a new job, queued", JobSubmitted),
+                                   200: ("an equal job is already queued or running: that job", JobSubmitted)},
+           errors=WRITE + (404,), body=jobspec.JobRequest, rules=RULES,
+           description="One body per kind (`kind`): retrieve (a query on a node), push (a selection to a node), "
+                       "repack (a selection into a folder) or import (a folder under the import root).")
 def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
     check_known(())
     body = json_object()
@@ -69,37 +86,36 @@ def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
     enqueued = st.enqueue(job) if created else None
     body = {"id": job.id, "path": f"/api/v1/jobs/{job.id}", "state": job.state, "created": created,
             "enqueued": enqueued, "job": _summary(job)}
-    return body, 202 if created else 200, {"Location": body["path"]}
+    return answer(JobSubmitted, body), 202 if created else 200, {"Location": body["path"]}
 
 
 @bp.get("/jobs")
+@operation("List jobs, newest first", "jobs", {200: ("a page of jobs", JobList)}, args=JobListArgs,
+           rules=JobListArgs.rules)
 def list_jobs() -> dict[str, Any]:
-    check_known(("state", "kind", "node", "since", "limit", "offset"))
-    from flask import request
-
-    state_, kind = request.args.get("state"), request.args.get("kind")
-    node = request.args.get("node") or None
-    if state_ is not None and state_ not in STATES:
-        raise InvalidRequest(f"expected one of {', '.join(STATES)}", "state")
-    if node is not None and len(node) > 64:
-        raise InvalidRequest("a node name has at most 64 characters", "node")
-    if kind is not None and kind not in KINDS:
-        raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
+    a = args(JobListArgs)
     since = since_arg()
-    limit, offset = paging()
-    jobs, total = state().jobs.list(state=state_, kind=kind, node=node, since=since, limit=limit, offset=offset)
-    return {"items": [_summary(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+    jobs, total = state().jobs.list(state=a.state, kind=a.kind, node=a.node or None, since=since, limit=a.limit,
+                                    offset=a.offset)
+    return answer(JobList, {"items": [_summary(j) for j in jobs], "total": total,  # type: ignore[no-any-return]
+                            "limit": a.limit, "offset": a.offset})
 
 
 @bp.get("/jobs/<job_id>")
+@operation("A job with per-series progress", "jobs", {200: ("the job", JobOut)}, errors=READ + (404,), path=_JOB_ID)
 def get_job(job_id: str) -> dict[str, Any]:
     """The job with per-series progress (``series``), ``totals`` and its error."""
     check_known(())
-    return _view(state().jobs.get(job_id))
+    return answer(JobOut, _view(state().jobs.get(job_id)))  # type: ignore[no-any-return]
 
 
 @bp.post("/jobs/<job_id>/cancel")
 @requires("user")
+@operation("Cancel a job", "jobs",
+           {200: ("cancelled (queued, or stopped by its worker within 5 s), or it ended first; `cancel` says which",
+                  JobOut),
+            202: ("still running: asked to stop (`cancel.outcome` requested)", JobOut)},
+           errors=(400, 401, 403, 404, 409, 503), path=_JOB_ID)
 def cancel(job_id: str) -> tuple[dict[str, Any], int]:
     """Cancel a job and say what happened (``cancel``: ``outcome`` and ``message``).
 
@@ -120,19 +136,21 @@ def cancel(job_id: str) -> tuple[dict[str, Any], int]:
     if job.state == "cancelled":
         was = "stopped by its worker" if job.started_at else "cancelled before it started"
         out["cancel"] = {"outcome": "cancelled", "message": f"the job was {was}"}
-        return out, 200
+        return answer(JobOut, out), 200
     if job.state in FINISHED:
         out["cancel"] = {"outcome": "finished", "message": f"the job ended {job.state} before the cancel reached it"}
-        return out, 200
+        return answer(JobOut, out), 200
     worker = out.get("worker") or "its worker"  # the worker's name only where this token may see it
     out["cancel"] = {"outcome": "requested",
                      "message": f"asked {worker} to stop; it has not stopped within "
                                 f"{CANCEL_WAIT_SECONDS:g} s (GET {out['path']} shows when it does)"}
-    return out, 202
+    return answer(JobOut, out), 202
 
 
 @bp.post("/jobs/<job_id>/retry")
 @requires("user")
+@operation("Queue a failed, partial or cancelled job again", "jobs", {202: ("queued again", JobOut)},
+           errors=(400, 401, 403, 404, 409, 503), path=_JOB_ID)
 def retry(job_id: str) -> tuple[dict[str, Any], int]:
     """Queue a failed, partial or cancelled job again and send it to the workers."""
     check_known(())
@@ -140,4 +158,4 @@ def retry(job_id: str) -> tuple[dict[str, Any], int]:
     job = st.jobs.retry(job_id)
     out = _view(job)
     out["enqueued"] = st.enqueue(job)
-    return out, 202
+    return answer(JobOut, out), 202

@@ -7,14 +7,20 @@
   ``uid_conflict``), ``open`` or ``resolved``, counted at scrape time
 
 ``route`` is the URL rule (``/api/v1/jobs/<job_id>``), never the raw path, so
-the label set stays small. Each app has its own registry (one per process
-under gunicorn: each worker reports its own requests; the job gauge is the
-same everywhere).
+the label set stays small.
+
+One process (``pacsbridge api``, waitress): each app has its own registry. Several (gunicorn workers):
+with ``PROMETHEUS_MULTIPROC_DIR`` set (:mod:`pacsbridge.api.gunicorn_conf` sets it), prometheus_client's
+multiprocess mode writes each worker's counts to that folder and every scrape sums them, whichever
+worker answers it. Without it, under gunicorn, a warning says that ``/metrics`` counts one worker only.
+The job and quarantine gauges are read from the database at scrape time, the same everywhere.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Iterator
 
@@ -76,10 +82,25 @@ class QuarantineCollector(Collector):
 
 def init_app(app: Flask) -> None:
     registry = CollectorRegistry()
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if folder:  # the counters go to files every process writes; the scrape sums them
+        from prometheus_client import values
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if values.ValueClass.__name__ != "MmapedValue":
+            log.warning("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported: /metrics "
+                        "counts this process only")
+        MultiProcessCollector(registry, path=folder)
+        own: CollectorRegistry | None = None
+    else:
+        own = registry
+        if "gunicorn" in sys.modules:
+            log.warning("under gunicorn without PROMETHEUS_MULTIPROC_DIR: /metrics counts the requests of the "
+                        "worker that answers it only (run gunicorn with -c python:pacsbridge.api.gunicorn_conf)")
     requests = Counter("pacsbridge_api_requests_total", "HTTP requests answered", ["method", "route", "status"],
-                       registry=registry)
+                       registry=own)
     latency = Histogram("pacsbridge_api_request_seconds", "Time to answer an HTTP request", ["method", "route"],
-                        registry=registry)
+                        registry=own)
     registry.register(JobsCollector(app))
     registry.register(QuarantineCollector(app))
     app.extensions["pacsbridge_metrics"] = registry

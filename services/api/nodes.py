@@ -13,10 +13,12 @@ from typing import Any, Iterator
 from flask import Blueprint, Response
 
 from pacsbridge.shared.core.errors import Conflict, DimseError, InvalidRequest
-from pacsbridge.shared.dicom.node import Node
-from pacsbridge.shared.dicom.query import Query
+from pacsbridge.shared.dicom.node import NAME_PATTERN, Node, NodeModel, NodePatch, NodeReplace
+from pacsbridge.shared.dicom.query import Query, QueryModel
 
 from .auth import requires
+from .contract import READ, WRITE, operation
+from .models import Echo, FindResult, NodeList, NodeOut, answer
 from .params import check_known, json_object
 from .state import state
 
@@ -48,18 +50,24 @@ def _path(name: str) -> str:
 
 
 def _out(node: Node) -> dict[str, Any]:
-    return {**node.to_dict(), "path": _path(node.name)}
+    return answer(NodeOut, {**node.to_dict(), "path": _path(node.name)})  # type: ignore[no-any-return]
+
+
+_NAME = {"name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NAME_PATTERN}}
+_RENAME = ("`name`, if given, is the path's: a node cannot be renamed (delete it and create another)",)
 
 
 @bp.get("/nodes")
+@operation("List nodes", "nodes", {200: ("nodes", NodeList)})
 def list_nodes() -> dict[str, Any]:
     check_known(())
     nodes = state().jobs.list_nodes()
-    return {"items": [_out(n) for n in nodes], "total": len(nodes)}
+    return answer(NodeList, {"items": [_out(n) for n in nodes], "total": len(nodes)})  # type: ignore[no-any-return]
 
 
 @bp.post("/nodes")
 @requires("admin")
+@operation("Create a node", "nodes", {201: ("created", NodeOut)}, errors=WRITE + (409,), body=NodeModel)
 def create_node() -> tuple[dict[str, Any], int, dict[str, str]]:
     check_known(())
     node = state().jobs.add_node(Node.from_dict(json_object()))
@@ -67,6 +75,7 @@ def create_node() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 
 @bp.get("/nodes/<name>")
+@operation("Read a node", "nodes", {200: ("the node", NodeOut)}, errors=READ + (404,), path=_NAME)
 def get_node(name: str) -> dict[str, Any]:
     check_known(())
     return _out(state().jobs.get_node(name))
@@ -74,6 +83,8 @@ def get_node(name: str) -> dict[str, Any]:
 
 @bp.put("/nodes/<name>")
 @requires("admin")
+@operation("Replace a node", "nodes", {200: ("replaced", NodeOut)}, errors=WRITE + (404,), body=NodeReplace,
+           path=_NAME, rules=_RENAME, description="Every field; those left out take their defaults.")
 def replace_node(name: str) -> dict[str, Any]:
     """Replace every field (fields left out take their defaults); the name cannot change."""
     check_known(())
@@ -88,6 +99,9 @@ def replace_node(name: str) -> dict[str, Any]:
 
 @bp.patch("/nodes/<name>")
 @requires("admin")
+@operation("Change some fields of a node", "nodes", {200: ("changed", NodeOut)}, errors=WRITE + (404,),
+           body=NodePatch, path=_NAME, rules=_RENAME,
+           description="Only the fields given change (null or absent: unchanged); the node is then checked whole.")
 def update_node(name: str) -> dict[str, Any]:
     """Change the fields given, keep the others."""
     check_known(())
@@ -99,6 +113,8 @@ def update_node(name: str) -> dict[str, Any]:
 
 @bp.delete("/nodes/<name>")
 @requires("admin")
+@operation("Delete a node", "nodes", {204: ("deleted", None)}, errors=(400, 401, 403, 404, 409, 503), path=_NAME,
+           description="409 while a queued or running job uses it.")
 def delete_node(name: str) -> Response:
     check_known(())
     state().jobs.delete_node(name)
@@ -107,6 +123,8 @@ def delete_node(name: str) -> Response:
 
 @bp.post("/nodes/<name>/echo")
 @requires("user")
+@operation("C-ECHO the node", "nodes", {200: ("the node answered", Echo)}, errors=(400, 401, 403, 404, 502, 503),
+           path=_NAME)
 def echo(name: str) -> dict[str, Any]:
     """C-ECHO the node; a failure is a 502 with the reason, within :data:`ECHO_SECONDS` + 2 s."""
     from pacsbridge.shared.dicom import dimse
@@ -116,11 +134,16 @@ def echo(name: str) -> dict[str, Any]:
     node = st.jobs.get_node(name)
     with _unreachable(node):
         seconds = dimse.echo(node, calling_ae=st.settings.ae_title, timeout=ECHO_SECONDS)
-    return {"node": name, "ok": True, "seconds": round(seconds, 4), "checked_at": time.time()}
+    return answer(Echo, {"node": name, "ok": True, "seconds": round(seconds, 4),  # type: ignore[no-any-return]
+                         "checked_at": time.time()})
 
 
 @bp.post("/nodes/<name>/query")
 @requires("user")
+@operation("C-FIND on the node", "nodes", {200: ("matches", FindResult)}, errors=WRITE + (404, 409, 502),
+           body=QueryModel, path=_NAME, rules=QueryModel.rules,
+           description="At the level of the query (default study); at most 10,000 answers (`truncated` says so). "
+                       "409 when the node does not allow C-FIND.")
 def query(name: str) -> dict[str, Any]:
     """C-FIND on the node at the level of the body's query (default ``study``)."""
     from pacsbridge.shared.dicom import dimse
@@ -136,5 +159,6 @@ def query(name: str) -> dict[str, Any]:
         with dimse.associate(node, st.settings.ae_title, timeout=step, deadline=whole) as assoc:
             results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, timeout=step,
                                      max_results=MAX_FIND_RESULTS, assoc=assoc)
-    return {"node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
-            "truncated": bool(getattr(results, "truncated", False)), "results": list(results)}
+    return answer(FindResult, {  # type: ignore[no-any-return]
+        "node": name, "level": q.level, "query": q.to_dict(), "count": len(results),
+        "truncated": bool(getattr(results, "truncated", False)), "results": list(results)})

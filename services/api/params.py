@@ -5,20 +5,29 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 from urllib.parse import parse_qsl
 
 from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
 
 from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.models import check
 
-__all__ = ["json_object", "paging", "check_known", "check_text", "int_arg", "since_arg", "MAX_LIMIT",
+from .models import DEFAULT_LIMIT, MAX_LIMIT, SINCE_PATTERN, Args, PageArgs
+
+__all__ = ["json_object", "paging", "check_known", "check_text", "since_arg", "args", "MAX_LIMIT",
            "DEFAULT_LIMIT"]
 
-MAX_LIMIT = 1000
-DEFAULT_LIMIT = 100
 MAX_VALUE = 256
+A = TypeVar("A", bound=Args)
+
+
+def args(model: type[A]) -> A:
+    """The query string, checked by ``model`` (the document's parameters are made from it too):
+    unknown, repeated and over-long parameters refused (:func:`check_known`), each value by its field."""
+    check_known(model.model_fields)
+    return check(model, dict(request.args.items()), field="query", rename=lambda loc: str(loc[0]))
 
 
 def json_object() -> dict[str, Any]:
@@ -108,26 +117,12 @@ def check_known(allowed: Iterable[str]) -> None:
             raise InvalidRequest(f"at most {MAX_VALUE} characters, no NUL", name)
 
 
-def int_arg(name: str, default: int, minimum: int, maximum: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,12}", raw):
-        raise InvalidRequest("expected a whole number", name)
-    value = int(raw)
-    if not minimum <= value <= maximum:
-        raise InvalidRequest(f"expected {minimum} to {maximum}", name)
-    return value
-
-
 def paging() -> tuple[int, int]:
-    """``limit`` (1..1000, default 100) and ``offset`` (>= 0)."""
-    return int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT), int_arg("offset", 0, 0, 10**9)
-
-
-#: ``since``: Unix seconds, or an ISO 8601 date or date-time.
-SINCE_PATTERN = (r"^([0-9]{1,10}(\.[0-9]{1,9})?|[0-9]{4}-[0-9]{2}-[0-9]{2}"
-                 r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?$")
+    """``limit`` (1..1000, default 100) and ``offset`` (>= 0), as :class:`~.models.PageArgs` says
+    (for routes whose other parameters are not a model: the index's filters come from its dicom.sql)."""
+    page = check(PageArgs, {k: request.args[k] for k in ("limit", "offset") if k in request.args},
+                 field="query", rename=lambda loc: str(loc[0]))
+    return page.limit, page.offset
 
 
 def since_arg(name: str = "since") -> float | None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 
-from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.models import check
 from pacsbridge.shared.index.conflicts import resolve
-from pacsbridge.shared.index.quarantine import REASONS, Quarantine, UnknownQuarantine
+from pacsbridge.shared.index.quarantine import Quarantine, UnknownQuarantine
 
 from .auth import requires
-from .params import check_known, json_object, paging
+from .contract import READ, WRITE, operation
+from .models import QuarantineArgs, QuarantineDecision, QuarantineEntry, QuarantineList, answer
+from .params import args, check_known, json_object
 from .state import state
 
 __all__ = ["bp"]
@@ -34,38 +36,40 @@ def _entry_id(raw: str) -> int:
     return int(raw)
 
 
+_ENTRY = {"entry_id": {"type": "string", "minLength": 1, "maxLength": 12, "pattern": r"^[0-9]+$"}}
+
+
 @bp.get("/quarantine")
+@operation("What indexing set aside, newest first", "quarantine", {200: ("a page of entries", QuarantineList)},
+           args=QuarantineArgs)
 def list_entries() -> dict[str, Any]:
-    check_known(("reason", "resolved", "limit", "offset"))
-    reason = request.args.get("reason") or None
-    if reason is not None and reason not in REASONS:
-        raise InvalidRequest(f"expected one of {', '.join(REASONS)}", "reason")
-    raw = request.args.get("resolved")
-    if raw not in (None, "", "true", "false"):
-        raise InvalidRequest("expected true or false", "resolved")
-    resolved = None if not raw else raw == "true"
-    limit, offset = paging()
-    items, total = Quarantine(state().ctx.index.engine).list(reason=reason, resolved=resolved, limit=limit,
-                                                             offset=offset)
-    return {"items": items, "total": total, "limit": limit, "offset": offset}
+    a = args(QuarantineArgs)
+    resolved = None if not a.resolved else a.resolved == "true"
+    items, total = Quarantine(state().ctx.index.engine).list(reason=a.reason or None, resolved=resolved,
+                                                             limit=a.limit, offset=a.offset)
+    return answer(QuarantineList, {"items": items, "total": total,  # type: ignore[no-any-return]
+                                   "limit": a.limit, "offset": a.offset})
 
 
 @bp.get("/quarantine/<entry_id>")
+@operation("One quarantine entry", "quarantine", {200: ("the entry", QuarantineEntry)}, errors=READ + (404,),
+           path=_ENTRY)
 def get_entry(entry_id: str) -> dict[str, Any]:
     check_known(())
-    return Quarantine(state().ctx.index.engine).get(_entry_id(entry_id))
+    return answer(QuarantineEntry, Quarantine(state().ctx.index.engine).get(_entry_id(entry_id)))  # type: ignore[no-any-return]
 
 
 @bp.post("/quarantine/<entry_id>/resolve")
 @requires("admin")
+@operation("Decide on an entry (audited)", "quarantine", {200: ("resolved", QuarantineEntry)},
+           errors=WRITE + (404, 409), body=QuarantineDecision, path=_ENTRY,
+           rules=("the decision fits the entry's reason: index_failed takes retry or discard, uid_conflict "
+                  "correct, new-patient or discard (`decision`)",))
 def resolve_entry(entry_id: str) -> dict[str, Any]:
     """Carry out ``decision``: retry / discard (index_failed), correct / new-patient / discard (uid_conflict)."""
     check_known(())
     number = _entry_id(entry_id)
-    body = json_object()
-    unknown = set(body) - {"decision"}
-    if unknown:
-        raise InvalidRequest("unknown field", sorted(unknown)[0])
+    decision = check(QuarantineDecision, json_object()).decision
     by = g.get("token_name", "") or "?"
-    log.warning("quarantine %d: %s decides %r", number, by, body.get("decision"))
-    return resolve(state().ctx, number, body.get("decision"), by)
+    log.warning("quarantine %d: %s decides %r", number, by, decision)
+    return answer(QuarantineEntry, resolve(state().ctx, number, decision, by))  # type: ignore[no-any-return]

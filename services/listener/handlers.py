@@ -31,7 +31,9 @@ from pacsbridge.shared.index.storage import Storage
 from .peers import Peers
 from .queue import Batcher
 from .spool import Spool, install as install_spool
-from pacsbridge.shared.dicom.reactor import bounded_reads, install as install_reactor, quiet, tune
+from pacsbridge.shared.dicom.compat.acceptor import reject
+from pacsbridge.shared.dicom.compat.reactor import install as install_reactor, quiet, tune
+from pacsbridge.shared.dicom.compat.reads import bounded_reads
 
 __all__ = ["StoreHandlers", "SUCCESS", "OUT_OF_RESOURCES", "CANNOT_UNDERSTAND", "PROCESSING_FAILURE"]
 
@@ -66,7 +68,7 @@ def load_callback(spec: str) -> AfterStore | None:
 def tune_association(assoc: Any) -> None:
     """Per-association tuning of a receiver (the no-op SCP of bench/ gets the same):
     shorter polling and TCP_NODELAY, no standard logging handlers (unless pynetdicom logs at
-    INFO), then waiting instead of polling (see reactor.py). Every read of a PDU has a deadline
+    INFO), then waiting instead of polling (see shared/dicom/compat/reactor.py). Every read of a PDU has a deadline
     (the network timeout), whether the waiting reactor is installed or not: a peer that stops
     in the middle of a PDU is dropped."""
     tune(assoc)
@@ -125,7 +127,7 @@ class StoreHandlers:
             return
         log.warning("association refused: calling AE %r from %s is not an allowed peer", ae, address)
         ASSOCIATIONS.labels("refused").inc()
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        reject(assoc, 0x01, 0x01, 0x03)
         assoc.kill()
 
     def on_accepted(self, event: Any) -> None:

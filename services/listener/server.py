@@ -25,6 +25,8 @@ from typing import Any
 
 from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.core.errors import ConfigError
+from pacsbridge.shared.dicom.compat import receive_in_memory
+from pacsbridge.shared.dicom.compat.acceptor import handler_class
 from pacsbridge.shared.index.storage import Storage
 
 from .peers import ANY_AE, parse_peers
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def make_ae(settings: Settings, peers: Any) -> Any:
     """The pynetdicom AE: every storage SOP class in every transfer syntax, plus Verification."""
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                              ImplicitVRLittleEndian)
@@ -45,7 +47,7 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     # .incoming as they arrive (spool.py, installed per association by the handlers); a full or
     # read-only disk is 0xA700 either way. pynetdicom's own chunked mode stays off: a full disk
     # broke its write inside the reader and aborted the association.
-    _config.STORE_RECV_CHUNKED_DATASET = False
+    receive_in_memory()
     ae = AE(ae_title=settings.ae_title)
     # pynetdicom accepts the first of *our* syntaxes the sender offers: compressed ones first,
     # so a sender offering a file's own syntax next to an uncompressed one sends it as it is
@@ -55,7 +57,7 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]
     ae.add_supported_context(Verification, uncompressed)
-    # 0 = unlimited; a PDU larger than announced closes the connection (reactor.largest_pdu)
+    # 0 = unlimited; a PDU larger than announced closes the connection (compat.reads.largest_pdu)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout
@@ -66,46 +68,12 @@ def make_ae(settings: Settings, peers: Any) -> Any:
     return ae
 
 
-def _closed_before_request(event: Any) -> None:
-    """EVT_CONN_CLOSE of an accepted connection: closed before its A-ASSOCIATE-RQ (Sta2), pynetdicom's
-    DUL stops (AA-5) but tells the association thread nothing, which then waits the whole ACSE
-    timeout for the request, holding the connection's per-address slot: two port checks locked
-    their address out for 30 s. ``None`` is what that wait returns on a timeout, so the thread
-    ends at once, as it would then."""
-    dul = event.assoc.dul
-    if event.assoc.is_acceptor and dul.state_machine.current_state == "Sta2":
-        dul.to_user_queue.put(None)
-
-
 def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSlots | None = None) -> Any:
-    from pynetdicom import evt
-    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+    from pynetdicom.transport import ThreadedAssociationServer
 
-    class Handler(RequestHandler):
-        """pynetdicom's ``RequestHandler.handle``, with the connection's slot given back when its
-        association thread ends, whatever the way (release, abort, timeout, error)."""
-
-        def handle(self) -> None:
-            address = self.client_address[0]
-            try:
-                assoc = self._create_association()
-                run = assoc.run
-
-                def run_then_release() -> None:
-                    try:
-                        run()
-                    finally:
-                        if slots is not None:
-                            slots.release(address)
-
-                assoc.run = run_then_release  # type: ignore[method-assign]
-                assoc.bind(evt.EVT_CONN_CLOSE, _closed_before_request)
-                evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-                assoc.start()
-            except BaseException:
-                if slots is not None:
-                    slots.release(address)
-                raise
+    # pynetdicom's handler, with the connection's slot given back when its association thread ends,
+    # whatever the way (release, abort, timeout, error)
+    Handler = handler_class(slots.release if slots is not None else None)
 
     class Server(ThreadedAssociationServer):
         """Accepts on a listening socket shared by all receiver processes; refuses unknown addresses,

@@ -13,10 +13,9 @@ receiver's memory no longer grows with the instance. A write that fails (disk fu
 read-only) is remembered, the partial file removed, and the rest of the data set read and
 dropped: the handler answers 0xA700 and the association goes on.
 
-The swap wraps ``DIMSEServiceProvider.receive_primitive`` of the association (an instance
-attribute; pynetdicom's code runs unchanged) and reads the message's ``command_set`` and
-``data_set``: pynetdicom 3.0's attributes, checked by :func:`install`, which leaves any other
-version alone (then everything stays in memory, as before).
+The swap is made by ``shared.dicom.compat.acceptor.divert_data_sets`` (it wraps pynetdicom's
+``DIMSEServiceProvider.receive_primitive`` of the association), which leaves a pynetdicom it does
+not follow alone (then everything stays in memory, as before).
 
 Data set fragments no spool takes (sent before any command, after a command that is not a C-STORE
 request, or after one whose file meta cannot be packed), and a command still incomplete, stay in
@@ -28,18 +27,14 @@ half received, or with a complete one never handled, has its spooled files remov
 from __future__ import annotations
 
 import io
-import logging
 import os
 from typing import Any, Callable
 
+from pacsbridge.shared.dicom.compat.acceptor import divert_data_sets
 from pacsbridge.shared.dicom.filemeta import PREAMBLE, encode_file_meta
 
 __all__ = ["Spool", "install", "in_memory_bound"]
 
-log = logging.getLogger(__name__)
-
-#: ``CommandField`` of a C-STORE request
-C_STORE_RQ = 0x0001
 #: Smallest bound on a data set held in memory that no spool takes (see :func:`in_memory_bound`).
 IN_MEMORY_FLOOR = 16 << 20
 
@@ -49,13 +44,6 @@ def in_memory_bound(limit: int) -> int:
     (``PACSBRIDGE_SPOOL_ABOVE``), at least :data:`IN_MEMORY_FLOOR` (a C-STORE whose file meta our
     packer cannot write is still stored, through pydicom, as before)."""
     return max(limit, IN_MEMORY_FLOOR)
-
-
-class _Drop(io.BytesIO):
-    """Where the rest of a refused message's data goes: nowhere."""
-
-    def write(self, data: Any) -> int:  # type: ignore[override]
-        return len(data)
 
 
 class Spool(io.BytesIO):
@@ -152,72 +140,12 @@ def install(assoc: Any, limit: int, temp_file: Callable[[], tuple[int, str]]) ->
     """Spool the data sets of C-STORE requests received on ``assoc`` (see the module docstring).
 
     Call before the association starts (``EVT_CONN_OPEN``). Returns False, changing nothing,
-    where pynetdicom is not the 3.0 this follows.
+    where pynetdicom is not the version the compatibility layer follows (said once).
     """
-    import pynetdicom
 
-    dimse: Any = getattr(assoc, "dimse", None)
-    if not str(pynetdicom.__version__).startswith("3.0.") or not hasattr(dimse, "receive_primitive") \
-            or not hasattr(dimse, "msg_queue"):
-        return False
-    receive = dimse.receive_primitive
-    bound = in_memory_bound(limit)
+    def divert(command: Any, syntax: str) -> Spool:
+        # a command our packer cannot write raises: that data set stays in memory, as before, up to the bound
+        head = PREAMBLE + encode_file_meta(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
+        return Spool(limit, temp_file, head)
 
-    def refuse(msg: Any, held: int) -> None:
-        log.warning("association from %s aborted: %d bytes of command or data set that no C-STORE "
-                    "request announced", getattr(assoc.requestor, "address", "?"), held)
-        msg.data_set = _Drop()
-        msg.encoded_command_set = _Drop()
-        dimse.dul.event_queue.put("Evt19")  # as pynetdicom does for an invalid message: A-ABORT, close
-
-    def held(msg: Any) -> int:
-        """Bytes of ``msg`` in memory: its command so far and its data set."""
-        return sum(b.tell() for b in (msg.data_set, getattr(msg, "encoded_command_set", None)) if b is not None)
-
-    def receive_and_spool(primitive: Any) -> None:
-        receive(primitive)
-        msg = dimse.message  # a message still being received
-        if msg is None or isinstance(msg.data_set, (Spool, _Drop)):
-            return
-        command = getattr(msg, "command_set", None)
-        if command is None or getattr(command, "CommandField", None) != C_STORE_RQ \
-                or getattr(command, "CommandDataSetType", 0x0101) == 0x0101:
-            if held(msg) > bound:
-                refuse(msg, held(msg))
-            return
-        try:
-            syntax = assoc._accepted_cx[msg.context_id].transfer_syntax[0]
-            head = PREAMBLE + encode_file_meta(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
-        except (ValueError, AttributeError, KeyError, UnicodeError):
-            # a command our packer cannot write: this one stays in memory, as before, up to the bound
-            if held(msg) > bound:
-                refuse(msg, held(msg))
-            return
-        spool = Spool(limit, temp_file, head)
-        with msg.data_set.getbuffer() as received:  # the fragments of this PDU already read
-            spool.write(received)
-        msg.data_set = spool
-
-    run = assoc.run
-
-    def run_then_discard() -> None:
-        try:
-            run()
-        finally:
-            discard_pending(dimse)
-
-    dimse.receive_primitive = receive_and_spool
-    assoc.run = run_then_discard
-    return True
-
-
-def discard_pending(dimse: Any) -> None:
-    """Remove the spooled files of an association that ended (its DUL thread stopped): the data set
-    it was receiving, and complete C-STORE requests it never handled."""
-    pending = [getattr(dimse.message, "data_set", None)]
-    with dimse.msg_queue.mutex:
-        pending += [getattr(item[1], "DataSet", None) for item in dimse.msg_queue.queue
-                    if isinstance(item, tuple) and len(item) == 2]
-    for data_set in pending:
-        if isinstance(data_set, Spool):
-            data_set.discard()
+    return divert_data_sets(assoc, divert, in_memory_bound(limit), lambda spool: spool.discard())

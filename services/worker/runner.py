@@ -32,6 +32,7 @@ from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import PacsbridgeError
 from pacsbridge.shared.jobs.store import Job, JobStore
+from pacsbridge.shared.jobs.spec import check_params
 from pacsbridge.worker.kinds import RUNNERS
 from pacsbridge.worker.outcome import Outcome, worker_id
 
@@ -85,6 +86,7 @@ def run_job(job_id: str, ctx: Context, jobs: JobStore, worker: str | None = None
     beater.start()
     try:
         try:
+            check_params(job.kind, job.params)  # the models the API checked the request with
             outcome = RUNNERS[job.kind](job, ctx, jobs, cancel)
         except PacsbridgeError as exc:
             log.warning("job %s failed: %s", job_id, exc)

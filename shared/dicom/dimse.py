@@ -8,7 +8,7 @@ unreachable. The maximum PDU we accept is unlimited (``0``): pynetdicom
 reads large PDUs much faster (docs/performance.md, "pynetdicom as a C-STORE SCP").
 
 Every association has deadlines: the TCP connection (at most 10 s), the
-ACSE and DIMSE answers, and every PDU read (:func:`_deadline_reads`): a peer
+ACSE and DIMSE answers, and every PDU read (``compat.requestor.deadline_reads_for``): a peer
 that sends part of a PDU and then holds the connection (half an
 A-ASSOCIATE-AC) is dropped once ``timeout`` passes, which pynetdicom alone
 never does (its ``recv`` blocks for as long as the peer keeps the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -34,13 +33,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (made at import time)
     StudyRootQueryRetrieveInformationModelFind, Verification)
 
 from pacsbridge.shared.core.errors import DimseError
-from pacsbridge.shared.dicom.reactor import install_on_request
+from pacsbridge.shared.dicom.compat.requestor import AE as _AE, stop
 from pacsbridge.shared.dicom.query import Query
 
 if TYPE_CHECKING:
@@ -82,10 +81,6 @@ def _where(node: "Node") -> str:
 #: pynetdicom's names of the PDU types (PS3.8 9.3), for messages about a PDU cut short.
 PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
-#: Bytes per ``recv()`` of our reads (as ``shared.reactor._larger_reads``; pynetdicom reads 4096).
-RECV_CHUNK = 32768
-#: A blocked ``recv()`` returns after this long (SO_RCVTIMEO) to look at the PDU's deadline.
-RECV_SLICE = 0.5
 #: How long after an interrupt (cancel, deadline) we wait for pynetdicom to close before closing the socket.
 ABORT_GRACE = 0.5
 
@@ -118,108 +113,6 @@ class _Net:
         return f"sent only {got} of the {length} bytes of its {name} and then nothing for {seconds:g} s"
 
 
-class _Socket(socket.socket):
-    """Our TCP socket to a node: remembers why ``connect()`` failed (pynetdicom keeps only a log line)."""
-
-    net: _Net | None = None
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except OSError as exc:
-            if self.net is not None:
-                self.net.connect_error = exc
-            raise
-
-
-def _deadline_reads(assoc: Any, net: _Net) -> None:
-    """Replace the association socket's ``recv`` with one that gives up on a PDU after ``net.timeout``.
-
-    pynetdicom reads a PDU in two calls (the 6-byte header once ``select()`` says data is
-    there, then the announced length) and each blocks until it has every byte. Here each
-    call has ``net.timeout`` seconds: SO_RCVTIMEO makes a blocked ``recv()`` return every
-    :data:`RECV_SLICE` to look at the clock (no syscall is added while data flows), and
-    a read past its deadline raises ``TimeoutError``, which pynetdicom's DUL handles as
-    a closed connection (the association ends, its waiters wake). Reads
-    :data:`RECV_CHUNK` bytes per call, as ``shared.reactor._larger_reads``.
-    """
-    assoc_socket = assoc.dul.socket
-    raw = getattr(assoc_socket, "socket", None)
-    if not isinstance(raw, socket.socket) or getattr(assoc_socket, "tls_args", None):
-        return  # TLS: an SSLSocket buffers what select() cannot see; keep pynetdicom's reads
-    slice_ = min(RECV_SLICE, net.timeout)
-    try:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                       struct.pack("ll", int(slice_), int((slice_ % 1) * 1e6)))
-        # a peer that stops reading: a send() blocked this long fails (pynetdicom: connection closed)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                       struct.pack("ll", int(net.timeout), int((net.timeout % 1) * 1e6)))
-    except OSError:
-        return
-    timeout = net.timeout
-
-    def recv(nr_bytes: int) -> bytearray:
-        sock = assoc_socket.socket
-        out = bytearray()
-        start = time.monotonic()
-        while len(out) < nr_bytes:
-            try:
-                data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
-            except BlockingIOError:  # SO_RCVTIMEO: nothing for RECV_SLICE
-                data = None
-            if data == b"":  # the peer closed: what we have (pynetdicom's callers check the length)
-                break
-            if data:
-                out += data
-                if len(out) >= nr_bytes:
-                    break
-            if time.monotonic() - start > timeout:
-                body = net.pdu is not None and nr_bytes == net.pdu[1] and nr_bytes != 6
-                kind, length = net.pdu if (body and net.pdu) else (out[0] if out else 0, 0)
-                net.stalled = (kind, len(out), length, timeout)
-                raise TimeoutError(f"no data for {timeout:g} s in the middle of a PDU")
-        if nr_bytes == 6 and len(out) == 6:
-            kind, _, length = struct.unpack(">BBL", out)
-            net.pdu = (kind, length)
-            if kind == 0x07:
-                net.peer_aborted = True
-        return out
-
-    assoc_socket.recv = recv
-
-
-class _AE(AE):
-    """An AE whose associations get the waiting reactors of :mod:`.reactor` (unless ``PACSBRIDGE_REACTOR=poll``)
-    and our deadlines (:func:`_deadline_reads`).
-
-    ``_create_socket`` is the one point of ``ApplicationEntity.associate``
-    that sees the new association before ``assoc.request()`` starts its DUL
-    thread (``EVT_CONN_OPEN`` fires later, inside that running thread).
-    """
-
-    def __init__(self, *args: Any, net: _Net, on_create: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._net = net
-        self._on_create = on_create
-
-    def _create_socket(self, assoc: Any, *args: Any, **kwargs: Any) -> Any:
-        sock = super()._create_socket(assoc, *args, **kwargs)
-        net = self._net
-        raw = getattr(sock, "socket", None)
-        if type(raw) is socket.socket and not getattr(sock, "tls_args", None):
-            timeout = raw.gettimeout()
-            ours = _Socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-            ours.settimeout(timeout)
-            ours.net = net
-            sock.socket = ours
-            net.raw = ours
-        assoc._pacsbridge_net = net
-        install_on_request(assoc, prepare=lambda a: _deadline_reads(a, net))
-        if self._on_create is not None:
-            self._on_create(assoc)
-        return sock
-
-
 def interrupt(assoc: Any, why: str = "cancelled") -> None:
     """Stop ``assoc`` now, from any thread, whatever it waits for (connect, ACSE, a DIMSE answer).
 
@@ -231,24 +124,14 @@ def interrupt(assoc: Any, why: str = "cancelled") -> None:
     net = getattr(assoc, "_pacsbridge_net", None)
     if net is not None and not net.interrupted:
         net.interrupted = why
+    grace = 0.0
     if assoc.is_established:
         try:
             assoc.abort(block=False)
         except Exception:  # already gone
             log.debug("abort failed", exc_info=True)
-        deadline = time.monotonic() + ABORT_GRACE
-        while assoc.dul.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-    raw = net.raw if net is not None else getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if raw is not None:
-        try:
-            raw.shutdown(socket.SHUT_RDWR)
-        except OSError:  # not connected (yet, or any more)
-            pass
-    try:
-        assoc.dimse.msg_queue.put((None, None))
-    except Exception:  # pragma: no cover - another pynetdicom
-        pass
+        grace = ABORT_GRACE
+    stop(assoc, net.raw if net is not None else None, grace)
 
 
 class _Watch:

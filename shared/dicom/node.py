@@ -7,16 +7,89 @@ the DIMSE client and every job read one description of a node.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
+
+from pydantic import Field
 
 from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.models import TEXT_PATTERN, Integral, Model, check
 
-__all__ = ["Node"]
+__all__ = ["Node", "NodeModel", "NodePatch", "NodeReplace", "NAME_PATTERN", "AET_PATTERN", "AETitle", "NodeName"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # printable, no backslash
-_WINDOW = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+#: A node's name: it is a path segment of the API (``/api/v1/nodes/<name>``).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: An AE title (PS3.5 AE): 1 to 16 printable characters, no backslash, not only spaces. The one rule of
+#: every AE title we are given (a node's own and its C-MOVE destination).
+AET_PATTERN = r"^ {0,15}[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$"
+AETitle = Annotated[str, Field(max_length=16, pattern=AET_PATTERN)]
+NodeName = Annotated[str, Field(pattern=NAME_PATTERN)]
+Port = Annotated[Annotated[int, Field(ge=1, le=65535)], Integral]
+Associations = Annotated[Annotated[int, Field(ge=1, le=64)], Integral]
+_WINDOW = r"^(([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])?$"
+_AET_HELP = "an AE title: 1 to 16 printable characters, no backslash, not only spaces"
+
+
+class NodeModel(Model):
+    """A node as given to the API (``POST /nodes``) or to ``pacsbridge nodes add``."""
+
+    help = {
+        "name": "letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)",
+        "ae_title": _AET_HELP,
+        "move_destination": _AET_HELP + " ('' = our own AE title)",
+        "host": "a host name or IP address",
+        "port": "a TCP port, 1 to 65535",
+        "retrieve": "'move' or 'get'",
+        "max_associations": "1 to 64",
+        "max_rate": "instances per second, 0 for unlimited",
+        "move_window": "HH:MM-HH:MM, e.g. 20:00-06:00",
+        "description": "at most 255 printable characters",
+    }
+
+    name: NodeName
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")]
+    port: Port
+    retrieve: Literal["move", "get"] = Field("move", description="C-MOVE (to move_destination) or C-GET")
+    move_destination: AETitle | Literal[""] = Field("", description="C-MOVE destination AE ('' = our own AE title)")
+    allow_find: bool = True
+    allow_move: bool = True
+    allow_get: bool = True
+    allow_store: bool = True
+    max_associations: Associations = 2
+    max_rate: Annotated[float, Field(ge=0)] = Field(0.0, description="instances per second, 0 = unlimited")
+    move_window: Annotated[str, Field(pattern=_WINDOW)] = Field(
+        "", description="HH:MM-HH:MM (local time, may wrap midnight) when C-MOVE is allowed; '' = any time")
+    description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] = ""
+
+
+class NodeReplace(NodeModel):
+    """``PUT /nodes/{name}``: every field (those left out take their defaults); ``name``, if given, must be
+    the path's (a node cannot be renamed)."""
+
+    name: NodeName | None = None  # type: ignore[assignment]
+
+
+class NodePatch(NodeModel):
+    """``PATCH /nodes/{name}``: only the fields to change (``name``, if given, must be the path's)."""
+
+    name: NodeName | None = None  # type: ignore[assignment]
+    ae_title: AETitle | None = None  # type: ignore[assignment]
+    host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")] | None = None  # type: ignore[assignment]
+    port: Port | None = None  # type: ignore[assignment]
+    retrieve: Literal["move", "get"] | None = None  # type: ignore[assignment]
+    move_destination: AETitle | Literal[""] | None = None  # type: ignore[assignment]
+    allow_find: bool | None = None  # type: ignore[assignment]
+    allow_move: bool | None = None  # type: ignore[assignment]
+    allow_get: bool | None = None  # type: ignore[assignment]
+    allow_store: bool | None = None  # type: ignore[assignment]
+    max_associations: Associations | None = None  # type: ignore[assignment]
+    max_rate: Annotated[float, Field(ge=0)] | None = None  # type: ignore[assignment]
+    move_window: Annotated[str, Field(pattern=_WINDOW)] | None = None  # type: ignore[assignment]
+    description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] | None = None  # type: ignore[assignment]
+
+
+def _node_field(loc: tuple[Any, ...]) -> str:
+    return str(loc[0]) if loc else "node"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +100,7 @@ class Node:
     AE title by default) or ``get`` (C-GET straight into storage).
     ``max_rate`` is instances per second (0: unlimited); ``move_window``
     ``HH:MM-HH:MM`` (local time, may wrap midnight; '' = any time).
+    Validated by :class:`NodeModel`.
     """
 
     name: str
@@ -55,55 +129,15 @@ class Node:
         """
         if not isinstance(data, Mapping):
             raise InvalidRequest("a node must be a JSON object", "node")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise InvalidRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join(fields)}", unknown[0])
-        base = dataclasses.asdict(partial_of) if partial_of else {}
-        merged = {**base, **data}
-        for required in ("name", "ae_title", "host", "port"):
-            if required not in merged:
-                raise InvalidRequest("required", required)
-        kw: dict[str, Any] = {}
-        for name, f in fields.items():
-            if name not in merged:
-                continue
-            value = merged[name]
-            want: Any = {"str": str, "int": int, "float": (int, float), "bool": bool}[str(f.type)]
-            if isinstance(value, bool) and want is not bool:
-                raise InvalidRequest(f"expected {f.type}", name)
-            if not isinstance(value, want):
-                raise InvalidRequest(f"expected {f.type}", name)
-            kw[name] = float(value) if f.type == "float" else value
-        node = cls(**kw)
-        node.validate()
-        return node
+        if partial_of is not None:
+            check(NodePatch, data, field="node", rename=_node_field)  # unknown fields before merging
+            data = {**partial_of.to_dict(), **{k: v for k, v in data.items() if v is not None}}
+        model = check(NodeModel, data, field="node", rename=_node_field)
+        return cls(**{**model.model_dump(), "max_rate": float(model.max_rate)})
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequest` for an impossible value."""
-        if not _NAME.match(self.name):
-            raise InvalidRequest("letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)",
-                                 "name")
-        if not _AET.match(self.ae_title) or not self.ae_title.strip():
-            raise InvalidRequest("an AE title: 1 to 16 printable characters, no backslash", "ae_title")
-        if self.move_destination and not _AET.match(self.move_destination):
-            raise InvalidRequest("an AE title: 1 to 16 printable characters, no backslash",
-                                 "move_destination")
-        if not self.host or len(self.host) > 255 or not re.match(r"^[A-Za-z0-9.:_-]+\Z", self.host):
-            raise InvalidRequest("a host name or IP address", "host")
-        if not 1 <= self.port <= 65535:
-            raise InvalidRequest("a TCP port, 1 to 65535", "port")
-        if self.retrieve not in ("move", "get"):
-            raise InvalidRequest("'move' or 'get'", "retrieve")
-        if not 1 <= self.max_associations <= 64:
-            raise InvalidRequest("1 to 64", "max_associations")
-        if self.max_rate < 0:
-            raise InvalidRequest("instances per second, 0 for unlimited", "max_rate")
-        if self.move_window and not _WINDOW.match(self.move_window):
-            raise InvalidRequest("HH:MM-HH:MM, e.g. 20:00-06:00", "move_window")
-        if len(self.description) > 255:
-            raise InvalidRequest("at most 255 characters", "description")
+        check(NodeModel, self.to_dict(), field="node", rename=_node_field)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,12 +14,17 @@ import datetime as dt
 import re
 from typing import Any, Mapping
 
+from typing import Annotated, ClassVar
+
+from pydantic import Field, field_validator, model_validator
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 
 from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.models import Model, check, refuse
 
-__all__ = ["Query", "LEVELS", "RETURN_KEYS", "parse_date", "parse_date_range", "DATE_RANGE_HELP"]
+__all__ = ["Query", "QueryModel", "LEVELS", "RETURN_KEYS", "parse_date", "parse_date_range", "DATE_RANGE_HELP",
+           "UID_PATTERN", "DATE_PATTERN", "QUERY_KEYWORDS"]
 
 #: Query/retrieve levels, lower case as users write them; DICOM spells them upper case.
 LEVELS = ("patient", "study", "series", "image")
@@ -37,6 +42,12 @@ RETURN_KEYS: dict[str, tuple[str, ...]] = {
               "InstanceNumber"),
 }
 
+#: A DICOM UID: digits and dots (at most 64 characters, said where it is used).
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+#: ``YYYYMMDD`` or ``YYYY-MM-DD`` with a month and a day that exist (29 February is checked by the code).
+_MMDD = "((0[1-9]|1[0-2]){0}(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2]){0}(29|30)|(0[13578]|1[02]){0}31|02{0}29)"
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001 to 9999
+DATE_PATTERN = f"^({_YEAR}{_MMDD.format('')}|{_YEAR}-{_MMDD.format('-')})$"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 _CS = re.compile(r"^[A-Z0-9 _]{1,16}\Z")
 # Printable, no backslash (the DICOM value separator) and no control characters.
@@ -108,6 +119,119 @@ def parse_date_range(value: str, field: str) -> tuple[dt.date | None, dt.date | 
     return lo, hi
 
 
+#: DICOM keywords a query may ask to be returned (``include_fields``): any but a sequence.
+QUERY_KEYWORDS = tuple(sorted(k for k, tag in keyword_dict.items() if dictionary_VR(tag) != "SQ"))
+_QUERY_KEYWORDS = frozenset(QUERY_KEYWORDS)
+#: A matching text value: at most 64 printable characters between optional spaces, no backslash.
+_QTEXT = r"^ *[^\\\x00-\x1f\x7f]{0,64} *$"
+_QText = Annotated[str, Field(pattern=_QTEXT)]
+_OneUID = Annotated[str, Field(max_length=64, pattern=r"^([0-9]+(\.[0-9]+)*)?$")]
+_UIDList = list[Annotated[str, Field(max_length=64, pattern=UID_PATTERN)]]
+_Date = Annotated[str, Field(pattern=DATE_PATTERN)]
+
+
+def _query_field(loc: tuple[Any, ...]) -> str:
+    return str(loc[0]) if loc else "query"
+
+
+class QueryModel(Model):
+    """A query as users send it (an API body, a retrieve job's ``query``, what the CLI builds).
+
+    At least one matching key, and ``min_study_date`` <= ``max_study_date``: two rules of the
+    whole that JSON Schema cannot say; the OpenAPI document says them in words.
+    """
+
+    #: What the OpenAPI document says in words (JSON Schema cannot).
+    rules: ClassVar[tuple[str, ...]] = (
+        "at least one matching key: PatientID, PatientName, AccessionNumber, StudyDescription, Modality, a UID or "
+        "a study date (a PatientID, PatientName or StudyDescription of only `*` matches everything: refused, "
+        "`query`)",
+        "min_study_date is not after max_study_date (`min_study_date`)",
+        "a 29 February only in a leap year",
+        "include_fields: DICOM keywords of the standard's dictionary (pydicom's), not sequences "
+        "(`include_fields`; the schema gives their form, listing all 3,800 would make the document 20 times larger)",
+    )
+    help = {
+        "level": f"expected one of {', '.join(LEVELS)}",
+        "PatientID": "at most 64 printable characters, no backslash",
+        "PatientName": "at most 64 printable characters, no backslash",
+        "AccessionNumber": "at most 64 printable characters, no backslash",
+        "StudyDescription": "at most 64 printable characters, no backslash",
+        "Modality": "a modality code (e.g. CT, MR): capitals, digits, '_' (at most 16)",
+        "StudyInstanceUID": "a DICOM UID or a list of UIDs (digits and dots, at most 64 characters each)",
+        "SeriesInstanceUID": "a DICOM UID or a list of UIDs (digits and dots, at most 64 characters each)",
+        "SOPInstanceUID": "a DICOM UID or a list of UIDs (digits and dots, at most 64 characters each)",
+        "min_study_date": "expected a date as YYYYMMDD or YYYY-MM-DD",
+        "max_study_date": "expected a date as YYYYMMDD or YYYY-MM-DD",
+        "include_fields": "expected a list of DICOM keywords usable in a query (no sequences)",
+    }
+
+    level: str = Field("study", json_schema_extra={"enum": [*LEVELS, *(lv.upper() for lv in LEVELS)]},
+                       description="query/retrieve level (either case)")
+    PatientID: _QText | None = Field(None, description="exact, or with * and ? wildcards")
+    PatientName: _QText | None = Field(None, description="exact, or with * and ? wildcards")
+    AccessionNumber: _QText | None = None
+    StudyDescription: _QText | None = None
+    Modality: Annotated[str, Field(pattern=r"^ *[A-Z0-9 _]{0,16} *$")] | None = Field(
+        None, description="ModalitiesInStudy at study level, Modality below")
+    StudyInstanceUID: _OneUID | _UIDList | None = Field(None, description="a UID or a list (list matching)")
+    SeriesInstanceUID: _OneUID | _UIDList | None = None
+    SOPInstanceUID: _OneUID | _UIDList | None = None
+    min_study_date: _Date | None = Field(None, description="YYYYMMDD or YYYY-MM-DD")
+    max_study_date: _Date | None = Field(None, description="YYYYMMDD or YYYY-MM-DD; not before min_study_date")
+    include_fields: list[Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$",
+                                              examples=["InstitutionName"])]] = Field(
+        default_factory=list, description="extra DICOM keywords to return (any keyword but a sequence)")
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in LEVELS:
+            raise refuse(f"expected one of {', '.join(LEVELS)}")
+        return value.lower()
+
+    @field_validator("include_fields")
+    @classmethod
+    def _keywords(cls, value: list[str]) -> list[str]:
+        for f in value:
+            if f not in _QUERY_KEYWORDS:
+                raise refuse(f"{f[:80]!r} is not a DICOM keyword usable in a query")
+        return value
+
+    @field_validator("min_study_date", "max_study_date")
+    @classmethod
+    def _date(cls, value: str | None) -> str | None:
+        try:
+            parse_date(value, "date")  # 29 February of a year that has none
+        except InvalidRequest:
+            raise refuse(f"{value!r} is not a date (YYYYMMDD or YYYY-MM-DD)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _whole(self) -> "QueryModel":
+        lo = parse_date(self.min_study_date, "min_study_date")
+        hi = parse_date(self.max_study_date, "max_study_date")
+        if lo and hi and lo > hi:
+            raise InvalidRequest("min_study_date is after max_study_date", "min_study_date")
+        if self.to_query().is_empty():
+            raise InvalidRequest("give at least one matching key (PatientID, PatientName, "
+                                 "AccessionNumber, a UID, a date range, Modality ...)", "query")
+        return self
+
+    def to_query(self) -> "Query":
+        """The :class:`Query` this describes (texts stripped, UIDs as tuples, dates as dates)."""
+        def uids(value: str | list[str] | None) -> tuple[str, ...]:
+            if not value:
+                return ()
+            return (value,) if isinstance(value, str) else tuple(value)
+
+        fields: dict[str, Any] = {name: (getattr(self, name) or "").strip() for name in _STRING_FIELDS}
+        fields.update({name: uids(getattr(self, name)) for name in _UID_FIELDS})
+        return Query(level=self.level, min_study_date=parse_date(self.min_study_date, "min_study_date"),
+                     max_study_date=parse_date(self.max_study_date, "max_study_date"),
+                     include_fields=tuple(self.include_fields), **fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
     """What to look for on a source, and at which level.
@@ -133,7 +257,7 @@ class Query:
     # -- building -----------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], default_level: str = "study") -> "Query":
-        """Validate user input and build a query.
+        """Validate user input (with :class:`QueryModel`) and build a query.
 
         Raises
         ------
@@ -142,57 +266,9 @@ class Query:
         """
         if not isinstance(data, Mapping):
             raise InvalidRequest("a query must be a JSON object", "query")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join(sorted(known))}", unknown[0])
-        kw: dict[str, Any] = {}
-        level = data.get("level", default_level)
-        if not isinstance(level, str) or level.lower() not in LEVELS:
-            raise InvalidRequest(f"expected one of {', '.join(LEVELS)}", "level")
-        kw["level"] = level.lower()
-        for name in _STRING_FIELDS:
-            value = data.get(name, "")
-            if value is None:
-                value = ""
-            if not isinstance(value, str):
-                raise InvalidRequest("expected a string", name)
-            value = value.strip()
-            if len(value) > 64 or not _TEXT.match(value):
-                raise InvalidRequest("at most 64 printable characters, no backslash", name)
-            if name == "Modality" and value and not _CS.match(value):
-                raise InvalidRequest(f"{value!r} is not a modality code (e.g. CT, MR)", name)
-            kw[name] = value
-        for name in _UID_FIELDS:
-            value = data.get(name, ())
-            if value is None or value == "":
-                value = ()
-            if isinstance(value, str):
-                value = (value,)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise InvalidRequest("expected a UID or a list of UIDs", name)
-            for uid in value:
-                if len(uid) > 64 or not _UID.match(uid):
-                    raise InvalidRequest(f"{uid[:80]!r} is not a DICOM UID", name)
-            kw[name] = tuple(value)
-        kw["min_study_date"] = parse_date(data.get("min_study_date"), "min_study_date")
-        kw["max_study_date"] = parse_date(data.get("max_study_date"), "max_study_date")
-        if kw["min_study_date"] and kw["max_study_date"] and kw["min_study_date"] > kw["max_study_date"]:
-            raise InvalidRequest("min_study_date is after max_study_date", "min_study_date")
-        fields = data.get("include_fields", ())
-        if not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields):
-            raise InvalidRequest("expected a list of DICOM keywords", "include_fields")
-        for f in fields:
-            if f not in keyword_dict or dictionary_VR(keyword_dict[f]) == "SQ":
-                raise InvalidRequest(f"{f[:80]!r} is not a DICOM keyword usable in a query",
-                                     "include_fields")
-        kw["include_fields"] = tuple(fields)
-        query = cls(**kw)
-        if query.is_empty():
-            raise InvalidRequest("give at least one matching key (PatientID, PatientName, "
-                                 "AccessionNumber, a UID, a date range, Modality ...)", "query")
-        return query
+        if "level" not in data:
+            data = {**data, "level": default_level}
+        return check(QueryModel, data, field="query", rename=_query_field).to_query()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (round-trips through :meth:`from_dict`); empty fields left out."""

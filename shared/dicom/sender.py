@@ -1,4 +1,4 @@
-"""A lean C-STORE request path for push: a stored file goes out in one socket write.
+"""The wire of a lean C-STORE request: a stored file framed as P-DATA-TF PDUs and written in one go.
 
 pynetdicom sends a C-STORE as one P-DATA primitive per PDU, each handed to
 its DUL reactor thread through a queue, encoded there and written with its
@@ -9,15 +9,12 @@ spent. Here the sending thread reads the file once, frames every P-DATA-TF
 PDU itself (the PDV layout of PS3.8 9.3.5 / E.2, the same fragmentation
 pynetdicom uses) and writes them all with one ``sendmsg`` loop on the
 association's socket; the response still comes back through pynetdicom's
-DUL and DIMSE provider (``assoc.dimse.get_msg``), so association state,
+DUL and DIMSE provider (``get_msg``), so association state,
 timeouts and aborts are pynetdicom's.
 
-Reliance on pynetdicom internals is kept to three attributes, checked by
-:meth:`FastStore.attach` (``None`` means: use ``assoc.send_c_store``):
-``assoc.dul.socket.socket`` (the TCP socket), ``assoc.dimse.get_msg`` and
-``assoc.dimse.maximum_pdu_size``. The caller must have parked the
-association's reactor (push's ``_Gate``) so that nothing else writes to the
-socket or takes the response, as ``send_c_store`` itself does.
+This module touches no pynetdicom object: the sender that attaches to an
+association (its socket, its DIMSE queue, its parked reactor) is
+:class:`pacsbridge.shared.dicom.compat.store.FastStore`.
 """
 
 from __future__ import annotations
@@ -25,12 +22,8 @@ from __future__ import annotations
 import select
 import socket
 import struct
-import time
-from typing import Any
 
-from pydicom.dataset import Dataset
-
-__all__ = ["FastStore", "command_set", "dataset_offset", "pdus", "SendFailed"]
+__all__ = ["command_set", "dataset_offset", "file_meta", "pdus", "send_all", "SendFailed"]
 
 #: The C-STORE-RQ command field, and "a data set follows" (anything but 0x0101).
 _C_STORE_RQ = 0x0001
@@ -176,7 +169,7 @@ def pdus(context_id: int, command: bytes, dataset: memoryview, max_pdu: int) -> 
     return out
 
 
-def _send_all(sock: socket.socket, buffers: list[bytes | memoryview], timeout: float) -> None:
+def send_all(sock: socket.socket, buffers: list[bytes | memoryview], timeout: float) -> None:
     """Write every buffer; never blocks longer than ``timeout`` without progress."""
     views = [memoryview(b) for b in buffers]
     i = 0
@@ -198,76 +191,3 @@ def _send_all(sock: socket.socket, buffers: list[bytes | memoryview], timeout: f
             else:
                 views[i] = views[i][sent:]
                 sent = 0
-
-
-class FastStore:
-    """C-STORE requests from files on one established association (see the module docstring)."""
-
-    def __init__(self, assoc: Any, sock: socket.socket, timeout: float) -> None:
-        self.assoc = assoc
-        self.sock = sock
-        self.timeout = timeout
-        self.max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
-        self.contexts = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
-                         for cx in assoc.accepted_contexts}
-        self.message_id = 0
-
-    @classmethod
-    def attach(cls, assoc: Any, timeout: float) -> "FastStore | None":
-        """A fast sender for ``assoc``, or ``None`` when this pynetdicom lacks what it needs."""
-        try:
-            sock = assoc.dul.socket.socket
-            dimse = assoc.dimse
-            if not isinstance(sock, socket.socket) or not callable(getattr(dimse, "get_msg", None)):
-                return None
-            int(dimse.maximum_pdu_size or 0)
-            return cls(assoc, sock, timeout)
-        except Exception:  # another pynetdicom: its own send_c_store applies
-            return None
-
-    def can_send(self, sop_class: str, transfer_syntax: str) -> bool:
-        return (sop_class, transfer_syntax) in self.contexts
-
-    def store(self, path: str, sop_class: str, sop_instance: str, transfer_syntax: str) -> Dataset | None:
-        """Send one stored file as is; the response's status data set, or ``None`` when none came.
-
-        Raises OSError (file unreadable), ValueError (bad file meta, or no
-        accepted context) and :class:`SendFailed` (the association was
-        aborted: the request may be incomplete on the wire).
-        """
-        context_id = self.contexts.get((sop_class, transfer_syntax))
-        if context_id is None:
-            raise ValueError(f"no accepted presentation context for {sop_class} in {transfer_syntax}")
-        with open(path, "rb") as fh:
-            data = fh.read()
-        try:
-            offset = dataset_offset(data)
-        except ValueError as exc:
-            raise OSError(f"unreadable file meta: {exc}") from None
-        self.message_id = self.message_id % 0xFFFF + 1
-        msg_id = self.message_id
-        buffers = pdus(context_id, command_set(sop_class, sop_instance, msg_id),
-                       memoryview(data)[offset:], self.max_pdu)
-        try:
-            _send_all(self.sock, buffers, self.timeout)
-        except SendFailed:
-            self.assoc.abort()
-            raise
-        deadline = time.monotonic() + self.timeout
-        while True:
-            _, rsp = self.assoc.dimse.get_msg(block=True)
-            if rsp is None:  # DIMSE timeout, abort or closed connection
-                if self.assoc.is_established:
-                    self.assoc.abort()
-                return None
-            if getattr(rsp, "MessageIDBeingRespondedTo", None) == msg_id and hasattr(rsp, "Status"):
-                break
-            if time.monotonic() > deadline:  # only unrelated messages: give up as pynetdicom would
-                self.assoc.abort()
-                return None
-        status = Dataset()
-        status.Status = int(rsp.Status)
-        comment = getattr(rsp, "ErrorComment", None)
-        if comment:
-            status.ErrorComment = comment
-        return status

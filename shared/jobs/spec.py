@@ -10,8 +10,11 @@ A request (an API body, or what the CLI builds) is a JSON object::
 A *selection* names what we hold: ``{"PatientID": [...]}``, ``{"StudyInstanceUID": [...]}``,
 ``{"SeriesInstanceUID": [...]}`` or ``{"job": "<id of a retrieve job>"}`` (what it brought).
 
-:func:`validate` returns ``(node, params, webhook)``; ``params`` is what the
-runner of that kind reads (:mod:`pacsbridge.worker.runner`). Paths (``dest``,
+:func:`validate` returns ``(kind, node, params, webhook)``; ``params`` is what the
+runner of that kind reads (:mod:`pacsbridge.worker.runner`), checked again there by
+:func:`check_params`. Each kind is a pydantic model (:class:`RetrieveRequest` ...;
+:data:`JobRequest` is their union on ``kind``): the API, the CLI and the worker validate with
+them, and the API's OpenAPI document is generated from them. Paths (``dest``,
 ``path``) are relative to ``PACSBRIDGE_EXPORT_ROOT`` / ``PACSBRIDGE_IMPORT_ROOT``
 and may not climb out of them.
 """
@@ -20,29 +23,32 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Union
 
-from pacsbridge.shared.jobs import webhooks
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
 from pacsbridge.shared.core.errors import ConfigError, InvalidRequest
-from pacsbridge.shared.dicom.query import Query
+from pacsbridge.shared.core.models import TEXT_PATTERN, Model, check, refuse
+from pacsbridge.shared.dicom.query import UID_PATTERN, QueryModel
 from pacsbridge.shared.index.storage import Template
+from pacsbridge.shared.jobs import webhooks
 
-__all__ = ["validate", "SELECTION_KEYS", "safe_relative"]
+__all__ = ["validate", "check_params", "SELECTION_KEYS", "safe_relative", "Selection", "RetrieveRequest",
+           "PushRequest", "RepackRequest", "ImportRequest", "JobRequest", "REQUESTS", "PARAMS", "REL_PATTERN"]
 
 SELECTION_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "job")
-_ALLOWED = {
-    "retrieve": {"kind", "node", "query", "mode", "webhook"},
-    "push": {"kind", "node", "selection", "webhook"},
-    "repack": {"kind", "selection", "dest", "template", "link", "webhook"},
-    "import": {"kind", "path", "webhook"},
-}
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 _ID = re.compile(r"^[0-9a-f]{32}\Z")
+#: A path relative to its root: no leading '/', no '..' part, not only spaces, no backslash or control character.
+REL_PATTERN = r"^(?!/)(?!.*(^|/)\.\.(/|$))(?=.*[^ ])[^\x00-\x1f\x7f\\]{1,255}$"
+
+
+_REL_HELP = ("a relative path that stays inside its root: no leading '/', no '..', at most 255 printable "
+             "characters, no backslash")
 
 
 def safe_relative(value: Any, field: str) -> str:
     """A relative POSIX path without ``..``, absolute parts or control characters."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip(" "):
         raise InvalidRequest("expected a relative path", field)
     if len(value) > 255 or re.search(r"[\x00-\x1f\x7f\\]", value):
         raise InvalidRequest("at most 255 printable characters, no backslash", field)
@@ -52,38 +58,166 @@ def safe_relative(value: Any, field: str) -> str:
     return str(path)
 
 
-def _selection(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping) or len(value) != 1:
-        raise InvalidRequest(f"an object with exactly one of {', '.join(SELECTION_KEYS)}", "selection")
-    (key, items), = value.items()
-    if key not in SELECTION_KEYS:
-        raise InvalidRequest(f"unknown key {key!r}; expected one of {', '.join(SELECTION_KEYS)}", "selection")
-    if key == "job":
-        if not isinstance(items, str) or not _ID.match(items):
-            raise InvalidRequest("a job id (32 hex digits)", "selection.job")
-        return {"job": items}
-    if isinstance(items, str):
-        items = [items]
-    if not isinstance(items, list) or not items or len(items) > 10000 \
-            or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in items):
-        raise InvalidRequest("one value or a list of 1 to 10,000 values of at most 64 characters",
-                             f"selection.{key}")
-    if key != "PatientID" and not all(_UID.match(i) for i in items):
-        raise InvalidRequest("DICOM UIDs (digits and dots)", f"selection.{key}")
-    if key == "PatientID" and any(re.search(r"[\x00-\x1f\x7f\\*?]", i) for i in items):
-        raise InvalidRequest("exact patient IDs (no wildcards, backslash or control characters)",
-                             "selection.PatientID")
-    return {key: items}
+_PID = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\\\x00-\x1f\x7f*?]+$")]
+_UIDV = Annotated[str, Field(min_length=1, max_length=64, pattern=UID_PATTERN)]
+_VALUES = "one value or a list of 1 to 10,000 values of at most 64 characters"
 
 
-def _webhook(value: Any, policy: webhooks.Policy | None) -> str:
-    if value in (None, ""):
-        return ""
-    if policy is None:  # the form only; the API passes its allow-list, and the sender checks again
-        webhooks.parse_url(value)
-    else:  # a listed name that does not resolve now is checked again when sent
-        webhooks.check_url(value, policy, strict_resolve=False)
-    return str(value)
+class Selection(Model):
+    """What we hold: exactly one of the keys (``minProperties``/``maxProperties`` 1 in the document)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+    help = {"PatientID": "exact patient IDs (no wildcards, backslash or control characters): " + _VALUES,
+            "StudyInstanceUID": "DICOM UIDs (digits and dots): " + _VALUES,
+            "SeriesInstanceUID": "DICOM UIDs (digits and dots): " + _VALUES,
+            "job": "a job id (32 hex digits)"}
+
+    PatientID: _PID | Annotated[list[_PID], Field(min_length=1, max_length=10000)] = None  # type: ignore[assignment]
+    StudyInstanceUID: _UIDV | Annotated[list[_UIDV], Field(min_length=1, max_length=10000)] = None  # type: ignore[assignment]
+    SeriesInstanceUID: _UIDV | Annotated[list[_UIDV], Field(min_length=1, max_length=10000)] = None  # type: ignore[assignment]
+    job: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="what this retrieve job brought")] = None  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping) or len(value) != 1:
+            raise InvalidRequest(f"an object with exactly one of {', '.join(SELECTION_KEYS)}", "selection")
+        (key, _), = value.items()
+        if key not in SELECTION_KEYS:
+            raise InvalidRequest(f"unknown key {key!r}; expected one of {', '.join(SELECTION_KEYS)}", "selection")
+        return value
+
+    def to_params(self) -> dict[str, Any]:
+        key = next(k for k in SELECTION_KEYS if getattr(self, k) is not None)
+        value = getattr(self, key)
+        return {key: [value] if isinstance(value, str) and key != "job" else value}
+
+
+_Webhook = Annotated[str, Field(max_length=2048,
+                                pattern=r"^([hH][tT][tT][pP][sS]?://[^/?#\x00-\x20\x7f]+[^\x00-\x20\x7f]*)?$")]
+_NodeRef = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN,
+                                description="the name of a configured node (404 if there is none)")]
+
+
+class _Job(Model):
+    help = {"node": "the name of a configured node", "mode": "'move' or 'get' (default: the node's own)",
+            "link": "true (hard links) or false (copies)", "template": "a preset name or a template string",
+            "webhook": "an http(s) URL of at most 2048 characters, without spaces or control characters",
+            "dest": _REL_HELP, "path": _REL_HELP}
+
+    webhook: _Webhook | None = Field(
+        None, description="called with the finished job (POST, JSON, signed: X-Pacsbridge-Signature); only a "
+                          "destination that PACSBRIDGE_WEBHOOK_ALLOW lists, else 400")
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value:
+            return value
+        policy = (info.context or {}).get("webhook_policy")
+        if policy is None:  # the form only; the API passes its allow-list, and the sender checks again
+            webhooks.parse_url(value)
+        else:  # a listed name that does not resolve now is checked again when sent
+            webhooks.check_url(value, policy, strict_resolve=False)
+        return value
+
+    def to_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class RetrieveRequest(_Job):
+    """Retrieve what a query finds on a node (C-MOVE or C-GET), indexing it as it arrives."""
+
+    kind: Literal["retrieve"]
+    node: _NodeRef
+    query: QueryModel
+    mode: Literal["move", "get"] | None = Field(None, description="C-MOVE or C-GET (default: the node's own)")
+
+    def to_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"query": self.query.to_query().to_dict()}
+        if self.mode:
+            params["mode"] = self.mode
+        return params
+
+
+class PushRequest(_Job):
+    """C-STORE what we hold to a node."""
+
+    kind: Literal["push"]
+    node: _NodeRef
+    selection: Selection
+
+    def to_params(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_params()}
+
+
+class RepackRequest(_Job):
+    """Copy or hard-link what we hold into a tree under PACSBRIDGE_EXPORT_ROOT."""
+
+    kind: Literal["repack"]
+    selection: Selection
+    dest: Annotated[str, Field(pattern=REL_PATTERN, description="relative to PACSBRIDGE_EXPORT_ROOT")]
+    template: Annotated[str, Field(min_length=1, max_length=1024, pattern=TEXT_PATTERN)] = Field(
+        "px-repack", description="a storage template or a preset name (a template that does not parse is a 400)")
+    link: bool = Field(False, description="hard links instead of copies")
+
+    model_config = ConfigDict(regex_engine="python-re")  # REL_PATTERN looks ahead
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, value: str) -> str:
+        return safe_relative(value, "dest")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:  # the runner's own check, now: a bad template is a 400, not a job that fails later
+            Template(value)
+        except ConfigError as exc:
+            raise refuse(str(exc)) from None
+        return value
+
+    def to_params(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_params(), "dest": self.dest, "template": self.template,
+                "link": self.link}
+
+
+class ImportRequest(_Job):
+    """Import files already under PACSBRIDGE_IMPORT_ROOT."""
+
+    kind: Literal["import"]
+    path: Annotated[str, Field(pattern=REL_PATTERN, description="relative to PACSBRIDGE_IMPORT_ROOT")]
+
+    model_config = ConfigDict(regex_engine="python-re")  # REL_PATTERN looks ahead
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return safe_relative(value, "path")
+
+    def to_params(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+
+#: A job request, one model per kind (``kind`` tells which).
+JobRequest = Annotated[Union[RetrieveRequest, PushRequest, RepackRequest, ImportRequest],
+                       Field(discriminator="kind")]
+REQUESTS: dict[str, type[_Job]] = {"retrieve": RetrieveRequest, "push": PushRequest, "repack": RepackRequest,
+                                   "import": ImportRequest}
+#: Fields of a request that are not the runner's params.
+_NOT_PARAMS = {"kind", "node", "webhook"}
+
+
+def _spec_field(loc: tuple[Any, ...]) -> str:
+    """Where an error is: ``path``; ``selection.PatientID``; a query's own field by its name (``PatientID``)."""
+    names = [str(p) for p in loc if isinstance(p, str)]
+    if not names:
+        return "body"
+    if names[0] == "query":
+        return names[1] if len(names) > 1 else "query"
+    if names[0] == "selection":
+        return f"selection.{names[1]}" if len(names) > 1 and names[1] in SELECTION_KEYS else "selection"
+    return names[0]
 
 
 def validate(body: Any, webhook_policy: webhooks.Policy | None = None
@@ -102,43 +236,32 @@ def validate(body: Any, webhook_policy: webhooks.Policy | None = None
     if not isinstance(body, Mapping):
         raise InvalidRequest("a job request must be a JSON object", "body")
     kind = body.get("kind")
-    if not isinstance(kind, str) or kind not in _ALLOWED:
-        raise InvalidRequest(f"expected one of {', '.join(_ALLOWED)}", "kind")
-    unknown = sorted(set(body) - _ALLOWED[kind])
+    if not isinstance(kind, str) or kind not in REQUESTS:
+        raise InvalidRequest(f"expected one of {', '.join(REQUESTS)}", "kind")
+    model = REQUESTS[kind]
+    unknown = sorted(set(body) - set(model.model_fields))
     if unknown:
         raise InvalidRequest(f"unknown field(s) for a {kind} job: {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(sorted(_ALLOWED[kind]))}", unknown[0])
-    webhook = _webhook(body.get("webhook"), webhook_policy)
-    node: str | None = None
-    if "node" in _ALLOWED[kind]:
-        node = body.get("node")
-        if not isinstance(node, str) or not node:
-            raise InvalidRequest("the name of a configured node", "node")
-    params: dict[str, Any] = {}
-    if kind == "retrieve":
-        params["query"] = Query.from_dict(body.get("query", {})).to_dict()
-        mode = body.get("mode")
-        if mode not in (None, "move", "get"):
-            raise InvalidRequest("'move' or 'get' (default: the node's own)", "mode")
-        if mode:
-            params["mode"] = mode
-    elif kind == "push":
-        params["selection"] = _selection(body.get("selection"))
-    elif kind == "repack":
-        params["selection"] = _selection(body.get("selection"))
-        params["dest"] = safe_relative(body.get("dest"), "dest")
-        template = body.get("template", "px-repack")
-        if not isinstance(template, str) or not template or len(template) > 1024:
-            raise InvalidRequest("a preset name or a template string", "template")
-        try:  # the runner's own check, now: a bad template is a 400, not a job that fails later
-            Template(template)
-        except ConfigError as exc:
-            raise InvalidRequest(str(exc), "template") from None
-        params["template"] = template
-        link = body.get("link", False)
-        if not isinstance(link, bool):
-            raise InvalidRequest("true (hard links) or false (copies)", "link")
-        params["link"] = link
-    elif kind == "import":
-        params["path"] = safe_relative(body.get("path"), "path")
-    return kind, node, params, webhook
+                             f"known: {', '.join(sorted(model.model_fields))}", unknown[0])
+    request = check(model, body, context={"webhook_policy": webhook_policy}, rename=_spec_field)
+    node = getattr(request, "node", None)
+    return kind, node, request.to_params(), request.webhook or ""
+
+
+#: What the runner of each kind reads from ``params`` (the request without kind, node and webhook).
+PARAMS: dict[str, type[_Job]] = REQUESTS
+
+
+def check_params(kind: str, params: Mapping[str, Any]) -> None:
+    """The worker's check of a job row's ``params`` with the models the API checked them with.
+
+    A row written by hand, or by an older release, that the models refuse fails the job with the
+    field named, before anything is fetched or written. Kinds without a request model (``index``) pass.
+    """
+    model = REQUESTS.get(kind)
+    if model is None:
+        return
+    body: dict[str, Any] = {**params, "kind": kind}
+    if "node" in model.model_fields:
+        body["node"] = "-"  # the row's node column is checked by the store, not here
+    check(model, body, field="params", rename=_spec_field)

@@ -43,7 +43,7 @@ from pacsbridge.shared.core.errors import DimseError, InvalidDataset, StorageErr
 from pacsbridge.shared.dicom.filemeta import encoded_instance
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
-from pacsbridge.shared.dicom.reactor import on_conn_open as reactor_on_conn_open
+from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_conn_open
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout
 

@@ -43,12 +43,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import and_, delete, select
@@ -57,14 +57,16 @@ from sqlalchemy.engine import Engine
 from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.dicom.dimse import associate, describe_status, lost
-from pacsbridge.shared.dicom.reactor import on_conn_open as reactor_on_conn_open, wake
+from pacsbridge.shared.dicom.compat import send_files_as_stored
+from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_conn_open
+from pacsbridge.shared.dicom.compat.store import FastStore, ParkedSends
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.worker.selection import Instance, describe, resolve
-from pacsbridge.shared.dicom.sender import FastStore, SendFailed, file_meta
+from pacsbridge.shared.dicom.sender import SendFailed, file_meta
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout
 
 __all__ = ["run", "push", "PushReport", "Sent", "acknowledged", "MAX_CONTEXTS"]
@@ -95,7 +97,8 @@ PROCESSES = initial_settings().push_processes  # PACSBRIDGE_PUSH_PROCESSES
 PROC_MIN_FILES = 100
 #: Files handed to a sender process ahead of its outcomes (so it never waits for the next one).
 PROC_WINDOW = 2
-#: Send stored files with :mod:`~pacsbridge.shared.dicom.sender` (one socket write per instance); 0: pynetdicom's own.
+#: Send stored files with :class:`~pacsbridge.shared.dicom.compat.store.FastStore` (one socket write per
+#: instance); 0: pynetdicom's own.
 FAST_SEND = initial_settings().push_fast  # PACSBRIDGE_PUSH_FAST
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -279,55 +282,21 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
 _HANDLERS = [(evt.EVT_CONN_OPEN, reactor_on_conn_open)]
 
 
-class _Gate(threading.Event):
-    """A reactor checkpoint that says when pynetdicom's reactor is really parked.
-
-    pynetdicom pauses its association reactor before a ``send_*`` by clearing
-    ``_reactor_checkpoint`` and waiting for ``_is_paused``; but the reactor
-    sets ``_is_paused`` just *before* it waits, so it can pass the checkpoint
-    while the sender already believes it paused, then take the C-STORE
-    response off the queue itself ("Received unexpected C-STORE service
-    message", pynetdicom issues #435/#875): the sender waits for the DIMSE
-    timeout and the association is aborted. Seen about once in 15 pushes of
-    200 instances here, with fast answers. This checkpoint counts the times
-    the reactor blocks on it, and :meth:`park` waits for the next one.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._assoc: Any = None
-        self.set()
-        self._parks = 0
-        self._counted = threading.Condition()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if super().wait(0):
-            return True
-        with self._counted:
-            self._parks += 1
-            self._counted.notify_all()
-        return super().wait(timeout)
-
-    @classmethod
-    def install(cls, assoc: Any) -> "_Gate | None":
-        if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
-            return None  # another pynetdicom: its own pausing applies
-        gate = cls()
-        gate._assoc = assoc
-        assoc._reactor_checkpoint = gate
-        return gate
-
-    def park(self, timeout: float = 2.0) -> None:
-        """Stop the reactor before a request (the gate is open on entry; ``send_c_store`` opens it again).
-
-        Returns once the reactor blocked after the gate closed, or after
-        ``timeout`` (the reactor thread ends with its association).
-        """
-        with self._counted:
-            seen = self._parks
-            self.clear()
-            wake(self._assoc)  # the waiting reactor (shared.reactor) would look again only after up to 5 ms
-            self._counted.wait_for(lambda: self._parks > seen, timeout)
+def send_files(assoc: Any, node: Node, take: Callable[[], "_File | None"],
+               done: Callable[["_File", Sent], None]) -> Sent | None:
+    """Send on ``assoc`` every file ``take()`` gives until it gives None, the reactor parked
+    (:class:`~pacsbridge.shared.dicom.compat.store.ParkedSends`: the fast sender where the node
+    accepted the file's own syntax, pynetdicom's ``send_c_store`` otherwise); ``done(f, sent)``
+    after each. Returns the outcome after which the association was lost (aborted or dropped:
+    the caller opens a new one), or None when ``take()`` ran out."""
+    ok = accepted(assoc)
+    with ParkedSends(assoc, TIMEOUT, fast=FAST_SEND) as sends:
+        while (f := take()) is not None:
+            sent = sends.send(f.sop_class, f.transfer_syntax, partial(_send_one, assoc, node, f, ok))
+            done(f, sent)
+            if not assoc.is_established:
+                return sent
+    return None
 
 
 class _Sender(threading.Thread):
@@ -351,6 +320,17 @@ class _Sender(threading.Thread):
         except queue.Empty:
             return None
 
+    def _take(self) -> _File | None:
+        f = self._next()
+        if f is not None:
+            self.current = f
+            self.rate.wait(1, cancel=self.cancel)
+        return f
+
+    def _done(self, f: _File, sent: Sent) -> None:
+        self.results.put(sent)
+        self.current = None
+
     def run(self) -> None:
         try:
             self._run()
@@ -373,34 +353,9 @@ class _Sender(threading.Thread):
                                    cancel_grace=CANCEL_GRACE) as assoc:
                         self.associations += 1
                         failures = 0
-                        ok = accepted(assoc)
-                        gate = _Gate.install(assoc)
-                        fast = FastStore.attach(assoc, TIMEOUT) if gate is not None and FAST_SEND else None
-                        parked = False
-                        try:
-                            while (f := self._next()) is not None:
-                                self.current = f
-                                self.rate.wait(1, cancel=self.cancel)
-                                if gate is not None and not parked:
-                                    gate.park()
-                                    parked = True
-                                fast_path = fast is not None and fast.can_send(f.sop_class, f.transfer_syntax)
-                                try:
-                                    sent = _send_one(assoc, self.node, f, ok, fast)
-                                finally:
-                                    # the fast path leaves the reactor parked for the next instance (no
-                                    # ~1 ms park per instance); pynetdicom's send_c_store needs it running
-                                    if gate is not None and (not fast_path or not assoc.is_established):
-                                        gate.set()  # also when nothing was sent
-                                        parked = False
-                                self.results.put(sent)
-                                self.current = None
-                                if not assoc.is_established:  # aborted or dropped: open a new one
-                                    self.error = sent.error
-                                    break
-                        finally:
-                            if gate is not None:
-                                gate.set()  # the reactor runs again for the release
+                        lost = send_files(assoc, self.node, self._take, self._done)
+                        if lost is not None:  # aborted or dropped: open a new one
+                            self.error = lost.error
             except (DimseError, SlotTimeout) as exc:
                 self.error = str(exc)
                 failures += 1
@@ -579,7 +534,7 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
                       f"cannot read {inst.object_file}: {getattr(exc, 'strerror', None) or exc}"))
     slots = NodeSlots(engine, node, holder or worker_id())
     rate = RateLimiter(engine, node)
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send files as stored, never decoded
+    send_files_as_stored()  # send_c_store(path): the file as stored, never decoded
     for group in _groups(files):
         if cancel.is_set():
             break

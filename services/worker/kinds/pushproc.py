@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from pacsbridge.worker.kinds import push
 from pacsbridge.shared.core.errors import DimseError
+from pacsbridge.shared.dicom.compat import send_files_as_stored
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.worker.selection import Instance
 
@@ -53,7 +53,7 @@ def main(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
     n = head["node"]
     node = Node(n["name"], n["ae_title"], n["host"], int(n["port"]))
     contexts = [build_context(sop_class, list(syntaxes)) for sop_class, syntaxes in head["contexts"]]
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    send_files_as_stored()
 
     def say(doc: dict[str, Any]) -> None:
         stdout.write(json.dumps(doc) + "\n")
@@ -68,6 +68,17 @@ def main(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
         return int(k), push._File(inst, sop_class, ts)
 
     pending = next_file()
+
+    def take() -> push._File | None:
+        return pending[1] if pending is not None else None
+
+    def done(f: push._File, sent: push.Sent) -> None:
+        nonlocal pending
+        if pending is not None:  # the file take() gave
+            say({"n": pending[0], "ok": sent.ok, "status": sent.status, "error": sent.error,
+                 "fallback": sent.fallback})
+        pending = next_file()
+
     failures = 0
     while pending is not None and failures < 2:
         try:
@@ -75,31 +86,7 @@ def main(stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
                                 evt_handlers=push._HANDLERS) as assoc:
                 failures = 0
                 say({"assoc": 1})
-                ok = push.accepted(assoc)
-                gate = push._Gate.install(assoc)
-                fast = push.FastStore.attach(assoc, push.TIMEOUT) if gate is not None and push.FAST_SEND else None
-                parked = False
-                try:
-                    while pending is not None:
-                        k, f = pending
-                        if gate is not None and not parked:
-                            gate.park()
-                            parked = True
-                        fast_path = fast is not None and fast.can_send(f.sop_class, f.transfer_syntax)
-                        try:
-                            sent = push._send_one(assoc, node, f, ok, fast)
-                        finally:
-                            if gate is not None and (not fast_path or not assoc.is_established):
-                                gate.set()
-                                parked = False
-                        say({"n": k, "ok": sent.ok, "status": sent.status, "error": sent.error,
-                             "fallback": sent.fallback})
-                        pending = next_file()
-                        if not assoc.is_established:
-                            break
-                finally:
-                    if gate is not None:
-                        gate.set()
+                push.send_files(assoc, node, take, done)
         except DimseError as exc:
             failures += 1
             say({"error": str(exc)})

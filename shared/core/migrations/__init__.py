@@ -108,6 +108,12 @@ def upgrade(conn: Connection, tables: Sequence[Table] = (), drop: Iterable[Table
     --force``: Conquest's tables and the arrivals, never the jobs). Runs in the caller's
     transaction (all or nothing on PostgreSQL and SQLite) and holds a lock while it runs.
     """
+    drop = list(drop)
+    if not drop and current(conn) == head() and not complete(conn, tables, apply=False):
+        # up to date: read only, no lock. Every worker task and sweep comes here; a write lock
+        # taken each time made processes wait on each other, and a Celery parent that forked its
+        # pool while its sweeper held SQLite's lock left the children unable to ever take it
+        return []
     _lock(conn)
     done: list[str] = []
     was = current(conn)
@@ -130,8 +136,10 @@ def upgrade(conn: Connection, tables: Sequence[Table] = (), drop: Iterable[Table
     return done + complete(conn, tables)
 
 
-def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
+def complete(conn: Connection, tables: Sequence[Table], apply: bool = True) -> list[str]:
     """Create what the database lacks of ``tables``: the table, a column, an index. Never drops.
+
+    With ``apply=False`` only say what would be done.
 
     For Conquest's tables, whose columns come from a ``dicom.sql``: a user's file with a column more
     migrates too. Names are compared without case (PostgreSQL folds them, SQLite ignores it).
@@ -145,7 +153,8 @@ def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
     for table in tables:
         name = present.get(str(table.name).lower())
         if name is None:
-            table.create(conn)
+            if apply:
+                table.create(conn)
             done.append(f"created {table.name}")
             continue
         have = {c["name"].lower() for c in insp.get_columns(name)}
@@ -155,8 +164,12 @@ def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
                 continue
             if column.primary_key:
                 lacking.add(column.name.lower())
-                log.warning("%s has no column %s, the key of this dicom.sql: `pacsbridge init --force` and "
-                            "`pacsbridge rebuild` remake the index", name, column.name)
+                if apply:  # said once, by the run that applies (a dry run is every task's check)
+                    log.warning("%s has no column %s, the key of this dicom.sql: `pacsbridge init --force` and "
+                                "`pacsbridge rebuild` remake the index", name, column.name)
+                continue
+            if not apply:
+                done.append(f"added {name}.{column.name}")
                 continue
             if ops is None:
                 from alembic.operations import Operations
@@ -169,6 +182,7 @@ def complete(conn: Connection, tables: Sequence[Table]) -> list[str]:
         for index in table.indexes:
             if index.name is not None and str(index.name).lower() not in indexes \
                     and not any(c.name.lower() in lacking for c in index.columns):
-                index.create(conn)
+                if apply:
+                    index.create(conn)
                 done.append(f"created index {index.name}")
     return done

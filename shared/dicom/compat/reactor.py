@@ -24,47 +24,45 @@ signal (ARTIM timer, network idle timeout, a flag set directly) is seen as
 late as that, never missed. Everything else in the loops is pynetdicom's code,
 step for step.
 
-Only for the pynetdicom versions listed in :data:`SUPPORTED` (anything else,
-TLS sockets, or ``PACSBRIDGE_REACTOR=poll`` keeps stock behaviour);
-:func:`install` returns whether it patched.
+Only for the pynetdicom versions of :data:`~pacsbridge.shared.dicom.compat.SUPPORTED` (another
+one is said once at warning level and keeps stock behaviour, as do TLS sockets and
+``PACSBRIDGE_REACTOR=poll``); :func:`install` returns whether it patched.
 
 Who pauses the association reactor (pynetdicom's ``send_*``/``release()``:
-close ``_reactor_checkpoint`` and wait for ``_is_paused``; push's ``_Gate``:
+close ``_reactor_checkpoint`` and wait for ``_is_paused``; the send gate of :mod:`.store`:
 wait until the reactor blocked on the checkpoint) meets the same checkpoint,
 looked at in the same place in the loop as stock. The reactor counts as paused
 while it waits for a wake-up (nothing between that wait and the checkpoint
 touches a queue); :func:`wake` makes it reach the checkpoint at once.
 
 Listener: :func:`install` from ``EVT_CONN_OPEN`` (acceptor: fired before the
-threads start). Our requests (``shared.dimse.associate``):
+threads start). Our requests (``shared.dicom.dimse.associate``):
 :func:`install_on_request` (requestor: ``EVT_CONN_OPEN`` fires in the running
 DUL thread).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Any
 
 from pacsbridge.shared.core.config import initial_settings
 
-__all__ = ["bounded_reads", "install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open",
-           "RUN_LOOP_DELAY",
-           "SUPPORTED", "WAIT_CAP"]
+from . import check, fallback, supported
+from .reads import deadline_reads, largest_pdu
+
+__all__ = ["install", "install_on_request", "wake", "enabled", "tune", "quiet", "on_conn_open", "RUN_LOOP_DELAY",
+           "WAIT_CAP"]
 
 log = logging.getLogger(__name__)
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")  # where pynetdicom logs these
 _DUL_LOG = logging.getLogger("pynetdicom.dul")
 
-#: pynetdicom versions whose reactor loops these copies follow (checked against their source).
-SUPPORTED = ("3.0.",)
 #: Longest wait (seconds) before the loops look again without being woken.
 WAIT_CAP = 0.005
 
@@ -81,7 +79,8 @@ def tune(assoc: Any) -> None:
     one waits for the peer's delayed ACK, tens of milliseconds per instance.
     Used by the listener and by our own (SCU) associations alike.
     """
-    assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+    if check("poll delay", assoc.dul, "_run_loop_delay"):
+        assoc.dul._run_loop_delay = RUN_LOOP_DELAY
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         try:
@@ -110,8 +109,9 @@ def quiet(assoc: Any) -> None:
             for handler, _ in list(assoc.get_handlers(event)):
                 if getattr(handler, "__module__", "") == "pynetdicom._handlers":
                     assoc.unbind(event, handler)
-        except Exception:  # another pynetdicom: keep its handlers
-            pass
+        except Exception as exc:  # another pynetdicom: keep its handlers
+            fallback("quiet associations", f"cannot unbind pynetdicom's logging handlers: {exc}")
+            return
 
 
 def on_conn_open(event: Any) -> None:
@@ -120,14 +120,14 @@ def on_conn_open(event: Any) -> None:
 
 
 def enabled() -> bool:
-    """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow."""
+    """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow (then
+    said once, :func:`~pacsbridge.shared.dicom.compat.fallback`)."""
     if initial_settings().reactor == "poll":  # PACSBRIDGE_REACTOR
         return False
-    try:
-        import pynetdicom
-    except ImportError:  # pragma: no cover
+    if not supported():
+        fallback("waiting reactor")
         return False
-    return str(pynetdicom.__version__).startswith(SUPPORTED)
+    return True
 
 
 def _wrap_put(q: queue.Queue, after: Any) -> None:
@@ -160,11 +160,12 @@ def install(assoc: Any) -> bool:
         return False
     if raw is None or dul.is_alive() or assoc.is_alive():
         return False
-    for name in ("_process_recv_primitive", "_is_transport_event", "artim_timer", "state_machine",
-                 "to_provider_queue", "to_user_queue", "event_queue", "_dul_ready", "_reactor_checkpoint"):
-        if not hasattr(dul, name) and not hasattr(assoc, name):
-            log.warning("pynetdicom lacks %s: keeping its polling reactors", name)
-            return False
+    if not (check("waiting reactor", dul, "_process_recv_primitive", "_is_transport_event", "artim_timer",
+                  "state_machine", "to_provider_queue", "to_user_queue", "event_queue", "_idle_timer",
+                  "_kill_thread")
+            and check("waiting reactor", assoc, "_dul_ready", "_reactor_checkpoint", "_is_paused", "dimse",
+                      "_serve_request", "_kill")):
+        return False
 
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -195,7 +196,7 @@ def install(assoc: Any) -> bool:
 
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
-    _larger_reads(dul.socket, assoc.network_timeout, largest_pdu(assoc))
+    deadline_reads(dul.socket, assoc.network_timeout, largest=largest_pdu(assoc))
 
     from pynetdicom.utils import make_target
 
@@ -213,130 +214,6 @@ def install(assoc: Any) -> bool:
     assoc._run_reactor = lambda: _run_association(assoc, assoc_wake)
     assoc._pacsbridge_wake = assoc_wake.set
     return True
-
-
-#: Bytes per ``recv()`` of :func:`_larger_reads` (pynetdicom reads 4096).
-RECV_CHUNK = 32768
-#: Longest a blocked ``recv()`` waits in the kernel before the deadline of its read is looked at.
-RECV_TICK = 1.0
-
-
-def _set_timeouts(raw: socket.socket, receive: float, send: float | None) -> bool:
-    """``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` on a blocking socket: a blocked ``recv()`` / ``send()``
-    returns ``EAGAIN`` after that long (a ``BlockingIOError``), at no cost while data flows
-    (unlike ``settimeout()``, which adds a ``poll()`` before every call). False when the
-    socket is not a plain blocking one (then nothing is changed)."""
-    if raw.gettimeout() is not None:
-        return False
-
-    def timeval(seconds: float) -> bytes:
-        whole = int(seconds)
-        return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-    try:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(receive))
-        if send:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(send))
-    except OSError:  # closed meanwhile
-        return False
-    return True
-
-
-#: The largest PDU read when we announced a smaller maximum (an A-ASSOCIATE-RQ with many contexts
-#: may exceed a small one; the maximum binds only P-DATA).
-PDU_FLOOR = 1 << 20
-
-
-def largest_pdu(assoc: Any) -> int | None:
-    """The largest PDU body ``assoc`` accepts from its peer: the maximum we announced (at least
-    :data:`PDU_FLOOR`), or None when we announced none (0, unlimited)."""
-    ours = assoc.acceptor if getattr(assoc, "is_acceptor", False) else assoc.requestor
-    announced = getattr(ours, "maximum_length", 0) or 0
-    return max(int(announced), PDU_FLOOR) if announced else None
-
-
-#: Most PDVs a P-DATA-TF may carry: senders put one or two in a PDU, and pynetdicom decodes each into
-#: Python objects (a 4 MiB PDU of one-byte PDVs: 600,000 of them, 134 MB and 2.4 s of CPU).
-MAX_PDVS = 1024
-
-
-def _too_many_pdvs(body: bytearray) -> bool:
-    """Whether the PDV items of a P-DATA-TF body number more than :data:`MAX_PDVS` (walks at most that many)."""
-    pos, end = 0, len(body)
-    for _ in range(MAX_PDVS):
-        if pos + 4 > end:
-            return False
-        pos += 4 + struct.unpack_from(">L", body, pos)[0]
-    return pos + 4 <= end
-
-
-def _larger_reads(assoc_socket: Any, timeout: float | None = None, largest: int | None = None) -> None:
-    """pynetdicom's ``AssociationSocket.recv``, reading up to :data:`RECV_CHUNK` bytes per call,
-    and giving up on a read that takes longer than ``timeout`` seconds in all.
-
-    Stock reads 4096 bytes per ``recv()``: 128 calls, bytes objects and appends for each
-    512 kB instance, the largest single item in a profile of the no-op SCP. Same contract:
-    blocks until ``nr_bytes`` are read, returns what came before the peer closed, and
-    lets socket errors out. Larger chunks or one buffer of the PDU's size were tried and
-    cost more (glibc then returns and re-faults the big buffers: ``madvise`` per instance).
-
-    Stock also blocks for ever once a PDU has begun (its socket has no timeout): a peer that
-    sends one byte of a PDU, or half a P-DATA, and stops held a receiver's slot for as long as
-    it liked. With ``timeout`` (the association's network timeout) each ``recv(nr_bytes)``
-    (a PDU's header, then its body) must complete within that time, whatever the peer drips,
-    else :class:`TimeoutError`, which pynetdicom's reader turns into a closed connection
-    (Evt17). The wait is the kernel's (``SO_RCVTIMEO``, :data:`RECV_TICK`), so nothing is
-    added while data flows. A ``send()`` to a peer that stopped reading fails after
-    ``timeout`` likewise (``SO_SNDTIMEO``).
-
-    A read longer than ``largest`` bytes (a PDU bigger than the maximum we announced; pynetdicom
-    would gather it whole in memory, up to the 4 GB a PDU header can claim) fails at once with
-    ``EMSGSIZE``, which closes the connection; so does a P-DATA-TF of more than :data:`MAX_PDVS`
-    PDVs (pynetdicom reads a PDU's 6-byte header, then its body: the reads alternate).
-    """
-    raw = getattr(assoc_socket, "socket", None)
-    bounded = bool(timeout) and raw is not None and _set_timeouts(raw, min(RECV_TICK, timeout or 0.0), timeout or 0.0)
-    pdu_type = [-1]  # of the header just read; -1: the next read is a header
-
-    def recv(nr_bytes: int) -> bytearray:
-        out = read(nr_bytes)
-        if pdu_type[0] < 0:
-            pdu_type[0] = out[0] if len(out) == 6 else 0
-        else:
-            if pdu_type[0] == 0x04 and _too_many_pdvs(out):
-                raise OSError(errno.EMSGSIZE, f"a P-DATA-TF of more than {MAX_PDVS} PDVs")
-            pdu_type[0] = -1
-        return out
-
-    def read(nr_bytes: int) -> bytearray:
-        if largest is not None and nr_bytes > largest:
-            raise OSError(errno.EMSGSIZE, f"a PDU of {nr_bytes} bytes, larger than the {largest} we accept")
-        sock = assoc_socket.socket
-        out = bytearray()
-        deadline = time.monotonic() + timeout if bounded else None  # type: ignore[operator]
-        while len(out) < nr_bytes:
-            try:
-                data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
-            except BlockingIOError:  # SO_RCVTIMEO: nothing came for RECV_TICK seconds
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"no complete PDU data within {timeout:g} s "
-                                       f"({len(out)} of {nr_bytes} bytes)") from None
-                continue
-            if not data:  # the peer closed: what we have (pynetdicom's callers check the length)
-                return out
-            out += data
-            # a peer dripping bytes faster than RECV_TICK never lets recv() time out: look here too
-            if deadline is not None and len(out) < nr_bytes and time.monotonic() >= deadline:
-                raise TimeoutError(f"no complete PDU data within {timeout:g} s ({len(out)} of {nr_bytes} bytes)")
-        return out
-
-    assoc_socket.recv = recv
-
-
-def bounded_reads(assoc: Any) -> None:
-    """Give ``assoc`` the reads of :func:`_larger_reads`: a deadline of its network timeout per
-    PDU read, and no PDU larger than we accept (on associations whose reactor stays pynetdicom's own)."""
-    _larger_reads(assoc.dul.socket, assoc.network_timeout, largest_pdu(assoc))
 
 
 def wake(assoc: Any) -> None:
@@ -359,7 +236,7 @@ def install_on_request(assoc: Any, prepare: Any = None) -> None:
     when the socket is set and no thread has started. Call it where the association is created
     and its socket not yet connected (``AE._create_socket``). ``prepare(assoc)``, if given,
     runs after :func:`install` (whether it patched or not) and before the thread starts:
-    ``shared.dimse`` puts its deadline on the socket's reads there, over :func:`_larger_reads`.
+    ``shared.dicom.dimse`` puts its watched deadline reads there (:func:`.requestor.deadline_reads_for`).
     """
     request = assoc.request
 

@@ -1,0 +1,270 @@
+"""What the API answers, and the query strings it reads, as pydantic models.
+
+Request bodies are the shared models (:class:`~pacsbridge.shared.dicom.node.NodeModel`,
+:class:`~pacsbridge.shared.dicom.query.QueryModel`, :data:`~pacsbridge.shared.jobs.spec.JobRequest`):
+the CLI and the worker validate with them too. The answers here are the API's own. A view hands its
+answer through :func:`answer`: the model checks it (an answer the document does not describe is a
+bug, and fails loudly) and the document (:mod:`.contract`) is generated from the same models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel
+
+from pacsbridge.shared.core.models import TEXT_PATTERN, Model, refuse
+from pacsbridge.shared.dicom.node import NodeModel
+from pacsbridge.shared.index.quarantine import REASONS
+from pacsbridge.shared.jobs.store import KINDS, STATES
+
+__all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeList", "Echo", "FindResult", "JobOut", "JobSubmitted",
+           "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList", "QuarantineDecision",
+           "Health", "Args", "JobListArgs", "QuarantineArgs", "PageArgs", "SINCE_PATTERN", "MAX_LIMIT",
+           "DEFAULT_LIMIT"]
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+
+class Out(BaseModel):
+    """An answer: every field it has is described (``additionalProperties: false``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def answer(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model`` describes it, keys as the view made them (none added, none dropped)."""
+    return model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+
+
+# -- errors -----------------------------------------------------------------------------
+class ErrorDetail(Out):
+    status: int
+    message: str
+    path: str
+    field: str = Field("", description="the input field to blame, if one is")
+    dimse_status: int = Field(0, description="the DIMSE status a peer answered (502)")
+
+
+class ErrorBody(Out):
+    """Every error the API answers (:mod:`pacsbridge.api.errors`)."""
+
+    error: ErrorDetail
+
+
+# -- nodes ------------------------------------------------------------------------------
+class NodeOut(NodeModel):
+    """A node, and where it is."""
+
+    path: str
+
+
+class NodeList(Out):
+    items: list[NodeOut]
+    total: int
+
+
+class Echo(Out):
+    node: str
+    ok: bool
+    seconds: float
+    checked_at: float
+
+
+class FindResult(Out):
+    node: str
+    level: str
+    query: dict[str, Any] = Field(description="the query as run (normalised)")
+    count: int
+    truncated: bool = Field(description="more matched than the API returns (10,000)")
+    results: list[dict[str, Any]] = Field(description="the peer's answers, keyed by DICOM keyword")
+
+
+# -- jobs -------------------------------------------------------------------------------
+class SeriesProgressOut(Out):
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    description: str
+    expected: int
+    received: int
+    indexed: int
+    pushed: int
+    failed: int
+    state: str
+    error: str
+
+
+class CancelAnswer(Out):
+    outcome: Literal["cancelled", "finished", "requested"]
+    message: str
+
+
+class JobOut(Out):
+    """A job (``series`` only when one job is read; ``enqueued`` after a retry; ``cancel`` after a cancel)."""
+
+    id: str
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    node: str | None
+    params: dict[str, Any]
+    state: Literal[STATES]  # type: ignore[valid-type]
+    attempts: int
+    error: str
+    result: dict[str, Any]
+    webhook: str = Field(description="empty unless the token is the owner's or an admin's")
+    worker: str = Field(description="host:pid; empty unless the token is the owner's or an admin's")
+    owner: str = Field(description="name of the token that submitted the job")
+    webhook_status: str = Field(description="queued, sent, retry n, failed or refused, with the reason "
+                                            "(owner and admins)")
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    heartbeat_at: float | None
+    finished_at: float | None
+    totals: dict[str, int]
+    path: str
+    series: list[SeriesProgressOut] = None  # type: ignore[assignment]
+    enqueued: bool = None  # type: ignore[assignment]
+    cancel: CancelAnswer = Field(None, description="the answer to a cancel: what happened")  # type: ignore[assignment]
+
+
+class JobSubmitted(Out):
+    id: str
+    path: str
+    state: Literal[STATES]  # type: ignore[valid-type]
+    created: bool = Field(description="false: an equal job was queued or running already; this is that job")
+    enqueued: bool | None = Field(description="false: the broker was unreachable, the job waits queued; "
+                                              "null: an existing job")
+    job: JobOut
+
+
+class JobList(Out):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+# -- the index --------------------------------------------------------------------------
+class IndexRow(RootModel[dict[str, str | int | float | None]]):
+    """An index row keyed by DICOM keyword; ``path`` and (instances) ``file`` link onwards."""
+
+
+class IndexPage(Out):
+    items: list[dict[str, str | int | float | None]]
+    total: int
+    limit: int
+    offset: int
+
+
+# -- quarantine -------------------------------------------------------------------------
+class QuarantineEntry(Out):
+    id: int
+    relpath: str = Field(description="the file, relative to the storage root")
+    reason: Literal[REASONS]  # type: ignore[valid-type]
+    detail: str = Field(description="the database's refusal, or which UID clashes")
+    level: str = Field(description="uid_conflict: study, series or image")
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    other_patient_id: str
+    original_relpath: str
+    attempts: int
+    created_at: float
+    resolved_at: float | None
+    resolved_by: str
+    decision: str
+    resolved: bool
+    path: str
+
+
+class QuarantineList(Out):
+    items: list[QuarantineEntry]
+    total: int
+    limit: int
+    offset: int
+
+
+class QuarantineDecision(Model):
+    """``index_failed``: retry or discard; ``uid_conflict``: correct (this instance's PatientID wins, every row
+    of the UID follows it), new-patient (kept as a new stored file with new UIDs) or discard. A decision
+    that does not fit the entry's reason is a 400 (a rule between the body and the entry)."""
+
+    decision: Literal["retry", "discard", "correct", "new-patient"]
+
+
+# -- health -----------------------------------------------------------------------------
+class Check(Out):
+    ok: bool
+    seconds: float
+    error: str = ""
+    required: bool = True
+
+
+class Checks(Out):
+    database: Check
+    broker: Check
+    listener: Check
+
+
+class Health(Out):
+    status: Literal["ok", "failing"]
+    checks: Checks
+
+
+# -- query strings ----------------------------------------------------------------------
+class Args(Model):
+    """Query-string parameters: each at most once, at most 256 characters, no unknown name."""
+
+
+def _whole_number(value: Any) -> Any:
+    import re
+
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-9]{1,12}", value):
+            raise refuse("expected a whole number")
+        return int(value)
+    return value
+
+
+#: ``since``: Unix seconds, or an ISO 8601 date or date-time (of a day that exists: 29 February of a
+#: leap year only, which the pattern cannot say).
+_MMDD = "((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)|(0[13578]|1[02])-31|02-29)"
+SINCE_PATTERN = (r"^([0-9]{1,10}(\.[0-9]{1,9})?|([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)-" + _MMDD +
+                 r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+                 r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?)?$")
+
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT), BeforeValidator(_whole_number)]
+Offset = Annotated[int, Field(ge=0, le=10**9), BeforeValidator(_whole_number)]
+
+
+class PageArgs(Args):
+    help = {"limit": f"expected 1 to {MAX_LIMIT}", "offset": f"expected 0 to {10**9}"}
+
+    limit: Limit = Field(DEFAULT_LIMIT, description=f"1 to {MAX_LIMIT}")
+    offset: Offset = 0
+
+
+class JobListArgs(PageArgs):
+    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)",)
+
+    help = {**PageArgs.help, "state": f"expected one of {', '.join(STATES)}",
+            "kind": f"expected one of {', '.join(KINDS)}", "node": "a node name has at most 64 characters",
+            "since": "Unix seconds or an ISO 8601 date/time"}
+
+    state: Literal[STATES] = None  # type: ignore[valid-type]
+    kind: Literal[KINDS] = None  # type: ignore[valid-type]
+    node: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="'' = any")
+    since: Annotated[str, Field(max_length=64, pattern=SINCE_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="Unix seconds or ISO 8601 (2024-05-01, 2024-05-01T10:00:00Z)")
+
+
+class QuarantineArgs(PageArgs):
+    help = {**PageArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
+
+    reason: Literal[(*REASONS, "")] = Field(None, description="'' = any")  # type: ignore[valid-type]
+    resolved: Literal["true", "false", ""] = Field(None, description="'' = either")  # type: ignore[arg-type]
