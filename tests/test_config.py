@@ -18,7 +18,7 @@ from pacsbridge.shared.core.config import Settings, load_settings, load_settings
 from pacsbridge.shared.core.dicomsql import default_dicom_sql
 from pacsbridge.shared.core.errors import ConfigError
 
-from .helpers import make_instance
+from .helpers import TEST_FILES, make_instance
 
 ROOT = Path(__file__).resolve().parent.parent
 PB = [sys.executable, "-m", "pacsbridge.cli"]
@@ -200,25 +200,42 @@ def _slice_thickness(db: str, sop: str, deadline: float) -> str | None:
 
 
 def test_worker_children_index_with_the_command_lines_dicom_sql(tmp_path):
-    """`pacsbridge --dicom-sql my.sql worker`: the worker's children (--queues all starts one per queue,
-    Celery forks its pool) used to rebuild their settings from the environment and index with the
-    shipped schema, leaving the extra column empty."""
+    """`pacsbridge --dicom-sql my.sql --special-columns worker`: the worker's children (--queues all starts
+    one per queue, Celery forks its pool) used to rebuild their settings from the environment and index
+    with the shipped schema, leaving the extra column and the special ones empty."""
+    import shutil
+
+    import pydicom
     from pacsbridge.listener.server import make_sender
 
     sql = _user_dicom_sql(tmp_path / "my.sql")
     db = f"sqlite:///{tmp_path / 'idx.db'}"
     env = _clean_env(PACSBRIDGE_DATABASE_URL=db, PACSBRIDGE_STORAGE=str(tmp_path / "data"), PACSBRIDGE_FSYNC="0",
                      PACSBRIDGE_BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
-    subprocess.run(PB + ["--dicom-sql", str(sql), "init"], env=env, check=True, capture_output=True, timeout=120)
+    flags = ["--dicom-sql", str(sql), "--special-columns"]
+    subprocess.run(PB + [*flags, "init"], env=env, check=True, capture_output=True, timeout=120)
     ds = make_instance(tmp_path / "data" / "in" / "a.dcm", SliceThickness="2.5")
+    shutil.copy(TEST_FILES / "rtplan.dcm", tmp_path / "data" / "in" / "plan.dcm")
+    plan = pydicom.dcmread(TEST_FILES / "rtplan.dcm")
     log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(PB + ["--dicom-sql", str(sql), "worker", "--concurrency", "1"], env=env,
+    worker = subprocess.Popen(PB + [*flags, "worker", "--concurrency", "1"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         settings = load_settings(env)
-        make_sender(settings)(["in/a.dcm"])
+        make_sender(settings)(["in/a.dcm", "in/plan.dcm"])
         got = _slice_thickness(db, ds.SOPInstanceUID, time.monotonic() + 90)
         assert got == "2.5", (tmp_path / "worker.log").read_text()[-3000:]
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(db)
+        deadline, row = time.monotonic() + 60, None
+        while row is None and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(text("select ElementCount from DICOMImages where SOPInstanc = :s"),
+                                   {"s": plan.SOPInstanceUID}).first()
+            time.sleep(0.3)
+        engine.dispose()
+        assert row is not None and row[0] == str(len(plan.BeamSequence))  # a special column, filled
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
