@@ -157,7 +157,7 @@ class Run:
 # -- settings ---------------------------------------------------------------------------------
 #: PACSBRIDGE_* names in the code that docker-compose.yml does not pass (the env example says why)
 NOT_PASSED = {"PACSBRIDGE_CONFIG", "PACSBRIDGE_DICOM_SQL", "PACSBRIDGE_AFTER_STORE", "PACSBRIDGE_API_HOST",
-              "PACSBRIDGE_API_URL", "PACSBRIDGE_API_TOKEN"}
+              "PACSBRIDGE_API_URL", "PACSBRIDGE_API_TOKEN", "PACSBRIDGE_INIT_DB"}
 #: names that are not settings (a placeholder in documentation)
 NOT_SETTINGS = {"PACSBRIDGE_NAME"}
 
@@ -170,8 +170,14 @@ def check_settings() -> list[str]:
     for folder in ("pacsbridge", "shared", "services"):
         for path in (ROOT / folder).rglob("*.py"):
             names |= set(re.findall(r"\bPACSBRIDGE_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
+    # the settings model declares each as a field `name: type = _f(...)` (PACSBRIDGE_NAME)
+    model = (ROOT / "shared" / "core" / "config.py").read_text()
+    names |= {"PACSBRIDGE_" + f.upper() for f in re.findall(r"^    ([a-z][a-z0-9_]*): [^=]+= _f\(", model, re.M)}
     names -= NOT_SETTINGS
-    compose = set(re.findall(r"^\s+(PACSBRIDGE_[A-Z0-9_]+):", (ROOT / "docker-compose.yml").read_text(), re.M))
+    text = (ROOT / "docker-compose.yml").read_text()
+    # passed to the services (`NAME: ...`), or read by compose itself (`${NAME:-default}`)
+    compose = (set(re.findall(r"^\s+(PACSBRIDGE_[A-Z0-9_]+):", text, re.M))
+               | set(re.findall(r"\$\{(PACSBRIDGE_[A-Z0-9_]+)", text)))
     example = (ROOT / "deploy" / "pacsbridge.env.example").read_text()
     problems = [f"{n}: read by the code, not passed by docker-compose.yml"
                 for n in sorted(names - compose - NOT_PASSED)]

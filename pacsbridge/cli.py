@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pacsbridge import __version__
 from pacsbridge.output import print_rows as _print_rows
-from pacsbridge.shared.core.config import Settings, load_settings
+from pacsbridge.shared.core.config import Settings, load_settings_with_sources
 from pacsbridge.shared.core.errors import ConfigError, DicomSqlError, PacsbridgeError, QueryError
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -192,6 +192,27 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """The effective settings, each with where it came from (secrets masked); or the generated reference."""
+    from pacsbridge.shared.core.config import env_name, mask
+
+    if args.reference:
+        from pacsbridge.shared.core.configdoc import render
+
+        sys.stdout.write(render(args.reference))
+        return EXIT_OK
+    settings, sources = args.settings, args.setting_sources
+    rows = [[env_name(name), mask(name, getattr(settings, name)), sources[name]]
+            for name in type(settings).model_fields
+            if args.all or sources[name] != "default" or name in _ALWAYS_SHOWN]
+    _print_rows(["setting", "value", "source"], rows, args.format, title="effective settings")
+    return EXIT_OK
+
+
+#: What ``pacsbridge config`` shows even at its default (the rest only with --all).
+_ALWAYS_SHOWN = ("database_url", "storage", "dicom_sql", "special_columns", "broker_url", "ae_title")
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     """listener / worker / api / serve: implemented by the services."""
     if args.verbose == 0:
@@ -265,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsbridge",
         description="Bridge a hospital PACS and a research platform; a Conquest-compatible DICOM index.",
-        epilog="Settings come from PACSBRIDGE_* environment variables (see README); the options below override them.")
+        epilog="Settings come from PACSBRIDGE_* environment variables and the file named by PACSBRIDGE_CONFIG "
+               "(docs/configuration.md, `pacsbridge config`); the options below override them.")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     parser.add_argument("--database", metavar="URL", help="index database (PACSBRIDGE_DATABASE_URL)")
     parser.add_argument("--storage", metavar="DIR", help="storage root (PACSBRIDGE_STORAGE)")
@@ -366,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port (PACSBRIDGE_API_PORT, default 8080)")
     p.set_defaults(func=cmd_api)
 
+    p = sub.add_parser("config", help="print the effective settings and where each came from",
+                       description="Print the effective settings (tokens, secrets and passwords in URLs masked) "
+                                   "and where each came from: default, environment, config file (PACSBRIDGE_CONFIG) "
+                                   "or command line. --reference prints the generated reference instead.")
+    p.add_argument("--all", action="store_true", help="also the settings left at their default")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--reference", choices=("markdown", "env"),
+                   help="print docs/configuration.md (markdown) or deploy/pacsbridge.env.example (env)")
+    p.set_defaults(func=cmd_config)
+
     from pacsbridge import client, serve
 
     serve.add_parser(sub, cmd_service)
@@ -373,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings()
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line gives (the highest of the sources, see shared/core/config.py)."""
     changes: dict[str, Any] = {}
     if args.database:
         changes["database_url"] = args.database
@@ -388,7 +420,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         changes["filename_template"] = args.template
     if getattr(args, "duplicates", None):
         changes["duplicates"] = args.duplicates
-    return settings.with_(**changes)
+    return changes
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings, args.setting_sources = load_settings_with_sources(overrides=_overrides(args))
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Sequence
+
+from pacsbridge.shared.core.config import load_settings
 
 __all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS", "check_job", "check_query"]
 
@@ -414,8 +415,8 @@ def _run(verb: Callable[[ApiClient, argparse.Namespace], int]) -> Callable[[argp
         from rich.console import Console
 
         err = Console(stderr=True, highlight=False)
-        api = ApiClient(args.api or os.environ.get("PACSBRIDGE_API_URL", "http://127.0.0.1:8080"),
-                        args.token or os.environ.get("PACSBRIDGE_API_TOKEN", ""))
+        settings = getattr(args, "settings", None) or load_settings()
+        api = ApiClient(args.api or settings.api_url, args.token or settings.api_token)
         try:
             return verb(api, args)
         except ClientError as exc:

@@ -152,12 +152,16 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Start the three services and supervise them until Ctrl-C."""
     _check_ports(settings)
     env = dict(os.environ)
+    # every setting the services must share, the command line's (--dicom-sql, --special-columns ...) too
+    env.update(settings.environ())
     env["PACSBRIDGE_DATABASE_URL"] = settings.database_url
     env["PACSBRIDGE_STORAGE"] = str(settings.storage)
     env["PACSBRIDGE_BROKER_URL"] = settings.broker_url or DEFAULT_BROKER
-    if "PACSBRIDGE_ALLOWED_PEERS" not in os.environ:
+    # the first-try defaults, unless set (in the environment, even empty, or in the PACSBRIDGE_CONFIG file)
+    sources = getattr(args, "setting_sources", None) or {}
+    if "PACSBRIDGE_ALLOWED_PEERS" not in os.environ and sources.get("allowed_peers", "default") == "default":
         env["PACSBRIDGE_ALLOWED_PEERS"] = DEFAULT_FIRST_TRY_PEERS
-    if "PACSBRIDGE_REQUIRE_CALLED_AE" not in os.environ:
+    if "PACSBRIDGE_REQUIRE_CALLED_AE" not in os.environ and sources.get("require_called_ae", "default") == "default":
         env["PACSBRIDGE_REQUIRE_CALLED_AE"] = "0"  # DCMTK's and pynetdicom's default ANY-SCP too (a warning says so)
     token = None
     if not settings.api_tokens:

@@ -24,7 +24,7 @@ PB = [sys.executable, "-m", "pacsbridge.cli"]
 
 class Served:
     def __init__(self, workdir: Path, *args: str, dicom_port: int | None = None, api_port: int | None = None,
-                 log: str = "serve.log") -> None:
+                 log: str = "serve.log", global_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.dicom_port = dicom_port or free_port()
         self.api_port = api_port or free_port()
@@ -33,7 +33,7 @@ class Served:
                          "PACSBRIDGE_FSYNC": "0", "PACSBRIDGE_PEERS_REFRESH_SECONDS": "1", "TCP_NODELAY": "1",
                          "PACSBRIDGE_EXPORT_ROOT": str(workdir / "export")})
         self.log = workdir / log
-        self.proc = subprocess.Popen(PB + ["serve", "--workers", "1", *args], cwd=workdir, env=self.env,
+        self.proc = subprocess.Popen(PB + [*global_args, "serve", "--workers", "1", *args], cwd=workdir, env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -258,3 +258,33 @@ def test_any_ae_from_an_address_is_that_address_only():
     assert parse_peers("PACS").calling_aets() == ["PACS"]
     with pytest.raises(ConfigError, match="needs an address"):
         parse_peers("*,PACS")
+
+
+def test_serve_passes_the_command_lines_dicom_sql_to_its_services(tmp_path):
+    """`pacsbridge --dicom-sql my.sql serve`: the worker it starts indexes with my.sql (an extra column),
+    not with the shipped schema (its services used to get only the database and storage)."""
+    from pacsbridge.shared.core.dicomsql import default_dicom_sql
+    from sqlalchemy import create_engine, text
+
+    sql = tmp_path / "my.sql"
+    sql.write_text(default_dicom_sql().replace(
+        '{ 0x0054, 0x0400, "ImageID", 16, SQL_C_CHAR, DT_STR },',
+        '{ 0x0054, 0x0400, "ImageID", 16, SQL_C_CHAR, DT_STR },\n'
+        ' { 0x0018, 0x0050, "SliceThickness", 16, SQL_C_CHAR, DT_STR },'))
+    ds = make_instance(tmp_path / "one.dcm", SliceThickness="1.25")
+    served = Served(tmp_path, global_args=("--dicom-sql", "my.sql"))  # relative to serve's folder
+    engine = create_engine(f"sqlite:///{tmp_path / 'conquest.db'}")
+    try:
+        sent = subprocess.run(["storescu", "-aec", "PACSBRIDGE", "127.0.0.1", str(served.dicom_port),
+                               str(tmp_path / "one.dcm")], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        deadline, row = time.monotonic() + 60, None
+        while row is None and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(text("select SliceThick from DICOMImages where SOPInstanc = :s"),
+                                   {"s": ds.SOPInstanceUID}).first()
+            time.sleep(0.3)
+        assert row is not None and row[0] == "1.25", served.log.read_text()[-3000:]
+    finally:
+        engine.dispose()
+        assert served.stop() == 0

@@ -36,14 +36,6 @@ from .slots import PeerSlots
 log = logging.getLogger(__name__)
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "")
-    try:
-        return float(value) if value else default
-    except ValueError:
-        raise ConfigError(f"{name}={value!r}: expected a number") from None
-
-
 def make_ae(settings: Settings, peers: Any) -> Any:
     """The pynetdicom AE: every storage SOP class in every transfer syntax, plus Verification."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -66,11 +58,11 @@ def make_ae(settings: Settings, peers: Any) -> Any:
         ae.add_supported_context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]
     ae.add_supported_context(Verification, uncompressed)
     # 0 = unlimited; a PDU larger than announced closes the connection (compat.reads.largest_pdu)
-    ae.maximum_pdu_size = int(_env_float("PACSBRIDGE_MAX_PDU", 4 << 20))
-    ae.maximum_associations = int(_env_float("PACSBRIDGE_MAX_ASSOCIATIONS", 16))
-    ae.acse_timeout = _env_float("PACSBRIDGE_ACSE_TIMEOUT", 30)
-    ae.dimse_timeout = _env_float("PACSBRIDGE_DIMSE_TIMEOUT", 60)
-    ae.network_timeout = _env_float("PACSBRIDGE_NETWORK_TIMEOUT", 60)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout  # the listener's (our client's: scu_dimse_timeout)
+    ae.network_timeout = settings.network_timeout
     ae.require_called_aet = settings.require_called_ae
     ae.require_calling_aet = peers.calling_aets()
     return ae
@@ -176,12 +168,10 @@ def make_sender(settings: Settings) -> Any:
     return send
 
 
-def spool_above() -> int:
+def spool_above(settings: Settings) -> int:
     """Bytes of a received data set kept in memory before it goes to ``.incoming``
     (``PACSBRIDGE_SPOOL_ABOVE``; ``PACSBRIDGE_CHUNKED=1``: none, every data set goes to a file)."""
-    if os.environ.get("PACSBRIDGE_CHUNKED", "0") == "1":
-        return 0
-    return int(_env_float("PACSBRIDGE_SPOOL_ABOVE", 16 << 20))
+    return 0 if settings.chunked else settings.spool_above
 
 
 def serve_process(settings: Settings, peers: Any, shared: socket.socket | None = None,
@@ -195,10 +185,9 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
 
     storage = Storage.for_settings(settings)
     storage.ensure()
-    batcher = Batcher(make_sender(settings), max_batch=int(_env_float("PACSBRIDGE_ENQUEUE_BATCH", 200)),
-                      interval=_env_float("PACSBRIDGE_ENQUEUE_INTERVAL", 1.0))
-    handlers = StoreHandlers(storage, batcher, peers, load_callback(os.environ.get("PACSBRIDGE_AFTER_STORE", "")),
-                             spool_above=spool_above())
+    batcher = Batcher(make_sender(settings), max_batch=settings.enqueue_batch, interval=settings.enqueue_interval)
+    handlers = StoreHandlers(storage, batcher, peers, load_callback(settings.after_store),
+                             spool_above=spool_above(settings))
     ae = make_ae(settings, peers)
     server = ae.make_server((settings.listener_host, settings.listener_port), evt_handlers=handlers.handlers(),
                             server_class=server_class(peers, shared, slots))
@@ -221,12 +210,8 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
         batcher.close()
 
 
-#: Seconds between two reads of the nodes table for allowed peers.
-PEERS_REFRESH_SECONDS = _env_float("PACSBRIDGE_PEERS_REFRESH_SECONDS", 30)
-
-
 def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any], stop: threading.Event) -> None:
-    """Allow the configured nodes too, re-reading them every ``PEERS_REFRESH_SECONDS``.
+    """Allow the configured nodes too, re-reading them every ``settings.peers_refresh_seconds``.
 
     A database outage keeps the last known list (and the static one from the start).
     """
@@ -251,7 +236,7 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
                     current = merged
                     handlers.peers = server.peers = merged
                     ae.require_calling_aet = merged.calling_aets()
-            if stop.wait(PEERS_REFRESH_SECONDS):
+            if stop.wait(settings.peers_refresh_seconds):
                 return
     finally:
         engine.dispose()
@@ -337,6 +322,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run the listener until SIGTERM / Ctrl-C."""
     if args is not None and getattr(args, "port", None):
         settings = settings.with_(listener_port=args.port)
+    os.environ.update(settings.environ())  # what the command line changed, for what this process starts
     peers = parse_peers(settings.allowed_peers)
     if peers.any_peer:
         log.warning("PACSBRIDGE_ALLOWED_PEERS=*: any calling AE may store here (fine for a first try only)")
@@ -349,11 +335,11 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         log.warning("PACSBRIDGE_REQUIRE_CALLED_AE=0: any called AE title is accepted, not only %s "
                     "(fine for a first try only)", settings.ae_title)
     processes = (getattr(args, "processes", None) if args is not None else None) or \
-        int(os.environ.get("PACSBRIDGE_LISTENER_PROCESSES", "0") or 0) or 2 * (os.cpu_count() or 1)
-    period = _env_float("PACSBRIDGE_RECONCILE_SECONDS", 300)
-    min_age = _env_float("PACSBRIDGE_RECONCILE_MIN_AGE", 30)
+        settings.listener_processes or 2 * (os.cpu_count() or 1)
+    period = settings.reconcile_seconds
+    min_age = settings.reconcile_min_age
     Storage.for_settings(settings).ensure()
-    metrics_port = int(_env_float("PACSBRIDGE_LISTENER_METRICS_PORT", 0))
+    metrics_port = settings.listener_metrics_port
     if metrics_port:
         _start_metrics(metrics_port, settings)
     stop = threading.Event()
@@ -364,7 +350,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     shared = listening_socket(settings.listener_host, settings.listener_port)
     print(f"pacsbridge listener: AE {settings.ae_title} on port {settings.listener_port}", file=sys.stderr,
           flush=True)
-    per_peer = int(_env_float("PACSBRIDGE_MAX_ASSOCIATIONS_PER_PEER", 8))
+    per_peer = settings.max_associations_per_peer
     if processes == 1:
         serve_process(settings, peers, shared, PeerSlots(1, per_peer))
         stop.set()

@@ -12,10 +12,8 @@ from pacsbridge.shared.core.config import Settings
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two sweeps for jobs whose message may be lost.
-SWEEP_SECONDS = float(os.environ.get("PACSBRIDGE_SWEEP_SECONDS", "30"))
-#: A queued job is re-sent when its last message is this old (duplicates are harmless: claims are atomic).
-RESEND_SECONDS = float(os.environ.get("PACSBRIDGE_JOB_RESEND_SECONDS", "300"))
+# The sweeper's period (PACSBRIDGE_SWEEP_SECONDS) and the age after which a queued job is re-sent
+# (PACSBRIDGE_JOB_RESEND_SECONDS; duplicates are harmless: claims are atomic) come from the settings.
 
 
 def sweep_once(settings: Settings, app: object) -> list[str]:
@@ -28,7 +26,7 @@ def sweep_once(settings: Settings, app: object) -> list[str]:
     jobs = JobStore(_engine(settings.database_url, make_engine))
     jobs.create()
     sent = []
-    for job_id in jobs.due_for_enqueue(RESEND_SECONDS, HEARTBEAT_SECONDS * 4):
+    for job_id in jobs.due_for_enqueue(settings.job_resend_seconds, HEARTBEAT_SECONDS * 4):
         try:
             app.send_task(RUN_JOB_TASK, [job_id])  # type: ignore[attr-defined]
             sent.append(job_id)
@@ -50,7 +48,7 @@ def _engine(url: str, make: Any) -> Any:
 
 
 def _sweeper(settings: Settings, app: object, stop: threading.Event) -> None:
-    while not stop.wait(SWEEP_SECONDS):
+    while not stop.wait(settings.sweep_seconds):
         try:
             sweep_once(settings, app)
         except Exception:  # database outage: sweep again later
@@ -79,21 +77,20 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     and stops all if one ends; ``--queues index`` / ``jobs`` / ``webhooks`` runs
     one of them in this process (a deployment that splits them needs each).
     """
-    queues = getattr(args, "queues", None) or os.environ.get("PACSBRIDGE_WORKER_QUEUES", "all")
+    queues = getattr(args, "queues", None) or settings.worker_queues
+    # the children (``--queues all``'s workers, Celery's pool processes) read their settings from the
+    # environment: pass on every setting this one has (the command line's --dicom-sql, --database ...)
+    os.environ.update(settings.environ())
     if queues == "all":
         return _supervise(args)
     from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
-
-    # tasks read their settings from the environment: pass on what the command line changed
-    os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
-    os.environ["PACSBRIDGE_STORAGE"] = str(settings.storage)
 
     app = make_celery(settings)
     stop = threading.Event()
     if queues == "jobs":
         threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
         threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
-        concurrency = getattr(args, "job_concurrency", None) or int(os.environ.get("PACSBRIDGE_JOB_CONCURRENCY", "2"))
+        concurrency = getattr(args, "job_concurrency", None) or settings.job_concurrency
         queue, node = JOBS_QUEUE, "jobs@%h"
     elif queues == "webhooks":
         # threads: each webhook waits on the network (at most PACSBRIDGE_WEBHOOK_TIMEOUT); retries
@@ -104,8 +101,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         app.worker_main(argv)
         return 0
     else:
-        concurrency = getattr(args, "concurrency", None) or int(os.environ.get("PACSBRIDGE_WORKER_CONCURRENCY", "0")) \
-            or os.cpu_count() or 1
+        concurrency = getattr(args, "concurrency", None) or settings.worker_concurrency or os.cpu_count() or 1
         queue, node = INDEX_QUEUE, "index@%h"
     argv = ["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", queue, "-n", node,
             "--without-gossip", "--without-mingle"]

@@ -21,7 +21,6 @@ the job's slot never waits on the receiver.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -29,6 +28,7 @@ from typing import Callable
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
+from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import PacsbridgeError
 from pacsbridge.shared.jobs.store import Job, JobStore
@@ -41,7 +41,7 @@ __all__ = ["Outcome", "RUNNERS", "run_job", "worker_id", "HEARTBEAT_SECONDS", "C
 log = logging.getLogger(__name__)
 
 #: How often a running job says it is alive; a job silent for 4 beats may be taken over.
-HEARTBEAT_SECONDS = float(os.environ.get("PACSBRIDGE_HEARTBEAT_SECONDS", "10"))
+HEARTBEAT_SECONDS = initial_settings().heartbeat_seconds  # PACSBRIDGE_HEARTBEAT_SECONDS
 #: How often a running job looks whether it was cancelled (one indexed read), between its beats:
 #: a cancel takes effect within this, not within a heartbeat.
 CANCEL_POLL_SECONDS = 0.5

@@ -1,169 +1,417 @@
-"""Settings, read from ``PACSBRIDGE_*`` environment variables.
+"""Settings: every ``PACSBRIDGE_*`` setting, declared once.
 
-The same names are used in docker-compose, in the tests and on the command
-line. ``PACSBRIDGE_CONFIG`` may name an env-style file (``NAME=value`` lines,
-``#`` comments) whose values apply where the environment has none: a
-variable set in the environment always wins.
+:class:`Settings` is a `pydantic-settings <https://docs.pydantic.dev/latest/concepts/pydantic_settings/>`_
+model. Each field is one ``PACSBRIDGE_<FIELD>`` variable with its type, default, bounds, a one-line
+description and the service group it belongs to; ``docs/configuration.md`` and
+``deploy/pacsbridge.env.example`` are generated from it (:mod:`.configdoc`), and ``pacsbridge config``
+prints the effective values and where each came from.
+
+Why pydantic-settings: pydantic is well kept and already validates the API's bodies; pydantic-settings
+adds the layering of sources (command line > environment > ``PACSBRIDGE_CONFIG`` file > default) with
+the same validation for each, and a bad value becomes an error that names the variable.
+
+Sources, highest first:
+
+- the command line (``pacsbridge --database URL ...``, passed to :func:`load_settings` as ``overrides``);
+- the environment;
+- ``PACSBRIDGE_CONFIG``: an env-style file (``NAME=value`` lines, ``#`` comments) whose values apply
+  where the environment has none;
+- the default declared here.
+
+A blank value is unset (compose passes optional settings as ``${NAME:- }``: podman-compose 1.0.3 left
+``${NAME:-}`` unsubstituted). A ``Settings(...)`` built in code reads nothing from the environment.
+
+Module constants that other modules keep for their tests to patch (``retrieve.WAIT_SECONDS``,
+``runner.HEARTBEAT_SECONDS`` ...) start from :func:`initial_settings`, which never raises: a bad value is
+reported by :func:`load_settings` when a command starts, not when a module is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextvars
+import functools
 import os
+import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsbridge.shared.core.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "DEFAULT_DATABASE_URL", "DEFAULT_STORAGE"]
+__all__ = ["Settings", "load_settings", "load_settings_with_sources", "initial_settings", "env_name", "GROUPS",
+           "DEPLOY_SETTINGS", "mask", "DEFAULT_DATABASE_URL", "DEFAULT_STORAGE", "PREFIX"]
 
+PREFIX = "PACSBRIDGE_"
 #: Embedded default index: a single SQLite file, like Conquest's ``conquest.db``.
 DEFAULT_DATABASE_URL = "sqlite:///conquest.db"
 #: Embedded default storage root (pyconquest's ``data`` folder).
 DEFAULT_STORAGE = "data"
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: The groups of settings, in the order of the reference: (key, title).
+GROUPS = (
+    ("common", "Identity, storage and index (every service)"),
+    ("dicom", "Our DICOM associations (listener and jobs)"),
+    ("listener", "Listener (C-STORE SCP)"),
+    ("worker", "Workers and jobs"),
+    ("api", "HTTP API"),
+    ("webhooks", "Webhooks (a job's \"webhook\": the finished job POSTed as JSON)"),
+    ("client", "Client commands (`pacsbridge jobs`, `nodes` ... on your machine)"),
+)
+
+# How docker-compose.yml treats a setting (for the generated env example):
+#   passed   - `NAME: ${NAME:-default}`: set it in .env (the default)
+#   required - compose refuses to start without it
+#   fixed    - compose sets it to a value of its own (compose_value), not a setting of .env
+#   mounted  - not passed: it names a file or code that must be in the containers too
+#   worker   - passed to the worker service only
+#   outside  - not for the containers (client commands, the config file itself)
+Compose = Literal["passed", "required", "fixed", "mounted", "worker", "outside"]
 
 
-def _bool(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise ConfigError(f"{name}={value!r}: expected one of 1/0, true/false, yes/no, on/off")
+def _f(default: Any, group: str, description: str, *, more: str = "", compose: Compose = "passed",
+       compose_value: str = "", secret: bool = False, example: str = "", **bounds: Any) -> Any:
+    """A setting: default, bounds (``ge``/``gt``/``le``), a one-line description, and for the
+    reference its group, a longer text (``more``), how compose treats it and whether it is a secret."""
+    extra: dict[str, Any] = {"group": group, "more": more, "compose": compose, "compose_value": compose_value,
+                             "secret": secret,
+                             "example": example}
+    return Field(default, description=description, json_schema_extra=extra, repr=not secret, **bounds)
 
 
-def _int(name: str, value: str, minimum: int = 0) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r}: expected an integer") from None
-    if n < minimum:
-        raise ConfigError(f"{name}={value!r}: must be at least {minimum}")
-    return n
+class Settings(BaseSettings):
+    """Every setting pacsbridge reads; a field ``name`` is the variable ``PACSBRIDGE_NAME`` (:func:`env_name`)."""
 
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid", validate_default=True)
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Every setting pacsbridge reads, with its environment variable name.
+    # -- common ---------------------------------------------------------------------------------
+    config: Path | None = _f(
+        None, "common", "an env-style file of settings (NAME=value lines) used where the environment has none",
+        compose="outside")
+    database_url: str = _f(
+        DEFAULT_DATABASE_URL, "common", "SQLAlchemy URL of the index (SQLite or PostgreSQL)",
+        more="e.g. sqlite:///conquest.db or postgresql+psycopg2://user:password@host/db",
+        compose="fixed", compose_value="postgresql+psycopg2://pacsbridge:$POSTGRES_PASSWORD@postgres/pacsbridge")
+    storage: Path = _f(Path(DEFAULT_STORAGE), "common", "the storage root (Conquest's MAG0): received files, "
+                       "the source of truth", compose="fixed", compose_value="/data")
+    broker_url: str = _f("", "common", "Celery broker URL (empty: the embedded SQLite broker of `pacsbridge serve`)",
+                         compose="fixed", compose_value="redis://redis:6379/0")
+    export_root: Path = _f(Path("export"), "common", "where repack jobs write (their dest is relative to it)",
+                           compose="fixed", compose_value="/export")
+    import_root: Path = _f(Path("import"), "common", "where import jobs read (their path is relative to it)",
+                           compose="fixed", compose_value="/import")
+    ae_title: str = _f("PACSBRIDGE", "common", "our AE title: the PACS must call this one, and jobs call with it",
+                       min_length=1, max_length=16)
+    require_called_ae: bool = _f(
+        True, "common", "refuse associations whose called AE title is not ours",
+        more="0: accept any called AE title (e.g. DCMTK's and pynetdicom's default ANY-SCP), logged as a\n"
+             "warning; `pacsbridge serve` does so for a first try. Leave it at 1 here.")
+    filename_template: str = _f(
+        "patient-study-series", "common", "file names under the storage root: a preset or a template",
+        more="File names under the storage root: a preset (patient-study-series, study-series, flat,\n"
+             "conquest4, pyconquest, px-repack) or a template such as "
+             "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm")
+    duplicates: Literal["keep", "replace", "keep-both"] = _f(
+        "keep", "common", "a second copy of a stored SOP Instance: keep (first copy stays), replace, keep-both")
+    fsync: bool = _f(True, "common", "fsync each stored file and its folder before answering success",
+                     more="fsync each stored file and its folder before answering success (1/0). Leave it on.")
+    drop_cache: bool = _f(
+        True, "common", "drop a stored file's pages from the page cache once it is fsynced",
+        more="Once a stored file is fsynced, drop its pages from the page cache (1/0): received data is read\n"
+             "back only for its header, and a cache grown by every received byte costs memory (and, on VMs\n"
+             "that hand free memory back to the host, a host fault per fresh page).")
+    dicom_sql: Path | None = _f(
+        None, "common", "your own Conquest dicom.sql (extra columns); the shipped one if unset", compose="mounted",
+        example="/config/dicom.sql")
+    special_columns: bool = _f(
+        False, "common", "add pyconquest's RT columns to DICOMImages",
+        more="Add pyconquest's RT columns to DICOMImages (1/0); changing it later needs "
+             "`pacsbridge init --force && pacsbridge rebuild`.")
+    import_workers: int = _f(0, "common", "header-reading processes of import/rebuild (0 = one per core)", ge=0)
 
-    Attributes
-    ----------
-    database_url : str
-        ``PACSBRIDGE_DATABASE_URL``: SQLAlchemy URL of the index
-        (``sqlite:///conquest.db`` or ``postgresql+psycopg2://user@host/db``).
-    storage : Path
-        ``PACSBRIDGE_STORAGE``: the storage root (Conquest's MAG0 device).
-    dicom_sql : Path | None
-        ``PACSBRIDGE_DICOM_SQL``: a Conquest ``dicom.sql``; the shipped one if unset.
-    filename_template : str
-        ``PACSBRIDGE_FILENAME_TEMPLATE``: a preset name or a template.
-    duplicates : str
-        ``PACSBRIDGE_DUPLICATES``: ``keep``, ``replace`` or ``keep-both``.
-    fsync : bool
-        ``PACSBRIDGE_FSYNC``: fsync every stored file and its folder.
-    drop_cache : bool
-        ``PACSBRIDGE_DROP_CACHE``: once a stored file is fsynced, drop its
-        pages from the page cache (``posix_fadvise(DONTNEED)``).
-    special_columns : bool
-        ``PACSBRIDGE_SPECIAL_COLUMNS``: add pyconquest's RT columns.
-    import_workers : int
-        ``PACSBRIDGE_IMPORT_WORKERS``: header-reading processes (0 = cores).
-    export_root : Path
-        ``PACSBRIDGE_EXPORT_ROOT``: where repack jobs submitted over the API
-        may write (their ``dest`` is relative to it).
-    import_root : Path
-        ``PACSBRIDGE_IMPORT_ROOT``: where import jobs submitted over the API
-        may read (their ``path`` is relative to it).
-    stable_seconds : int
-        ``PACSBRIDGE_STABLE_SECONDS``: a series with no new instance for this
-        long is marked stable.
-    require_called_ae : bool
-        ``PACSBRIDGE_REQUIRE_CALLED_AE``: refuse associations whose called AE
-        title is not ``ae_title`` (``pacsbridge serve`` turns it off, so that
-        DCMTK's and pynetdicom's default ``ANY-SCP`` get in, with a warning).
-    listener_metrics_host : str
-        ``PACSBRIDGE_LISTENER_METRICS_HOST``: the address the listener's metrics
-        (``PACSBRIDGE_LISTENER_METRICS_PORT``) listen on; empty: the listener's own
-        host, so a listener bound to 127.0.0.1 does not publish its metrics further.
-    api_host, api_port : str, int
-        ``PACSBRIDGE_API_HOST`` / ``PACSBRIDGE_API_PORT`` of ``pacsbridge api``.
-    api_threads : int
-        ``PACSBRIDGE_API_THREADS``: threads of ``pacsbridge api`` that run requests
-        (waitress reads each request whole before a thread takes it).
-    api_connections : int
-        ``PACSBRIDGE_API_CONNECTIONS``: open client connections ``pacsbridge api`` keeps
-        at most (further ones wait in the listen backlog).
-    api_tokens : str
-        ``PACSBRIDGE_API_TOKENS``: ``name:token[:role]`` entries separated by
-        commas; a secret, so only ever from the environment or the env file.
-    webhook_allow : str
-        ``PACSBRIDGE_WEBHOOK_ALLOW``: where job webhooks may go (host names,
-        ``*.domain``, addresses and networks, comma separated); empty: webhooks
-        are off. See :mod:`pacsbridge.shared.jobs.webhooks`.
-    webhook_secret : str
-        ``PACSBRIDGE_WEBHOOK_SECRET`` (or the file named by
-        ``PACSBRIDGE_WEBHOOK_SECRET_FILE``): the key webhooks are signed with
-        (HMAC-SHA256); never in the database.
-    webhook_timeout : int
-        ``PACSBRIDGE_WEBHOOK_TIMEOUT``: seconds one webhook request may take in all.
-    webhook_retries : int
-        ``PACSBRIDGE_WEBHOOK_RETRIES``: retries (with exponential backoff) of a
-        webhook that timed out or answered 5xx.
-    webhook_threads : int
-        ``PACSBRIDGE_WEBHOOK_THREADS``: webhooks sent at once per worker container.
-    """
+    # -- dicom ----------------------------------------------------------------------------------
+    scu_dimse_timeout: float = _f(
+        60.0, "dicom", "timeout (s) of the jobs' requests to a node: C-FIND, C-MOVE, C-GET, push's C-STORE",
+        more="Timeout (s) of the jobs' requests to a node (retrieve's C-FIND, C-MOVE, C-GET and push's\n"
+             "C-STORE). Until 0.1 PACSBRIDGE_DIMSE_TIMEOUT set this too (and push used neither); that one\n"
+             "is the listener's now.", gt=0)
+    run_loop_delay: float = _f(0.0002, "dicom", "pynetdicom's polling delay per association (s)", ge=0)
+    reactor: Literal["wait", "poll"] = _f(
+        "wait", "dicom", "wait: each association's pynetdicom loops wait on the socket; poll: pynetdicom's own")
+    malloc_tune: bool = _f(
+        True, "dicom", "fix glibc's malloc thresholds in the receivers and sender processes",
+        more="0: keep glibc's malloc thresholds in the receivers (1 fixes them so the buffers of each instance\n"
+             "are not returned to the kernel and faulted in again; see shared/core/memtune.py).")
 
-    database_url: str = DEFAULT_DATABASE_URL
-    storage: Path = Path(DEFAULT_STORAGE)
-    dicom_sql: Path | None = None
-    filename_template: str = "patient-study-series"
-    duplicates: str = "keep"
-    fsync: bool = True
-    drop_cache: bool = True
-    special_columns: bool = False
-    import_workers: int = 0
-    ae_title: str = "PACSBRIDGE"
-    listener_host: str = "0.0.0.0"
-    listener_port: int = 11112
-    listener_metrics_host: str = ""
-    broker_url: str = ""
-    allowed_peers: str = ""
-    require_called_ae: bool = True
-    export_root: Path = Path("export")
-    import_root: Path = Path("import")
-    stable_seconds: int = 60
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
-    api_threads: int = 8
-    api_connections: int = 1000
-    api_tokens: str = dataclasses.field(default="", repr=False)
-    webhook_allow: str = ""
-    webhook_secret: str = dataclasses.field(default="", repr=False)
-    webhook_timeout: int = 5
-    webhook_retries: int = 8
-    webhook_threads: int = 4
+    # -- listener -------------------------------------------------------------------------------
+    listener_host: str = _f("0.0.0.0", "listener", "address the DICOM listener listens on", compose="fixed",
+                            compose_value="0.0.0.0")
+    listener_port: int = _f(11112, "listener", "TCP port of the DICOM listener", ge=1, le=65535, compose="fixed",
+                            compose_value="11112 (publish: PACSBRIDGE_LISTENER_PUBLISH)")
+    allowed_peers: str = _f(
+        "", "listener", "who may send to the listener: AETITLE or AETITLE@address, comma separated",
+        compose="required",
+        more="Who may send to the listener: AETITLE or AETITLE@address (an IP or a network, e.g.\n"
+             "PACS@10.1.2.3, MODALITY@10.1.2.0/24), comma separated. Empty: only the nodes configured through\n"
+             "the API (/api/v1/nodes); `*`: anybody, `*@address`: any AE title from there (a first try only,\n"
+             "logged as a warning). Under docker the listener sees a remote sender's real address; connections\n"
+             "from the docker host itself come from the bridge's gateway (e.g. 172.17.0.1 / 10.89.0.1), so use\n"
+             "the AE title alone to test locally.")
+    listener_processes: int = _f(0, "listener", "receiver processes sharing the port (0 = two per core)", ge=0)
+    max_associations: int = _f(16, "listener", "concurrent associations per receiver process", ge=1)
+    max_associations_per_peer: int = _f(
+        8, "listener", "connections one peer address may hold across all receiver processes (0 = no bound)", ge=0)
+    enqueue_batch: int = _f(200, "listener", "paths per indexing task", ge=1)
+    enqueue_interval: float = _f(1.0, "listener", "longest wait (s) before a partial batch of paths is sent", gt=0)
+    spool_above: int = _f(
+        16 << 20, "listener", "bytes of a received data set kept in memory; larger ones go to .incoming as they arrive",
+        ge=0)
+    chunked: bool = _f(False, "listener", "1: every data set goes to .incoming as it arrives (as SPOOL_ABOVE=0)")
+    acse_timeout: float = _f(30.0, "listener", "the listener's ACSE timeout (s): association set-up and release",
+                             gt=0)
+    dimse_timeout: float = _f(
+        60.0, "listener", "the listener's DIMSE timeout (s)",
+        more="The listener's DIMSE timeout (s). Our own requests to nodes have PACSBRIDGE_SCU_DIMSE_TIMEOUT\n"
+             "(until 0.1 this one was used for both).", gt=0)
+    network_timeout: float = _f(60.0, "listener", "the listener's network timeout (s): a silent peer is dropped",
+                                gt=0)
+    max_pdu: int = _f(4 << 20, "listener",
+                      "largest PDU we announce and read (0 = unlimited); a larger one closes the connection", ge=0)
+    reconcile_seconds: float = _f(300.0, "listener", "period (s) of the reconciler, which re-queues stored but "
+                                  "unindexed files", gt=0)
+    reconcile_min_age: float = _f(30.0, "listener", "how old (s) a stored but unindexed file must be before it is "
+                                  "re-queued", ge=0)
+    peers_refresh_seconds: float = _f(
+        30.0, "listener", "how often (s) the listener re-reads the nodes configured through the API as allowed peers",
+        gt=0)
+    listener_metrics_port: int = _f(
+        0, "listener", "Prometheus counters of the listener on this port (0 = off)",
+        more="Prometheus counters of the listener on this port inside the container (0 = off); publish it in\n"
+             "an override file if something outside scrapes it.", ge=0, le=65535)
+    listener_metrics_host: str = _f(
+        "", "listener", "the address those metrics listen on (empty: the listener's own)",
+        more="The address those metrics listen on (empty: the listener's own, 0.0.0.0 inside the container).")
+    after_store: str = _f("", "listener", "after-store hook, package.module:function (code in a derived image)",
+                          compose="mounted", example="package.module:function")
+
+    # -- worker ---------------------------------------------------------------------------------
+    worker_queues: Literal["all", "index", "jobs", "webhooks"] = _f(
+        "all", "worker", "what a worker serves: all (indexing, jobs and webhooks), index, jobs or webhooks")
+    worker_concurrency: int = _f(0, "worker", "indexing processes per worker (0 = one per core)", ge=0)
+    job_concurrency: int = _f(2, "worker", "jobs (retrieve, push, repack, import) run at once per worker", ge=1)
+    stable_seconds: int = _f(60, "worker", "a series with no new instance for this long (s) is marked stable", ge=1)
+    sweep_seconds: float = _f(30.0, "worker", "period (s) of the job sweeper", gt=0)
+    job_resend_seconds: float = _f(300.0, "worker", "age (s) after which a queued job's message is sent again", gt=0)
+    heartbeat_seconds: float = _f(
+        10.0, "worker", "a running job reports every this many seconds; one silent for 4 beats may be taken over",
+        gt=0)
+    lease_seconds: float = _f(30.0, "worker", "association slots of a node: a lease not renewed for this long (s) "
+                              "is free again", gt=0)
+    slot_wait_seconds: float = _f(3600.0, "worker", "how long (s) a job waits for a free association slot of its "
+                                  "node before failing the series", ge=0)
+    find_limit: int = _f(0, "worker", "a C-FIND answer with this many studies is taken as cut short by the PACS "
+                         "(0 = rely on its status)", ge=0)
+    retrieve_wait_seconds: float = _f(120.0, "worker", "C-MOVE: give up waiting for the index after this many "
+                                      "seconds without a new indexed instance", gt=0)
+    retrieve_repulls: int = _f(2, "worker", "how many times missing instances of a series are pulled again", ge=0)
+    push_fast: bool = _f(True, "worker", "push writes each stored file to the socket in one pass (0: pynetdicom's "
+                         "send_c_store)")
+    push_processes: Literal["0", "1", "auto"] = _f(
+        "0", "worker", "1 or auto runs each push association in its own process (pays off above 2 cores)")
+
+    # -- api ------------------------------------------------------------------------------------
+    api_host: str = _f("127.0.0.1", "api", "address `pacsbridge api` listens on", compose="fixed",
+                       compose_value="0.0.0.0 (the api service's address)")
+    api_port: int = _f(8080, "api", "TCP port of `pacsbridge api`", ge=1, le=65535, compose="fixed",
+                       compose_value="8080")
+    api_threads: int = _f(8, "api", "threads of `pacsbridge api` that run requests", ge=1,
+                          more="The API (`pacsbridge api`, waitress): threads that run requests (a request is read "
+                               "whole\nbefore a thread takes it: slow clients hold only a connection).")
+    api_connections: int = _f(1000, "api", "open client connections `pacsbridge api` keeps at most", ge=1)
+    api_tokens: str = _f(
+        "", "api", "API bearer tokens: name:token[:role[:YYYY-MM-DD]] entries separated by commas",
+        compose="required", secret=True,
+        more="API bearer tokens: name:token[:role[:YYYY-MM-DD expiry]] entries separated by commas. Roles:\n"
+             "read (index, files, jobs), user (default: also submits/cancels jobs, echoes/queries nodes),\n"
+             "admin (also creates/changes/deletes nodes). Token: 16-512 printable characters, no ':' or ','\n"
+             "(e.g. `openssl rand -hex 32`). Requests send `Authorization: Bearer <token>`.\n"
+             "Example: PACSBRIDGE_API_TOKENS=ops:3f9c...e1:admin,platform:a81b...07:user")
+
+    # -- webhooks -------------------------------------------------------------------------------
+    webhook_allow: str = _f(
+        "", "webhooks", "where webhooks may go: host names, *.domain, addresses and networks (empty: off)",
+        more="Where webhooks may go, comma separated: host names (platform.example), *.domain, addresses and\n"
+             "networks (10.20.0.0/16). Empty: webhooks are off (a job with one is refused). Loopback, private\n"
+             "and link-local addresses only when a listed network holds them, even for a listed name.")
+    webhook_secret: str = _f(
+        "", "webhooks", "the key webhooks are signed with (HMAC-SHA256; at least 16 characters)", compose="worker",
+        secret=True,
+        more="The key webhooks are signed with (X-Pacsbridge-Signature, HMAC-SHA256; at least 16 characters,\n"
+             "e.g. `openssl rand -hex 32`); given to the workers only. Without it nothing is sent.")
+    webhook_secret_file: Path | None = _f(
+        None, "webhooks", "a file holding the webhook key (a mounted secret; not both)", compose="worker",
+        example="/run/secrets/webhook")
+    webhook_timeout: int = _f(5, "webhooks", "seconds one webhook request may take in all", ge=1)
+    webhook_retries: int = _f(8, "webhooks", "retries (1, 2, 4 ... s apart) after a timeout or a 5xx", ge=0)
+    webhook_threads: int = _f(4, "webhooks", "webhooks sent at once per worker (threads of their own, never a job "
+                              "slot)", ge=1)
+
+    # -- client ---------------------------------------------------------------------------------
+    api_url: str = _f("http://127.0.0.1:8080", "client", "where the client commands reach the API",
+                      compose="outside")
+    api_token: str = _f("", "client", "the client commands' token (one of PACSBRIDGE_API_TOKENS)", compose="outside",
+                        secret=True)
+
+    # -------------------------------------------------------------------------------------------
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """``Settings(...)`` in code: its arguments only; :func:`load_settings`: the command line, the
+        environment and the config file too (in that order)."""
+        layers = _LAYERS.get()
+        if layers is None:
+            return (init_settings,)
+        return (init_settings, *(_Layer(settings_cls, values) for _, values in layers))
+
+    @field_validator("reactor", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("push_processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        return str(value).strip().lower() if isinstance(value, (str, int)) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_file(cls, data: Any) -> Any:
+        """``PACSBRIDGE_WEBHOOK_SECRET_FILE``: the secret from a file (docker/podman secrets)."""
+        if not isinstance(data, dict):
+            return data
+        file, value = data.get("webhook_secret_file"), data.get("webhook_secret")
+        if file:
+            try:
+                text = Path(file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"PACSBRIDGE_WEBHOOK_SECRET_FILE={file}: {exc.strerror}") from None
+            if value and value != text:  # (the same text: a copy of settings read from the file)
+                raise ValueError("PACSBRIDGE_WEBHOOK_SECRET and PACSBRIDGE_WEBHOOK_SECRET_FILE are both set: set one")
+            data = {**data, "webhook_secret": text}
+        return data
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _strong(cls, value: str) -> str:
+        if value and (len(value) < 16 or any(ord(c) < 0x21 for c in value)):
+            raise ValueError("at least 16 printable characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     def with_(self, **changes: object) -> "Settings":
-        """Return a copy with some settings changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        """Return a copy with some settings changed (validated)."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+    def environ(self) -> dict[str, str]:
+        """The settings that differ from their default as ``PACSBRIDGE_*`` variables, for child processes.
+
+        Secrets are left out (a child reads them where this process did: the environment or a file),
+        paths are made absolute (a child may run elsewhere).
+        """
+        out: dict[str, str] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if _extra(field)["secret"] or name in ("config", "webhook_secret_file") or value == field.default:
+                continue
+            out[env_name(name)] = _text(value)
+        return out
 
 
-def _secret(name: str, value: str | None, file: str | None) -> str:
-    """A secret from ``NAME`` or from the file named by ``NAME_FILE`` (docker/podman secrets)."""
-    if value and file:
-        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
-    if file:
-        try:
-            value = Path(file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{name}_FILE={file}: {exc.strerror}") from None
-    value = value or ""
-    if value and (len(value) < 16 or any(ord(c) < 0x21 for c in value)):
-        raise ConfigError(f"{name}: at least 16 printable characters (e.g. `openssl rand -hex 32`)")
-    return value
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, Path):
+        return str(value.absolute())
+    return "" if value is None else str(value)
+
+
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}  # type: ignore[return-value]
+
+
+def env_name(field: str) -> str:
+    """``database_url`` -> ``PACSBRIDGE_DATABASE_URL``."""
+    return PREFIX + field.upper()
+
+
+_FIELDS_BY_ENV = {env_name(n): n for n in Settings.model_fields}
+
+#: The layers of the running :func:`load_settings` (name, {field: text}), highest first.
+_LAYERS: contextvars.ContextVar[list[tuple[str, dict[str, str]]] | None] = contextvars.ContextVar(
+    "pacsbridge_settings_layers", default=None)
+
+
+class _Layer(PydanticBaseSettingsSource):
+    """One source of :func:`load_settings` (the environment, or the config file): field -> text."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+#: Compose-only settings: read by docker-compose.yml and deploy/entrypoint.sh, not by Python.
+#: (name, default, group key, description); rendered into the env example and the reference.
+DEPLOY_SETTINGS: tuple[tuple[str, str, str, str], ...] = (
+    ("POSTGRES_PASSWORD", "", "required",
+     "Password of the PostgreSQL superuser `postgres` and of the role `pacsbridge` (created on the\n"
+     "first start of the database volume; changing it later does not change the database's).\n"
+     "URL-safe characters only (it goes into a URL): e.g. `openssl rand -hex 24`."),
+    ("PACSBRIDGE_LISTENER_PUBLISH", "127.0.0.1:11112", "publish",
+     "Where the host publishes the DICOM listener ([address:]port). The default is this machine only:\n"
+     "to let a PACS reach it, e.g. 11112 (all interfaces) or 10.1.2.50:11112 (one interface)."),
+    ("PACSBRIDGE_HTTPS_PUBLISH", "127.0.0.1:8443", "publish",
+     "The API is reached over HTTPS only, through the `proxy` service (Caddy): where the host publishes\n"
+     "it ([address:]port; e.g. 443 or 10.1.2.50:443 for other machines). The API's own plain-HTTP port\n"
+     "is not published, it is reachable inside the compose network only."),
+    ("PACSBRIDGE_TLS_DIR", "./deploy/tls", "publish",
+     "The folder holding the proxy's certificate pair: cert.pem (the server certificate followed by\n"
+     "its intermediates) and key.pem (its private key, unencrypted; mode 0600). Its names must match\n"
+     "what clients connect to. For a try: deploy/tls-selfsigned.sh deploy/tls [HOSTNAME ...] (clients\n"
+     "then trust deploy/tls/ca.pem). Renewed files are read when the proxy restarts."),
+    ("PACSBRIDGE_WORKERS", "1", "publish",
+     "Worker containers (each runs indexing and job processes); `docker compose up -d --scale worker=N`\n"
+     "does the same. With podman-compose, give `down` the same value as `up`."),
+    ("PACSBRIDGE_IMAGE", "pacsbridge:latest", "publish", "Image name."),
+    ("BASE_IMAGE", "python:3.11-slim", "publish",
+     "The base image it is built on (any Debian/Ubuntu image with python3 + python3-venv)."),
+    ("PACSBRIDGE_INIT_TIMEOUT", "120", "startup",
+     "Each pacsbridge container runs `pacsbridge init` (idempotent) before its command and waits this\n"
+     "long (s) for the database."),
+    ("PACSBRIDGE_INIT_DB", "1", "fixed",
+     "1: deploy/entrypoint.sh runs `pacsbridge init` before the command (the image's default is 0)."),
+)
+
+
+def mask(name: str, value: Any) -> str:
+    """``value`` of the field ``name`` as text safe to print: secrets and passwords in URLs hidden."""
+    field = Settings.model_fields.get(name)
+    text = _text(value) if not isinstance(value, Path) else str(value)
+    if field is not None and _extra(field)["secret"]:
+        if name == "api_tokens" and text:
+            return ",".join(":".join([p[0], "***", *p[2:]]) if len(p) > 1 else "***"
+                            for p in (e.strip().split(":") for e in text.split(",")))
+        return "***" if text else ""
+    return re.sub(r"(://[^:/@\s]*):[^@/\s]*@", r"\1:***@", text)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -179,7 +427,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
         if line.startswith("export "):
             line = line[len("export "):]
         name, sep, value = line.partition("=")
-        if not sep or not name.strip().startswith("PACSBRIDGE_"):
+        if not sep or not name.strip().startswith(PREFIX):
             raise ConfigError(f"{path}:{number}: expected PACSBRIDGE_NAME=value")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -188,64 +436,93 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from the environment (and ``PACSBRIDGE_CONFIG``).
+def _fields(values: Mapping[str, str]) -> dict[str, str]:
+    """``PACSBRIDGE_*`` variables -> {field: text}; blank is unset, names that are no setting are ignored."""
+    return {_FIELDS_BY_ENV[k]: v for k, v in values.items() if k in _FIELDS_BY_ENV and v.strip()}
+
+
+def load_settings_with_sources(environ: Mapping[str, str] | None = None,
+                               overrides: Mapping[str, Any] | None = None) -> tuple[Settings, dict[str, str]]:
+    """:func:`load_settings`, and where each setting came from: ``default``, ``environment``,
+    ``config file <path>`` or ``command line``."""
+    env = dict(os.environ if environ is None else environ)
+    from_env = _fields(env)
+    from_file: dict[str, str] = {}
+    config = from_env.get("config")
+    if config:
+        from_file = _fields(_read_env_file(Path(config)))
+        from_file.pop("config", None)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(given) - set(Settings.model_fields)
+    if unknown:
+        raise ConfigError(f"no such setting: {', '.join(sorted(unknown))}")
+    sources = {name: "default" for name in Settings.model_fields}
+    sources.update({name: f"config file {config}" for name in from_file})
+    sources.update({name: "environment" for name in from_env})
+    sources.update({name: "command line" for name in given})
+    token = _LAYERS.set([("environment", from_env), ("config file", from_file)])
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, {**from_file, **from_env, **{k: str(v) for k, v in given.items()}})) from None
+    finally:
+        _LAYERS.reset(token)
+    return settings, sources
+
+
+def _describe(exc: ValidationError, values: Mapping[str, str]) -> str:
+    """pydantic's errors as one message per variable: ``PACSBRIDGE_NAME='bad': what is wrong``."""
+    lines = []
+    for error in exc.errors():
+        loc = error.get("loc") or ()
+        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if loc and isinstance(loc[0], str) and loc[0] in Settings.model_fields:
+            name = loc[0]
+            shown = mask(name, values[name]) if name in values else None
+            lines.append(f"{env_name(name)}={shown!r}: {msg}" if shown is not None else f"{env_name(name)}: {msg}")
+        else:
+            lines.append(msg)
+    return "; ".join(lines)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build :class:`Settings` from ``overrides`` (the command line), the environment and ``PACSBRIDGE_CONFIG``.
 
     Raises
     ------
     ConfigError
         A value is malformed; the message names the variable.
     """
-    env = dict(os.environ if environ is None else environ)
-    merged: dict[str, str] = {}
-    if env.get("PACSBRIDGE_CONFIG"):
-        merged.update(_read_env_file(Path(env["PACSBRIDGE_CONFIG"])))
-    merged.update({k: v for k, v in env.items() if k.startswith("PACSBRIDGE_")})
+    return load_settings_with_sources(environ, overrides)[0]
 
-    def get(name: str) -> str | None:
-        value = merged.get(f"PACSBRIDGE_{name}")
-        # blank is unset: compose passes optional settings as "${NAME:- }" (podman-compose 1.0.3
-        # leaves "${NAME:-}" unsubstituted, the literal text then reached the services)
-        return None if value is not None and not value.strip() else value
 
-    kw: dict[str, object] = {}
-    if get("DATABASE_URL"):
-        kw["database_url"] = get("DATABASE_URL")
-    if get("STORAGE"):
-        kw["storage"] = Path(get("STORAGE"))  # type: ignore[arg-type]
-    if get("DICOM_SQL"):
-        kw["dicom_sql"] = Path(get("DICOM_SQL"))  # type: ignore[arg-type]
-    if get("FILENAME_TEMPLATE"):
-        kw["filename_template"] = get("FILENAME_TEMPLATE")
-    dup = get("DUPLICATES")
-    if dup:
-        if dup not in ("keep", "replace", "keep-both"):
-            raise ConfigError(f"PACSBRIDGE_DUPLICATES={dup!r}: expected keep, replace or keep-both")
-        kw["duplicates"] = dup
-    for name, attr in (("FSYNC", "fsync"), ("DROP_CACHE", "drop_cache"), ("SPECIAL_COLUMNS", "special_columns"),
-                       ("REQUIRE_CALLED_AE", "require_called_ae")):
-        value = get(name)
-        if value is not None:
-            kw[attr] = _bool(f"PACSBRIDGE_{name}", value)
-    if get("IMPORT_WORKERS") is not None:
-        kw["import_workers"] = _int("PACSBRIDGE_IMPORT_WORKERS", get("IMPORT_WORKERS") or "0")
-    if get("ALLOWED_PEERS") is not None:
-        kw["allowed_peers"] = get("ALLOWED_PEERS")
-    for name, attr in (("EXPORT_ROOT", "export_root"), ("IMPORT_ROOT", "import_root")):
-        if get(name):
-            kw[attr] = Path(get(name))  # type: ignore[arg-type]
-    if get("API_TOKENS") is not None:
-        kw["api_tokens"] = get("API_TOKENS")
-    kw["webhook_secret"] = _secret("PACSBRIDGE_WEBHOOK_SECRET", get("WEBHOOK_SECRET"), get("WEBHOOK_SECRET_FILE"))
-    for name, attr in (("AE_TITLE", "ae_title"), ("LISTENER_HOST", "listener_host"),
-                       ("LISTENER_METRICS_HOST", "listener_metrics_host"), ("BROKER_URL", "broker_url"),
-                       ("API_HOST", "api_host"), ("WEBHOOK_ALLOW", "webhook_allow")):
-        if get(name):
-            kw[attr] = get(name)
-    for name, attr, minimum in (("LISTENER_PORT", "listener_port", 1), ("STABLE_SECONDS", "stable_seconds", 1),
-                                ("API_PORT", "api_port", 1), ("API_THREADS", "api_threads", 1),
-                                ("API_CONNECTIONS", "api_connections", 1), ("WEBHOOK_TIMEOUT", "webhook_timeout", 1),
-                                ("WEBHOOK_RETRIES", "webhook_retries", 0), ("WEBHOOK_THREADS", "webhook_threads", 1)):
-        if get(name):
-            kw[attr] = _int(f"PACSBRIDGE_{name}", get(name) or "", minimum)
-    return Settings(**kw)  # type: ignore[arg-type]
+def initial_settings() -> Settings:
+    """The settings of the environment for module constants and per-call reads: never raises (defaults
+    where a value is bad; :func:`load_settings` reports it when the command starts). Cached for as long
+    as the ``PACSBRIDGE_*`` environment stays the same (about 20 µs then)."""
+    return _initial(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX))))
+
+
+@functools.lru_cache(maxsize=8)
+def _initial(environ: tuple[tuple[str, str], ...]) -> Settings:
+    env = dict(environ)
+    try:
+        return load_settings(env)
+    except ConfigError:
+        good: dict[str, Any] = {}
+        try:
+            values = _fields(env)
+            if values.get("config"):
+                try:
+                    values = {**_fields(_read_env_file(Path(values["config"]))), **values}
+                except ConfigError:
+                    pass
+            for name, text in values.items():
+                try:
+                    Settings(**{name: text})  # type: ignore[arg-type]  # text, validated by the model
+                    good[name] = text
+                except ValidationError:
+                    pass
+            return Settings(**good)
+        except ValidationError:
+            return Settings()

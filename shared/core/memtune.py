@@ -19,7 +19,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
+
+from pacsbridge.shared.core.config import initial_settings
 
 __all__ = ["tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -35,7 +36,7 @@ TRIM_THRESHOLD = 64 * 1024 * 1024
 
 def tune_malloc() -> bool:
     """Set the two thresholds in this process; True when they were set."""
-    if os.environ.get("PACSBRIDGE_MALLOC_TUNE", "1").strip() == "0":
+    if not initial_settings().malloc_tune:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from pacsbridge.shared.dicom.compat.store import FastStore, ParkedSends
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
+from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.instance import Instance
 from pacsbridge.shared.dicom.sender import SendFailed, file_meta
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, worker_id
@@ -75,7 +75,7 @@ FLUSH_SECONDS = 0.5
 #: Failures listed in a job's result (all are counted).
 MAX_LISTED = 1000
 #: ACSE / DIMSE / network timeout of a push association, seconds.
-TIMEOUT = 60.0
+TIMEOUT = initial_settings().scu_dimse_timeout
 #: How long a sender waits for one of the node's association slots.
 SLOT_TIMEOUT = 600.0
 #: After a cancel, how long an established association may go on (the C-STORE in flight is answered,
@@ -86,14 +86,14 @@ CANCEL_GRACE = 2.0
 #: sharing our GIL: "auto" when the node allows more than one association, "1" always, "0" never.
 #: Off by default: on a 2-core host the processes' start-up (~0.5 s of imports each) and their
 #: reactors' polling cost more CPU than the shared GIL (2,000 CT, 4 associations: ~480 vs ~670 inst/s).
-PROCESSES = os.environ.get("PACSBRIDGE_PUSH_PROCESSES", "0")
+PROCESSES = initial_settings().push_processes  # PACSBRIDGE_PUSH_PROCESSES
 #: ... and "auto" only when each process gets at least this many files (a process starts in ~0.5 s).
 PROC_MIN_FILES = 100
 #: Files handed to a sender process ahead of its outcomes (so it never waits for the next one).
 PROC_WINDOW = 2
 #: Send stored files with :class:`~pacsbridge.shared.dicom.compat.store.FastStore` (one socket write per
 #: instance); 0: pynetdicom's own.
-FAST_SEND = os.environ.get("PACSBRIDGE_PUSH_FAST", "1") != "0"
+FAST_SEND = initial_settings().push_fast  # PACSBRIDGE_PUSH_FAST
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNINGS = (0x0001, 0x0107, 0x0116)

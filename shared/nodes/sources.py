@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # (made at imp
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
 
+from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.dicom.dimse import (PENDING, STATUS_CANCEL, FindResult, associate, describe_status, find_all,
                                            interrupt, lost)
@@ -53,11 +53,12 @@ __all__ = ["Searcher", "Downloader", "SeriesRef", "Transfer", "DimseSearcher", "
 log = logging.getLogger(__name__)
 
 #: A C-FIND answer with this many studies is taken as cut short by the PACS (0: rely on its status).
-FIND_LIMIT = int(os.environ.get("PACSBRIDGE_FIND_LIMIT", "0"))
-#: Timeout of each association's requests (seconds).
-DIMSE_TIMEOUT = float(os.environ.get("PACSBRIDGE_DIMSE_TIMEOUT", "60"))
+FIND_LIMIT = initial_settings().find_limit  # PACSBRIDGE_FIND_LIMIT
+#: Timeout of each association's requests (seconds): PACSBRIDGE_SCU_DIMSE_TIMEOUT, our client's
+#: (PACSBRIDGE_DIMSE_TIMEOUT is the listener's).
+DIMSE_TIMEOUT = initial_settings().scu_dimse_timeout
 #: How long a job waits for a free association slot of its node before failing the series.
-SLOT_WAIT = float(os.environ.get("PACSBRIDGE_SLOT_WAIT_SECONDS", "3600"))
+SLOT_WAIT = initial_settings().slot_wait_seconds  # PACSBRIDGE_SLOT_WAIT_SECONDS
 #: After a C-CANCEL, how long the peer has to end the C-MOVE / C-GET before we abort the association.
 CANCEL_GRACE = 2.0
 #: Presentation contexts one association may propose (PS3.8: ids 1..255, odd).

@@ -33,6 +33,7 @@ from sqlalchemy import and_, case, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import node_leases_table, node_rates_table
 
@@ -42,7 +43,7 @@ __all__ = ["NodeSlots", "RateLimiter", "in_window", "seconds_until_window", "LEA
 log = logging.getLogger(__name__)
 
 #: A lease not renewed for this long is free again (its holder died). Renewed every third of it.
-LEASE_SECONDS = float(os.environ.get("PACSBRIDGE_LEASE_SECONDS", "30"))
+LEASE_SECONDS = initial_settings().lease_seconds  # PACSBRIDGE_LEASE_SECONDS
 #: How often a waiting :meth:`NodeSlots.acquire` looks for a free slot.
 POLL_SECONDS = 0.2
 

@@ -41,7 +41,6 @@ What the job does (params: ``{"query": Query.to_dict(), "mode"?: "move"|"get"}``
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import func, select
 
+from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest
 from pacsbridge.shared.index.conquest import Index
@@ -64,9 +64,9 @@ __all__ = ["run", "WAIT_SECONDS", "REPULLS"]
 log = logging.getLogger(__name__)
 
 #: C-MOVE: give up waiting for the index after this many seconds without a new indexed instance.
-WAIT_SECONDS = float(os.environ.get("PACSBRIDGE_RETRIEVE_WAIT_SECONDS", "120"))
+WAIT_SECONDS = initial_settings().retrieve_wait_seconds  # PACSBRIDGE_RETRIEVE_WAIT_SECONDS
 #: How many times missing instances of a series are pulled again at IMAGE level.
-REPULLS = int(os.environ.get("PACSBRIDGE_RETRIEVE_REPULLS", "2"))
+REPULLS = initial_settings().retrieve_repulls  # PACSBRIDGE_RETRIEVE_REPULLS
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 

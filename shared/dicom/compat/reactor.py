@@ -44,13 +44,14 @@ DUL thread).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import select
 import socket
 import threading
 import time
 from typing import Any
+
+from pacsbridge.shared.core.config import initial_settings
 
 from . import check, fallback, supported
 from .reads import deadline_reads, largest_pdu
@@ -68,7 +69,7 @@ WAIT_CAP = 0.005
 
 #: Seconds between pynetdicom's polls where its stock loops run (its default is 0.001): each
 #: millisecond it sleeps is paid once per instance when the peer waits for every response.
-RUN_LOOP_DELAY = float(os.environ.get("PACSBRIDGE_RUN_LOOP_DELAY", "0.0002"))
+RUN_LOOP_DELAY = initial_settings().run_loop_delay  # PACSBRIDGE_RUN_LOOP_DELAY
 
 
 def tune(assoc: Any) -> None:
@@ -121,7 +122,7 @@ def on_conn_open(event: Any) -> None:
 def enabled() -> bool:
     """True unless ``PACSBRIDGE_REACTOR=poll`` or the installed pynetdicom is not one we follow (then
     said once, :func:`~pacsbridge.shared.dicom.compat.fallback`)."""
-    if os.environ.get("PACSBRIDGE_REACTOR", "wait").strip().lower() == "poll":
+    if initial_settings().reactor == "poll":  # PACSBRIDGE_REACTOR
         return False
     if not supported():
         fallback("waiting reactor")
