@@ -149,7 +149,7 @@ def test_dimse_timeout_is_the_listeners_and_the_client_has_its_own():
     env = _clean_env(PACSBRIDGE_DIMSE_TIMEOUT="99", PACSBRIDGE_SCU_DIMSE_TIMEOUT="7")
     code = ("from pacsbridge.shared.core.config import load_settings\n"
             "from pacsbridge.listener.server import make_ae\nfrom pacsbridge.listener.peers import parse_peers\n"
-            "from pacsbridge.worker.kinds import push\nfrom pacsbridge.shared.nodes import sources\n"
+            "from pacsbridge.shared.nodes import pusher as push\nfrom pacsbridge.shared.nodes import sources\n"
             "ae = make_ae(load_settings(), parse_peers('X'))\n"
             "print(ae.dimse_timeout, push.TIMEOUT, sources.DIMSE_TIMEOUT)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
