@@ -127,13 +127,14 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     queues = getattr(args, "queues", None) or os.environ.get("PACSBRIDGE_WORKER_QUEUES", "all")
     if queues == "all":
         return _supervise(args)
-    from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
+    from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, declare_queues, make_celery
 
     # tasks read their settings from the environment: pass on what the command line changed
     os.environ["PACSBRIDGE_DATABASE_URL"] = settings.database_url
     os.environ["PACSBRIDGE_STORAGE"] = str(settings.storage)
 
     app = make_celery(settings)
+    declare_queues(app)  # the embedded broker: before this worker consumes or its tasks send
     stop = threading.Event()
     if queues == "jobs":
         guard_forks()  # before the threads: the pool forks while they run (see one_pass)
