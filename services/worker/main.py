@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 from pacsbridge.shared.core.config import Settings
 
@@ -47,24 +48,68 @@ def _engine(url: str, make: Any) -> Any:
     return _engines[url]
 
 
+# The jobs worker's main process runs the sweeper and the stable checker in threads, and Celery's
+# prefork pool forks its children from that same process (at start, and again whenever it
+# replaces a child). A fork copies every lock as it is at that instant, held by a thread that does
+# not exist in the child: an import under way in a thread (Python's per-module import lock: the
+# child's first ``import alembic`` waits forever), a SQLite transaction (SQLite's per-process
+# lock bookkeeping says the lock is held in the child's own process: its ``BEGIN IMMEDIATE``
+# never gets it, while /proc/locks shows no holder), a pooled connection (a psycopg2 socket or a
+# SQLite file then shared by two processes). So a fork waits for the pass in progress, and a pass
+# leaves no connection open: the children start with no lock and no connection of the parent.
+_passes = threading.Lock()
+_fork_guard_registered = False
+
+
+def guard_forks() -> None:
+    """Make every later ``os.fork()`` of this process wait for the sweeper's or stable checker's pass.
+
+    Once per process (``os.register_at_fork`` cannot be undone). Billiard, Celery's prefork pool,
+    forks with ``os.fork()``, which runs these hooks.
+    """
+    global _fork_guard_registered
+    if not _fork_guard_registered:
+        os.register_at_fork(before=_passes.acquire, after_in_parent=_passes.release,
+                            after_in_child=_passes.release)
+        _fork_guard_registered = True
+
+
+@contextlib.contextmanager
+def one_pass(*engines: Any) -> Iterator[None]:
+    """A pass of a background thread: no fork while it runs, and its connections closed after it.
+
+    ``engines`` are disposed at the end (pooled connections closed); an engine the pass made is
+    registered in ``_engines`` and disposed too.
+    """
+    with _passes:
+        try:
+            yield
+        finally:
+            for engine in (*engines, *_engines.values()):
+                engine.dispose()  # type: ignore[attr-defined]
+
+
 def _sweeper(settings: Settings, app: object, stop: threading.Event) -> None:
     while not stop.wait(settings.sweep_seconds):
         try:
-            sweep_once(settings, app)
+            with one_pass():
+                sweep_once(settings, app)
         except Exception:  # database outage: sweep again later
             log.warning("sweeper: sweep failed", exc_info=True)
 
 
 def _stable_checker(settings: Settings, stop: threading.Event) -> None:
     """Mark series/studies stable (no new arrival for PACSBRIDGE_STABLE_SECONDS); see services/worker/stable.py."""
-    from pacsbridge.shared.index.context import open_context
-    from pacsbridge.worker.stable import check
+    with _passes:  # imports: none may be under way when the pool forks
+        from pacsbridge.shared.index.context import open_context
+        from pacsbridge.worker.stable import check
 
-    ctx = open_context(settings)
+        ctx = open_context(settings)
     while not stop.wait(max(1.0, settings.stable_seconds / 4)):
         try:
-            for level, uid in check(ctx.index, settings.stable_seconds):
-                log.info("stable %s %s", level, uid)
+            with one_pass(ctx.index.engine):
+                for level, uid in check(ctx.index, settings.stable_seconds):
+                    log.info("stable %s %s", level, uid)
         except Exception:  # database outage: check again later
             log.warning("stable check failed", exc_info=True)
 
@@ -83,11 +128,13 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     os.environ.update(settings.environ())
     if queues == "all":
         return _supervise(args)
-    from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, make_celery
+    from pacsbridge.shared.core.celeryapp import INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE, declare_queues, make_celery
 
     app = make_celery(settings)
+    declare_queues(app)  # the embedded broker: before this worker consumes or its tasks send
     stop = threading.Event()
     if queues == "jobs":
+        guard_forks()  # before the threads: the pool forks while they run (see one_pass)
         threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
         threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()
         concurrency = getattr(args, "job_concurrency", None) or settings.job_concurrency

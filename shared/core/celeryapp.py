@@ -8,12 +8,14 @@ idempotent (upserts keyed on SOPInstanceUID), so a redelivery is harmless.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from pacsbridge.shared.core.config import Settings, load_settings
 
-__all__ = ["make_celery", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK", "WEBHOOK_TASK", "INDEX_QUEUE",
-           "JOBS_QUEUE", "WEBHOOK_QUEUE"]
+__all__ = ["make_celery", "declare_queues", "DEFAULT_BROKER", "INDEX_TASK", "RUN_JOB_TASK", "WEBHOOK_TASK",
+           "INDEX_QUEUE", "JOBS_QUEUE", "WEBHOOK_QUEUE"]
 
 #: A broker that needs no server: kombu's SQLAlchemy transport on a SQLite file.
 DEFAULT_BROKER = "sqla+sqlite:///pacsbridge-broker.db"
@@ -28,6 +30,9 @@ JOBS_QUEUE = "pacsbridge.jobs"
 #: its own: a slow or dead receiver never holds a job slot, and retries wait there, not in a job.
 WEBHOOK_TASK = "pacsbridge.worker.tasks.send_webhook"
 WEBHOOK_QUEUE = "pacsbridge.webhooks"
+
+
+log = logging.getLogger(__name__)
 
 
 def broker_url(settings: Settings) -> str:
@@ -59,3 +64,32 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     return app
 
+
+
+def declare_queues(app: Celery, attempts: int = 5) -> bool:
+    """Make the rows of pacsbridge's queues in a SQLAlchemy broker (the embedded one) now.
+
+    kombu's SQLAlchemy transport creates its tables and a queue's row on first use, guarded by a
+    lock of its own process only: two processes using a new queue at the same moment (a worker
+    starting to consume it, another worker's task sending to it) both insert the row, and one
+    fails with ``UNIQUE constraint failed: kombu_queue.name`` (or finds the table made under it).
+    Every worker calls this when it starts, before it consumes or sends; two starting together may
+    still race here, so a failure is tried again on a fresh connection (it then finds the rows).
+    Other brokers declare queues atomically: nothing to do. Returns whether the rows are there;
+    False (logged) leaves them to be made on first use, as before.
+    """
+    if not str(app.conf.broker_url or "").startswith("sqla+"):
+        return True
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for name in (INDEX_QUEUE, JOBS_QUEUE, WEBHOOK_QUEUE):
+                    channel.queue_declare(queue=name)
+            return True
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == attempts:
+                log.warning("broker: could not declare the queues (%s); they are made on first use", exc)
+    return False
