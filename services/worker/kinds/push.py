@@ -1,29 +1,11 @@
 """The ``push`` job: C-STORE stored instances to a DICOM node, through :func:`pacsbridge.shared.nodes.pusher.push`.
 
-A push job (``{"selection": ...}`` to ``job.node``, see
-:mod:`pacsbridge.shared.jobs.spec`) sends every selected instance:
+A push job (``{"selection": ...}`` to ``job.node``, see :mod:`pacsbridge.shared.jobs.spec`) sends every
+selected instance. How instances are sent (as stored, the fallback, the node's limits, no silent drop) is the pusher's
+(:mod:`pacsbridge.shared.nodes.pusher`). What the job adds: outcomes per instance in
+``pacsbridge_push_instances``, per series in the job's ``pushed`` / ``failed`` counters, the failed SOP
+Instance UIDs with their statuses in the job result, and:
 
-* **As stored.** Each file's transfer syntax is read from its file meta
-  (nothing else is decoded) and proposed to the peer as its own presentation
-  context, beside an uncompressed fallback context (explicit / implicit VR
-  little endian) per SOP class. A file whose own syntax was accepted is sent
-  from disk without decoding (pynetdicom's chunked file send, one PDU per
-  instance when the peer allows an unlimited PDU).
-* **Fallback.** When the peer refused the file's syntax, the file is read
-  and, if compressed, decompressed by pydicom to explicit VR little endian
-  (its SOP Instance UID kept); an instance pydicom cannot decompress here (a
-  missing decoder plugin) or that the peer accepts in no syntax is a failure
-  of that instance with the reason.
-* **Within the node's limits.** Up to ``node.max_associations`` associations
-  in parallel, each holding a slot of :class:`~pacsbridge.shared.nodes.throttle.NodeSlots`
-  (shared by all workers), and at most ``node.max_rate`` instances/s
-  (:class:`~pacsbridge.shared.nodes.throttle.RateLimiter`).
-* **Nothing dropped silently.** Every instance ends acknowledged (status
-  0x0000 or a warning) or failed with the peer's status or the reason; a file
-  the index lists but storage cannot give is failed too. Outcomes are kept per
-  instance in ``pacsbridge_push_instances`` (written in small batches while
-  the job runs), per series in the job's ``pushed`` / ``failed`` counters, and
-  the job result lists the failed SOP Instance UIDs with their statuses.
 * **Retries re-send only what was not acknowledged.** A retried (or taken
   over) job skips the instances already acknowledged for it.
 
