@@ -106,9 +106,11 @@ def deadline_reads(assoc_socket: Any, timeout: float | None = None, *, largest: 
       each 512 kB instance, the largest single item in a profile of the no-op SCP). Larger chunks, or
       one buffer of the PDU's size, were tried and cost more (glibc then returns and re-faults the big
       buffers: ``madvise`` per instance).
-    - With ``timeout`` (the association's network timeout), each read (a PDU's header, then its body)
-      must complete within that time, whatever the peer drips, else :class:`TimeoutError` (pynetdicom:
-      connection closed). Stock blocks for ever once a PDU has begun. The wait is the kernel's
+    - With ``timeout`` (the association's network timeout), a PDU must be read whole within that time
+      of its first byte (its header, then its body: one deadline for both), and a header must come
+      within that time of the read's start, whatever the peer drips, else :class:`TimeoutError`
+      (pynetdicom: connection closed). A deadline per read let a dripped PDU last twice the timeout.
+      Stock blocks for ever once a PDU has begun. The wait is the kernel's
       (``SO_RCVTIMEO`` of ``min(tick, timeout)``), so nothing is added while data flows; a ``send()``
       to a peer that stopped reading fails after ``timeout`` likewise (``SO_SNDTIMEO``).
     - A read longer than ``largest`` bytes (a PDU bigger than the maximum we announced; pynetdicom
@@ -123,12 +125,14 @@ def deadline_reads(assoc_socket: Any, timeout: float | None = None, *, largest: 
     limit = float(timeout or 0)
     # the header just read: the next read is its body when it asks for the length that header announced
     header: list[tuple[int, int] | None] = [None]
+    # when the first byte of the PDU being read came (the body's deadline counts from it)
+    first_byte: list[float | None] = [None]
 
     def recv(nr_bytes: int) -> bytearray:
         body_of = header[0] if header[0] is not None and header[0][1] == nr_bytes else None
         if largest is not None and nr_bytes > largest:
             raise OSError(errno.EMSGSIZE, f"a PDU of {nr_bytes} bytes, larger than the {largest} we accept")
-        out = read(nr_bytes, body_of)
+        out = read(nr_bytes, body_of, first_byte[0] if body_of is not None else None)
         header[0] = None
         if body_of is None:
             if nr_bytes == 6 and len(out) == 6:
@@ -142,10 +146,12 @@ def deadline_reads(assoc_socket: Any, timeout: float | None = None, *, largest: 
             raise OSError(errno.EMSGSIZE, f"a P-DATA-TF of more than {max_pdvs} PDVs")
         return out
 
-    def read(nr_bytes: int, body_of: tuple[int, int] | None) -> bytearray:
+    def read(nr_bytes: int, body_of: tuple[int, int] | None, pdu_began: float | None) -> bytearray:
         sock = assoc_socket.socket
         out = bytearray()
-        deadline = time.monotonic() + limit if bounded else None
+        start = pdu_began if pdu_began is not None else time.monotonic()
+        deadline = start + limit if bounded else None
+        first_byte[0] = None
         while len(out) < nr_bytes:
             try:
                 data = sock.recv(min(RECV_CHUNK, nr_bytes - len(out)))
@@ -154,6 +160,8 @@ def deadline_reads(assoc_socket: Any, timeout: float | None = None, *, largest: 
             if data == b"":  # the peer closed: what we have (pynetdicom's callers check the length)
                 return out
             if data:
+                if first_byte[0] is None:
+                    first_byte[0] = time.monotonic()
                 out += data
             # also after data: a peer dripping bytes faster than a tick never lets recv() time out
             if deadline is not None and len(out) < nr_bytes and time.monotonic() >= deadline:
