@@ -26,7 +26,9 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from sqlalchemy import Column, Table, inspect, text
+from sqlalchemy import Column, Table, inspect, select, text
+from sqlalchemy import column as column_clause
+from sqlalchemy import table as table_clause
 from sqlalchemy.engine import Connection
 
 from pacsbridge.shared.core.errors import IndexError_
@@ -85,7 +87,8 @@ def current(conn: Connection) -> str | None:
     if not inspect(conn).has_table(VERSION_TABLE):
         return None
     # what MigrationContext.get_current_revision reads, without its log lines at every start
-    found = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()  # a constant name
+    query = select(column_clause("version_num")).select_from(table_clause(VERSION_TABLE))
+    found: list[str] = list(conn.execute(query).scalars())
     return found[0] if len(found) == 1 else None if not found else ",".join(sorted(found))
 
 
