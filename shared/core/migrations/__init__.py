@@ -87,7 +87,7 @@ def current(conn: Connection) -> str | None:
     if not inspect(conn).has_table(VERSION_TABLE):
         return None
     # what MigrationContext.get_current_revision reads, without its log lines at every start
-    query = select(column_clause("version_num")).select_from(table_clause(VERSION_TABLE))
+    query: Any = select(column_clause("version_num")).select_from(table_clause(VERSION_TABLE))
     found: list[str] = list(conn.execute(query).scalars())
     return found[0] if len(found) == 1 else None if not found else ",".join(sorted(found))
 
