@@ -557,10 +557,14 @@ def test_gunicorn_serves_the_factory(tmp_path):
 
 
 def test_metrics_count_the_requests_of_every_gunicorn_worker(tmp_path):
-    """Two gunicorn workers, requests spread over both (concurrent: a sync worker takes one at a time):
-    /metrics, whichever worker answers it, counts every request (prometheus multiprocess mode)."""
+    """Two gunicorn workers, each answering some of the requests: /metrics, whichever worker answers it,
+    counts every request (prometheus multiprocess mode).
+
+    A sync worker serves one connection at a time, and left to itself one worker may take all of them
+    (it did, on a loaded machine). So one connection holds a worker with a half-sent request while the
+    other worker answers 59 requests, then completes it: both workers have answered, for certain."""
     import re
-    import threading
+    import socket
 
     folder = tmp_path / "metrics"
     s = Server(tmp_path, gunicorn=True, gunicorn_args=("-c", "python:pacsbridge.api.gunicorn_conf"),
@@ -571,18 +575,17 @@ def test_metrics_count_the_requests_of_every_gunicorn_worker(tmp_path):
         s.close()
         s = Server(tmp_path, gunicorn=True, gunicorn_args=("-c", "python:pacsbridge.api.gunicorn_conf"),
                    PROMETHEUS_MULTIPROC_DIR=str(folder))
-        statuses: list[int] = []
-
-        def hammer() -> None:
-            for _ in range(10):
-                statuses.append(s.call("GET", "/api/v1/jobs", role="read")[0])
-
-        threads = [threading.Thread(target=hammer) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert statuses == [200] * 60
+        held = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        held.sendall(b"GET /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a worker now waits for the rest
+        time.sleep(0.5)
+        statuses = [s.call("GET", "/api/v1/jobs", role="read")[0] for _ in range(59)]  # the other worker
+        assert statuses == [200] * 59
+        held.sendall(f"Authorization: Bearer {TOKENS['read']}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := held.recv(65536):
+            answer += chunk
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         workers = {p.name for p in folder.glob("counter_*.db")}
         assert len(workers) == 2 and "counter_999999.db" not in workers, workers  # both workers answered
         for _ in range(4):  # whichever worker answers the scrape, it counts all 60
