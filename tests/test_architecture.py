@@ -27,8 +27,9 @@ SHARED_LAYERS = {
     "core": set(),
     "dicom": {"core"},
     "index": {"core", "dicom"},
-    "jobs": {"core", "dicom", "index"},
-    "nodes": {"core", "dicom", "index"},
+    "deid": {"core", "dicom"},
+    "jobs": {"core", "dicom", "index", "deid"},
+    "nodes": {"core", "dicom", "index", "deid"},
 }
 SERVICES = ("pacsbridge.listener", "pacsbridge.worker", "pacsbridge.api")
 

@@ -58,8 +58,12 @@ GROUPS = (
     ("worker", "Workers and jobs"),
     ("api", "HTTP API"),
     ("webhooks", "Webhooks (a job's \"webhook\": the finished job POSTed as JSON)"),
+    ("deid", "De-identification (research projects: keyed pseudonyms, UIDs and date offsets)"),
     ("client", "Client commands (`pacsbridge jobs`, `nodes` ... on your machine)"),
 )
+
+#: Settings a child process is not given (it reads them where its parent did).
+_NOT_PASSED = ("config", "webhook_secret_file", "deid_secret_file")
 
 # How docker-compose.yml treats a setting (for the generated env example):
 #   passed   - `NAME: ${NAME:-default}`: set it in .env (the default)
@@ -258,6 +262,20 @@ class Settings(BaseSettings):
     webhook_threads: int = _f(4, "webhooks", "webhooks sent at once per worker (threads of their own, never a job "
                               "slot)", ge=1)
 
+    # -- de-identification ------------------------------------------------------------------------
+    deid_secret: str = _f(
+        "", "deid", "the secret every project's pseudonym key is derived from (at least 32 characters)",
+        compose="passed", secret=True,
+        more="The secret every project's key is derived from (HMAC-SHA256): pseudonyms, new UIDs and date\n"
+             "offsets are keyed functions of it, so without it nobody can recompute a pseudonym from a record\n"
+             "number. At least 32 printable characters (e.g. `openssl rand -hex 32`). It never goes into the\n"
+             "database: each project keeps only a check value, and start-up refuses a secret that does not\n"
+             "match it. Back it up apart from the database (docs/deidentification.md): lost, it cannot make\n"
+             "the same pseudonyms again for new patients of an existing project.")
+    deid_secret_file: Path | None = _f(
+        None, "deid", "a file holding the de-identification secret (a mounted secret; not both)",
+        example="/run/secrets/deid")
+
     # -- client ---------------------------------------------------------------------------------
     api_url: str = _f("http://127.0.0.1:8080", "client", "where the client commands reach the API",
                       compose="outside")
@@ -291,18 +309,21 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _secret_file(cls, data: Any) -> Any:
-        """``PACSBRIDGE_WEBHOOK_SECRET_FILE``: the secret from a file (docker/podman secrets)."""
+        """``PACSBRIDGE_WEBHOOK_SECRET_FILE``, ``PACSBRIDGE_DEID_SECRET_FILE``: the secret from a file
+        (docker/podman secrets)."""
         if not isinstance(data, dict):
             return data
-        file, value = data.get("webhook_secret_file"), data.get("webhook_secret")
-        if file:
-            try:
-                text = Path(file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"PACSBRIDGE_WEBHOOK_SECRET_FILE={file}: {exc.strerror}") from None
-            if value and value != text:  # (the same text: a copy of settings read from the file)
-                raise ValueError("PACSBRIDGE_WEBHOOK_SECRET and PACSBRIDGE_WEBHOOK_SECRET_FILE are both set: set one")
-            data = {**data, "webhook_secret": text}
+        for name in ("webhook_secret", "deid_secret"):
+            file, value = data.get(f"{name}_file"), data.get(name)
+            if file:
+                env = env_name(name)
+                try:
+                    text = Path(file).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ValueError(f"{env}_FILE={file}: {exc.strerror}") from None
+                if value and value != text:  # (the same text: a copy of settings read from the file)
+                    raise ValueError(f"{env} and {env}_FILE are both set: set one")
+                data = {**data, name: text}
         return data
 
     @field_validator("webhook_secret")
@@ -310,6 +331,13 @@ class Settings(BaseSettings):
     def _strong(cls, value: str) -> str:
         if value and (len(value) < 16 or any(ord(c) < 0x21 for c in value)):
             raise ValueError("at least 16 printable characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("deid_secret")
+    @classmethod
+    def _strong_deid(cls, value: str) -> str:
+        if value and (len(value) < 32 or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value)):
+            raise ValueError("at least 32 printable ASCII characters (e.g. `openssl rand -hex 32`)")
         return value
 
     def with_(self, **changes: object) -> "Settings":
@@ -325,7 +353,7 @@ class Settings(BaseSettings):
         out: dict[str, str] = {}
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if _extra(field)["secret"] or name in ("config", "webhook_secret_file") or value == field.default:
+            if _extra(field)["secret"] or name in _NOT_PASSED or value == field.default:
                 continue
             out[env_name(name)] = _text(value)
         return out

@@ -38,6 +38,8 @@ __all__ = [
     "UnknownNode",
     "UnknownJob",
     "Conflict",
+    "UnknownProject",
+    "DeidSecretError",
     "DimseError",
 ]
 
@@ -131,6 +133,14 @@ class UnknownJob(NotFound):
 
 class Conflict(PacsbridgeError):
     """The request clashes with the current state (a finished job cancelled ...)."""
+
+
+class UnknownProject(NotFound):
+    """No de-identification project of that name."""
+
+
+class DeidSecretError(ConfigError):
+    """The de-identification secret is missing, or is not the one a project's key was made with."""
 
 
 class DimseError(PacsbridgeError):

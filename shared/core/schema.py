@@ -29,7 +29,8 @@ from sqlalchemy.sql.elements import quoted_name
 from pacsbridge.shared.core.dicomsql import Schema, TableDef
 
 __all__ = ["COUNTERS", "metadata", "nodes_table", "jobs_table", "series_table", "node_leases_table", "node_rates_table",
-           "stable_table", "quarantine_table", "instances_table", "arrivals_table", "conquest_tables", "ident"]
+           "stable_table", "quarantine_table", "instances_table", "arrivals_table", "projects_table",
+           "deid_patients_table", "deid_uids_table", "audit_table", "conquest_tables", "ident"]
 
 #: The counters of a job's series (columns of ``pacsbridge_job_series``).
 COUNTERS = ("expected", "received", "indexed", "pushed", "failed")
@@ -52,6 +53,10 @@ nodes_table = Table(
     Column("max_rate", Float, nullable=False, default=0.0),
     Column("move_window", String(11), nullable=False, default=""),
     Column("description", String(255), nullable=False, default=""),
+    # de-identification (0003): the project everything sent to it is de-identified under ("": none), and
+    # whether it may receive identifiable data (a research node: false, so a job to it needs a project)
+    Column("project", String(64), nullable=False, default="", server_default=""),
+    Column("identifiable", Boolean, nullable=False, default=True, server_default="1"),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
@@ -158,6 +163,62 @@ instances_table = Table(
     Column("error", Text, nullable=False, default=""),
     Column("fallback", Integer, nullable=False, default=0),
     Column("at", Float, nullable=False),
+)
+
+
+# -- de-identification (migration 0003, shared/deid) -----------------------------------------------
+#: A research project: how data leaving under it is de-identified (``config``: the JSON of
+#: :class:`pacsbridge.shared.deid.options.ProjectConfig`) and the check value of its key (never the key).
+projects_table = Table(
+    "pacsbridge_projects", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("description", String(255), nullable=False, default=""),
+    Column("config", Text, nullable=False),
+    Column("key_check", String(64), nullable=False),
+    Column("created_by", String(64), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+#: The pseudonym map: one row per (project, issuer, original PatientID).
+deid_patients_table = Table(
+    "pacsbridge_deid_patients", metadata,
+    Column("project", String(64), primary_key=True),
+    Column("issuer", String(64), primary_key=True),        # IssuerOfPatientID ("" when none)
+    Column("patient_id", String(64), primary_key=True),    # the original
+    Column("pseudonym", String(64), nullable=False),
+    Column("date_offset", Integer, nullable=False),        # days added to every date of the patient
+    Column("first_used", Float, nullable=False),
+    Column("last_used", Float, nullable=False),
+    Index("pacsbridge_deid_patients_pseudonym", "project", "pseudonym", unique=True),
+)
+
+#: Original -> new UIDs of everything sent under a project (the way back for results that come home).
+deid_uids_table = Table(
+    "pacsbridge_deid_uids", metadata,
+    Column("project", String(64), primary_key=True),
+    Column("original", String(64), primary_key=True),
+    Column("new", String(64), nullable=False),
+    Column("level", String(8), nullable=False, default=""),   # study | series | instance | other
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("patient_id", String(64), nullable=False, default=""),
+    Column("first_used", Float, nullable=False),
+    Index("pacsbridge_deid_uids_new", "project", "new", unique=True),
+)
+
+#: Append-only (no code updates or deletes it; PostgreSQL and SQLite triggers refuse it): every read of
+#: a map, every re-identification, every way out of identifiable data.
+audit_table = Table(
+    "pacsbridge_audit", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(64), nullable=False, default=""),     # API token name, job id, or "listener"
+    Column("action", String(32), nullable=False, index=True),    # e.g. map_read, reidentify, push, repack
+    Column("project", String(64), nullable=False, default="", index=True),
+    Column("patient_id", String(64), nullable=False, default=""),
+    Column("study_uid", String(64), nullable=False, default=""),
+    Column("target", String(255), nullable=False, default=""),   # node, folder, or what was read
+    Column("detail", Text, nullable=False, default=""),
 )
 
 

@@ -43,6 +43,7 @@ class NodeModel(Model):
         "max_rate": "instances per second, 0 for unlimited",
         "move_window": "HH:MM-HH:MM, e.g. 20:00-06:00",
         "description": "at most 255 printable characters",
+        "project": "the name of a de-identification project ('' = none)",
     }
 
     name: NodeName
@@ -60,6 +61,12 @@ class NodeModel(Model):
     move_window: Annotated[str, Field(pattern=_WINDOW)] = Field(
         "", description="HH:MM-HH:MM (local time, may wrap midnight) when C-MOVE is allowed; '' = any time")
     description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] = ""
+    project: NodeName | Literal[""] = Field(
+        "", description="de-identification project of everything sent to this node when a job names none "
+                        "('' = none)")
+    identifiable: bool = Field(
+        True, description="may receive identifiable data; false: a job sending to it must be de-identified "
+                          "under a project (its own, or the node's)")
 
 
 class NodeReplace(NodeModel):
@@ -86,6 +93,8 @@ class NodePatch(NodeModel):
     max_rate: Annotated[float, Field(ge=0)] | None = None  # type: ignore[assignment]
     move_window: Annotated[str, Field(pattern=_WINDOW)] | None = None  # type: ignore[assignment]
     description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] | None = None  # type: ignore[assignment]
+    project: NodeName | Literal[""] | None = None  # type: ignore[assignment]
+    identifiable: bool | None = None  # type: ignore[assignment]
 
 
 def _node_field(loc: tuple[Any, ...]) -> str:
@@ -117,6 +126,8 @@ class Node:
     max_rate: float = 0.0
     move_window: str = ""
     description: str = ""
+    project: str = ""
+    identifiable: bool = True
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], partial_of: "Node | None" = None) -> "Node":
