@@ -47,16 +47,16 @@ OPTION_CODES = {
 class Options(Model):
     """The options of PS3.15 Table E.1-1 on top of the Basic Profile (all off: the Basic Profile alone)."""
 
-    retain_safe_private: bool = Field(False, description="keep the private attributes of the safe-list")
-    retain_uids: bool = Field(False, description="keep every UID as it is (no new UIDs)")
+    retain_safe_private: bool = Field(default=False, description="keep the private attributes of the safe-list")
+    retain_uids: bool = Field(default=False, description="keep every UID as it is (no new UIDs)")
     retain_device_identity: bool = False
     retain_institution_identity: bool = False
-    retain_patient_characteristics: bool = Field(False, description="keep sex, age, size, weight ...")
+    retain_patient_characteristics: bool = Field(default=False, description="keep sex, age, size, weight ...")
     dates: Literal["remove", "shift", "keep"] = Field(
-        "shift", description="remove: the Basic Profile's; shift: Retain Longitudinal Temporal Information with "
+        default="shift", description="remove: the Basic Profile's; shift: Retain Longitudinal Temporal Information with "
                              "Modified Dates (each patient's dates moved by the patient's offset); keep: ... with "
                              "Full Dates")
-    clean_descriptors: bool = Field(False, description="keep descriptions, cleaned of the instance's own "
+    clean_descriptors: bool = Field(default=False, description="keep descriptions, cleaned of the instance's own "
                                                        "identifiers (names, IDs, accession number, dates)")
     clean_structured_content: bool = False
     clean_graphics: bool = False
@@ -90,13 +90,13 @@ class DateShift(Model):
 class RiskPolicy(Model):
     """What happens to instances that may carry identifying content the profile cannot clean."""
 
-    burned_in_annotation: RiskAction = Field("quarantine", description="BurnedInAnnotation is YES")
+    burned_in_annotation: RiskAction = Field(default="quarantine", description="BurnedInAnnotation is YES")
     burned_in_likely: RiskAction = Field(
-        "quarantine", description="SOP classes that often carry burned-in text (secondary capture, ultrasound) "
+        default="quarantine", description="SOP classes that often carry burned-in text (secondary capture, ultrasound) "
                                   "without BurnedInAnnotation NO")
     structured_report: RiskAction = "quarantine"
     presentation_state: RiskAction = "quarantine"
-    encapsulated_document: RiskAction = Field("quarantine", description="encapsulated PDF, CDA, STL ...")
+    encapsulated_document: RiskAction = Field(default="quarantine", description="encapsulated PDF, CDA, STL ...")
 
 
 class TrialTags(Model):
