@@ -53,9 +53,9 @@ class Options(Model):
     retain_institution_identity: bool = False
     retain_patient_characteristics: bool = Field(default=False, description="keep sex, age, size, weight ...")
     dates: Literal["remove", "shift", "keep"] = Field(
-        default="shift", description="remove: the Basic Profile's; shift: Retain Longitudinal Temporal Information with "
-                             "Modified Dates (each patient's dates moved by the patient's offset); keep: ... with "
-                             "Full Dates")
+        default="shift",
+        description="remove: the Basic Profile's; shift: Retain Longitudinal Temporal Information with Modified "
+                    "Dates (each patient's dates moved by the patient's offset); keep: ... with Full Dates")
     clean_descriptors: bool = Field(default=False, description="keep descriptions, cleaned of the instance's own "
                                                        "identifiers (names, IDs, accession number, dates)")
     clean_structured_content: bool = False
