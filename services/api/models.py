@@ -93,6 +93,7 @@ class SeriesProgressOut(Out):
     indexed: int
     pushed: int
     failed: int
+    quarantined: int = Field(0, description="withheld by the project's risk policy (not sent)")
     state: str
     error: str
 

@@ -31,10 +31,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from sqlalchemy import and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
-from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
+from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode, UnknownProject
 from pacsbridge.shared.core import migrations
-from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, series_table
+from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, projects_table, series_table
 from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.jobs.spec import effective_project
 
 __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FINISHED", "KINDS",
            "COUNTERS"]
@@ -58,6 +59,7 @@ class SeriesProgress:
     indexed: int = 0
     pushed: int = 0
     failed: int = 0
+    quarantined: int = 0  # withheld by a project's risk policy (quarantined or dropped), not sent
     state: str = "queued"
     error: str = ""
 
@@ -107,6 +109,22 @@ class Job:
         else:
             out.pop("series")
         return out
+
+
+    def to_webhook(self) -> dict[str, Any]:
+        """The body of the job's webhook: :meth:`to_dict`, except for a job under a de-identification
+        project, whose body carries no original identifier (no selection, series, patient or UIDs, no
+        error text, which may name them): its identity, state, times, project and counts only."""
+        project = self.params.get("project")
+        if not project:
+            return self.to_dict()
+        counts = {k: v for k, v in self.result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {"id": self.id, "kind": self.kind, "node": self.node, "project": project, "state": self.state,
+                "attempts": self.attempts, "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "path": f"/api/v1/jobs/{self.id}", "totals": self.totals,
+                "series": len(self.series), "result": counts,
+                "error": "see the job through the API (its details may name original identifiers)"
+                if self.error else ""}
 
 
 def dedupe_key(kind: str, node: str | None, params: Mapping[str, Any]) -> str:
@@ -211,6 +229,8 @@ class JobStore:
         """
         if kind not in KINDS:
             raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
+        if node is not None or params.get("project"):
+            params = self._with_project(kind, node, params)
         key = dedupe_key(kind, node, params)
         with self.engine.begin() as conn:
             _serialize(conn, key)
@@ -227,6 +247,18 @@ class JobStore:
                 dedupe_key=key, state="queued", attempts=0, error="", result="{}", webhook=webhook,
                 worker="", owner=owner, cancel_requested=False, created_at=time.time()))
         return self.get(job_id), True
+
+    def _with_project(self, kind: str, node: str | None, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``params`` with the project the job de-identifies under (:func:`~.spec.effective_project`:
+        a push takes its node's default), which must exist; refused for a node that receives
+        de-identified data only when no project applies."""
+        with self.engine.connect() as conn:
+            target = self._node(conn, node) if node is not None and kind == "push" else None
+            project = effective_project(target, params.get("project"))
+            if project and conn.execute(select(projects_table.c.name)
+                                        .where(projects_table.c.name == project)).first() is None:
+                raise UnknownProject(f"no project called {project!r}")
+        return {**params, "project": project} if project else params
 
     def get(self, job_id: str, with_series: bool = True) -> Job:
         """The job and (by default) its series; :class:`UnknownJob` if there is none."""

@@ -24,6 +24,7 @@ from sqlalchemy import and_, delete
 
 from pacsbridge.shared.core.errors import InvalidRequest
 from pacsbridge.shared.index.context import Context
+from pacsbridge.shared.jobs.spec import effective_project
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.shared.nodes.pusher import MAX_LISTED, Sent, acknowledged, push, record
@@ -48,6 +49,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     node = jobs.get_node(job.node)
     if not node.allow_store:
         raise InvalidRequest(f"node {node.name!r} does not accept pushes (allow_store is false)", "node")
+    # checked again now: the node may have been made a de-identified-only one since the job was queued
+    effective_project(node, job.params.get("project") or None)
     engine = ctx.index.engine
     selection = job.params.get("selection") or {}
     selected = resolve(ctx.index, ctx.storage, selection, jobs)
