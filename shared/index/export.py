@@ -103,16 +103,23 @@ def _copy(src: Path, out_fd: int) -> None:
             shutil.copyfileobj(fh, out, 1 << 20)
 
 
-def _same_file(src: Path, folder: int, name: str) -> bool:
-    """Whether ``folder/name`` is a regular file (not a link) with ``src``'s inode or bytes."""
+def _same_file(src: Path | bytes, folder: int, name: str) -> bool:
+    """Whether ``folder/name`` is a regular file (not a link) with ``src``'s inode or bytes (``src`` may be
+    the bytes themselves)."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=folder)
     except OSError:  # a link (ELOOP), gone, unreadable
         return False
     try:
-        st, ref = os.fstat(fd), os.stat(src)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return False
+        if isinstance(src, bytes):
+            if st.st_size != len(src):
+                return False
+            with os.fdopen(os.dup(fd), "rb") as there:
+                return there.read() == src
+        ref = os.stat(src)
         if (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino):
             return True
         if st.st_size != ref.st_size:
@@ -128,14 +135,15 @@ def _same_file(src: Path, folder: int, name: str) -> bool:
         os.close(fd)
 
 
-def place(src: Path, folder: int, name: str, link: bool) -> str:
-    """Put ``src`` at ``name`` in the folder descriptor ``folder`` without overwriting; ``placed`` or ``already``.
+def place(src: Path | bytes, folder: int, name: str, link: bool) -> str:
+    """Put ``src`` (a file, or the bytes of one) at ``name`` in the folder descriptor ``folder`` without
+    overwriting; ``placed`` or ``already``.
 
     Every name is taken relative to ``folder`` and no link is followed, so nothing is
     written through a link someone put there. Raises FileExistsError (with a message)
     when a different file, or a link, holds the name.
     """
-    if link:
+    if link and not isinstance(src, bytes):
         try:
             os.link(src, name, dst_dir_fd=folder)
             return "placed"
@@ -148,7 +156,10 @@ def place(src: Path, folder: int, name: str, link: bool) -> str:
             out = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
             made = True
             try:
-                _copy(src, out)
+                if isinstance(src, bytes):
+                    _write_all(out, src)
+                else:
+                    _copy(src, out)
             finally:
                 os.close(out)
             os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)  # no clobbering
@@ -165,6 +176,11 @@ def place(src: Path, folder: int, name: str, link: bool) -> str:
         return "already"
     raise FileExistsError(f"a different file exists at {name} (not overwritten)")
 
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, Any]], dest: Path,

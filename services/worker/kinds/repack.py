@@ -62,6 +62,7 @@ class RepackReport:
     placed: int = 0  #: new files (copies or links)
     already: int = 0  #: the same file was there already
     failed: list[tuple[str, str, str]] = field(default_factory=list)  #: (sop, series, reason)
+    withheld: list[tuple[str, str, str]] = field(default_factory=list)  #: (sop, series, "action: reason")
     per_series: dict[str, Counter[str]] = field(default_factory=dict)
     cancelled: bool = False
 
@@ -99,7 +100,7 @@ def _inside(path: str, real_base: str) -> bool:
 def repack(instances: Sequence[Instance], base: Path, template: str | Template, link: bool = False, *,
            cancel: threading.Event | None = None,
            progress: Callable[[RepackReport, str | None], None] | None = None,
-           within: Path | None = None) -> RepackReport:
+           within: Path | None = None, transform: Callable[[str], Any] | None = None) -> RepackReport:
     """Copy (or hard-link) each instance to ``base/<template>``.
 
     Parameters
@@ -118,6 +119,10 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
         ``progress(report, finished_series_or_None)``, called now and then.
     within : Path, optional
         The folder ``base`` must still lie in when it is opened (the export root).
+    transform : callable, optional
+        A project's de-identification (:class:`~pacsbridge.shared.nodes.pusher.Deidentify`): each file
+        is written de-identified, placed by its de-identified header (pseudonymised names in the tree);
+        one the project's risk policy withholds is not written (``withheld``).
 
     Raises
     ------
@@ -141,7 +146,7 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
             if cancel is not None and cancel.is_set():
                 report.cancelled = True
                 break
-            _repack_one(inst, folders, tmpl, tags, link, report)
+            _repack_one(inst, folders, tmpl, tags, link, report, transform)
             series_done = n + 1 == len(instances) or instances[n + 1].series_uid != inst.series_uid
             if progress is not None and (series_done or time.monotonic() - last >= PROGRESS_SECONDS):
                 progress(report, inst.series_uid if series_done else None)
@@ -181,13 +186,23 @@ class _Folders:
 
 
 def _repack_one(inst: Instance, folders: _Folders, tmpl: Template, tags: list[int], link: bool,
-                report: RepackReport) -> None:
+                report: RepackReport, transform: Callable[[str], Any] | None = None) -> None:
     """Place one instance, or record why not."""
     try:
-        with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            rel = tmpl.render(read_header(mm, str(inst.path), tags))
+        src: Path | bytes = inst.path
+        if transform is not None:
+            made = transform(str(inst.path))
+            if made.data is None:
+                report.withheld.append((inst.sop_uid, inst.series_uid, f"{made.action}: {made.reason}"))
+                report.count(inst.series_uid, "quarantined")
+                return
+            src = made.data
+            rel = tmpl.render(read_header(made.data, str(inst.path), tags))
+        else:
+            with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                rel = tmpl.render(read_header(mm, str(inst.path), tags))
         *parts, name = rel.split("/")
-        outcome = place(inst.path, folders.get(parts), name, link)
+        outcome = place(src, folders.get(parts), name, link)
         if outcome == "placed":
             report.placed += 1
         else:
