@@ -306,6 +306,8 @@ def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
             if not args.dest:
                 raise ClientError(-1, "--then repack needs --dest FOLDER (under PACSBRIDGE_EXPORT_ROOT)")
             body["dest"] = args.dest
+        if args.project:
+            body["project"] = args.project
         job = _submit(api, body)
     return _finish(api, job, args)
 
@@ -352,13 +354,18 @@ def cmd_retrieve(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_push(api: ApiClient, args: argparse.Namespace) -> int:
-    return _finish(api, _submit(api, {"kind": "push", "node": args.node, "selection": _selection_from(args)}), args)
+    body = {"kind": "push", "node": args.node, "selection": _selection_from(args)}
+    if args.project:
+        body["project"] = args.project
+    return _finish(api, _submit(api, body), args)
 
 
 def cmd_repack(api: ApiClient, args: argparse.Namespace) -> int:
     body = {"kind": "repack", "selection": _selection_from(args), "dest": args.dest, "link": args.link}
     if args.layout:
         body["template"] = args.layout
+    if args.project:
+        body["project"] = args.project
     return _finish(api, _submit(api, body), args)
 
 
@@ -466,6 +473,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--then", choices=("retrieve", "push", "repack"))
     p.add_argument("--to", help="--then push: the destination node")
     p.add_argument("--dest", help="--then repack: folder under PACSBRIDGE_EXPORT_ROOT")
+    p.add_argument("--project", help="--then push / repack: de-identify under this project")
     p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
     p.add_argument("--columns", metavar="A,B,...",
                    help="the answer's columns to print, in this order (default: a table shows as many as "
@@ -484,6 +492,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("push", help="C-STORE what we hold to a node (a job)")
     p.add_argument("node")
     _selection_flags(p)
+    p.add_argument("--project", help="de-identify under this project (default: the node's own project, if any)")
     p.add_argument("--follow", action="store_true")
     _common(p)
     p.set_defaults(func=_run(cmd_push))
@@ -492,6 +501,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--dest", required=True, help="folder under PACSBRIDGE_EXPORT_ROOT")
     p.add_argument("--layout", help="storage template or preset (default px-repack)")
     p.add_argument("--link", action="store_true", help="hard links instead of copies")
+    p.add_argument("--project", help="write de-identified files under this project (not with --link)")
     _selection_flags(p)
     p.add_argument("--follow", action="store_true")
     _common(p)
