@@ -275,3 +275,133 @@ def test_the_audit_is_append_only(store, engine):
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE pacsbridge_audit"))
     assert store.audit_rows()[1] == 2 and store.audit_rows(actor="ada")[0][0].detail == "1 row"
+
+
+# -- the API, a real `pacsbridge api` process ------------------------------------------------
+API_SECRET = "api-secret-" + "x" * 32
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    from .test_api import Server
+
+    s = Server(tmp_path, PACSBRIDGE_DEID_SECRET=API_SECRET)
+    yield s
+    s.close()
+
+
+def _audit(api, **params: str) -> list[dict]:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    status, body, _ = api.call("GET", f"/api/v1/audit?{query}")
+    assert status == 200, body
+    return body["items"]
+
+
+def test_api_projects_map_and_audit(api, tmp_path):
+    config = {"pseudonyms": {"prefix": "RES", "digits": 6}, "options": {"retain_device_identity": True}}
+    status, body, headers = api.call("POST", "/api/v1/projects", {"name": "study1", "description": "d",
+                                                                  "config": config})
+    assert status == 201 and headers["Location"] == "/api/v1/projects/study1", body
+    assert body["config"]["pseudonyms"]["prefix"] == "RES" and body["created_by"] == "ada"
+    assert "key_check" not in json.dumps(body) and API_SECRET not in json.dumps(body)
+    assert api.call("POST", "/api/v1/projects", {"name": "study1"})[0] == 409
+    assert api.call("POST", "/api/v1/projects", {"name": "x"}, role="user")[0] == 403
+    status, body, _ = api.call("POST", "/api/v1/projects", {"name": "x", "config": {"pseudonyms": {"digits": 99}}})
+    assert status == 400 and body["error"]["field"] == "config.pseudonyms.digits"
+    status, body, _ = api.call("GET", "/api/v1/projects", role="read")
+    assert status == 200 and [p["name"] for p in body["items"]] == ["study1"]
+    assert api.call("GET", "/api/v1/projects/nope", role="read")[0] == 404
+    assert api.call("GET", "/api/v1/projects/nope/map")[0] == 404
+    assert api.call("PATCH", "/api/v1/projects/nope", {"description": "x"})[0] == 404
+    status, body, _ = api.call("PATCH", "/api/v1/projects/study1", {"config": {"risk": {"structured_report": "warn"}}})
+    assert status == 200 and body["config"]["risk"]["structured_report"] == "warn"
+    assert body["config"]["pseudonyms"]["prefix"] == "RES"  # merged, not replaced
+
+    # a node's project must exist
+    node = {"name": "research", "ae_title": "RES", "host": "127.0.0.1", "port": 104, "identifiable": False}
+    status, body, _ = api.call("POST", "/api/v1/nodes", {**node, "project": "nope"})
+    assert status == 400 and body["error"]["field"] == "project" and "no project" in body["error"]["message"]
+    assert api.call("POST", "/api/v1/nodes", {**node, "project": "study1"})[0] == 201
+    assert api.call("PATCH", "/api/v1/nodes/research", {"project": "gone"})[0] == 400
+
+    # the map is made by a job (here: the store, as a worker would, under the same secret)
+    engine = create_engine(api.env["PACSBRIDGE_DATABASE_URL"])
+    try:
+        ident = ProjectStore(engine).open("study1", API_SECRET.encode()).identity
+        patients = {pid: ident.patient("HOSP", pid) for pid in ("P1", "P2", "P,3\"")}
+        ident.record({"1.2.3": ident.uid("1.2.3")}, "study", "HOSP", "P1")
+    finally:
+        engine.dispose()
+
+    # a user (and a read) token is refused the map, and the attempt is audited
+    status, body, _ = api.call("GET", "/api/v1/projects/study1/map?patient_id=P1", role="user")
+    assert status == 403
+    assert api.call("GET", "/api/v1/projects/study1/map", role="read")[0] == 403
+    refused = _audit(api, action="map_read_refused")
+    assert [(e["actor"], e["project"]) for e in refused] == [("rea", "study1"), ("uma", "study1")]
+    assert refused[1]["target"] == "patient_id=P1" and "role user" in refused[1]["detail"]
+    assert api.call("GET", "/api/v1/audit", role="user")[0] == 403
+
+    # an admin reads it (JSON, searched, CSV), and every read is audited
+    status, body, _ = api.call("GET", "/api/v1/projects/study1/map")
+    assert status == 200 and body["total"] == 3
+    assert {r["patient_id"]: r["pseudonym"] for r in body["items"]} == {p: v.pseudonym for p, v in patients.items()}
+    status, body, _ = api.call("GET", f"/api/v1/projects/study1/map?pseudonym={patients['P2'].pseudonym}")
+    assert [r["patient_id"] for r in body["items"]] == ["P2"] and body["items"][0]["date_offset"] == \
+        patients["P2"].date_offset
+    status, raw, headers = api.call("GET", "/api/v1/projects/study1/map?format=csv")
+    assert status == 200 and headers.get_content_type() == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(raw.decode())))
+    assert {r["patient_id"] for r in rows} == {"P1", "P2", "P,3\""} and rows[0]["issuer"] == "HOSP"
+    import urllib.request
+
+    req = urllib.request.Request(api.url + "/api/v1/projects/study1/map?patient_id=P2",
+                                 headers={"Accept": "text/csv", "Authorization": f"Bearer {_token('admin')}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers.get_content_type() == "text/csv"
+        assert resp.read().decode().splitlines()[1].startswith("HOSP,P2,")
+    reads = _audit(api, action="map_read", project="study1")
+    assert len(reads) == 4 and {e["actor"] for e in reads} == {"ada"}
+    assert reads[0]["target"] == "csv: patient_id=P2" and reads[0]["patient_id"] == "P2"
+    assert _audit(api, action="project_create")[0]["project"] == "study1"
+
+    # with a map: derivations and deletion refused (409), the options still change
+    status, body, _ = api.call("PATCH", "/api/v1/projects/study1", {"config": {"uid_root": "1.2.3"}})
+    assert status == 409 and "has a map" in body["error"]["message"]
+    assert api.call("PATCH", "/api/v1/projects/study1", {"config": {"options": {"dates": "keep"}}})[0] == 200
+    status, body, _ = api.call("DELETE", "/api/v1/projects/study1")
+    assert status == 409 and "has a map" in body["error"]["message"]
+    assert api.call("GET", "/api/v1/projects/study1", role="read")[1]["patients"] == 3
+
+
+def _token(role: str) -> str:
+    from .test_api import TOKENS
+
+    return TOKENS[role]
+
+
+def test_api_without_the_secret_reads_but_cannot_create(tmp_path):
+    from .test_api import Server
+
+    s = Server(tmp_path)  # no PACSBRIDGE_DEID_SECRET
+    try:
+        status, body, _ = s.call("POST", "/api/v1/projects", {"name": "study1"})
+        assert status == 409 and "PACSBRIDGE_DEID_SECRET" in body["error"]["message"], body
+        assert s.call("GET", "/api/v1/projects", role="read")[1]["total"] == 0
+        assert s.call("GET", "/api/v1/projects/study1", role="read")[0] == 404
+    finally:
+        s.close()
+
+
+def test_api_refuses_to_start_with_a_wrong_secret(tmp_path):
+    from pacsbridge.api import create_app
+    from pacsbridge.shared.core.config import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'idx.db'}", storage=tmp_path / "data",
+                        deid_secret="a" * 40)
+    app = create_app({"SETTINGS": settings})
+    app.extensions["pacsbridge"].projects.create("study1", {}, b"a" * 40)
+    app.extensions["pacsbridge"].close()
+    with pytest.raises(DeidSecretError, match="study1"):
+        create_app({"SETTINGS": settings.with_(deid_secret="b" * 40)})
+    create_app({"SETTINGS": settings}).extensions["pacsbridge"].close()  # the right one starts
