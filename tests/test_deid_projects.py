@@ -405,3 +405,59 @@ def test_api_refuses_to_start_with_a_wrong_secret(tmp_path):
     with pytest.raises(DeidSecretError, match="study1"):
         create_app({"SETTINGS": settings.with_(deid_secret="b" * 40)})
     create_app({"SETTINGS": settings}).extensions["pacsbridge"].close()  # the right one starts
+
+
+def test_cli_projects_over_the_api(api, tmp_path):
+    from .test_api import PB
+
+    def pb(*argv: str, role: str = "admin") -> subprocess.CompletedProcess:
+        env = {**api.env, "PACSBRIDGE_API_URL": api.url, "PACSBRIDGE_API_TOKEN": _token(role)}
+        return subprocess.run(PB + list(argv), env=env, capture_output=True, text=True, timeout=60)
+
+    config = tmp_path / "p.json"
+    config.write_text(json.dumps({"trial": {"protocol_id": "PROT-1"}, "pseudonyms": {"prefix": "FILE"}}))
+    done = pb("projects", "add", "study1", "--config", str(config), "--dates", "shift", "--prefix", "ANON",
+              "--digits", "8", "--uid-root", "1.2.826.0.1.3680043.10.999", "--retain-device-identity",
+              "--risk", "structured_report=warn", "--description", "first", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    made = json.loads(done.stdout)["config"]
+    assert made["pseudonyms"]["prefix"] == "ANON" and made["trial"]["protocol_id"] == "PROT-1"  # options win
+    assert made["options"]["retain_device_identity"] and made["risk"]["structured_report"] == "warn"
+    assert made["uid_root"] == "1.2.826.0.1.3680043.10.999"
+    # refused before sending (the model), and by the API (role)
+    done = pb("projects", "add", "bad", "--digits", "2")
+    assert done.returncode == 2 and "digits" in done.stderr
+    done = pb("projects", "add", "other", role="user")
+    assert done.returncode == 2 and "403" in done.stderr
+    done = pb("projects", "set", "study1", "--no-retain-device-identity", "--max-days", "-5", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    changed = json.loads(done.stdout)["config"]
+    assert not changed["options"]["retain_device_identity"] and changed["date_shift"]["max_days"] == -5
+    done = pb("projects", "list", "--format", "csv")
+    assert done.returncode == 0 and "study1,first,shift,ANON+8 digits" in done.stdout
+    done = pb("projects", "show", "study1")
+    assert done.returncode == 0 and "trial.protocol_id" in done.stdout
+
+    engine = create_engine(api.env["PACSBRIDGE_DATABASE_URL"])
+    try:
+        ident = ProjectStore(engine).open("study1", API_SECRET.encode()).identity
+        pseudonym = ident.patient("", "P1").pseudonym
+        ident.patient("", "P2")
+    finally:
+        engine.dispose()
+    out = tmp_path / "map.csv"
+    done = pb("projects", "map", "study1", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["patient_id"] for r in rows] == ["P1", "P2"] and rows[0]["pseudonym"] == pseudonym
+    done = pb("projects", "map", "study1", "--pseudonym", pseudonym, "--format", "json")
+    assert [r["patient_id"] for r in json.loads(done.stdout)["items"]] == ["P1"]
+    done = pb("projects", "map", "study1", role="user")
+    assert done.returncode == 2 and "403" in done.stderr
+    assert [e["actor"] for e in _audit(api, project="study1", action="map_read_refused")] == ["uma"]
+    assert len(_audit(api, project="study1", action="map_read")) == 2
+    done = pb("projects", "delete", "study1")
+    assert done.returncode == 2 and "has a map" in done.stderr
+    assert pb("projects", "add", "empty").returncode == 0
+    assert pb("projects", "delete", "empty").returncode == 0
+    assert pb("projects", "show", "empty").returncode == 2

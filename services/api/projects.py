@@ -42,6 +42,8 @@ bp = Blueprint("projects", __name__)
 #: The columns of the map's CSV, in order.
 MAP_COLUMNS = ("issuer", "patient_id", "pseudonym", "date_offset", "first_used", "last_used")
 _NAME = {"name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": PROJECT_NAME_PATTERN}}
+#: What a configuration must satisfy that its schema cannot say.
+CONFIG_RULES = ("config.date_shift: min_days is not after max_days, and they are not both 0 (`config.date_shift`)",)
 
 
 def _path(name: str) -> str:
@@ -67,6 +69,7 @@ def list_projects() -> dict[str, Any]:
 @bp.post("/projects")
 @requires("admin")
 @operation("Create a project", "projects", {201: ("created", ProjectOut)}, errors=WRITE + (409,), body=ProjectCreate,
+           rules=CONFIG_RULES,
            description="409 when the name is taken (a project made again under another secret would be a new key: "
                        "refused), or when the API has no PACSBRIDGE_DEID_SECRET to make the project's key check "
                        "value with.")
@@ -96,7 +99,7 @@ def get_project(name: str) -> dict[str, Any]:
 @operation("Change a project's description or configuration", "projects", {200: ("changed", ProjectOut)},
            errors=WRITE + (404, 409), body=ProjectPatch, path=_NAME,
            rules=("`config` is merged into the current configuration (objects key by key, lists and values "
-                  "replaced), and the result must be a valid ProjectConfig (`config.<field>`)",),
+                  "replaced), and the result must be a valid ProjectConfig (`config.<field>`)", *CONFIG_RULES),
            description="409 when the change touches uid_root, pseudonyms or date_shift while the project has a "
                        "map (its patients would get other pseudonyms, offsets or UIDs); more names appended to "
                        "pseudonyms.names are allowed.")
@@ -173,7 +176,7 @@ def read_map(name: str) -> Any:
 @bp.get("/audit")
 @requires("admin")
 @operation("Read the audit, newest first", "projects", {200: ("a page of entries", AuditPage)},
-           errors=READ + (403,), args=AuditArgs,
+           errors=READ + (403,), args=AuditArgs, rules=AuditArgs.rules,
            description="Every read of a map (and refused attempt), every change of a project, and every way out "
                        "of data (push, repack, export, download) as the jobs record them. Append-only.")
 def read_audit() -> dict[str, Any]:
