@@ -395,7 +395,8 @@ def cmd_retry(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
     if args.action == "add":
         node = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
-        for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window"):
+        for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window", "project",
+                    "identifiable"):
             if getattr(args, opt) is not None:
                 node[opt] = getattr(args, opt)
         from pacsbridge.shared.core.errors import InvalidRequest
@@ -694,6 +695,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--max-associations", dest="max_associations", type=int)
     p.add_argument("--max-rate", dest="max_rate", type=float)
     p.add_argument("--move-window", dest="move_window")
+    p.add_argument("--project", help="de-identify everything sent to it under this project (pacsbridge projects)")
+    p.add_argument("--identifiable", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-identifiable: a research node, which receives de-identified data only")
     _common(p)
     p.set_defaults(func=_run(cmd_nodes))
 

@@ -437,6 +437,12 @@ def test_cli_projects_over_the_api(api, tmp_path):
     assert done.returncode == 0 and "study1,first,shift,ANON+8 digits" in done.stdout
     done = pb("projects", "show", "study1")
     assert done.returncode == 0 and "trial.protocol_id" in done.stdout
+    node = ("nodes", "add", "research", "--aet", "RES", "--host", "127.0.0.1", "--port", "104", "--no-identifiable")
+    done = pb(*node, "--project", "nope")
+    assert done.returncode == 2 and "no project called 'nope'" in done.stderr
+    assert pb(*node, "--project", "study1").returncode == 0
+    node_row = api.call("GET", "/api/v1/nodes/research", role="read")[1]
+    assert node_row["project"] == "study1" and node_row["identifiable"] is False
 
     engine = create_engine(api.env["PACSBRIDGE_DATABASE_URL"])
     try:
