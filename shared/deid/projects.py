@@ -509,7 +509,9 @@ class MappedIdentity:
         """Write original -> new UIDs of what was sent (rows already there are left as they are).
 
         ``levels``: one level for all (``study``, ``series``, ``instance``, ``other``) or one per
-        original UID. Returns how many rows were new.
+        original UID. Returns how many rows were new (as read before the insert: a row another worker
+        wrote in between is counted, and left as it is). One transaction per call: call it per series
+        or per batch of instances, not per instance.
         """
         if not uids:
             return 0
