@@ -328,7 +328,7 @@ def test_api_projects_map_and_audit(api, tmp_path):
     engine = create_engine(api.env["PACSBRIDGE_DATABASE_URL"])
     try:
         ident = ProjectStore(engine).open("study1", API_SECRET.encode()).identity
-        patients = {pid: ident.patient("HOSP", pid) for pid in ("P1", "P2", "P,3\"")}
+        patients = {pid: ident.patient("HOSP", pid) for pid in ("P1", "P2", "P,3\"", "=1+2")}
         ident.record({"1.2.3": ident.uid("1.2.3")}, "study", "HOSP", "P1")
     finally:
         engine.dispose()
@@ -344,7 +344,7 @@ def test_api_projects_map_and_audit(api, tmp_path):
 
     # an admin reads it (JSON, searched, CSV), and every read is audited
     status, body, _ = api.call("GET", "/api/v1/projects/study1/map")
-    assert status == 200 and body["total"] == 3
+    assert status == 200 and body["total"] == 4
     assert {r["patient_id"]: r["pseudonym"] for r in body["items"]} == {p: v.pseudonym for p, v in patients.items()}
     status, body, _ = api.call("GET", f"/api/v1/projects/study1/map?pseudonym={patients['P2'].pseudonym}")
     assert [r["patient_id"] for r in body["items"]] == ["P2"] and body["items"][0]["date_offset"] == \
@@ -352,7 +352,9 @@ def test_api_projects_map_and_audit(api, tmp_path):
     status, raw, headers = api.call("GET", "/api/v1/projects/study1/map?format=csv")
     assert status == 200 and headers.get_content_type() == "text/csv"
     rows = list(csv.DictReader(io.StringIO(raw.decode())))
-    assert {r["patient_id"] for r in rows} == {"P1", "P2", "P,3\""} and rows[0]["issuer"] == "HOSP"
+    # quoted as CSV; a cell a spreadsheet would run as a formula starts with ' (a number does not)
+    assert {r["patient_id"] for r in rows} == {"P1", "P2", "P,3\"", "'=1+2"} and rows[0]["issuer"] == "HOSP"
+    assert all(int(r["date_offset"]) < 0 for r in rows)
     import urllib.request
 
     req = urllib.request.Request(api.url + "/api/v1/projects/study1/map?patient_id=P2",
@@ -371,7 +373,7 @@ def test_api_projects_map_and_audit(api, tmp_path):
     assert api.call("PATCH", "/api/v1/projects/study1", {"config": {"options": {"dates": "keep"}}})[0] == 200
     status, body, _ = api.call("DELETE", "/api/v1/projects/study1")
     assert status == 409 and "has a map" in body["error"]["message"]
-    assert api.call("GET", "/api/v1/projects/study1", role="read")[1]["patients"] == 3
+    assert api.call("GET", "/api/v1/projects/study1", role="read")[1]["patients"] == 4
 
 
 def _token(role: str) -> str:

@@ -134,6 +134,16 @@ def _map_refused(token: Token) -> None:
                            detail=f"role {token.role}: answered 403")
 
 
+#: Text cells a spreadsheet would run as a formula (OWASP "CSV injection"): a PatientID comes from
+#: whatever a DICOM sender wrote, and the map's CSV is opened by people in spreadsheets.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A text cell that starts like a formula gets a leading ``'`` (numbers are left as they are)."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
+
+
 def _wants_csv(fmt: str | None) -> bool:
     if fmt:
         return fmt == "csv"
@@ -165,7 +175,7 @@ def read_map(name: str) -> Any:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(MAP_COLUMNS)
-        writer.writerows([getattr(r, c) for c in MAP_COLUMNS] for r in rows)
+        writer.writerows([_cell(getattr(r, c)) for c in MAP_COLUMNS] for r in rows)
         return Response(out.getvalue(), mimetype="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{name}-map.csv"',
                                  "Cache-Control": "no-store"})
