@@ -148,6 +148,12 @@ def _serialize(conn: Connection, key: str) -> None:
         conn.execute(update(jobs_table).where(jobs_table.c.id == "").values(state=jobs_table.c.state))
 
 
+def _project_exists(conn: Connection, project: str) -> None:
+    """A node's de-identification project must exist (in the same transaction as the node's row)."""
+    if project and conn.execute(select(projects_table.c.name).where(projects_table.c.name == project)).first() is None:
+        raise InvalidRequest(f"no project called {project!r} (create it first: pacsbridge projects add)", "project")
+
+
 def _job(row: Any) -> Job:
     m = row._mapping
     return Job(id=m["id"], kind=m["kind"], node=m["node"], params=json.loads(m["params"]),
@@ -177,6 +183,7 @@ class JobStore:
         with self.engine.begin() as conn:
             if conn.execute(select(nodes_table.c.name).where(nodes_table.c.name == node.name)).first():
                 raise Conflict(f"node {node.name!r} exists already")
+            _project_exists(conn, node.project)
             conn.execute(insert(nodes_table).values(**node.to_dict(), created_at=now, updated_at=now))
         return node
 
@@ -186,6 +193,7 @@ class JobStore:
             raise InvalidRequest("a node cannot be renamed; delete it and create another", "name")
         with self.engine.begin() as conn:
             node = Node.from_dict(changes, partial_of=self._node(conn, name))
+            _project_exists(conn, node.project)
             conn.execute(update(nodes_table).where(nodes_table.c.name == name)
                          .values(**node.to_dict(), updated_at=time.time()))
         return node
