@@ -74,8 +74,8 @@ def operation(summary: str, tag: str, responses: dict[int, tuple[str, Any]], *, 
               path: dict[str, dict[str, Any]] | None = None, description: str = "",
               rules: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Describe a view: ``responses`` ``{status: (text, model or None or (content type, schema) or a list of
-    those, one per content type)}``,
-    its ``errors``, its JSON ``body`` model, its query-string ``args`` model (or ``params()`` made at run
+    those, one per content type)}``, its ``errors``, its JSON ``body`` model (or ``(content type, schema)``
+    of a body that is not JSON, or a list of those), its query-string ``args`` model (or ``params()`` made at run
     time), its path parameters' schemas, and ``rules``: what the body must also satisfy that a schema
     cannot say (a date range's order ...), written into the description."""
 
@@ -163,7 +163,7 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             path = path.replace(f"<{arg}>", f"{{{arg}}}")
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             pending.append((path, method.lower(), op, sorted(rule.arguments)))
-            if op.body is not None:
+            if op.body is not None and not isinstance(op.body, (tuple, list)):
                 schemas.add(op.body, "validation")
             for _, content in op.responses.values():
                 for one in content if isinstance(content, list) else [content]:
@@ -201,7 +201,10 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             entry[CROSS_FIELD] = list(op.rules)
         if description:
             entry["description"] = description
-        if op.body is not None:
+        if isinstance(op.body, (tuple, list)):  # (content type, schema), or several: a body that is not JSON
+            bodies = [op.body] if isinstance(op.body, tuple) else op.body
+            entry["requestBody"] = {"required": True, "content": {ct: {"schema": sc} for ct, sc in bodies}}
+        elif op.body is not None:
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": ref(op.body, "validation")}}}
         parameters = [{"name": a, "in": "path", "required": True,

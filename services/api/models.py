@@ -266,6 +266,13 @@ class JobListArgs(PageArgs):
         None, description="Unix seconds or ISO 8601 (2024-05-01, 2024-05-01T10:00:00Z)")
 
 
+class FileArgs(Args):
+    help = {"project": "a project name: letters, digits, '_', '.', '-' (at most 64)"}
+
+    project: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(  # type: ignore[assignment]
+        None, description="de-identify the file under this project (else the file as received, audited)")
+
+
 class QuarantineArgs(PageArgs):
     help = {**PageArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
 

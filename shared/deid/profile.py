@@ -517,7 +517,7 @@ class Profile:
         """PatientID and PatientName = the pseudonym, PatientIdentityRemoved, the method and its codes,
         the temporal information flag and the trial tags."""
         ds.add_new(0x00100020, "LO", patient.pseudonym)
-        ds.add_new(0x00100010, "PN", patient.pseudonym)
+        ds.add_new(0x00100010, "PN", patient.pseudonym + "^")  # a family name only (a bare one warns in highdicom)
         ds.add_new(0x00120062, "CS", "YES")
         ds.add_new(0x00120063, "LO", self._method)
         items = []
@@ -752,3 +752,8 @@ class _Walk:
         if block is None:
             return False
         return (element & 0xFF) in safe.get((group, block), ())
+
+
+#: A DA or DT value (single, multiple, ranges) moved by ``days``; None when any part is unreadable (the
+#: results that come home move their dates back with it: :mod:`pacsbridge.shared.deid.reidentify`).
+shift_dates = _shift

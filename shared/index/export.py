@@ -29,6 +29,7 @@ class ExportResult:
     copied: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    withheld: list[tuple[str, str]] = field(default_factory=list)  #: (file, "action: reason") under a project
 
 
 def resolve_file(storage: Storage, object_file: str, device: str | None) -> Path:
@@ -184,8 +185,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, Any]], dest: Path,
-                 layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExportResult:
+                 layout: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 transform: Callable[[str], Any] | None = None) -> ExportResult:
     """Copy files to ``dest``: flat (``<SOPInstanceUID>.dcm``) or in a ``layout`` tree.
+
+    ``transform`` (a project's :class:`~pacsbridge.shared.deid.outgoing.Outgoing`) writes each file
+    de-identified instead, named by its de-identified header (pseudonymised names in the tree, its new
+    SOP Instance UID in a flat export); one the project withholds is listed in ``withheld``.
 
     An existing file in ``dest`` is never overwritten (counted as skipped). The
     folders below ``dest`` are made and opened without following symbolic links
@@ -203,8 +209,16 @@ def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, An
     try:
         for n, row in enumerate(selected, 1):
             try:
-                src = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
-                if template is not None:
+                src: Path | bytes = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
+                if transform is not None:  # a project's de-identified file, named by its de-identified header
+                    made = transform(str(src))
+                    if made.data is None:
+                        result.withheld.append((row["ObjectFile"], f"{made.action}: {made.reason}"))
+                        continue
+                    src = made.data
+                    rel = (template.render(read_header(made.data, row["ObjectFile"], tags)) if template is not None
+                           else clean_component(made.sop_uid) + ".dcm")
+                elif template is not None:
                     with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                         rel = template.render(read_header(mm, str(src), tags))
                 else:
@@ -225,8 +239,9 @@ def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, An
                     result.skipped += 1
             except (OSError, ValueError, PacsbridgeError) as exc:
                 result.failed.append((row.get("ObjectFile", "?"), getattr(exc, "strerror", None) or str(exc)))
-            if progress:
-                progress(n, len(selected))
+            finally:
+                if progress:
+                    progress(n, len(selected))
     finally:
         if folder is not None:
             os.close(folder[1])

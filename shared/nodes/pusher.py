@@ -25,9 +25,10 @@ other caller that has a list of stored instances uses it the same way. It sends 
   the job result lists the failed SOP Instance UIDs with their statuses.
 * **Retries re-send only what was not acknowledged.** A retried (or taken
   over) job skips the instances already acknowledged for it.
-* **De-identified on the fly** when a job names a project: ``transform`` (a
-  :class:`Deidentify`) makes each instance's de-identified bytes from the stored file in memory, in
-  one pass (no temporary copy), right before it is sent under its new SOP Instance UID; an instance
+* **De-identified on the fly** when a job names a project: ``transform`` (the job's
+  :class:`~pacsbridge.shared.deid.outgoing.Outgoing`) makes each instance's de-identified bytes from
+  the stored file in memory, in one pass (no temporary copy), right before it is sent under its new
+  SOP Instance UID; an instance
   the project's risk policy withholds is not sent and ends ``withheld`` (quarantined or dropped,
   with the reason), neither acknowledged nor failed. Such a push runs in threads (the sender
   processes of ``PACSBRIDGE_PUSH_PROCESSES`` send stored files only).
@@ -62,7 +63,8 @@ from pacsbridge.shared.dicom.dimse import associate, describe_status, lost
 from pacsbridge.shared.dicom.compat import send_files_as_stored
 from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_conn_open
 from pacsbridge.shared.dicom.compat.store import FastStore, ParkedSends
-from pacsbridge.shared.core.errors import DimseError, InvalidDataset, InvalidRequest
+from pacsbridge.shared.core.errors import DimseError, InvalidRequest
+from pacsbridge.shared.deid.profile import DeidentifyError
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.shared.core.config import initial_settings
@@ -70,7 +72,7 @@ from pacsbridge.shared.index.instance import Instance
 from pacsbridge.shared.dicom.sender import SendFailed, file_meta
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, worker_id
 
-__all__ = ["push", "PushReport", "Sent", "Deidentify", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
+__all__ = ["push", "PushReport", "Sent", "Transform", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +128,9 @@ class Sent(NamedTuple):
     risk: str = ""      # sent, with this warning of the risk policy
 
 
-class Deidentify:
-    """A project's de-identification of each instance as it is sent (see the module docstring).
-
-    ``profile`` is a :class:`pacsbridge.shared.deid.profile.Profile`; ``on_done(deidentified)`` is
-    called (from the sender threads) with each result, e.g. to record its new UIDs in the map."""
-
-    def __init__(self, profile: Any, on_done: Callable[[Any], None] | None = None) -> None:
-        self.profile = profile
-        self.on_done = on_done
-
-    def __call__(self, path: str) -> Any:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        result = self.profile.apply(data)
-        if self.on_done is not None:
-            self.on_done(result)
-        return result
+#: A project's de-identification of one stored file (:class:`pacsbridge.shared.deid.outgoing.Outgoing`):
+#: path -> :class:`~pacsbridge.shared.deid.profile.Deidentified`.
+Transform = Callable[[str], Any]
 
 
 @dataclass
@@ -274,7 +262,7 @@ def accepted(assoc: Any) -> set[tuple[str, str]]:
 
 
 def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: FastStore | None = None,
-              transform: Deidentify | None = None) -> Sent:
+              transform: Transform | None = None) -> Sent:
     inst = f.inst
     fallback = (f.sop_class, f.transfer_syntax) not in ok
     risk = ""
@@ -300,14 +288,14 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
     except SendFailed as exc:
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"node {node.name!r}: C-STORE not sent: {exc}", fallback)
+    except DeidentifyError as exc:  # the de-identification could not read it
+        return Sent(inst.sop_uid, inst.series_uid, False, None, f"cannot de-identify: {exc}", fallback)
     except ValueError as exc:  # no context at all for this SOP class / syntax
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"the node accepted no presentation context for it: {exc}", fallback)
     except (OSError, AttributeError) as exc:
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"cannot read {inst.object_file}: {getattr(exc, 'strerror', None) or exc}", fallback)
-    except InvalidDataset as exc:  # the de-identification could not read it
-        return Sent(inst.sop_uid, inst.series_uid, False, None, f"cannot de-identify: {exc.reason}", fallback)
     code = _status(rsp)
     if code is None:
         return Sent(inst.sop_uid, inst.series_uid, False, None,
@@ -324,7 +312,7 @@ _HANDLERS = [(evt.EVT_CONN_OPEN, reactor_on_conn_open)]
 
 
 def send_files(assoc: Any, node: Node, take: Callable[[], "_File | None"],
-               done: Callable[["_File", Sent], None], transform: Deidentify | None = None) -> Sent | None:
+               done: Callable[["_File", Sent], None], transform: Transform | None = None) -> Sent | None:
     """Send on ``assoc`` every file ``take()`` gives until it gives None, the reactor parked
     (:class:`~pacsbridge.shared.dicom.compat.store.ParkedSends`: the fast sender where the node
     accepted the file's own syntax, pynetdicom's ``send_c_store`` otherwise); ``done(f, sent)``
@@ -347,7 +335,7 @@ class _Sender(threading.Thread):
     def __init__(self, n: int, node: Node, calling_ae: str, contexts: list[PresentationContext],
                  work: "queue.SimpleQueue[_File]", results: "queue.SimpleQueue[Sent | None]",
                  slots: NodeSlots, rate: RateLimiter, cancel: threading.Event,
-                 transform: Deidentify | None = None) -> None:
+                 transform: Transform | None = None) -> None:
         super().__init__(name=f"push-{node.name}-{n}", daemon=True)
         self.node, self.calling_ae, self.contexts = node, calling_ae, contexts
         self.work, self.results, self.slots, self.rate, self.cancel = work, results, slots, rate, cancel
@@ -519,7 +507,7 @@ class _ProcSender(threading.Thread):
 
 def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Engine, *,
          holder: str = "", cancel: threading.Event | None = None,
-         on_results: Any = None, transform: Deidentify | None = None) -> PushReport:
+         on_results: Any = None, transform: Transform | None = None) -> PushReport:
     """C-STORE ``instances`` to ``node`` (see the module docstring).
 
     Parameters
@@ -538,7 +526,7 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
         Checked between instances.
     on_results : callable, optional
         ``on_results(list_of_Sent)``, called in batches from this thread.
-    transform : Deidentify, optional
+    transform : Transform, optional
         De-identify each instance as it is sent (a project's push).
 
     Raises

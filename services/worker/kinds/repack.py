@@ -37,6 +37,9 @@ from pydicom.datadict import tag_for_keyword
 
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import ConfigError, InvalidRequest, PacsbridgeError, UnsafePath
+from pacsbridge.shared.deid.keys import secret
+from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
+from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.jobs.spec import safe_relative
 from pacsbridge.shared.index.records import read_header
@@ -235,44 +238,69 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     except ConfigError as exc:
         raise InvalidRequest(str(exc), "template") from None
     link = bool(params.get("link", False))
+    project = params.get("project") or ""
+    if project and link:
+        raise InvalidRequest("a de-identified repack writes new files: it cannot hard-link", "link")
     selected = resolve(ctx.index, ctx.storage, params["selection"], jobs)
     by_series = selected.by_series()
     if not selected.instances and not selected.rejected:
         raise InvalidRequest(f"no stored instance matches {describe(params['selection'])}", "selection")
+    actor = job.owner or f"job {job.id}"
+    target = f"folder {params.get('dest', '')}"
+    outgoing = None
+    if project:  # the key checked against the secret before anything is written
+        outgoing = Outgoing(ProjectStore(ctx.index.engine).open(project, secret(ctx.settings)), actor, "repack",
+                            target)
     jobs.set_series(job.id, [SeriesProgress(uid, study_uid=items[0].study_uid, patient_id=items[0].patient_id,
                                             expected=len(items), state="running")
                              for uid, items in by_series.items()])
-    written: dict[str, tuple[int, int]] = {}
+    written: dict[str, tuple[int, int, int]] = {}
 
     def progress(report: RepackReport, finished: str | None) -> None:
         for uid, counts in report.per_series.items():
-            now = (counts["done"], counts["failed"])
+            now = (counts["done"], counts["failed"], counts["quarantined"])
             if written.get(uid) == now and uid != finished:
                 continue
-            values: dict[str, Any] = {"pushed": now[0], "failed": now[1]}
+            values: dict[str, Any] = {"pushed": now[0], "failed": now[1], "quarantined": now[2]}
             if uid == finished:
-                values["state"] = _series_state(now[0], now[1], len(by_series[uid]))
-                errors = [r for s, u, r in report.failed if u == uid]
+                values["state"] = _series_state(now[0], now[1] + now[2], len(by_series[uid]))
+                errors = [r for s, u, r in report.failed + report.withheld if u == uid]
                 if errors:
                     values["error"] = f"{len(errors)} not placed; first: {errors[0]}"[:2000]
             jobs.update_series(job.id, uid, **values)
             written[uid] = now
 
     start = time.monotonic()
-    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
-                    within=Path(ctx.settings.export_root))
+    try:
+        report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
+                        within=Path(ctx.settings.export_root), transform=outgoing)
+    finally:  # what left is in the map and the audit, also when the job stops half-way
+        if outgoing is not None:
+            outgoing.close()
+    if outgoing is None:
+        not_placed = {s for s, _, _ in report.failed}
+        left = Counter((i.patient_id, i.study_uid) for i in selected.instances if i.sop_uid not in not_placed)
+        if left:
+            audit_identifiable(ProjectStore(ctx.index.engine), actor, "repack", target, left, left)
     failures = [{"sop": s, "series": u, "error": r} for s, u, r in report.failed]
     failures += [{"sop": s, "series": "", "error": r} for s, r in selected.rejected]
+    withheld = [{"sop": s, "series": u, "reason": r} for s, u, r in report.withheld]
     result = {
         "dest": str(base.relative_to(Path(ctx.settings.export_root).absolute())),
-        "template": tmpl.source, "link": link, "selected": len(selected.instances) + len(selected.rejected),
+        "template": tmpl.source, "link": link, "project": project,
+        "selected": len(selected.instances) + len(selected.rejected),
         "placed": report.placed, "already": report.already, "failed": len(failures),
-        "failures": failures[:MAX_LISTED], "seconds": round(time.monotonic() - start, 3),
+        "failures": failures[:MAX_LISTED], "withheld": len(withheld), "withheld_instances": withheld[:MAX_LISTED],
+        "seconds": round(time.monotonic() - start, 3),
     }
     ok = report.placed + report.already
     if report.cancelled:
         return Outcome("cancelled", "cancelled by request", result)
-    if not failures:
+    if not failures and not withheld:
         return Outcome("succeeded", "", result)
+    if not failures:
+        return Outcome("partial" if ok else "failed",
+                       f"{len(withheld)} of {result['selected']} instance(s) withheld by project {project!r}'s "
+                       f"risk policy; first: {withheld[0]['reason']}", result)
     message = f"{len(failures)} of {result['selected']} instance(s) not placed; first: {failures[0]['error']}"
     return Outcome("partial" if ok else "failed", message, result)
