@@ -54,7 +54,7 @@ __all__ = ["Profile", "Deidentified", "OriginalIds", "default_safe_private", "IM
            "DeidentifyError"]
 
 #: ImplementationVersionName of a de-identified file (the class UID is pynetdicom's, as on our wire).
-IMPLEMENTATION_VERSION = "PACSBRIDGE_DEID"
+IMPLEMENTATION_VERSION = "PACSBRIDGE DEID"
 
 # The actions of the plan, after the options and the compound actions are resolved.
 REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, CLEAN, RECURSE, CLEAN_SEQ = range(9)
