@@ -1,0 +1,107 @@
+"""A data protection officer's red team against the de-identification of issue 16: what a research
+platform (a ``user`` token, a node marked ``identifiable: false``) could get or do that it should not.
+
+Each test is one finding, reproduced with real parts (the index, storage, the map in the database,
+the worker's runner, the API's test client); a finding not fixed yet is ``xfail(strict=True)`` with
+the reason, so that its fix turns it into a failure to be unmarked."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from pacsbridge.api import create_app
+from pacsbridge.shared.deid.keys import KeyedIdentity, ProjectKey
+from pacsbridge.shared.deid.options import ProjectConfig
+from pacsbridge.shared.deid.outgoing import Outgoing
+from pacsbridge.shared.deid.profile import Profile
+from pacsbridge.shared.deid.projects import ProjectStore
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.index.context import open_context
+from pacsbridge.shared.jobs.spec import validate
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.worker import runner
+
+from .helpers import TEST_FILES
+from .orthanc import free_port
+from .test_api import TOKEN_SPEC, auth
+from .test_push import load
+
+SECRET = "0123456789abcdef0123456789abcdef-deid"
+
+
+@pytest.fixture
+def dctx(settings, tmp_path, request):
+    duplicates = getattr(request, "param", "keep")
+    context = open_context(settings.with_(deid_secret=SECRET, export_root=tmp_path / "export",
+                                          results_root=tmp_path / "results", duplicates=duplicates))
+    context.index.create()
+    context.storage.ensure()
+    yield context
+    context.index.engine.dispose()
+
+
+@pytest.fixture
+def jobs(dctx) -> JobStore:
+    return JobStore(dctx.index.engine)
+
+
+def _patient(dctx, folder: Path, patient_id: str, name: str, study_date: str = "20240117") -> pydicom.Dataset:
+    """pydicom's CT_small.dcm made one study of its own patient (new UIDs), stored and indexed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.PatientID, ds.PatientName, ds.StudyDate = patient_id, name, study_date
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(folder / f"{patient_id}.dcm", enforce_file_format=True)
+    load(dctx, folder)
+    return ds
+
+
+def _send(dctx, project: str, *sops: str) -> dict[str, pydicom.Dataset]:
+    """What a download under ``project`` gives the platform (the map written, as a job's)."""
+    out = Outgoing(ProjectStore(dctx.index.engine).open(project, SECRET.encode()), "test", "download", "client")
+    sent = {}
+    for sop in sops:
+        (row,) = dctx.index.files_for(sops=[sop])
+        made = out(str(dctx.storage.absolute(row["ObjectFile"])))
+        assert made.data is not None, made.reason
+        sent[sop] = pydicom.dcmread(io.BytesIO(made.data))
+    out.close()
+    return sent
+
+
+def _bring_home(dctx, jobs, project: str, ds: pydicom.Dataset):
+    """The results route's work (the file under PACSBRIDGE_RESULTS_ROOT, a results job) run by a worker."""
+    folder = Path(dctx.settings.results_root) / project
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    (folder / "back.dcm").write_bytes(buf.getvalue())
+    job, _ = jobs.submit("results", {"project": project, "file": f"{project}/back.dcm"}, owner="platform")
+    return runner.run_job(job.id, dctx, jobs)
+
+
+@pytest.mark.parametrize("dctx", ["keep", "replace"], indirect=True)
+def test_a_returned_instance_cannot_take_the_sop_instance_uid_of_an_original(dctx, jobs, tmp_path):
+    """The platform sends back a de-identified image it received (altered: its pixels, its description):
+    its SOP Instance and Series UIDs are in the map, so re-identification turned them into the
+    original's, and the result was stored as the original image itself (with duplicates=replace the
+    clinical original is overwritten by the platform's version; with keep the job says it succeeded and
+    stored nothing). A result is a new object: its own SOP Instance UID must not be one the project made."""
+    ct = _patient(dctx, tmp_path / "in", "MRN-1", "DOE^JOHN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    deid = _send(dctx, "p", ct.SOPInstanceUID)[ct.SOPInstanceUID]
+    (row,) = dctx.index.files_for(sops=[ct.SOPInstanceUID])
+    original = dctx.storage.absolute(row["ObjectFile"]).read_bytes()
+    deid.SeriesDescription = "altered by the platform"
+    job = _bring_home(dctx, jobs, "p", deid)
+    assert dctx.storage.absolute(row["ObjectFile"]).read_bytes() == original, "the original was overwritten"
+    assert job.state == "failed" and ct.SOPInstanceUID not in job.error, (job.state, job.error)
+    assert "SOPInstanceUID" in job.error
+    assert len(dctx.index.files_for(sops=[ct.SOPInstanceUID])) == 1
