@@ -105,3 +105,52 @@ def test_a_returned_instance_cannot_take_the_sop_instance_uid_of_an_original(dct
     assert job.state == "failed" and ct.SOPInstanceUID not in job.error, (job.state, job.error)
     assert "SOPInstanceUID" in job.error
     assert len(dctx.index.files_for(sops=[ct.SOPInstanceUID])) == 1
+
+
+def _result_of(deid: pydicom.Dataset) -> pydicom.Dataset:
+    """A result made on ``deid``: the same header, a new instance in a new series, referencing it."""
+    result = pydicom.dcmread(io.BytesIO(_bytes(deid)))
+    result.SeriesInstanceUID, result.SeriesDescription = generate_uid(), "result"
+    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = deid.SOPClassUID, deid.SOPInstanceUID
+    result.SourceImageSequence = [ref]
+    return result
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_result_cannot_mix_two_patients_of_the_project(dctx, jobs, tmp_path):
+    """The platform names patient A (its pseudonym) on a result whose study (or source image) is patient
+    B's: re-identification restored B's identity from B's stored study, moved the dates back by A's
+    offset, and audited it as A's: a result filed under the wrong patient, with wrong dates, and an
+    audit that names another patient than the one it was filed under."""
+    a = _patient(dctx, tmp_path / "a", "MRN-A", "ALPHA^ANN")
+    b = _patient(dctx, tmp_path / "b", "MRN-B", "BETA^BOB")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    sent = _send(dctx, "p", a.SOPInstanceUID, b.SOPInstanceUID)
+    deid_a, deid_b = sent[a.SOPInstanceUID], sent[b.SOPInstanceUID]
+    assert deid_a.PatientID != deid_b.PatientID
+
+    mixed = _result_of(deid_b)  # B's study and source image ...
+    mixed.PatientID = deid_a.PatientID  # ... under A's pseudonym
+    job = _bring_home(dctx, jobs, "p", mixed)
+    assert job.state == "failed", (job.state, job.error, job.result)
+    assert not dctx.index.files_for(sops=[mixed.SOPInstanceUID])
+
+    crossed = _result_of(deid_a)  # A's study, but its source image is B's
+    crossed.SourceImageSequence[0].ReferencedSOPInstanceUID = deid_b.SOPInstanceUID
+    job = _bring_home(dctx, jobs, "p", crossed)
+    assert job.state == "failed", (job.state, job.error, job.result)
+    assert "MRN" not in job.error and a.StudyInstanceUID not in job.error
+    assert not dctx.index.files_for(sops=[crossed.SOPInstanceUID])
+
+    honest = _result_of(deid_a)  # and the honest result still comes home under A
+    job = _bring_home(dctx, jobs, "p", honest)
+    assert job.state == "succeeded", (job.error, job.result)
+    (row,) = dctx.index.files_for(sops=[honest.SOPInstanceUID])
+    assert row["study"] == a.StudyInstanceUID
