@@ -544,6 +544,14 @@ class MappedIdentity:
         with self.engine.connect() as conn:
             return conn.execute(select(c.original).where(and_(c.project == self.name, c.new == new))).scalar()
 
+    def uid_owner(self, new: str) -> tuple[str, str] | None:
+        """The patient (issuer, original PatientID) a UID this project made was sent for, or None."""
+        c = deid_uids_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(c.issuer, c.patient_id).where(and_(c.project == self.name,
+                                                                          c.new == new))).first()
+        return None if row is None else (row.issuer, row.patient_id)
+
     def patient_by_pseudonym(self, pseudonym: str) -> MapEntry | None:
         """The map's row of a pseudonym (issuer, original PatientID, offset ...), or None."""
         return self._by_pseudonym(pseudonym)

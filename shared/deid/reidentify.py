@@ -10,8 +10,12 @@ re-identifier does; none of the other peers has it):
 - every UID the project made (any depth, file meta included) becomes its original again; every
   *reference* (an element of a ``Referenced...`` or source/derivation sequence, and every
   StudyInstanceUID) must be one the project made, else the instance is refused with the UIDs that are
-  not in the map. The instance's own new UIDs (its SOP Instance, Series, a new Frame of Reference) are
-  kept: they name new objects, which identify nobody;
+  not in the map, and the study and every reference must have been sent for the patient the
+  instance names (else refused: a result filed under one patient from another's images). The
+  instance's own new UIDs (its SOP Instance, Series, a new Frame of Reference) are kept: they name
+  new objects, which identify nobody; an own SOP Instance or Series UID that the project made (an
+  image it sent, sent back) is refused, else the result would become that original instance or
+  join its series;
 - every date and date-time moved back by the patient's offset (when the project shifts dates);
 - PatientIdentityRemoved becomes NO; the de-identification method and the clinical trial attributes
   (group 0012) go.
@@ -58,6 +62,8 @@ class ProjectMap(Protocol):
     """The reverse lookups of a project's map (:class:`pacsbridge.shared.deid.projects.MappedIdentity`)."""
 
     def original_uid(self, new: str) -> str | None: ...
+
+    def uid_owner(self, new: str) -> tuple[str, str] | None: ...
 
     def patient_by_pseudonym(self, pseudonym: str) -> Any: ...
 
@@ -124,7 +130,27 @@ def reidentify(source: bytes, project: str, map_: ProjectMap, shift_back: bool,
             cache[uid] = None if uid in UID_dictionary else map_.original_uid(uid)
         return cache[uid]
 
+    # a result is a new object in a new series: its own UIDs mapped back would make it an original
+    # instance or put it in an original series (stored over or next to the image it claims to be)
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
+        own = str(ds.get(keyword, "") or "")
+        if own and back(own) is not None:
+            raise _refuse(f"its {keyword} {own} is one project {project!r} made for what it sent: a result "
+                          f"needs its own")
+
     unresolved: list[str] = []
+    others: list[str] = []  # references to what was sent for another patient of the project
+    mine = (entry.issuer, entry.patient_id)
+    owners: dict[str, tuple[str, str] | None] = {}
+
+    def foreign(uid: str) -> bool:
+        if uid not in owners:
+            owners[uid] = map_.uid_owner(uid)
+        owner = owners[uid]
+        return owner is not None and (owner[0] or "", owner[1] or "") != (mine[0] or "", mine[1] or "")
+
+    if foreign(study):
+        raise _refuse(f"study {study!r} was not sent for patient {pseudonym!r}")
     mapped = 0
 
     def walk(data: Dataset, in_reference: bool) -> None:
@@ -142,6 +168,8 @@ def reidentify(source: bytes, project: str, map_: ProjectMap, shift_back: bool,
                 for value in map(str, values):
                     original = back(value)
                     if original is not None:
+                        if in_reference and foreign(value):
+                            others.append(f"{keyword or elem.tag}={value}")
                         mapped += 1
                         out.append(original)
                     else:
@@ -156,6 +184,9 @@ def reidentify(source: bytes, project: str, map_: ProjectMap, shift_back: bool,
                     elem.value = moved
 
     walk(ds, False)
+    if others:
+        raise _refuse(f"references to what was sent for another patient than {pseudonym!r}: "
+                      + ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else ""))
     if unresolved:
         listed = ", ".join(unresolved[:5]) + (f" and {len(unresolved) - 5} more" if len(unresolved) > 5 else "")
         raise _refuse(f"references not sent under project {project!r}: {listed}")
