@@ -154,3 +154,81 @@ def test_a_result_cannot_mix_two_patients_of_the_project(dctx, jobs, tmp_path):
     assert job.state == "succeeded", (job.error, job.result)
     (row,) = dctx.index.files_for(sops=[honest.SOPInstanceUID])
     assert row["study"] == a.StudyInstanceUID
+
+
+@pytest.mark.xfail(strict=True, reason="a job's view (GET /jobs, /jobs/<id>) shows any `read` token the original "
+                   "PatientID, study, series and SOP Instance UIDs of a job under a project (its series rows, "
+                   "failures, withheld instances); only its webhook is redacted (Job.to_webhook). Fix: tokens "
+                   "scoped to a project, and the job view of a project's job redacted for them like the webhook")
+def test_a_project_job_read_by_a_non_admin_token_names_no_original_identifier(dctx, jobs, tmp_path):
+    ct = _patient(dctx, tmp_path / "in", "MRN-770011", "DOE^JOHN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    # a research node that is down: the job fails, as a push to a platform does when it is unreachable
+    jobs.add_node(Node("platform", "PLATFORM", "127.0.0.1", free_port(), project="p", identifiable=False))
+    kind, node, params, hook = validate({"kind": "push", "node": "platform",
+                                         "selection": {"StudyInstanceUID": [ct.StudyInstanceUID]}})
+    job = runner.run_job(jobs.submit(kind, params, node, hook, owner="uma")[0].id, dctx, jobs)
+    assert job.state == "failed" and job.params["project"] == "p"
+    app = create_app({"SETTINGS": dctx.settings.with_(api_tokens=TOKEN_SPEC, listener_port=free_port(),
+                                                      broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}"),
+                      "TESTING": True})
+    try:
+        client = app.test_client()
+        for role in ("read", "user"):
+            seen = client.get(f"/api/v1/jobs/{job.id}", headers=auth(role))
+            assert seen.status_code == 200
+            text = seen.get_data(as_text=True)
+            for original in (ct.PatientID, ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID):
+                assert original not in text, (role, original)
+    finally:
+        app.extensions["pacsbridge"].close()
+
+
+def test_a_result_for_a_patient_with_a_non_ascii_name_comes_home_with_the_name_intact(dctx, jobs, tmp_path):
+    """The original names its patient in UTF-8 (ISO_IR 192); the platform's result says nothing of a
+    character set (de-identified data are ASCII). The restored name must keep its characters (the
+    result's SpecificCharacterSet follows what is restored), and the job may not fail on it, nor name
+    the patient in its error."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientID, ds.PatientName = "MRN-UTF", "MÜLLER^JÖRG^ŁUKASZ"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(folder / "utf.dcm", enforce_file_format=True)
+    load(dctx, folder)
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    deid = _send(dctx, "p", ds.SOPInstanceUID)[ds.SOPInstanceUID]
+    result = _result_of(deid)
+    if "SpecificCharacterSet" in result:
+        del result.SpecificCharacterSet
+    job = _bring_home(dctx, jobs, "p", result)
+    assert "MÜLLER" not in job.error and "MRN-UTF" not in job.error
+    assert job.state == "succeeded", (job.state, job.error)
+    (row,) = dctx.index.files_for(sops=[result.SOPInstanceUID])
+    back = pydicom.dcmread(dctx.storage.absolute(row["ObjectFile"]))
+    assert str(back.PatientName) == "MÜLLER^JÖRG^ŁUKASZ"
+
+
+def test_a_result_carries_only_the_original_patients_identity(dctx, jobs, tmp_path):
+    """Patient attributes the platform wrote (other names, a birth name, an address, another issuer's
+    IDs) stayed in the re-identified result next to the restored name and ID: a result filed under
+    patient A that also names someone else, sent on to the clinical PACS. The Patient module comes
+    from the stored original only."""
+    a = _patient(dctx, tmp_path / "a", "MRN-A", "ALPHA^ANN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    deid = _send(dctx, "p", a.SOPInstanceUID)[a.SOPInstanceUID]
+    result = _result_of(deid)
+    result.OtherPatientNames = "SMITH^JANE"
+    result.PatientBirthName = "SMITH^JANE"
+    result.PatientAddress = "1 Other Street"
+    result.add_new(0x00101000, "LO", "OTHER-MRN-123")  # Other Patient IDs (retired, still read by PACS)
+    job = _bring_home(dctx, jobs, "p", result)
+    assert job.state == "succeeded", (job.state, job.error)
+    (row,) = dctx.index.files_for(sops=[result.SOPInstanceUID])
+    data = dctx.storage.absolute(row["ObjectFile"]).read_bytes()
+    back = pydicom.dcmread(io.BytesIO(data))
+    assert back.PatientID == "MRN-A" and str(back.PatientName) == "ALPHA^ANN"
+    for planted in (b"SMITH", b"Other Street", b"OTHER-MRN"):
+        assert planted not in data, planted
