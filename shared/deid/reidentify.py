@@ -4,9 +4,10 @@ RTSTRUCT, an SR ...) made identifiable again, next to the original study.
 :func:`reidentify` maps the instance back through the project's map (the way MONAI Deploy's
 re-identifier does; none of the other peers has it):
 
-- the patient: its PatientID is a pseudonym of the project (else refused); the patient and study
-  attributes are restored from a stored original of the study (``original_header``), so the result
-  files under the original patient and study exactly;
+- the patient: its PatientID is a pseudonym of the project (else refused); the whole Patient module
+  (group 0010) and the study attributes are restored from a stored original of the study
+  (``original_header``), so the result files under the original patient and study exactly and names
+  nobody else; it is written in UTF-8, so the original's names keep their letters;
 - every UID the project made (any depth, file meta included) becomes its original again; every
   *reference* (an element of a ``Referenced...`` or source/derivation sequence, and every
   StudyInstanceUID) must be one the project made, else the instance is refused with the UIDs that are
@@ -34,6 +35,8 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 from pydicom.uid import UID_dictionary
 
 from pacsbridge.shared.core.errors import InvalidDataset
@@ -78,6 +81,19 @@ class Reidentified:
     study_uid: str       # the original study
     sop_uid: str         # the instance's own (kept) SOP Instance UID
     mapped: int          # UIDs mapped back to their originals
+
+
+#: The Patient module's group: taken whole from the stored original.
+_PATIENT_GROUP = 0x0010
+
+
+def _text(value: Any) -> Any:
+    """A value of the original made plain text (a PersonName keeps no bytes of the original's encoding)."""
+    if isinstance(value, PersonName):
+        return str(value)
+    if isinstance(value, (list, MultiValue)):
+        return [_text(v) for v in value]
+    return value
 
 
 def _refuse(reason: str) -> InvalidDataset:
@@ -190,11 +206,23 @@ def reidentify(source: bytes, project: str, map_: ProjectMap, shift_back: bool,
     if unresolved:
         listed = ", ".join(unresolved[:5]) + (f" and {len(unresolved) - 5} more" if len(unresolved) > 5 else "")
         raise _refuse(f"references not sent under project {project!r}: {listed}")
+    # every text decoded with the result's own character set, then written as UTF-8: the restored
+    # values are the original's, in whatever character set it had (a name in ISO_IR 192 written under
+    # the result's default repertoire would lose its letters)
+    ds.decode()
+    if "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    for tag in [t for t in ds.keys() if t.group == _PATIENT_GROUP]:
+        del ds[tag]  # the Patient module is the original's only: nothing the platform wrote stays
+    for elem in header:
+        if elem.tag.group == _PATIENT_GROUP:
+            ds.add(DataElement(elem.tag, elem.VR, _text(elem.value)))
     for keyword in RESTORED:
         if keyword in header:
-            ds[keyword] = DataElement(header[keyword].tag, header[keyword].VR, header[keyword].value)
+            ds[keyword] = DataElement(header[keyword].tag, header[keyword].VR, _text(header[keyword].value))
         elif keyword in ds:
             del ds[keyword]
+    ds.SpecificCharacterSet = "ISO_IR 192"
     for tag in [t for t in ds.keys() if t.group == 0x0012]:  # clinical trial, the method and its codes
         del ds[tag]
     ds.PatientIdentityRemoved = "NO"
