@@ -286,3 +286,61 @@ def test_an_element_no_dictionary_knows_does_not_leave(dctx, tmp_path):
     key = ProjectKey(SECRET.encode(), "p")
     made = Profile(ProjectConfig(), KeyedIdentity(key)).apply(_bytes(ds))
     assert made.data is not None and b"MRN-770011" not in made.data
+
+
+def test_a_node_made_research_only_while_a_job_waits_gets_nothing_identifiable(dctx, jobs, tmp_path):
+    """A push queued to a node that may receive identifiable data, the node then marked
+    ``identifiable: false`` (with, then without, a default project) before a worker runs the job: the
+    job de-identifies under the node's project, or refuses; nothing identifiable is sent or audited."""
+    ct = _patient(dctx, tmp_path / "in", "MRN-770011", "DOE^JOHN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    jobs.add_node(Node("platform", "PLATFORM", "127.0.0.1", free_port()))
+    body = {"kind": "push", "node": "platform", "selection": {"StudyInstanceUID": [ct.StudyInstanceUID]}}
+    kind, node, params, hook = validate(body)
+    queued = jobs.submit(kind, params, node, hook)[0]
+    assert "project" not in queued.params
+    jobs.update_node("platform", {"identifiable": False})
+    refused = runner.run_job(queued.id, dctx, jobs)
+    assert refused.state == "failed" and "de-identified data only" in refused.error
+    jobs.update_node("platform", {"identifiable": True})
+    kind, node, params, hook = validate({**body, "selection": {"SeriesInstanceUID": [ct.SeriesInstanceUID]}})
+    queued = jobs.submit(kind, params, node, hook)[0]
+    assert "project" not in queued.params
+    jobs.update_node("platform", {"identifiable": False, "project": "p"})
+    done = runner.run_job(queued.id, dctx, jobs)
+    assert done.result.get("project") == "p", (done.state, done.error, done.result)
+
+
+@pytest.mark.parametrize("names", [[], ["ALICE", "BOB", "CAROL", "DAVE"]])
+def test_new_patients_met_by_jobs_at_the_same_moment_get_one_pseudonym_each(dctx, names):
+    """Four jobs (threads, each its own session as a worker's) meet two new patients at once, under a
+    project that derives pseudonyms and under one that hands out names from its list: each patient
+    gets one pseudonym, the same in every job, and no two patients share one."""
+    import threading
+
+    store = ProjectStore(dctx.index.engine)
+    store.create("p", ProjectConfig.model_validate({"pseudonyms": {"names": names}} if names else {}),
+                 SECRET.encode(), created_by="test")
+    barrier = threading.Barrier(4)
+    got: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def job(patient_id: str) -> None:
+        identity = store.open("p", SECRET.encode()).identity
+        barrier.wait()
+        try:
+            got.append((patient_id, identity.patient("", patient_id).pseudonym))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(pid,)) for pid in ("MRN-1", "MRN-2", "MRN-1", "MRN-2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    mine = {pid: {p for q, p in got if q == pid} for pid in ("MRN-1", "MRN-2")}
+    assert all(len(v) == 1 for v in mine.values()), mine
+    assert mine["MRN-1"] != mine["MRN-2"]
+    rows, total = store.map_rows("p")
+    assert total == 2
