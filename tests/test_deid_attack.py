@@ -344,3 +344,32 @@ def test_new_patients_met_by_jobs_at_the_same_moment_get_one_pseudonym_each(dctx
     assert mine["MRN-1"] != mine["MRN-2"]
     rows, total = store.map_rows("p")
     assert total == 2
+
+
+def test_the_dates_mode_of_a_project_with_a_map_cannot_change(dctx, jobs, tmp_path):
+    """A project that shifted its patients' dates switched to keeping them (allowed while it had a map):
+    the platform then holds each patient's dates both shifted and true, so it learns every offset and
+    can move back everything it was sent (the shift protects nothing); and a result made on the
+    shifted data came home with its dates not moved back (re-identification reads the mode now, not
+    the mode its data were sent under): filed in the clinical record off by the offset."""
+    from pacsbridge.shared.core.errors import Conflict
+
+    a = _patient(dctx, tmp_path / "a", "MRN-A", "ALPHA^ANN", study_date="20240117")
+    store = ProjectStore(dctx.index.engine)
+    store.create("p", ProjectConfig.model_validate({"options": {"dates": "shift"}}), SECRET.encode(),
+                 created_by="test")
+    deid = _send(dctx, "p", a.SOPInstanceUID)[a.SOPInstanceUID]
+    assert deid.StudyDate != "20240117"
+    for mode in ("keep", "remove"):
+        with pytest.raises(Conflict, match="dates"):
+            store.update("p", config={"options": {"dates": mode}})
+    result = _result_of(deid)
+    result.ContentDate = deid.StudyDate
+    job = _bring_home(dctx, jobs, "p", result)
+    assert job.state == "succeeded", (job.state, job.error)
+    (row,) = dctx.index.files_for(sops=[result.SOPInstanceUID])
+    back = pydicom.dcmread(dctx.storage.absolute(row["ObjectFile"]))
+    assert back.ContentDate == "20240117" and back.StudyDate == "20240117"
+    # a project without a map may change it
+    store.create("q", ProjectConfig(), SECRET.encode(), created_by="test")
+    assert store.update("q", config={"options": {"dates": "shift"}}).config.options.dates == "shift"
