@@ -93,8 +93,9 @@ def test_derivation_changes_and_rotation_are_refused_with_a_map(store, engine):
         with pytest.raises(Conflict, match="has a map"):
             store.update("study1", config=change)
     # the options, the risk policy and more names at the end change no derivation
-    p = store.update("study1", config={"options": {"dates": "keep"}, "pseudonyms": {"names": ["ALPHA", "BETA", "G"]}})
-    assert p.config.options.dates == "keep" and p.config.pseudonyms.names == ["ALPHA", "BETA", "G"]
+    p = store.update("study1", config={"options": {"clean_descriptors": True},
+                                       "pseudonyms": {"names": ["ALPHA", "BETA", "G"]}})
+    assert p.config.options.clean_descriptors and p.config.pseudonyms.names == ["ALPHA", "BETA", "G"]
     # a new key (the same name made again with another secret) and deleting are refused
     with pytest.raises(Conflict, match="key rotation is refused"):
         store.create("study1", {}, OTHER)
@@ -370,7 +371,7 @@ def test_api_projects_map_and_audit(api, tmp_path):
     # with a map: derivations and deletion refused (409), the options still change
     status, body, _ = api.call("PATCH", "/api/v1/projects/study1", {"config": {"uid_root": "1.2.3"}})
     assert status == 409 and "has a map" in body["error"]["message"]
-    assert api.call("PATCH", "/api/v1/projects/study1", {"config": {"options": {"dates": "keep"}}})[0] == 200
+    assert api.call("PATCH", "/api/v1/projects/study1", {"config": {"options": {"clean_descriptors": True}}})[0] == 200
     status, body, _ = api.call("DELETE", "/api/v1/projects/study1")
     assert status == 409 and "has a map" in body["error"]["message"]
     assert api.call("GET", "/api/v1/projects/study1", role="read")[1]["patients"] == 4

@@ -100,9 +100,9 @@ def get_project(name: str) -> dict[str, Any]:
            errors=WRITE + (404, 409), body=ProjectPatch, path=_NAME,
            rules=("`config` is merged into the current configuration (objects key by key, lists and values "
                   "replaced), and the result must be a valid ProjectConfig (`config.<field>`)", *CONFIG_RULES),
-           description="409 when the change touches uid_root, pseudonyms or date_shift while the project has a "
-                       "map (its patients would get other pseudonyms, offsets or UIDs); more names appended to "
-                       "pseudonyms.names are allowed.")
+           description="409 when the change touches uid_root, pseudonyms, date_shift or options.dates while the "
+                       "project has a map (its patients would get other pseudonyms, offsets, dates or UIDs); more "
+                       "names appended to pseudonyms.names are allowed.")
 def update_project(name: str) -> dict[str, Any]:
     check_known(())
     st = state()

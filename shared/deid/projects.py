@@ -250,9 +250,9 @@ class ProjectStore:
         InvalidRequest
             The result is not a valid configuration (the field is named).
         Conflict
-            The change touches what the derivations depend on (:data:`DERIVATION_FIELDS`) while the
-            project has a map. Appending names to the ``pseudonyms.names`` list is allowed (the names
-            already given stay where they are).
+            The change touches what the derivations depend on (:data:`DERIVATION_FIELDS`), or the
+            dates mode (``options.dates``), while the project has a map. Appending names to the
+            ``pseudonyms.names`` list is allowed (the names already given stay where they are).
         """
         if description is not None:
             _description(description)
@@ -265,12 +265,18 @@ class ProjectStore:
             else:
                 new = current.config
             changed = [f for f in DERIVATION_FIELDS if _derivation_changed(f, current.config, new)]
+            if current.config.options.dates != new.options.dates:
+                # shift <-> keep: the platform would hold a patient's dates both shifted and true (its
+                # offset, so every date sent, given away), and results would be moved back by the mode of
+                # now, not the mode their data were sent under
+                changed.append("options.dates")
             if changed:
                 patients, uids = self._counts(conn, name)
                 if patients or uids:
                     raise Conflict(f"project {name!r} has a map ({patients} patient(s), {uids} UID(s)): changing "
                                    f"{', '.join(changed)} would give its patients and studies other pseudonyms, "
-                                   "offsets or UIDs than those already sent, so it is refused (make a new project)")
+                                   "offsets, dates or UIDs than those already sent, so it is refused (make a new "
+                                   "project)")
             conn.execute(update(projects_table).where(projects_table.c.name == name).values(
                 config=new.model_dump_json(),
                 description=current.description if description is None else description, updated_at=time.time()))
