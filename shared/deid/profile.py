@@ -57,7 +57,11 @@ __all__ = ["Profile", "Deidentified", "OriginalIds", "default_safe_private", "IM
 IMPLEMENTATION_VERSION = "PACSBRIDGE_DEID"
 
 # The actions of the plan, after the options and the compound actions are resolved.
-REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, CLEAN, RECURSE, CLEAN_SEQ = range(9)
+REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, CLEAN, RECURSE, CLEAN_SEQ, DUMMY_SEQ = range(10)
+# How a sequence's items are walked: as they are, cleaned of the instance's identifiers (Clean), or
+# with their free text replaced by dummies (D on a sequence of content: SR content, graphic annotations).
+AS_IS, CLEANED, DUMMIED = 0, 1, 2
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 
 _TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "UR"})
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -69,7 +73,7 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
 def _dictionary_vr(tag: int) -> str:
-    entry = DicomDictionary.get(tag)
+    entry = DicomDictionary.get(int(tag))
     return entry[0] if entry else ""
 
 #: Dummy values (action D) per VR: valid for the VR, meaningless.
@@ -164,8 +168,9 @@ def _plan(config: ProjectConfig) -> dict[int, int]:
         else:
             act = _basic(row.basic, vr)
             if vr == "SQ" and act == DUMMY:
-                # a sequence whose content only an option may clean is emptied without it
-                act = EMPTY if any(c in row.options for c in _CLEAN_COLUMNS) else RECURSE
+                # a sequence of content that only an option may clean (SR content, graphic annotations):
+                # kept, so the instance stays valid, with its free text replaced by dummies
+                act = DUMMY_SEQ if any(c in row.options for c in _CLEAN_COLUMNS) else RECURSE
         if vr == "SQ" and act in (KEEP, UID):
             act = RECURSE
         elif vr == "UI" and act == DUMMY:
@@ -344,16 +349,21 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
         elem = elements[tag]
         if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF and elem.value is not None \
                 and elem.is_implicit_VR == implicit and elem.is_little_endian == little:
+            value = elem.value
+            size = len(value)  # not elem.length: a truncated source gives fewer bytes than it says
+            if size % 2:
+                value += b"\x00" if elem.VR in ("UI", "OB", "UN", None) else b" "
+                size += 1
             if implicit:
-                write(bare.pack(tag >> 16, tag & 0xFFFF, elem.length))
+                write(bare.pack(tag >> 16, tag & 0xFFFF, size))
             elif elem.VR in _LONG_VRS:
-                write(long_.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, elem.length))
-            elif elem.VR is not None and len(elem.VR) == 2:
-                write(short.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), elem.length))
+                write(long_.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, size))
+            elif elem.VR is not None and len(elem.VR) == 2 and size <= 0xFFFF:
+                write(short.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), size))
             else:
                 write_data_element(fp, ds[tag], encodings)
                 continue
-            write(elem.value)
+            write(value)
             continue
         if type(elem) is RawDataElement:
             elem = ds[tag]
@@ -467,7 +477,7 @@ class Profile:
         if action in ("quarantine", "drop"):
             return Deidentified(None, action, reason, sop_class, transfer_syntax, "", "", "", original, patient, {})
         walk = _Walk(self, patient.date_offset, _identifiers(ds) if self._needs_identifiers() else None)
-        walk.dataset(ds, clean=False)
+        walk.dataset(ds, AS_IS)
         self._stamp(ds, patient)
         new = walk.uids
         sop_uid = new.get(original.sop_uid, original.sop_uid)
@@ -601,7 +611,7 @@ class _Walk:
             return [self.clean_text(v) for v in value]
         return self.identifiers.sub("", str(value)).strip()
 
-    def dataset(self, ds: Dataset, clean: bool) -> None:
+    def dataset(self, ds: Dataset, clean: int) -> None:
         plan = self.plan
         elements: Any = ds._dict
         creators: dict[int, str] | None = None
@@ -622,12 +632,16 @@ class _Walk:
                 if (group & 0xFF00) in (0x5000, 0x6000):
                     self.repeating(ds, tag, group)
                     continue
-            act = plan.get(tag)
+            act = plan.get(int(tag))  # a plain int: BaseTag's __eq__ is Python, and dict lookups call it
             if act is None:
                 if self._is_sq(ds, tag):
                     self.sequence(ds, tag, clean)
-                elif clean and self._vr(ds, tag) in _TEXT_VRS and tag not in (0x00080005,):
-                    self.clean(ds, tag)
+                elif clean:
+                    vr = self._vr(ds, tag)
+                    if clean == CLEANED and vr in _TEXT_VRS and int(tag) != 0x00080005:
+                        self.clean(ds, tag)
+                    elif clean == DUMMIED and vr in _FREE_TEXT_VRS:
+                        ds[tag].value = _DUMMY[vr]
                 continue
             if act == REMOVE:
                 del elements[tag]
@@ -637,7 +651,7 @@ class _Walk:
             elif act == EMPTY:
                 raw = elements[tag]
                 if type(raw) is RawDataElement and raw.length != 0xFFFFFFFF and raw.VR != "SQ" \
-                        and not (raw.VR is None and tag in _SQ_TAGS):
+                        and not (raw.VR is None and int(tag) in _SQ_TAGS):
                     elements[tag] = raw._replace(value=b"", length=0)
                     continue
                 elem = ds[tag]
@@ -658,9 +672,14 @@ class _Walk:
             elif act == RECURSE:
                 if self._is_sq(ds, tag):
                     self.sequence(ds, tag, clean)
+            elif act == DUMMY_SEQ:
+                if self._is_sq(ds, tag):
+                    self.sequence(ds, tag, DUMMIED)
+                else:
+                    self.dummy(ds, tag)
             elif act == CLEAN_SEQ:
                 if self._is_sq(ds, tag):
-                    self.sequence(ds, tag, True)
+                    self.sequence(ds, tag, CLEANED)
                 else:
                     self.clean(ds, tag)
 
@@ -676,11 +695,11 @@ class _Walk:
         vr = ds._dict[tag].VR  # type: ignore[index]
         if vr == "SQ":
             return True
-        if vr is None and (tag in _SQ_TAGS or tag >> 16 & 1):
+        if vr is None and (int(tag) in _SQ_TAGS or tag >> 16 & 1):
             return bool(ds[tag].VR == "SQ")
         return False
 
-    def sequence(self, ds: Dataset, tag: int, clean: bool) -> None:
+    def sequence(self, ds: Dataset, tag: int, clean: int) -> None:
         value = ds[tag].value
         for item in value or ():
             self.dataset(item, clean)
@@ -688,7 +707,7 @@ class _Walk:
     def clean(self, ds: Dataset, tag: int) -> None:
         elem = ds[tag]
         if elem.VR == "SQ":
-            self.sequence(ds, tag, True)
+            self.sequence(ds, tag, CLEANED)
         elif elem.VR in _TEXT_VRS and not elem.is_empty:
             elem.value = self.clean_text(elem.value)
 
@@ -696,7 +715,7 @@ class _Walk:
         elem = ds[tag]
         vr = elem.VR
         if vr == "SQ":
-            self.sequence(ds, tag, True)
+            self.sequence(ds, tag, CLEANED)
         elif vr == "UI":
             self.replace_uid(ds, tag, False)
         elif vr in ("DA", "DT") and self.profile.config.options.dates == "shift" and not elem.is_empty:
@@ -704,7 +723,7 @@ class _Walk:
         else:
             elem.value = _DUMMY.get(vr.split(" ")[0], None) if vr != "AT" else None
 
-    def replace_uid(self, ds: Dataset, tag: int, clean: bool) -> None:
+    def replace_uid(self, ds: Dataset, tag: int, clean: int) -> None:
         elem = ds[tag]
         if elem.VR == "SQ":
             self.sequence(ds, tag, clean)
