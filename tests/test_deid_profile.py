@@ -56,10 +56,11 @@ def _profile(options: Options | None = None, **config: Any) -> Profile:
     return Profile(ProjectConfig(options=options or Options(), **config), _identity())
 
 
-def _read(data: bytes) -> Dataset:
+def _read(data: bytes, decode: bool = True) -> Dataset:
     ds = pydicom.dcmread(DicomBytesIO(data))
-    for elem in ds.iterall():  # every value decodes
-        elem.value  # noqa: B018
+    if decode:
+        for elem in ds.iterall():  # every value decodes
+            elem.value  # noqa: B018
     return ds
 
 
@@ -311,7 +312,7 @@ def test_every_bundled_file_keeps_no_canary_and_its_pixel_data(name):
                     continue
                 result = profile.apply(data)
                 assert result.data is not None and result.action in ("send", "warn"), path
-                out = _read(result.data)
+                out = _read(result.data, decode=name in ("shift", "basic"))  # every value: twice is enough
                 for tag, pixels in PIXELS[path].items():  # pixel data byte for byte
                     assert out[tag].value == pixels, path
                 assert out.file_meta.MediaStorageSOPInstanceUID == out.get("SOPInstanceUID",

@@ -267,7 +267,7 @@ def _date_forms(value: str) -> list[str]:
             f"{m}/{d}/{y}", f"{d}-{m}-{y}"]
 
 
-_IDENTIFIERS_ID = (0x00100020, 0x00101000, 0x00080050, 0x00200010, 0x00100021)
+_IDENTIFIERS_ID = (0x00100020, 0x00101000, 0x00080050, 0x00100021)
 _IDENTIFIERS_PN = (0x00100010, 0x00101001, 0x00101005, 0x00101060, 0x00080090, 0x00081050, 0x00081060,
                    0x00081070, 0x00321032)
 _IDENTIFIERS_DA = (0x00100030, 0x00080020, 0x00080021, 0x00080022, 0x00080023, 0x00080012)
@@ -429,7 +429,7 @@ class Profile:
             with open(source, "rb") as f:
                 source = f.read()
         buf = memoryview(source)
-        fp = io.BytesIO(buf)
+        fp = io.BytesIO(source if isinstance(source, bytes) else buf)  # bytes: shared, not copied
         try:
             ds = dcmread(fp, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
@@ -441,7 +441,7 @@ class Profile:
             raise DeidentifyError("not readable as DICOM: no encoding")
         if not transfer_syntax:
             transfer_syntax = _IMPLICIT if implicit else _EXPLICIT if little else _BIG
-        pixel = b""
+        pixel: bytes | memoryview = b""
         if transfer_syntax == _DEFLATED:
             fp.seek(0)
             ds = dcmread(fp, force=True)  # inflated by pydicom; its pixel data is kept as read
@@ -450,10 +450,10 @@ class Profile:
             if at + 4 <= len(buf):
                 tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
                 if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
-                    pixel = bytes(buf[at:_pixel_end(buf, at, implicit, bool(little))])
+                    pixel = buf[at:_pixel_end(buf, at, implicit, bool(little))]  # copied once, by the join
         return self._deidentify(ds, transfer_syntax, pixel)
 
-    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes) -> Deidentified:
+    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview) -> Deidentified:
         elements: Any = ds._dict
         get = elements.get
 
