@@ -206,6 +206,7 @@ def _inject(ds: Dataset) -> None:
     ds.add_new(0x60004000, "LT", "CNRYOVLC")
     ds.add_new(0x50003000, "OB", b"CNRYCURV")
     ds.add_new(0x0040A160, "UT", "CNRYUNLISTEDTEXT")  # Text Value: not in the table, kept at the top level
+    ds.add_new(0x00280005, "US", 2)  # ImageDimensions: retired, not in the table, kept
 
 
 def _must_go(row: Row, options: Options) -> bool:
@@ -432,6 +433,9 @@ def test_each_option_changes_what_its_rows_say():
     codes = {item.CodeValue for item in run(retain_uids=True, clean_graphics=True).DeidentificationMethodCodeSequence}
     assert codes == {OPTION_CODES[k][0] for k in ("basic", "retain_uids", "clean_graphics")}
     assert "OriginalAttributesSequence" not in basic
+    # not in the table: kept, retired or not; a retired attribute the table lists: its action
+    assert basic[0x0040A160].value == "CNRYUNLISTEDTEXT" and basic.ImageDimensions == 2
+    assert "AcquisitionComments" not in basic and "AcquisitionComments" in original
 
 
 def test_same_patient_same_pseudonym_uids_and_offset_and_references_resolve():
@@ -461,6 +465,15 @@ def test_same_patient_same_pseudonym_uids_and_offset_and_references_resolve():
                 assert e.value not in new[e.keyword]
             assert out.SOPInstanceUID == identity.uid(original.SOPInstanceUID) == result.sop_uid
             assert result.original.sop_uid == original.SOPInstanceUID
+
+
+def test_file_meta_falls_back_to_pydicom_for_values_it_cannot_pack():
+    ds = pydicom.dcmread(DicomBytesIO(_source("CT_small.dcm")))
+    ds.SOPClassUID = "1.2." + "3" * 62  # 66 characters: too long for a UI, written all the same
+    buf = DicomBytesIO()
+    ds.save_as(buf)
+    result = _profile(Options(retain_uids=True)).apply(buf.getvalue())
+    assert _read(result.data or b"").file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
 
 
 def test_file_meta_is_ours():

@@ -36,13 +36,14 @@ from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.uid import UID as PydicomUID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
 from pacsbridge.shared.deid.keys import Identity, Patient
@@ -380,6 +381,19 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
             write_data_element(fp, elem, encodings)
 
 
+def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """The file meta group by pydicom's writer (for values :func:`encode_file_meta` refuses)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = PydicomUID(sop_class)
+    meta.MediaStorageSOPInstanceUID = PydicomUID(sop_uid)
+    meta.TransferSyntaxUID = PydicomUID(transfer_syntax)
+    meta.ImplementationClassUID = PydicomUID(PYNETDICOM_IMPLEMENTATION_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    fp = DicomBytesIO()
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()
+
+
 class Profile:
     """A project's profile: the plan of its configuration, applied to one instance at a time.
 
@@ -481,8 +495,11 @@ class Profile:
         self._stamp(ds, patient)
         new = walk.uids
         sop_uid = new.get(original.sop_uid, original.sop_uid)
-        meta = encode_file_meta(sop_class, sop_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
-                                IMPLEMENTATION_VERSION)
+        try:
+            meta = encode_file_meta(sop_class, sop_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                                    IMPLEMENTATION_VERSION)
+        except ValueError:  # a value too long or not ASCII for its VR: pydicom writes what it can
+            meta = _file_meta(sop_class, sop_uid, transfer_syntax)
         out = DicomBytesIO()
         out.is_little_endian = transfer_syntax != _BIG
         out.is_implicit_VR = transfer_syntax == _IMPLICIT
@@ -549,7 +566,7 @@ class Profile:
                                    (0x00120031, "LO", trial.site_name),
                                    (0x00120040, "LO", patient.pseudonym),
                                    (0x00120050, "LO", trial.time_point_id)):
-                if value or tag in (0x00120030, 0x00120031, 0x00120040):
+                if value or tag in (0x00120021, 0x00120030, 0x00120031, 0x00120040):  # Type 2: present
                     ds.add_new(tag, vr, value or None)
 
 
