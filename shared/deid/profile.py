@@ -89,6 +89,10 @@ _DUMMY: dict[str, Any] = {
     "OL": b"\x00" * 4, "OV": b"\x00" * 8, "AT": 0,
 }
 
+#: The dummies of the string VRs, encoded (ASCII, padded to even length with a space).
+_RAW_DUMMY = {vr: (v + " " * (len(v) % 2)).encode("ascii") for vr, v in _DUMMY.items()
+              if isinstance(v, str) and vr not in ("DS", "IS")}
+
 # Risky SOP classes (PS3.4 Annex B): secondary capture, ultrasound, SR, presentation states,
 # encapsulated documents.
 _SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -600,6 +604,7 @@ class _Walk:
     def __init__(self, profile: Profile, days: int, identifiers: re.Pattern[str] | None) -> None:
         self.profile, self.days, self.identifiers = profile, days, identifiers
         self.plan = profile._plan
+        self.shifting = profile.config.options.dates == "shift"
         self.uids: dict[str, str] = {}
 
     def uid(self, value: str) -> str:
@@ -625,6 +630,18 @@ class _Walk:
         if len(encoded) % 2:
             encoded += b"\x00"
         elements[tag] = raw._replace(value=encoded, length=len(encoded))
+        return True
+
+    def raw_dummy(self, elements: dict[Any, Any], tag: int) -> bool:
+        """A still-raw text element given its dummy without decoding it (True when done)."""
+        raw = elements[tag]
+        if type(raw) is not RawDataElement or raw.length == 0xFFFFFFFF:
+            return False
+        vr = _dictionary_vr(tag)
+        dummy = _RAW_DUMMY.get(vr)
+        if dummy is None or raw.VR not in (vr, None) or (vr in ("DA", "DT") and self.shifting):
+            return False
+        elements[tag] = raw._replace(value=dummy, length=len(dummy))
         return True
 
     def raw_shift(self, elements: dict[Any, Any], tag: int) -> bool:
@@ -698,7 +715,8 @@ class _Walk:
                 elem = ds[tag]
                 elem.value = Sequence() if elem.VR == "SQ" else None
             elif act == DUMMY:
-                self.dummy(ds, tag)
+                if not self.raw_dummy(elements, tag):
+                    self.dummy(ds, tag)
             elif act == UID:
                 if not self.raw_uid(elements, tag):
                     self.replace_uid(ds, tag, clean)
