@@ -21,11 +21,13 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from pacsbridge.shared.deid.keys import KeyedIdentity, Patient, ProjectKey
 from pacsbridge.shared.deid.options import OPTION_CODES, Options, ProjectConfig
@@ -497,6 +499,27 @@ def test_same_patient_same_pseudonym_uids_and_offset_and_references_resolve():
                 assert e.value not in new[e.keyword]
             assert out.SOPInstanceUID == identity.uid(original.SOPInstanceUID) == result.sop_uid
             assert result.original.sop_uid == original.SOPInstanceUID
+
+
+def test_a_sequence_written_as_un_is_walked_all_the_same():
+    ds = pydicom.dcmread(DicomBytesIO(_source("CT_small.dcm")))
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = "1.2.999.42.1"
+    item.PatientName = "CNRYINUN"
+    inner = DicomBytesIO()
+    inner.is_little_endian, inner.is_implicit_VR = True, True  # UN holds its value in implicit VR
+    write_dataset(inner, item)
+    body = inner.getvalue()
+    value = b"\xfe\xff\x00\xe0" + len(body).to_bytes(4, "little") + body
+    tag = BaseTag(0x00082112)  # SourceImageSequence, as a peer that did not know it wrote it
+    ds._dict[tag] = RawDataElement(tag, "UN", len(value), value, 0, False, True)
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    result = _profile().apply(buf.getvalue())
+    assert result.data is not None
+    assert b"1.2.999.42.1" not in result.data and b"CNRYINUN" not in result.data
+    assert result.uids["1.2.999.42.1"] == _identity().uid("1.2.999.42.1")
 
 
 def test_file_meta_falls_back_to_pydicom_for_values_it_cannot_pack():

@@ -754,7 +754,9 @@ class _Walk:
         vr = ds._dict[tag].VR  # type: ignore[index]
         if vr == "SQ":
             return True
-        if vr is None and (int(tag) in _SQ_TAGS or tag >> 16 & 1):
+        if (vr is None or vr == "UN") and (int(tag) in _SQ_TAGS or (vr is None and tag >> 16 & 1)):
+            # implicit VR, or a sequence some peer wrote as UN: pydicom decodes it as the sequence it is,
+            # so that nothing nested escapes the walk
             return bool(ds[tag].VR == "SQ")
         return False
 
