@@ -418,7 +418,8 @@ def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
         api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")
     answer = api.get("nodes")
     items: Any = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
-    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window")
+    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window",
+               "project", "identifiable")
     _print(columns, [[n.get(c, "") for c in columns] for n in items], args.format)
     return EXIT_OK
 

@@ -36,13 +36,16 @@ from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+from pydicom.uid import UID as PydicomUID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
 from pacsbridge.shared.deid.keys import Identity, Patient
@@ -57,7 +60,11 @@ __all__ = ["Profile", "Deidentified", "OriginalIds", "default_safe_private", "IM
 IMPLEMENTATION_VERSION = "PACSBRIDGE DEID"
 
 # The actions of the plan, after the options and the compound actions are resolved.
-REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, CLEAN, RECURSE, CLEAN_SEQ = range(9)
+REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, CLEAN, RECURSE, CLEAN_SEQ, DUMMY_SEQ = range(10)
+# How a sequence's items are walked: as they are, cleaned of the instance's identifiers (Clean), or
+# with their free text replaced by dummies (D on a sequence of content: SR content, graphic annotations).
+AS_IS, CLEANED, DUMMIED = 0, 1, 2
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 
 _TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "UR"})
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -69,7 +76,7 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
 def _dictionary_vr(tag: int) -> str:
-    entry = DicomDictionary.get(tag)
+    entry = DicomDictionary.get(int(tag))
     return entry[0] if entry else ""
 
 #: Dummy values (action D) per VR: valid for the VR, meaningless.
@@ -81,6 +88,10 @@ _DUMMY: dict[str, Any] = {
     "OB": b"\x00\x00", "OW": b"\x00\x00", "UN": b"\x00\x00", "OD": b"\x00" * 8, "OF": b"\x00" * 4,
     "OL": b"\x00" * 4, "OV": b"\x00" * 8, "AT": 0,
 }
+
+#: The dummies of the string VRs, encoded (ASCII, padded to even length with a space).
+_RAW_DUMMY = {vr: (v + " " * (len(v) % 2)).encode("ascii") for vr, v in _DUMMY.items()
+              if isinstance(v, str) and vr not in ("DS", "IS")}
 
 # Risky SOP classes (PS3.4 Annex B): secondary capture, ultrasound, SR, presentation states,
 # encapsulated documents.
@@ -164,8 +175,9 @@ def _plan(config: ProjectConfig) -> dict[int, int]:
         else:
             act = _basic(row.basic, vr)
             if vr == "SQ" and act == DUMMY:
-                # a sequence whose content only an option may clean is emptied without it
-                act = EMPTY if any(c in row.options for c in _CLEAN_COLUMNS) else RECURSE
+                # a sequence of content that only an option may clean (SR content, graphic annotations):
+                # kept, so the instance stays valid, with its free text replaced by dummies
+                act = DUMMY_SEQ if any(c in row.options for c in _CLEAN_COLUMNS) else RECURSE
         if vr == "SQ" and act in (KEEP, UID):
             act = RECURSE
         elif vr == "UI" and act == DUMMY:
@@ -262,7 +274,7 @@ def _date_forms(value: str) -> list[str]:
             f"{m}/{d}/{y}", f"{d}-{m}-{y}"]
 
 
-_IDENTIFIERS_ID = (0x00100020, 0x00101000, 0x00080050, 0x00200010, 0x00100021)
+_IDENTIFIERS_ID = (0x00100020, 0x00101000, 0x00080050, 0x00100021)
 _IDENTIFIERS_PN = (0x00100010, 0x00101001, 0x00101005, 0x00101060, 0x00080090, 0x00081050, 0x00081060,
                    0x00081070, 0x00321032)
 _IDENTIFIERS_DA = (0x00100030, 0x00080020, 0x00080021, 0x00080022, 0x00080023, 0x00080012)
@@ -344,16 +356,21 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
         elem = elements[tag]
         if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF and elem.value is not None \
                 and elem.is_implicit_VR == implicit and elem.is_little_endian == little:
+            value = elem.value
+            size = len(value)  # not elem.length: a truncated source gives fewer bytes than it says
+            if size % 2:
+                value += b"\x00" if elem.VR in ("UI", "OB", "UN", None) else b" "
+                size += 1
             if implicit:
-                write(bare.pack(tag >> 16, tag & 0xFFFF, elem.length))
+                write(bare.pack(tag >> 16, tag & 0xFFFF, size))
             elif elem.VR in _LONG_VRS:
-                write(long_.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, elem.length))
-            elif elem.VR is not None and len(elem.VR) == 2:
-                write(short.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), elem.length))
+                write(long_.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, size))
+            elif elem.VR is not None and len(elem.VR) == 2 and size <= 0xFFFF:
+                write(short.pack(tag >> 16, tag & 0xFFFF, elem.VR.encode(), size))
             else:
                 write_data_element(fp, ds[tag], encodings)
                 continue
-            write(elem.value)
+            write(value)
             continue
         if type(elem) is RawDataElement:
             elem = ds[tag]
@@ -368,6 +385,19 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
             write(bare.pack(0xFFFE, 0xE0DD, 0))
         else:
             write_data_element(fp, elem, encodings)
+
+
+def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """The file meta group by pydicom's writer (for values :func:`encode_file_meta` refuses)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = PydicomUID(sop_class)
+    meta.MediaStorageSOPInstanceUID = PydicomUID(sop_uid)
+    meta.TransferSyntaxUID = PydicomUID(transfer_syntax)
+    meta.ImplementationClassUID = PydicomUID(PYNETDICOM_IMPLEMENTATION_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    fp = DicomBytesIO()
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue()
 
 
 class Profile:
@@ -393,6 +423,7 @@ class Profile:
                 group, creator, element = entry.split(",")
                 self._safe.setdefault((int(group, 16), creator.strip()), set()).add(int(element, 16))
         self._method, self._codes = self._describe()
+        self._trial = bool(config.trial.sponsor_name or config.trial.protocol_id)
 
     def _describe(self) -> tuple[list[str], list[tuple[str, str]]]:
         options = self.config.options
@@ -419,7 +450,7 @@ class Profile:
             with open(source, "rb") as f:
                 source = f.read()
         buf = memoryview(source)
-        fp = io.BytesIO(buf)
+        fp = io.BytesIO(source if isinstance(source, bytes) else buf)  # bytes: shared, not copied
         try:
             ds = dcmread(fp, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
@@ -431,7 +462,7 @@ class Profile:
             raise DeidentifyError("not readable as DICOM: no encoding")
         if not transfer_syntax:
             transfer_syntax = _IMPLICIT if implicit else _EXPLICIT if little else _BIG
-        pixel = b""
+        pixel: bytes | memoryview = b""
         if transfer_syntax == _DEFLATED:
             fp.seek(0)
             ds = dcmread(fp, force=True)  # inflated by pydicom; its pixel data is kept as read
@@ -440,10 +471,10 @@ class Profile:
             if at + 4 <= len(buf):
                 tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
                 if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
-                    pixel = bytes(buf[at:_pixel_end(buf, at, implicit, bool(little))])
+                    pixel = buf[at:_pixel_end(buf, at, implicit, bool(little))]  # copied once, by the join
         return self._deidentify(ds, transfer_syntax, pixel)
 
-    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes) -> Deidentified:
+    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview) -> Deidentified:
         elements: Any = ds._dict
         get = elements.get
 
@@ -467,12 +498,15 @@ class Profile:
         if action in ("quarantine", "drop"):
             return Deidentified(None, action, reason, sop_class, transfer_syntax, "", "", "", original, patient, {})
         walk = _Walk(self, patient.date_offset, _identifiers(ds) if self._needs_identifiers() else None)
-        walk.dataset(ds, clean=False)
-        self._stamp(ds, patient)
+        walk.dataset(ds, AS_IS)
+        self._stamp(ds, patient, transfer_syntax == _IMPLICIT, transfer_syntax != _BIG)
         new = walk.uids
         sop_uid = new.get(original.sop_uid, original.sop_uid)
-        meta = encode_file_meta(sop_class, sop_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
-                                IMPLEMENTATION_VERSION)
+        try:
+            meta = encode_file_meta(sop_class, sop_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                                    IMPLEMENTATION_VERSION)
+        except ValueError:  # a value too long or not ASCII for its VR: pydicom writes what it can
+            meta = _file_meta(sop_class, sop_uid, transfer_syntax)
         out = DicomBytesIO()
         out.is_little_endian = transfer_syntax != _BIG
         out.is_implicit_VR = transfer_syntax == _IMPLICIT
@@ -513,11 +547,32 @@ class Profile:
         action = max((a for a, _ in found), key=_RISK_ORDER.__getitem__)
         return action, "; ".join(r for _, r in found)
 
-    def _stamp(self, ds: Dataset, patient: Patient) -> None:
+    def _stamp(self, ds: Dataset, patient: Patient, implicit: bool, little: bool) -> None:
         """PatientID and PatientName = the pseudonym, PatientIdentityRemoved, the method and its codes,
         the temporal information flag and the trial tags."""
-        ds.add_new(0x00100020, "LO", patient.pseudonym)
-        ds.add_new(0x00100010, "PN", patient.pseudonym + "^")  # a family name only (a bare one warns in highdicom)
+        elements: Any = ds._dict
+        elements.update(self._static(implicit, little))
+        # PatientName is the pseudonym as a family name ("LUNG020312^"): a one-part name is the retired
+        # form (dciodvfy warns, and highdicom warns on every SEG made from it)
+        values = ((0x00100020, "LO", patient.pseudonym), (0x00100010, "PN", patient.pseudonym + "^")) + (
+            ((0x00120040, "LO", patient.pseudonym),) if self._trial else ())
+        try:
+            encoded = [(tag, vr, text.encode("ascii")) for tag, vr, text in values]
+        except UnicodeEncodeError:  # one given per request, not of the pattern: pydicom encodes it
+            for tag, vr, text in values:
+                ds.add_new(tag, vr, text)
+            return
+        for tag, vr, raw in encoded:
+            if len(raw) % 2:
+                raw += b" "
+            elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, implicit, little)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a Profile lives as long as its job; four encodings at most
+    def _static(self, implicit: bool, little: bool) -> dict[Any, Any]:
+        """What every instance of this profile gets alike, encoded once per encoding and read back as
+        raw elements, so that writing them costs a copy (building them for each instance cost about a
+        fifth of a small instance's time)."""
+        ds = Dataset()
         ds.add_new(0x00120062, "CS", "YES")
         ds.add_new(0x00120063, "LO", self._method)
         items = []
@@ -531,16 +586,19 @@ class Profile:
         dates = self.config.options.dates
         ds.add_new(0x00280303, "CS", {"keep": "UNMODIFIED", "shift": "MODIFIED", "remove": "REMOVED"}[dates])
         trial = self.config.trial
-        if trial.sponsor_name or trial.protocol_id:
-            for tag, vr, value in ((0x00120010, "LO", trial.sponsor_name or "UNKNOWN"),
-                                   (0x00120020, "LO", trial.protocol_id or "UNKNOWN"),
-                                   (0x00120021, "LO", trial.protocol_name),
-                                   (0x00120030, "LO", trial.site_id),
-                                   (0x00120031, "LO", trial.site_name),
-                                   (0x00120040, "LO", patient.pseudonym),
-                                   (0x00120050, "LO", trial.time_point_id)):
-                if value or tag in (0x00120030, 0x00120031, 0x00120040):
-                    ds.add_new(tag, vr, value or None)
+        if self._trial:
+            for tag, value in ((0x00120010, trial.sponsor_name or "UNKNOWN"),
+                               (0x00120020, trial.protocol_id or "UNKNOWN"), (0x00120021, trial.protocol_name),
+                               (0x00120030, trial.site_id), (0x00120031, trial.site_name),
+                               (0x00120050, trial.time_point_id)):
+                if value or tag in (0x00120021, 0x00120030, 0x00120031):  # Type 2: present, maybe empty
+                    ds.add_new(tag, "LO", value or None)
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = implicit, little
+        _write(fp, ds, default_encoding)
+        size = fp.tell()
+        fp.seek(0)
+        return dict(read_dataset(fp, implicit, little, size)._dict)  # type: ignore[arg-type]
 
 
 class _Walk:
@@ -549,6 +607,7 @@ class _Walk:
     def __init__(self, profile: Profile, days: int, identifiers: re.Pattern[str] | None) -> None:
         self.profile, self.days, self.identifiers = profile, days, identifiers
         self.plan = profile._plan
+        self.shifting = profile.config.options.dates == "shift"
         self.uids: dict[str, str] = {}
 
     def uid(self, value: str) -> str:
@@ -576,6 +635,18 @@ class _Walk:
         elements[tag] = raw._replace(value=encoded, length=len(encoded))
         return True
 
+    def raw_dummy(self, elements: dict[Any, Any], tag: int) -> bool:
+        """A still-raw text element given its dummy without decoding it (True when done)."""
+        raw = elements[tag]
+        if type(raw) is not RawDataElement or raw.length == 0xFFFFFFFF:
+            return False
+        vr = _dictionary_vr(tag)
+        dummy = _RAW_DUMMY.get(vr)
+        if dummy is None or raw.VR not in (vr, None) or (vr in ("DA", "DT") and self.shifting):
+            return False
+        elements[tag] = raw._replace(value=dummy, length=len(dummy))
+        return True
+
     def raw_shift(self, elements: dict[Any, Any], tag: int) -> bool:
         """A still-raw DA or DT element moved by the patient's offset (True when done)."""
         raw = elements[tag]
@@ -601,7 +672,7 @@ class _Walk:
             return [self.clean_text(v) for v in value]
         return self.identifiers.sub("", str(value)).strip()
 
-    def dataset(self, ds: Dataset, clean: bool) -> None:
+    def dataset(self, ds: Dataset, clean: int) -> None:
         plan = self.plan
         elements: Any = ds._dict
         creators: dict[int, str] | None = None
@@ -622,12 +693,16 @@ class _Walk:
                 if (group & 0xFF00) in (0x5000, 0x6000):
                     self.repeating(ds, tag, group)
                     continue
-            act = plan.get(tag)
+            act = plan.get(int(tag))  # a plain int: BaseTag's __eq__ is Python, and dict lookups call it
             if act is None:
                 if self._is_sq(ds, tag):
                     self.sequence(ds, tag, clean)
-                elif clean and self._vr(ds, tag) in _TEXT_VRS and tag not in (0x00080005,):
-                    self.clean(ds, tag)
+                elif clean:
+                    vr = self._vr(ds, tag)
+                    if clean == CLEANED and vr in _TEXT_VRS and int(tag) != 0x00080005:
+                        self.clean(ds, tag)
+                    elif clean == DUMMIED and vr in _FREE_TEXT_VRS:
+                        ds[tag].value = _DUMMY[vr]
                 continue
             if act == REMOVE:
                 del elements[tag]
@@ -637,13 +712,14 @@ class _Walk:
             elif act == EMPTY:
                 raw = elements[tag]
                 if type(raw) is RawDataElement and raw.length != 0xFFFFFFFF and raw.VR != "SQ" \
-                        and not (raw.VR is None and tag in _SQ_TAGS):
+                        and not (raw.VR is None and int(tag) in _SQ_TAGS):
                     elements[tag] = raw._replace(value=b"", length=0)
                     continue
                 elem = ds[tag]
                 elem.value = Sequence() if elem.VR == "SQ" else None
             elif act == DUMMY:
-                self.dummy(ds, tag)
+                if not self.raw_dummy(elements, tag):
+                    self.dummy(ds, tag)
             elif act == UID:
                 if not self.raw_uid(elements, tag):
                     self.replace_uid(ds, tag, clean)
@@ -658,9 +734,14 @@ class _Walk:
             elif act == RECURSE:
                 if self._is_sq(ds, tag):
                     self.sequence(ds, tag, clean)
+            elif act == DUMMY_SEQ:
+                if self._is_sq(ds, tag):
+                    self.sequence(ds, tag, DUMMIED)
+                else:
+                    self.dummy(ds, tag)
             elif act == CLEAN_SEQ:
                 if self._is_sq(ds, tag):
-                    self.sequence(ds, tag, True)
+                    self.sequence(ds, tag, CLEANED)
                 else:
                     self.clean(ds, tag)
 
@@ -676,11 +757,13 @@ class _Walk:
         vr = ds._dict[tag].VR  # type: ignore[index]
         if vr == "SQ":
             return True
-        if vr is None and (tag in _SQ_TAGS or tag >> 16 & 1):
+        if (vr is None or vr == "UN") and (int(tag) in _SQ_TAGS or (vr is None and tag >> 16 & 1)):
+            # implicit VR, or a sequence some peer wrote as UN: pydicom decodes it as the sequence it is,
+            # so that nothing nested escapes the walk
             return bool(ds[tag].VR == "SQ")
         return False
 
-    def sequence(self, ds: Dataset, tag: int, clean: bool) -> None:
+    def sequence(self, ds: Dataset, tag: int, clean: int) -> None:
         value = ds[tag].value
         for item in value or ():
             self.dataset(item, clean)
@@ -688,7 +771,7 @@ class _Walk:
     def clean(self, ds: Dataset, tag: int) -> None:
         elem = ds[tag]
         if elem.VR == "SQ":
-            self.sequence(ds, tag, True)
+            self.sequence(ds, tag, CLEANED)
         elif elem.VR in _TEXT_VRS and not elem.is_empty:
             elem.value = self.clean_text(elem.value)
 
@@ -696,7 +779,7 @@ class _Walk:
         elem = ds[tag]
         vr = elem.VR
         if vr == "SQ":
-            self.sequence(ds, tag, True)
+            self.sequence(ds, tag, CLEANED)
         elif vr == "UI":
             self.replace_uid(ds, tag, False)
         elif vr in ("DA", "DT") and self.profile.config.options.dates == "shift" and not elem.is_empty:
@@ -704,7 +787,7 @@ class _Walk:
         else:
             elem.value = _DUMMY.get(vr.split(" ")[0], None) if vr != "AT" else None
 
-    def replace_uid(self, ds: Dataset, tag: int, clean: bool) -> None:
+    def replace_uid(self, ds: Dataset, tag: int, clean: int) -> None:
         elem = ds[tag]
         if elem.VR == "SQ":
             self.sequence(ds, tag, clean)
