@@ -376,3 +376,26 @@ def test_the_dates_mode_of_a_project_with_a_map_cannot_change(dctx, jobs, tmp_pa
     store.create("q", ProjectConfig(), SECRET.encode(), created_by="test")
     assert store.update("q", config={"options": {"dates": "shift"}}).config.options.dates == "shift"
 
+
+
+@pytest.mark.parametrize("dctx", ["replace"], indirect=True)
+def test_a_results_job_that_cannot_store_names_no_original_in_its_error(dctx, jobs, tmp_path):
+    """Storage refuses the re-identified result (disk full, read-only, a directory in the way): its
+    error named the storage path, made of the original PatientID and study UID (the preset
+    patient-study-series), in the job's error, which the platform reads."""
+    from pacsbridge.shared.deid.reidentify import reidentify
+    from pacsbridge.shared.index.records import read_header
+    from pacsbridge.worker.kinds.results import _original_header
+
+    a = _patient(dctx, tmp_path / "a", "MRN-770011", "ALPHA^ANN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    deid = _send(dctx, "p", a.SOPInstanceUID)[a.SOPInstanceUID]
+    result = _result_of(deid)
+    session = ProjectStore(dctx.index.engine).open("p", SECRET.encode())
+    back = reidentify(_bytes(result), "p", session.identity, False, lambda s: _original_header(dctx, s))
+    target = dctx.storage.absolute(dctx.storage.path_for(read_header(back.data, "result")))
+    target.mkdir(parents=True)  # where the result would go: a directory in the way
+    job = _bring_home(dctx, jobs, "p", result)
+    assert job.state == "failed", (job.state, job.error)
+    assert "MRN-770011" not in job.error and a.StudyInstanceUID not in job.error, job.error
+    assert "MRN-770011" not in json.dumps(job.result) and a.StudyInstanceUID not in json.dumps(job.result)
