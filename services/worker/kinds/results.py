@@ -7,18 +7,21 @@ job (``{"project", "file"}``). The worker re-identifies it through the project's
 indexes it next to the original study, audits the re-identification and removes the file it read.
 Something the project did not send (its patient, study or references not in the map) fails the job
 with the reason, audited as ``reidentify_refused``; the file it read is removed too (it identifies
-nobody, and nothing is kept of it).
+nobody, and nothing is kept of it). A result that storage refuses fails the job with a message that
+names nothing original (the reason, whose path does, goes to the audit as ``reidentify_failed`` and
+the log); its file stays for a retry.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 
 from pydicom import Dataset, dcmread
 
-from pacsbridge.shared.core.errors import InvalidDataset, InvalidRequest
+from pacsbridge.shared.core.errors import InvalidDataset, InvalidRequest, PacsbridgeError
 from pacsbridge.shared.deid.keys import secret
 from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.deid.reidentify import reidentify
@@ -30,6 +33,8 @@ from pacsbridge.shared.jobs.store import Job, JobStore
 from pacsbridge.worker.outcome import Outcome
 
 __all__ = ["run"]
+
+log = logging.getLogger(__name__)
 
 
 def _original_header(ctx: Context, study_uid: str) -> Dataset | None:
@@ -67,8 +72,18 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
         session.audit(actor, "reidentify_refused", target=f"job {job.id}", detail=exc.reason[:2000])
         os.unlink(path)
         return Outcome("failed", f"refused: {exc.reason}", {"project": name, "refused": exc.reason})
-    stored = ctx.storage.store(back.data, header)
-    report = Importer(ctx.index, ctx.storage, workers=1).reindex_files([stored.relpath])
+    try:
+        stored = ctx.storage.store(back.data, header)
+        report = Importer(ctx.index, ctx.storage, workers=1).reindex_files([stored.relpath])
+    except PacsbridgeError as exc:
+        # its message names the storage path (the original patient and study): for admins (the audit,
+        # the worker's log), not for the job, which the platform reads; the file stays for a retry
+        log.warning("results job %s: the re-identified result was not stored: %s", job.id, exc)
+        session.audit(actor, "reidentify_failed", patient_id=back.patient_id, study_uid=back.study_uid,
+                      target=f"job {job.id}", detail=str(exc)[:2000])
+        return Outcome("failed", "the re-identified result could not be stored (the reason is in the audit "
+                       "and the worker's log; retry the job once storage is fixed)",
+                       {"project": name, "sop_uid": back.sop_uid})
     session.audit(actor, "reidentify", patient_id=back.patient_id, study_uid=back.study_uid,
                   target=f"storage {stored.relpath}",
                   detail=json.dumps({"sop": back.sop_uid, "mapped": back.mapped, "job": job.id}, sort_keys=True))
