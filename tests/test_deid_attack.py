@@ -399,3 +399,25 @@ def test_a_results_job_that_cannot_store_names_no_original_in_its_error(dctx, jo
     assert job.state == "failed", (job.state, job.error)
     assert "MRN-770011" not in job.error and a.StudyInstanceUID not in job.error, job.error
     assert "MRN-770011" not in json.dumps(job.result) and a.StudyInstanceUID not in json.dumps(job.result)
+
+
+def test_a_malformed_result_is_refused_audited_and_removed(dctx, jobs, tmp_path):
+    """A result with an element pydicom cannot convert (an FD of 3 bytes) made the results job end in an
+    "unexpected error" with pydicom's message, leaving the file under PACSBRIDGE_RESULTS_ROOT for good
+    (each such POST keeps up to 512 MB on disk) and nothing in the audit: it is refused like any other
+    result that cannot come home."""
+    a = _patient(dctx, tmp_path / "a", "MRN-A", "ALPHA^ANN")
+    ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
+    deid = _send(dctx, "p", a.SOPInstanceUID)[a.SOPInstanceUID]
+    raw = _bytes(_result_of(deid))
+    at = raw.rfind(b"\xe0\x7f\x10\x00")
+    bad = raw[:at] + struct.pack("<HH2sH", 0x0018, 0x9087, b"FD", 3) + b"\x01\x00\x00" + raw[at:]
+    folder = Path(dctx.settings.results_root) / "p"
+    folder.mkdir(parents=True)
+    (folder / "bad.dcm").write_bytes(bad)
+    job, _ = jobs.submit("results", {"project": "p", "file": "p/bad.dcm"}, owner="platform")
+    done = runner.run_job(job.id, dctx, jobs)
+    assert done.state == "failed" and done.error.startswith("refused"), done.error
+    assert not (folder / "bad.dcm").exists()
+    rows, _ = ProjectStore(dctx.index.engine).audit_rows(action="reidentify_refused")
+    assert len(rows) == 1
