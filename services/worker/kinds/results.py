@@ -7,7 +7,8 @@ job (``{"project", "file"}``). The worker re-identifies it through the project's
 indexes it next to the original study, audits the re-identification and removes the file it read.
 Something the project did not send (its patient, study or references not in the map) fails the job
 with the reason, audited as ``reidentify_refused``; the file it read is removed too (it identifies
-nobody, and nothing is kept of it). A result that storage refuses fails the job with a message that
+nobody, and nothing is kept of it); so is one pydicom cannot read or write (a malformed element),
+named in the job by its kind of error only. A result that storage refuses fails the job with a message that
 names nothing original (the reason, whose path does, goes to the audit as ``reidentify_failed`` and
 the log); its file stays for a retry.
 """
@@ -20,6 +21,8 @@ import os
 import threading
 
 from pydicom import Dataset, dcmread
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from pacsbridge.shared.core.errors import InvalidDataset, InvalidRequest, PacsbridgeError
 from pacsbridge.shared.deid.keys import secret
@@ -72,6 +75,17 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
         session.audit(actor, "reidentify_refused", target=f"job {job.id}", detail=exc.reason[:2000])
         os.unlink(path)
         return Outcome("failed", f"refused: {exc.reason}", {"project": name, "refused": exc.reason})
+    except (DBAPIError, SATimeoutError):
+        raise  # the map could not be read: the runner's retry, not a refusal (the file stays)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a malformed element
+        # refused as malformed: the type only in the job (pydicom's message may quote values, restored
+        # original ones among them), the whole message in the audit and the log
+        log.warning("results job %s: malformed result refused: %s: %s", job.id, type(exc).__name__, exc)
+        session.audit(actor, "reidentify_refused", target=f"job {job.id}",
+                      detail=f"malformed: {type(exc).__name__}: {exc}"[:2000])
+        os.unlink(path)
+        reason = f"a malformed instance ({type(exc).__name__}; the details are in the audit)"
+        return Outcome("failed", f"refused: {reason}", {"project": name, "refused": reason})
     try:
         stored = ctx.storage.store(back.data, header)
         report = Importer(ctx.index, ctx.storage, workers=1).reindex_files([stored.relpath])
