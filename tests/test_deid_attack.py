@@ -421,3 +421,24 @@ def test_a_malformed_result_is_refused_audited_and_removed(dctx, jobs, tmp_path)
     assert not (folder / "bad.dcm").exists()
     rows, _ = ProjectStore(dctx.index.engine).audit_rows(action="reidentify_refused")
     assert len(rows) == 1
+
+
+def test_a_research_node_is_not_an_allowed_c_store_peer_of_the_listener(dctx, jobs):
+    """Every node was an allowed C-STORE peer of the listener, research nodes (``identifiable: false``)
+    included: a platform could C-STORE anything into the archive (its de-identified data, or an
+    instance naming any real patient), past the results route's checks, re-identification and audit."""
+    import threading
+    from types import SimpleNamespace
+
+    from pacsbridge.listener.peers import parse_peers
+    from pacsbridge.listener.server import _refresh_peers
+
+    jobs.add_node(Node("clinical", "PACS", "127.0.0.1", 104))
+    jobs.add_node(Node("platform", "PLATFORM", "127.0.0.1", 105, identifiable=False))
+    holders = (SimpleNamespace(peers=None), SimpleNamespace(peers=None), SimpleNamespace(require_calling_aet=[]))
+    stop = threading.Event()
+    stop.set()  # one reading of the nodes, then back
+    _refresh_peers(dctx.settings, parse_peers("STATIC@127.0.0.1"), holders, stop)
+    peers = holders[0].peers
+    assert peers.allows("PACS", "127.0.0.1")  # a node we retrieve from sends its sub-operations
+    assert not peers.allows("PLATFORM", "127.0.0.1")
