@@ -226,7 +226,9 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
     try:
         while True:
             try:
-                nodes = [(n.ae_title, n.host) for n in JobStore(engine).list_nodes()]
+                # a research node (identifiable false) is no peer: what a platform sends back comes home
+                # through POST /projects/{name}/results (checked, re-identified, audited), never by C-STORE
+                nodes = [(n.ae_title, n.host) for n in JobStore(engine).list_nodes() if n.identifiable]
             except Exception as exc:  # tables not created yet, or database down
                 log.debug("peers: nodes not read (%s)", exc)
                 nodes = None
