@@ -245,15 +245,7 @@ def _implicit(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-_UNKNOWN = pytest.mark.xfail(strict=True, reason=(
-    "profile engine (shared/deid/profile.py, not ours to change): a standard-group element that no dictionary "
-    "knows (e.g. (0008,9998), written by a vendor or a newer edition; a peer that does not know it keeps it as UN) "
-    "has no action in the plan and is kept byte for byte, whatever it holds, a sequence with the PatientName, "
-    "PatientID and UIDs inside included. Fix: remove even-group elements unknown to pydicom's dictionary (PS3.15 "
-    "leaves them to the de-identifier; CTP's default script removes unknown elements)"))
-
-
-@pytest.mark.parametrize("tag", [0x00540016, pytest.param(0x00089998, marks=_UNKNOWN)],
+@pytest.mark.parametrize("tag", [0x00540016, 0x00089998],
                          ids=["standard", "unknown"])
 def test_a_sequence_stored_with_vr_un_leaves_without_the_identifiers_inside(dctx, tmp_path, tag):
     """A sequence some peer wrote as UN (it did not know the tag): what is nested in it is de-identified."""
@@ -280,8 +272,9 @@ def test_a_sequence_stored_with_vr_un_leaves_without_the_identifiers_inside(dctx
         assert original not in made.data, original
 
 
-@_UNKNOWN
 def test_an_element_no_dictionary_knows_does_not_leave(dctx, tmp_path):
+    """A standard-group element no dictionary knows (a vendor's, or a newer edition's) is removed: nothing
+    says what it holds (it was kept byte for byte)."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.PatientID = "MRN-770011"
     ds.add_new(0x00089999, "LO", "MRN-770011 DOE JOHNATHAN")

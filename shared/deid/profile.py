@@ -35,7 +35,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import DicomDictionary, mask_match
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -695,6 +695,11 @@ class _Walk:
                     continue
             act = plan.get(int(tag))  # a plain int: BaseTag's __eq__ is Python, and dict lookups call it
             if act is None:
+                if int(tag) not in DicomDictionary and mask_match(int(tag)) is None:
+                    # a standard-group element no dictionary knows (a newer edition's, or a vendor's misuse):
+                    # nothing says what it holds, so it does not leave (a sequence in it could hold a name)
+                    del elements[tag]
+                    continue
                 if self._is_sq(ds, tag):
                     self.sequence(ds, tag, clean)
                 elif clean:
