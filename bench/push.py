@@ -44,6 +44,26 @@ process; ``PACSBRIDGE_RUN_LOOP_DELAY`` is pynetdicom's polling delay.
 stdout: a table of medians and every run, the ratio pacsbridge / storescu per
 association count (target >= 0.5), then one JSON line with everything.
 Exit status 0 when every check passed (whether or not the target was met), 1 otherwise.
+
+Not here yet: the de-identified push of issue 16 (target: a push with de-identification at
+least 0.7x a plain push of the same files, into the same ``storescp``). It waits for the push
+integration (a push job naming a project, or a node's default project, de-identifying on the fly
+through ``pacsbridge.shared.deid.profile.Profile``). It will need:
+
+- a ``--project`` option that adds a third sender, ``pacsbridge+deid``, interleaved with the two
+  above in every run: a project row made with the projects API of ``shared/deid`` (default
+  ``ProjectConfig``), ``PACSBRIDGE_DEID_SECRET`` (32+ characters) set for this process before
+  :func:`prepare` opens the context, and the push job submitted with the project (or to a node
+  whose default project it is);
+- the report's ratio ``pacsbridge+deid / pacsbridge`` per association count against 0.7, and
+  ``process_cpu_s`` of both, since de-identification costs CPU in the sending process;
+- checks on what ``storescp`` received: N files, none with an original PatientID (the import's
+  ``DICOMPatients``) or StudyInstanceUID, pixel data byte-identical to the stored file's;
+- the map tables (``deid_patients``, ``deid_uids``) emptied between runs, or the second run would
+  measure look-ups only where the first derived and inserted (or both reported, first and later
+  push).
+
+De-identification alone, against dicognito, pydicom/deid and dcmanon, is ``bench/deidentify.py``.
 """
 
 from __future__ import annotations
@@ -66,7 +86,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from benchlib import ensure_database, host_facts, log, median  # noqa: E402
+from benchlib import ensure_database, host_facts, log, median, wait_quiet  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-push")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_push"
@@ -85,26 +105,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_busy(seconds: float = 0.5) -> float:
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]
-
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return round(1 - (i1 - i0) / max(1, t1 - t0), 2)
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    os.sync()
-    start = time.perf_counter()
-    busy = cpu_busy()
-    while busy > threshold and time.perf_counter() - start < max_wait:
-        busy = cpu_busy()
-    return busy
 
 
 # -- data ------------------------------------------------------------------------------
