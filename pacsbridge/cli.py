@@ -130,22 +130,50 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Copy stored files out; with ``--project``, de-identified under it. Audited as ``cli:<user>`` either way."""
+    import getpass
+    from collections import Counter
+
+    from pacsbridge.shared.deid.keys import secret
+    from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
+    from pacsbridge.shared.deid.projects import ProjectStore
     from pacsbridge.shared.index.export import export_files, select_files
 
     ctx = _context(args)
     _require_tables(ctx)
+    ctx.index.create()  # the projects and audit tables of an index made by an older version
     selected = select_files(ctx.index, patient=args.patient, study=args.study, series=args.series, query=args.query)
     if not selected:
         err.print("nothing matched: no files exported")
         return EXIT_REJECTED
+    projects = ProjectStore(ctx.index.engine)
+    actor, target = f"cli:{getpass.getuser()}", f"folder {Path(args.dest).absolute()}"
+    outgoing = None
+    if args.project:  # the key checked against the secret before anything is written
+        outgoing = Outgoing(projects.open(args.project, secret(ctx.settings)), actor, "export", target)
     progress, update = _progress("export")
-    with progress:
-        # --subdirs alone means the patient/study/series tree; --layout names another (and implies --subdirs)
-        layout = args.layout or ("patient-study-series" if args.subdirs else None)
-        result = export_files(ctx.index, ctx.storage, selected, Path(args.dest), layout=layout, progress=update)
-    err.print(f"{result.copied} copied, {result.skipped} already there, {len(result.failed)} failed → {args.dest}")
+    try:
+        with progress:
+            # --subdirs alone means the patient/study/series tree; --layout names another (and implies --subdirs)
+            layout = args.layout or ("patient-study-series" if args.subdirs else None)
+            result = export_files(ctx.index, ctx.storage, selected, Path(args.dest), layout=layout, progress=update,
+                                  transform=outgoing)
+    finally:
+        if outgoing is not None:
+            outgoing.close()
+    if outgoing is None:
+        failed = {f for f, _ in result.failed}
+        studies = Counter(r.get("study") or "" for r in selected if r.get("ObjectFile") not in failed)
+        owners = ctx.index.owners([s for s in studies if s], [], [])[0]["Study"]
+        counts = Counter({(owners.get(s) or "", s): n for s, n in studies.items()})
+        audit_identifiable(projects, actor, "export", target, counts, counts)
+    withheld = f", {len(result.withheld)} withheld by project {args.project!r}" if result.withheld else ""
+    err.print(f"{result.copied} copied, {result.skipped} already there, {len(result.failed)} failed{withheld} "
+              f"→ {args.dest}")
     for f, reason in result.failed:
         err.print(f"[red]failed[/red] {f}: {reason}")
+    for f, reason in result.withheld:
+        err.print(f"[yellow]withheld[/yellow] {f}: {reason}")
     return EXIT_REJECTED if result.failed else EXIT_OK
 
 
@@ -352,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, metavar="DIR")
     p.add_argument("--subdirs", action="store_true", help="sort into patient/study/series folders")
     p.add_argument("--layout", metavar="T", help="sub-folder template or preset (implies --subdirs)")
+    p.add_argument("--project", metavar="NAME",
+                   help="write de-identified files under this project (PACSBRIDGE_DEID_SECRET needed)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quarantine", help="what indexing set aside: list, show, resolve", description=(

@@ -46,11 +46,17 @@ class ApiClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        raw = self.fetch(method, path, body, params)
+        return json.loads(raw) if raw else None
+
+    def fetch(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
+              accept: str = "application/json") -> bytes:
+        """The raw body of an answer (a CSV export ...); :class:`ClientError` as :meth:`request`."""
         url = f"{self.base}/api/v1/{path.lstrip('/')}"
         if params:
             url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if self.token:
@@ -64,7 +70,7 @@ class ApiClient:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ClientError(0, f"cannot reach the API at {self.base}: {reason}") from None
-        return json.loads(raw) if raw else None
+        return raw
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
@@ -306,6 +312,8 @@ def cmd_find(api: ApiClient, args: argparse.Namespace) -> int:
             if not args.dest:
                 raise ClientError(-1, "--then repack needs --dest FOLDER (under PACSBRIDGE_EXPORT_ROOT)")
             body["dest"] = args.dest
+        if args.project:
+            body["project"] = args.project
         job = _submit(api, body)
     return _finish(api, job, args)
 
@@ -352,13 +360,18 @@ def cmd_retrieve(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def cmd_push(api: ApiClient, args: argparse.Namespace) -> int:
-    return _finish(api, _submit(api, {"kind": "push", "node": args.node, "selection": _selection_from(args)}), args)
+    body = {"kind": "push", "node": args.node, "selection": _selection_from(args)}
+    if args.project:
+        body["project"] = args.project
+    return _finish(api, _submit(api, body), args)
 
 
 def cmd_repack(api: ApiClient, args: argparse.Namespace) -> int:
     body = {"kind": "repack", "selection": _selection_from(args), "dest": args.dest, "link": args.link}
     if args.layout:
         body["template"] = args.layout
+    if args.project:
+        body["project"] = args.project
     return _finish(api, _submit(api, body), args)
 
 
@@ -389,7 +402,8 @@ def cmd_retry(api: ApiClient, args: argparse.Namespace) -> int:
 def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
     if args.action == "add":
         node = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
-        for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window"):
+        for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window", "project",
+                    "identifiable"):
             if getattr(args, opt) is not None:
                 node[opt] = getattr(args, opt)
         from pacsbridge.shared.core.errors import InvalidRequest
@@ -404,8 +418,167 @@ def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
         api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")
     answer = api.get("nodes")
     items: Any = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
-    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window")
+    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window",
+               "project", "identifiable")
     _print(columns, [[n.get(c, "") for c in columns] for n in items], args.format)
+    return EXIT_OK
+
+
+#: The options of PS3.15 Table E.1-1 that ``projects add`` / ``set`` turn on (``--no-...``: off).
+_OPTION_FLAGS = ("retain_safe_private", "retain_uids", "retain_device_identity", "retain_institution_identity",
+                 "retain_patient_characteristics", "clean_descriptors", "clean_structured_content", "clean_graphics")
+_RISKS = ("burned_in_annotation", "burned_in_likely", "structured_report", "presentation_state",
+          "encapsulated_document")
+PROJECT_COLUMNS = ("name", "description", "dates", "pseudonyms", "uid_root", "patients", "uids")
+MAP_COLUMNS = ("issuer", "patient_id", "pseudonym", "date_offset", "first_used", "last_used")
+
+
+def _project_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration the options give (on top of ``--config FILE.json``): only what was given."""
+    from pacsbridge.shared.deid.projects import merge
+
+    config: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ClientError(-1, f"--config {args.config}: {exc}") from None
+        if not isinstance(config, dict):
+            raise ClientError(-1, f"--config {args.config}: expected a JSON object")
+    given: dict[str, Any] = {}
+    options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
+    if args.dates:
+        options["dates"] = args.dates
+    if options:
+        given["options"] = options
+    pseudonyms: dict[str, Any] = {}
+    if args.prefix is not None:
+        pseudonyms["prefix"] = args.prefix
+    if args.digits is not None:
+        pseudonyms["digits"] = args.digits
+    if args.names is not None:
+        pseudonyms["names"] = [n.strip() for n in args.names.split(",") if n.strip()]
+    if pseudonyms:
+        given["pseudonyms"] = pseudonyms
+    shift = {k: v for k, v in (("min_days", args.min_days), ("max_days", args.max_days)) if v is not None}
+    if shift:
+        given["date_shift"] = shift
+    if args.uid_root is not None:
+        given["uid_root"] = args.uid_root
+    if args.safe_private is not None:
+        given["safe_private"] = [p.strip() for p in args.safe_private.split(";") if p.strip()]
+    risk: dict[str, str] = {}
+    for item in args.risk or ():
+        kind, _, action = item.partition("=")
+        if kind not in _RISKS or action not in ("quarantine", "warn", "drop"):
+            raise ClientError(-1, f"--risk {item}: expected KIND=quarantine|warn|drop, KIND one of {', '.join(_RISKS)}")
+        risk[kind] = action
+    if risk:
+        given["risk"] = risk
+    return merge(config, given)
+
+
+def _check_project_config(config: dict[str, Any], partial: bool) -> None:
+    """The API's own model (:class:`~pacsbridge.shared.deid.options.ProjectConfig`), before sending."""
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.core.models import check
+    from pacsbridge.shared.deid.options import ProjectConfig
+
+    if partial:
+        return  # merged into the project's configuration by the API, which checks the result
+    try:
+        check(ProjectConfig, config, field="config",
+              rename=lambda loc: ".".join(["config", *(str(p) for p in loc if isinstance(p, (str, int)))]))
+    except InvalidRequest as exc:
+        raise _refused_here(exc) from None
+
+
+def _project_row(p: dict[str, Any]) -> list[Any]:
+    cfg = p.get("config", {})
+    ps = cfg.get("pseudonyms", {})
+    names = ps.get("names") or []
+    policy = f"{len(names)} names" if names else f"{ps.get('prefix', '')}+{ps.get('digits', '')} digits"
+    return [p["name"], p.get("description", ""), cfg.get("options", {}).get("dates", ""), policy,
+            cfg.get("uid_root") or "2.25", p.get("patients", 0), p.get("uids", 0)]
+
+
+def _flatten(data: Any, prefix: str = "") -> list[list[Any]]:
+    if isinstance(data, dict):
+        return [row for k, v in data.items() for row in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(data, list):
+        return [[prefix, ", ".join(map(str, data))]]
+    return [[prefix, data]]
+
+
+def cmd_projects(api: ApiClient, args: argparse.Namespace) -> int:
+    """De-identification projects: list, show, add, set (change), delete, and their map (admin; audited)."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    if args.action != "list" and not args.name:
+        raise ClientError(-1, f"projects {args.action}: give the project's name")
+    path = f"projects/{urllib.parse.quote(args.name or '', safe='')}"
+    if args.action == "list":
+        items = api.get("projects")["items"]
+        _print(PROJECT_COLUMNS, [_project_row(p) for p in items], args.format, title="projects")
+        return EXIT_OK
+    if args.action in ("add", "set"):
+        config = _project_config(args)
+        _check_project_config(config, partial=args.action == "set")
+        body: dict[str, Any] = {}
+        if args.description is not None:
+            body["description"] = args.description
+        if args.action == "add":
+            project = api.post("projects", {"name": args.name, **body, "config": config})
+        else:
+            if config:
+                body["config"] = config
+            if not body:
+                raise ClientError(-1, "projects set: nothing to change (give options, --config or --description)")
+            project = api.request("PATCH", path, body)
+    elif args.action == "delete":
+        api.request("DELETE", path)
+        err.print(f"project {args.name} deleted")
+        return EXIT_OK
+    elif args.action == "map":
+        return _project_map(api, args, path, err)
+    else:
+        project = api.get(path)
+    if args.format == "json":
+        json.dump(project, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print(["field", "value"], _flatten({k: v for k, v in project.items() if k != "path"}), args.format,
+               title=f"project {project['name']}")
+    return EXIT_OK
+
+
+def _project_map(api: ApiClient, args: argparse.Namespace, path: str, err: Any) -> int:
+    params = {"patient_id": args.patient_id, "pseudonym": args.pseudonym}
+    if args.limit is not None:
+        params["limit"] = args.limit
+    if args.output:
+        raw = api.fetch("GET", f"{path}/map", params={**params, "format": "csv"}, accept="text/csv")
+        try:
+            with open(args.output, "wb") as f:
+                f.write(raw)
+        except OSError as exc:
+            raise ClientError(-1, f"--output {args.output}: {exc.strerror}") from None
+        rows = max(raw.count(b"\n") - 1, 0)
+        err.print(f"{rows} row(s) of the map of {args.name} written to {args.output} (the read is audited)")
+        return EXIT_OK
+    if args.format == "csv":
+        sys.stdout.write(api.fetch("GET", f"{path}/map", params={**params, "format": "csv"},
+                                   accept="text/csv").decode("utf-8"))
+        return EXIT_OK
+    page = api.get(f"{path}/map", **params)
+    if args.format == "json":
+        json.dump(page, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print(MAP_COLUMNS, [[r[c] for c in MAP_COLUMNS] for r in page["items"]], "table",
+               title=f"map of {args.name}: {len(page['items'])} of {page['total']}")
     return EXIT_OK
 
 
@@ -466,6 +639,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--then", choices=("retrieve", "push", "repack"))
     p.add_argument("--to", help="--then push: the destination node")
     p.add_argument("--dest", help="--then repack: folder under PACSBRIDGE_EXPORT_ROOT")
+    p.add_argument("--project", help="--then push / repack: de-identify under this project")
     p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
     p.add_argument("--columns", metavar="A,B,...",
                    help="the answer's columns to print, in this order (default: a table shows as many as "
@@ -484,6 +658,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("push", help="C-STORE what we hold to a node (a job)")
     p.add_argument("node")
     _selection_flags(p)
+    p.add_argument("--project", help="de-identify under this project (default: the node's own project, if any)")
     p.add_argument("--follow", action="store_true")
     _common(p)
     p.set_defaults(func=_run(cmd_push))
@@ -492,6 +667,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--dest", required=True, help="folder under PACSBRIDGE_EXPORT_ROOT")
     p.add_argument("--layout", help="storage template or preset (default px-repack)")
     p.add_argument("--link", action="store_true", help="hard links instead of copies")
+    p.add_argument("--project", help="write de-identified files under this project (not with --link)")
     _selection_flags(p)
     p.add_argument("--follow", action="store_true")
     _common(p)
@@ -530,5 +706,43 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--max-associations", dest="max_associations", type=int)
     p.add_argument("--max-rate", dest="max_rate", type=float)
     p.add_argument("--move-window", dest="move_window")
+    p.add_argument("--project", help="de-identify everything sent to it under this project (pacsbridge projects)")
+    p.add_argument("--identifiable", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-identifiable: a research node, which receives de-identified data only")
     _common(p)
     p.set_defaults(func=_run(cmd_nodes))
+
+    p = sub.add_parser(
+        "projects", help="de-identification projects: list, show, add, set, delete, map",
+        description="De-identification projects (docs/deid-projects.md). add and set take --config FILE.json "
+                    "and the options below (set merges them into the project's configuration; uid_root, "
+                    "pseudonyms and date_shift cannot change once the project has a map). map prints or "
+                    "writes (--output, CSV) the pseudonym map: admin only, and every read is audited.")
+    p.add_argument("action", choices=("list", "show", "add", "set", "delete", "map"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--description")
+    p.add_argument("--config", metavar="FILE.json", help="a ProjectConfig as JSON (the options below override it)")
+    p.add_argument("--dates", choices=("remove", "shift", "keep"),
+                   help="remove dates, shift each patient's by its offset, or keep them")
+    for flag in _OPTION_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action=argparse.BooleanOptionalAction,
+                       default=None, help=argparse.SUPPRESS if flag != "retain_safe_private" else
+                       "the options of PS3.15 Table E.1-1: --retain-safe-private, --retain-uids, "
+                       "--retain-device-identity, --retain-institution-identity, --retain-patient-characteristics, "
+                       "--clean-descriptors, --clean-structured-content, --clean-graphics (--no-...: off)")
+    p.add_argument("--prefix", help="pseudonyms: prefix of the keyed digits (default ANON)")
+    p.add_argument("--digits", type=int, help="pseudonyms: number of keyed digits, 4 to 24 (default 8)")
+    p.add_argument("--names", metavar="A,B,...", help="pseudonyms: the project's own list, used in order")
+    p.add_argument("--min-days", dest="min_days", type=int, help="date offsets: lowest (default -365)")
+    p.add_argument("--max-days", dest="max_days", type=int, help="date offsets: highest (default -1)")
+    p.add_argument("--uid-root", dest="uid_root", help="root of new UIDs ('' = 2.25 form)")
+    p.add_argument("--safe-private", dest="safe_private", metavar="GGGG,CREATOR,EE;...",
+                   help="private attributes kept by --retain-safe-private (default: pacsbridge's list)")
+    p.add_argument("--risk", action="append", metavar="KIND=ACTION",
+                   help=f"quarantine, warn or drop for a risky kind: {', '.join(_RISKS)} (repeatable)")
+    p.add_argument("--patient-id", dest="patient_id", help="map: only this original PatientID")
+    p.add_argument("--pseudonym", help="map: only this pseudonym")
+    p.add_argument("--limit", type=int, help="map: at most this many rows (default: 100; CSV: all)")
+    p.add_argument("--output", "-o", metavar="FILE.csv", help="map: write the map as CSV to this file")
+    _common(p)
+    p.set_defaults(func=_run(cmd_projects))

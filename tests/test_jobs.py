@@ -89,7 +89,8 @@ def test_claim_heartbeat_and_takeover_of_a_dead_worker(jobs):
     assert [(s.expected, s.received, s.indexed) for s in got.series] == [(4, 3, 3)]
     assert got.totals["expected"] == 4
     listed, _ = jobs.list()
-    assert listed[0].totals == {"expected": 4, "received": 3, "indexed": 3, "pushed": 0, "failed": 0}
+    assert listed[0].totals == {"expected": 4, "received": 3, "indexed": 3, "pushed": 0, "failed": 0,
+                                 "quarantined": 0}
     jobs.finish(job.id, "succeeded", result={"n": 1})
     assert jobs.claim(job.id, "w3", stale_after=0) is None  # finished jobs are never run again
 

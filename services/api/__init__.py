@@ -1,7 +1,7 @@
 """The HTTP API (``pacsbridge api``; gunicorn: ``gunicorn 'pacsbridge.api:create_app()'``).
 
 Routes live under ``/api/v1`` (one blueprint per resource module: :mod:`.nodes`,
-:mod:`.jobs`, :mod:`.browse`, :mod:`.quarantine`), plus ``/healthz`` and ``/metrics``
+:mod:`.jobs`, :mod:`.browse`, :mod:`.quarantine`, :mod:`.projects`), plus ``/healthz`` and ``/metrics``
 (:mod:`.health`) and the OpenAPI document ``/api/v1/openapi.json``, generated from the
 views' operations and the pydantic models (:mod:`.contract`, :mod:`.models`). Every error has one shape
 (:mod:`.errors`); every route but
@@ -39,9 +39,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     Raises
     ------
     ConfigError
-        A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry).
+        A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry), or a ``PACSBRIDGE_DEID_SECRET``
+        that is not the secret of the projects in the database (DeidSecretError).
     """
-    from . import auth, browse, contract, errors, health, jobs, metrics, nodes, params, quarantine
+    from . import auth, browse, contract, errors, health, jobs, metrics, nodes, params, projects, quarantine, results
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -68,4 +69,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs.bp, url_prefix=API_PREFIX)
     app.register_blueprint(browse.bp, url_prefix=API_PREFIX)
     app.register_blueprint(quarantine.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(projects.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(results.bp, url_prefix=API_PREFIX)
     return app

@@ -3,7 +3,7 @@
 ``PACSBRIDGE_API_TOKENS`` holds ``name:token[:role[:expires]]`` entries separated by
 commas. Roles, each including the one below it:
 
-``admin``  may also create, change and delete nodes
+``admin``  may also create, change and delete nodes and projects, read a project's map and the audit
 ``user``   (the default) submits, cancels and retries jobs, echoes and queries nodes
 ``read``   reads: nodes, jobs, the index, files
 
@@ -84,13 +84,17 @@ def parse_tokens(text: str) -> list[Token]:
     return tokens
 
 
-def requires(role: str) -> Callable[[F], F]:
-    """Mark a view as needing at least ``role`` (views without the mark need ``read``)."""
+def requires(role: str, refused: Callable[[Token], None] | None = None) -> Callable[[F], F]:
+    """Mark a view as needing at least ``role`` (views without the mark need ``read``).
+
+    ``refused(token)`` is called when a known token with too low a role asks (before the 403): a view
+    whose every attempt must be audited (a project's map) records the refused ones too."""
     if role not in ROLES and role != "public":
         raise ValueError(role)
 
     def mark(view: F) -> F:
         view.pacsbridge_role = role  # type: ignore[attr-defined]
+        view.pacsbridge_refused = refused  # type: ignore[attr-defined]
         return view
 
     return mark
@@ -126,6 +130,9 @@ def authenticate() -> None:
     if found.expires is not None and dt.datetime.now(dt.timezone.utc).date() >= found.expires:
         raise _challenge(f"the token {found.name!r} expired on {found.expires.isoformat()}")
     if _RANK[found.role] < _RANK[needed]:
+        on_refused = getattr(view, "pacsbridge_refused", None)
+        if on_refused is not None:
+            on_refused(found)
         raise ApiError(403, f"the token {found.name!r} has role {found.role!r}; this needs {needed!r}")
     g.token_name = found.name
     g.role = found.role

@@ -21,22 +21,28 @@ checking that its path, links resolved, is inside the storage root.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, request, send_file
+from flask import Blueprint, Response, g, request, send_file
 from pydicom.datadict import keyword_for_tag
 from sqlalchemy import and_, func, or_, select
 from werkzeug.security import safe_join
 
-from pacsbridge.shared.core.errors import InvalidRequest, NotFound, UnsafePath
+from pacsbridge.shared.core.errors import Conflict, InvalidRequest, NotFound, UnsafePath
+from pacsbridge.shared.deid.keys import secret
+from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
+from pacsbridge.shared.deid.profile import DeidentifyError
+from pacsbridge.shared.deid.projects import ProjectStore
+from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.index.conquest import Index
 
 from .contract import READ, operation
-from .models import MAX_LIMIT, IndexPage, IndexRow, PageArgs, answer
-from .params import check_known, paging
+from .models import MAX_LIMIT, FileArgs, IndexPage, IndexRow, PageArgs, answer
+from .params import args, check_known, paging
 from .state import state
 
 __all__ = ["bp", "RESOURCES", "FILTERS"]
@@ -276,11 +282,14 @@ def instance(uid: str) -> dict[str, Any]:
 
 @bp.get("/instances/<uid>/file")
 @operation("Download the stored file", "index",
-           {200: ("the file as received", ("application/dicom", {"type": "string", "format": "binary"}))},
-           errors=READ + (404,), path=_SOP)
+           {200: ("the file as received, or de-identified under `project`",
+                  ("application/dicom", {"type": "string", "format": "binary"}))},
+           errors=READ + (404, 409), path=_SOP, args=FileArgs)
 def instance_file(uid: str) -> Response:
-    """The stored file as it was received (``application/dicom``)."""
-    check_known(())
+    """The stored file as it was received (``application/dicom``), or, with ``?project=``, de-identified
+    under that project (made in memory; its new UIDs recorded in the project's map). Every download is
+    audited: who, which patient and study, de-identified or not."""
+    a = args(FileArgs)
     if len(uid) > 64 or not _UID.match(uid):
         raise InvalidRequest(f"{uid[:80]!r} is not a DICOM UID (digits and dots)", "sop")
     st = state()
@@ -303,5 +312,24 @@ def instance_file(uid: str) -> Response:
         raise NotFound(f"instance {uid!r}: its file resolves outside the storage root; not served")
     if not real.is_file():
         raise NotFound(f"instance {uid!r}: the file is gone from storage (run `pacsbridge rebuild --prune`)")
+    projects = ProjectStore(st.ctx.index.engine)
+    actor = getattr(g, "token_name", "") or ""
+    if a.project:
+        outgoing = Outgoing(projects.open(a.project, secret(st.ctx.settings)), actor, "download", "API client")
+        try:
+            made = outgoing(str(real))
+        except DeidentifyError as exc:
+            raise InvalidRequest(f"instance {uid!r} cannot be de-identified: {exc}", "sop") from None
+        finally:
+            outgoing.close()
+        if made.data is None:
+            raise Conflict(f"instance {uid!r} is withheld by project {a.project!r}'s risk policy "
+                           f"({made.action}): {made.reason}")
+        return Response(made.data, mimetype="application/dicom", headers={
+            "Content-Disposition": f'attachment; filename="{made.sop_uid}.dcm"', "Cache-Control": "no-store"})
+    with open(real, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        header = read_header(mm, str(real), (0x00100020, 0x0020000D))  # PatientID, StudyInstanceUID
+    audit_identifiable(projects, actor, "download", "API client",
+                       [(str(header.get("PatientID") or ""), str(header.get("StudyInstanceUID") or ""))])
     return send_file(real, mimetype="application/dicom", as_attachment=True, download_name=f"{uid}.dcm",
                      conditional=True, etag=True, max_age=0)

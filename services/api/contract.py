@@ -73,8 +73,9 @@ def operation(summary: str, tag: str, responses: dict[int, tuple[str, Any]], *, 
               params: Callable[[], list[dict[str, Any]]] | None = None,
               path: dict[str, dict[str, Any]] | None = None, description: str = "",
               rules: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Describe a view: ``responses`` ``{status: (text, model or None or (content type, schema))}``,
-    its ``errors``, its JSON ``body`` model, its query-string ``args`` model (or ``params()`` made at run
+    """Describe a view: ``responses`` ``{status: (text, model or None or (content type, schema) or a list of
+    those, one per content type)}``, its ``errors``, its JSON ``body`` model (or ``(content type, schema)``
+    of a body that is not JSON, or a list of those), its query-string ``args`` model (or ``params()`` made at run
     time), its path parameters' schemas, and ``rules``: what the body must also satisfy that a schema
     cannot say (a date range's order ...), written into the description."""
 
@@ -162,11 +163,12 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             path = path.replace(f"<{arg}>", f"{{{arg}}}")
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             pending.append((path, method.lower(), op, sorted(rule.arguments)))
-            if op.body is not None:
+            if op.body is not None and not isinstance(op.body, (tuple, list)):
                 schemas.add(op.body, "validation")
             for _, content in op.responses.values():
-                if content is not None and not isinstance(content, tuple):
-                    schemas.add(content, "serialization")
+                for one in content if isinstance(content, list) else [content]:
+                    if one is not None and not isinstance(one, tuple):
+                        schemas.add(one, "serialization")
     schemas.add(ErrorBody, "serialization")
     mapping, defs = schemas.build()
 
@@ -179,11 +181,15 @@ def document(app: Flask | None = None) -> dict[str, Any]:
         for status, (text, content) in sorted(op.responses.items()):
             if content is None:
                 responses[str(status)] = {"description": text}
-            elif isinstance(content, tuple):
-                mime, schema = content
-                responses[str(status)] = {"description": text, "content": {mime: {"schema": schema}}}
-            else:
-                responses[str(status)] = _json(ref(content, "serialization"), text)
+                continue
+            media: dict[str, Any] = {}
+            for one in content if isinstance(content, list) else [content]:  # a list: one per content type
+                if isinstance(one, tuple):
+                    mime, schema = one
+                    media[mime] = {"schema": schema}
+                else:
+                    media["application/json"] = {"schema": ref(one, "serialization")}
+            responses[str(status)] = {"description": text, "content": media}
         for status in op.errors:
             responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}
         entry: dict[str, Any] = {"summary": op.summary, "operationId": f"{method}:{path}", "tags": [op.tag],
@@ -195,7 +201,10 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             entry[CROSS_FIELD] = list(op.rules)
         if description:
             entry["description"] = description
-        if op.body is not None:
+        if isinstance(op.body, (tuple, list)):  # (content type, schema), or several: a body that is not JSON
+            bodies = [op.body] if isinstance(op.body, tuple) else op.body
+            entry["requestBody"] = {"required": True, "content": {ct: {"schema": sc} for ct, sc in bodies}}
+        elif op.body is not None:
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": ref(op.body, "validation")}}}
         parameters = [{"name": a, "in": "path", "required": True,
@@ -215,9 +224,11 @@ def document(app: Flask | None = None) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "pacsbridge API", "version": __version__,
-                 "description": "Nodes, jobs and the Conquest index of a pacsbridge installation. Every error is "
+                 "description": "Nodes, jobs, de-identification projects and the Conquest index of a pacsbridge "
+                                "installation. Every error is "
                                 "`{\"error\": {\"status\", \"message\", \"field\"?, \"path\"}}`. Roles: read < user "
-                                "(jobs, echo, query) < admin (nodes, quarantine decisions). Generated from the "
+                                "(jobs, echo, query) < admin (nodes, projects, their maps, the audit, quarantine "
+                                "decisions). Generated from the "
                                 "pydantic models the API validates with (pacsbridge.api.contract)."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],

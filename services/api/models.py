@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
 from pacsbridge.shared.core.models import TEXT_PATTERN, Model, refuse
+from pacsbridge.shared.deid.options import PROJECT_NAME_PATTERN, ProjectConfig
 from pacsbridge.shared.dicom.node import NodeModel
 from pacsbridge.shared.index.quarantine import REASONS
 from pacsbridge.shared.jobs.store import KINDS, STATES
@@ -21,7 +22,8 @@ from pacsbridge.shared.jobs.store import KINDS, STATES
 __all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeList", "Echo", "FindResult", "JobOut", "JobSubmitted",
            "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList", "QuarantineDecision",
            "Health", "Args", "JobListArgs", "QuarantineArgs", "PageArgs", "SINCE_PATTERN", "MAX_LIMIT",
-           "DEFAULT_LIMIT"]
+           "DEFAULT_LIMIT", "ProjectOut", "ProjectList", "ProjectCreate", "ProjectPatch", "MapRow", "MapPage",
+           "MapArgs", "AuditRow", "AuditPage", "AuditArgs"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -93,6 +95,7 @@ class SeriesProgressOut(Out):
     indexed: int
     pushed: int
     failed: int
+    quarantined: int = Field(0, description="withheld by the project's risk policy (not sent)")
     state: str
     error: str
 
@@ -263,8 +266,127 @@ class JobListArgs(PageArgs):
         None, description="Unix seconds or ISO 8601 (2024-05-01, 2024-05-01T10:00:00Z)")
 
 
+class FileArgs(Args):
+    help = {"project": "a project name: letters, digits, '_', '.', '-' (at most 64)"}
+
+    project: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = Field(  # type: ignore[assignment]
+        None, description="de-identify the file under this project (else the file as received, audited)")
+
+
 class QuarantineArgs(PageArgs):
     help = {**PageArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
 
     reason: Literal[(*REASONS, "")] = Field(None, description="'' = any")  # type: ignore[valid-type]
     resolved: Literal["true", "false", ""] = Field(None, description="'' = either")  # type: ignore[arg-type]
+
+
+# -- de-identification projects --------------------------------------------------------------
+_ProjectName = Annotated[str, Field(min_length=1, max_length=64, pattern=PROJECT_NAME_PATTERN)]
+_Description = Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)]
+
+
+class ProjectOut(Out):
+    """A project: its configuration and the size of its map (its key, and the key's check value, never)."""
+
+    name: str
+    description: str
+    config: ProjectConfig
+    created_by: str = Field(description="the token that created it")
+    created_at: float
+    updated_at: float
+    patients: int = Field(description="rows of its pseudonym map")
+    uids: int = Field(description="rows of its UID map")
+    path: str
+
+
+class ProjectList(Out):
+    items: list[ProjectOut]
+    total: int
+
+
+class ProjectCreate(Model):
+    """``POST /projects``: a new project (the API's ``PACSBRIDGE_DEID_SECRET`` makes its key check value)."""
+
+    help = {"name": "letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)",
+            "description": "at most 255 characters, no control characters"}
+
+    name: _ProjectName
+    description: _Description = ""
+    config: ProjectConfig = Field(default_factory=lambda: ProjectConfig.model_validate({}))
+
+
+class ProjectPatch(Model):
+    """``PATCH /projects/{name}``: the description, and changes merged into the configuration (objects key by
+    key, lists and values replaced)."""
+
+    help = {"description": "at most 255 characters, no control characters"}
+
+    description: _Description | None = None
+    config: dict[str, Any] | None = Field(
+        None, description="merged into the current configuration; the result must be a valid ProjectConfig. "
+                          "uid_root, pseudonyms and date_shift cannot change while the project has a map (409), "
+                          "except more names at the end of pseudonyms.names")
+
+
+class MapRow(Out):
+    issuer: str = Field(description="IssuerOfPatientID ('' when none)")
+    patient_id: str = Field(description="the original PatientID")
+    pseudonym: str
+    date_offset: int = Field(description="days added to every date of the patient")
+    first_used: float
+    last_used: float
+
+
+class MapPage(Out):
+    """A page of a project's pseudonym map (every read is audited)."""
+
+    project: str
+    items: list[MapRow]
+    total: int
+    limit: int
+    offset: int
+
+
+class MapArgs(PageArgs):
+    help = {**PageArgs.help, "patient_id": "at most 64 characters", "pseudonym": "at most 64 characters",
+            "format": "expected json or csv"}
+
+    patient_id: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="only this original PatientID")
+    pseudonym: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="only this pseudonym")
+    format: Literal["json", "csv"] = Field(
+        None, description="csv: the whole map (or `limit` rows) as CSV; also chosen by `Accept: text/csv`")  # type: ignore[arg-type]
+
+
+class AuditRow(Out):
+    id: int
+    at: float
+    actor: str = Field(description="the API token, job, or listener that acted")
+    action: str
+    project: str
+    patient_id: str
+    study_uid: str
+    target: str
+    detail: str
+
+
+class AuditPage(Out):
+    items: list[AuditRow]
+    total: int
+    limit: int
+    offset: int
+
+
+class AuditArgs(PageArgs):
+    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)",)
+
+    help = {**PageArgs.help, "action": "at most 32 characters", "project": "at most 64 characters",
+            "actor": "at most 64 characters", "since": "Unix seconds or an ISO 8601 date/time"}
+
+    action: Annotated[str, Field(max_length=32, pattern=TEXT_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="e.g. map_read, map_read_refused, project_create")
+    project: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = None  # type: ignore[assignment]
+    actor: Annotated[str, Field(max_length=64, pattern=TEXT_PATTERN)] = None  # type: ignore[assignment]
+    since: Annotated[str, Field(max_length=64, pattern=SINCE_PATTERN)] = Field(  # type: ignore[assignment]
+        None, description="Unix seconds or ISO 8601 (2024-05-01, 2024-05-01T10:00:00Z)")

@@ -54,7 +54,8 @@ def _out(node: Node) -> dict[str, Any]:
 
 
 _NAME = {"name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NAME_PATTERN}}
-_RENAME = ("`name`, if given, is the path's: a node cannot be renamed (delete it and create another)",)
+_PROJECT = "`project`, if not '', names an existing de-identification project (`project`)"
+_RENAME = ("`name`, if given, is the path's: a node cannot be renamed (delete it and create another)", _PROJECT)
 
 
 @bp.get("/nodes")
@@ -67,7 +68,8 @@ def list_nodes() -> dict[str, Any]:
 
 @bp.post("/nodes")
 @requires("admin")
-@operation("Create a node", "nodes", {201: ("created", NodeOut)}, errors=WRITE + (409,), body=NodeModel)
+@operation("Create a node", "nodes", {201: ("created", NodeOut)}, errors=WRITE + (409,), body=NodeModel,
+           rules=(_PROJECT,))
 def create_node() -> tuple[dict[str, Any], int, dict[str, str]]:
     check_known(())
     node = state().jobs.add_node(Node.from_dict(json_object()))

@@ -1,4 +1,5 @@
-"""What one API process shares between requests: settings, one Engine, the job store, one Celery app."""
+"""What one API process shares between requests: settings, one Engine, the job and project stores, one Celery
+app."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from flask import current_app
 
 from pacsbridge.shared.jobs import webhooks
 from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.deid.keys import secret
+from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.index.context import Context, open_context
 from pacsbridge.shared.jobs.store import Job, JobStore
 
@@ -30,6 +33,10 @@ class ApiState:
         self.ctx: Context = open_context(settings)
         self.ctx.index.create()  # idempotent: also creates the node and job tables
         self.jobs = JobStore(self.ctx.index.engine)
+        self.projects = ProjectStore(self.ctx.index.engine)
+        if settings.deid_secret:
+            # a mistyped secret is refused at start, not discovered as new pseudonyms (DeidSecretError)
+            self.projects.check_all(secret(settings))
         self._celery: Any = None
         self._lock = threading.Lock()
 

@@ -114,6 +114,22 @@ def _stable_checker(settings: Settings, stop: threading.Event) -> None:
             log.warning("stable check failed", exc_info=True)
 
 
+def _check_deid_secret(settings: Settings) -> None:
+    """Refuse a ``PACSBRIDGE_DEID_SECRET`` that is not the one the projects were made with
+    (:class:`~pacsbridge.shared.core.errors.DeidSecretError`): it would make new pseudonyms for patients
+    already sent. Without a secret the worker runs, and a job under a project fails with the reason."""
+    if not settings.deid_secret:
+        return
+    from pacsbridge.shared.core.db import make_engine
+    from pacsbridge.shared.deid.keys import secret
+    from pacsbridge.shared.deid.projects import ProjectStore
+    from pacsbridge.shared.jobs.store import JobStore
+
+    engine = _engine(settings.database_url, make_engine)
+    JobStore(engine).create()
+    ProjectStore(engine).check_all(secret(settings))
+
+
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Run the workers until stopped: indexing, jobs and webhooks, each with processes of its own.
 
@@ -134,6 +150,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     declare_queues(app)  # the embedded broker: before this worker consumes or its tasks send
     stop = threading.Event()
     if queues == "jobs":
+        _check_deid_secret(settings)  # a mistyped secret stops the jobs worker here, before any job runs
         guard_forks()  # before the threads: the pool forks while they run (see one_pass)
         threading.Thread(target=_sweeper, args=(settings, app, stop), name="job-sweeper", daemon=True).start()
         threading.Thread(target=_stable_checker, args=(settings, stop), name="stable-checker", daemon=True).start()

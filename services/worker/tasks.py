@@ -82,7 +82,7 @@ def send_webhook(self: Task, job_id: str) -> str:
     """
     settings = _context().settings
     job = _jobs().get(job_id)
-    body = json.dumps(job.to_dict(), separators=(",", ":")).encode()
+    body = json.dumps(job.to_webhook(), separators=(",", ":")).encode()
     try:
         status = webhooks.deliver(job.webhook, body, _webhook_policy(), settings.webhook_secret.encode(),
                                   timeout=settings.webhook_timeout, delivery=job.id)

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
                            compose="fixed", compose_value="/export")
     import_root: Path = _f(Path("import"), "common", "where import jobs read (their path is relative to it)",
                            compose="fixed", compose_value="/import")
+    results_root: Path = _f(Path("results"), "common", "where results sent home wait, de-identified, until a "
+                            "worker re-identifies them (POST /projects/{name}/results)", compose="fixed",
+                            compose_value="/results")
     ae_title: str = _f("PACSBRIDGE", "common", "our AE title: the PACS must call this one, and jobs call with it",
                        min_length=1, max_length=16)
     require_called_ae: bool = _f(

@@ -33,7 +33,7 @@ __all__ = ["COUNTERS", "metadata", "nodes_table", "jobs_table", "series_table", 
            "deid_patients_table", "deid_uids_table", "audit_table", "conquest_tables", "ident"]
 
 #: The counters of a job's series (columns of ``pacsbridge_job_series``).
-COUNTERS = ("expected", "received", "indexed", "pushed", "failed")
+COUNTERS = ("expected", "received", "indexed", "pushed", "failed", "quarantined")
 
 metadata = MetaData()
 
@@ -95,7 +95,8 @@ series_table = Table(
     Column("patient_id", String(64), nullable=False, default=""),
     Column("modality", String(16), nullable=False, default=""),
     Column("description", String(64), nullable=False, default=""),
-    *(Column(c, Integer, nullable=False, default=0) for c in COUNTERS),
+    *(Column(c, Integer, nullable=False, default=0) for c in COUNTERS if c != "quarantined"),
+    Column("quarantined", Integer, nullable=False, default=0, server_default="0"),  # 0003
     Column("state", String(16), nullable=False, default="queued"),
     Column("error", Text, nullable=False, default=""),
 )

@@ -29,6 +29,7 @@ class ExportResult:
     copied: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    withheld: list[tuple[str, str]] = field(default_factory=list)  #: (file, "action: reason") under a project
 
 
 def resolve_file(storage: Storage, object_file: str, device: str | None) -> Path:
@@ -103,16 +104,23 @@ def _copy(src: Path, out_fd: int) -> None:
             shutil.copyfileobj(fh, out, 1 << 20)
 
 
-def _same_file(src: Path, folder: int, name: str) -> bool:
-    """Whether ``folder/name`` is a regular file (not a link) with ``src``'s inode or bytes."""
+def _same_file(src: Path | bytes, folder: int, name: str) -> bool:
+    """Whether ``folder/name`` is a regular file (not a link) with ``src``'s inode or bytes (``src`` may be
+    the bytes themselves)."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=folder)
     except OSError:  # a link (ELOOP), gone, unreadable
         return False
     try:
-        st, ref = os.fstat(fd), os.stat(src)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return False
+        if isinstance(src, bytes):
+            if st.st_size != len(src):
+                return False
+            with os.fdopen(os.dup(fd), "rb") as there:
+                return there.read() == src
+        ref = os.stat(src)
         if (st.st_dev, st.st_ino) == (ref.st_dev, ref.st_ino):
             return True
         if st.st_size != ref.st_size:
@@ -128,14 +136,15 @@ def _same_file(src: Path, folder: int, name: str) -> bool:
         os.close(fd)
 
 
-def place(src: Path, folder: int, name: str, link: bool) -> str:
-    """Put ``src`` at ``name`` in the folder descriptor ``folder`` without overwriting; ``placed`` or ``already``.
+def place(src: Path | bytes, folder: int, name: str, link: bool) -> str:
+    """Put ``src`` (a file, or the bytes of one) at ``name`` in the folder descriptor ``folder`` without
+    overwriting; ``placed`` or ``already``.
 
     Every name is taken relative to ``folder`` and no link is followed, so nothing is
     written through a link someone put there. Raises FileExistsError (with a message)
     when a different file, or a link, holds the name.
     """
-    if link:
+    if link and not isinstance(src, bytes):
         try:
             os.link(src, name, dst_dir_fd=folder)
             return "placed"
@@ -148,7 +157,10 @@ def place(src: Path, folder: int, name: str, link: bool) -> str:
             out = os.open(tmp, _WRITE_FLAGS, 0o666, dir_fd=folder)
             made = True
             try:
-                _copy(src, out)
+                if isinstance(src, bytes):
+                    _write_all(out, src)
+                else:
+                    _copy(src, out)
             finally:
                 os.close(out)
             os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)  # no clobbering
@@ -166,10 +178,20 @@ def place(src: Path, folder: int, name: str, link: bool) -> str:
     raise FileExistsError(f"a different file exists at {name} (not overwritten)")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
 
 def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, Any]], dest: Path,
-                 layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ExportResult:
+                 layout: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 transform: Callable[[str], Any] | None = None) -> ExportResult:
     """Copy files to ``dest``: flat (``<SOPInstanceUID>.dcm``) or in a ``layout`` tree.
+
+    ``transform`` (a project's :class:`~pacsbridge.shared.deid.outgoing.Outgoing`) writes each file
+    de-identified instead, named by its de-identified header (pseudonymised names in the tree, its new
+    SOP Instance UID in a flat export); one the project withholds is listed in ``withheld``.
 
     An existing file in ``dest`` is never overwritten (counted as skipped). The
     folders below ``dest`` are made and opened without following symbolic links
@@ -187,8 +209,16 @@ def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, An
     try:
         for n, row in enumerate(selected, 1):
             try:
-                src = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
-                if template is not None:
+                src: Path | bytes = resolve_file(storage, row["ObjectFile"], row.get("DeviceName"))
+                if transform is not None:  # a project's de-identified file, named by its de-identified header
+                    made = transform(str(src))
+                    if made.data is None:
+                        result.withheld.append((row["ObjectFile"], f"{made.action}: {made.reason}"))
+                        continue
+                    src = made.data
+                    rel = (template.render(read_header(made.data, row["ObjectFile"], tags)) if template is not None
+                           else clean_component(made.sop_uid) + ".dcm")
+                elif template is not None:
                     with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                         rel = template.render(read_header(mm, str(src), tags))
                 else:
@@ -209,8 +239,9 @@ def export_files(index: Index, storage: Storage, selected: Sequence[dict[str, An
                     result.skipped += 1
             except (OSError, ValueError, PacsbridgeError) as exc:
                 result.failed.append((row.get("ObjectFile", "?"), getattr(exc, "strerror", None) or str(exc)))
-            if progress:
-                progress(n, len(selected))
+            finally:
+                if progress:
+                    progress(n, len(selected))
     finally:
         if folder is not None:
             os.close(folder[1])

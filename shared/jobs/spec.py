@@ -3,8 +3,9 @@
 A request (an API body, or what the CLI builds) is a JSON object::
 
     {"kind": "retrieve", "node": "pacs", "query": {...}, "mode": "move"|"get", "webhook": "https://..."}
-    {"kind": "push",     "node": "dest", "selection": {...}}
-    {"kind": "repack",   "selection": {...}, "dest": "cohort-1", "template": "px-repack", "link": false}
+    {"kind": "push",     "node": "dest", "selection": {...}, "project": "lung-2026"}
+    {"kind": "repack",   "selection": {...}, "dest": "cohort-1", "template": "px-repack", "link": false,
+                         "project": "lung-2026"}
     {"kind": "import",   "path": "incoming/batch-7"}
 
 A *selection* names what we hold: ``{"PatientID": [...]}``, ``{"StudyInstanceUID": [...]}``,
@@ -17,6 +18,11 @@ runner of that kind reads (:mod:`pacsbridge.worker.runner`), checked again there
 them, and the API's OpenAPI document is generated from them. Paths (``dest``,
 ``path``) are relative to ``PACSBRIDGE_EXPORT_ROOT`` / ``PACSBRIDGE_IMPORT_ROOT``
 and may not climb out of them.
+
+``project`` (push, repack) names a de-identification project (:mod:`pacsbridge.shared.deid`): what
+leaves is de-identified under it. A push to a node with a default project uses the node's when the
+request names none, and a node that may not receive identifiable data (``identifiable`` false) takes
+no push without a project (:func:`effective_project`).
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from pacsbridge.shared.core.errors import ConfigError, InvalidRequest
 from pacsbridge.shared.core.models import TEXT_PATTERN, Model, check, refuse
+from pacsbridge.shared.deid.options import PROJECT_NAME_PATTERN
+from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import UID_PATTERN, QueryModel
 from pacsbridge.shared.index.storage import Template
 from pacsbridge.shared.jobs import webhooks
 
-__all__ = ["validate", "check_params", "SELECTION_KEYS", "safe_relative", "Selection", "RetrieveRequest",
-           "PushRequest", "RepackRequest", "ImportRequest", "JobRequest", "REQUESTS", "PARAMS", "REL_PATTERN"]
+__all__ = ["validate", "check_params", "effective_project", "SELECTION_KEYS", "safe_relative", "Selection",
+           "RetrieveRequest", "PushRequest", "RepackRequest", "ImportRequest", "JobRequest", "REQUESTS", "PARAMS",
+           "REL_PATTERN"]
 
 SELECTION_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "job")
 _ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -97,6 +106,9 @@ _Webhook = Annotated[str, Field(max_length=2048,
                                 pattern=r"^([hH][tT][tT][pP][sS]?://[^/?#\x00-\x20\x7f]+[^\x00-\x20\x7f]*)?$")]
 _NodeRef = Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN,
                                 description="the name of a configured node (404 if there is none)")]
+_ProjectRef = Annotated[str, Field(pattern=PROJECT_NAME_PATTERN,
+                                   description="a de-identification project: what leaves is de-identified under it "
+                                               "(404 if there is none)")]
 
 
 class _Job(Model):
@@ -146,9 +158,13 @@ class PushRequest(_Job):
     kind: Literal["push"]
     node: _NodeRef
     selection: Selection
+    project: _ProjectRef | None = None
 
     def to_params(self) -> dict[str, Any]:
-        return {"selection": self.selection.to_params()}
+        params: dict[str, Any] = {"selection": self.selection.to_params()}
+        if self.project:
+            params["project"] = self.project
+        return params
 
 
 class RepackRequest(_Job):
@@ -159,9 +175,16 @@ class RepackRequest(_Job):
     dest: Annotated[str, Field(pattern=REL_PATTERN, description="relative to PACSBRIDGE_EXPORT_ROOT")]
     template: Annotated[str, Field(min_length=1, max_length=1024, pattern=TEXT_PATTERN)] = Field(
         "px-repack", description="a storage template or a preset name (a template that does not parse is a 400)")
-    link: bool = Field(False, description="hard links instead of copies")
+    link: bool = Field(False, description="hard links instead of copies (not with a project: the files are new)")
+    project: _ProjectRef | None = None
 
     model_config = ConfigDict(regex_engine="python-re")  # REL_PATTERN looks ahead
+
+    @model_validator(mode="after")
+    def _no_link_with_project(self) -> "RepackRequest":
+        if self.project and self.link:
+            raise InvalidRequest("a de-identified repack writes new files: it cannot hard-link", "link")
+        return self
 
     @field_validator("dest")
     @classmethod
@@ -178,8 +201,11 @@ class RepackRequest(_Job):
         return value
 
     def to_params(self) -> dict[str, Any]:
-        return {"selection": self.selection.to_params(), "dest": self.dest, "template": self.template,
-                "link": self.link}
+        params = {"selection": self.selection.to_params(), "dest": self.dest, "template": self.template,
+                  "link": self.link}
+        if self.project:
+            params["project"] = self.project
+        return params
 
 
 class ImportRequest(_Job):
@@ -265,3 +291,19 @@ def check_params(kind: str, params: Mapping[str, Any]) -> None:
     if "node" in model.model_fields:
         body["node"] = "-"  # the row's node column is checked by the store, not here
     check(model, body, field="params", rename=_spec_field)
+
+
+def effective_project(node: Node | None, requested: str | None) -> str:
+    """The project a job sending to ``node`` de-identifies under: the request's, else the node's
+    default (``""``: none, identifiable data).
+
+    Raises
+    ------
+    InvalidRequest
+        ``node`` may not receive identifiable data (``identifiable`` false) and no project applies.
+    """
+    project = requested or (node.project if node is not None else "")
+    if node is not None and not node.identifiable and not project:
+        raise InvalidRequest(f"node {node.name!r} receives de-identified data only: name a project "
+                             "(or give the node a default project)", "project")
+    return project

@@ -31,10 +31,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from sqlalchemy import and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
-from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode
+from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode, UnknownProject
 from pacsbridge.shared.core import migrations
-from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, series_table
+from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, projects_table, series_table
 from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.jobs.spec import effective_project
 
 __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FINISHED", "KINDS",
            "COUNTERS"]
@@ -42,7 +43,7 @@ __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FIN
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "partial", "failed", "cancelled")
-KINDS = ("retrieve", "push", "repack", "import", "index")
+KINDS = ("retrieve", "push", "repack", "import", "index", "results")
 
 @dataclasses.dataclass
 class SeriesProgress:
@@ -58,6 +59,7 @@ class SeriesProgress:
     indexed: int = 0
     pushed: int = 0
     failed: int = 0
+    quarantined: int = 0  # withheld by a project's risk policy (quarantined or dropped), not sent
     state: str = "queued"
     error: str = ""
 
@@ -109,6 +111,22 @@ class Job:
         return out
 
 
+    def to_webhook(self) -> dict[str, Any]:
+        """The body of the job's webhook: :meth:`to_dict`, except for a job under a de-identification
+        project, whose body carries no original identifier (no selection, series, patient or UIDs, no
+        error text, which may name them): its identity, state, times, project and counts only."""
+        project = self.params.get("project")
+        if not project:
+            return self.to_dict()
+        counts = {k: v for k, v in self.result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {"id": self.id, "kind": self.kind, "node": self.node, "project": project, "state": self.state,
+                "attempts": self.attempts, "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "path": f"/api/v1/jobs/{self.id}", "totals": self.totals,
+                "series": len(self.series), "result": counts,
+                "error": "see the job through the API (its details may name original identifiers)"
+                if self.error else ""}
+
+
 def dedupe_key(kind: str, node: str | None, params: Mapping[str, Any]) -> str:
     """The same request gives the same key (parameters compared as canonical JSON)."""
     text = json.dumps([kind, node or "", params], sort_keys=True, separators=(",", ":"))
@@ -128,6 +146,12 @@ def _serialize(conn: Connection, key: str) -> None:
         conn.execute(select(func.pg_advisory_xact_lock(int(key[:15], 16))))
     else:
         conn.execute(update(jobs_table).where(jobs_table.c.id == "").values(state=jobs_table.c.state))
+
+
+def _project_exists(conn: Connection, project: str) -> None:
+    """A node's de-identification project must exist (in the same transaction as the node's row)."""
+    if project and conn.execute(select(projects_table.c.name).where(projects_table.c.name == project)).first() is None:
+        raise InvalidRequest(f"no project called {project!r} (create it first: pacsbridge projects add)", "project")
 
 
 def _job(row: Any) -> Job:
@@ -159,6 +183,7 @@ class JobStore:
         with self.engine.begin() as conn:
             if conn.execute(select(nodes_table.c.name).where(nodes_table.c.name == node.name)).first():
                 raise Conflict(f"node {node.name!r} exists already")
+            _project_exists(conn, node.project)
             conn.execute(insert(nodes_table).values(**node.to_dict(), created_at=now, updated_at=now))
         return node
 
@@ -168,6 +193,7 @@ class JobStore:
             raise InvalidRequest("a node cannot be renamed; delete it and create another", "name")
         with self.engine.begin() as conn:
             node = Node.from_dict(changes, partial_of=self._node(conn, name))
+            _project_exists(conn, node.project)
             conn.execute(update(nodes_table).where(nodes_table.c.name == name)
                          .values(**node.to_dict(), updated_at=time.time()))
         return node
@@ -211,6 +237,8 @@ class JobStore:
         """
         if kind not in KINDS:
             raise InvalidRequest(f"expected one of {', '.join(KINDS)}", "kind")
+        if node is not None or params.get("project"):
+            params = self._with_project(kind, node, params)
         key = dedupe_key(kind, node, params)
         with self.engine.begin() as conn:
             _serialize(conn, key)
@@ -227,6 +255,18 @@ class JobStore:
                 dedupe_key=key, state="queued", attempts=0, error="", result="{}", webhook=webhook,
                 worker="", owner=owner, cancel_requested=False, created_at=time.time()))
         return self.get(job_id), True
+
+    def _with_project(self, kind: str, node: str | None, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``params`` with the project the job de-identifies under (:func:`~.spec.effective_project`:
+        a push takes its node's default), which must exist; refused for a node that receives
+        de-identified data only when no project applies."""
+        with self.engine.connect() as conn:
+            target = self._node(conn, node) if node is not None and kind == "push" else None
+            project = effective_project(target, params.get("project"))
+            if project and conn.execute(select(projects_table.c.name)
+                                        .where(projects_table.c.name == project)).first() is None:
+                raise UnknownProject(f"no project called {project!r}")
+        return {**params, "project": project} if project else params
 
     def get(self, job_id: str, with_series: bool = True) -> Job:
         """The job and (by default) its series; :class:`UnknownJob` if there is none."""

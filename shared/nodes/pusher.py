@@ -25,12 +25,20 @@ other caller that has a list of stored instances uses it the same way. It sends 
   the job result lists the failed SOP Instance UIDs with their statuses.
 * **Retries re-send only what was not acknowledged.** A retried (or taken
   over) job skips the instances already acknowledged for it.
+* **De-identified on the fly** when a job names a project: ``transform`` (the job's
+  :class:`~pacsbridge.shared.deid.outgoing.Outgoing`) makes each instance's de-identified bytes from
+  the stored file in memory, in one pass (no temporary copy), right before it is sent under its new
+  SOP Instance UID; an instance
+  the project's risk policy withholds is not sent and ends ``withheld`` (quarantined or dropped,
+  with the reason), neither acknowledged nor failed. Such a push runs in threads (the sender
+  processes of ``PACSBRIDGE_PUSH_PROCESSES`` send stored files only).
 
 :func:`push` returns a :class:`PushReport`: acknowledged and failed instances with their statuses.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import queue
@@ -56,6 +64,7 @@ from pacsbridge.shared.dicom.compat import send_files_as_stored
 from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_conn_open
 from pacsbridge.shared.dicom.compat.store import FastStore, ParkedSends
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest
+from pacsbridge.shared.deid.profile import DeidentifyError
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.shared.core.config import initial_settings
@@ -63,7 +72,7 @@ from pacsbridge.shared.index.instance import Instance
 from pacsbridge.shared.dicom.sender import SendFailed, file_meta
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, worker_id
 
-__all__ = ["push", "PushReport", "Sent", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
+__all__ = ["push", "PushReport", "Sent", "Transform", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +116,7 @@ class _File(NamedTuple):
 
 
 class Sent(NamedTuple):
-    """The outcome of one instance."""
+    """The outcome of one instance (its stored UIDs, also when it was sent de-identified)."""
 
     sop_uid: str
     series_uid: str
@@ -115,6 +124,13 @@ class Sent(NamedTuple):
     status: int | None
     error: str
     fallback: bool = False
+    withheld: str = ""  # "quarantine" or "drop": a project's risk policy kept it back (error: why)
+    risk: str = ""      # sent, with this warning of the risk policy
+
+
+#: A project's de-identification of one stored file (:class:`pacsbridge.shared.deid.outgoing.Outgoing`):
+#: path -> :class:`~pacsbridge.shared.deid.profile.Deidentified`.
+Transform = Callable[[str], Any]
 
 
 @dataclass
@@ -123,6 +139,8 @@ class PushReport:
 
     acknowledged: int = 0
     failed: list[Sent] = field(default_factory=list)
+    withheld: list[Sent] = field(default_factory=list)
+    risks: int = 0
     fallbacks: int = 0
     warnings: int = 0
     associations: int = 0
@@ -217,9 +235,10 @@ class _Unconvertible(Exception):
     pass
 
 
-def _decoded(f: _File) -> Any:
-    """The data set, decompressed to explicit VR little endian if it was compressed."""
-    ds = dcmread(f.inst.path)
+def _decoded(f: _File, source: Any = None) -> Any:
+    """The data set (of ``source``, else the stored file), decompressed to explicit VR little endian if it
+    was compressed."""
+    ds = dcmread(f.inst.path if source is None else source)
     ts = UID(f.transfer_syntax)
     if ts.is_compressed:
         try:
@@ -242,11 +261,23 @@ def accepted(assoc: Any) -> set[tuple[str, str]]:
     return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
-def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: FastStore | None = None) -> Sent:
+def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: FastStore | None = None,
+              transform: Transform | None = None) -> Sent:
     inst = f.inst
     fallback = (f.sop_class, f.transfer_syntax) not in ok
+    risk = ""
     try:
-        if not fallback and fast is not None:
+        if transform is not None:  # de-identified on the fly, then sent as the stored file would be
+            made = transform(str(inst.path))
+            if made.data is None:
+                return Sent(inst.sop_uid, inst.series_uid, False, None, made.reason, fallback, withheld=made.action)
+            risk = made.reason if made.action == "warn" else ""
+            if not fallback and fast is not None:
+                rsp = fast.store_bytes(made.data, f.sop_class, made.sop_uid, f.transfer_syntax)
+            else:
+                rsp = assoc.send_c_store(_decoded(f, io.BytesIO(made.data)) if fallback
+                                         else dcmread(io.BytesIO(made.data)))
+        elif not fallback and fast is not None:
             rsp = fast.store(str(inst.path), f.sop_class, inst.sop_uid, f.transfer_syntax)
         elif not fallback:
             rsp = assoc.send_c_store(inst.path)  # as stored: the file is not decoded
@@ -257,6 +288,8 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
     except SendFailed as exc:
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"node {node.name!r}: C-STORE not sent: {exc}", fallback)
+    except DeidentifyError as exc:  # the de-identification could not read it
+        return Sent(inst.sop_uid, inst.series_uid, False, None, f"cannot de-identify: {exc}", fallback)
     except ValueError as exc:  # no context at all for this SOP class / syntax
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     f"the node accepted no presentation context for it: {exc}", fallback)
@@ -268,7 +301,8 @@ def _send_one(assoc: Any, node: Node, f: _File, ok: set[tuple[str, str]], fast: 
         return Sent(inst.sop_uid, inst.series_uid, False, None,
                     str(lost(node, assoc, "C-STORE", TIMEOUT)), fallback)
     if code == 0 or code in _WARNINGS or 0xB000 <= code <= 0xBFFF:
-        return Sent(inst.sop_uid, inst.series_uid, True, code, "" if code == 0 else describe_status(code), fallback)
+        return Sent(inst.sop_uid, inst.series_uid, True, code, "" if code == 0 else describe_status(code), fallback,
+                    risk=risk)
     comment = f": {rsp.ErrorComment}" if rsp is not None and "ErrorComment" in rsp else ""
     return Sent(inst.sop_uid, inst.series_uid, False, code, f"C-STORE answered {describe_status(code)}{comment}",
                 fallback)
@@ -278,7 +312,7 @@ _HANDLERS = [(evt.EVT_CONN_OPEN, reactor_on_conn_open)]
 
 
 def send_files(assoc: Any, node: Node, take: Callable[[], "_File | None"],
-               done: Callable[["_File", Sent], None]) -> Sent | None:
+               done: Callable[["_File", Sent], None], transform: Transform | None = None) -> Sent | None:
     """Send on ``assoc`` every file ``take()`` gives until it gives None, the reactor parked
     (:class:`~pacsbridge.shared.dicom.compat.store.ParkedSends`: the fast sender where the node
     accepted the file's own syntax, pynetdicom's ``send_c_store`` otherwise); ``done(f, sent)``
@@ -287,7 +321,8 @@ def send_files(assoc: Any, node: Node, take: Callable[[], "_File | None"],
     ok = accepted(assoc)
     with ParkedSends(assoc, TIMEOUT, fast=FAST_SEND) as sends:
         while (f := take()) is not None:
-            sent = sends.send(f.sop_class, f.transfer_syntax, partial(_send_one, assoc, node, f, ok))
+            sent = sends.send(f.sop_class, f.transfer_syntax,
+                              partial(_send_one, assoc, node, f, ok, transform=transform))
             done(f, sent)
             if not assoc.is_established:
                 return sent
@@ -299,10 +334,12 @@ class _Sender(threading.Thread):
 
     def __init__(self, n: int, node: Node, calling_ae: str, contexts: list[PresentationContext],
                  work: "queue.SimpleQueue[_File]", results: "queue.SimpleQueue[Sent | None]",
-                 slots: NodeSlots, rate: RateLimiter, cancel: threading.Event) -> None:
+                 slots: NodeSlots, rate: RateLimiter, cancel: threading.Event,
+                 transform: Transform | None = None) -> None:
         super().__init__(name=f"push-{node.name}-{n}", daemon=True)
         self.node, self.calling_ae, self.contexts = node, calling_ae, contexts
         self.work, self.results, self.slots, self.rate, self.cancel = work, results, slots, rate, cancel
+        self.transform = transform
         self.error: str = ""
         self.associations = 0
         self.current: _File | None = None  # taken from the queue, not yet reported
@@ -348,7 +385,7 @@ class _Sender(threading.Thread):
                                    cancel_grace=CANCEL_GRACE) as assoc:
                         self.associations += 1
                         failures = 0
-                        lost = send_files(assoc, self.node, self._take, self._done)
+                        lost = send_files(assoc, self.node, self._take, self._done, self.transform)
                         if lost is not None:  # aborted or dropped: open a new one
                             self.error = lost.error
             except (DimseError, SlotTimeout) as exc:
@@ -470,7 +507,7 @@ class _ProcSender(threading.Thread):
 
 def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Engine, *,
          holder: str = "", cancel: threading.Event | None = None,
-         on_results: Any = None) -> PushReport:
+         on_results: Any = None, transform: Transform | None = None) -> PushReport:
     """C-STORE ``instances`` to ``node`` (see the module docstring).
 
     Parameters
@@ -489,6 +526,8 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
         Checked between instances.
     on_results : callable, optional
         ``on_results(list_of_Sent)``, called in batches from this thread.
+    transform : Transform, optional
+        De-identify each instance as it is sent (a project's push).
 
     Raises
     ------
@@ -507,11 +546,16 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
         nonlocal last_flush
         if sent is not None:
             pending.append(sent)
-            report.per_series[sent.series_uid]["pushed" if sent.ok else "failed"] += 1
-            if sent.ok:
+            if sent.withheld:
+                report.per_series[sent.series_uid]["quarantined"] += 1
+                report.withheld.append(sent)
+            elif sent.ok:
+                report.per_series[sent.series_uid]["pushed"] += 1
                 report.acknowledged += 1
                 report.warnings += int(bool(sent.status))
+                report.risks += int(bool(sent.risk))
             else:
+                report.per_series[sent.series_uid]["failed"] += 1
                 report.failed.append(sent)
             report.fallbacks += int(sent.fallback and sent.ok)
         if pending and (force or len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush >= FLUSH_SECONDS):
@@ -540,8 +584,13 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
         results: queue.SimpleQueue[Sent | None] = queue.SimpleQueue()
         count = max(1, min(node.max_associations, len(group)))
         many = count > 1 and len(group) >= PROC_MIN_FILES * count
-        kind = _ProcSender if PROCESSES == "1" or (PROCESSES == "auto" and many) else _Sender
-        senders = [kind(i, node, calling_ae, contexts, work, results, slots, rate, cancel) for i in range(count)]
+        senders: list[_Sender | _ProcSender]
+        if transform is None and (PROCESSES == "1" or (PROCESSES == "auto" and many)):
+            senders = [_ProcSender(i, node, calling_ae, contexts, work, results, slots, rate, cancel)
+                       for i in range(count)]
+        else:
+            senders = [_Sender(i, node, calling_ae, contexts, work, results, slots, rate, cancel, transform)
+                       for i in range(count)]
         for s in senders:
             s.start()
         running = len(senders)

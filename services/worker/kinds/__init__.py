@@ -7,7 +7,7 @@ here and one line below (and its name in :data:`pacsbridge.shared.jobs.store.KIN
 
 from __future__ import annotations
 
-from pacsbridge.worker.kinds import importing, push, repack, retrieve
+from pacsbridge.worker.kinds import importing, push, repack, results, retrieve
 from pacsbridge.worker.outcome import JobCode
 
 __all__ = ["RUNNERS"]
@@ -18,4 +18,5 @@ RUNNERS: dict[str, JobCode] = {
     "push": push.run,
     "repack": repack.run,
     "import": importing.run,
+    "results": results.run,
 }

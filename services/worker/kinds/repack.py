@@ -37,6 +37,9 @@ from pydicom.datadict import tag_for_keyword
 
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import ConfigError, InvalidRequest, PacsbridgeError, UnsafePath
+from pacsbridge.shared.deid.keys import secret
+from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
+from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.jobs.spec import safe_relative
 from pacsbridge.shared.index.records import read_header
@@ -62,6 +65,7 @@ class RepackReport:
     placed: int = 0  #: new files (copies or links)
     already: int = 0  #: the same file was there already
     failed: list[tuple[str, str, str]] = field(default_factory=list)  #: (sop, series, reason)
+    withheld: list[tuple[str, str, str]] = field(default_factory=list)  #: (sop, series, "action: reason")
     per_series: dict[str, Counter[str]] = field(default_factory=dict)
     cancelled: bool = False
 
@@ -99,7 +103,7 @@ def _inside(path: str, real_base: str) -> bool:
 def repack(instances: Sequence[Instance], base: Path, template: str | Template, link: bool = False, *,
            cancel: threading.Event | None = None,
            progress: Callable[[RepackReport, str | None], None] | None = None,
-           within: Path | None = None) -> RepackReport:
+           within: Path | None = None, transform: Callable[[str], Any] | None = None) -> RepackReport:
     """Copy (or hard-link) each instance to ``base/<template>``.
 
     Parameters
@@ -118,6 +122,10 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
         ``progress(report, finished_series_or_None)``, called now and then.
     within : Path, optional
         The folder ``base`` must still lie in when it is opened (the export root).
+    transform : callable, optional
+        A project's de-identification (:class:`~pacsbridge.shared.nodes.pusher.Deidentify`): each file
+        is written de-identified, placed by its de-identified header (pseudonymised names in the tree);
+        one the project's risk policy withholds is not written (``withheld``).
 
     Raises
     ------
@@ -141,7 +149,7 @@ def repack(instances: Sequence[Instance], base: Path, template: str | Template, 
             if cancel is not None and cancel.is_set():
                 report.cancelled = True
                 break
-            _repack_one(inst, folders, tmpl, tags, link, report)
+            _repack_one(inst, folders, tmpl, tags, link, report, transform)
             series_done = n + 1 == len(instances) or instances[n + 1].series_uid != inst.series_uid
             if progress is not None and (series_done or time.monotonic() - last >= PROGRESS_SECONDS):
                 progress(report, inst.series_uid if series_done else None)
@@ -181,13 +189,23 @@ class _Folders:
 
 
 def _repack_one(inst: Instance, folders: _Folders, tmpl: Template, tags: list[int], link: bool,
-                report: RepackReport) -> None:
+                report: RepackReport, transform: Callable[[str], Any] | None = None) -> None:
     """Place one instance, or record why not."""
     try:
-        with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            rel = tmpl.render(read_header(mm, str(inst.path), tags))
+        src: Path | bytes = inst.path
+        if transform is not None:
+            made = transform(str(inst.path))
+            if made.data is None:
+                report.withheld.append((inst.sop_uid, inst.series_uid, f"{made.action}: {made.reason}"))
+                report.count(inst.series_uid, "quarantined")
+                return
+            src = made.data
+            rel = tmpl.render(read_header(made.data, str(inst.path), tags))
+        else:
+            with open(inst.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                rel = tmpl.render(read_header(mm, str(inst.path), tags))
         *parts, name = rel.split("/")
-        outcome = place(inst.path, folders.get(parts), name, link)
+        outcome = place(src, folders.get(parts), name, link)
         if outcome == "placed":
             report.placed += 1
         else:
@@ -220,44 +238,69 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     except ConfigError as exc:
         raise InvalidRequest(str(exc), "template") from None
     link = bool(params.get("link", False))
+    project = params.get("project") or ""
+    if project and link:
+        raise InvalidRequest("a de-identified repack writes new files: it cannot hard-link", "link")
     selected = resolve(ctx.index, ctx.storage, params["selection"], jobs)
     by_series = selected.by_series()
     if not selected.instances and not selected.rejected:
         raise InvalidRequest(f"no stored instance matches {describe(params['selection'])}", "selection")
+    actor = job.owner or f"job {job.id}"
+    target = f"folder {params.get('dest', '')}"
+    outgoing = None
+    if project:  # the key checked against the secret before anything is written
+        outgoing = Outgoing(ProjectStore(ctx.index.engine).open(project, secret(ctx.settings)), actor, "repack",
+                            target)
     jobs.set_series(job.id, [SeriesProgress(uid, study_uid=items[0].study_uid, patient_id=items[0].patient_id,
                                             expected=len(items), state="running")
                              for uid, items in by_series.items()])
-    written: dict[str, tuple[int, int]] = {}
+    written: dict[str, tuple[int, int, int]] = {}
 
     def progress(report: RepackReport, finished: str | None) -> None:
         for uid, counts in report.per_series.items():
-            now = (counts["done"], counts["failed"])
+            now = (counts["done"], counts["failed"], counts["quarantined"])
             if written.get(uid) == now and uid != finished:
                 continue
-            values: dict[str, Any] = {"pushed": now[0], "failed": now[1]}
+            values: dict[str, Any] = {"pushed": now[0], "failed": now[1], "quarantined": now[2]}
             if uid == finished:
-                values["state"] = _series_state(now[0], now[1], len(by_series[uid]))
-                errors = [r for s, u, r in report.failed if u == uid]
+                values["state"] = _series_state(now[0], now[1] + now[2], len(by_series[uid]))
+                errors = [r for s, u, r in report.failed + report.withheld if u == uid]
                 if errors:
                     values["error"] = f"{len(errors)} not placed; first: {errors[0]}"[:2000]
             jobs.update_series(job.id, uid, **values)
             written[uid] = now
 
     start = time.monotonic()
-    report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
-                    within=Path(ctx.settings.export_root))
+    try:
+        report = repack(selected.instances, base, tmpl, link, cancel=cancel, progress=progress,
+                        within=Path(ctx.settings.export_root), transform=outgoing)
+    finally:  # what left is in the map and the audit, also when the job stops half-way
+        if outgoing is not None:
+            outgoing.close()
+    if outgoing is None:
+        not_placed = {s for s, _, _ in report.failed}
+        left = Counter((i.patient_id, i.study_uid) for i in selected.instances if i.sop_uid not in not_placed)
+        if left:
+            audit_identifiable(ProjectStore(ctx.index.engine), actor, "repack", target, left, left)
     failures = [{"sop": s, "series": u, "error": r} for s, u, r in report.failed]
     failures += [{"sop": s, "series": "", "error": r} for s, r in selected.rejected]
+    withheld = [{"sop": s, "series": u, "reason": r} for s, u, r in report.withheld]
     result = {
         "dest": str(base.relative_to(Path(ctx.settings.export_root).absolute())),
-        "template": tmpl.source, "link": link, "selected": len(selected.instances) + len(selected.rejected),
+        "template": tmpl.source, "link": link, "project": project,
+        "selected": len(selected.instances) + len(selected.rejected),
         "placed": report.placed, "already": report.already, "failed": len(failures),
-        "failures": failures[:MAX_LISTED], "seconds": round(time.monotonic() - start, 3),
+        "failures": failures[:MAX_LISTED], "withheld": len(withheld), "withheld_instances": withheld[:MAX_LISTED],
+        "seconds": round(time.monotonic() - start, 3),
     }
     ok = report.placed + report.already
     if report.cancelled:
         return Outcome("cancelled", "cancelled by request", result)
-    if not failures:
+    if not failures and not withheld:
         return Outcome("succeeded", "", result)
+    if not failures:
+        return Outcome("partial" if ok else "failed",
+                       f"{len(withheld)} of {result['selected']} instance(s) withheld by project {project!r}'s "
+                       f"risk policy; first: {withheld[0]['reason']}", result)
     message = f"{len(failures)} of {result['selected']} instance(s) not placed; first: {failures[0]['error']}"
     return Outcome("partial" if ok else "failed", message, result)

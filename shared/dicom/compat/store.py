@@ -124,11 +124,17 @@ class FastStore:
         accepted context) and :class:`SendFailed` (the association was
         aborted: the request may be incomplete on the wire).
         """
-        context_id = self.contexts.get((sop_class, transfer_syntax))
-        if context_id is None:
+        if (sop_class, transfer_syntax) not in self.contexts:
             raise ValueError(f"no accepted presentation context for {sop_class} in {transfer_syntax}")
         with open(path, "rb") as fh:
             data = fh.read()
+        return self.store_bytes(data, sop_class, sop_instance, transfer_syntax)
+
+    def store_bytes(self, data: bytes, sop_class: str, sop_instance: str, transfer_syntax: str) -> Dataset | None:
+        """:meth:`store` of a Part 10 file in memory (e.g. made on the fly by a project's de-identification)."""
+        context_id = self.contexts.get((sop_class, transfer_syntax))
+        if context_id is None:
+            raise ValueError(f"no accepted presentation context for {sop_class} in {transfer_syntax}")
         try:
             offset = dataset_offset(data)
         except ValueError as exc:

@@ -45,6 +45,8 @@ def _create(name: str, *columns: sa.Column, indexes: tuple[tuple[str, list[str],
 
 
 def upgrade() -> None:
+    # a series' instances withheld by a project's risk policy (quarantined or dropped: not sent)
+    ops.add_column("pacsbridge_job_series", sa.Column("quarantined", sa.Integer, nullable=False, server_default="0"))
     ops.add_column("pacsbridge_nodes", sa.Column("project", _S(64), nullable=False, server_default=""))
     ops.add_column("pacsbridge_nodes", sa.Column("identifiable", sa.Boolean, nullable=False, server_default="1"))
     _create(
