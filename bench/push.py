@@ -46,22 +46,21 @@ association count (target >= 0.5), then one JSON line with everything.
 Exit status 0 when every check passed (whether or not the target was met), 1 otherwise.
 
 Not here yet: the de-identified push of issue 16 (target: a push with de-identification at
-least 0.7x a plain push of the same files, into the same ``storescp``). It waits for the push
-integration (a push job naming a project, or a node's default project, de-identifying on the fly
-through ``pacsbridge.shared.deid.profile.Profile``). It will need:
+least 0.7x a plain push of the same files, into the same ``storescp``). Push jobs now take
+``"project"`` (``services/worker/kinds/push.py``), so it is a small addition; it will need:
 
 - a ``--project`` option that adds a third sender, ``pacsbridge+deid``, interleaved with the two
-  above in every run: a project row made with the projects API of ``shared/deid`` (default
-  ``ProjectConfig``), ``PACSBRIDGE_DEID_SECRET`` (32+ characters) set for this process before
-  :func:`prepare` opens the context, and the push job submitted with the project (or to a node
-  whose default project it is);
+  above in every run: ``Settings(..., deid_secret=SECRET)`` (32+ characters) in :func:`prepare`,
+  ``ProjectStore(ctx.index.engine).create("bench", ProjectConfig(), SECRET)`` once
+  (``shared/deid/projects.py``), and ``"project": "bench"`` in the params of the push job that
+  :func:`run_push` submits;
 - the report's ratio ``pacsbridge+deid / pacsbridge`` per association count against 0.7, and
   ``process_cpu_s`` of both, since de-identification costs CPU in the sending process;
 - checks on what ``storescp`` received: N files, none with an original PatientID (the import's
   ``DICOMPatients``) or StudyInstanceUID, pixel data byte-identical to the stored file's;
-- the map tables (``deid_patients``, ``deid_uids``) emptied between runs, or the second run would
-  measure look-ups only where the first derived and inserted (or both reported, first and later
-  push).
+- the project's map emptied between runs (``pacsbridge_deid_patients``, ``pacsbridge_deid_uids``;
+  the audit is append-only and only grows), or every run after the first measures look-ups where the
+  first derived and inserted; or both reported, first push and later pushes.
 
 De-identification alone, against dicognito, pydicom/deid and dcmanon, is ``bench/deidentify.py``.
 """
