@@ -56,7 +56,7 @@ files/s and by CPU per file, then one JSON line.
 Exit status 0 when every check passed (whether or not a target was met), 1 otherwise.
 
 The second piece of issue 16's benchmark, a push with de-identification against a plain push into
-DCMTK storescp, belongs to ``bench/push.py`` (its docstring says what it will need).
+DCMTK storescp, is ``bench/push.py --project``.
 """
 
 from __future__ import annotations
