@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push clean
+.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-deid clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,13 @@ bench-retrieve: debs services install-test
 bench-push: debs services install-test
 	$(PY) bench/push.py
 
+# De-identification alone (issue 16): pacsbridge's engine, dicognito, pydicom/deid and dcmanon on the same
+# files; each peer in its own venv under .bench-venvs/, made by the script from bench/deid_peers/*.txt
+bench-deid: install-test
+	$(PY) bench/deidentify.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache
 
 # Deployment (docker-compose.yml). compose-config validates it, alone and with the podman override,
 # with Debian's docker-compose 1.29 (installed if missing; placeholder values for the three required

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import statistics
 import sys
+import time
+from pathlib import Path
 
-__all__ = ["DB_NAME_RE", "log", "median", "ensure_database", "host_facts"]
+__all__ = ["DB_NAME_RE", "log", "median", "ensure_database", "host_facts", "count_files", "read_stamp",
+           "write_stamp", "warm_cache", "cpu_ticks", "machine_cpu_s", "cpu_busy", "wait_quiet", "PROBE_FILES",
+           "create_probe", "truncate_files"]
 
 #: A database name the scripts accept (it ends up in CREATE DATABASE).
 DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -75,3 +81,105 @@ def host_facts(packages: tuple[str, ...], key: str = "{}") -> dict:
         except PackageNotFoundError:
             pass
     return facts
+
+
+def count_files(root: Path, skip_dot: bool = True) -> int:
+    """Regular files below ``root`` (dot-files/-folders skipped unless ``skip_dot`` is False)."""
+    total = 0
+    for _folder, dirs, files in os.walk(root):
+        if skip_dot:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(1 for f in files if not (skip_dot and f.startswith(".")))
+    return total
+
+
+def read_stamp(path: Path) -> dict:
+    """A cache stamp (JSON) or ``{}``."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_stamp(path: Path, data: dict) -> None:
+    """Write a cache stamp (JSON)."""
+    path.write_text(json.dumps(data) + "\n")
+
+
+def warm_cache(root: Path) -> tuple[int, int]:
+    """Read every file below ``root`` once (follows symlinks); return (files, bytes)."""
+    files = size = 0
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    size += len(chunk)
+            files += 1
+    return files, size
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """``(total, idle)`` clock ticks of all cores so far (``/proc/stat``; idle includes iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return sum(fields), fields[3] + fields[4]
+
+
+def machine_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores."""
+    total, idle = cpu_ticks()
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of all CPU time that was busy over ``seconds`` (from /proc/stat): other load on the box."""
+    total0, idle0 = cpu_ticks()
+    time.sleep(seconds)
+    total1, idle1 = cpu_ticks()
+    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Sync the disks, then wait (up to ``max_wait`` s) for mostly idle CPUs; return the last busy fraction.
+
+    Other work on the machine would be measured as part of whichever command runs at the time.
+    """
+    os.sync()
+    start = time.perf_counter()
+    busy = cpu_busy()
+    while busy > threshold and time.perf_counter() - start < max_wait:
+        busy = cpu_busy()
+    return busy
+
+
+#: Empty files the create probe makes before each run.
+PROBE_FILES = 200
+
+
+def create_probe(folder: Path) -> float:
+    """Milliseconds to create one empty file in a new folder ``folder`` (mean of :data:`PROBE_FILES`).
+
+    On ext4 without a journal (this project's CI machines), creating a file skips,
+    one by one, every inode freed in the last 1-5 minutes (``recently_deleted()``
+    in ``find_inode_bit``): after a run's 2,000 files were deleted the next target paid
+    0.4-0.7 ms of kernel time per file it created (0.02 ms otherwise), whichever target
+    came next. The runs therefore delete nothing (:func:`truncate_files`), and this
+    probe records what creating a file cost before each run. Its files stay (deleting
+    them would be the very thing it measures).
+    """
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for i in range(PROBE_FILES):
+        os.close(os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return round((time.perf_counter() - t0) / PROBE_FILES * 1e3, 3)
+
+
+def truncate_files(root: Path) -> None:
+    """Give back the disk space of a finished run but keep its inodes (see :func:`create_probe`)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if not os.path.islink(path):
+                    os.truncate(path, 0)
+            except OSError:
+                pass

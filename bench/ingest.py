@@ -101,7 +101,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import ensure_database, host_facts, median  # noqa: E402  (bench/ is on sys.path)
+from benchlib import (  # noqa: E402  (bench/ is on sys.path)
+    count_files, cpu_busy, create_probe, ensure_database, host_facts, machine_cpu_s, median, truncate_files,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-ingest")
@@ -259,26 +261,6 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """``(total, idle)`` clock ticks of all cores so far (``/proc/stat``; idle includes iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    return sum(fields), fields[3] + fields[4]
-
-
-def cpu_busy(seconds: float = 0.5) -> float:
-    """Fraction of all CPU time that was busy over ``seconds`` (from /proc/stat): other load on the box."""
-    total0, idle0 = cpu_ticks()
-    time.sleep(seconds)
-    total1, idle1 = cpu_ticks()
-    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 2)
-
-
-def machine_cpu_s() -> float:
-    """Busy CPU seconds of the whole machine so far, all cores."""
-    total, idle = cpu_ticks()
-    return (total - idle) / CLOCK_TICKS
-
-
 def group_cpu(pgids: set[int]) -> dict[int, float]:
     """CPU seconds (user + system) so far of every live process in the process groups ``pgids``, by pid."""
     found = {}
@@ -333,16 +315,6 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> tuple[float, float]:
     while busy > threshold and time.perf_counter() - start < max_wait:
         busy = cpu_busy()
     return busy, round(time.perf_counter() - start, 1)
-
-
-def count_files(root: Path, skip_dot: bool = True) -> int:
-    """Regular files below ``root`` (dot-files/-folders skipped unless ``skip_dot`` is False)."""
-    total = 0
-    for _folder, dirs, files in os.walk(root):
-        if skip_dot:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-        total += sum(1 for f in files if not (skip_dot and f.startswith(".")))
-    return total
 
 
 def scan_log(path: Path, limit: int = 8) -> dict:
@@ -824,40 +796,6 @@ def one_run(args: argparse.Namespace, target: str, assocs: int, run: int, gen: P
     if not args.keep_storage:
         truncate_files(run_dir)
     return result, problems, scans
-
-
-#: Empty files the create probe makes before each run.
-PROBE_FILES = 200
-
-
-def create_probe(folder: Path) -> float:
-    """Milliseconds to create one empty file in a new folder ``folder`` (mean of :data:`PROBE_FILES`).
-
-    On ext4 without a journal (this project's CI machines), creating a file skips,
-    one by one, every inode freed in the last 1-5 minutes (``recently_deleted()``
-    in ``find_inode_bit``): after a run's 2,000 files were deleted the next target paid
-    0.4-0.7 ms of kernel time per file it created (0.02 ms otherwise), whichever target
-    came next. The runs therefore delete nothing (:func:`truncate_files`), and this
-    probe records what creating a file cost before each run. Its files stay (deleting
-    them would be the very thing it measures).
-    """
-    folder.mkdir(parents=True)
-    t0 = time.perf_counter()
-    for i in range(PROBE_FILES):
-        os.close(os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    return round((time.perf_counter() - t0) / PROBE_FILES * 1e3, 3)
-
-
-def truncate_files(root: Path) -> None:
-    """Give back the disk space of a finished run but keep its inodes (see :func:`create_probe`)."""
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            try:
-                if not os.path.islink(path):
-                    os.truncate(path, 0)
-            except OSError:
-                pass
 
 
 # -- report -----------------------------------------------------------------------------

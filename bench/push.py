@@ -6,7 +6,7 @@ Usage::
     python bench/push.py [--instances 2000] [--runs 3] [--assocs 1,4]
         [--workdir /tmp/pacsbridge-bench-push]
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_push]
-        [--quiet-wait 60] [--profile]
+        [--quiet-wait 60] [--profile] [--project]
 
 Steps:
 
@@ -44,6 +44,16 @@ process; ``PACSBRIDGE_RUN_LOOP_DELAY`` is pynetdicom's polling delay.
 stdout: a table of medians and every run, the ratio pacsbridge / storescu per
 association count (target >= 0.5), then one JSON line with everything.
 Exit status 0 when every check passed (whether or not the target was met), 1 otherwise.
+
+``--project`` adds a third sender, ``pacsbridge+deid``, interleaved with the two above in every
+run: the same push job with ``"project": "bench"``, a project made anew (default
+``ProjectConfig``, a fixed benchmark secret), so that each file is de-identified in memory as it
+leaves (issue 16; target: at least 0.7x the plain pacsbridge push, ``deid ratio`` in the report).
+The project's map is emptied before each of its runs, so every run derives and records the
+pseudonyms and UIDs as a first push of a study does (the audit is append-only and only grows). One
+received file per run must carry a pseudonym, not an original PatientID.
+
+De-identification alone, against dicognito, pydicom/deid and dcmanon, is ``bench/deidentify.py``.
 """
 
 from __future__ import annotations
@@ -66,13 +76,18 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from benchlib import ensure_database, host_facts, log, median  # noqa: E402
+from benchlib import ensure_database, host_facts, log, median, wait_quiet  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-push")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_push"
 AET = "TARGET"
 CALLING = "BENCH"
 GOAL = 0.5
+#: A push de-identified under a project at least this fraction of a plain push (issue 16).
+DEID_GOAL = 0.7
+PROJECT = "bench"
+#: A fixed secret for ``--project``: the benchmark de-identifies synthetic data only.
+DEID_SECRET = "pacsbridge-benchmark-secret-synthetic-data-only"
 
 
 def env_nodelay() -> dict[str, str]:
@@ -85,26 +100,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_busy(seconds: float = 0.5) -> float:
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]
-
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return round(1 - (i1 - i0) / max(1, t1 - t0), 2)
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    os.sync()
-    start = time.perf_counter()
-    busy = cpu_busy()
-    while busy > threshold and time.perf_counter() - start < max_wait:
-        busy = cpu_busy()
-    return busy
 
 
 # -- data ------------------------------------------------------------------------------
@@ -122,7 +117,8 @@ def prepare(args: argparse.Namespace):  # noqa: ANN201 - returns (ctx, patients,
         log(f"generating {args.instances} CT instances into {gen} ...")
         files = generate(gen, args.instances, layout="flat")
     ensure_database(args.pg_url)
-    settings = Settings(database_url=args.pg_url, storage=args.workdir / "storage", fsync=False, ae_title=CALLING)
+    settings = Settings(database_url=args.pg_url, storage=args.workdir / "storage", fsync=False, ae_title=CALLING,
+                        deid_secret=DEID_SECRET)
     ctx = open_context(settings)
     ctx.index.create()
     if ctx.index.count() != args.instances or len(ctx.storage.walk()) != args.instances:
@@ -209,13 +205,17 @@ def run_storescu(port: int, dirs: list[Path], logdir: Path) -> tuple[float, list
     return seconds, problems
 
 
-def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str) -> tuple[float, dict, list[str]]:
+def run_push(ctx, jobs, patients: list[str], port: int, assocs: int, tag: str,
+             project: str = "") -> tuple[float, dict, list[str]]:
     from pacsbridge.worker import runner
     from pacsbridge.shared.dicom.node import Node
 
-    name = f"bench-{tag}"
+    name = f"bench-{tag}".replace("+", "-")
     jobs.add_node(Node(name, AET, "127.0.0.1", port, max_associations=assocs))
-    job, _ = jobs.submit("push", {"selection": {"PatientID": patients}}, node=name)
+    params: dict = {"selection": {"PatientID": patients}}
+    if project:
+        params["project"] = project
+    job, _ = jobs.submit("push", params, node=name)
     cpu0 = os.times()
     t0 = time.perf_counter()
     done = runner.run_job(job.id, ctx, jobs)
@@ -258,6 +258,40 @@ def profile_push(ctx, jobs, patients: list[str], workdir: Path, top: int = 25) -
             "sender_thread_top_tottime": buf.getvalue()}
 
 
+# -- de-identified push (--project) -------------------------------------------------------------
+def fresh_project(ctx) -> None:  # noqa: ANN001
+    """The project :data:`PROJECT` (default configuration) with an empty map, made anew."""
+    from pacsbridge.shared.deid.options import ProjectConfig
+    from pacsbridge.shared.deid.projects import ProjectStore
+
+    store = ProjectStore(ctx.index.engine)
+    clear_map(ctx)
+    if store.exists(PROJECT):
+        store.delete(PROJECT)
+    store.create(PROJECT, ProjectConfig(), DEID_SECRET.encode("ascii"), created_by="bench")
+
+
+def clear_map(ctx) -> None:  # noqa: ANN001
+    """Empty :data:`PROJECT`'s map (pseudonyms and UIDs); the audit is append-only and only grows."""
+    from pacsbridge.shared.core import schema
+
+    with ctx.index.engine.begin() as conn:
+        for table in (schema.deid_uids_table, schema.deid_patients_table):
+            conn.execute(table.delete().where(table.c.project == PROJECT))
+
+
+def leaks(folder: Path, patients: list[str], tag: str) -> list[str]:
+    """One received file must carry a pseudonym, not an original PatientID."""
+    import pydicom
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not files:
+        return []
+    ds = pydicom.dcmread(files[len(files) // 2], stop_before_pixels=True)
+    return [f"{tag}: {files[len(files) // 2].name} holds the original PatientID {ds.PatientID}"] \
+        if str(ds.get("PatientID", "")) in set(patients) else []
+
+
 # -- main ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -268,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--quiet-wait", type=float, default=60.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--project", action="store_true",
+                        help=f"also push de-identified under a project {PROJECT!r} (sender pacsbridge+deid)")
     args = parser.parse_args(argv)
+    senders = ("storescu", "pacsbridge") + (("pacsbridge+deid",) if args.project else ())
     assocs_list = [int(a) for a in args.assocs.split(",")]
     if any(a not in (1, 4) for a in assocs_list):
         parser.error("--assocs: 1 and/or 4")
@@ -284,14 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         for table in (jobsmod.instances_table, jobsmod.series_table, jobsmod.jobs_table,
                       jobsmod.node_leases_table, jobsmod.node_rates_table, jobsmod.nodes_table):
             conn.execute(table.delete())
+    if args.project:
+        fresh_project(ctx)
     runs: list[dict] = []
     problems: list[str] = []
     logdir = args.workdir / "logs"
     logdir.mkdir(exist_ok=True)
     for run in range(args.runs):
         for assocs in assocs_list:
-            for sender in ("storescu", "pacsbridge"):
+            for sender in senders:
                 tag = f"{sender}-a{assocs}-r{run}"
+                if sender == "pacsbridge+deid":
+                    clear_map(ctx)  # every run derives and records, as a first push of the study does
                 busy = wait_quiet(args.quiet_wait)
                 scp = Storescp(args.workdir / f"recv-{tag}")
                 try:
@@ -300,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                         seconds, bad = run_storescu(scp.port, dirs, logdir)
                         extra: dict = {}
                     else:
-                        seconds, extra, bad = run_push(ctx, jobs, patients, scp.port, assocs, tag)
+                        project = PROJECT if sender == "pacsbridge+deid" else ""
+                        seconds, extra, bad = run_push(ctx, jobs, patients, scp.port, assocs, tag, project)
                     got = scp.received()
+                    if sender == "pacsbridge+deid":
+                        bad += leaks(scp.folder, patients, tag)
                 finally:
                     scp.stop()
                 if got != args.instances:
@@ -312,19 +356,25 @@ def main(argv: list[str] | None = None) -> int:
                              "inst_s": round(rate, 1), "cpu_busy_before": busy, **extra})
                 log(f"{tag}: {rate:.0f} inst/s ({seconds:.1f} s){'; ' + '; '.join(bad) if bad else ''}")
     table: dict[str, dict[int, float | None]] = {}
-    for sender in ("storescu", "pacsbridge"):
+    for sender in senders:
         table[sender] = {a: median([r["inst_s"] for r in runs if r["sender"] == sender and r["assocs"] == a])
                          for a in assocs_list}
     ratios = {a: (round(table["pacsbridge"][a] / table["storescu"][a], 2)
                   if table["pacsbridge"][a] and table["storescu"][a] else None) for a in assocs_list}
     print(f"push of {args.instances} CT (512x512, explicit VR LE) into storescp --fork; median of {args.runs} "
           "run(s), inst/s")
-    print(f"{'sender':<12}" + "".join(f"{f'{a} assoc':>12}" for a in assocs_list) + "   runs")
-    for sender in ("storescu", "pacsbridge"):
+    print(f"{'sender':<16}" + "".join(f"{f'{a} assoc':>12}" for a in assocs_list) + "   runs")
+    for sender in senders:
         every = ", ".join(f"a{r['assocs']}:{r['inst_s']:.0f}" for r in runs if r["sender"] == sender)
-        print(f"{sender:<12}" + "".join(f"{table[sender][a] or 0:>12.1f}" for a in assocs_list) + f"   {every}")
-    print(f"{'ratio':<12}" + "".join(f"{ratios[a] or 0:>12.2f}" for a in assocs_list) +
+        print(f"{sender:<16}" + "".join(f"{table[sender][a] or 0:>12.1f}" for a in assocs_list) + f"   {every}")
+    print(f"{'ratio':<16}" + "".join(f"{ratios[a] or 0:>12.2f}" for a in assocs_list) +
           f"   (pacsbridge / storescu; target >= {GOAL})")
+    deid_ratios = {a: (round(table["pacsbridge+deid"][a] / table["pacsbridge"][a], 2)
+                       if table["pacsbridge+deid"][a] and table["pacsbridge"][a] else None)
+                   for a in assocs_list} if args.project else {}
+    if deid_ratios:
+        print(f"{'deid ratio':<16}" + "".join(f"{deid_ratios[a] or 0:>12.2f}" for a in assocs_list) +
+              f"   (pacsbridge+deid / pacsbridge; target >= {DEID_GOAL})")
     prof = profile_push(ctx, jobs, patients, args.workdir) if args.profile else None
     if prof:
         print("\nprofile of one pacsbridge push (1 association), sending thread, by own time:")
@@ -332,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         problems += prof["problems"]
     facts = host_facts(("pacsbridge", "pynetdicom", "pydicom", "sqlalchemy", "psycopg2-binary"))
     facts["loadavg"] = os.getloadavg()
+    profile_summary = {k: v for k, v in (prof or {}).items() if k != "sender_thread_top_tottime"}
     print(json.dumps({"benchmark": "push", "instances": args.instances, "medians": table, "ratios": ratios,
-                      "goal": GOAL, "runs": runs, "profile": {k: v for k, v in (prof or {}).items()
-                                                               if k != "sender_thread_top_tottime"},
-                      "problems": problems, "machine": facts}))
+                      "goal": GOAL, "deid_ratios": deid_ratios, "deid_goal": DEID_GOAL, "runs": runs,
+                      "profile": profile_summary, "problems": problems, "machine": facts}))
     ctx.index.engine.dispose()
     return 1 if problems else 0
 

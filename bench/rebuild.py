@@ -52,7 +52,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from benchlib import ensure_database, host_facts, median  # noqa: E402  (bench/ is on sys.path)
+from benchlib import count_files, ensure_database, host_facts, median, read_stamp, warm_cache, write_stamp  # noqa: E402  (bench/ is on sys.path)
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-rebuild")
@@ -118,41 +118,6 @@ def parse_json_line(stdout: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError(f"no JSON line in output: {stdout[:500]!r}")
-
-
-def count_files(root: Path, skip_dot: bool = True) -> int:
-    """Regular files below ``root`` (dot-files/-folders skipped unless ``skip_dot`` is False)."""
-    total = 0
-    for _folder, dirs, files in os.walk(root):
-        if skip_dot:
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-        total += sum(1 for f in files if not (skip_dot and f.startswith(".")))
-    return total
-
-
-def read_stamp(path: Path) -> dict:
-    """A cache stamp (JSON) or ``{}``."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_stamp(path: Path, data: dict) -> None:
-    """Write a cache stamp (JSON)."""
-    path.write_text(json.dumps(data) + "\n")
-
-
-def warm_cache(root: Path) -> tuple[int, int]:
-    """Read every file below ``root`` once (follows symlinks); return (files, bytes)."""
-    files = size = 0
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    size += len(chunk)
-            files += 1
-    return files, size
 
 
 # -- step 1: data ------------------------------------------------------------------------
