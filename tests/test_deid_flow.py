@@ -231,6 +231,11 @@ def test_a_seg_made_on_the_deidentified_images_comes_home_under_the_original_pat
             **auth("user"), "Content-Type": "application/dicom"}).status_code == 404
         assert client.post("/api/v1/projects/seg/results", data=b"not dicom", headers={
             **auth("user"), "Content-Type": "application/dicom"}).status_code == 400
+        # a body larger than the API's 1 MB JSON limit is streamed to disk, checked, and nothing is left
+        big = client.post("/api/v1/projects/seg/results", data=b"\x00" * (3 << 20), headers={
+            **auth("user"), "Content-Type": "application/octet-stream"})
+        assert big.status_code == 400 and "not a DICOM instance" in big.get_data(as_text=True)
+        assert not list((dctx.settings.results_root / "seg").iterdir())
     finally:
         app.extensions["pacsbridge"].close()
 

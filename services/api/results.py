@@ -11,6 +11,8 @@ the job's error says why something was refused. Role ``user``.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import uuid
 from typing import Any
@@ -54,25 +56,34 @@ def result_home(name: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     request.max_content_length = MAX_RESULT
     st = state()
     session = ProjectStore(st.ctx.index.engine).open(name, secret(st.ctx.settings))
-    data = request.get_data(cache=False)
-    try:
-        header = read_header(data, "the body", (_PATIENT_ID,))
-    except InvalidDataset as exc:
-        raise InvalidRequest(f"not a DICOM instance: {exc.reason}", "body") from None
-    pseudonym = str(header.get("PatientID") or "")
-    if session.identity.patient_by_pseudonym(pseudonym) is None:
-        session.audit(getattr(g, "token_name", "") or "", "reidentify_refused",
-                      detail=f"patient {pseudonym!r} is not a pseudonym of the project")
-        raise InvalidRequest(f"patient {pseudonym!r} was not de-identified under project {name!r}", "body")
     folder = os.path.join(st.ctx.settings.results_root, name)
     os.makedirs(folder, exist_ok=True)
     rel = f"{name}/{uuid.uuid4().hex}.dcm"
     tmp = os.path.join(folder, f".{uuid.uuid4().hex}.part")
-    with open(tmp, "xb") as fh:  # whole, then renamed: a worker never reads half a file
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(st.ctx.settings.results_root, rel))
+    try:
+        # streamed to disk as it arrives (up to MAX_RESULT), never whole in memory; renamed only once it
+        # is checked, so a worker never reads half a file or one refused here
+        with open(tmp, "xb") as fh:
+            while chunk := request.stream.read(1 << 20):
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        with open(tmp, "rb") as src, (mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) if size else
+                                      contextlib.nullcontext(b"")) as mm:
+            try:
+                header = read_header(mm, "the body", (_PATIENT_ID,))
+            except InvalidDataset as exc:
+                raise InvalidRequest(f"not a DICOM instance: {exc.reason}", "body") from None
+        pseudonym = str(header.get("PatientID") or "")
+        if session.identity.patient_by_pseudonym(pseudonym) is None:
+            session.audit(getattr(g, "token_name", "") or "", "reidentify_refused",
+                          detail=f"patient {pseudonym!r} is not a pseudonym of the project")
+            raise InvalidRequest(f"patient {pseudonym!r} was not de-identified under project {name!r}", "body")
+        os.replace(tmp, os.path.join(st.ctx.settings.results_root, rel))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     job, _ = st.jobs.submit("results", {"project": name, "file": rel}, owner=getattr(g, "token_name", "") or "")
     enqueued = st.enqueue(job)
     path = f"/api/v1/jobs/{job.id}"
