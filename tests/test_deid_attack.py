@@ -157,11 +157,9 @@ def test_a_result_cannot_mix_two_patients_of_the_project(dctx, jobs, tmp_path):
     assert row["study"] == a.StudyInstanceUID
 
 
-@pytest.mark.xfail(strict=True, reason="a job's view (GET /jobs, /jobs/<id>) shows any `read` token the original "
-                   "PatientID, study, series and SOP Instance UIDs of a job under a project (its series rows, "
-                   "failures, withheld instances); only its webhook is redacted (Job.to_webhook). Fix: tokens "
-                   "scoped to a project, and the job view of a project's job redacted for them like the webhook")
 def test_a_project_job_read_by_a_non_admin_token_names_no_original_identifier(dctx, jobs, tmp_path):
+    """A job under a project shows only admins its original identifiers (it showed any `read` token its
+    series' UIDs, patient and failures); read and user tokens get the webhook's redacted view."""
     ct = _patient(dctx, tmp_path / "in", "MRN-770011", "DOE^JOHN")
     ProjectStore(dctx.index.engine).create("p", ProjectConfig(), SECRET.encode(), created_by="test")
     # a research node that is down: the job fails, as a push to a platform does when it is unreachable
@@ -176,11 +174,47 @@ def test_a_project_job_read_by_a_non_admin_token_names_no_original_identifier(dc
     try:
         client = app.test_client()
         for role in ("read", "user"):
-            seen = client.get(f"/api/v1/jobs/{job.id}", headers=auth(role))
-            assert seen.status_code == 200
-            text = seen.get_data(as_text=True)
-            for original in (ct.PatientID, ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID):
-                assert original not in text, (role, original)
+            for path in (f"/api/v1/jobs/{job.id}", "/api/v1/jobs"):
+                seen = client.get(path, headers=auth(role))
+                assert seen.status_code == 200
+                text = seen.get_data(as_text=True)
+                for original in (ct.PatientID, ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID):
+                    assert original not in text, (role, path, original)
+        full = client.get(f"/api/v1/jobs/{job.id}", headers=auth("admin")).get_data(as_text=True)
+        assert ct.StudyInstanceUID in full  # an admin sees the job as it is
+    finally:
+        app.extensions["pacsbridge"].close()
+
+
+def test_a_platform_token_sends_results_home_and_reads_its_jobs_and_nothing_else(dctx, jobs, tmp_path):
+    """``project=NAME`` tokens (a research platform's): results to their project and their own jobs,
+    redacted; the identifiable index, files, other projects and other jobs are refused."""
+    ct = _patient(dctx, tmp_path / "in", "MRN-770011", "DOE^JOHN")
+    for name in ("p", "other"):
+        ProjectStore(dctx.index.engine).create(name, ProjectConfig(), SECRET.encode(), created_by="test")
+    lab = {"Authorization": "Bearer lab-token-0123456789abcdef"}
+    app = create_app({"SETTINGS": dctx.settings.with_(
+        api_tokens=TOKEN_SPEC + ",lab:lab-token-0123456789abcdef:project=p", listener_port=free_port(),
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}"), "TESTING": True})
+    try:
+        client = app.test_client()
+        got = client.get(f"/api/v1/instances/{ct.SOPInstanceUID}/file?project=p", headers=auth("read"))
+        assert got.status_code == 200
+        for path in ("/api/v1/patients", "/api/v1/studies", f"/api/v1/instances/{ct.SOPInstanceUID}/file",
+                     f"/api/v1/instances/{ct.SOPInstanceUID}/file?project=p", "/api/v1/jobs", "/api/v1/nodes",
+                     "/api/v1/projects", "/api/v1/projects/p/map", "/api/v1/audit"):
+            assert client.get(path, headers=lab).status_code == 403, path
+        body = {**lab, "Content-Type": "application/dicom"}
+        assert client.post("/api/v1/projects/other/results", data=got.data, headers=body).status_code == 403
+        assert client.post("/api/v1/jobs", json={"kind": "repack", "selection": {"PatientID": "MRN-770011"},
+                                                 "dest": "x"}, headers=lab).status_code == 403
+        sent = client.post("/api/v1/projects/p/results", data=got.data, headers=body)
+        assert sent.status_code == 202, sent.get_data(as_text=True)
+        mine = client.get(f"/api/v1/jobs/{sent.get_json()['id']}", headers=lab)
+        assert mine.status_code == 200 and mine.get_json()["params"] == {"project": "p"}
+        assert ct.PatientID not in mine.get_data(as_text=True)
+        theirs, _ = jobs.submit("import", {"path": "x"}, owner="uma")
+        assert client.get(f"/api/v1/jobs/{theirs.id}", headers=lab).status_code == 404
     finally:
         app.extensions["pacsbridge"].close()
 
@@ -435,3 +469,14 @@ def test_a_research_node_is_not_an_allowed_c_store_peer_of_the_listener(dctx, jo
     peers = holders[0].peers
     assert peers.allows("PACS", "127.0.0.1")  # a node we retrieve from sends its sub-operations
     assert not peers.allows("PLATFORM", "127.0.0.1")
+
+
+def test_a_project_token_names_one_valid_project():
+    from pacsbridge.api.auth import parse_tokens
+    from pacsbridge.shared.core.errors import ConfigError
+
+    (token,) = parse_tokens("lab:lab-token-0123456789abcdef:project=lung-2026:2099-01-01")
+    assert (token.role, token.project, str(token.expires)) == ("project", "lung-2026", "2099-01-01")
+    for bad in ("project=", "project=../x", "project=a b", "projects=lung"):
+        with pytest.raises(ConfigError, match="role"):
+            parse_tokens(f"lab:lab-token-0123456789abcdef:{bad}")

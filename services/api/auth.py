@@ -7,6 +7,10 @@ commas. Roles, each including the one below it:
 ``user``   (the default) submits, cancels and retries jobs, echoes and queries nodes
 ``read``   reads: nodes, jobs, the index, files
 
+and, apart from them, ``project=NAME``: a **research platform's** token, which may only send results
+home to that project (``POST /projects/NAME/results``) and read the jobs it made, redacted (no
+original identifier); everything else answers 403, so a platform never browses the identifiable index.
+
 ``expires`` (optional) is a date ``YYYY-MM-DD``: the token is refused from that
 day on (UTC). Tokens are compared with :func:`hmac.compare_digest`. With no
 token configured every protected route answers 401: the API is never open by
@@ -44,6 +48,12 @@ class Token(NamedTuple):
     secret: bytes
     role: str
     expires: dt.date | None
+    project: str = ""  # role "project": the one project this platform's token serves
+
+
+#: What a project token may call (endpoint -> whether the path's ``name`` must be its project).
+PROJECT_ENDPOINTS = {"results.result_home": True, "jobs.get_job": False}
+_PROJECT = re.compile(r"^project=([A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
 
 
 def parse_tokens(text: str) -> list[Token]:
@@ -63,14 +73,18 @@ def parse_tokens(text: str) -> list[Token]:
             raise ConfigError(f"PACSBRIDGE_API_TOKENS entry {number}: expected name:token[:role[:YYYY-MM-DD]]")
         name, secret = parts[0], parts[1]
         role = parts[2] if len(parts) > 2 and parts[2] else "user"
+        project = ""
+        scoped = _PROJECT.match(role)
+        if scoped:
+            role, project = "project", scoped.group(1)
         if not _NAME.match(name):
             raise ConfigError(f"PACSBRIDGE_API_TOKENS entry {number}: name {name!r}: letters, digits, _ . @ -")
         if not _TOKEN.match(secret) or ":" in secret or "," in secret:
             raise ConfigError(f"PACSBRIDGE_API_TOKENS entry {number} ({name}): the token must be 16 to 512 "
                               "printable characters without spaces, ':' or ','")
-        if role not in ROLES:
+        if role not in ROLES and not project:
             raise ConfigError(f"PACSBRIDGE_API_TOKENS entry {number} ({name}): role {role!r}: "
-                              f"expected one of {', '.join(ROLES)}")
+                              f"expected one of {', '.join(ROLES)} or project=NAME")
         expires = None
         if len(parts) == 4:
             try:
@@ -80,7 +94,7 @@ def parse_tokens(text: str) -> list[Token]:
                                   f"{parts[3]!r} is not YYYY-MM-DD") from None
         if any(t.name == name for t in tokens):
             raise ConfigError(f"PACSBRIDGE_API_TOKENS: the name {name!r} is used twice")
-        tokens.append(Token(name, secret.encode(), role, expires))
+        tokens.append(Token(name, secret.encode(), role, expires, project))
     return tokens
 
 
@@ -129,6 +143,13 @@ def authenticate() -> None:
         raise _challenge("unknown token")
     if found.expires is not None and dt.datetime.now(dt.timezone.utc).date() >= found.expires:
         raise _challenge(f"the token {found.name!r} expired on {found.expires.isoformat()}")
+    if found.role == "project":  # a platform's token: its project's results and its own jobs, nothing else
+        own_project = PROJECT_ENDPOINTS.get(request.endpoint)
+        if own_project is None or (own_project and (request.view_args or {}).get("name") != found.project):
+            raise ApiError(403, f"the token {found.name!r} serves project {found.project!r}: it may only send "
+                                "results home to it and read its own jobs")
+        g.token_name, g.role, g.project = found.name, found.role, found.project
+        return
     if _RANK[found.role] < _RANK[needed]:
         on_refused = getattr(view, "pacsbridge_refused", None)
         if on_refused is not None:

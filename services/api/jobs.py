@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import Blueprint, g
 
-from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.errors import InvalidRequest, NotFound
 from pacsbridge.shared.dicom.query import QueryModel
 from pacsbridge.shared.jobs import spec as jobspec
 from pacsbridge.shared.jobs.store import FINISHED, KINDS, Job
@@ -56,12 +56,28 @@ RULES = (*(f"retrieve: {r}" for r in QueryModel.rules),
 
 
 def _view(job: Job, with_series: bool = True) -> dict[str, Any]:
-    """The job as this request's token may see it."""
+    """The job as this request's token may see it: a job under a de-identification project shows
+    only admins its original identifiers (:func:`_redacted`)."""
     out = job.to_dict(with_series=with_series)
     if g.get("role") != "admin" and not (job.owner and g.get("token_name") == job.owner):
         for name in PRIVATE:
             out[name] = ""
+    if job.params.get("project") and g.get("role") != "admin":
+        _redacted(out)
     return out
+
+
+def _redacted(out: dict[str, Any]) -> None:
+    """A project's job without an original identifier (as its webhook, :meth:`Job.to_webhook`): its
+    selection, its series' UIDs, patient and description, the failures and withheld lists and the error
+    text (which may name them) go; the counts stay."""
+    out["params"] = {"project": out["params"].get("project", "")}
+    out["result"] = {k: v for k, v in out["result"].items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if out["error"]:
+        out["error"] = "see the job as an admin (its details may name original identifiers)"
+    for series in out.get("series") or []:
+        series.update(series_uid="", study_uid="", patient_id="", description="", error="")
 
 
 def _summary(job: Job) -> dict[str, Any]:
@@ -104,9 +120,13 @@ def list_jobs() -> dict[str, Any]:
 @bp.get("/jobs/<job_id>")
 @operation("A job with per-series progress", "jobs", {200: ("the job", JobOut)}, errors=READ + (404,), path=_JOB_ID)
 def get_job(job_id: str) -> dict[str, Any]:
-    """The job with per-series progress (``series``), ``totals`` and its error."""
+    """The job with per-series progress (``series``), ``totals`` and its error (a project token: only
+    the jobs it made, redacted)."""
     check_known(())
-    return answer(JobOut, _view(state().jobs.get(job_id)))  # type: ignore[no-any-return]
+    job = state().jobs.get(job_id)
+    if g.get("role") == "project" and job.owner != g.get("token_name"):
+        raise NotFound(f"no job {job_id!r}")
+    return answer(JobOut, _view(job))  # type: ignore[no-any-return]
 
 
 @bp.post("/jobs/<job_id>/cancel")

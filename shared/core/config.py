@@ -242,9 +242,11 @@ class Settings(BaseSettings):
         compose="required", secret=True,
         more="API bearer tokens: name:token[:role[:YYYY-MM-DD expiry]] entries separated by commas. Roles:\n"
              "read (index, files, jobs), user (default: also submits/cancels jobs, echoes/queries nodes),\n"
-             "admin (also creates/changes/deletes nodes). Token: 16-512 printable characters, no ':' or ','\n"
+             "admin (also creates/changes/deletes nodes and projects, reads maps and the audit), and\n"
+             "project=NAME: a research platform's token, which may only send results home to that project\n"
+             "and read its own jobs, redacted. Token: 16-512 printable characters, no ':' or ','\n"
              "(e.g. `openssl rand -hex 32`). Requests send `Authorization: Bearer <token>`.\n"
-             "Example: PACSBRIDGE_API_TOKENS=ops:3f9c...e1:admin,platform:a81b...07:user")
+             "Example: PACSBRIDGE_API_TOKENS=ops:3f9c...e1:admin,lab:a81b...07:project=lung-2026")
 
     # -- webhooks -------------------------------------------------------------------------------
     webhook_allow: str = _f(
