@@ -36,7 +36,6 @@ from pacsbridge.shared.core.errors import Conflict, InvalidRequest, NotFound, Un
 from pacsbridge.shared.deid.keys import secret
 from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
 from pacsbridge.shared.deid.profile import DeidentifyError
-from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.index.conquest import Index
 
@@ -312,7 +311,7 @@ def instance_file(uid: str) -> Response:
         raise NotFound(f"instance {uid!r}: its file resolves outside the storage root; not served")
     if not real.is_file():
         raise NotFound(f"instance {uid!r}: the file is gone from storage (run `pacsbridge rebuild --prune`)")
-    projects = ProjectStore(st.ctx.index.engine)
+    projects = st.projects
     actor = getattr(g, "token_name", "") or ""
     if a.project:
         outgoing = Outgoing(projects.open(a.project, secret(st.ctx.settings)), actor, "download", "API client")

@@ -22,7 +22,6 @@ from flask import Blueprint, g, request
 from pacsbridge.shared.core.errors import InvalidDataset, InvalidRequest
 from pacsbridge.shared.deid.keys import secret
 from pacsbridge.shared.deid.options import PROJECT_NAME_PATTERN
-from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.index.records import read_header
 
 from .auth import requires
@@ -55,7 +54,7 @@ def result_home(name: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         raise InvalidRequest("send the instance as application/dicom (one Part 10 file)", "body")
     request.max_content_length = MAX_RESULT
     st = state()
-    session = ProjectStore(st.ctx.index.engine).open(name, secret(st.ctx.settings))
+    session = st.projects.open(name, secret(st.ctx.settings))
     folder = os.path.join(st.ctx.settings.results_root, name)
     os.makedirs(folder, exist_ok=True)
     rel = f"{name}/{uuid.uuid4().hex}.dcm"

@@ -238,9 +238,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     except ConfigError as exc:
         raise InvalidRequest(str(exc), "template") from None
     link = bool(params.get("link", False))
-    project = params.get("project") or ""
-    if project and link:
-        raise InvalidRequest("a de-identified repack writes new files: it cannot hard-link", "link")
+    project = params.get("project") or ""  # never with link: RepackRequest refuses it (checked by the runner)
     selected = resolve(ctx.index, ctx.storage, params["selection"], jobs)
     by_series = selected.by_series()
     if not selected.instances and not selected.rejected:
