@@ -30,6 +30,7 @@ SHARED_LAYERS = {
     "deid": {"core", "dicom"},
     "jobs": {"core", "dicom", "index", "deid"},
     "nodes": {"core", "dicom", "index", "deid"},
+    "cohorts": {"core", "dicom", "index", "deid", "jobs", "nodes"},
 }
 SERVICES = ("pacsbridge.listener", "pacsbridge.worker", "pacsbridge.api")
 

@@ -99,6 +99,9 @@ def _pacsbridge(exc: PacsbridgeError) -> Response:
     extra: dict[str, Any] = {}
     if isinstance(exc, DimseError) and exc.status is not None:
         extra["dimse_status"] = exc.status
+    problems = getattr(exc, "problems", None)
+    if problems:  # a cohort file: every problem, by row and column
+        extra["problems"] = [{"row": p.row, "column": p.column, "message": p.message} for p in problems]
     return error_response(status, str(exc), getattr(exc, "field", ""), **extra)
 
 

@@ -41,12 +41,23 @@ def answer(model: type[BaseModel], data: Any) -> Any:
 
 
 # -- errors -----------------------------------------------------------------------------
+class Problem(Out):
+    """One problem of a cohort file: the row as the user sees it (the header is row 1 of a CSV or xlsx;
+    the object's place, from 1, in JSON), the column as written ("" for the whole row or file)."""
+
+    row: int
+    column: str
+    message: str
+
+
 class ErrorDetail(Out):
     status: int
     message: str
     path: str
     field: str = Field("", description="the input field to blame, if one is")
     dimse_status: int = Field(0, description="the DIMSE status a peer answered (502)")
+    problems: list[Problem] = Field(default_factory=list, description="every problem of an uploaded cohort file, "
+                                                                      "by row and column (400)")
 
 
 class ErrorBody(Out):

@@ -237,6 +237,10 @@ class Settings(BaseSettings):
                           more="The API (`pacsbridge api`, waitress): threads that run requests (a request is read "
                                "whole\nbefore a thread takes it: slow clients hold only a connection).")
     api_connections: int = _f(1000, "api", "open client connections `pacsbridge api` keeps at most", ge=1)
+    cohort_max_bytes: int = _f(20 << 20, "api", "largest cohort upload (a spreadsheet or JSON rows) in bytes; "
+                               "larger is answered 413", ge=1024)
+    cohort_max_rows: int = _f(50_000, "api", "most rows a cohort may have (a larger file is refused, with the "
+                              "row named)", ge=1, le=1_000_000)
     api_tokens: str = _f(
         "", "api", "API bearer tokens: name:token[:role[:YYYY-MM-DD]] entries separated by commas",
         compose="required", secret=True,

@@ -14,6 +14,8 @@ prefixed so they never clash with a ``dicom.sql``::
     pacsbridge_quarantine     what indexing set aside (a refused instance, a UID of two patients)
     pacsbridge_push_instances per push job and instance: acknowledged or failed
     pacsbridge_arrivals       who sent each instance, and when (jobs, stable-study detection)
+    pacsbridge_cohorts        per cohort job: the input's form, what follows the retrieve, mass transfer
+    pacsbridge_cohort_rows    per cohort and input row: its cells, what the query found, its transfer
 
 A change to them is a migration (:mod:`.migrations`): :func:`pacsbridge.shared.core.migrations.upgrade`
 brings any older database to what this module declares, and a test fails when the two differ.
@@ -30,7 +32,8 @@ from pacsbridge.shared.core.dicomsql import Schema, TableDef
 
 __all__ = ["COUNTERS", "metadata", "nodes_table", "jobs_table", "series_table", "node_leases_table", "node_rates_table",
            "stable_table", "quarantine_table", "instances_table", "arrivals_table", "projects_table",
-           "deid_patients_table", "deid_uids_table", "audit_table", "conquest_tables", "ident"]
+           "deid_patients_table", "deid_uids_table", "audit_table", "cohorts_table", "cohort_rows_table",
+           "conquest_tables", "ident"]
 
 #: The counters of a job's series (columns of ``pacsbridge_job_series``).
 COUNTERS = ("expected", "received", "indexed", "pushed", "failed", "quarantined")
@@ -220,6 +223,42 @@ audit_table = Table(
     Column("study_uid", String(64), nullable=False, default=""),
     Column("target", String(255), nullable=False, default=""),   # node, folder, or what was read
     Column("detail", Text, nullable=False, default=""),
+)
+
+
+# -- cohorts (migration 0004, shared/cohorts) ---------------------------------------------------------
+#: A cohort is a job of kind ``cohort`` (same id): what its input looked like (to hand back its failed
+#: rows in the same form), whether its transfer was asked for, what follows each retrieve, a mass transfer.
+cohorts_table = Table(
+    "pacsbridge_cohorts", metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("format", String(8), nullable=False),                  # csv | xlsx | json
+    Column("form", Text, nullable=False),                         # JSON: headers as written, delimiter ...
+    Column("transfer", Boolean, nullable=False, default=False),  # False: a dry run (query only) so far
+    Column("then", Text, nullable=False, default="{}"),           # JSON: {} | {"push": node} | {"repack": {...}}
+    Column("mass", Text, nullable=False, default=""),             # JSON of a mass transfer, "" for rows
+    Column("created_at", Float, nullable=False),
+)
+
+#: One row per input row (or mass-transfer chunk): its cells as written, what the query found, how its
+#: transfer went (counters summed over its child jobs).
+cohort_rows_table = Table(
+    "pacsbridge_cohort_rows", metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),  # as the user sees it in the file
+    Column("cells", Text, nullable=False),                        # JSON: header as written -> text
+    Column("spec", Text, nullable=False),                         # JSON of the parsed row
+    Column("duplicate_of", Integer, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("patient_id", String(64), nullable=False, default=""),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("studies", Text, nullable=False, default="[]"),         # JSON: what the query found
+    *(Column(c, Integer, nullable=False, default=0)
+      for c in ("series", "expected", "held", "received", "sent", "quarantined", "failed")),
+    Column("children", Text, nullable=False, default="[]"),       # JSON: ids of its retrieve/push/repack jobs
+    Column("updated_at", Float, nullable=False),
+    Index("pacsbridge_cohort_rows_state", "job_id", "state"),
 )
 
 

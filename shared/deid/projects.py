@@ -558,6 +558,11 @@ class MappedIdentity:
                                                                           c.new == new))).first()
         return None if row is None else (row.issuer, row.patient_id)
 
+    def peek(self, issuer: str, patient_id: str) -> MapEntry | None:
+        """The map's row of a patient, or None; nothing is written (a cohort's dry run checks its
+        rows' pseudonyms against the map with it)."""
+        return self._lookup(issuer or "", patient_id or "", touch=False)
+
     def patient_by_pseudonym(self, pseudonym: str) -> MapEntry | None:
         """The map's row of a pseudonym (issuer, original PatientID, offset ...), or None."""
         return self._by_pseudonym(pseudonym)

@@ -43,7 +43,7 @@ __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FIN
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "partial", "failed", "cancelled")
-KINDS = ("retrieve", "push", "repack", "import", "index", "results")
+KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort")
 
 @dataclasses.dataclass
 class SeriesProgress:
@@ -383,15 +383,15 @@ class JobStore:
             return bool(conn.execute(select(jobs_table.c.cancel_requested)
                                      .where(jobs_table.c.id == job_id)).scalar())
 
-    def retry(self, job_id: str) -> Job:
-        """Queue a failed, partial or cancelled job again (its progress is kept)."""
+    def retry(self, job_id: str, states: Sequence[str] = ("failed", "partial", "cancelled")) -> Job:
+        """Queue a job again (its progress is kept): a failed, partial or cancelled one, or one of ``states``
+        (a cohort's ``start`` queues a finished dry run again)."""
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs_table.c.state).where(jobs_table.c.id == job_id)).first()
             if row is None:
                 raise UnknownJob(f"no job {job_id!r}")
-            if row.state not in ("failed", "partial", "cancelled"):
-                raise Conflict(f"job {job_id} is {row.state}; only failed, partial or cancelled jobs "
-                               "can be retried")
+            if row.state not in states:
+                raise Conflict(f"job {job_id} is {row.state}; only {', '.join(states)} jobs can be queued again")
             conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(
                 state="queued", error="", cancel_requested=False, finished_at=None, worker="",
                 heartbeat_at=None, enqueued_at=None))

