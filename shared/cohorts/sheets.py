@@ -505,6 +505,12 @@ def _read_csv(text: str, bom: bool, problems: _Problems, max_rows: int) -> Sheet
                 problems.add(number, "", f"{len(record)} cells but {len(headers)} headers "
                                          f"(is the delimiter {delimiter!r} inside a cell without quotes?)")
                 continue
+            stray = next((i for i, h in enumerate(headers) if not h.strip() and i < len(record)
+                          and record[i].strip()), None)
+            if stray is not None:
+                problems.add(number, "", f"cell {stray + 1} holds {record[stray][:40]!r} but its column has "
+                                         "no header")
+                continue
             cells = {h: (record[i] if i < len(record) else "") for i, h in enumerate(headers) if h.strip()}
             if not builder.add_row(number, cells):
                 break
