@@ -272,6 +272,9 @@ def test_more_than_max_rows():
     assert read_sheet(csv_bytes(rows), max_rows=11).rows[-1].number == 12
     problems = problems_of(csv_bytes(rows), max_rows=10)
     assert problems == [Problem(0, "", "more than 10 rows: split the cohort into several")]
+    bad = [["PatientID"]] + [["P*"] for _ in range(12)]  # invalid rows count too
+    assert Problem(0, "", "more than 10 rows: split the cohort into several") in problems_of(csv_bytes(bad),
+                                                                                             max_rows=10)
 
 
 def test_ten_thousand_rows():

@@ -364,6 +364,7 @@ class _Builder:
         self.rows: list[SheetRow] = []
         self.seen: dict[tuple[Any, ...], int] = {}
         self.too_many = False
+        self.count = 0  # non-empty rows, valid or not
 
     def set_headers(self, headers: Sequence[str], row: int) -> None:
         """Check the headers (``row`` is the header's row; 0 for JSON, where each key is checked once)."""
@@ -386,7 +387,8 @@ class _Builder:
         """Validate and keep one row; False once there are more than ``max_rows`` (stop reading)."""
         if not any(v.strip() for v in cells.values()):
             return True
-        if len(self.rows) >= self.max_rows:
+        self.count += 1
+        if self.count > self.max_rows:
             self.problems.add(0, "", f"more than {self.max_rows} rows: split the cohort into several")
             self.too_many = True
             return False
