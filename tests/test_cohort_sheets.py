@@ -313,6 +313,9 @@ def test_xlsx_formula_without_cached_value_is_reported_and_with_one_is_read():
     sheet = read_sheet(cached)
     assert [(r.spec.PatientID, r.spec.AccessionNumber) for r in sheet.rows] == [("P1", "A1"), ("P2", "2"),
                                                                                ("P3", None)]
+    # a formula whose value is the empty string, as Excel saves it, is an empty cell
+    sheet = read_sheet(with_cached_values(data, {"A2": "P1", "B3": ""}))
+    assert [(r.spec.PatientID, r.spec.AccessionNumber) for r in sheet.rows][1] == ("P2", None)
 
 
 def test_xlsx_error_cell_and_unknown_header_and_headerless_data():

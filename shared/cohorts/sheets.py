@@ -641,8 +641,10 @@ def _read_xlsx(data: bytes, problems: _Problems, max_rows: int) -> Sheet:
                             ok = False
                         continue
                     if value is None:
-                        if isinstance(cell, ReadOnlyCell):
-                            suspects[(number, i + 1)] = header  # a stored cell: a formula without its value?
+                        # a stored cell read as empty: a formula saved without its value? (t="str" is a
+                        # formula whose cached value is the empty string: empty it is)
+                        if isinstance(cell, ReadOnlyCell) and cell.data_type != "str":
+                            suspects[(number, i + 1)] = header
                         cells[header] = ""
                         continue
                     text, why = _excel_text(value, cell.data_type)
