@@ -30,6 +30,8 @@ SHARED_LAYERS = {
     "deid": {"core", "dicom"},
     "jobs": {"core", "dicom", "index", "deid"},
     "nodes": {"core", "dicom", "index", "deid"},
+    # cohorts (issue 17): the rows read the query's and the projects' patterns; the store and the
+    # mass transfer build on jobs and nodes
     "cohorts": {"core", "dicom", "index", "deid", "jobs", "nodes"},
 }
 SERVICES = ("pacsbridge.listener", "pacsbridge.worker", "pacsbridge.api")
