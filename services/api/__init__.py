@@ -42,7 +42,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry), or a ``PACSBRIDGE_DEID_SECRET``
         that is not the secret of the projects in the database (DeidSecretError).
     """
-    from . import auth, browse, contract, errors, health, jobs, metrics, nodes, params, projects, quarantine, results
+    from . import (auth, browse, cohorts, contract, errors, health, jobs, metrics, nodes, params, projects, quarantine,
+                   results)
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -71,4 +72,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(quarantine.bp, url_prefix=API_PREFIX)
     app.register_blueprint(projects.bp, url_prefix=API_PREFIX)
     app.register_blueprint(results.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(cohorts.bp, url_prefix=API_PREFIX)
     return app

@@ -163,8 +163,9 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             path = path.replace(f"<{arg}>", f"{{{arg}}}")
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             pending.append((path, method.lower(), op, sorted(rule.arguments)))
-            if op.body is not None and not isinstance(op.body, (tuple, list)):
-                schemas.add(op.body, "validation")
+            for one in op.body if isinstance(op.body, list) else [op.body]:
+                if one is not None and not isinstance(one, tuple):
+                    schemas.add(one, "validation")
             for _, content in op.responses.values():
                 for one in content if isinstance(content, list) else [content]:
                     if one is not None and not isinstance(one, tuple):
@@ -201,9 +202,12 @@ def document(app: Flask | None = None) -> dict[str, Any]:
             entry[CROSS_FIELD] = list(op.rules)
         if description:
             entry["description"] = description
-        if isinstance(op.body, (tuple, list)):  # (content type, schema), or several: a body that is not JSON
+        if isinstance(op.body, (tuple, list)):  # (content type, schema), or several (a model among them: JSON)
             bodies = [op.body] if isinstance(op.body, tuple) else op.body
-            entry["requestBody"] = {"required": True, "content": {ct: {"schema": sc} for ct, sc in bodies}}
+            entry["requestBody"] = {"required": True, "content": {
+                ct: {"schema": sc} for ct, sc in (b if isinstance(b, tuple) else ("application/json",
+                                                                                  ref(b, "validation"))
+                                                  for b in bodies)}}
         elif op.body is not None:
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": ref(op.body, "validation")}}}
