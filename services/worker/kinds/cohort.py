@@ -98,7 +98,8 @@ def resolve_row(spec: Mapping[str, Any], searcher: DimseSearcher, ctx: Context) 
     if not studies:
         return {"state": "not_found", "reason": f"no study on node {searcher.node.name!r} matches the row"}
     patients = sorted({(str(s.get("IssuerOfPatientID") or ""), str(s.get("PatientID") or "")) for s in studies})
-    if len(patients) > 1 and not spec.get("PatientID"):
+    names_one_study = spec.get("AccessionNumber") or spec.get("StudyInstanceUID")
+    if len(patients) > 1 and names_one_study and not spec.get("PatientID"):
         named = ", ".join(repr(p) for _, p in patients[:5])
         return {"state": "ambiguous", "reason": f"the row matches {len(patients)} patients ({named}); "
                                                 "name the PatientID or the StudyInstanceUID too"}
@@ -256,7 +257,9 @@ class _Children:
                     return current
                 if self.cancel.is_set():
                     self.jobs.cancel(child.id)
-                elif current.state == "queued":
+                elif current.state == "queued" or (time.time() - (current.heartbeat_at or 0)
+                                                   > execute.HEARTBEAT_SECONDS * 4):
+                    # queued, or running on a worker that died (its beats stale): ours to run
                     finished = execute.run_job(child.id, ctx, self.jobs, {child.kind: code})
                     if finished is not None:
                         return finished
