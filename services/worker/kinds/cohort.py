@@ -17,7 +17,8 @@ taken over after a crash, a cancel followed by ``resume``, or a ``retry`` goes o
   cohort: one patient, one pseudonym; one pseudonym, one patient. A row that contradicts it is ``refused``.
 
 The node is asked one row at a time per association, with at most the node's ``max_associations``
-associations (each under its :class:`~pacsbridge.shared.nodes.throttle.NodeSlots` lease, across every job).
+associations (each under its :class:`~pacsbridge.shared.nodes.throttle.NodeSlots` lease, across every job);
+a mass transfer's chunks, one at a time.
 
 **Transfer** (rows ``found`` / ``held``, with ``transferring`` ones a crash interrupted): per row, a child
 ``retrieve`` job for the studies not held (with the series the query found, not asked again), then a
@@ -175,7 +176,7 @@ def _check_pseudonyms(store: CohortStore, job: Job, projects: ProjectStore | Non
 
 
 def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, node: Node,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, parallel: int) -> None:
     slots = NodeSlots(ctx.index.engine, node, f"{worker_id()}/{job.id[:8]}")
     searcher = DimseSearcher(node, ctx.settings.ae_title, slots, cancel=cancel)
 
@@ -193,7 +194,7 @@ def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, nod
             values = {"state": "failed", "reason": f"query failed: {exc}"}
         store.update_row(job.id, row.number, **values)
 
-    _each(store.iter_rows(job.id, states=("pending",)), one, max(1, node.max_associations), f"cohort-q-{job.id[:8]}")
+    _each(store.iter_rows(job.id, states=("pending",)), one, parallel, f"cohort-q-{job.id[:8]}")
 
 
 def _each(rows: Iterable[CohortRow], do: Callable[[CohortRow], None], parallel: int, name: str) -> None:
@@ -388,7 +389,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     projects = ProjectStore(ctx.index.engine) if job.params.get("project") else None
     started = time.monotonic()
 
-    _query_stage(job, ctx, jobs, store, node, cancel)
+    # a mass transfer asks the PACS one chunk at a time (each may be large); rows, up to the node's limit
+    _query_stage(job, ctx, jobs, store, node, cancel, 1 if cohort.mass else max(1, node.max_associations))
     if cancel.is_set():
         return Outcome("cancelled", "cancelled by request", _result(store, job, "query", started))
     _check_pseudonyms(store, job, projects, ctx)
