@@ -671,14 +671,15 @@ def _show_cohort(cohort: dict[str, Any], fmt: str) -> None:
     from rich.console import Console
 
     err = Console(stderr=True, highlight=False)
-    if fmt == "table":
-        print(cohort["id"])
-    title = (f"cohort {cohort['id']}: {cohort['state']}" + (f", {cohort['stage']}" if cohort.get("stage") else "")
+    summary = (f"cohort {cohort['id']}: {cohort['state']}" + (f", {cohort['stage']}" if cohort.get("stage") else "")
              + f" ({cohort.get('rows', 0)} rows, node {cohort.get('node') or '?'}"
              + (f", project {cohort['project']}" if cohort.get("project") else "")
              + (", dry run" if not cohort.get("transfer") else "") + ")")
+    if fmt == "table":  # the id alone on the first line, for scripts; a table's title would wrap
+        print(cohort["id"])
+        print(summary)
     states = sorted((cohort.get("states") or {}).items(), key=lambda i: _state_rank(i[0]))
-    _print(("state", "rows"), [[s, n] for s, n in states], fmt, title=title)
+    _print(("state", "rows"), [[s, n] for s, n in states], fmt)
     if cohort.get("error"):
         err.print(f"[yellow]{cohort['error']}[/yellow]")
     items = cohort.get("items") or []
@@ -781,7 +782,7 @@ def cmd_cohort_list(api: ApiClient, args: argparse.Namespace) -> int:
 def safe_filename(disposition: str, fallback: str) -> str:
     """The file name a ``Content-Disposition`` header proposes, fit to write in the current folder.
 
-    Only its last component is taken (``/`` and ``\\`` both separate); a name with ``..``, control
+    Only its last component is taken (``/`` and ``\\`` both separate); a name with ``..`` anywhere, control
     characters or nothing left is refused (:class:`ClientError`), never written. No header: ``fallback``.
     """
     from email.message import Message
@@ -792,7 +793,7 @@ def safe_filename(disposition: str, fallback: str) -> str:
     if name is None:
         return fallback
     base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if not base or ".." in base or base.startswith(".") or any(not c.isprintable() for c in base):
+    if not base or ".." in name or base.startswith(".") or any(not c.isprintable() for c in name):
         raise ClientError(0, f"the API proposed the file name {name!r}: refused (give -o FILE)")
     return base
 
