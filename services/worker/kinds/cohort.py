@@ -98,7 +98,10 @@ def resolve_row(spec: Mapping[str, Any], searcher: DimseSearcher, ctx: Context) 
     if not studies:
         return {"state": "not_found", "reason": f"no study on node {searcher.node.name!r} matches the row"}
     patients = sorted({(str(s.get("IssuerOfPatientID") or ""), str(s.get("PatientID") or "")) for s in studies})
-    if len(patients) > 1 and not spec.get("PatientID"):
+    # several patients are ambiguous only for a row that names one thing (an accession, a study): a
+    # mass-transfer chunk (a date range) names no patient and is meant to match many
+    if len(patients) > 1 and not spec.get("PatientID") and (spec.get("AccessionNumber") or
+                                                            spec.get("StudyInstanceUID")):
         named = ", ".join(repr(p) for _, p in patients[:5])
         return {"state": "ambiguous", "reason": f"the row matches {len(patients)} patients ({named}); "
                                                 "name the PatientID or the StudyInstanceUID too"}
