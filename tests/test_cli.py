@@ -324,7 +324,8 @@ def cohort_setup(tmp_path_factory):
         with Orthanc(tmp / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", free_port())}) as pacs:
             pacs.upload(sorted((tmp / "files").glob("*.dcm")))
             status, _, _ = server.call("POST", "/api/v1/nodes", {"name": "pacs", "ae_title": pacs.aet,
-                                                                 "host": "127.0.0.1", "port": pacs.dicom_port})
+                                                                 "host": "127.0.0.1", "port": pacs.dicom_port,
+                                                                 "retrieve": "get"})
             assert status == 201
             server.worker()
             yield _CohortSetup(server, pacs, tmp)
@@ -412,3 +413,26 @@ def test_cohort_download_name_from_the_api_is_a_bare_base_name(header, expected)
             safe_filename(header, "fallback.csv")
     else:
         assert safe_filename(header, "fallback.csv") == expected
+
+
+def test_cohort_start_moves_what_the_dry_run_found_and_mass_chunks(cohort_setup, tmp_path):
+    sheet = tmp_path / "start.json"
+    sheet.write_text(json.dumps([{"PatientID": "COHCLI0"}, {"PatientID": "NOBODY2"}]), encoding="utf-8")
+    cid = cohort_setup.run("submit", sheet, "--node", "pacs", "--follow", "--format", "json")
+    assert cid.returncode == 1, cid.stderr  # the dry run: one row not found
+    cohort = json.loads(cid.stdout)
+    assert cohort["states"] == {"found": 1, "not_found": 1} and not cohort["transfer"]
+    proc = cohort_setup.run("start", cohort["id"], "--follow", "--format", "json")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    done = json.loads(proc.stdout)
+    assert done["transfer"] and done["states"] == {"done": 1, "not_found": 1}, done
+    assert done["totals"]["received"] == 1
+    again = cohort_setup.run("start", cohort["id"])
+    assert again.returncode == 2 and "409" in again.stderr  # started already: resume or retry it
+
+    # a mass transfer: one row per day, CT only (sent to the PACS)
+    proc = cohort_setup.run("mass", "--node", "pacs", "--from", "2024-03-01", "--to", "2024-03-02", "--chunk", "day",
+                            "--modality", "CT", "--follow", "--format", "json")
+    assert proc.returncode == 1, proc.stdout
+    mass = json.loads(proc.stdout)
+    assert mass["rows"] == 2 and mass["states"] == {"found": 1, "not_found": 1}, mass
