@@ -678,11 +678,12 @@ def _show_cohort(cohort: dict[str, Any], fmt: str) -> None:
     if fmt == "table":  # the id alone on the first line, for scripts; a table's title would wrap
         print(cohort["id"])
         print(summary)
+    items = cohort.get("items") or []
     states = sorted((cohort.get("states") or {}).items(), key=lambda i: _state_rank(i[0]))
-    _print(("state", "rows"), [[s, n] for s, n in states], fmt)
+    if fmt == "table" or not items:  # CSV: one table in the stream, the rows when asked for
+        _print(("state", "rows"), [[s, n] for s, n in states], fmt)
     if cohort.get("error"):
         err.print(f"[yellow]{cohort['error']}[/yellow]")
-    items = cohort.get("items") or []
     if items:
         rows = [[r["row"], r["state"], r.get("reason", ""), r.get("patient_id", ""), len(r.get("studies") or []),
                  *(r.get(c, 0) for c in ("series", "expected", "held", "received", "sent", "failed")),

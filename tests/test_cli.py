@@ -349,6 +349,9 @@ def test_cohort_submit_wait_show_report_and_failed_rows(cohort_setup, tmp_path):
     shown = json.loads(proc.stdout)
     assert shown["state"] == "partial" and shown["states"] == {"found": 2, "not_found": 1}, shown
     assert [(r["row"], r["state"]) for r in shown["items"]] == [(2, "found"), (3, "found"), (4, "not_found")]
+    rows_csv = list(csv.DictReader(io.StringIO(cohort_setup.run("show", cid, "--rows", "--format", "csv").stdout)))
+    assert [(r["row"], r["state"], r["patient_id"]) for r in rows_csv] == [
+        ("2", "found", "COHCLI0"), ("3", "found", "COHCLI1"), ("4", "not_found", "")], rows_csv
     table = cohort_setup.run("show", cid, "--state", "not_found")
     assert table.returncode == 0 and "NOBODY" in table.stdout and "COHCLI0" not in table.stdout, table.stdout
     listed = cohort_setup.run("list", "--format", "json")
