@@ -16,11 +16,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from typing import Any, Callable, Sequence
 
 from pacsbridge.shared.core.config import load_settings
 
-__all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS", "check_job", "check_query"]
+__all__ = ["ApiClient", "ClientError", "add_parsers", "QUERY_FIELDS", "check_job", "check_query", "safe_filename"]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 #: Query flags shared by ``find`` and ``retrieve`` (the query model of the jobs).
@@ -32,9 +33,11 @@ _JOB_EXIT = {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILE
 class ClientError(Exception):
     """The API refused a request (``status`` >= 400) or could not be reached (``status`` 0)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, problems: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(message)
         self.status = status
+        #: A refused cohort file's problems, by row and column (``{"row", "column", "message"}``).
+        self.problems = list(problems)
 
 
 class ApiClient:
@@ -52,31 +55,67 @@ class ApiClient:
     def fetch(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
               accept: str = "application/json") -> bytes:
         """The raw body of an answer (a CSV export ...); :class:`ClientError` as :meth:`request`."""
+        data = json.dumps(body).encode() if body is not None else None
+        return self.send(method, path, data, "application/json" if data is not None else "", params, accept)[0]
+
+    def send(self, method: str, path: str, data: bytes | None = None, content_type: str = "",
+             params: dict[str, Any] | None = None, accept: str = "application/json") -> tuple[bytes, Any]:
+        """The raw body and the headers of an answer to ``data`` (already encoded, of ``content_type``)."""
         url = f"{self.base}/api/v1/{path.lstrip('/')}"
         if params:
             url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
-        data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": accept}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - the user's own API URL
-                raw = resp.read()
+                return resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
-            raise ClientError(exc.code, _error_message(exc.read(), exc.code)) from None
+            raw = exc.read()
+            raise ClientError(exc.code, _error_message(raw, exc.code), _problems(raw)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ClientError(0, f"cannot reach the API at {self.base}: {reason}") from None
-        return raw
+
+    def upload(self, path: str, fields: dict[str, str], filename: str, content: bytes) -> Any:
+        """POST a file (form field ``file``) and ``fields`` as ``multipart/form-data``; the JSON answer."""
+        boundary = f"pacsbridge-{uuid.uuid4().hex}"
+        parts = []
+        for name, value in fields.items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                         + value.encode("utf-8") + b"\r\n")
+        safe = _quote_filename(filename)
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        raw, _ = self.send("POST", path, data, f"multipart/form-data; boundary={boundary}")
+        return json.loads(raw) if raw else None
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})
+
+
+def _quote_filename(name: str) -> str:
+    """A file name fit for a multipart header: its base name, no quotes, backslashes or line breaks."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c for c in base if c.isprintable() and c not in '"\\') or "cohort"
+
+
+def _problems(raw: bytes) -> list[dict[str, Any]]:
+    """The ``problems`` of an error body (a refused cohort file), if it has any."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return []
+    err = data.get("error") if isinstance(data, dict) else None
+    problems = err.get("problems") if isinstance(err, dict) else None
+    return [p for p in problems if isinstance(p, dict)] if isinstance(problems, list) else []
 
 
 def _error_message(raw: bytes, status: int) -> str:
@@ -582,6 +621,353 @@ def _project_map(api: ApiClient, args: argparse.Namespace, path: str, err: Any) 
     return EXIT_OK
 
 
+# -- cohorts -----------------------------------------------------------------------
+#: Row states in the order a cohort's rows go through them (what ``cohort show`` lists).
+COHORT_STATES = ("pending", "found", "held", "duplicate", "transferring", "done", "partial", "ambiguous",
+                 "not_found", "refused", "failed", "cancelled")
+COHORT_COLUMNS = ("id", "state", "stage", "node", "project", "rows", "states", "error")
+ROW_COLUMNS = ("row", "state", "reason", "patient_id", "studies", "series", "expected", "held", "received", "sent",
+               "failed", "cells")
+PROBLEM_COLUMNS = ("row", "column", "message")
+_DOWNLOAD_TYPES = {"csv": "text/csv", "json": "application/json",
+                   "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
+
+
+def _cohort_path(cohort_id: str, tail: str = "") -> str:
+    return f"cohorts/{urllib.parse.quote(cohort_id, safe='')}{tail}"
+
+
+def _then(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
+    """``--then push NODE`` / ``--then repack DIR`` as a form field (``push:NODE``) and as JSON."""
+    if not args.then:
+        if args.repack_template:
+            raise ClientError(-1, "--template: only with --then repack DIR")
+        return "", None
+    what, target = args.then
+    if what == "push":
+        if args.repack_template:
+            raise ClientError(-1, "--template: only with --then repack DIR")
+        return f"push:{target}", {"push": target}
+    if what == "repack":
+        repack = {"dest": target, **({"template": args.repack_template} if args.repack_template else {})}
+        return f"repack:{target}", {"repack": repack}
+    raise ClientError(-1, f"--then {what}: expected push NODE or repack DIR")
+
+
+def _states_text(states: dict[str, int]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in sorted(states.items(), key=lambda i: _state_rank(i[0])) if n)
+
+
+def _state_rank(state: str) -> int:
+    return COHORT_STATES.index(state) if state in COHORT_STATES else len(COHORT_STATES)
+
+
+def _show_cohort(cohort: dict[str, Any], fmt: str) -> None:
+    """A cohort: its id and state, then its rows counted by state (and a page of rows if it has one)."""
+    if fmt == "json":
+        json.dump(cohort, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    summary = (f"cohort {cohort['id']}: {cohort['state']}" + (f", {cohort['stage']}" if cohort.get("stage") else "")
+             + f" ({cohort.get('rows', 0)} rows, node {cohort.get('node') or '?'}"
+             + (f", project {cohort['project']}" if cohort.get("project") else "")
+             + (", dry run" if not cohort.get("transfer") else "") + ")")
+    if fmt == "table":  # the id alone on the first line, for scripts; a table's title would wrap
+        print(cohort["id"])
+        print(summary)
+    items = cohort.get("items") or []
+    states = sorted((cohort.get("states") or {}).items(), key=lambda i: _state_rank(i[0]))
+    if fmt == "table" or not items:  # CSV: one table in the stream, the rows when asked for
+        _print(("state", "rows"), [[s, n] for s, n in states], fmt)
+    if cohort.get("error"):
+        err.print(f"[yellow]{cohort['error']}[/yellow]")
+    if items:
+        rows = [[r["row"], r["state"], r.get("reason", ""), r.get("patient_id", ""), len(r.get("studies") or []),
+                 *(r.get(c, 0) for c in ("series", "expected", "held", "received", "sent", "failed")),
+                 " ".join(f"{k}={v}" for k, v in (r.get("cells") or {}).items() if v)] for r in items]
+        _print(ROW_COLUMNS, rows, fmt, title=f"rows {items[0]['row']} to {items[-1]['row']}")
+
+
+def _problems_out(exc: ClientError, fmt: str) -> int:
+    """A refused cohort file: every problem by row and column (exit 2); other refusals as any other."""
+    if not exc.problems:
+        raise exc
+    from rich.console import Console
+
+    rows = [[p.get("row", ""), p.get("column", ""), p.get("message", "")] for p in exc.problems]
+    _print(PROBLEM_COLUMNS, rows, fmt, title=f"{len(rows)} problem(s): nothing was submitted")
+    Console(stderr=True, highlight=False).print(f"[red]refused ({exc.status})[/red]: {exc}")
+    return EXIT_USAGE
+
+
+def _submitted(api: ApiClient, cohort: dict[str, Any], args: argparse.Namespace) -> int:
+    if getattr(args, "follow", False):
+        return _wait_cohort(api, cohort["id"], args)
+    _show_cohort(cohort, args.format)
+    return EXIT_OK
+
+
+def cmd_cohort_submit(api: ApiClient, args: argparse.Namespace) -> int:
+    """``cohort submit FILE``: the file as it is (multipart), checked whole by the API before anything runs."""
+    then, _ = _then(args)
+    try:
+        with open(args.file, "rb") as f:
+            content = f.read()
+    except OSError as exc:
+        raise ClientError(-1, f"{args.file}: {exc.strerror}") from None
+    fields = {"node": args.node}
+    for name, value in (("project", args.project), ("then", then), ("template", args.repack_template),
+                        ("webhook", args.webhook)):
+        if value:
+            fields[name] = value
+    if args.start:
+        fields["start"] = "true"
+    try:
+        cohort = api.upload("cohorts", fields, str(args.file), content)
+    except ClientError as exc:
+        return _problems_out(exc, args.format)
+    return _submitted(api, cohort, args)
+
+
+def cmd_cohort_mass(api: ApiClient, args: argparse.Namespace) -> int:
+    """``cohort mass``: a date range in day or week chunks, with filters (checked here with the API's model)."""
+    from pacsbridge.shared.cohorts.mass import MassRequest
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.core.models import check
+
+    _, then = _then(args)
+    filters: dict[str, Any] = {}
+    for key, value in (("Modality", args.modality), ("StudyDescription", args.description),
+                       ("InstitutionName", args.institution), ("BodyPartExamined", args.body_part),
+                       ("min_age", args.min_age), ("max_age", args.max_age)):
+        if value not in (None, [], ""):
+            filters[key] = value
+    mass = {"from": args.from_, "to": args.to, "chunk": args.chunk, "filters": filters}
+    try:
+        check(MassRequest, mass, field="mass", rename=lambda loc: ".".join(str(p) for p in loc))
+    except InvalidRequest as exc:
+        raise _refused_here(exc) from None
+    body: dict[str, Any] = {"node": args.node, "mass": mass, "start": args.start}
+    if args.project:
+        body["project"] = args.project
+    if then:
+        body["then"] = then
+    if args.webhook:
+        body["webhook"] = args.webhook
+    return _submitted(api, api.post("cohorts", body), args)
+
+
+def cmd_cohort_show(api: ApiClient, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.rows or args.state:
+        params = {"rows": 1, "state": args.state, "limit": args.limit, "offset": args.offset}
+    _show_cohort(api.get(_cohort_path(args.id), **params), args.format)
+    return EXIT_OK
+
+
+def cmd_cohort_list(api: ApiClient, args: argparse.Namespace) -> int:
+    page = api.get("cohorts", limit=args.limit, offset=args.offset)
+    if args.format == "json":
+        json.dump(page, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    rows = [[c["id"], c["state"], c.get("stage", ""), c.get("node", ""), c.get("project", ""), c.get("rows", 0),
+             _states_text(c.get("states") or {}), (c.get("error") or "")[:120]] for c in page["items"]]
+    _print(COHORT_COLUMNS, rows, args.format, title=f"cohorts: {len(rows)} of {page.get('total', len(rows))}")
+    return EXIT_OK
+
+
+def safe_filename(disposition: str, fallback: str) -> str:
+    """The file name a ``Content-Disposition`` header proposes, fit to write in the current folder.
+
+    Only its last component is taken (``/`` and ``\\`` both separate); a name with ``..`` anywhere, control
+    characters or nothing left is refused (:class:`ClientError`), never written. No header: ``fallback``.
+    """
+    from email.message import Message
+
+    msg = Message()
+    msg["Content-Disposition"] = disposition or ""
+    name = msg.get_filename()
+    if name is None:
+        return fallback
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not base or ".." in name or base.startswith(".") or any(not c.isprintable() for c in name):
+        raise ClientError(0, f"the API proposed the file name {name!r}: refused (give -o FILE)")
+    return base
+
+
+def _download(api: ApiClient, args: argparse.Namespace, what: str) -> int:
+    """``cohort report`` / ``cohort failed``: the file to ``-o`` (``-`` standard output), else to the name
+    the API proposes, in the current folder (never over an existing file)."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    params = {"format": args.format} if args.format else {}
+    raw, headers = api.send("GET", _cohort_path(args.id, f"/{what}"), params=params,
+                            accept=_DOWNLOAD_TYPES.get(args.format or "", "*/*"))
+    if args.output == "-":
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        return EXIT_OK
+    if args.output:
+        target = Path(args.output)
+    else:
+        target = Path(safe_filename(headers.get("Content-Disposition", ""),
+                                    f"cohort-{args.id[:8]}-{what}.{args.format or 'csv'}"))
+        if target.exists():
+            raise ClientError(-1, f"{target} exists: give -o FILE to write another (or over it)")
+    try:
+        target.write_bytes(raw)
+    except OSError as exc:
+        raise ClientError(-1, f"{target}: {exc.strerror}") from None
+    err.print(f"{what} of cohort {args.id} written to {target} ({len(raw):,} bytes)")
+    return EXIT_OK
+
+
+def cmd_cohort_report(api: ApiClient, args: argparse.Namespace) -> int:
+    return _download(api, args, "report")
+
+
+def cmd_cohort_failed(api: ApiClient, args: argparse.Namespace) -> int:
+    return _download(api, args, "failed")
+
+
+def cmd_cohort_action(api: ApiClient, args: argparse.Namespace) -> int:
+    """``cohort start|cancel|resume|retry ID``."""
+    cohort = api.post(_cohort_path(args.id, f"/{args.action}"))
+    return _submitted(api, cohort, args)
+
+
+def _wait_cohort(api: ApiClient, cohort_id: str, args: argparse.Namespace) -> int:
+    """Poll a cohort until its job ends (rows resolved as a bar on a terminal); show it; the job's exit code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    err = Console(stderr=True, highlight=False)
+    interval = getattr(args, "interval", 1.0) or 1.0
+    deadline = time.monotonic() + args.timeout if getattr(args, "timeout", None) else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[states]}"), console=err, disable=not err.is_terminal) as progress:
+        task = progress.add_task(f"cohort {cohort_id[:8]}", total=None, states="")
+        while True:
+            cohort = api.get(_cohort_path(cohort_id))
+            states = cohort.get("states") or {}
+            settled = sum(n for s, n in states.items() if s not in ("pending", "transferring")
+                          and not (cohort.get("transfer") and s in ("found", "held")))
+            progress.update(task, total=cohort.get("rows") or None, completed=settled, states=_states_text(states))
+            if cohort["state"] not in ("queued", "running"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                _show_cohort(cohort, args.format)
+                raise ClientError(0, f"cohort {cohort_id} is still {cohort['state']} after {args.timeout:g} s")
+            time.sleep(interval)
+    _show_cohort(cohort, args.format)
+    return _JOB_EXIT.get(cohort["state"], EXIT_FAILED)
+
+
+def cmd_cohort_wait(api: ApiClient, args: argparse.Namespace) -> int:
+    return _wait_cohort(api, args.id, args)
+
+
+def _cohort_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    cohort = sub.add_parser(
+        "cohort", help="cohorts: many studies from a spreadsheet or a date range (docs/cohorts.md)",
+        description="A cohort: a CSV, xlsx or JSON file of rows (or a date range in chunks), each queried on a "
+                    "node first (a dry run unless --start), then pulled and pushed or repacked. Exit codes as "
+                    "the other client verbs; wait and --follow: 0 succeeded, 1 partial, 3 failed or cancelled.")
+    actions = cohort.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def then_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--node", required=True, help="the node to query and pull from")
+        p.add_argument("--project", help="de-identify what leaves under this project (needed for a Pseudonym column)")
+        p.add_argument("--then", nargs=2, metavar=("push|repack", "NODE|DIR"),
+                       help="after each row's retrieve: push NODE, or repack DIR (under PACSBRIDGE_EXPORT_ROOT)")
+        p.add_argument("--template", dest="repack_template", metavar="TEMPLATE",
+                       help="--then repack: the storage template or preset")
+        p.add_argument("--start", action="store_true", help="move what the query finds (default: a dry run)")
+        p.add_argument("--webhook", help="a URL called when the cohort ends")
+        p.add_argument("--follow", action="store_true", help="wait until it ends, with progress")
+
+    p = actions.add_parser("submit", help="submit a CSV, xlsx or JSON file of rows",
+                           description="Upload a file of rows. The API checks all of it first: a file with "
+                                       "problems is refused, each problem printed by row and column (exit 2), "
+                                       "and nothing runs.")
+    p.add_argument("file", metavar="FILE")
+    then_flags(p)
+    _common(p)
+    p.set_defaults(func=_run(cmd_cohort_submit))
+
+    p = actions.add_parser("mass", help="submit a date range in day or week chunks, with filters",
+                           description="A mass transfer: every study of a date range, a chunk (day or week) "
+                                       "at a time. --modality and --description are sent with the query; "
+                                       "--institution, --body-part and the ages are applied to the answers.")
+    p.add_argument("--from", dest="from_", required=True, metavar="DATE", help="first study date (YYYYMMDD)")
+    p.add_argument("--to", required=True, metavar="DATE", help="last study date, included")
+    p.add_argument("--chunk", choices=("week", "day"), default="week")
+    p.add_argument("--modality", nargs="+", action="extend", metavar="CODE", help="CT MR ...: a study with any")
+    p.add_argument("--description", metavar="PATTERN", help="StudyDescription, * and ? as wildcards")
+    p.add_argument("--institution", metavar="PATTERN", help="InstitutionName, * and ?, case-insensitive")
+    p.add_argument("--body-part", dest="body_part", nargs="+", action="extend", metavar="CODE",
+                   help="BodyPartExamined (CHEST ...): the series with any")
+    p.add_argument("--min-age", dest="min_age", type=int, metavar="YEARS")
+    p.add_argument("--max-age", dest="max_age", type=int, metavar="YEARS")
+    then_flags(p)
+    _common(p)
+    p.set_defaults(func=_run(cmd_cohort_mass))
+
+    p = actions.add_parser("show", help="a cohort's state and its rows counted by state")
+    p.add_argument("id")
+    p.add_argument("--rows", action="store_true", help="also a page of rows")
+    p.add_argument("--state", choices=COHORT_STATES, help="only the rows in this state (implies --rows)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--offset", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=_run(cmd_cohort_show))
+
+    p = actions.add_parser("list", help="cohorts, newest first")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=_run(cmd_cohort_list))
+
+    for name, verb, text in (
+            ("report", cmd_cohort_report, "download the per-row report"),
+            ("failed", cmd_cohort_failed, "download the rows that did not succeed, in the input's own form "
+                                          "(fix it and submit it again)")):
+        p = actions.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. Written to -o FILE "
+                               "(- for standard output), else to the name the API proposes in the current "
+                               "folder, never over an existing file.")
+        p.add_argument("id")
+        p.add_argument("--format", choices=("csv", "xlsx", "json"),
+                       help="default: csv (report), the input's own format (failed)")
+        p.add_argument("-o", "--output", metavar="FILE")
+        p.add_argument("--api", help="API base URL (PACSBRIDGE_API_URL, default http://127.0.0.1:8080)")
+        p.add_argument("--token", help="API token (PACSBRIDGE_API_TOKEN)")
+        p.set_defaults(func=_run(verb))
+
+    for name, text in (("start", "move what a dry run found"), ("cancel", "cancel a cohort and its child jobs"),
+                       ("resume", "go on with a cancelled or interrupted cohort"),
+                       ("retry", "run the rows that did not succeed again")):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("id")
+        if name != "cancel":
+            p.add_argument("--follow", action="store_true", help="wait until it ends, with progress")
+        _common(p)
+        p.set_defaults(func=_run(cmd_cohort_action))
+
+    p = actions.add_parser("wait", help="wait until a cohort ends (exit 0 succeeded, 1 partial, 3 failed)")
+    p.add_argument("id")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 3)")
+    _common(p)
+    p.set_defaults(func=_run(cmd_cohort_wait))
+
+
 # -- parser ------------------------------------------------------------------------
 def _run(verb: Callable[[ApiClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
@@ -746,3 +1132,5 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--output", "-o", metavar="FILE.csv", help="map: write the map as CSV to this file")
     _common(p)
     p.set_defaults(func=_run(cmd_projects))
+
+    _cohort_parsers(sub)

@@ -294,3 +294,148 @@ def test_the_client_checks_requests_with_the_apis_models_before_sending(args, op
     proc = subprocess.run(EXE + args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert option in proc.stderr and "cannot reach" not in proc.stderr, proc.stderr
+
+
+# -- pacsbridge cohort: the client against the real API, a real worker and a real Orthanc (issue 17) ----
+class _CohortSetup:
+    def __init__(self, server, pacs, tmp: Path) -> None:
+        self.server, self.pacs, self.tmp = server, pacs, tmp
+
+    def run(self, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        from .test_api import TOKENS
+
+        env = {**self.server.env, "PACSBRIDGE_API_URL": self.server.url, "PACSBRIDGE_API_TOKEN": TOKENS["user"],
+               "COLUMNS": "200"}
+        return subprocess.run(EXE + ["cohort", *map(str, args)], env=env, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def cohort_setup(tmp_path_factory):
+    from .orthanc import Orthanc, free_port
+    from .test_api import Server
+
+    tmp = tmp_path_factory.mktemp("cohort")
+    for i in range(2):
+        make_instance(tmp / "files" / f"{i}.dcm", PatientID=f"COHCLI{i}", StudyDate="20240301", Modality="CT",
+                      AccessionNumber=f"CLIACC{i}")
+    server = Server(tmp)
+    try:
+        with Orthanc(tmp / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", free_port())}) as pacs:
+            pacs.upload(sorted((tmp / "files").glob("*.dcm")))
+            status, _, _ = server.call("POST", "/api/v1/nodes", {"name": "pacs", "ae_title": pacs.aet,
+                                                                 "host": "127.0.0.1", "port": pacs.dicom_port,
+                                                                 "retrieve": "get"})
+            assert status == 201
+            server.worker()
+            yield _CohortSetup(server, pacs, tmp)
+    finally:
+        server.close()
+
+
+def test_cohort_submit_wait_show_report_and_failed_rows(cohort_setup, tmp_path):
+    sheet = tmp_path / "my cohort.csv"
+    sheet.write_text("Patient ID;Accession\nCOHCLI0;\n;CLIACC1\nNOBODY;\n", encoding="utf-8")
+    proc = cohort_setup.run("submit", sheet, "--node", "pacs")
+    assert proc.returncode == 0, proc.stderr
+    cid = proc.stdout.splitlines()[0].strip()
+    assert cid.isalnum() and "pending" in proc.stdout and "3 rows" in proc.stdout, proc.stdout
+
+    # a dry run with a row not found ends partial: wait says so with exit 1
+    proc = cohort_setup.run("wait", cid, "--timeout", "120", "--interval", "0.3")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    proc = cohort_setup.run("show", cid, "--rows", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["state"] == "partial" and shown["states"] == {"found": 2, "not_found": 1}, shown
+    assert [(r["row"], r["state"]) for r in shown["items"]] == [(2, "found"), (3, "found"), (4, "not_found")]
+    rows_csv = list(csv.DictReader(io.StringIO(cohort_setup.run("show", cid, "--rows", "--format", "csv").stdout)))
+    assert [(r["row"], r["state"], r["patient_id"]) for r in rows_csv] == [
+        ("2", "found", "COHCLI0"), ("3", "found", "COHCLI1"), ("4", "not_found", "")], rows_csv
+    table = cohort_setup.run("show", cid, "--state", "not_found")
+    assert table.returncode == 0 and "NOBODY" in table.stdout and "COHCLI0" not in table.stdout, table.stdout
+    listed = cohort_setup.run("list", "--format", "json")
+    assert cid in {c["id"] for c in json.loads(listed.stdout)["items"]}
+
+    report = tmp_path / "report.csv"
+    proc = cohort_setup.run("report", cid, "-o", report)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(report.read_text(encoding="utf-8-sig"))))
+    assert [(r["row"], r["state"], r["Patient ID"], r["Accession"]) for r in rows] == [
+        ("2", "found", "COHCLI0", ""), ("3", "found", "", "CLIACC1"), ("4", "not_found", "NOBODY", "")]
+    assert rows[1]["patient_id"] == "COHCLI1"
+
+    # the failed rows: to the name the API proposes, in the current folder; the input's own form
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = cohort_setup.run("failed", cid, cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    written = list(out.iterdir())
+    assert [p.name for p in written] == [f"cohort-{cid[:8]}-failed.csv"]
+    assert written[0].read_text(encoding="utf-8-sig").splitlines() == ["Patient ID;Accession", "NOBODY;"]
+    again = cohort_setup.run("failed", cid, cwd=out)
+    assert again.returncode == 2 and "exists" in again.stderr  # never over a file
+    proc = cohort_setup.run("failed", cid, "--format", "json", "-o", "-")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [{"Patient ID": "NOBODY", "Accession": ""}], \
+        proc.stdout
+
+
+def test_cohort_refused_file_prints_every_problem_by_row_and_column(cohort_setup, tmp_path):
+    sheet = tmp_path / "bad.csv"
+    sheet.write_text("PatientID,StudyUID,Colour\nP1,not-a-uid,red\n,,\nP*,1.2.3,blue\n", encoding="utf-8")
+    proc = cohort_setup.run("submit", sheet, "--node", "pacs", "--format", "json")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    problems = json.loads(proc.stdout)
+    assert {"row": 1, "column": "Colour"} in [{k: p[k] for k in ("row", "column")} for p in problems], problems
+    assert {(p["row"], p["column"]) for p in problems} >= {(2, "StudyUID"), (4, "PatientID")}, problems
+    assert "refused (400)" in proc.stderr
+    table = cohort_setup.run("submit", sheet, "--node", "pacs")
+    assert table.returncode == 2 and "Colour" in table.stdout and "StudyUID" in table.stdout, table.stdout
+    assert "nothing was submitted" in table.stdout
+    assert cohort_setup.run("list", "--format", "json").stdout.count("bad.csv") == 0
+    # a bad mass transfer is refused here, before anything is sent
+    proc = cohort_setup.run("mass", "--node", "pacs", "--from", "20240301", "--to", "20240201")
+    assert proc.returncode == 2 and "from" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("header, expected", [
+    ('attachment; filename="cohort-ab-report.csv"', "cohort-ab-report.csv"),
+    ('attachment; filename="/etc/passwd"', "passwd"),
+    ('attachment; filename="a\\\\b\\\\x.xlsx"', "x.xlsx"),
+    ("", "fallback.csv"),
+    ('attachment; filename="../../x.csv"', None),
+    ('attachment; filename=".."', None),
+    ('attachment; filename="ok/.."', None),
+    ('attachment; filename=".hidden"', None),
+])
+def test_cohort_download_name_from_the_api_is_a_bare_base_name(header, expected):
+    from pacsbridge.client import ClientError, safe_filename
+
+    if expected is None:
+        with pytest.raises(ClientError, match="refused"):
+            safe_filename(header, "fallback.csv")
+    else:
+        assert safe_filename(header, "fallback.csv") == expected
+
+
+def test_cohort_start_moves_what_the_dry_run_found_and_mass_chunks(cohort_setup, tmp_path):
+    sheet = tmp_path / "start.json"
+    sheet.write_text(json.dumps([{"PatientID": "COHCLI0"}, {"PatientID": "NOBODY2"}]), encoding="utf-8")
+    cid = cohort_setup.run("submit", sheet, "--node", "pacs", "--follow", "--format", "json")
+    assert cid.returncode == 1, cid.stderr  # the dry run: one row not found
+    cohort = json.loads(cid.stdout)
+    assert cohort["states"] == {"found": 1, "not_found": 1} and not cohort["transfer"]
+    proc = cohort_setup.run("start", cohort["id"], "--follow", "--format", "json")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    done = json.loads(proc.stdout)
+    assert done["transfer"] and done["states"] == {"done": 1, "not_found": 1}, done
+    assert done["totals"]["received"] == 1
+    again = cohort_setup.run("start", cohort["id"])
+    assert again.returncode == 2 and "409" in again.stderr  # started already: resume or retry it
+
+    # a mass transfer: one row per day, CT only (sent to the PACS)
+    proc = cohort_setup.run("mass", "--node", "pacs", "--from", "2024-03-01", "--to", "2024-03-02", "--chunk", "day",
+                            "--modality", "CT", "--follow", "--format", "json")
+    assert proc.returncode == 1, proc.stdout
+    mass = json.loads(proc.stdout)
+    assert mass["rows"] == 2 and mass["states"] == {"found": 1, "not_found": 1}, mass

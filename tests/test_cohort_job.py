@@ -100,3 +100,22 @@ def test_query_then_transfer_each_study_once(ctx, hospital):
     assert done is not None and done.state == "succeeded", done.error
     row = store.rows(again)[0]
     assert row.state == "done" and row.held == 5 and not row.children
+
+
+def test_a_mass_chunk_of_several_patients_is_found_not_ambiguous(ctx, hospital):
+    """A mass-transfer chunk names a date range, no patient: the studies of every patient that day are what
+    it asks for (each chunk of a busy day ended ``ambiguous`` before, and nothing moved)."""
+    from pacsbridge.shared.cohorts.mass import MassRequest, chunk_rows
+
+    pacs, _ = hospital
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    (cells, spec), = chunk_rows(MassRequest.model_validate({"from": "20220101", "to": "20220101", "chunk": "day"}))
+    job, _ = jobs.submit("cohort", {"rows": generate_uid()}, node="pacs")
+    store.create(job.id, format="json", form={"headers": list(cells), "dialect": {"wrapper": "list"}, "mass": True},
+                 rows=[CohortRow(number=1, cells=cells, spec=spec)], then={}, transfer=False)
+    done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.state, done.error)
+    row = store.rows(job.id)[0]
+    assert row.state == "found" and len(row.studies) == 2, (row.state, row.reason)  # COH0's and COH1's

@@ -105,6 +105,22 @@ def test_the_readme_links_every_doc():
         assert doc.resolve() in linked, f"README.md's map of the docs does not link {doc.relative_to(ROOT)}"
 
 
+def test_cohorts_doc_lists_every_accepted_header():
+    """docs/cohorts.md's table of headers is the code's: every alias of ``HEADER_ALIASES`` is named in the row
+    of its field, and the table names no header the code does not accept."""
+    from pacsbridge.shared.cohorts.sheets import FIELDS, HEADER_ALIASES, normalise_header
+
+    text = (ROOT / "docs" / "cohorts.md").read_text(encoding="utf-8")
+    rows = {cells[0]: cells[1] for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]] if len(cells) >= 3 and cells[0] in FIELDS}
+    assert sorted(rows) == sorted(FIELDS), "docs/cohorts.md lost a row of its table of headers"
+    named = {field: {normalise_header(h) for h in _CODE.findall(cell)} for field, cell in rows.items()}
+    for alias, field in HEADER_ALIASES.items():
+        assert alias in named[field], f"docs/cohorts.md does not name the header {alias!r} of {field}"
+    for field, headers in named.items():
+        assert {HEADER_ALIASES.get(h) for h in headers} == {field}, f"docs/cohorts.md: {field}: {headers}"
+
+
 # --- docs/cli.md: the real --help of every command ---------------------------------------------
 
 @contextlib.contextmanager
