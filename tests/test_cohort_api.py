@@ -249,3 +249,64 @@ def test_spreadsheet_dry_run_transfer_and_failed_rows_resent(app, client, hospit
     assert image_count(app) == 16 and len(jobs_of(app, "retrieve")) == 3
     assert client.get(f"/api/v1/cohorts/{cid2}/failed", headers=auth("read")).data.decode(
         "utf-8-sig").splitlines() == ["PatientID;Accession Number"]
+
+
+# -- 3: a project's cohort pushed de-identified to a second Orthanc ------------------------------------------
+def _dest_studies(dest: Orthanc) -> dict[str, list[str]]:
+    """PatientID -> the StudyDates of its studies, as the second Orthanc holds them."""
+    out: dict[str, list[str]] = {}
+    for sid in dest.get("/studies"):
+        tags = dest.get(f"/studies/{sid}")
+        out.setdefault(tags["PatientMainDicomTags"]["PatientID"], []).append(tags["MainDicomTags"]["StudyDate"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _day(text: str) -> dt.date:
+    return dt.datetime.strptime(text, "%Y%m%d").date()
+
+
+def test_project_cohort_pushes_deidentified_one_pseudonym_and_offset_per_patient(app, client, hospital, tmp_path):
+    pacs, studies, _ = hospital
+    st = app.extensions["pacsbridge"]
+    projects = ProjectStore(st.ctx.index.engine)
+    projects.create("lung", ProjectConfig(), SECRET.encode(), created_by="test")
+    projects.open("lung", SECRET.encode()).identity.assign("", "COH1", "ASSIGNED-1")
+    add_node(client, "pacs", pacs)
+    with Orthanc(tmp_path / "dest", aet="PLATFORM") as dest:
+        add_node(client, "platform", dest, identifiable=False, project="lung")
+        rows = [["PatientID", "AccessionNumber", "Pseudonym"],
+                ["COH0", "ACC0A", "SUBJ-A"],      # 2: a study
+                ["COH0", "ACC0B", "SUBJ-A"],      # 3: its prior, the same pseudonym
+                ["COH1", "ACC1A", "WRONG-1"],     # 4: the map says ASSIGNED-1: refused
+                ["COH2", "ACC2A", ""]]            # 5: no pseudonym: the map makes one
+        resp = submit_file(client, csv_bytes(rows), "lung.csv", node="pacs", project="lung", then="push:platform",
+                           start="true")
+        assert resp.status_code == 202, resp.get_data(as_text=True)
+        cid = resp.get_json()["id"]
+        assert resp.get_json()["project"] == "lung"
+        result = run(app, cid)
+        assert result["state"] == "partial", result
+        got = report_rows(client, cid)
+        assert {n: r["state"] for n, r in got.items()} == {2: "done", 3: "done", 4: "refused", 5: "done"}, got
+        assert "another pseudonym" in got[4]["reason"]
+        assert got[2]["sent"] == got[3]["sent"] == got[5]["sent"] == 5
+        held = _dest_studies(dest)
+        made = projects.open("lung", SECRET.encode()).identity.peek("", "COH2")
+        assert made is not None and made.pseudonym not in ("", "SUBJ-A")
+        assert set(held) == {"SUBJ-A", made.pseudonym}, held
+        assert len(held["SUBJ-A"]) == 2  # the study and its prior, under one pseudonym
+        prior, study = (_day(d) for d in held["SUBJ-A"])
+        assert study - _day("20240315") == prior - _day("20230315") != dt.timedelta(0)  # one offset
+        assert dest.instance_count() == 15
+        tags = {json.dumps(dest.get(f"/instances/{i}/simplified-tags")) for i in dest.get("/instances")}
+        assert not any("COH0" in t or "ACC0A" in t or "Pat^" in t for t in tags)
+        # the report never shows the pseudonym the map made, in any format
+        assert made.pseudonym not in report(client, cid, "csv").data.decode()
+        assert made.pseudonym not in report(client, cid, "json").data.decode()
+        book = openpyxl.load_workbook(io.BytesIO(report(client, cid, "xlsx").data), read_only=True)
+        cells = [str(c) for r in book.worksheets[0].iter_rows(values_only=True) for c in r]
+        assert "SUBJ-A" in cells and not any(made.pseudonym in c for c in cells)
+        for path in (f"/api/v1/cohorts/{cid}?rows=1", f"/api/v1/cohorts/{cid}/failed",
+                     f"/api/v1/cohorts/{cid}/failed?format=xlsx", "/api/v1/cohorts"):
+            resp = client.get(path, headers=auth("user"))
+            assert resp.status_code == 200 and made.pseudonym.encode() not in resp.data, path
