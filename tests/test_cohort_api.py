@@ -310,3 +310,62 @@ def test_project_cohort_pushes_deidentified_one_pseudonym_and_offset_per_patient
                      f"/api/v1/cohorts/{cid}/failed?format=xlsx", "/api/v1/cohorts"):
             resp = client.get(path, headers=auth("user"))
             assert resp.status_code == 200 and made.pseudonym.encode() not in resp.data, path
+
+
+# -- 4: bad input ---------------------------------------------------------------------------------------------
+def _xlsx(rows: list[list[Any]]) -> bytes:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in rows:
+        sheet.append(row)
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+def test_bad_files_are_refused_and_excel_cells_and_non_ascii_are_read(app, client, hospital):
+    pacs, _, _ = hospital
+    add_node(client, "pacs", pacs)
+
+    def refused(data: bytes, name: str, status: int = 400) -> dict[str, Any]:
+        resp = submit_file(client, data, name, node="pacs")
+        assert resp.status_code == status, (name, resp.status_code, resp.get_data(as_text=True)[:500])
+        return dict(resp.get_json()["error"])
+
+    assert "empty" in refused(b"", "empty.csv")["message"]
+    binary = refused(bytes(range(256)) * 40, "scan.csv")
+    assert "not a text file" in binary["message"], binary
+    big = b"PatientID\r\n" + b"P1234567\r\n" * (50 * 1024 * 1024 // 10)
+    refused(big, "big.csv", 413)
+    huge_json = client.post("/api/v1/cohorts", data=json.dumps({"node": "pacs", "rows": [{"PatientID": "P" * 60}]
+                                                                * 400_000}),
+                            content_type="application/json", headers=auth("user"))
+    assert huge_json.status_code == 413
+    # a formula openpyxl wrote has no cached value: its row and column are named
+    formula = refused(_xlsx([["PatientID", "StudyDate"], ["COH0", "=TODAY()"]]), "f.xlsx")
+    assert {(p["row"], p["column"]) for p in formula["problems"]} == {(2, "StudyDate")}, formula
+    assert not jobs_of(app, "cohort")
+
+    # a date cell and a numeric PatientID in Excel; a pattern and UTF-8 text in CSV; duplicate rows
+    book = _xlsx([["Patient ID", "Study Date"], [12345, dt.date(2024, 5, 1)], [12345, dt.datetime(2024, 5, 1)]])
+    resp = submit_file(client, book, "excel.xlsx", node="pacs", start="1")
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    assert run(app, cid)["state"] == "succeeded"
+    got = report_rows(client, cid)
+    assert got[2]["Patient ID"] == "12345" and got[2]["Study Date"] == "20240501", got[2]
+    assert (got[2]["state"], got[2]["received"], got[3]["state"]) == ("done", 2, "duplicate"), got
+    assert image_count(app) == 2
+    text = ("PatientID,StudyDescription,AccessionNumber\n12345,Thorax*,\n12345,Thorax ä*,\n,,ÄCC\n12345,Thorax*,\n"
+            "COH0,Thörax*,\n")
+    resp = submit_file(client, text.encode(), "utf8.csv", node="pacs", start="1")
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    run(app, cid)
+    got = report_rows(client, cid)
+    assert {n: (r["state"], r["held"]) for n, r in got.items()} == {
+        2: ("done", 2), 3: ("done", 2), 4: ("done", 2), 5: ("duplicate", 0), 6: ("not_found", 0)}, got
+    assert got[3]["StudyDescription"] == "Thorax ä*" and got[4]["AccessionNumber"] == "ÄCC"
+    assert image_count(app) == 2 and len(jobs_of(app, "retrieve")) == 1  # held, not pulled twice
+    failed = client.get(f"/api/v1/cohorts/{cid}/failed", headers=auth("read")).data.decode("utf-8-sig")
+    assert failed.splitlines() == ["PatientID,StudyDescription,AccessionNumber", "COH0,Thörax*,"], failed
