@@ -369,3 +369,79 @@ def test_bad_files_are_refused_and_excel_cells_and_non_ascii_are_read(app, clien
     assert image_count(app) == 2 and len(jobs_of(app, "retrieve")) == 1  # held, not pulled twice
     failed = client.get(f"/api/v1/cohorts/{cid}/failed", headers=auth("read")).data.decode("utf-8-sig")
     assert failed.splitlines() == ["PatientID,StudyDescription,AccessionNumber", "COH0,Thörax*,"], failed
+
+
+# -- 5 and 6: 10,000 rows; status while running; cancel, resume -------------------------------------------------
+def _status(client, cid: str) -> tuple[dict[str, Any], float]:
+    t0 = time.monotonic()
+    resp = client.get(f"/api/v1/cohorts/{cid}", headers=auth("read"))
+    took = time.monotonic() - t0
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json(), took
+
+
+def _run_in_thread(app, cid: str) -> threading.Thread:
+    worker = threading.Thread(target=run, args=(app, cid), daemon=True)
+    worker.start()
+    return worker
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
+    pacs, _, _ = hospital
+    add_node(client, "pacs", pacs, max_associations=2)
+    rows = [{"AccessionNumber": f"NONE{i:05d}"} for i in range(10_000)]
+    t0 = time.monotonic()
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": rows}, headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    submitted = time.monotonic() - t0
+    body = resp.get_json()
+    cid = body["id"]
+    assert body["rows"] == 10_000 and body["states"] == {"pending": 10_000} and body["state"] == "queued"
+    assert submitted < 30, submitted
+
+    worker = _run_in_thread(app, cid)
+
+    def queried() -> int:
+        return int(_status(client, cid)[0]["states"].get("not_found", 0))
+
+    _wait(lambda: queried() >= 20)
+    slowest = 0.0
+    for _ in range(5):
+        status, took = _status(client, cid)
+        slowest = max(slowest, took)
+        assert status["state"] == "running" and status["rows"] == 10_000
+        assert sum(status["states"].values()) == 10_000 and set(status["states"]) <= {"pending", "not_found"}
+        page = client.get(f"/api/v1/cohorts/{cid}?rows=1&state=not_found&limit=5", headers=auth("read")).get_json()
+        assert len(page["items"]) == 5 and all(r["state"] == "not_found" for r in page["items"])
+    assert slowest < 1.0, slowest
+
+    # a running cohort cannot be retried or resumed; cancel stops it between rows
+    assert client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user")).status_code == 409
+    resp = client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user"))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    worker.join(30)
+    assert not worker.is_alive()
+    status, _ = _status(client, cid)
+    assert status["state"] == "cancelled", status
+    stopped = status["states"].get("not_found", 0)
+    assert 20 <= stopped < 10_000 and stopped + status["states"].get("pending", 0) == 10_000, status
+    time.sleep(1)
+    assert _status(client, cid)[0]["states"] == status["states"]  # nothing runs on
+
+    # resume: goes on with the pending rows, the ones queried are not asked again
+    resp = client.post(f"/api/v1/cohorts/{cid}/resume", headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    worker = _run_in_thread(app, cid)
+    _wait(lambda: queried() >= stopped + 20)
+    client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user"))
+    worker.join(30)
+    status, _ = _status(client, cid)
+    assert status["state"] == "cancelled" and sum(status["states"].values()) == 10_000
+    assert status["states"]["not_found"] >= stopped + 20
