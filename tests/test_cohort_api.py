@@ -445,3 +445,59 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
     status, _ = _status(client, cid)
     assert status["state"] == "cancelled" and sum(status["states"].values()) == 10_000
     assert status["states"]["not_found"] >= stopped + 20
+
+
+def _orthanc_study(pacs: Orthanc, study_uid: str) -> str:
+    found = pacs.request("POST", "/tools/lookup", study_uid.encode(), "text/plain")
+    return str(next(f["ID"] for f in found if f["Type"] == "Study"))
+
+
+def test_cancel_resume_and_retry_run_only_the_rows_not_done(app, client, hospital):
+    pacs, studies, files = hospital
+    add_node(client, "pacs", pacs, max_associations=1)
+    accessions = [a for a in sorted(studies) if not a.startswith("ACC2")]  # 2 patients x (study, prior)
+    rows = [{"AccessionNumber": a} for a in accessions]
+
+    # cancelled while it moves, then resumed: every row done, every instance once
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": rows, "start": True}, headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    worker = _run_in_thread(app, cid)
+    _wait(lambda: bool({"transferring", "done"} & set(_status(client, cid)[0]["states"])))
+    assert client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user")).status_code == 200
+    worker.join(60)
+    assert not worker.is_alive()
+    status = _status(client, cid)[0]
+    assert status["state"] == "cancelled" and status["states"].get("found"), status  # rows left to move
+    assert "transferring" not in status["states"]
+    resp = client.post(f"/api/v1/cohorts/{cid}/resume", headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert run(app, cid)["state"] == "succeeded"
+    got = report_rows(client, cid)
+    assert {r["state"] for r in got.values()} == {"done"} and all(r["received"] == 5 for r in got.values()), got
+    assert image_count(app) == 20
+
+    # a study gone from the PACS between the dry run and the transfer: that row fails, the others are done;
+    # back on the PACS, retry runs that row only
+    gone = [f for f in files.glob("*.dcm") if f.name.startswith("ACC2B-")]
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": [
+        {"PatientID": "COH2", "AccessionNumber": a} for a in ("ACC2A", "ACC2B", "NOPE")]}, headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    assert run(app, cid)["state"] in ("succeeded", "partial")
+    pacs.request("DELETE", f"/studies/{_orthanc_study(pacs, studies['ACC2B']['study'])}")
+    assert client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user")).status_code == 202
+    result = run(app, cid)
+    got = report_rows(client, cid)
+    assert result["state"] == "partial", (result, got)
+    done_jobs = {n: r["jobs"] for n, r in got.items()}
+    assert [got[n]["state"] for n in (1, 2, 3)] == ["done", "failed", "not_found"], got
+    assert got[1]["received"] == 5 and got[2]["received"] == 0 and "retrieve" in got[2]["reason"], got
+    pacs.upload(sorted(gone))
+    assert client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user")).status_code == 202
+    assert run(app, cid)["state"] == "partial"
+    again = report_rows(client, cid)
+    assert [again[n]["state"] for n in (1, 2, 3)] == ["done", "done", "not_found"], again
+    assert again[1]["jobs"] == done_jobs[1]  # the done row did not run again
+    assert again[2]["received"] == 5 and len(again[2]["jobs"].split()) == 2  # the failed retrieve, the new one
+    assert image_count(app) == 30
