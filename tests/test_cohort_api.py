@@ -25,6 +25,7 @@ from pacsbridge.api import create_app
 from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.deid.options import ProjectConfig
 from pacsbridge.shared.deid.projects import ProjectStore
+from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.importer import Importer
 from pacsbridge.worker import runner
 
@@ -501,3 +502,30 @@ def test_cancel_resume_and_retry_run_only_the_rows_not_done(app, client, hospita
     assert again[1]["jobs"] == done_jobs[1]  # the done row did not run again
     assert again[2]["received"] == 5 and len(again[2]["jobs"].split()) == 2  # the failed retrieve, the new one
     assert image_count(app) == 30
+
+
+# -- 7: who may do what ---------------------------------------------------------------------------------------------
+def test_read_tokens_cannot_submit_and_project_tokens_reach_no_cohort_route(app, client):
+    lab = {"Authorization": f"Bearer {LAB}"}
+    data = csv_bytes([["PatientID"], ["COH0"]])
+    assert submit_file(client, data, "c.csv", role="read", node="pacs").status_code == 403
+    assert client.post("/api/v1/cohorts", json={"node": "pacs", "rows": [{"PatientID": "X"}]},
+                       headers=auth("read")).status_code == 403
+    app.extensions["pacsbridge"].jobs.add_node(Node("pacs", "ORTHANC", "127.0.0.1", free_port(), retrieve="get"))
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": [{"PatientID": "X"}]}, headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    for action in ("start", "cancel", "resume", "retry"):
+        assert client.post(f"/api/v1/cohorts/{cid}/{action}", headers=auth("read")).status_code == 403, action
+    routes = [r for r in app.url_map.iter_rules() if r.endpoint.startswith("cohorts.")]
+    assert len(routes) >= 9
+    for rule in routes:
+        path = rule.rule.replace("<job_id>", cid)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            resp = client.open(path, method=method, headers=lab, json={"node": "pacs", "rows": [{"PatientID": "X"}]}
+                               if method == "POST" else None)
+            assert resp.status_code == 403, (method, path, resp.status_code)
+            assert "serves project" in resp.get_json()["error"]["message"]
+    # the read token may look
+    assert client.get(f"/api/v1/cohorts/{cid}", headers=auth("read")).status_code == 200
+    assert client.get("/api/v1/cohorts", headers=auth("read")).get_json()["total"] == 1
