@@ -291,6 +291,14 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
     received = row.held
     with study_locks.hold([st["uid"] for st in row.studies]):
         plan = _plan(row)
+        # a series another row of the cohort pulled while this one waited for the lock is held now (the
+        # query saw it missing): counted as received, not asked for again in an empty child retrieve
+        pulled = {r.series_uid for r in plan if r.expected
+                  and retrieve.indexed_count(ctx.index, r.series_uid) >= r.expected}
+        if pulled:
+            received += sum(r.expected or 0 for r in plan if r.series_uid in pulled)
+            plan = [r for r in plan if r.series_uid not in pulled]
+            store.update_row(job.id, row.number, received=received)
         if plan:
             query = {"level": "study", "StudyInstanceUID": sorted({r.study_uid for r in plan})}
             if row.spec.get("SeriesInstanceUID"):
