@@ -351,6 +351,10 @@ def _requeue(job: Job, states: tuple[str, ...]) -> tuple[dict[str, Any], int]:
     return out, 202
 
 
+#: The end states of a dry run that ``start`` moves on from (a cancelled one is resumed first).
+_STARTABLE = ("succeeded", "partial", "failed")
+
+
 @bp.post("/cohorts/<job_id>/start")
 @requires("user")
 @operation("Move what a dry run found", "cohorts", {202: ("queued to transfer", CohortOut)},
@@ -361,10 +365,12 @@ def start(job_id: str) -> tuple[dict[str, Any], int]:
     store = CohortStore(state().ctx.index.engine)
     if store.get(job.id).transfer:
         raise Conflict(f"cohort {job.id} was started already; resume or retry it")
+    if job.state in FINISHED and job.state not in _STARTABLE:  # checked before the flag is set
+        raise Conflict(f"cohort {job.id} is {job.state}; resume it (its dry run) first, then start it")
     store.set_transfer(job.id, True)
     if job.state not in FINISHED:  # still querying: it goes on to the transfer by itself
         return _cohort_view(state().jobs.get(job.id, with_series=False), store), 202
-    return _requeue(job, ("succeeded", "partial", "failed"))
+    return _requeue(job, _STARTABLE)
 
 
 @bp.post("/cohorts/<job_id>/cancel")
