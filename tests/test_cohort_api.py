@@ -394,6 +394,7 @@ def _wait(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+@BOTH_DBS
 def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
     pacs, _, _ = hospital
     add_node(client, "pacs", pacs, max_associations=2)
@@ -503,6 +504,46 @@ def test_cancel_resume_and_retry_run_only_the_rows_not_done(app, client, hospita
     assert again[2]["received"] == 5 and len(again[2]["jobs"].split()) == 2  # the failed retrieve, the new one
     assert image_count(app) == 30
 
+
+
+def test_rows_sharing_a_study_pull_it_once(app, client, hospital):
+    """Three rows naming one study (a patient's row, its study UID, its accession), two at a time: one
+    retrieve pulls it; the rows that waited for it find it held, and make no child retrieve for it."""
+    pacs, studies, _ = hospital
+    add_node(client, "pacs", pacs, max_associations=2)
+    rows = [{"PatientID": "COH1"}, {"StudyInstanceUID": studies["ACC1A"]["study"]},
+            {"PatientID": "COH1", "AccessionNumber": "ACC1A"}]
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": rows, "start": True}, headers=auth("user"))
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    cid = resp.get_json()["id"]
+    assert run(app, cid)["state"] == "succeeded"
+    got = report_rows(client, cid)
+    assert {n: (r["state"], r["received"]) for n, r in got.items()} == {1: ("done", 11), 2: ("done", 5),
+                                                                        3: ("done", 5)}, got
+    # whichever row took the study's lock first pulled it; the C-GETs fetched each instance once
+    retrieves = [app.extensions["pacsbridge"].jobs.get(j.id) for j in jobs_of(app, "retrieve")]
+    asked = [uid for j in retrieves for uid in j.params["query"]["StudyInstanceUID"]]
+    assert len(asked) == len(set(asked)) == 3 and len(retrieves) <= 2, asked
+    assert sum(j.result["suboperations"]["completed"] for j in retrieves) == 11
+    assert sum(bool(r["jobs"]) for r in got.values()) == len(retrieves) and got[3]["jobs"] == ""
+    assert image_count(app) == 11
+
+
+def test_start_of_a_cancelled_dry_run_is_refused_and_changes_nothing(app, client, hospital):
+    pacs, _, _ = hospital
+    add_node(client, "pacs", pacs)
+    resp = client.post("/api/v1/cohorts", json={"node": "pacs", "rows": [{"PatientID": "COH2"}]}, headers=auth("user"))
+    cid = resp.get_json()["id"]
+    assert client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user")).get_json()["state"] == "cancelled"
+    resp = client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user"))
+    assert resp.status_code == 409 and "resume" in resp.get_json()["error"]["message"]
+    assert _status(client, cid)[0]["transfer"] is False  # still a dry run
+    assert client.post(f"/api/v1/cohorts/{cid}/resume", headers=auth("user")).status_code == 202
+    assert run(app, cid)["state"] == "succeeded"
+    assert _status(client, cid)[0]["states"] == {"found": 1} and image_count(app) == 0
+    assert client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user")).status_code == 202
+    assert run(app, cid)["state"] == "succeeded"
+    assert report_rows(client, cid)[1]["received"] == 10 and image_count(app) == 10
 
 # -- 7: who may do what ---------------------------------------------------------------------------------------------
 def test_read_tokens_cannot_submit_and_project_tokens_reach_no_cohort_route(app, client):
