@@ -98,7 +98,8 @@ class CohortOut(Out):
     id: str
     path: str
     state: str
-    stage: str = Field(description="queried after a dry run; transferred once moved")
+    stage: str = Field(description="query or transfer while it runs; queried after a dry run, transferred once "
+                                   "moved (query / transfer: cancelled in that stage)")
     node: str
     project: str
     then: dict[str, Any]
@@ -134,7 +135,7 @@ def _cohort_view(job: Job, store: CohortStore, a: CohortArgs | None = None) -> d
     cohort = store.get(job.id)
     counts = store.counts(job.id)
     out = {"id": job.id, "path": f"/api/v1/cohorts/{job.id}", "state": job.state,
-           "stage": str(job.result.get("stage") or ("query" if job.state in ("queued", "running") else "")),
+           "stage": _stage(job, cohort.transfer, counts),
            "node": job.node or "", "project": str(job.params.get("project") or ""), "then": cohort.then,
            "transfer": cohort.transfer, "format": cohort.format, "rows": sum(counts.values()), "states": counts,
            "totals": store.totals(job.id), "error": _view(job, with_series=False)["error"],
@@ -143,6 +144,14 @@ def _cohort_view(job: Job, store: CohortStore, a: CohortArgs | None = None) -> d
         rows = store.rows(job.id, states=[a.state] if a.state else None, limit=a.limit, offset=a.offset)
         out["items"] = [_row_view(r) for r in rows]
     return out
+
+
+def _stage(job: Job, transfer: bool, counts: dict[str, int]) -> str:
+    """What a cohort does now: ``query`` or ``transfer`` while it runs (its rows say which: a rerun's job
+    still carries the result of the run before), else what its last run ended in."""
+    if job.state not in FINISHED:
+        return "transfer" if transfer and not counts.get("pending") else "query"
+    return str(job.result.get("stage") or "")
 
 
 def _row_view(row: CohortRow) -> dict[str, Any]:
