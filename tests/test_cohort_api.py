@@ -207,8 +207,10 @@ def test_spreadsheet_dry_run_transfer_and_failed_rows_resent(app, client, hospit
     # start: the found row is pulled, the held one is not
     resp = client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user"))
     assert resp.status_code == 202, resp.get_data(as_text=True)
+    assert resp.get_json()["stage"] == "transfer"  # queued to move: not the dry run's "queried" any more
     assert client.post(f"/api/v1/cohorts/{cid}/start", headers=auth("user")).status_code == 409
     assert run(app, cid)["state"] == "partial"
+    assert _status(client, cid)[0]["stage"] == "transferred"
     got = report_rows(client, cid)
     assert {n: (r["state"], r["received"]) for n, r in got.items()} == {
         2: ("done", 5), 3: ("done", 5), 4: ("not_found", 0), 5: ("ambiguous", 0), 6: ("not_found", 0),
@@ -418,7 +420,7 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
     for _ in range(5):
         status, took = _status(client, cid)
         slowest = max(slowest, took)
-        assert status["state"] == "running" and status["rows"] == 10_000
+        assert status["state"] == "running" and status["rows"] == 10_000 and status["stage"] == "query"
         assert sum(status["states"].values()) == 10_000 and set(status["states"]) <= {"pending", "not_found"}
         page = client.get(f"/api/v1/cohorts/{cid}?rows=1&state=not_found&limit=5", headers=auth("read")).get_json()
         assert len(page["items"]) == 5 and all(r["state"] == "not_found" for r in page["items"])
@@ -466,6 +468,7 @@ def test_cancel_resume_and_retry_run_only_the_rows_not_done(app, client, hospita
     cid = resp.get_json()["id"]
     worker = _run_in_thread(app, cid)
     _wait(lambda: bool({"transferring", "done"} & set(_status(client, cid)[0]["states"])))
+    assert _status(client, cid)[0]["stage"] == "transfer"
     assert client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user")).status_code == 200
     worker.join(60)
     assert not worker.is_alive()
