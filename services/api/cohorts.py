@@ -399,6 +399,8 @@ def cancel(job_id: str) -> dict[str, Any]:
 def resume(job_id: str) -> tuple[dict[str, Any], int]:
     check_known(())
     job = _cohort(job_id)
+    if job.state not in FINISHED:  # before any row changes: a cohort still stopping keeps its rows as they are
+        raise Conflict(f"cohort {job.id} is {job.state}; wait until it ends, or cancel it")
     store = CohortStore(state().ctx.index.engine)
     for row in store.iter_rows(job.id, states=("cancelled",)):
         store.update_row(job.id, row.number, state="found" if row.studies else "pending", reason="")
