@@ -428,6 +428,7 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
 
     # a running cohort cannot be retried or resumed; cancel stops it between rows
     assert client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user")).status_code == 409
+    assert client.post(f"/api/v1/cohorts/{cid}/resume", headers=auth("user")).status_code == 409
     resp = client.post(f"/api/v1/cohorts/{cid}/cancel", headers=auth("user"))
     assert resp.status_code == 200, resp.get_data(as_text=True)
     worker.join(30)
