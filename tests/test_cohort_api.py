@@ -315,6 +315,47 @@ def test_project_cohort_pushes_deidentified_one_pseudonym_and_offset_per_patient
             assert resp.status_code == 200 and made.pseudonym.encode() not in resp.data, path
 
 
+
+def test_a_patients_supplied_pseudonym_wins_over_an_earlier_row_without_one(app, client, hospital, tmp_path):
+    pacs, _, _ = hospital
+    projects = ProjectStore(app.extensions["pacsbridge"].ctx.index.engine)
+    projects.create("lung", ProjectConfig(), SECRET.encode(), created_by="test")
+    add_node(client, "pacs", pacs)  # two rows at a time
+    with Orthanc(tmp_path / "dest", aet="PLATFORM") as dest:
+        add_node(client, "platform", dest, identifiable=False, project="lung")
+        # a dry run that names COH1's pseudonym; the map makes another one for COH1 before it is started
+        first = [["PatientID", "AccessionNumber", "Pseudonym"], ["COH1", "ACC1A", "SUBJ-E"]]
+        resp = submit_file(client, csv_bytes(first), "first.csv", node="pacs", project="lung", then="push:platform")
+        early = resp.get_json()["id"]
+        assert run(app, early)["state"] == "succeeded"
+        rows = [["PatientID", "AccessionNumber", "Pseudonym"],
+                ["COH2", "ACC2A", ""],          # 2: no pseudonym, before the row that names the patient's
+                ["COH2", "ACC2B", "SUBJ-C"],    # 3
+                ["COH0", "ACC0A", "SUBJ-C"],    # 4: the same pseudonym for another patient: refused
+                ["COH1", "ACC1B", ""]]          # 5: the map makes COH1 a pseudonym
+        resp = submit_file(client, csv_bytes(rows), "lung.csv", node="pacs", project="lung", then="push:platform",
+                           start="1")
+        assert resp.status_code == 202, resp.get_data(as_text=True)
+        cid = resp.get_json()["id"]
+        assert run(app, cid)["state"] == "partial"
+        got = report_rows(client, cid)
+        assert {n: r["state"] for n, r in got.items()} == {2: "done", 3: "done", 4: "refused", 5: "done"}, [
+            r["reason"] for r in got.values()]
+        assert "row 3 gives the pseudonym 'SUBJ-C' to another patient" in got[4]["reason"]
+        held = _dest_studies(dest)
+        made = projects.open("lung", SECRET.encode()).identity.peek("", "COH1")
+        assert made is not None and set(held) == {"SUBJ-C", made.pseudonym} and len(held["SUBJ-C"]) == 2, held
+        prior, study = (_day(d) for d in held["SUBJ-C"])
+        assert study - _day("20240515") == prior - _day("20230515")
+        # started now, the dry run's row is refused, and its reason does not quote the map
+        assert client.post(f"/api/v1/cohorts/{early}/start", headers=auth("user")).status_code == 202
+        assert run(app, early)["state"] == "failed"
+        row = report_rows(client, early)[2]
+        assert row["state"] == "refused" and "another pseudonym already" in row["reason"], row
+        for fmt in ("csv", "json"):
+            assert made.pseudonym not in report(client, early, fmt).data.decode()
+        assert _dest_studies(dest) == held
+
 # -- 4: bad input ---------------------------------------------------------------------------------------------
 def _xlsx(rows: list[list[Any]]) -> bytes:
     book = openpyxl.Workbook()
