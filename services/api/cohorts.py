@@ -98,7 +98,8 @@ class CohortOut(Out):
     id: str
     path: str
     state: str
-    stage: str = Field(description="queried after a dry run; transferred once moved")
+    stage: str = Field(description="query or transfer while it runs; queried after a dry run, transferred once "
+                                   "moved (query / transfer: cancelled in that stage)")
     node: str
     project: str
     then: dict[str, Any]
@@ -134,7 +135,7 @@ def _cohort_view(job: Job, store: CohortStore, a: CohortArgs | None = None) -> d
     cohort = store.get(job.id)
     counts = store.counts(job.id)
     out = {"id": job.id, "path": f"/api/v1/cohorts/{job.id}", "state": job.state,
-           "stage": str(job.result.get("stage") or ("query" if job.state in ("queued", "running") else "")),
+           "stage": _stage(job, cohort.transfer, counts),
            "node": job.node or "", "project": str(job.params.get("project") or ""), "then": cohort.then,
            "transfer": cohort.transfer, "format": cohort.format, "rows": sum(counts.values()), "states": counts,
            "totals": store.totals(job.id), "error": _view(job, with_series=False)["error"],
@@ -143,6 +144,14 @@ def _cohort_view(job: Job, store: CohortStore, a: CohortArgs | None = None) -> d
         rows = store.rows(job.id, states=[a.state] if a.state else None, limit=a.limit, offset=a.offset)
         out["items"] = [_row_view(r) for r in rows]
     return out
+
+
+def _stage(job: Job, transfer: bool, counts: dict[str, int]) -> str:
+    """What a cohort does now: ``query`` or ``transfer`` while it runs (its rows say which: a rerun's job
+    still carries the result of the run before), else what its last run ended in."""
+    if job.state not in FINISHED:
+        return "transfer" if transfer and not counts.get("pending") else "query"
+    return str(job.result.get("stage") or "")
 
 
 def _row_view(row: CohortRow) -> dict[str, Any]:
@@ -351,6 +360,10 @@ def _requeue(job: Job, states: tuple[str, ...]) -> tuple[dict[str, Any], int]:
     return out, 202
 
 
+#: The end states of a dry run that ``start`` moves on from (a cancelled one is resumed first).
+_STARTABLE = ("succeeded", "partial", "failed")
+
+
 @bp.post("/cohorts/<job_id>/start")
 @requires("user")
 @operation("Move what a dry run found", "cohorts", {202: ("queued to transfer", CohortOut)},
@@ -361,10 +374,12 @@ def start(job_id: str) -> tuple[dict[str, Any], int]:
     store = CohortStore(state().ctx.index.engine)
     if store.get(job.id).transfer:
         raise Conflict(f"cohort {job.id} was started already; resume or retry it")
+    if job.state in FINISHED and job.state not in _STARTABLE:  # checked before the flag is set
+        raise Conflict(f"cohort {job.id} is {job.state}; resume it (its dry run) first, then start it")
     store.set_transfer(job.id, True)
     if job.state not in FINISHED:  # still querying: it goes on to the transfer by itself
         return _cohort_view(state().jobs.get(job.id, with_series=False), store), 202
-    return _requeue(job, ("succeeded", "partial", "failed"))
+    return _requeue(job, _STARTABLE)
 
 
 @bp.post("/cohorts/<job_id>/cancel")
@@ -384,6 +399,8 @@ def cancel(job_id: str) -> dict[str, Any]:
 def resume(job_id: str) -> tuple[dict[str, Any], int]:
     check_known(())
     job = _cohort(job_id)
+    if job.state not in FINISHED:  # before any row changes: a cohort still stopping keeps its rows as they are
+        raise Conflict(f"cohort {job.id} is {job.state}; wait until it ends, or cancel it")
     store = CohortStore(state().ctx.index.engine)
     for row in store.iter_rows(job.id, states=("cancelled",)):
         store.update_row(job.id, row.number, state="found" if row.studies else "pending", reason="")

@@ -48,7 +48,7 @@ from pacsbridge.shared.cohorts.mass import keep_series, keep_study
 from pacsbridge.shared.cohorts.store import (NOT_SUCCEEDED, SUCCEEDED, TRANSFERABLE, CohortRow, CohortStore)
 from pacsbridge.shared.core.errors import Conflict, DimseError, InvalidRequest, PacsbridgeError
 from pacsbridge.shared.deid.keys import secret
-from pacsbridge.shared.deid.projects import ProjectStore
+from pacsbridge.shared.deid.projects import ProjectSession, ProjectStore
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
 from pacsbridge.shared.index.context import Context
@@ -295,6 +295,14 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
     received = row.held
     with study_locks.hold([st["uid"] for st in row.studies]):
         plan = _plan(row)
+        # a series another row of the cohort pulled while this one waited for the lock is held now (the
+        # query saw it missing): counted as received, not asked for again in an empty child retrieve
+        pulled = {r.series_uid for r in plan if r.expected
+                  and retrieve.indexed_count(ctx.index, r.series_uid) >= r.expected}
+        if pulled:
+            received += sum(r.expected or 0 for r in plan if r.series_uid in pulled)
+            plan = [r for r in plan if r.series_uid not in pulled]
+            store.update_row(job.id, row.number, received=received)
         if plan:
             query = {"level": "study", "StudyInstanceUID": sorted({r.study_uid for r in plan})}
             if row.spec.get("SeriesInstanceUID"):
@@ -321,11 +329,9 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
                 return
     if then:
         if project and row.spec.get("Pseudonym") and projects is not None:
-            try:
-                projects.open(project, secret(ctx.settings)).identity.assign(row.issuer, row.patient_id,
-                                                                             row.spec["Pseudonym"])
-            except (Conflict, InvalidRequest) as exc:
-                store.update_row(job.id, row.number, state="refused", reason=str(exc))
+            why = _assign(projects.open(project, secret(ctx.settings)), project, row)
+            if why:
+                store.update_row(job.id, row.number, state="refused", reason=why)
                 return
         params: dict[str, Any] = {"selection": _selection(row)}
         if project:
@@ -349,6 +355,36 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
             store.update_row(job.id, row.number, state=done.state, reason="; ".join(reasons))
             return
     store.update_row(job.id, row.number, state="partial" if reasons else "done", reason="; ".join(reasons))
+
+
+def _assign(session: ProjectSession, project: str, row: CohortRow) -> str:
+    """Give the row's patient the row's pseudonym in the project's map; why not ("" when given).
+
+    The reason never quotes the map (its message names the pseudonym the patient has, perhaps one the
+    map made, and a report is no place for it)."""
+    try:
+        session.identity.assign(row.issuer, row.patient_id, row.spec["Pseudonym"])
+    except Conflict:
+        mine = session.identity.peek(row.issuer, row.patient_id)
+        if mine is not None and mine.pseudonym != row.spec["Pseudonym"]:
+            return f"project {project!r} has given this patient another pseudonym already (ask an admin for the map)"
+        return f"project {project!r} has given the pseudonym {row.spec['Pseudonym']!r} to another patient"
+    except InvalidRequest as exc:
+        return str(exc)
+    return ""
+
+
+def _assign_all(store: CohortStore, job: Job, projects: ProjectStore, ctx: Context) -> None:
+    """Give every row's pseudonym to its patient before anything moves: a row of the same patient without
+    a pseudonym, pushed first, would otherwise have the map make one, and the row that names the
+    patient's pseudonym would be refused (or not, as the rows' threads happen to run)."""
+    project = str(job.params.get("project") or "")
+    session = projects.open(project, secret(ctx.settings))
+    for row in store.iter_rows(job.id, states=TRANSFERABLE):
+        if row.spec.get("Pseudonym"):
+            why = _assign(session, project, row)
+            if why:
+                store.update_row(job.id, row.number, state="refused", reason=why)
 
 
 class _Locks:
@@ -405,9 +441,11 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
         return Outcome("partial" if len(short) < len(counts) or counts.get("found") or counts.get("held")
                        else "failed", "query: " + _summary(short, sum(counts.values())), result)
 
+    then = cohort.then
+    if then and projects is not None:
+        _assign_all(store, job, projects, ctx)
     children = _Children(jobs, cancel)
     locks = _Locks()
-    then = cohort.then
     try:
         def one(row: CohortRow) -> None:
             if cancel.is_set():
