@@ -470,3 +470,63 @@ def test_a_study_of_several_hundred_mb_streams_in_bounded_memory(srv, tmp_path):
     assert (n, total) == (nparts, nparts * part_mb * len(block))
     assert growth_mb < 50, f"peak RSS grew by {growth_mb} MB"
     assert probe("control")[2] > 250  # the same body read whole
+
+
+# -- a real archive: Orthanc with its DICOMweb plugin -----------------------------------------------------
+COMPRESSED = ("JPEG2000.dcm", "MR_small_jp2klossless.dcm",   # JPEG 2000
+              "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm",     # JPEG baseline, extended
+              "MR_small_RLE.dcm", "CT_small.dcm")            # RLE, and an uncompressed one
+
+
+def _one_study(folder: Path) -> list[Path]:
+    """pydicom's files as one study (pixel data and transfer syntax untouched)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in COMPRESSED:
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.StudyInstanceUID, ds.PatientID = study, "WEB1"
+        ds.SOPInstanceUID = generate_uid()  # files shared with other tests must not meet in one archive
+        out.append(folder / name)
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+def _orthanc_id(pacs, sop: str) -> str:
+    found = pacs.request("POST", "/tools/lookup", sop.encode(), "text/plain")
+    return next(x["ID"] for x in found if x["Type"] == "Instance")
+
+
+def test_wado_rs_and_stow_rs_against_orthanc(tmp_path):
+    import pydicom
+
+    from .orthanc import Orthanc
+
+    files = _one_study(tmp_path / "src")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
+    assert len(syntaxes) >= 4
+    with Orthanc(tmp_path / "a", dicomweb=True) as a, Orthanc(tmp_path / "b", aet="ORTHANCB", dicomweb=True) as b:
+        assert a.upload(files) == len(files)
+        got = tmp_path / "got"
+        got.mkdir()
+        with WebClient(a.web_url) as c:
+            parts = list(c.stream_multipart(c.url("studies", study), DICOM_MULTIPART, got))
+            found = c.get_json(c.url("studies"), {"PatientID": "WEB1"}).data
+        assert [s["0020000D"]["Value"] for s in found] == [[study]]
+        assert len(parts) == len(files)
+        for p in parts:
+            sop = str(pydicom.dcmread(p.path, stop_before_pixels=True).SOPInstanceUID)
+            assert p.path.read_bytes() == a.get(f"/instances/{_orthanc_id(a, sop)}/file"), sop
+        # and back: STOW-RS the files as we received them to a second archive
+        with WebClient(b.web_url) as c:
+            result = c.post_multipart(c.url("studies"), [p.path for p in parts])
+        assert result.status == 200 and result.failed == []
+        sent = {str(pydicom.dcmread(p.path, stop_before_pixels=True).SOPInstanceUID): p.path for p in parts}
+        assert {i.sop_instance_uid for i in result.stored} == set(sent)
+        assert b.sop_uids() == set(sent)
+        for sop, path in sent.items():
+            assert b.get(f"/instances/{_orthanc_id(b, sop)}/file") == path.read_bytes()
