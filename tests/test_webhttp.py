@@ -75,6 +75,16 @@ def test_boundary_string_inside_a_payload_does_not_split_it(tmp_path):
     assert len(list(tmp_path.iterdir())) == 3 * 5
 
 
+def test_preamble_padding_and_a_part_without_headers(tmp_path):
+    """RFC 2046: a preamble before the first delimiter, white space after a delimiter, a part with no headers."""
+    body = (b"this is a preamble\r\n--B \t\r\nContent-Type: application/dicom\r\n\r\none"
+            b"\r\n--B\r\n\r\ntwo\r\n--B--\r\nepilogue")
+    for size in (1, 5, len(body)):
+        got = list(read_multipart([body[i:i + size] for i in range(0, len(body), size)], "B", tmp_path))
+        assert [(p.headers, p.path.read_bytes()) for p in got] == \
+            [({"content-type": "application/dicom"}, b"one"), ({}, b"two")]
+
+
 def test_truncated_multipart_is_an_error_and_leaves_no_part_file(srv, tmp_path):
     parts = [os.urandom(5000), os.urandom(200_000)]
     srv.route("/dicom-web/s", multipart_answer(parts, cut=100_000))

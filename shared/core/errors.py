@@ -22,7 +22,7 @@
           +-- WebTimeout        no answer (connect or read) within the node's timeout
           +-- WebTruncated      a body ended before its own framing said it would
           +-- WebContentError   an answer of the wrong content type, or a malformed multipart/JSON body
-          +-- WebRedirectRefused  a redirect to another origin (never followed: credentials stay home)
+          +-- WebRedirectRefused  a redirect or URL to another origin (never followed: credentials stay home)
           +-- WebCancelled      the caller's cancel event was set while we waited or read
 """
 
@@ -191,7 +191,8 @@ class WebContentError(WebError):
 
 
 class WebRedirectRefused(WebError):
-    """A redirect to another origin (or too many redirects): not followed, so credentials stay home."""
+    """A redirect (or a URL) to an origin the node was not configured with, or too many redirects: nothing is
+    sent there, so credentials stay home."""
 
 
 class WebCancelled(WebError):

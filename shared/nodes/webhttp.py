@@ -79,6 +79,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 
 from pacsbridge.shared.core.errors import (WebCancelled, WebContentError, WebError, WebRedirectRefused,
                                            WebTimeout, WebTruncated)
@@ -115,6 +117,8 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _BACKOFF_STATUSES = frozenset({500, 502, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
+#: white space allowed between a delimiter and its CRLF (RFC 2046 "transport padding"); more is payload
+_MAX_DELIMITER_SPACE = 64
 
 
 # -- values -------------------------------------------------------------------------------------------------
@@ -394,12 +398,10 @@ def read_multipart(chunks: Iterable[bytes], boundary: str, folder: Path, *, fsyn
             if buf[j:j + 2] == b"--":
                 return idx, j + 2, True
             k = j
-            while k < len(buf) and buf[k] in b" \t":
+            while k < len(buf) and k - j < _MAX_DELIMITER_SPACE and buf[k] in b" \t":
                 k += 1
-            if len(buf) < k + 2:
-                if eof:
-                    return None
-                return None
+            if len(buf) < k + 2 and k - j < _MAX_DELIMITER_SPACE:
+                return None  # need more bytes to tell (at the end of the body: truncated)
             if buf[k:k + 2] == b"\r\n":
                 return idx, k + 2, False
             start = idx + 1  # the boundary string inside a payload: not a delimiter
@@ -435,7 +437,7 @@ def read_multipart(chunks: Iterable[bytes], boundary: str, folder: Path, *, fsyn
         else:
             head, body_at = bytes(buf[:end]), end + 4
         headers: dict[str, str] = {}
-        for line in head.split(b"\r\n"):
+        for line in head.split(b"\r\n") if head else ():
             name, sep, value = line.partition(b":")
             if not sep:
                 raise WebContentError(f"part {index}: not a header line: {_excerpt(line)!r}", url=url)
@@ -447,13 +449,15 @@ def read_multipart(chunks: Iterable[bytes], boundary: str, folder: Path, *, fsyn
                 found = find_delimiter(0)
                 if found is not None:
                     idx, after, closing = found
-                    out.write(memoryview(buf)[:idx])
+                    with memoryview(buf) as view:
+                        out.write(view[:idx])
                     del buf[:after]
                     break
-                # keep what could be the start of a delimiter (and the 2 bytes after it), write the rest
-                safe = len(buf) - (dlen + 2 + 64)
+                # keep what could be the start of a delimiter (and what follows it), write the rest
+                safe = len(buf) - (dlen + 2 + _MAX_DELIMITER_SPACE)
                 if safe > 0:
-                    out.write(memoryview(buf)[:safe])
+                    with memoryview(buf) as view:
+                        out.write(view[:safe])
                     del buf[:safe]
                 if not more():
                     raise WebTruncated(f"multipart body ended inside part {index} "
@@ -587,13 +591,16 @@ class WebClient:
         ``requests`` proxies (the environment's are not read).
     chunk_size : int
         Bytes read at a time from a body.
+    max_connections : int
+        Connections kept per origin: at least the node's concurrent requests, so that parallel WADO-URI
+        downloads (threads sharing this client) reuse connections instead of opening one each time.
     """
 
     def __init__(self, base_url: str, *, auth: WebAuth | None = None, verify: bool = True, ca_bundle: str = "",
                  timeout: float = 60.0, connect_timeout: float = 10.0, cancel: threading.Event | None = None,
                  retry: RetryPolicy | None = None, also: Sequence[str] = (),
                  proxies: Mapping[str, str] | None = None, chunk_size: int = CHUNK_SIZE,
-                 user_agent: str = "pacsbridge") -> None:
+                 max_connections: int = 10, user_agent: str = "pacsbridge") -> None:
         if origin_of(base_url)[0] not in ("http", "https"):
             raise WebError(f"not an http(s) URL: {base_url!r}", url=base_url)
         self.base_url = base_url.rstrip("/")
@@ -606,6 +613,9 @@ class WebClient:
         self.origins = {origin_of(u) for u in (base_url, *(a for a in also if a))}
         self.session = requests.Session()
         self.session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, max_connections), max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = user_agent
         if proxies:
             self.session.proxies.update(proxies)
@@ -733,11 +743,11 @@ class WebClient:
 
     @staticmethod
     def _body_error(exc: BaseException, url: str) -> WebError:
-        text = str(exc)
-        if isinstance(exc, requests.exceptions.ConnectionError) and "timed out" in text.lower() \
-                or isinstance(exc, requests.exceptions.Timeout):
+        # requests wraps urllib3's ReadTimeoutError in a ConnectionError while a body is read
+        if isinstance(exc, requests.exceptions.Timeout) or \
+                any(isinstance(a, urllib3.exceptions.ReadTimeoutError) for a in exc.args):
             return WebTimeout(f"{url}: no bytes within the read timeout while reading the body", url=url)
-        return WebTruncated(f"{url}: body cut short: {text}", url=url)
+        return WebTruncated(f"{url}: body cut short: {exc}", url=url)
 
     def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
         try:
