@@ -339,6 +339,12 @@ def test_json_expected_but_html_came(srv):
         c.get_json(c.url("studies"))
 
 
+def test_a_json_answer_larger_than_the_cap_is_refused(srv):
+    srv.route("/dicom-web/studies", json_answer([{"x": "y" * 1000}] * 200))
+    with client(srv, max_body_bytes=100_000) as c, pytest.raises(WebContentError, match="larger than 100000"):
+        c.get_json(c.url("studies"))
+
+
 # -- WADO-URI -----------------------------------------------------------------------------------------------
 def test_get_to_file(srv, tmp_path):
     data = os.urandom(70_000)

@@ -42,7 +42,12 @@ What it guarantees, and why
 * **Timeouts**: ``(connect, read)``, where read bounds each wait for bytes, not the whole body (a study of
   several GB takes as long as it takes while bytes flow).
 * **Memory** is bounded by ``chunk_size`` (1 MiB) whatever the size of a study or of one instance: multipart
-  parts stream to ``.part-<uuid>`` files in a caller-given folder, STOW bodies stream from files.
+  parts stream to ``.part-<uuid>`` files in a caller-given folder, STOW bodies stream from files. Bodies read
+  whole (QIDO JSON, STOW answers) stop at ``max_body_bytes`` (256 MiB).
+* **Cancel** is seen between retries (at once) and between chunks of a body; a read blocked on a silent
+  server ends with the read timeout, not with the cancel.
+* **Threads**: one client may be shared by a node's download threads (the pool holds ``max_connections``);
+  requests' Session is used only for its connection pool and defaults, nothing per request is kept on it.
 
 Where we go around dicomweb-client
 ----------------------------------
@@ -594,13 +599,17 @@ class WebClient:
     max_connections : int
         Connections kept per origin: at least the node's concurrent requests, so that parallel WADO-URI
         downloads (threads sharing this client) reuse connections instead of opening one each time.
+    max_body_bytes : int
+        The most a body read whole (QIDO JSON, a STOW answer) may hold; a larger one is a
+        :class:`WebContentError`, not an out-of-memory worker.
     """
 
     def __init__(self, base_url: str, *, auth: WebAuth | None = None, verify: bool = True, ca_bundle: str = "",
                  timeout: float = 60.0, connect_timeout: float = 10.0, cancel: threading.Event | None = None,
                  retry: RetryPolicy | None = None, also: Sequence[str] = (),
                  proxies: Mapping[str, str] | None = None, chunk_size: int = CHUNK_SIZE,
-                 max_connections: int = 10, user_agent: str = "pacsbridge") -> None:
+                 max_connections: int = 10, max_body_bytes: int = 256 << 20,
+                 user_agent: str = "pacsbridge") -> None:
         if origin_of(base_url)[0] not in ("http", "https"):
             raise WebError(f"not an http(s) URL: {base_url!r}", url=base_url)
         self.base_url = base_url.rstrip("/")
@@ -610,6 +619,7 @@ class WebClient:
         self.cancel = cancel
         self.retry = retry or RetryPolicy()
         self.chunk_size = chunk_size
+        self.max_body_bytes = max_body_bytes
         self.origins = {origin_of(u) for u in (base_url, *(a for a in also if a))}
         self.session = requests.Session()
         self.session.trust_env = False
@@ -712,10 +722,7 @@ class WebClient:
                 continue
             if status in ok:
                 if not stream:
-                    try:
-                        resp.content  # noqa: B018 (read it now, within the timeout handling below)
-                    except requests.exceptions.RequestException as exc:
-                        raise self._body_error(exc, url) from exc
+                    self._read_limited(resp, url)
                 return resp
             retryable = status in _RETRY_AFTER_STATUSES or status in _BACKOFF_STATUSES
             if retryable and attempt + 1 < self.retry.tries:
@@ -748,6 +755,19 @@ class WebClient:
                 any(isinstance(a, urllib3.exceptions.ReadTimeoutError) for a in exc.args):
             return WebTimeout(f"{url}: no bytes within the read timeout while reading the body", url=url)
         return WebTruncated(f"{url}: body cut short: {exc}", url=url)
+
+    def _read_limited(self, resp: requests.Response, url: str) -> bytes:
+        """Read a whole (JSON) body into ``resp._content``, refusing more than ``max_body_bytes``."""
+        data = bytearray()
+        with resp:
+            for chunk in self._chunks(resp, url):
+                data += chunk
+                if len(data) > self.max_body_bytes:
+                    raise WebContentError(f"{url}: answer larger than {self.max_body_bytes} bytes, not read "
+                                          "whole (ask for less: a smaller QIDO limit or STOW chunk)",
+                                          status=resp.status_code, url=url)
+        resp._content = bytes(data)  # what requests' own .content does, so .content/.json() work after
+        return resp._content
 
     def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
         try:
