@@ -14,6 +14,7 @@ InvalidRequest, QueryError  400
 NotFound (UnknownNode, UnknownJob)  404
 Conflict                 409
 DimseError               502 (the DICOM peer failed, not us)
+WebError                 502 (the DICOMweb peer failed, not us)
 ConfigError and the rest 500
 database unreachable     503
 =======================  ======
@@ -29,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from pacsbridge.shared.core.errors import (Conflict, ConfigError, DimseError, InvalidRequest, NotFound,
-                                      PacsbridgeError, QueryError)
+                                      PacsbridgeError, QueryError, WebError)
 
 from .models import ErrorBody, answer
 
@@ -44,6 +45,7 @@ STATUS_OF: tuple[tuple[type[PacsbridgeError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (DimseError, 502),
+    (WebError, 502),
     (ConfigError, 500),
 )
 

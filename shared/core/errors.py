@@ -18,6 +18,12 @@
      |    +-- UnknownJob        no job with that id
      +-- Conflict               the request clashes with the current state (job already finished ...)
      +-- DimseError             a DICOM peer refused, failed or could not be reached (carries .status)
+     +-- WebError               a DICOMweb peer refused, failed or could not be reached (carries .status, .url)
+          +-- WebTimeout        no answer (connect or read) within the node's timeout
+          +-- WebTruncated      a body ended before its own framing said it would
+          +-- WebContentError   an answer of the wrong content type, or a malformed multipart/JSON body
+          +-- WebRedirectRefused  a redirect or URL to another origin (never followed: credentials stay home)
+          +-- WebCancelled      the caller's cancel event was set while we waited or read
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ __all__ = [
     "UnknownProject",
     "DeidSecretError",
     "DimseError",
+    "WebError",
+    "WebTimeout",
+    "WebTruncated",
+    "WebContentError",
+    "WebRedirectRefused",
+    "WebCancelled",
 ]
 
 
@@ -152,3 +164,36 @@ class DimseError(PacsbridgeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class WebError(PacsbridgeError):
+    """A DICOMweb peer refused, failed or could not be reached.
+
+    ``status`` is the HTTP status when the peer answered, else ``None``; ``url`` is what was asked.
+    """
+
+    def __init__(self, message: str, status: int | None = None, url: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.url = url
+
+
+class WebTimeout(WebError):
+    """No connection, or no bytes, within the node's timeout."""
+
+
+class WebTruncated(WebError):
+    """A body ended before its own framing (Content-Length, closing multipart boundary) said it would."""
+
+
+class WebContentError(WebError):
+    """An answer of the wrong content type, or a malformed multipart or JSON body."""
+
+
+class WebRedirectRefused(WebError):
+    """A redirect (or a URL) to an origin the node was not configured with, or too many redirects: nothing is
+    sent there, so credentials stay home."""
+
+
+class WebCancelled(WebError):
+    """The caller's cancel event was set while a request waited to retry or read its body."""
