@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.filebase import DicomBytesIO
 
 from pacsbridge.shared.deid.keys import KeyedIdentity, ProjectKey
@@ -70,15 +71,19 @@ def _ct() -> bytes:
     return fp.getvalue()
 
 
-def _sources() -> dict[str, bytes]:
-    sources = {"ct": _ct()}
+def _sources(folder: Path | None = None) -> dict[str, bytes | Path]:
+    """Every source as bytes, or (``folder`` given) as a path, the CT written into ``folder``."""
+    sources: dict[str, bytes | Path] = {"ct": _ct()}
+    if folder is not None:
+        (folder / "ct.dcm").write_bytes(_ct())
+        sources["ct"] = folder / "ct.dcm"
     for path in sorted(TEST_FILES.rglob("*")):
         if path.is_file() and path.suffix.lower() not in (".json", ".txt", ".icc", ".gz", ".dump", ".bz2"):
-            sources[str(path.relative_to(TEST_FILES))] = path.read_bytes()
+            sources[str(path.relative_to(TEST_FILES))] = path if folder is not None else path.read_bytes()
     return sources
 
 
-def _digest(profile: Profile, data: bytes) -> str:
+def _digest(profile: Profile, data: bytes | Path) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -93,8 +98,8 @@ def _digest(profile: Profile, data: bytes) -> str:
     return h.hexdigest()
 
 
-def _compute() -> dict[str, dict[str, str]]:
-    sources = _sources()
+def _compute(folder: Path | None = None) -> dict[str, dict[str, str]]:
+    sources = _sources(folder)
     out: dict[str, dict[str, str]] = {}
     for name, config in CONFIGS.items():
         profile = Profile(config, KeyedIdentity(ProjectKey(SECRET, "golden")))
@@ -102,9 +107,10 @@ def _compute() -> dict[str, dict[str, str]]:
     return out
 
 
-def test_output_is_byte_identical_to_the_recorded_engine() -> None:
+@pytest.mark.parametrize("given", ["bytes", "path"])
+def test_output_is_byte_identical_to_the_recorded_engine(given: str, tmp_path: Path) -> None:
     golden = json.loads(GOLDEN.read_text())
-    now = _compute()
+    now = _compute(tmp_path if given == "path" else None)
     assert now.keys() == golden.keys()
     differ = [(config, source) for config in golden for source in golden[config]
               if now[config].get(source) != golden[config][source]]

@@ -5,7 +5,8 @@ and the options of Table E.1-1, applied to one Part 10 instance in one pass, in 
 *plan*, from :mod:`.table`), then for each instance:
 
 1. parses the header with pydicom up to the pixel data (``stop_before_pixels``) and notes where the
-   pixel data element starts in the source bytes;
+   pixel data element starts in the source bytes (given a path: the header is parsed from the file
+   and the pixel data read into the thread's reused buffer, see :meth:`Profile._apply_file`);
 2. checks the risky kinds of :class:`~.options.RiskPolicy` (withheld instances stop here);
 3. walks every element at any depth of any sequence and applies its action (raw elements that are
    kept are never decoded, so the walk costs little);
@@ -30,6 +31,7 @@ import io
 import os
 import re
 import struct
+import threading
 import zlib
 from importlib import resources
 from typing import Any, NamedTuple
@@ -352,7 +354,8 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
     short, long_, bare = struct.Struct(order + "HH2sH"), struct.Struct(order + "HH2sHI"), struct.Struct(order + "HHI")
     write = fp.write
     elements: Any = ds._dict
-    for tag in sorted(elements):
+    # key=int: the same order, compared in C (BaseTag's __lt__ is Python: 3% of an instance's time, measured)
+    for tag in sorted(elements, key=int):
         elem = elements[tag]
         if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF and elem.value is not None \
                 and elem.is_implicit_VR == implicit and elem.is_little_endian == little:
@@ -400,6 +403,19 @@ def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
     return fp.getvalue()
 
 
+#: The largest pixel data read into a thread's reused buffer (larger: a buffer of its own).
+_BUFFER_MAX = 32 << 20
+_local = threading.local()
+
+
+def _pixel_buffer(size: int) -> memoryview:
+    """This thread's reused buffer, at least ``size`` bytes."""
+    buf: bytearray | None = getattr(_local, "buffer", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buffer = bytearray(max(size, 1 << 20))  # a new one: a view may still hold the old
+    return memoryview(buf)
+
+
 class Profile:
     """A project's profile: the plan of its configuration, applied to one instance at a time.
 
@@ -439,7 +455,7 @@ class Profile:
     # -- the one entry point -----------------------------------------------------------------------
 
     def apply(self, source: bytes | memoryview | str | os.PathLike[str]) -> Deidentified:
-        """De-identify one Part 10 instance (bytes, or a path read whole).
+        """De-identify one Part 10 instance (bytes, or a path).
 
         Raises
         ------
@@ -448,9 +464,54 @@ class Profile:
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                source = f.read()
+                return self._apply_file(f)
         buf = memoryview(source)
         fp = io.BytesIO(source if isinstance(source, bytes) else buf)  # bytes: shared, not copied
+        ds, transfer_syntax, implicit, little = self._read(fp)
+        pixel: bytes | memoryview = b""
+        if transfer_syntax != _DEFLATED:
+            at = fp.tell()
+            if at + 4 <= len(buf):
+                tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
+                if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
+                    pixel = buf[at:_pixel_end(buf, at, implicit, little)]  # copied once, by the join
+        return self._deidentify(ds, transfer_syntax, pixel)
+
+    def _apply_file(self, f: io.BufferedReader) -> Deidentified:
+        """:meth:`apply` of an open file: the header parsed from the file, the pixel data read into this
+        thread's reused buffer (:func:`_pixel_buffer`) and copied once, into the output.
+
+        (Our own instead of ``f.read()`` and :meth:`apply` of the bytes, for speed: a fresh buffer
+        of the whole file beside the fresh output meant two large allocations per instance, which
+        glibc gives back to the kernel and faults in again, zeroed, every time; on 0.5 MB CTs that
+        cost about 0.45 ms of 1.5 ms per file, measured.)"""
+        ds, transfer_syntax, implicit, little = self._read(f)
+        if transfer_syntax == _DEFLATED:
+            return self._deidentify(ds, transfer_syntax, b"")
+        at = f.tell()
+        size = os.fstat(f.fileno()).st_size
+        buf: memoryview
+        if size - at > _BUFFER_MAX:
+            rest = f.read()  # a large multi-frame: its own buffer (read once, copied once by the join)
+            buf = memoryview(rest)
+        else:
+            buf = _pixel_buffer(size - at + 1)
+            n = f.readinto(buf)
+            if n > size - at:  # grown since fstat: read the rest the plain way
+                buf = memoryview(b"".join((buf[:n], f.read())))
+            else:
+                buf = buf[:n]
+        pixel: bytes | memoryview = b""
+        if len(buf) >= 4:
+            tag = struct.unpack_from("<HH" if little else ">HH", buf, 0)
+            if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
+                pixel = buf[:_pixel_end(buf, 0, implicit, little)]
+        return self._deidentify(ds, transfer_syntax, pixel)
+
+    @staticmethod
+    def _read(fp: Any) -> tuple[Dataset, str, bool, bool]:
+        """The header of ``fp`` up to the pixel data (all of it when deflated), its transfer syntax and
+        encoding; ``fp`` is left at the pixel data (or where the header ends)."""
         try:
             ds = dcmread(fp, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
@@ -462,17 +523,10 @@ class Profile:
             raise DeidentifyError("not readable as DICOM: no encoding")
         if not transfer_syntax:
             transfer_syntax = _IMPLICIT if implicit else _EXPLICIT if little else _BIG
-        pixel: bytes | memoryview = b""
         if transfer_syntax == _DEFLATED:
             fp.seek(0)
             ds = dcmread(fp, force=True)  # inflated by pydicom; its pixel data is kept as read
-        else:
-            at = fp.tell()
-            if at + 4 <= len(buf):
-                tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
-                if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
-                    pixel = buf[at:_pixel_end(buf, at, implicit, bool(little))]  # copied once, by the join
-        return self._deidentify(ds, transfer_syntax, pixel)
+        return ds, transfer_syntax, bool(implicit), bool(little)
 
     def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview) -> Deidentified:
         elements: Any = ds._dict
