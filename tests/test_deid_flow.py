@@ -15,13 +15,14 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from pacsbridge.api import create_app
-from pacsbridge.shared.core.schema import audit_table, deid_patients_table
+from pacsbridge.shared.core.schema import audit_table, deid_patients_table, deid_uids_table
 from pacsbridge.shared.deid.options import ProjectConfig
 from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.context import open_context
 from pacsbridge.shared.jobs.spec import validate
 from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.nodes import pusher as pushmod
 from pacsbridge.worker import runner
 
 from .helpers import TEST_FILES
@@ -106,7 +107,12 @@ def _orthanc_text(dest: Orthanc) -> str:
     return "\n".join(out)
 
 
-def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(dctx, jobs, tmp_path):
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(dctx, jobs, tmp_path, monkeypatch,
+                                                                                processes):
+    """In the job's sender threads, and in sender processes (PACSBRIDGE_PUSH_PROCESSES=1), which
+    de-identify there and send the map's rows back: the same promises."""
+    monkeypatch.setattr(pushmod, "PROCESSES", processes)
     study = _study(dctx, tmp_path / "in")
     ProjectStore(dctx.index.engine).create("lung", ProjectConfig(), SECRET.encode(), created_by="test")
     with Orthanc(tmp_path / "orthanc") as dest:
@@ -124,6 +130,8 @@ def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(
         with dctx.index.engine.connect() as conn:
             (row,) = conn.execute(select(deid_patients_table)).all()
             audit = conn.execute(select(audit_table).where(audit_table.c.action == "push")).all()
+            mapped = {r.new: r.level for r in conn.execute(select(deid_uids_table))}
+        assert all(mapped.get(uid) == "instance" for uid in dest.sop_uids())  # the map has every UID sent
         assert row.patient_id == ORIGINAL["PatientID"] and row.pseudonym in text
         assert [(a.project, a.patient_id, a.study_uid, a.target) for a in audit] == [
             ("lung", ORIGINAL["PatientID"], study, "node platform")]

@@ -42,6 +42,18 @@ class ProjectKey:
         self.project = project
         self._key = hmac.new(secret, b"pacsbridge/project/" + project.encode("utf-8"), hashlib.sha256).digest()
 
+    @classmethod
+    def from_bytes(cls, key: bytes, project: str) -> "ProjectKey":
+        """The key itself, as :meth:`raw` gave it (a push's sender process gets it from its parent over
+        a pipe, never the secret)."""
+        made = cls.__new__(cls)
+        made.project, made._key = project, key
+        return made
+
+    def raw(self) -> bytes:
+        """The key's bytes (for :meth:`from_bytes` in a child process; never logged, never stored)."""
+        return self._key
+
     @property
     def check(self) -> str:
         """A check value of the key (stored with the project; reveals nothing of the key)."""

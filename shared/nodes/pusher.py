@@ -30,8 +30,10 @@ other caller that has a list of stored instances uses it the same way. It sends 
   the stored file in memory, in one pass (no temporary copy), right before it is sent under its new
   SOP Instance UID; an instance
   the project's risk policy withholds is not sent and ends ``withheld`` (quarantined or dropped,
-  with the reason), neither acknowledged nor failed. Such a push runs in threads (the sender
-  processes of ``PACSBRIDGE_PUSH_PROCESSES`` send stored files only).
+  with the reason), neither acknowledged nor failed. With ``PACSBRIDGE_PUSH_PROCESSES`` the sender
+  processes de-identify (the engine's CPU is then not the job process's GIL): they ask the job for
+  each patient's pseudonym and offset (the map is in the database), make the new UIDs from the
+  project's key, and report what they made for the map and the audit before sending it.
 
 :func:`push` returns a :class:`PushReport`: acknowledged and failed instances with their statuses.
 """
@@ -64,7 +66,8 @@ from pacsbridge.shared.dicom.compat import send_files_as_stored
 from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_conn_open
 from pacsbridge.shared.dicom.compat.store import FastStore, ParkedSends
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest
-from pacsbridge.shared.deid.profile import DeidentifyError
+from pacsbridge.shared.deid.outgoing import Outgoing
+from pacsbridge.shared.deid.profile import DeidentifyError, OriginalIds
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.shared.core.config import initial_settings
@@ -407,10 +410,12 @@ class _ProcSender(threading.Thread):
 
     def __init__(self, n: int, node: Node, calling_ae: str, contexts: list[PresentationContext],
                  work: "queue.SimpleQueue[_File]", results: "queue.SimpleQueue[Sent | None]",
-                 slots: NodeSlots, rate: RateLimiter, cancel: threading.Event) -> None:
+                 slots: NodeSlots, rate: RateLimiter, cancel: threading.Event,
+                 transform: Outgoing | None = None) -> None:
         super().__init__(name=f"push-{node.name}-p{n}", daemon=True)
         self.node, self.calling_ae, self.contexts = node, calling_ae, contexts
         self.work, self.results, self.slots, self.rate, self.cancel = work, results, slots, rate, cancel
+        self.transform = transform
         self.error: str = ""
         self.associations = 0
         self.proc: subprocess.Popen[str] | None = None
@@ -441,7 +446,11 @@ class _ProcSender(threading.Thread):
         while len(self.inflight) < PROC_WINDOW:
             f = None if self.cancel.is_set() else self._take()
             if f is None:
-                stdin.close()
+                if self.transform is not None:  # the process may still ask for a patient: stdin stays open
+                    stdin.write(json.dumps({"end": 1}) + "\n")
+                    stdin.flush()
+                else:
+                    stdin.close()
                 return False
             self.rate.wait(1, cancel=self.cancel)
             self._count += 1
@@ -464,6 +473,8 @@ class _ProcSender(threading.Thread):
                 "calling_ae": self.calling_ae,
                 "contexts": [[str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax]]
                              for cx in self.contexts]}
+        if self.transform is not None:
+            head["deid"] = self.transform.child_spec()
         self.proc = subprocess.Popen([sys.executable, "-m", "pacsbridge.shared.nodes.pushproc"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         stdin, stdout = self.proc.stdin, self.proc.stdout
@@ -486,9 +497,17 @@ class _ProcSender(threading.Thread):
                 if "n" in doc:
                     f = self.inflight.pop(doc["n"])
                     self.results.put(Sent(f.inst.sop_uid, f.inst.series_uid, bool(doc["ok"]), doc["status"],
-                                          doc["error"], bool(doc["fallback"])))
+                                          doc["error"], bool(doc["fallback"]), doc.get("withheld", ""),
+                                          doc.get("risk", "")))
                     if feeding:
                         feeding = self._feed(stdin)
+                elif "made" in doc and self.transform is not None:
+                    self.transform.note(OriginalIds(*doc["original"]), bool(doc["sent"]), doc["action"],
+                                        doc["uids"], doc["pseudonym"])
+                elif "patient" in doc and self.transform is not None:
+                    patient = self.transform.patient(*doc["patient"])
+                    stdin.write(json.dumps({"patient": [patient.pseudonym, patient.date_offset]}) + "\n")
+                    stdin.flush()
                 elif "assoc" in doc:
                     self.associations += 1
                 elif "error" in doc:
@@ -497,6 +516,11 @@ class _ProcSender(threading.Thread):
             pass
         finally:
             ended.set()
+            if not stdin.closed:
+                try:
+                    stdin.close()
+                except BrokenPipeError:
+                    pass
         code = self.proc.wait()
         if self.cancel.is_set() and self.inflight:
             self.error = "cancelled"
@@ -585,9 +609,10 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
         count = max(1, min(node.max_associations, len(group)))
         many = count > 1 and len(group) >= PROC_MIN_FILES * count
         senders: list[_Sender | _ProcSender]
-        if transform is None and (PROCESSES == "1" or (PROCESSES == "auto" and many)):
-            senders = [_ProcSender(i, node, calling_ae, contexts, work, results, slots, rate, cancel)
-                       for i in range(count)]
+        if (transform is None or isinstance(transform, Outgoing)) and \
+                (PROCESSES == "1" or (PROCESSES == "auto" and many)):
+            senders = [_ProcSender(i, node, calling_ae, contexts, work, results, slots, rate, cancel,
+                                   transform) for i in range(count)]
         else:
             senders = [_Sender(i, node, calling_ae, contexts, work, results, slots, rate, cancel, transform)
                        for i in range(count)]
