@@ -4,9 +4,10 @@ and the options of Table E.1-1, applied to one Part 10 instance in one pass, in 
 :class:`Profile` turns a project's :class:`~.options.ProjectConfig` into one action per tag (the
 *plan*, from :mod:`.table`), then for each instance:
 
-1. parses the header with pydicom up to the pixel data (``stop_before_pixels``) and notes where the
-   pixel data element starts in the source bytes (given a path: the header is parsed from the file
-   and the pixel data read into the thread's reused buffer, see :meth:`Profile._apply_file`);
+1. reads the header up to the pixel data as raw elements, with :func:`_fast_header` for the common
+   encodings (what pydicom's ``dcmread(stop_before_pixels=True)`` would give, faster) and pydicom
+   for anything else, and notes where the pixel data element starts in the source bytes (a path is
+   read into the thread's reused buffer, not a fresh one);
 2. checks the risky kinds of :class:`~.options.RiskPolicy` (withheld instances stop here);
 3. walks every element at any depth of any sequence and applies its action (raw elements that are
    kept are never decoded, so the walk costs little);
@@ -42,7 +43,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.filereader import ENCODED_VR as filereader_ENCODED_VR_names
+from pydicom.uid import PrivateTransferSyntaxes
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -340,6 +345,123 @@ def _pixel_end(buf: memoryview, pos: int, implicit: bool, little: bool) -> int:
     raise DeidentifyError("encapsulated pixel data: no sequence delimiter")
 
 
+_ENCODED_VR = frozenset(filereader_ENCODED_VR_names)
+_LONG_VR_BYTES = frozenset(vr for vr in _ENCODED_VR if vr.decode() in EXPLICIT_VR_LENGTH_32)
+_VR_NAME = {vr: vr.decode() for vr in _ENCODED_VR}
+_u32 = struct.Struct("<I").unpack_from
+_tag_vr_len = struct.Struct("<HH2sH").unpack_from
+_tag_len = struct.Struct("<HHI").unpack_from
+_KNOWN_LE = {_IMPLICIT: True, _EXPLICIT: False}
+
+
+class _Header(NamedTuple):
+    ds: Dataset
+    transfer_syntax: str
+    implicit: bool
+    meta_sop_class: str
+    pixel_at: int  # where the pixel data element starts (len(buf) when there is none)
+
+
+def _fast_header(buf: memoryview) -> _Header | None:
+    """The header of a Part 10 buffer as pydicom's ``dcmread(stop_before_pixels=True)`` reads it
+    (the same raw elements), for what senders nearly always write: a preamble and file meta,
+    little endian (implicit, explicit, or encapsulated), every element of defined length with a VR
+    pydicom knows. Anything else (a big endian or deflated syntax, a command set, an
+    undefined-length element, a VR that does not match the syntax, an element past the end) is
+    None: the caller asks pydicom, which handles all of it.
+
+    (Our own for speed: ``dcmread`` cost half of a CT's de-identification, most of it on its
+    generic, file-like element reader and on the five datasets it builds; measured 0.30 of
+    0.58 ms per 0.5 MB CT, and this reader about 0.05.)"""
+    end = len(buf)
+    if end < 144 or buf[128:132] != b"DICM":
+        return None
+    at = 132
+    meta: dict[int, bytes] = {}
+    while at + 8 <= end:
+        group, element, vr, length = _tag_vr_len(buf, at)
+        if group != 2:
+            break
+        if vr not in _ENCODED_VR:
+            return None
+        if vr in _LONG_VR_BYTES:
+            if at + 12 > end:
+                return None
+            length = _u32(buf, at + 8)[0]
+            at += 12
+        else:
+            at += 8
+        if length == 0xFFFFFFFF or at + length > end:
+            return None
+        meta[element] = bytes(buf[at:at + length])
+        at += length
+    if not meta or at + 8 > end:
+        return None
+    group = buf[at] | buf[at + 1] << 8
+    if group == 0:
+        return None  # a command set: pydicom's
+    raw_ts = meta.get(0x0010)
+    if raw_ts is None:
+        return None
+    try:
+        transfer_syntax = raw_ts.decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        return None
+    if not transfer_syntax or "\\" in transfer_syntax or transfer_syntax in (_BIG, _DEFLATED) \
+            or transfer_syntax in PrivateTransferSyntaxes:
+        return None
+    implicit = _KNOWN_LE.get(transfer_syntax, False)
+    first_vr = bytes(buf[at + 4:at + 6])
+    looks_implicit = not (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B)
+    if looks_implicit != implicit:
+        return None  # pydicom switches, with a warning: its way
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    charset: Any = None
+    while at + 8 <= end:
+        if implicit:
+            group, element, length = _tag_len(buf, at)
+            vr_name = None
+            at += 8
+        else:
+            group, element, vr, length = _tag_vr_len(buf, at)
+            if vr not in _ENCODED_VR:
+                return None
+            vr_name = _VR_NAME[vr]
+            if vr in _LONG_VR_BYTES:
+                if at + 12 > end:
+                    return None
+                length = _u32(buf, at + 8)[0]
+                at += 12
+            else:
+                at += 8
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            at -= 12 if not implicit and vr in _LONG_VR_BYTES else 8
+            break
+        if length == 0xFFFFFFFF or group == 0xFFFE or at + length > end:
+            return None
+        value: Any = bytes(buf[at:at + length]) if length else empty_value_for_VR(vr_name, raw=True)
+        btag = BaseTag(tag)
+        elements[btag] = raw = RawDataElement(btag, vr_name, length, value, at, implicit, True)
+        if tag == 0x00080005:
+            charset = raw
+        at += length
+    else:
+        if at != end:
+            return None  # a few stray bytes at the end: pydicom decides
+    ds = Dataset(elements)
+    encoding: Any = default_encoding
+    if charset is not None:
+        encoding = convert_encodings(convert_raw_data_element(charset).value)
+    ds.set_original_encoding(implicit, True, encoding)
+    try:
+        meta_sop_class = meta[0x0002].decode("ascii").rstrip("\x00 ") if 0x0002 in meta else ""
+    except UnicodeDecodeError:
+        return None
+    return _Header(ds, transfer_syntax, implicit, meta_sop_class, at)
+
+
+
 _LONG_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "UT", "SQ", "UC", "UR", "SV", "UV"})
 
 
@@ -464,8 +586,19 @@ class Profile:
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size <= _BUFFER_MAX:
+                    view = _pixel_buffer(size + 1)
+                    n = f.readinto(view)
+                    head = _fast_header(view[:n]) if n <= size else None
+                    if head is not None:
+                        return self._from_header(head, view[:n])
+                    f.seek(0)
                 return self._apply_file(f)
         buf = memoryview(source)
+        head = _fast_header(buf)
+        if head is not None:
+            return self._from_header(head, buf)
         fp = io.BytesIO(source if isinstance(source, bytes) else buf)  # bytes: shared, not copied
         ds, transfer_syntax, implicit, little = self._read(fp)
         pixel: bytes | memoryview = b""
@@ -476,6 +609,13 @@ class Profile:
                 if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
                     pixel = buf[at:_pixel_end(buf, at, implicit, little)]  # copied once, by the join
         return self._deidentify(ds, transfer_syntax, pixel)
+
+    def _from_header(self, head: _Header, buf: memoryview) -> Deidentified:
+        """:meth:`apply` of what :func:`_fast_header` read of ``buf``."""
+        pixel: bytes | memoryview = b""
+        if head.pixel_at + 4 <= len(buf):  # _fast_header stopped at a pixel data tag
+            pixel = buf[head.pixel_at:_pixel_end(buf, head.pixel_at, head.implicit, True)]
+        return self._deidentify(head.ds, head.transfer_syntax, pixel, head.meta_sop_class)
 
     def _apply_file(self, f: io.BufferedReader) -> Deidentified:
         """:meth:`apply` of an open file: the header parsed from the file, the pixel data read into this
@@ -528,7 +668,8 @@ class Profile:
             ds = dcmread(fp, force=True)  # inflated by pydicom; its pixel data is kept as read
         return ds, transfer_syntax, bool(implicit), bool(little)
 
-    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview) -> Deidentified:
+    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview,
+                    meta_sop_class: str | None = None) -> Deidentified:
         elements: Any = ds._dict
         get = elements.get
 
@@ -546,7 +687,8 @@ class Profile:
 
         original = OriginalIds(text(0x00080018), text(0x0020000E), text(0x0020000D), text(0x00100020),
                                text(0x00100021), text(0x00080050))
-        sop_class = text(0x00080016) or str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+        sop_class = text(0x00080016) or (meta_sop_class if meta_sop_class is not None else
+                                         str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ""))
         patient = self.identity.patient(original.issuer, original.patient_id)
         action, reason = self._risk(sop_class, text(0x00280301).upper())
         if action in ("quarantine", "drop"):
