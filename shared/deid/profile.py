@@ -35,7 +35,7 @@ import struct
 import threading
 import zlib
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary, mask_match
@@ -46,6 +46,8 @@ from pydicom.charset import default_encoding
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.filereader import ENCODED_VR as filereader_ENCODED_VR_names
+from pydicom.filereader import data_element_generator
+from pydicom.values import convert_string
 from pydicom.uid import PrivateTransferSyntaxes
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.filewriter import write_data_element, write_file_meta_info
@@ -354,6 +356,26 @@ _tag_len = struct.Struct("<HHI").unpack_from
 _KNOWN_LE = {_IMPLICIT: True, _EXPLICIT: False}
 
 
+class _ViewReader:
+    """A read-only file over a memoryview, not copied (``io.BytesIO`` copies anything but bytes): what
+    pydicom reads the undefined-length elements of :func:`_fast_header` from."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.pos
+        self.pos = len(self.view) if size is None or size < 0 else min(start + size, len(self.view))
+        return bytes(self.view[start:self.pos])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else len(self.view) + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 class _Header(NamedTuple):
     ds: Dataset
     transfer_syntax: str
@@ -417,6 +439,7 @@ def _fast_header(buf: memoryview) -> _Header | None:
         return None  # pydicom switches, with a warning: its way
     elements: dict[BaseTag, RawDataElement | DataElement] = {}
     charset: Any = None
+    encoding: Any = default_encoding
     while at + 8 <= end:
         if implicit:
             group, element, length = _tag_len(buf, at)
@@ -438,19 +461,34 @@ def _fast_header(buf: memoryview) -> _Header | None:
         if tag in _PIXEL_TAGS:
             at -= 12 if not implicit and vr in _LONG_VR_BYTES else 8
             break
-        if length == 0xFFFFFFFF or group == 0xFFFE or at + length > end:
+        if group == 0xFFFE:
+            return None
+        if length == 0xFFFFFFFF:
+            # an undefined-length element (a sequence, mostly): read by pydicom's own element reader,
+            # from here, with the character set it would have by now, then on with ours
+            fp = _ViewReader(buf)
+            fp.seek(at - (8 if implicit or vr not in _LONG_VR_BYTES else 12))
+            try:
+                made = next(data_element_generator(cast(BinaryIO, fp), implicit, True, None, None, encoding))
+            except Exception:  # noqa: BLE001 - whatever pydicom makes of it, it makes it on its own
+                return None
+            elements[made.tag] = made
+            at = fp.tell()
+            continue
+        if at + length > end:
             return None
         value: Any = bytes(buf[at:at + length]) if length else empty_value_for_VR(vr_name, raw=True)
         btag = BaseTag(tag)
         elements[btag] = raw = RawDataElement(btag, vr_name, length, value, at, implicit, True)
         if tag == 0x00080005:
             charset = raw
+            encoding = convert_encodings(convert_string(value or b"", True))  # as pydicom's reader has it
         at += length
     else:
         if at != end:
             return None  # a few stray bytes at the end: pydicom decides
     ds = Dataset(elements)
-    encoding: Any = default_encoding
+    encoding = default_encoding
     if charset is not None:
         encoding = convert_encodings(convert_raw_data_element(charset).value)
     ds.set_original_encoding(implicit, True, encoding)
