@@ -323,3 +323,37 @@ def test_a_jobs_worker_with_the_wrong_secret_refuses_to_start(dctx, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "not the secret" in done.stderr and "guarded" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_a_deidentified_push_over_two_associations_sends_each_instance_once_and_maps_it(dctx, jobs, tmp_path,
+                                                                                       monkeypatch, processes):
+    """Two associations, each de-identifying the file it sends next while it waits for the node (threads),
+    or in its sender process: every instance reaches the node once, under a new UID the map holds, and
+    the audit counts each once."""
+    from .helpers import make_instance
+    from .test_push import RecordingSCP
+
+    monkeypatch.setattr(pushmod, "PROCESSES", processes)
+    series = [generate_uid() for _ in range(3)]
+    for i in range(60):
+        make_instance(tmp_path / "in" / f"{i}.dcm", PatientID="MRN-2A", SeriesInstanceUID=series[i % 3],
+                      InstanceNumber=i)
+    load(dctx, tmp_path / "in")
+    ProjectStore(dctx.index.engine).create("two", ProjectConfig(), SECRET.encode(), created_by="test")
+    scp = RecordingSCP()
+    try:
+        jobs.add_node(scp.node("two", max_associations=2, project="two", identifiable=False))
+        kind, name, params, hook = validate({"kind": "push", "node": "two", "selection": {"PatientID": ["MRN-2A"]}})
+        job = runner.run_job(jobs.submit(kind, params, name, hook)[0].id, dctx, jobs)
+    finally:
+        scp.close()
+    assert job.state == "succeeded", (job.error, job.result)
+    assert job.result["sent"] == 60 and job.result["associations"] == 2
+    assert len(scp.received) == 60 and all(len(v) == 1 for v in scp.received.values())
+    with dctx.index.engine.connect() as conn:
+        mapped = {r.new: r.level for r in conn.execute(select(deid_uids_table))}
+        audit = conn.execute(select(audit_table).where(audit_table.c.action == "push")).all()
+    assert all(mapped.get(uid) == "instance" for uid in scp.received)
+    assert sum(json.loads(a.detail)["sent"] for a in audit) == 60
+    assert "MRN-2A" not in {ds[0].PatientID for ds in scp.received.values()}

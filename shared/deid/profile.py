@@ -387,10 +387,10 @@ class _Header(NamedTuple):
 def _fast_header(buf: memoryview) -> _Header | None:
     """The header of a Part 10 buffer as pydicom's ``dcmread(stop_before_pixels=True)`` reads it
     (the same raw elements), for what senders nearly always write: a preamble and file meta,
-    little endian (implicit, explicit, or encapsulated), every element of defined length with a VR
-    pydicom knows. Anything else (a big endian or deflated syntax, a command set, an
-    undefined-length element, a VR that does not match the syntax, an element past the end) is
-    None: the caller asks pydicom, which handles all of it.
+    little endian (implicit, explicit, or encapsulated), every element with a VR pydicom knows (an
+    undefined-length one is read by pydicom's own element reader). Anything else (a big endian or
+    deflated syntax, a command set, a VR that does not match the syntax, an element past the end)
+    is None: the caller asks pydicom, which handles all of it.
 
     (Our own for speed: ``dcmread`` cost half of a CT's de-identification, most of it on its
     generic, file-like element reader and on the five datasets it builds; measured 0.30 of
