@@ -336,9 +336,10 @@ def send_files(assoc: Any, node: Node, take: Callable[[], "_File | None"],
 class _Ahead:
     """A project's de-identification one file ahead of the send: while a sender waits for the node's
     answer to one file (the GIL released), this push's one helper thread de-identifies the file that
-    sender sends next. (Our own pipelining, measured: de-identifying between a response and the next
-    send left the association idle for the engine's time on every file; 1 association, 2,000 CT:
-    the de-identified push went from about 0.5 to about 0.8 of a plain one.)"""
+    sender sends next. (Our own pipelining: de-identifying between a response and the next send
+    leaves the association idle for the engine's time on every file; the profile of a 1-association
+    push showed the sender thread waiting on the node's answers most of its time. Its gain was not
+    measurable on the shared 2-core test host: see the branch's report.)"""
 
     def __init__(self, transform: Transform) -> None:
         self.transform = transform
