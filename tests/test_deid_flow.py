@@ -15,13 +15,14 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from pacsbridge.api import create_app
-from pacsbridge.shared.core.schema import audit_table, deid_patients_table
+from pacsbridge.shared.core.schema import audit_table, deid_patients_table, deid_uids_table
 from pacsbridge.shared.deid.options import ProjectConfig
 from pacsbridge.shared.deid.projects import ProjectStore
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.context import open_context
 from pacsbridge.shared.jobs.spec import validate
 from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.shared.nodes import pusher as pushmod
 from pacsbridge.worker import runner
 
 from .helpers import TEST_FILES
@@ -106,7 +107,12 @@ def _orthanc_text(dest: Orthanc) -> str:
     return "\n".join(out)
 
 
-def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(dctx, jobs, tmp_path):
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(dctx, jobs, tmp_path, monkeypatch,
+                                                                                processes):
+    """In the job's sender threads, and in sender processes (PACSBRIDGE_PUSH_PROCESSES=1), which
+    de-identify there and send the map's rows back: the same promises."""
+    monkeypatch.setattr(pushmod, "PROCESSES", processes)
     study = _study(dctx, tmp_path / "in")
     ProjectStore(dctx.index.engine).create("lung", ProjectConfig(), SECRET.encode(), created_by="test")
     with Orthanc(tmp_path / "orthanc") as dest:
@@ -124,6 +130,8 @@ def test_a_deidentified_study_reaches_orthanc_complete_and_without_its_identity(
         with dctx.index.engine.connect() as conn:
             (row,) = conn.execute(select(deid_patients_table)).all()
             audit = conn.execute(select(audit_table).where(audit_table.c.action == "push")).all()
+            mapped = {r.new: r.level for r in conn.execute(select(deid_uids_table))}
+        assert all(mapped.get(uid) == "instance" for uid in dest.sop_uids())  # the map has every UID sent
         assert row.patient_id == ORIGINAL["PatientID"] and row.pseudonym in text
         assert [(a.project, a.patient_id, a.study_uid, a.target) for a in audit] == [
             ("lung", ORIGINAL["PatientID"], study, "node platform")]
@@ -315,3 +323,37 @@ def test_a_jobs_worker_with_the_wrong_secret_refuses_to_start(dctx, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "not the secret" in done.stderr and "guarded" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_a_deidentified_push_over_two_associations_sends_each_instance_once_and_maps_it(dctx, jobs, tmp_path,
+                                                                                       monkeypatch, processes):
+    """Two associations, each de-identifying the file it sends next while it waits for the node (threads),
+    or in its sender process: every instance reaches the node once, under a new UID the map holds, and
+    the audit counts each once."""
+    from .helpers import make_instance
+    from .test_push import RecordingSCP
+
+    monkeypatch.setattr(pushmod, "PROCESSES", processes)
+    series = [generate_uid() for _ in range(3)]
+    for i in range(60):
+        make_instance(tmp_path / "in" / f"{i}.dcm", PatientID="MRN-2A", SeriesInstanceUID=series[i % 3],
+                      InstanceNumber=i)
+    load(dctx, tmp_path / "in")
+    ProjectStore(dctx.index.engine).create("two", ProjectConfig(), SECRET.encode(), created_by="test")
+    scp = RecordingSCP()
+    try:
+        jobs.add_node(scp.node("two", max_associations=2, project="two", identifiable=False))
+        kind, name, params, hook = validate({"kind": "push", "node": "two", "selection": {"PatientID": ["MRN-2A"]}})
+        job = runner.run_job(jobs.submit(kind, params, name, hook)[0].id, dctx, jobs)
+    finally:
+        scp.close()
+    assert job.state == "succeeded", (job.error, job.result)
+    assert job.result["sent"] == 60 and job.result["associations"] == 2
+    assert len(scp.received) == 60 and all(len(v) == 1 for v in scp.received.values())
+    with dctx.index.engine.connect() as conn:
+        mapped = {r.new: r.level for r in conn.execute(select(deid_uids_table))}
+        audit = conn.execute(select(audit_table).where(audit_table.c.action == "push")).all()
+    assert all(mapped.get(uid) == "instance" for uid in scp.received)
+    assert sum(json.loads(a.detail)["sent"] for a in audit) == 60
+    assert "MRN-2A" not in {ds[0].PatientID for ds in scp.received.values()}

@@ -41,6 +41,20 @@ class ProjectKey:
     def __init__(self, secret: bytes, project: str) -> None:
         self.project = project
         self._key = hmac.new(secret, b"pacsbridge/project/" + project.encode("utf-8"), hashlib.sha256).digest()
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256)
+
+    @classmethod
+    def from_bytes(cls, key: bytes, project: str) -> "ProjectKey":
+        """The key itself, as :meth:`raw` gave it (a push's sender process gets it from its parent over
+        a pipe, never the secret)."""
+        made = cls.__new__(cls)
+        made.project, made._key = project, key
+        made._mac = hmac.new(key, digestmod=hashlib.sha256)
+        return made
+
+    def raw(self) -> bytes:
+        """The key's bytes (for :meth:`from_bytes` in a child process; never logged, never stored)."""
+        return self._key
 
     @property
     def check(self) -> str:
@@ -50,7 +64,11 @@ class ProjectKey:
     def digest(self, label: str, *parts: str) -> bytes:
         """HMAC-SHA256 under the key of ``label`` and ``parts`` (NUL-separated, so no two inputs meet)."""
         message = "\x00".join((label, *parts)).encode("utf-8")
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        # a copy of the keyed object made once: the same HMAC without hashing the padded key again for
+        # each of an instance's UIDs (about a third of a digest's cost, measured)
+        mac = self._mac.copy()
+        mac.update(message)
+        return mac.digest()
 
     def number(self, label: str, *parts: str, modulo: int) -> int:
         """A keyed number in ``[0, modulo)``."""
@@ -112,10 +130,15 @@ class KeyedIdentity:
                  max_days: int = -1, uid_root: str = "") -> None:
         self.key, self.prefix, self.digits = key, prefix, digits
         self.min_days, self.max_days, self.uid_root = min_days, max_days, uid_root
+        self._patients: dict[tuple[str, str], Patient] = {}
 
     def patient(self, issuer: str, patient_id: str) -> Patient:
-        return Patient(self.key.pseudonym(issuer, patient_id, self.prefix, self.digits),
-                       self.key.date_offset(issuer, patient_id, self.min_days, self.max_days))
+        known = self._patients.get((issuer, patient_id))
+        if known is None:  # derived once per patient (the offset's derivation lists the whole range)
+            known = self._patients[(issuer, patient_id)] = Patient(
+                self.key.pseudonym(issuer, patient_id, self.prefix, self.digits),
+                self.key.date_offset(issuer, patient_id, self.min_days, self.max_days))
+        return known
 
     def uid(self, original: str) -> str:
         return self.key.uid(original, self.uid_root)

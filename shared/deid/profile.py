@@ -4,8 +4,10 @@ and the options of Table E.1-1, applied to one Part 10 instance in one pass, in 
 :class:`Profile` turns a project's :class:`~.options.ProjectConfig` into one action per tag (the
 *plan*, from :mod:`.table`), then for each instance:
 
-1. parses the header with pydicom up to the pixel data (``stop_before_pixels``) and notes where the
-   pixel data element starts in the source bytes;
+1. reads the header up to the pixel data as raw elements, with :func:`_fast_header` for the common
+   encodings (what pydicom's ``dcmread(stop_before_pixels=True)`` would give, faster) and pydicom
+   for anything else, and notes where the pixel data element starts in the source bytes (a path is
+   read into the thread's reused buffer, not a fresh one);
 2. checks the risky kinds of :class:`~.options.RiskPolicy` (withheld instances stop here);
 3. walks every element at any depth of any sequence and applies its action (raw elements that are
    kept are never decoded, so the walk costs little);
@@ -30,9 +32,10 @@ import io
 import os
 import re
 import struct
+import threading
 import zlib
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary, mask_match
@@ -40,7 +43,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.filereader import ENCODED_VR as filereader_ENCODED_VR_names
+from pydicom.filereader import data_element_generator
+from pydicom.values import convert_string
+from pydicom.uid import PrivateTransferSyntaxes
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -338,6 +347,159 @@ def _pixel_end(buf: memoryview, pos: int, implicit: bool, little: bool) -> int:
     raise DeidentifyError("encapsulated pixel data: no sequence delimiter")
 
 
+_ENCODED_VR = frozenset(filereader_ENCODED_VR_names)
+_LONG_VR_BYTES = frozenset(vr for vr in _ENCODED_VR if vr.decode() in EXPLICIT_VR_LENGTH_32)
+_VR_NAME = {vr: vr.decode() for vr in _ENCODED_VR}
+_u32 = struct.Struct("<I").unpack_from
+_tag_vr_len = struct.Struct("<HH2sH").unpack_from
+_tag_len = struct.Struct("<HHI").unpack_from
+_KNOWN_LE = {_IMPLICIT: True, _EXPLICIT: False}
+
+
+class _ViewReader:
+    """A read-only file over a memoryview, not copied (``io.BytesIO`` copies anything but bytes): what
+    pydicom reads the undefined-length elements of :func:`_fast_header` from."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.pos
+        self.pos = len(self.view) if size is None or size < 0 else min(start + size, len(self.view))
+        return bytes(self.view[start:self.pos])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else len(self.view) + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class _Header(NamedTuple):
+    ds: Dataset
+    transfer_syntax: str
+    implicit: bool
+    meta_sop_class: str
+    pixel_at: int  # where the pixel data element starts (len(buf) when there is none)
+
+
+def _fast_header(buf: memoryview) -> _Header | None:
+    """The header of a Part 10 buffer as pydicom's ``dcmread(stop_before_pixels=True)`` reads it
+    (the same raw elements), for what senders nearly always write: a preamble and file meta,
+    little endian (implicit, explicit, or encapsulated), every element with a VR pydicom knows (an
+    undefined-length one is read by pydicom's own element reader). Anything else (a big endian or
+    deflated syntax, a command set, a VR that does not match the syntax, an element past the end)
+    is None: the caller asks pydicom, which handles all of it.
+
+    (Our own for speed: ``dcmread`` cost half of a CT's de-identification, most of it on its
+    generic, file-like element reader and on the five datasets it builds; measured 0.30 of
+    0.58 ms per 0.5 MB CT, and this reader about 0.05.)"""
+    end = len(buf)
+    if end < 144 or buf[128:132] != b"DICM":
+        return None
+    at = 132
+    meta: dict[int, bytes] = {}
+    while at + 8 <= end:
+        group, element, vr, length = _tag_vr_len(buf, at)
+        if group != 2:
+            break
+        if vr not in _ENCODED_VR:
+            return None
+        if vr in _LONG_VR_BYTES:
+            if at + 12 > end:
+                return None
+            length = _u32(buf, at + 8)[0]
+            at += 12
+        else:
+            at += 8
+        if length == 0xFFFFFFFF or at + length > end:
+            return None
+        meta[element] = bytes(buf[at:at + length])
+        at += length
+    if not meta or at + 8 > end:
+        return None
+    group = buf[at] | buf[at + 1] << 8
+    if group == 0:
+        return None  # a command set: pydicom's
+    raw_ts = meta.get(0x0010)
+    if raw_ts is None:
+        return None
+    try:
+        transfer_syntax = raw_ts.decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        return None
+    if not transfer_syntax or "\\" in transfer_syntax or transfer_syntax in (_BIG, _DEFLATED) \
+            or transfer_syntax in PrivateTransferSyntaxes:
+        return None
+    implicit = _KNOWN_LE.get(transfer_syntax, False)
+    first_vr = bytes(buf[at + 4:at + 6])
+    looks_implicit = not (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B)
+    if looks_implicit != implicit:
+        return None  # pydicom switches, with a warning: its way
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    charset: Any = None
+    encoding: Any = default_encoding
+    while at + 8 <= end:
+        if implicit:
+            group, element, length = _tag_len(buf, at)
+            vr_name = None
+            at += 8
+        else:
+            group, element, vr, length = _tag_vr_len(buf, at)
+            if vr not in _ENCODED_VR:
+                return None
+            vr_name = _VR_NAME[vr]
+            if vr in _LONG_VR_BYTES:
+                if at + 12 > end:
+                    return None
+                length = _u32(buf, at + 8)[0]
+                at += 12
+            else:
+                at += 8
+        tag = group << 16 | element
+        if tag in _PIXEL_TAGS:
+            at -= 12 if not implicit and vr in _LONG_VR_BYTES else 8
+            break
+        if group == 0xFFFE:
+            return None
+        if length == 0xFFFFFFFF:
+            # an undefined-length element (a sequence, mostly): read by pydicom's own element reader,
+            # from here, with the character set it would have by now, then on with ours
+            fp = _ViewReader(buf)
+            fp.seek(at - (8 if implicit or vr not in _LONG_VR_BYTES else 12))
+            try:
+                made = next(data_element_generator(cast(BinaryIO, fp), implicit, True, None, None, encoding))
+            except Exception:  # noqa: BLE001 - whatever pydicom makes of it, it makes it on its own
+                return None
+            elements[made.tag] = made
+            at = fp.tell()
+            continue
+        if at + length > end:
+            return None
+        value: Any = bytes(buf[at:at + length]) if length else empty_value_for_VR(vr_name, raw=True)
+        btag = BaseTag(tag)
+        elements[btag] = raw = RawDataElement(btag, vr_name, length, value, at, implicit, True)
+        if tag == 0x00080005:
+            charset = raw
+            encoding = convert_encodings(convert_string(value or b"", True))  # as pydicom's reader has it
+        at += length
+    else:
+        if at != end:
+            return None  # a few stray bytes at the end: pydicom decides
+    ds = Dataset(elements)
+    encoding = default_encoding
+    if charset is not None:
+        encoding = convert_encodings(convert_raw_data_element(charset).value)
+    ds.set_original_encoding(implicit, True, encoding)
+    try:
+        meta_sop_class = meta[0x0002].decode("ascii").rstrip("\x00 ") if 0x0002 in meta else ""
+    except UnicodeDecodeError:
+        return None
+    return _Header(ds, transfer_syntax, implicit, meta_sop_class, at)
+
+
+
 _LONG_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "UT", "SQ", "UC", "UR", "SV", "UV"})
 
 
@@ -352,7 +514,8 @@ def _write(fp: DicomBytesIO, ds: Dataset, encodings: Any) -> None:
     short, long_, bare = struct.Struct(order + "HH2sH"), struct.Struct(order + "HH2sHI"), struct.Struct(order + "HHI")
     write = fp.write
     elements: Any = ds._dict
-    for tag in sorted(elements):
+    # key=int: the same order, compared in C (BaseTag's __lt__ is Python: 3% of an instance's time, measured)
+    for tag in sorted(elements, key=int):
         elem = elements[tag]
         if type(elem) is RawDataElement and elem.length != 0xFFFFFFFF and elem.value is not None \
                 and elem.is_implicit_VR == implicit and elem.is_little_endian == little:
@@ -400,6 +563,19 @@ def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
     return fp.getvalue()
 
 
+#: The largest pixel data read into a thread's reused buffer (larger: a buffer of its own).
+_BUFFER_MAX = 32 << 20
+_local = threading.local()
+
+
+def _pixel_buffer(size: int) -> memoryview:
+    """This thread's reused buffer, at least ``size`` bytes."""
+    buf: bytearray | None = getattr(_local, "buffer", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buffer = bytearray(max(size, 1 << 20))  # a new one: a view may still hold the old
+    return memoryview(buf)
+
+
 class Profile:
     """A project's profile: the plan of its configuration, applied to one instance at a time.
 
@@ -439,7 +615,7 @@ class Profile:
     # -- the one entry point -----------------------------------------------------------------------
 
     def apply(self, source: bytes | memoryview | str | os.PathLike[str]) -> Deidentified:
-        """De-identify one Part 10 instance (bytes, or a path read whole).
+        """De-identify one Part 10 instance (bytes, or a path).
 
         Raises
         ------
@@ -448,9 +624,72 @@ class Profile:
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                source = f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size <= _BUFFER_MAX:
+                    view = _pixel_buffer(size + 1)
+                    n = f.readinto(view)
+                    head = _fast_header(view[:n]) if n <= size else None
+                    if head is not None:
+                        return self._from_header(head, view[:n])
+                    f.seek(0)
+                return self._apply_file(f)
         buf = memoryview(source)
+        head = _fast_header(buf)
+        if head is not None:
+            return self._from_header(head, buf)
         fp = io.BytesIO(source if isinstance(source, bytes) else buf)  # bytes: shared, not copied
+        ds, transfer_syntax, implicit, little = self._read(fp)
+        pixel: bytes | memoryview = b""
+        if transfer_syntax != _DEFLATED:
+            at = fp.tell()
+            if at + 4 <= len(buf):
+                tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
+                if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
+                    pixel = buf[at:_pixel_end(buf, at, implicit, little)]  # copied once, by the join
+        return self._deidentify(ds, transfer_syntax, pixel)
+
+    def _from_header(self, head: _Header, buf: memoryview) -> Deidentified:
+        """:meth:`apply` of what :func:`_fast_header` read of ``buf``."""
+        pixel: bytes | memoryview = b""
+        if head.pixel_at + 4 <= len(buf):  # _fast_header stopped at a pixel data tag
+            pixel = buf[head.pixel_at:_pixel_end(buf, head.pixel_at, head.implicit, True)]
+        return self._deidentify(head.ds, head.transfer_syntax, pixel, head.meta_sop_class)
+
+    def _apply_file(self, f: io.BufferedReader) -> Deidentified:
+        """:meth:`apply` of an open file: the header parsed from the file, the pixel data read into this
+        thread's reused buffer (:func:`_pixel_buffer`) and copied once, into the output.
+
+        This is the fallback of :meth:`apply` for what :func:`_fast_header` leaves to pydicom. (Our
+        own instead of ``f.read()``: no fresh buffer of the whole file beside the fresh output. A
+        synthetic loop showed glibc trimming and re-faulting two such buffers per file; bench/deid.py
+        did not (2.5 page faults per file before, 0 after), so the gain here is small.)"""
+        ds, transfer_syntax, implicit, little = self._read(f)
+        if transfer_syntax == _DEFLATED:
+            return self._deidentify(ds, transfer_syntax, b"")
+        at = f.tell()
+        size = os.fstat(f.fileno()).st_size
+        buf: memoryview
+        if size - at > _BUFFER_MAX:
+            rest = f.read()  # a large multi-frame: its own buffer (read once, copied once by the join)
+            buf = memoryview(rest)
+        else:
+            buf = _pixel_buffer(size - at + 1)
+            n = f.readinto(buf)
+            if n > size - at:  # grown since fstat: read the rest the plain way
+                buf = memoryview(b"".join((buf[:n], f.read())))
+            else:
+                buf = buf[:n]
+        pixel: bytes | memoryview = b""
+        if len(buf) >= 4:
+            tag = struct.unpack_from("<HH" if little else ">HH", buf, 0)
+            if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
+                pixel = buf[:_pixel_end(buf, 0, implicit, little)]
+        return self._deidentify(ds, transfer_syntax, pixel)
+
+    @staticmethod
+    def _read(fp: Any) -> tuple[Dataset, str, bool, bool]:
+        """The header of ``fp`` up to the pixel data (all of it when deflated), its transfer syntax and
+        encoding; ``fp`` is left at the pixel data (or where the header ends)."""
         try:
             ds = dcmread(fp, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
@@ -462,19 +701,13 @@ class Profile:
             raise DeidentifyError("not readable as DICOM: no encoding")
         if not transfer_syntax:
             transfer_syntax = _IMPLICIT if implicit else _EXPLICIT if little else _BIG
-        pixel: bytes | memoryview = b""
         if transfer_syntax == _DEFLATED:
             fp.seek(0)
             ds = dcmread(fp, force=True)  # inflated by pydicom; its pixel data is kept as read
-        else:
-            at = fp.tell()
-            if at + 4 <= len(buf):
-                tag = struct.unpack_from("<HH" if little else ">HH", buf, at)
-                if (tag[0] << 16 | tag[1]) in _PIXEL_TAGS:
-                    pixel = buf[at:_pixel_end(buf, at, implicit, bool(little))]  # copied once, by the join
-        return self._deidentify(ds, transfer_syntax, pixel)
+        return ds, transfer_syntax, bool(implicit), bool(little)
 
-    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview) -> Deidentified:
+    def _deidentify(self, ds: Dataset, transfer_syntax: str, pixel: bytes | memoryview,
+                    meta_sop_class: str | None = None) -> Deidentified:
         elements: Any = ds._dict
         get = elements.get
 
@@ -492,7 +725,8 @@ class Profile:
 
         original = OriginalIds(text(0x00080018), text(0x0020000E), text(0x0020000D), text(0x00100020),
                                text(0x00100021), text(0x00080050))
-        sop_class = text(0x00080016) or str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+        sop_class = text(0x00080016) or (meta_sop_class if meta_sop_class is not None else
+                                         str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ""))
         patient = self.identity.patient(original.issuer, original.patient_id)
         action, reason = self._risk(sop_class, text(0x00280301).upper())
         if action in ("quarantine", "drop"):
