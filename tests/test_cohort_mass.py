@@ -152,6 +152,12 @@ def test_mass_filters_against_orthanc(ctx, tmp_path, generated):
 
 
 # -- the mass transfer through real workers, one killed --------------------------------------------
+def _running_children(jobs: JobStore, store: CohortStore, cid: str) -> list[str]:
+    """The child jobs running for the cohort's chunks being moved."""
+    return [c for r in store.rows(cid, states=("transferring",)) for c in r.children
+            if jobs.get(c, with_series=False).state == "running"]
+
+
 def _window_open_now() -> str:
     now = dt.datetime.now()
     return f"{now - dt.timedelta(hours=1):%H}:00-{now + dt.timedelta(hours=2):%H}:00"
@@ -182,7 +188,7 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # some chunks moved (not only empty weeks), one moving now
             moved = [r for r in store.rows(cid, states=("done",)) if r.received]
-            if len(moved) >= 3 and store.count(cid, states=("transferring",)):
+            if len(moved) >= 3 and _running_children(jobs, store, cid):
                 break
             time.sleep(0.05)
         else:
@@ -191,9 +197,9 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
         stack.procs.pop("worker-a")
-        moving = [r for r in store.rows(cid, states=("transferring",))]
-        interrupted = [c for r in moving for c in r.children]
-        assert interrupted and all(jobs.get(c).state == "running" for c in interrupted)
+        # frozen now: almost always a chunk's child retrieve cut short (unless the kill fell in the few
+        # milliseconds between a child's end and the next one's start: the rest holds all the same)
+        interrupted = _running_children(jobs, store, cid)
         before = len(set(index_sops(ctx)))
         assert 0 < before < len(want)
 
