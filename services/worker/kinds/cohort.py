@@ -11,6 +11,8 @@ taken over after a crash, a cancel followed by ``resume``, or a ``retry`` goes o
   interface, so a DICOMweb source fits later), then a series-level one per study for the counts;
 * ``not_found`` (nothing), ``ambiguous`` (a row naming an accession or a study UID that answers with
   several patients), ``failed`` (the node's error), else ``found`` with its studies, series and instances;
+  a mass transfer's chunk (a date range, many patients by design) is never ambiguous, and one with no
+  study that passes the filters is ``done`` (an empty week is nothing to fix and send again);
 * a study is *held* when every instance the node lists (IMAGE-level C-FIND, only for series whose counts
   say complete) is indexed here: a row all held is ``held``, and is not pulled again;
 * a row's pseudonym (a project's cohort) must agree with the project's map and with the other rows of the
@@ -26,12 +28,15 @@ child ``push`` or ``repack`` job (``then``) of all its studies under the cohort'
 row's pseudonym is given to its patient in the project's map. Child jobs are real jobs (``GET
 /jobs/<id>`` shows their per-series progress); the cohort runs them itself, in its own process, at most
 ``max_associations`` rows at once, so a cohort never waits for a free job slot that its own children
-need. A child another worker already runs (the sweeper re-sent it after a crash) is waited for. Studies
+need. A child another worker already runs (the sweeper re-sent it after a crash) is waited for; one
+whose worker died (its beats stopped) is taken over here, so the cohort never waits for a job slot
+for it either. A child retrieve names its series (those the query kept: a ``BodyPartExamined`` filter
+holds at series level), so that a worker running it without the cohort's plan pulls no more. Studies
 shared by two rows are pulled by one of them at a time (a lock per study), so nothing is pulled twice.
 
 End state: ``succeeded`` when every row succeeded (``done``, or ``duplicate``), ``partial`` when some did,
 ``failed`` when none did; the error counts the rows by state. A dry run ends ``succeeded`` when every
-row was resolved (``found``/``held``/``duplicate``), else ``partial`` with the counts.
+row was resolved (``found``/``held``/``duplicate``, an empty chunk ``done``), else ``partial`` with the counts.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: How often a cohort looks at a child job that another worker runs.
 CHILD_POLL_SECONDS = 0.5
+#: A child running elsewhere whose heartbeat is older than this is taken over (as the sweeper would).
+STALE_SECONDS = execute.HEARTBEAT_SECONDS * 4
 #: Return keys a cohort asks at study level besides the query's (issuer: the pseudonym map's key).
 STUDY_KEYS = ("IssuerOfPatientID", "SOPClassesInStudy", "ModalitiesInStudy", "PatientBirthDate", "PatientAge",
               "InstitutionName")
@@ -176,7 +183,7 @@ def _check_pseudonyms(store: CohortStore, job: Job, projects: ProjectStore | Non
 
 
 def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, node: Node,
-                 cancel: threading.Event, parallel: int) -> None:
+                 cancel: threading.Event, parallel: int, mass: bool = False) -> None:
     slots = NodeSlots(ctx.index.engine, node, f"{worker_id()}/{job.id[:8]}")
     searcher = DimseSearcher(node, ctx.settings.ae_title, slots, cancel=cancel)
 
@@ -192,6 +199,8 @@ def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, nod
             if cancel.is_set():
                 return
             values = {"state": "failed", "reason": f"query failed: {exc}"}
+        if mass and values["state"] == "not_found":  # an empty week is not a row to fix and send again
+            values = {"state": "done", "reason": "no study of this chunk passes the filters"}
         store.update_row(job.id, row.number, **values)
 
     _each(store.iter_rows(job.id, states=("pending",)), one, parallel, f"cohort-q-{job.id[:8]}")
@@ -258,9 +267,9 @@ class _Children:
                     return current
                 if self.cancel.is_set():
                     self.jobs.cancel(child.id)
-                elif current.state == "queued" or (time.time() - (current.heartbeat_at or 0)
-                                                   > execute.HEARTBEAT_SECONDS * 4):
-                    # queued, or running on a worker that died (its beats stale): ours to run
+                elif current.state == "queued" or (current.heartbeat_at or 0) < time.time() - STALE_SECONDS:
+                    # queued, or its worker died (a crash of this cohort's previous worker): run it here
+                    # (the claim is atomic: if the sweeper's message reached a worker first, that one runs it)
                     finished = execute.run_job(child.id, ctx, self.jobs, {child.kind: code})
                     if finished is not None:
                         return finished
@@ -304,9 +313,11 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
             plan = [r for r in plan if r.series_uid not in pulled]
             store.update_row(job.id, row.number, received=received)
         if plan:
-            query = {"level": "study", "StudyInstanceUID": sorted({r.study_uid for r in plan})}
-            if row.spec.get("SeriesInstanceUID"):
-                query["SeriesInstanceUID"] = sorted({r.series_uid for r in plan})
+            # the series too: a worker that runs this child without the plan (the sweeper re-sent it
+            # after a crash) asks for no more than the query kept (a study's other body parts, the
+            # series already held)
+            query = {"level": "study", "StudyInstanceUID": sorted({r.study_uid for r in plan}),
+                     "SeriesInstanceUID": sorted({r.series_uid for r in plan})}
             child, _ = jobs.submit("retrieve", {"query": query}, node=job.node, owner=job.owner)
             jobs.mark_enqueued(child.id)  # run here; the sweeper re-sends it only if this worker dies
             if child.id not in kids:
@@ -426,7 +437,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     started = time.monotonic()
 
     # a mass transfer asks the PACS one chunk at a time (each may be large); rows, up to the node's limit
-    _query_stage(job, ctx, jobs, store, node, cancel, 1 if cohort.mass else max(1, node.max_associations))
+    _query_stage(job, ctx, jobs, store, node, cancel, 1 if cohort.mass else max(1, node.max_associations),
+                 mass=cohort.mass is not None)
     if cancel.is_set():
         return Outcome("cancelled", "cancelled by request", _result(store, job, "query", started))
     _check_pseudonyms(store, job, projects, ctx)
@@ -435,7 +447,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     if not cohort.transfer:
         counts = store.counts(job.id)
         result = _result(store, job, "queried", started)
-        short = {s: n for s, n in counts.items() if s not in ("found", "held", "duplicate")}
+        short = {s: n for s, n in counts.items() if s not in ("found", "held", "duplicate", "done")}
         if not short:
             return Outcome("succeeded", "", result)
         return Outcome("partial" if len(short) < len(counts) or counts.get("found") or counts.get("held")
