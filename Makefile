@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PB     := $(VENV)/bin/pacsbridge
-DEBS   := dcmtk orthanc dicom3tools
+DEBS   := dcmtk orthanc orthanc-dicomweb dicom3tools
 PYTEST_ARGS ?=
 
 .PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-deid clean
