@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 __all__ = ["Orthanc", "free_port"]
 
 ORTHANC = "/usr/sbin/Orthanc"
+#: Debian's orthanc-dicomweb plugin (``dicomweb=True``: QIDO-RS, WADO-RS and STOW-RS under /dicom-web/).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def free_port() -> int:
@@ -39,13 +41,15 @@ class Orthanc:
     ``modalities``: ``{name: (AET, host, port)}``; these peers may C-FIND,
     C-MOVE and C-GET, and are the possible C-MOVE destinations.
     ``extra_config``: more configuration keys (``{"LimitFindResults": 5}``).
+    ``dicomweb``: load the DICOMweb plugin; its root is :attr:`web_url`.
     Started again after :meth:`stop`, it keeps its ports and its storage.
     """
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC",
                  modalities: Mapping[str, tuple[str, str, int]] | None = None,
-                 extra_config: Mapping[str, Any] | None = None) -> None:
+                 extra_config: Mapping[str, Any] | None = None, dicomweb: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.dicomweb = dicomweb
         self.extra_config = dict(extra_config or {})
         self.aet = aet
         self.modalities = dict(modalities or {})
@@ -57,6 +61,11 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def web_url(self) -> str:
+        """The DICOMweb root (with ``dicomweb=True``)."""
+        return f"{self.url}/dicom-web"
+
     def start(self) -> "Orthanc":
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -66,6 +75,8 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "DicomScuTimeout": 10, "DicomAssociationCloseDelay": 0,
+            **({"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+               if self.dicomweb else {}),
             **self.extra_config,
         }
         cfg = self.workdir / "orthanc.json"

@@ -18,6 +18,8 @@
      |    +-- UnknownJob        no job with that id
      +-- Conflict               the request clashes with the current state (job already finished ...)
      +-- DimseError             a DICOM peer refused, failed or could not be reached (carries .status)
+          +-- DicomWebError     a DICOMweb peer did (carries .http_status): a DimseError, so that
+                                every place that handles a failing peer handles it too
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "UnknownProject",
     "DeidSecretError",
     "DimseError",
+    "DicomWebError",
 ]
 
 
@@ -152,3 +155,14 @@ class DimseError(PacsbridgeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class DicomWebError(DimseError):
+    """A DICOMweb peer refused, failed, could not be reached, or answered what we cannot use.
+
+    ``http_status`` is the HTTP status when the peer answered, else ``None``.
+    """
+
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
