@@ -175,6 +175,7 @@ class QidoSearcher:
         self.slots = slots
         self.max_results = max_results
         self.splits = 0
+        self.requests = 0  # QIDO-RS requests made (pages)
         self._seen = threading.local()
         self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node),
                                      timeout=timeout or node.web_timeout, callback=self._keep)
@@ -256,6 +257,7 @@ class QidoSearcher:
     def _get(self, fn: Callable[..., list[dict[str, Any]]], level: str, offset: int, filters: dict[str, Any],
              fields: Sequence[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         what = f"node {self.node.name!r}: QIDO-RS {level} search"
+        self.requests += 1
         try:
             with _slot(self.slots, self.cancel):
                 items = fn(limit=self.limit, offset=offset, fields=list(fields) or None,
