@@ -228,7 +228,10 @@ _OPTION_OF = {"selection.PatientID": "--PatientID", "selection.StudyInstanceUID"
               "selection.SeriesInstanceUID": "--SeriesInstanceUID", "selection.job": "--job", "template": "--layout",
               "min_study_date": "--StudyDate", "max_study_date": "--StudyDate", "include_fields": "--include",
               "ae_title": "--aet", "move_destination": "--move-destination", "max_associations": "--max-associations",
-              "max_rate": "--max-rate", "move_window": "--move-window", "query": "the query"}
+              "max_rate": "--max-rate", "move_window": "--move-window", "query": "the query",
+              **{f: "--" + f.replace("_", "-") for f in ("web_url", "qido_url", "wado_url", "wado_uri_url", "stow_url",
+                                                          "web_auth", "web_user", "web_secret", "web_verify",
+                                                          "web_ca_bundle", "web_timeout")}}
 
 
 def _refused_here(exc: Exception) -> ClientError:
