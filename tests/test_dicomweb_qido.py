@@ -224,12 +224,14 @@ class FakeQido:
 
     ``mode``: ``ignore`` (answers every study whatever ``limit``/``offset``), ``cap`` (at most ``cap``
     studies, the first ones, with a ``Warning`` header, whatever the offset), ``cap-silent`` (the same
-    without the header, nothing after them), ``ok``. ``token``: the
+    without the header, nothing after them), ``redirect-same`` / ``redirect-other`` (a 302 to ``/moved...``
+    on 127.0.0.1 / on localhost, another origin), ``ok``. ``token``: the
     bearer token it wants (401 otherwise). Every request's path, query and headers are kept.
     """
 
     def __init__(self, mode: str = "ok", cap: int = 3, token: str = "") -> None:
         self.mode, self.cap, self.token = mode, cap, token
+        self.busy = 0  # answer this many requests 503 with Retry-After: 1 first
         start = dt.date(2024, 1, 1)
         self.studies = [(generate_uid(), (start + dt.timedelta(days=10 * i)).strftime("%Y%m%d")) for i in range(20)]
         self.seen: list[tuple[str, dict[str, list[str]], dict[str, str]]] = []
@@ -243,6 +245,20 @@ class FakeQido:
                 url = urllib.parse.urlsplit(self.path)
                 params = urllib.parse.parse_qs(url.query)
                 fake.seen.append((url.path, params, dict(self.headers)))
+                if fake.mode.startswith("redirect") and not url.path.startswith("/moved"):
+                    host = "127.0.0.1" if fake.mode == "redirect-same" else "localhost"  # another origin
+                    self.send_response(302)
+                    self.send_header("Location", f"http://{host}:{self.server.server_address[1]}/moved{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fake.busy:
+                    fake.busy -= 1
+                    self.send_response(503)
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
                     self.send_response(401)
                     self.send_header("Content-Length", "0")
@@ -335,6 +351,32 @@ def test_bearer_auth_sends_the_token_named_by_the_node(monkeypatch, tmp_path):
         monkeypatch.delenv("PB_TEST_QIDO_TOKEN")
         with pytest.raises(ConfigError, match="PB_TEST_QIDO_TOKEN"):
             QidoSearcher(node)
+
+
+def test_redirects_are_followed_to_the_same_origin_only(monkeypatch):
+    monkeypatch.setenv("PB_TEST_QIDO_TOKEN", "tok-0123456789")
+    with FakeQido("redirect-same", token="tok-0123456789") as fake:
+        node = fake.node(web_auth="bearer", web_secret="PB_TEST_QIDO_TOKEN")
+        assert len(QidoSearcher(node).find(Query(PatientID="FAKE"))) == 20
+        assert fake.seen[-1][0] == "/moved/dicom-web/studies"
+        fake.mode = "redirect-other"
+        fake.seen.clear()
+        with pytest.raises(DicomWebError, match="another origin"):
+            QidoSearcher(node).find(Query(PatientID="FAKE"))
+        assert [p for p, _, _ in fake.seen] == ["/dicom-web/studies"]  # the token never went to localhost
+
+
+def test_a_busy_server_is_asked_again_after_retry_after_then_given_up():
+    with FakeQido("ok") as fake:
+        fake.busy = 2
+        started = time.monotonic()
+        searcher = QidoSearcher(fake.node())
+        assert len(searcher.find(Query(PatientID="FAKE"))) == 20
+        assert searcher.requests == 3 and 2 <= time.monotonic() - started < 10
+        fake.busy = 10
+        with pytest.raises(DicomWebError, match="HTTP 503"):
+            QidoSearcher(fake.node()).find(Query(PatientID="FAKE"))
+        assert fake.busy == 6  # three retries, then the error
 
 
 # -- the API ------------------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ levels), the same dictionaries and :class:`~pacsbridge.shared.nodes.sources.Seri
 searcher, so jobs, progress and the API do not know which one they talk to.
 
 The requests go through `dicomweb-client <https://dicomweb-client.readthedocs.io>`_ (URL building, query
-parameters, JSON decoding, its retries of 429/503). We go around it in two places:
+parameters, JSON decoding). We go around it in three places:
 
 * paging: its ``get_remaining`` asks ``offset`` after ``offset`` until an empty page, for ever when a server
   ignores ``offset``. We page ourselves with ``limit``/``offset`` until a short page, and stop with an error
   when a page only repeats what earlier pages gave;
 * the ``Warning`` header (PS3.18 8.3.4.2: a server that returns fewer results than match says so there):
   the client only logs it, so a response hook of ours keeps it. A result the server capped is handled like
-  a C-FIND the PACS cut short: the study date range is split in halves until no part is capped.
+  a C-FIND the PACS cut short: the study date range is split in halves until no part is capped;
+* retries: its own repeat any exception (a refused redirect, a timeout) five times with waits of up to
+  16 s and ignore ``Retry-After``; ours repeat only 429, 503 and 504, after the server's ``Retry-After``.
 
 The HTTP session (authentication, TLS, redirects) is made by :func:`web_session`, the one place to swap
 for the project's HTTP layer (:mod:`pacsbridge.shared.nodes.webhttp`) once it exists.
@@ -22,6 +24,7 @@ for the project's HTTP layer (:mod:`pacsbridge.shared.nodes.webhttp`) once it ex
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import re
 import threading
@@ -41,7 +44,7 @@ from pacsbridge.shared.nodes.credentials import resolve_secret
 from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot
 from pacsbridge.shared.nodes.throttle import NodeSlots
 
-__all__ = ["QidoSearcher", "web_session", "QIDO_LIMIT", "MAX_REDIRECTS", "Page"]
+__all__ = ["QidoSearcher", "web_session", "QIDO_LIMIT", "MAX_REDIRECTS", "RETRIES", "MAX_WAIT", "Page"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 QIDO_LIMIT = initial_settings().qido_limit
 #: Same-origin redirects followed per request (another origin is refused).
 MAX_REDIRECTS = 5
+#: Times a request the server answers 429, 503 or 504 is tried again, and the longest wait (s) before each.
+RETRIES = 3
+MAX_WAIT = 30.0
 
 _UID_KEY = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "image": "SOPInstanceUID"}
 
@@ -127,6 +133,21 @@ class Page(list):  # type: ignore[type-arg]
     warning: str = ""
 
 
+def _retry_after(value: str | None, attempt: int) -> float:
+    """Seconds to wait before trying again: the server's ``Retry-After`` (seconds or an HTTP date), else
+    1, 2, 4 ... s; at most :data:`MAX_WAIT`."""
+    if value:
+        try:
+            return min(MAX_WAIT, max(0.0, float(value)))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                return min(MAX_WAIT, max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+            except (TypeError, ValueError):
+                pass
+    return min(MAX_WAIT, 2.0 ** (attempt - 1))
+
+
 def _as_dict(item: Any) -> dict[str, Any]:
     """A QIDO-RS JSON result as the C-FIND searcher gives it (keyword -> JSON-ready value)."""
     ds = Dataset.from_json(item) if isinstance(item, dict) else Dataset()
@@ -179,6 +200,9 @@ class QidoSearcher:
         self._seen = threading.local()
         self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node),
                                      timeout=timeout or node.web_timeout, callback=self._keep)
+        # its retries would repeat any exception (a refused redirect, a timeout: 5 times, 30 s of waits);
+        # ours repeat only what a server asks to be repeated (see _get)
+        self.client.set_http_retry_params(retry=False)
 
     def _keep(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
         self._seen.warning = response.headers.get("Warning", "")
@@ -257,20 +281,29 @@ class QidoSearcher:
     def _get(self, fn: Callable[..., list[dict[str, Any]]], level: str, offset: int, filters: dict[str, Any],
              fields: Sequence[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         what = f"node {self.node.name!r}: QIDO-RS {level} search"
-        self.requests += 1
-        try:
-            with _slot(self.slots, self.cancel):
-                items = fn(limit=self.limit, offset=offset, fields=list(fields) or None,
-                           search_filters=filters or None, **kwargs)
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else None
-            body = (exc.response.text[:200] if exc.response is not None else "").strip()
-            raise DicomWebError(f"{what} failed: HTTP {status}" + (f": {body}" if body else ""), status) from None
-        except requests.RequestException as exc:
-            raise DicomWebError(f"{what}: {self.node.service_url('qido')} unreachable: "
-                                f"{exc.__class__.__name__}: {exc}") from None
-        except ValueError as exc:  # JSON that does not decode
-            raise DicomWebError(f"{what}: the answer is not DICOM JSON ({exc})") from None
+        for attempt in range(1, RETRIES + 2):
+            self.requests += 1
+            try:
+                with _slot(self.slots, self.cancel):
+                    items = fn(limit=self.limit, offset=offset, fields=list(fields) or None,
+                               search_filters=filters or None, **kwargs)
+                break
+            except requests.HTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status in (429, 503, 504) and attempt <= RETRIES and exc.response is not None:
+                    wait = _retry_after(exc.response.headers.get("Retry-After"), attempt)
+                    log.info("%s: HTTP %s, again in %.1f s", what, status, wait)
+                    if self.cancel.wait(wait):
+                        raise DicomWebError(f"{what} cancelled") from None
+                    continue
+                body = (exc.response.text[:200] if exc.response is not None else "").strip()
+                raise DicomWebError(f"{what} failed: HTTP {status}" + (f": {body}" if body else ""),
+                                    status) from None
+            except requests.RequestException as exc:
+                raise DicomWebError(f"{what}: {self.node.service_url('qido')} unreachable: "
+                                    f"{exc.__class__.__name__}: {exc}") from None
+            except ValueError as exc:  # JSON that does not decode
+                raise DicomWebError(f"{what}: the answer is not DICOM JSON ({exc})") from None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
             raise DicomWebError(f"{what}: the answer is not a JSON list of datasets")
         return items
