@@ -248,7 +248,11 @@ class QidoSearcher:
             warning = getattr(self._seen, "warning", "")
             new = 0
             for item in items:
-                found = _as_dict(item)
+                try:
+                    found = _as_dict(item)
+                except Exception as exc:  # pydicom's from_json: a value that does not fit its VR ...
+                    raise DicomWebError(f"node {self.node.name!r}: a QIDO-RS {level} result is not a DICOM JSON "
+                                        f"dataset ({exc.__class__.__name__}: {str(exc)[:200]})") from None
                 uid = str(found.get(key) or "")
                 if uid and uid in seen:
                     continue
