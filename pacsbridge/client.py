@@ -267,7 +267,10 @@ _OPTION_OF = {"selection.PatientID": "--PatientID", "selection.StudyInstanceUID"
               "selection.SeriesInstanceUID": "--SeriesInstanceUID", "selection.job": "--job", "template": "--layout",
               "min_study_date": "--StudyDate", "max_study_date": "--StudyDate", "include_fields": "--include",
               "ae_title": "--aet", "move_destination": "--move-destination", "max_associations": "--max-associations",
-              "max_rate": "--max-rate", "move_window": "--move-window", "query": "the query"}
+              "max_rate": "--max-rate", "move_window": "--move-window", "query": "the query",
+              **{f: "--" + f.replace("_", "-") for f in ("web_url", "qido_url", "wado_url", "wado_uri_url", "stow_url",
+                                                          "web_auth", "web_user", "web_secret", "web_verify",
+                                                          "web_ca_bundle", "web_timeout")}}
 
 
 def _refused_here(exc: Exception) -> ClientError:
@@ -438,11 +441,18 @@ def cmd_retry(api: ApiClient, args: argparse.Namespace) -> int:
     return _finish(api, api.post(f"jobs/{args.job}/retry"), args)
 
 
+#: ``nodes add`` options of a node's DICOMweb part (``--web-url`` ...: the node model's fields).
+_WEB_OPTIONS = ("web_url", "qido_url", "wado_url", "wado_uri_url", "stow_url", "web_auth", "web_user", "web_secret",
+                "web_verify", "web_ca_bundle", "web_timeout", "prefer")
+
+
 def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
     if args.action == "add":
-        node = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
+        node: dict[str, Any] = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
+        if args.web_url and args.aet is None and args.host is None and args.port is None:
+            node.update(ae_title="", host="", port=0)  # a DICOMweb-only node
         for opt in ("retrieve", "move_destination", "max_associations", "max_rate", "move_window", "project",
-                    "identifiable"):
+                    "identifiable", *_WEB_OPTIONS):
             if getattr(args, opt) is not None:
                 node[opt] = getattr(args, opt)
         from pacsbridge.shared.core.errors import InvalidRequest
@@ -457,8 +467,8 @@ def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
         api.request("DELETE", f"nodes/{urllib.parse.quote(args.name, safe='')}")
     answer = api.get("nodes")
     items: Any = answer.get("items", answer.get("nodes", [])) if isinstance(answer, dict) else answer
-    columns = ("name", "ae_title", "host", "port", "retrieve", "max_associations", "max_rate", "move_window",
-               "project", "identifiable")
+    columns = ("name", "ae_title", "host", "port", "web_url", "retrieve", "max_associations", "max_rate",
+               "move_window", "project", "identifiable")
     _print(columns, [[n.get(c, "") for c in columns] for n in items], args.format)
     return EXIT_OK
 
@@ -1095,6 +1105,21 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--project", help="de-identify everything sent to it under this project (pacsbridge projects)")
     p.add_argument("--identifiable", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-identifiable: a research node, which receives de-identified data only")
+    web = p.add_argument_group("DICOMweb (a node without --aet/--host/--port is DICOMweb only)")
+    web.add_argument("--web-url", dest="web_url", help="DICOMweb root, e.g. http://host:8042/dicom-web")
+    for service in ("qido", "wado", "wado_uri", "stow"):
+        web.add_argument(f"--{service.replace('_', '-')}-url", dest=f"{service}_url",
+                         help=f"{service.upper().replace('_', '-')} root if not --web-url")
+    web.add_argument("--web-auth", dest="web_auth", choices=("none", "basic", "bearer"))
+    web.add_argument("--web-user", dest="web_user", help="user name of basic authentication")
+    web.add_argument("--web-secret", dest="web_secret",
+                     help="the NAME of the password or token: an environment variable of the workers and the API, "
+                          "or a file in PACSBRIDGE_SECRETS_DIR (never the secret itself)")
+    web.add_argument("--web-verify", dest="web_verify", action=argparse.BooleanOptionalAction, default=None,
+                     help="verify the server's TLS certificate (default yes)")
+    web.add_argument("--web-ca-bundle", dest="web_ca_bundle", help="a CA bundle (PEM) to verify it with")
+    web.add_argument("--web-timeout", dest="web_timeout", type=float, help="seconds per request (default 60)")
+    web.add_argument("--prefer", help="retrieve operations in order, e.g. wado-rs,c-get,c-move")
     _common(p)
     p.set_defaults(func=_run(cmd_nodes))
 

@@ -51,8 +51,8 @@ class Orthanc:
     def __init__(self, workdir: Path, aet: str = "ORTHANC",
                  modalities: Mapping[str, tuple[str, str, int]] | None = None,
                  extra_config: Mapping[str, Any] | None = None, dicomweb: bool = False) -> None:
-        self.dicomweb = dicomweb
         self.workdir = Path(workdir)
+        self.dicomweb = dicomweb
         self.extra_config = dict(extra_config or {})
         self.aet = aet
         self.modalities = dict(modalities or {})

@@ -283,6 +283,9 @@ def test_export_never_follows_a_link_inside_dest(settings, tmp_path):
     (["retrieve", "pacs", "--PatientID", "P1", "--include", "ReferencedSeriesSequence"], "--include"),
     (["find", "pacs", "--PatientName", "*"], "the query"),
     (["nodes", "add", "pacs", "--aet", "A\\B", "--host", "h", "--port", "104"], "--aet"),
+    (["nodes", "add", "web", "--web-url", "http://h/dw", "--web-auth", "bearer"], "--web-secret"),
+    (["nodes", "add", "web", "--web-url", "http://h/dw", "--web-secret", "../x"], "--web-secret"),
+    (["nodes", "add", "web"], "--aet"),
 ])
 def test_the_client_checks_requests_with_the_apis_models_before_sending(args, option):
     """Issue 15 item 3: the CLI builds job specs, queries and nodes and checks them with the models the API

@@ -21,7 +21,7 @@ from pacsbridge.shared.core.errors import DimseError
 from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
-from pacsbridge.worker.kinds.retrieve import DimseSearcher
+from pacsbridge.shared.nodes.sources import DimseSearcher
 
 from .helpers import TEST_FILES, make_instance
 from .orthanc import Orthanc, free_port

@@ -1,4 +1,5 @@
-"""``/api/v1/nodes``: DICOM peers kept in the database, C-ECHO and C-FIND through them.
+"""``/api/v1/nodes``: DICOM peers kept in the database, C-ECHO and C-FIND (QIDO-RS for a DICOMweb node) through
+them. A node holds the *name* of its DICOMweb secret, never the secret: nothing here can return one.
 
 Reading needs role ``read``; echo and query ``user`` (they talk to the PACS);
 creating, changing and deleting nodes ``admin``.
@@ -12,9 +13,10 @@ from typing import Any, Iterator
 
 from flask import Blueprint, Response
 
-from pacsbridge.shared.core.errors import Conflict, DimseError, InvalidRequest
+from pacsbridge.shared.core.errors import ConfigError, Conflict, DicomWebError, DimseError, InvalidRequest
 from pacsbridge.shared.dicom.node import NAME_PATTERN, Node, NodeModel, NodePatch, NodeReplace
 from pacsbridge.shared.dicom.query import Query, QueryModel
+from pacsbridge.shared.nodes.searchers import uses_qido
 
 from .auth import requires
 from .contract import READ, WRITE, operation
@@ -157,6 +159,18 @@ def query(name: str) -> dict[str, Any]:
     if not node.allow_find:
         raise Conflict(f"node {name!r} does not allow C-FIND (allow_find is false)")
     step, whole = QUERY_SECONDS
+    if uses_qido(node):  # a DICOMweb node: QIDO-RS, the same answer
+        from pacsbridge.shared.nodes.dicomweb import QidoSearcher
+
+        with _unreachable(node):
+            try:
+                searcher = QidoSearcher(node, timeout=min(step, node.web_timeout))
+            except ConfigError as exc:  # its secret is missing: the node cannot be asked (502, like a refusal)
+                raise DicomWebError(f"node {name!r}: {exc}") from None
+            found = searcher.find(q, max_results=MAX_FIND_RESULTS)
+        return answer(FindResult, {  # type: ignore[no-any-return]
+            "node": name, "level": q.level, "query": q.to_dict(), "count": len(found),
+            "truncated": found.truncated, "results": list(found)})
     with _unreachable(node):
         with dimse.associate(node, st.settings.ae_title, timeout=step, deadline=whole) as assoc:
             results = dimse.find_all(node, q, st.settings.ae_title, level=q.level, timeout=step,

@@ -220,6 +220,14 @@ class Settings(BaseSettings):
                                   "node before failing the series", ge=0)
     find_limit: int = _f(0, "worker", "a C-FIND answer with this many studies is taken as cut short by the PACS "
                          "(0 = rely on its status)", ge=0)
+    qido_limit: int = _f(1000, "worker", "QIDO-RS page size (limit) a DICOMweb search asks for; a full page is "
+                         "followed by the next (offset)", ge=1, le=100000)
+    secrets_dir: Path = _f(
+        Path("/run/secrets"), "worker", "the folder of the secrets a node names (web_secret: an environment "
+        "variable of that name, else a file of that name here)", compose="mounted", example="/run/secrets",
+        more="A node's DICOMweb password or token is never stored: the node holds its name, and the workers\n"
+             "and the API read it from the environment variable of that name or, when there is none, from\n"
+             "the file of that name in this folder (docker/podman secrets are mounted in /run/secrets).")
     retrieve_wait_seconds: float = _f(120.0, "worker", "C-MOVE: give up waiting for the index after this many "
                                       "seconds without a new indexed instance", gt=0)
     retrieve_repulls: int = _f(2, "worker", "how many times missing instances of a series are pulled again", ge=0)

@@ -18,6 +18,8 @@
      |    +-- UnknownJob        no job with that id
      +-- Conflict               the request clashes with the current state (job already finished ...)
      +-- DimseError             a DICOM peer refused, failed or could not be reached (carries .status)
+     |    +-- DicomWebError     a DICOMweb peer did, as seen by the searchers (carries .http_status): a DimseError,
+     |                          so that every place that handles a failing peer handles it too
      +-- WebError               a DICOMweb peer refused, failed or could not be reached (carries .status, .url)
           +-- WebTimeout        no answer (connect or read) within the node's timeout
           +-- WebTruncated      a body ended before its own framing said it would
@@ -53,6 +55,7 @@ __all__ = [
     "WebContentError",
     "WebRedirectRefused",
     "WebCancelled",
+    "DicomWebError",
 ]
 
 
@@ -197,3 +200,12 @@ class WebRedirectRefused(WebError):
 
 class WebCancelled(WebError):
     """The caller's cancel event was set while a request waited to retry or read its body."""
+class DicomWebError(DimseError):
+    """A DICOMweb peer refused, failed, could not be reached, or answered what we cannot use.
+
+    ``http_status`` is the HTTP status when the peer answered, else ``None``.
+    """
+
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status

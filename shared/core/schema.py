@@ -5,7 +5,7 @@ columns from a ``dicom.sql`` (:mod:`.dicomsql`), so they are built from the pars
 :func:`conquest_tables`. pacsbridge's own tables are fixed, declared below on :data:`metadata`, and
 prefixed so they never clash with a ``dicom.sql``::
 
-    pacsbridge_nodes          one row per DICOM peer: AE title, address, what it allows, its limits
+    pacsbridge_nodes          one row per DICOM peer: AE title, address, DICOMweb URLs, what it allows, its limits
     pacsbridge_jobs           one row per job: kind, parameters, state, attempts, error, timestamps
     pacsbridge_job_series     per job and series: expected, received, indexed, pushed, failed
     pacsbridge_node_leases    association slots held per node (throttles)
@@ -60,6 +60,18 @@ nodes_table = Table(
     # whether it may receive identifiable data (a research node: false, so a job to it needs a project)
     Column("project", String(64), nullable=False, default="", server_default=""),
     Column("identifiable", Boolean, nullable=False, default=True, server_default="1"),
+    # DICOMweb (0005): the endpoint, how to authenticate (the NAME of a secret, never one), TLS, timeout,
+    # and the retrieve operations in order of preference
+    *[Column(c, String(2048), nullable=False, default="", server_default="")
+      for c in ("web_url", "qido_url", "wado_url", "wado_uri_url", "stow_url")],
+    Column("web_auth", String(8), nullable=False, default="none", server_default="none"),
+    Column("web_user", String(255), nullable=False, default="", server_default=""),
+    Column("web_secret", String(128), nullable=False, default="", server_default=""),
+    Column("web_verify", Boolean, nullable=False, default=True, server_default="1"),
+    Column("web_ca_bundle", String(1024), nullable=False, default="", server_default=""),
+    Column("web_timeout", Float, nullable=False, default=60.0, server_default="60"),
+    Column("prefer", String(64), nullable=False, default="wado-rs,c-get,c-move",
+           server_default="wado-rs,c-get,c-move"),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

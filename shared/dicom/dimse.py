@@ -232,6 +232,9 @@ def associate(node: "Node", calling_ae: str, contexts: Sequence[PresentationCont
         name), or ``cancel`` was set meanwhile.
     """
     where = _where(node)
+    if not getattr(node, "has_dimse", True):
+        raise DimseError(f"node {node.name!r} speaks DICOMweb only (no AE title, host and port): it cannot be "
+                         "used over DIMSE (C-ECHO, C-FIND, C-MOVE, C-GET, C-STORE)")
     if cancel is not None and cancel.is_set():
         raise DimseError(f"{where}: cancelled before the association was requested")
     net = _Net(timeout)

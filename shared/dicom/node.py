@@ -1,7 +1,17 @@
-"""A DICOM peer as pacsbridge knows it: AE title, address, what it allows and its limits.
+"""A DICOM peer as pacsbridge knows it: AE title, address, DICOMweb endpoint, what it allows and its limits.
 
 Stored as a row of ``pacsbridge_nodes`` (:mod:`pacsbridge.shared.jobs.store`); validated here, so that
-the DIMSE client and every job read one description of a node.
+the DIMSE client, the DICOMweb client and every job read one description of a node.
+
+A node speaks DIMSE (``ae_title``, ``host``, ``port``), DICOMweb (``web_url``) or both. A DICOMweb-only
+node has ``ae_title`` '' and ``port`` 0 (``host`` may be ''): allowed only when ``web_url`` is set, so
+every node that existed before DICOMweb reads and validates as it did. Every DIMSE use goes through
+:func:`pacsbridge.shared.dicom.dimse.associate`, which refuses such a node with a clear error
+(:attr:`Node.has_dimse`).
+
+A node never holds a secret: ``web_secret`` is the *name* of one, resolved when a request is made
+(:func:`pacsbridge.shared.nodes.credentials.resolve_secret`: an environment variable of that name, else a
+file of that name under ``PACSBRIDGE_SECRETS_DIR``), so the API cannot return a secret it never has.
 """
 
 from __future__ import annotations
@@ -9,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pacsbridge.shared.core.errors import InvalidRequest
 from pacsbridge.shared.core.models import TEXT_PATTERN, Integral, Model, check
 
-__all__ = ["Node", "NodeModel", "NodePatch", "NodeReplace", "NAME_PATTERN", "AET_PATTERN", "AETitle", "NodeName"]
+__all__ = ["Node", "NodeModel", "NodePatch", "NodeReplace", "NAME_PATTERN", "AET_PATTERN", "AETitle", "NodeName",
+           "WEB_OPERATIONS", "DEFAULT_PREFER", "SECRET_NAME_PATTERN"]
 
 #: A node's name: it is a path segment of the API (``/api/v1/nodes/<name>``).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -27,6 +38,19 @@ Port = Annotated[Annotated[int, Field(ge=1, le=65535)], Integral]
 Associations = Annotated[Annotated[int, Field(ge=1, le=64)], Integral]
 _WINDOW = r"^(([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])?$"
 _AET_HELP = "an AE title: 1 to 16 printable characters, no backslash, not only spaces"
+#: Retrieve operations a node may prefer, in the order given by its ``prefer``.
+WEB_OPERATIONS = ("wado-rs", "wado-uri", "c-get", "c-move")
+#: ADIT's order: WADO-RS, then C-GET, then C-MOVE (each only when the node speaks it).
+DEFAULT_PREFER = "wado-rs,c-get,c-move"
+_PREFER = r"^(wado-rs|wado-uri|c-get|c-move)(,(wado-rs|wado-uri|c-get|c-move)){0,3}$"
+#: A secret's name: an environment variable name or a file name under the secrets folder (no '/', no '..').
+SECRET_NAME_PATTERN = r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"
+_URL = r"^(https?://[^\s\\]{1,2040})?$"
+_Url = Annotated[str, Field(max_length=2048, pattern=_URL)]
+_Host = Annotated[str, Field(max_length=255, pattern=r"^[A-Za-z0-9.:_-]*$")]
+_Port = Annotated[Annotated[int, Field(ge=0, le=65535)], Integral]
+_Timeout = Annotated[float, Field(gt=0, le=3600)]
+_Path = Annotated[str, Field(max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 class NodeModel(Model):
@@ -44,12 +68,21 @@ class NodeModel(Model):
         "move_window": "HH:MM-HH:MM, e.g. 20:00-06:00",
         "description": "at most 255 printable characters",
         "project": "the name of a de-identification project ('' = none)",
+        "web_url": "an http(s) URL of the DICOMweb root ('' = no DICOMweb)",
+        "qido_url": "an http(s) URL ('' = web_url)",
+        "wado_url": "an http(s) URL ('' = web_url)",
+        "wado_uri_url": "an http(s) URL ('' = web_url)",
+        "stow_url": "an http(s) URL ('' = web_url)",
+        "web_auth": "'none', 'basic' or 'bearer'",
+        "web_secret": "the name of a secret (letters, digits, '_', '.', '-'; no '/'): never the secret itself",
+        "prefer": "a comma list of wado-rs, wado-uri, c-get, c-move",
     }
 
     name: NodeName
-    ae_title: AETitle
-    host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")]
-    port: Port
+    ae_title: AETitle | Literal[""] = Field(
+        description="the node's AE title; '' (with port 0) for a DICOMweb-only node (web_url set)")
+    host: _Host = Field(description="host name or IP address ('' only for a DICOMweb-only node)")
+    port: _Port = Field(description="TCP port; 0 only for a DICOMweb-only node")
     retrieve: Literal["move", "get"] = Field("move", description="C-MOVE (to move_destination) or C-GET")
     move_destination: AETitle | Literal[""] = Field("", description="C-MOVE destination AE ('' = our own AE title)")
     allow_find: bool = True
@@ -67,6 +100,40 @@ class NodeModel(Model):
     identifiable: bool = Field(
         True, description="may receive identifiable data; false: a job sending to it must be de-identified "
                           "under a project (its own, or the node's)")
+    web_url: _Url = Field("", description="DICOMweb root, e.g. http://host:8042/dicom-web ('' = no DICOMweb)")
+    qido_url: _Url = Field("", description="QIDO-RS root ('' = web_url)")
+    wado_url: _Url = Field("", description="WADO-RS root ('' = web_url)")
+    wado_uri_url: _Url = Field("", description="WADO-URI endpoint ('' = web_url)")
+    stow_url: _Url = Field("", description="STOW-RS root ('' = web_url)")
+    web_auth: Literal["none", "basic", "bearer"] = Field("none", description="DICOMweb authentication")
+    web_user: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] = Field(
+        "", description="user name of basic authentication")
+    web_secret: Annotated[str, Field(max_length=128, pattern=SECRET_NAME_PATTERN)] = Field(
+        "", description="the NAME of the password or token: an environment variable of that name, else a file "
+                        "of that name under PACSBRIDGE_SECRETS_DIR (never the secret itself)")
+    web_verify: bool = Field(True, description="verify the server's TLS certificate")
+    web_ca_bundle: _Path = Field("", description="a CA bundle (PEM file) to verify it with ('' = the system's)")
+    web_timeout: _Timeout = Field(60.0, description="seconds per DICOMweb request (connect, and between reads)")
+    prefer: Annotated[str, Field(pattern=_PREFER)] = Field(
+        DEFAULT_PREFER, description="retrieve operations in order of preference when a job names no mode "
+                                    "(wado-rs, wado-uri, c-get, c-move); those the node cannot do are skipped")
+
+    @model_validator(mode="after")
+    def _parts(self) -> "NodeModel":
+        if self.ae_title == "" or self.port == 0 or self.host == "":
+            if self.ae_title or self.port:
+                raise InvalidRequest("a node has an AE title, a host and a port (a DIMSE node), or an empty "
+                                     "AE title and port 0 (a DICOMweb-only node)",
+                                     "ae_title" if not self.ae_title else "port" if not self.port else "host")
+            if not self.web_url:
+                raise InvalidRequest("a node without an AE title must have a web_url (a DICOMweb-only node)",
+                                     "ae_title")
+        if self.web_auth != "none" and not self.web_secret:
+            raise InvalidRequest(f"web_auth {self.web_auth!r} needs web_secret (the name of the secret)",
+                                 "web_secret")
+        if self.web_auth == "basic" and not self.web_user:
+            raise InvalidRequest("web_auth 'basic' needs web_user", "web_user")
+        return self
 
 
 class NodeReplace(NodeModel):
@@ -81,8 +148,8 @@ class NodePatch(NodeModel):
 
     name: NodeName | None = None  # type: ignore[assignment]
     ae_title: AETitle | None = None  # type: ignore[assignment]
-    host: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")] | None = None  # type: ignore[assignment]
-    port: Port | None = None  # type: ignore[assignment]
+    host: _Host | None = None  # type: ignore[assignment]
+    port: _Port | None = None  # type: ignore[assignment]
     retrieve: Literal["move", "get"] | None = None  # type: ignore[assignment]
     move_destination: AETitle | Literal[""] | None = None  # type: ignore[assignment]
     allow_find: bool | None = None  # type: ignore[assignment]
@@ -95,6 +162,22 @@ class NodePatch(NodeModel):
     description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] | None = None  # type: ignore[assignment]
     project: NodeName | Literal[""] | None = None  # type: ignore[assignment]
     identifiable: bool | None = None  # type: ignore[assignment]
+    web_url: _Url | None = None  # type: ignore[assignment]
+    qido_url: _Url | None = None  # type: ignore[assignment]
+    wado_url: _Url | None = None  # type: ignore[assignment]
+    wado_uri_url: _Url | None = None  # type: ignore[assignment]
+    stow_url: _Url | None = None  # type: ignore[assignment]
+    web_auth: Literal["none", "basic", "bearer"] | None = None  # type: ignore[assignment]
+    web_user: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] | None = None  # type: ignore[assignment]
+    web_secret: Annotated[str, Field(max_length=128, pattern=SECRET_NAME_PATTERN)] | None = None  # type: ignore[assignment]
+    web_verify: bool | None = None  # type: ignore[assignment]
+    web_ca_bundle: _Path | None = None  # type: ignore[assignment]
+    web_timeout: _Timeout | None = None  # type: ignore[assignment]
+    prefer: Annotated[str, Field(pattern=_PREFER)] | None = None  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _parts(self) -> "NodePatch":  # type: ignore[override]
+        return self  # checked whole once merged with the node
 
 
 def _node_field(loc: tuple[Any, ...]) -> str:
@@ -103,7 +186,7 @@ def _node_field(loc: tuple[Any, ...]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """A DICOM peer (a PACS to query and retrieve from, or a destination to push to).
+    """A DICOM peer (a PACS to query and retrieve from, or a destination to push to), DIMSE, DICOMweb or both.
 
     ``retrieve`` is ``move`` (C-MOVE to ``move_destination``, our listener's
     AE title by default) or ``get`` (C-GET straight into storage).
@@ -128,6 +211,38 @@ class Node:
     description: str = ""
     project: str = ""
     identifiable: bool = True
+    web_url: str = ""
+    qido_url: str = ""
+    wado_url: str = ""
+    wado_uri_url: str = ""
+    stow_url: str = ""
+    web_auth: str = "none"
+    web_user: str = ""
+    web_secret: str = ""
+    web_verify: bool = True
+    web_ca_bundle: str = ""
+    web_timeout: float = 60.0
+    prefer: str = DEFAULT_PREFER
+
+    @property
+    def has_dimse(self) -> bool:
+        """True when the node speaks DIMSE (it has an AE title; a DICOMweb-only node has none)."""
+        return bool(self.ae_title)
+
+    @property
+    def has_web(self) -> bool:
+        """True when the node speaks DICOMweb (it has a ``web_url``)."""
+        return bool(self.web_url)
+
+    def service_url(self, service: str) -> str:
+        """The root of ``service`` (``qido``, ``wado``, ``wado_uri``, ``stow``): its own URL, else ``web_url``."""
+        return str(getattr(self, f"{service}_url") or self.web_url).rstrip("/")
+
+    def preferences(self) -> list[str]:
+        """The retrieve operations of ``prefer`` this node can do, in its order."""
+        can = {"wado-rs": self.has_web, "wado-uri": self.has_web,
+               "c-get": self.has_dimse and self.allow_get, "c-move": self.has_dimse and self.allow_move}
+        return [op for op in self.prefer.split(",") if can.get(op)]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], partial_of: "Node | None" = None) -> "Node":
@@ -144,7 +259,8 @@ class Node:
             check(NodePatch, data, field="node", rename=_node_field)  # unknown fields before merging
             data = {**partial_of.to_dict(), **{k: v for k, v in data.items() if v is not None}}
         model = check(NodeModel, data, field="node", rename=_node_field)
-        return cls(**{**model.model_dump(), "max_rate": float(model.max_rate)})
+        return cls(**{**model.model_dump(), "max_rate": float(model.max_rate),
+                      "web_timeout": float(model.web_timeout)})
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequest` for an impossible value."""

@@ -104,13 +104,20 @@ class Transfer:
 
 
 class Searcher(Protocol):
-    """Query model in; studies, series and instances out (C-FIND now, QIDO-RS later)."""
+    """Query model in; studies, series and instances out (C-FIND here, QIDO-RS in
+    :mod:`pacsbridge.shared.nodes.dicomweb`; :func:`pacsbridge.shared.nodes.searchers.searcher_for` picks)."""
+
+    node: Node
+    #: How many times a capped study list was split by date range.
+    splits: int
 
     def studies(self, query: Query) -> list[dict[str, Any]]: ...
 
     def series(self, query: Query, study: dict[str, Any]) -> list[SeriesRef]: ...
 
     def instances(self, series: SeriesRef) -> list[str]: ...
+
+    def plan(self, query: Query) -> list[SeriesRef]: ...
 
 
 class Downloader(Protocol):

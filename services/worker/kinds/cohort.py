@@ -58,7 +58,8 @@ from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.jobs.store import FINISHED, Job, JobStore
-from pacsbridge.shared.nodes.sources import DimseSearcher, SeriesRef
+from pacsbridge.shared.nodes.searchers import searcher_for
+from pacsbridge.shared.nodes.sources import Searcher, SeriesRef
 from pacsbridge.shared.nodes.throttle import NodeSlots, SlotTimeout
 from pacsbridge.worker import execute
 from pacsbridge.worker.kinds import push, repack, retrieve
@@ -96,7 +97,7 @@ def _query(spec: Mapping[str, Any]) -> Query:
                  min_study_date=date("min_date"), max_study_date=date("max_date"), include_fields=include)
 
 
-def resolve_row(spec: Mapping[str, Any], searcher: DimseSearcher, ctx: Context) -> dict[str, Any]:
+def resolve_row(spec: Mapping[str, Any], searcher: Searcher, ctx: Context) -> dict[str, Any]:
     """What the node holds for one row: the fields of its row (state, reason, studies, counters).
 
     Raises :class:`DimseError` / :class:`SlotTimeout` when the node cannot be asked.
@@ -185,7 +186,7 @@ def _check_pseudonyms(store: CohortStore, job: Job, projects: ProjectStore | Non
 def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, node: Node,
                  cancel: threading.Event, parallel: int, mass: bool = False) -> None:
     slots = NodeSlots(ctx.index.engine, node, f"{worker_id()}/{job.id[:8]}")
-    searcher = DimseSearcher(node, ctx.settings.ae_title, slots, cancel=cancel)
+    searcher = searcher_for(node, ctx.settings.ae_title, slots, cancel=cancel)
 
     def one(row: CohortRow) -> None:
         if cancel.is_set():

@@ -5,7 +5,9 @@ interfaces (:mod:`pacsbridge.shared.nodes.sources`), so that QIDO-RS / WADO-RS
 sources slot in without touching jobs, progress or the API:
 
 * a :class:`Searcher` (query model in; studies, series, instances out), here
-  :class:`DimseSearcher` (C-FIND, Study Root);
+  :class:`DimseSearcher` (C-FIND, Study Root) or, for a node searched over
+  DICOMweb, :class:`~pacsbridge.shared.nodes.dicomweb.QidoSearcher` (QIDO-RS;
+  :func:`~pacsbridge.shared.nodes.searchers.searcher_for` chooses);
 * a :class:`Downloader` (series, or SOP UIDs of a series, in; instances into
   our storage out), here :class:`MoveDownloader` (C-MOVE to our own listener,
   which stores, and the workers index) and :class:`GetDownloader` (C-GET
@@ -57,7 +59,8 @@ from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
 from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, in_window, seconds_until_window
-from pacsbridge.shared.nodes.sources import (Downloader, DimseSearcher, GetDownloader, MoveDownloader, SeriesRef)
+from pacsbridge.shared.nodes.searchers import searcher_for
+from pacsbridge.shared.nodes.sources import Downloader, GetDownloader, MoveDownloader, Searcher, SeriesRef
 
 __all__ = ["run", "WAIT_SECONDS", "REPULLS"]
 
@@ -122,7 +125,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
     engine = ctx.index.engine
     slots = NodeSlots(engine, node, f"{worker_id()}/{job.id[:8]}")
     rate = RateLimiter(engine, node)
-    searcher = DimseSearcher(node, calling_ae, slots, cancel=cancel)
+    searcher = searcher_for(node, calling_ae, slots, cancel=cancel)  # C-FIND, or QIDO-RS for a DICOMweb node
     downloader: Downloader
     if mode == "get":
         downloader = GetDownloader(node, calling_ae, ctx, slots, rate)
@@ -195,7 +198,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
 
 
 def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobStore, job: Job,
-                 searcher: DimseSearcher, downloader: Downloader, cancel: threading.Event,
+                 searcher: Searcher, downloader: Downloader, cancel: threading.Event,
                  result: dict[str, Any], lock: threading.Lock | None = None) -> None:
     """Pull one series until it is indexed, re-pulling missing instances a bounded number of times.
 
