@@ -1,0 +1,283 @@
+"""DICOMweb transfers through the jobs: WADO-RS / WADO-URI retrieve and STOW-RS push, against real Orthancs with
+their DICOMweb plugin, and our misbehaving server (tests/webserver.py) for the faults.
+
+Jobs run in this process (:func:`pacsbridge.worker.runner.run_job`). Until the node model has its DICOMweb
+fields, :func:`web_node` hangs them on the node the job store gives (the adapter reads them with ``getattr``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from pacsbridge.shared.core.config import Settings
+from pacsbridge.shared.dicom.node import Node
+from pacsbridge.shared.index.context import Context, open_context
+from pacsbridge.shared.jobs.store import JobStore
+from pacsbridge.worker import runner
+
+from .helpers import TEST_FILES, make_instance
+from .orthanc import Orthanc
+from .webserver import Handler, WebServer
+
+COMPRESSED = ("JPEG2000.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm",
+              "MR_small_RLE.dcm", "CT_small.dcm")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Context]:
+    """An index on SQLite (the PostgreSQL side is covered by the first test's ``ctx``)."""
+    c = open_context(Settings(database_url=f"sqlite:///{tmp_path / 'idx.db'}", storage=tmp_path / "data",
+                              fsync=False))
+    c.index.create()
+    c.storage.ensure()
+    yield c
+    c.index.engine.dispose()
+
+
+def study_files(folder: Path, patient: str = "WEB1") -> list[Path]:
+    """pydicom's files in several transfer syntaxes as one study, one series per file, plus a series of 5
+    generated CT (pixel data and syntaxes untouched)."""
+    study = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in COMPRESSED:
+        ds = pydicom.dcmread(TEST_FILES / name)
+        ds.StudyInstanceUID, ds.PatientID, ds.PatientName = study, patient, "Web^Patient"
+        ds.SOPInstanceUID = generate_uid()
+        out.append(folder / name)
+        ds.save_as(out[-1], enforce_file_format=True)
+    series = generate_uid()
+    for i in range(5):
+        out.append(folder / f"ct{i}.dcm")
+        make_instance(out[-1], rows=16, PatientID=patient, PatientName="Web^Patient", StudyInstanceUID=study,
+                      SeriesInstanceUID=series, InstanceNumber=i + 1)
+    return out
+
+
+def pacs_of(tmp_path: Path, ctx: Context, name: str = "orthanc", aet: str = "ORTHANC") -> Orthanc:
+    """An Orthanc with its DICOMweb plugin that lets our AE C-FIND."""
+    return Orthanc(tmp_path / name, aet=aet, modalities={"pb": (ctx.settings.ae_title, "127.0.0.1", 1)},
+                   dicomweb=True)
+
+
+def header(path: Path) -> Any:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def orthanc_id(pacs: Orthanc, sop: str) -> str:
+    found = pacs.request("POST", "/tools/lookup", sop.encode(), "text/plain")
+    return str(next(x["ID"] for x in found if x["Type"] == "Instance"))
+
+
+def web_node(monkeypatch: pytest.MonkeyPatch, jobs: JobStore, fields: dict[str, dict[str, Any]]) -> None:
+    """Give the nodes ``jobs.get_node`` returns DICOMweb fields (web_url ...) until the node model has them."""
+    real = jobs.get_node
+
+    def get_node(name: str) -> Node:
+        node = real(name)
+        for k, v in fields.get(name, {}).items():
+            object.__setattr__(node, k, v)  # frozen dataclass: test-only
+        return node
+
+    monkeypatch.setattr(jobs, "get_node", get_node)
+
+
+def add_pacs(ctx: Context, pacs: Orthanc, name: str = "pacs", **kw: Any) -> JobStore:
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node(name=name, ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port, **kw))
+    return jobs
+
+
+def stored(ctx: Context) -> dict[str, Path]:
+    out = {}
+    for p in ctx.settings.storage.rglob("*"):
+        if p.is_file() and ".incoming" not in p.parts and p.suffix != ".db":
+            out[str(header(p).SOPInstanceUID)] = p
+    return out
+
+
+def index_sops(ctx: Context) -> set[str]:
+    return {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]}
+
+
+def assert_identical(ctx: Context, pacs: Orthanc, sops: set[str]) -> None:
+    got = stored(ctx)
+    assert set(got) == sops
+    for sop, path in got.items():
+        assert path.read_bytes() == pacs.get(f"/instances/{orthanc_id(pacs, sop)}/file"), sop
+    assert index_sops(ctx) == sops
+    assert not [p for p in ctx.storage.incoming.iterdir()], "nothing left in .incoming"
+
+
+# -- retrieve --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["wado-rs", "wado-uri"])
+def test_retrieve_a_study_byte_identical_and_indexed(ctx, tmp_path, monkeypatch, mode):
+    files = study_files(tmp_path / "src")
+    sops = {str(header(f).SOPInstanceUID) for f in files}
+    assert len({str(header(f).file_meta.TransferSyntaxUID) for f in files}) >= 4
+    with pacs_of(tmp_path, ctx) as pacs:
+        pacs.upload(files)
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": pacs.web_url, "wado_uri_url": pacs.url + "/wado"}})
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "WEB1"}, "mode": mode}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+        assert done is not None and done.state == "succeeded", (done.error, done.result)
+        assert_identical(ctx, pacs, sops)
+    assert done.result["mode"] == mode
+    assert done.result["suboperations"] == {"completed": len(files), "failed": 0, "warning": 0}
+    assert done.result["repulls"] == 0 and done.result["indexed"] == len(files)
+    rows = {r.series_uid: r for r in done.series}
+    per_series = Counter(str(header(f).SeriesInstanceUID) for f in files)
+    assert {uid: r.expected for uid, r in rows.items()} == dict(per_series)
+    for r in rows.values():
+        assert (r.state, r.received, r.indexed, r.failed) == ("done", r.expected, r.expected, 0), r
+
+
+class Proxy:
+    """Our server in front of Orthanc's DICOMweb: passes requests on, and cuts chosen answers short."""
+
+    def __init__(self, srv: WebServer, pacs: Orthanc) -> None:
+        self.srv, self.pacs = srv, pacs
+        self.cut: dict[str, int] = {}  # path -> bytes dropped from the end of its next answer
+        self.lock = threading.Lock()
+
+    def add(self, path: str) -> None:
+        self.srv.route(path, self.route)
+
+    def route(self, h: Handler) -> None:
+        req = urllib.request.Request(self.pacs.url + h.path, headers={"Accept": h.headers.get("Accept", "")})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body, ctype = resp.read(), resp.headers.get("Content-Type", "")
+        with self.lock:
+            cut = self.cut.pop(h.path.split("?")[0], 0)
+        if cut:
+            h.send_body(200, body[:-cut], ctype, length=len(body))
+        else:
+            h.send_body(200, body, ctype)
+
+
+def test_a_series_cut_short_is_completed_by_asking_only_the_missing_instances(ctx, tmp_path, monkeypatch):
+    """The series' answer loses its end: the parts that arrived whole are kept, and only the instances still
+    missing are asked again, one request each (instances of ~700 kB, so that the body spans several reads)."""
+    study, series = generate_uid(), generate_uid()
+    files = [tmp_path / "src" / f"{i}.dcm" for i in range(5)]
+    for i, f in enumerate(files):
+        f.parent.mkdir(exist_ok=True)
+        make_instance(f, rows=600, PatientID="CUT1", StudyInstanceUID=study, SeriesInstanceUID=series,
+                      InstanceNumber=i + 1)
+    sops = [str(header(f).SOPInstanceUID) for f in files]
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        pacs.upload(files)
+        proxy = Proxy(srv, pacs)
+        series_path = f"/dicom-web/studies/{study}/series/{series}"
+        proxy.add(series_path)
+        for sop in sops:
+            proxy.add(f"{series_path}/instances/{sop}")
+        proxy.cut[series_path] = 100  # the last part loses its end and its closing delimiter
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web"}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-rs"},
+                             node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+        assert done is not None and done.state == "succeeded", (done.error, done.result)
+        assert_identical(ctx, pacs, set(sops))
+        asked = [s.path for s in srv.requests]
+    assert asked[0] == series_path
+    again = [a.rsplit("/", 1)[1] for a in asked[1:]]
+    assert all(a.startswith(series_path + "/instances/") for a in asked[1:]), asked
+    first = done.result["suboperations"]["completed"] - len(again)  # stored by the first request
+    assert 1 <= len(again) < 5 and first == 5 - len(again) and len(set(again)) == len(again), (first, again)
+    assert sops[-1] in again  # the part cut short
+    assert done.result["repulls"] == 1
+    assert [(r.expected, r.received, r.indexed, r.state) for r in done.series] == [(5, 5, 5, "done")]
+
+
+def test_a_part_of_another_series_or_not_dicom_is_refused_and_the_series_ends_partial(ctx, tmp_path,
+                                                                                     monkeypatch):
+    """The node answers the series with one good instance, one of another series and one that is not DICOM
+    (and then nothing better when asked again): the good one is stored, the others are counted failed with
+    their reasons, nothing is left half-stored."""
+    from .webserver import answers, multipart_answer
+
+    study, series = generate_uid(), generate_uid()
+    good = make_instance(tmp_path / "good.dcm", rows=8, PatientID="BAD1", StudyInstanceUID=study,
+                         SeriesInstanceUID=series)
+    other = make_instance(tmp_path / "other.dcm", rows=8, PatientID="BAD1", StudyInstanceUID=study)
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        # Orthanc lists 3 instances in the series (C-FIND), our server sends what it likes
+        extra = [make_instance(tmp_path / f"e{i}.dcm", rows=8, PatientID="BAD1", StudyInstanceUID=study,
+                               SeriesInstanceUID=series) for i in range(2)]
+        pacs.upload([tmp_path / "good.dcm", tmp_path / "e0.dcm", tmp_path / "e1.dcm"])
+        parts = [(tmp_path / "good.dcm").read_bytes(), (tmp_path / "other.dcm").read_bytes(), b"<html>oops</html>"]
+        series_path = f"/dicom-web/studies/{study}/series/{series}"
+        srv.route(series_path, answers(multipart_answer(parts)))
+        for e in extra:
+            srv.route(f"{series_path}/instances/{e.SOPInstanceUID}", answers(multipart_answer([b"DICM?"])))
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web"}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-rs"},
+                             node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "partial", (done.state, done.error)
+    assert index_sops(ctx) == {str(good.SOPInstanceUID)}
+    assert set(stored(ctx)) == {str(good.SOPInstanceUID)}
+    assert not list(ctx.storage.incoming.iterdir())
+    [row] = done.series
+    assert (row.expected, row.indexed, row.state) == (3, 1, "partial")
+    assert "part(s) not stored; first: not a DICOM instance" in row.error, row.error
+    notes = " ".join(done.result["notes"])
+    assert str(other.SOPInstanceUID) in notes and "not a DICOM instance" in notes, notes
+
+
+def test_wado_rs_406_to_transfer_syntax_star_asks_again_and_says_so(ctx, tmp_path, monkeypatch):
+    files = study_files(tmp_path / "src")[len(COMPRESSED):][:2]
+    study, series = str(header(files[0]).StudyInstanceUID), str(header(files[0]).SeriesInstanceUID)
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        pacs.upload(files)
+        proxy = Proxy(srv, pacs)
+        series_path = f"/dicom-web/studies/{study}/series/{series}"
+
+        def route(h: Handler) -> None:
+            if "transfer-syntax=*" in h.headers.get("Accept", ""):
+                h.send_body(406, b"not acceptable", "text/plain")
+            else:
+                proxy.route(h)
+        srv.route(series_path, route)
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web"}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-rs"},
+                             node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "succeeded", done.error
+    assert len(index_sops(ctx)) == 2
+    assert any("406" in n for n in done.result["notes"]), done.result["notes"]
+    assert [s.headers["accept"] for s in srv.requests] == [
+        'multipart/related; type="application/dicom"; transfer-syntax=*',
+        'multipart/related; type="application/dicom"']
+
+
+def test_wado_uri_500s_end_the_series_partial_with_the_reason(ctx, tmp_path, monkeypatch):
+    from pacsbridge.shared.nodes import webhttp
+
+    files = study_files(tmp_path / "src")[len(COMPRESSED):]
+    series = str(header(files[0]).SeriesInstanceUID)
+    monkeypatch.setattr(webhttp.RetryPolicy, "backoff_delay", lambda self, attempt: 0.01)
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        pacs.upload(files)
+        srv.route("/wado", lambda h: h.send_body(500, b"internal error", "text/plain"))
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web", "wado_uri_url": srv.url + "/wado"}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-uri"},
+                             node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "failed", done.state
+    assert "HTTP 500" in done.error, done.error
+    assert not index_sops(ctx) and not stored(ctx) and not list(ctx.storage.incoming.iterdir())
