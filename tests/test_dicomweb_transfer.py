@@ -281,3 +281,143 @@ def test_wado_uri_500s_end_the_series_partial_with_the_reason(ctx, tmp_path, mon
     assert done is not None and done.state == "failed", done.state
     assert "HTTP 500" in done.error, done.error
     assert not index_sops(ctx) and not stored(ctx) and not list(ctx.storage.incoming.iterdir())
+
+
+# -- push by STOW-RS -----------------------------------------------------------------------------------------
+def load_into(ctx: Context, folder: Path) -> None:
+    from pacsbridge.shared.index.importer import Importer
+
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([folder])
+    assert not report.rejected, report.rejected
+
+
+def push_job(jobs: JobStore, ctx: Context, node: str, selection: dict[str, Any], project: str | None = None,
+             job_id: str | None = None) -> Any:
+    from pacsbridge.shared.jobs.spec import validate
+
+    if job_id is None:
+        body: dict[str, Any] = {"kind": "push", "node": node, "selection": selection}
+        if project:
+            body["project"] = project
+        kind, name, params, hook = validate(body)
+        job_id = jobs.submit(kind, params, name, hook)[0].id
+    return runner.run_job(job_id, ctx, jobs)
+
+
+def test_push_a_study_by_stow_rs_in_chunks(ctx, tmp_path, monkeypatch):
+    from pacsbridge.shared.nodes import stow
+
+    monkeypatch.setattr(stow, "CHUNK_INSTANCES", 4)  # 11 instances: 3 requests
+    files = study_files(tmp_path / "src", patient="STOW1")
+    study = str(header(files[0]).StudyInstanceUID)
+    load_into(ctx, tmp_path / "src")
+    sops = {str(header(f).SOPInstanceUID): f for f in files}
+    with pacs_of(tmp_path, ctx, "dest", aet="DEST") as dest:
+        jobs = add_pacs(ctx, dest, name="dest")
+        web_node(monkeypatch, jobs, {"dest": {"web_url": dest.web_url}})
+        done = push_job(jobs, ctx, "dest", {"StudyInstanceUID": [study]})
+        assert done is not None and done.state == "succeeded", (done.error, done.result)
+        assert dest.sop_uids() == set(sops)
+        for sop, path in stored(ctx).items():  # as stored here, byte for byte
+            assert dest.get(f"/instances/{orthanc_id(dest, sop)}/file") == path.read_bytes(), sop
+    r = done.result
+    assert (r["protocol"], r["sent"], r["acknowledged"], r["failed"], r["associations"]) == \
+        ("stow-rs", len(files), len(files), 0, 3)
+    assert all(row.state == "succeeded" and row.pushed == row.expected for row in done.series)
+    assert not list(ctx.storage.incoming.iterdir())
+
+
+def stow_answer(sops: dict[str, str], refuse: set[str]) -> Any:
+    """A STOW-RS route: each SOP of ``sops`` (uid -> class) found in the request body is referenced, or failed
+    with 0xA900 when in ``refuse``."""
+    def item(sop: str, cls: str, reason: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"00081150": {"vr": "UI", "Value": [cls]}, "00081155": {"vr": "UI", "Value": [sop]}}
+        if reason is not None:
+            out["00081197"] = {"vr": "US", "Value": [reason]}
+        return out
+
+    def route(h: Handler) -> None:
+        import json
+
+        sent = [s for s in sops if s.encode() in h.body]
+        ok = [item(s, sops[s]) for s in sent if s not in refuse]
+        failed = [item(s, sops[s], 0xA900) for s in sent if s in refuse]
+        body: dict[str, Any] = {}
+        if ok:
+            body["00081199"] = {"vr": "SQ", "Value": ok}
+        if failed:
+            body["00081198"] = {"vr": "SQ", "Value": failed}
+        status = 200 if not failed else 202 if ok else 409
+        h.send_body(status, json.dumps(body).encode(), "application/dicom+json")
+    return route
+
+
+def test_an_instance_the_node_fails_is_reported_with_its_reason_and_a_retry_sends_only_it(ctx, tmp_path,
+                                                                                          monkeypatch):
+    series = generate_uid()
+    sops = {}
+    for i in range(6):
+        ds = make_instance(tmp_path / "in" / f"{i}.dcm", rows=8, PatientID="STOW2", SeriesInstanceUID=series,
+                           InstanceNumber=i + 1)
+        sops[str(ds.SOPInstanceUID)] = str(ds.SOPClassUID)
+    load_into(ctx, tmp_path / "in")
+    bad = sorted(sops)[2]
+    refuse = {bad}
+    with WebServer() as srv:
+        srv.route("/dicom-web/studies", stow_answer(sops, refuse))
+        jobs = JobStore(ctx.index.engine)
+        jobs.add_node(Node(name="web", ae_title="WEB", host="127.0.0.1", port=1))
+        web_node(monkeypatch, jobs, {"web": {"web_url": srv.url + "/dicom-web"}})
+        done = push_job(jobs, ctx, "web", {"SeriesInstanceUID": [series]})
+        assert done is not None and done.state == "partial", done.error
+        assert [(f["sop"], f["status"]) for f in done.result["failures"]] == [(bad, "0xA900")]
+        assert "0xA900" in done.error and "does not match SOP class" in done.error, done.error
+        [row] = done.series
+        assert (row.expected, row.pushed, row.failed, row.state) == (6, 5, 1, "partial")
+
+        refuse.clear()
+        first = len(srv.requests)
+        jobs.retry(done.id)
+        again = push_job(jobs, ctx, "web", {}, job_id=done.id)
+        assert again is not None and again.state == "succeeded", again.error
+        assert again.result["sent"] == 1 and again.result["already_acknowledged"] == 5
+        resent = [s for r in srv.requests[first:] for s in sops if s.encode() in r.body]
+        assert resent == [bad]
+
+
+def test_a_project_push_by_stow_is_deidentified(tmp_path, monkeypatch):
+    from sqlalchemy import select
+
+    from pacsbridge.shared.core.schema import deid_patients_table
+    from pacsbridge.shared.deid.options import ProjectConfig
+    from pacsbridge.shared.deid.projects import ProjectStore
+
+    secret = "0123456789abcdef0123456789abcdef-stow"
+    ctx = open_context(Settings(database_url=f"sqlite:///{tmp_path / 'idx.db'}", storage=tmp_path / "data",
+                                fsync=False, deid_secret=secret))
+    try:
+        ctx.index.create()
+        ctx.storage.ensure()
+        files = study_files(tmp_path / "src", patient="MRN-STOW3")
+        for f in files[:len(COMPRESSED)]:  # pydicom's SC and US carry burned-in text: the policy withholds them
+            f.unlink()
+        files = files[len(COMPRESSED):]
+        study = str(header(files[0]).StudyInstanceUID)
+        load_into(ctx, tmp_path / "src")
+        ProjectStore(ctx.index.engine).create("lung", ProjectConfig(), secret.encode(), created_by="test")
+        with pacs_of(tmp_path, ctx, "dest", aet="DEST") as dest:
+            jobs = add_pacs(ctx, dest, name="dest", project="lung", identifiable=False)
+            web_node(monkeypatch, jobs, {"dest": {"web_url": dest.web_url}})
+            done = push_job(jobs, ctx, "dest", {"StudyInstanceUID": [study]})
+            assert done is not None and done.state == "succeeded", (done.error, done.result)
+            patients = dest.get("/patients?expand")
+            held = dest.sop_uids()
+        with ctx.index.engine.connect() as conn:
+            (row,) = conn.execute(select(deid_patients_table)).all()
+        assert [p["MainDicomTags"]["PatientID"] for p in patients] == [row.pseudonym]
+        assert row.patient_id == "MRN-STOW3" and "MRN-STOW3" not in str(patients)
+        assert len(held) == len(files) and not held & {str(header(f).SOPInstanceUID) for f in files}
+        assert done.result["protocol"] == "stow-rs" and done.result["project"] == "lung"
+        assert not list(ctx.storage.incoming.iterdir())  # the de-identified temporary files are gone
+    finally:
+        ctx.index.engine.dispose()
