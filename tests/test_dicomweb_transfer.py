@@ -32,8 +32,18 @@ COMPRESSED = ("JPEG2000.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dc
 
 
 @pytest.fixture
+def both(settings: Settings) -> Iterator[Context]:
+    """An index on SQLite, then on PostgreSQL (conftest's ``settings``)."""
+    c = open_context(settings)
+    c.index.create()
+    c.storage.ensure()
+    yield c
+    c.index.engine.dispose()
+
+
+@pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[Context]:
-    """An index on SQLite (the PostgreSQL side is covered by the first test's ``ctx``)."""
+    """An index on SQLite (the PostgreSQL side is covered by the first test's ``both``)."""
     c = open_context(Settings(database_url=f"sqlite:///{tmp_path / 'idx.db'}", storage=tmp_path / "data",
                               fsync=False))
     c.index.create()
@@ -119,7 +129,8 @@ def assert_identical(ctx: Context, pacs: Orthanc, sops: set[str]) -> None:
 
 # -- retrieve --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["wado-rs", "wado-uri"])
-def test_retrieve_a_study_byte_identical_and_indexed(ctx, tmp_path, monkeypatch, mode):
+def test_retrieve_a_study_byte_identical_and_indexed(both, tmp_path, monkeypatch, mode):
+    ctx = both
     files = study_files(tmp_path / "src")
     sops = {str(header(f).SOPInstanceUID) for f in files}
     assert len({str(header(f).file_meta.TransferSyntaxUID) for f in files}) >= 4
@@ -264,7 +275,7 @@ def test_wado_rs_406_to_transfer_syntax_star_asks_again_and_says_so(ctx, tmp_pat
         'multipart/related; type="application/dicom"']
 
 
-def test_wado_uri_500s_end_the_series_partial_with_the_reason(ctx, tmp_path, monkeypatch):
+def test_wado_uri_500s_end_the_series_failed_with_the_reason(ctx, tmp_path, monkeypatch):
     from pacsbridge.shared.nodes import webhttp
 
     files = study_files(tmp_path / "src")[len(COMPRESSED):]
@@ -281,6 +292,28 @@ def test_wado_uri_500s_end_the_series_partial_with_the_reason(ctx, tmp_path, mon
     assert done is not None and done.state == "failed", done.state
     assert "HTTP 500" in done.error, done.error
     assert not index_sops(ctx) and not stored(ctx) and not list(ctx.storage.incoming.iterdir())
+
+
+
+def test_wado_uri_429_with_retry_after_is_waited_for_and_the_series_completes(ctx, tmp_path, monkeypatch):
+    from .webserver import answers, status_answer
+
+    files = study_files(tmp_path / "src")[len(COMPRESSED):]
+    series = str(header(files[0]).SeriesInstanceUID)
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        pacs.upload(files)
+        proxy = Proxy(srv, pacs)
+        srv.route("/wado", answers(status_answer(429, {"Retry-After": "1"}), proxy.route))
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web", "wado_uri_url": srv.url + "/wado"}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-uri"},
+                             node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+        assert done is not None and done.state == "succeeded", done.error
+        assert_identical(ctx, pacs, {str(header(f).SOPInstanceUID) for f in files})
+        assert len(srv.requests) == len(files) + 1
+        assert all(r.query["contentType"] == ["application/dicom"] and r.query["transferSyntax"] == ["*"]
+                   for r in srv.requests)
 
 
 # -- push by STOW-RS -----------------------------------------------------------------------------------------
@@ -421,3 +454,26 @@ def test_a_project_push_by_stow_is_deidentified(tmp_path, monkeypatch):
         assert not list(ctx.storage.incoming.iterdir())  # the de-identified temporary files are gone
     finally:
         ctx.index.engine.dispose()
+
+
+
+def test_a_stow_request_that_fails_whole_fails_each_of_its_instances_with_the_reason(ctx, tmp_path, monkeypatch):
+    from pacsbridge.shared.nodes import stow, webhttp
+
+    monkeypatch.setattr(webhttp.RetryPolicy, "backoff_delay", lambda self, attempt: 0.01)
+    monkeypatch.setattr(stow, "CHUNK_INSTANCES", 2)
+    series = generate_uid()
+    for i in range(3):
+        make_instance(tmp_path / "in" / f"{i}.dcm", rows=8, PatientID="STOW4", SeriesInstanceUID=series)
+    load_into(ctx, tmp_path / "in")
+    with WebServer() as srv:
+        srv.route("/dicom-web/studies", lambda h: h.send_body(500, b"database locked", "text/plain"))
+        jobs = JobStore(ctx.index.engine)
+        jobs.add_node(Node(name="web", ae_title="WEB", host="127.0.0.1", port=1, max_associations=1))
+        web_node(monkeypatch, jobs, {"web": {"web_url": srv.url + "/dicom-web"}})
+        done = push_job(jobs, ctx, "web", {"SeriesInstanceUID": [series]})
+    assert done is not None and done.state == "failed", done.state
+    assert done.result["failed"] == 3 and done.result["acknowledged"] == 0
+    assert all("HTTP 500" in f["error"] and "database locked" in f["error"] and f["status"] is None
+               for f in done.result["failures"])
+    assert "HTTP 500" in done.error

@@ -173,7 +173,8 @@ class _Chunker(threading.Thread):
             except WebError as exc:
                 why = "cancelled" if self.cancel.is_set() else f"node {self.node_name!r}: STOW-RS failed: {exc}"
                 self.error = why
-                return out + [Sent(i.sop_uid, i.series_uid, False, exc.status, why) for i, _, _, _ in sending]
+                # the HTTP status is in the text: Sent.status is a DICOM status (0xA900 ...), as in the job result
+                return out + [Sent(i.sop_uid, i.series_uid, False, None, why) for i, _, _, _ in sending]
             return out + _outcomes(result, sending)
         finally:
             for tmp in temps:
