@@ -316,6 +316,54 @@ def test_wado_uri_429_with_retry_after_is_waited_for_and_the_series_completes(ct
                    for r in srv.requests)
 
 
+
+def test_a_cancel_during_a_wado_rs_body_ends_the_job_cancelled_and_leaves_nothing_half_stored(ctx, tmp_path,
+                                                                                            monkeypatch):
+    """The node sends one instance and the start of the next, then goes silent: a cancel ends the job
+    (at the node's read timeout at the latest), the whole instance is kept, the partial one is not."""
+    import time
+
+    files = study_files(tmp_path / "src")[len(COMPRESSED):][:2]
+    study, series = str(header(files[0]).StudyInstanceUID), str(header(files[0]).SeriesInstanceUID)
+    boundary = "b-cancel"
+
+    def route(h: Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}')
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + files[0].read_bytes()
+                      + f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                      + files[1].read_bytes()[:500])
+        h.wfile.flush()
+        h.hang(20)
+
+    with pacs_of(tmp_path, ctx) as pacs, WebServer() as srv:
+        pacs.upload(files)
+        srv.route(f"/dicom-web/studies/{study}/series/{series}", route)
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": srv.url + "/dicom-web", "web_timeout": 3}})
+        job, _ = jobs.submit("retrieve", {"query": {"SeriesInstanceUID": [series]}, "mode": "wado-rs"},
+                             node="pacs")
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(runner.run_job(job.id, ctx, jobs)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not index_sops(ctx) and not stored(ctx) and time.monotonic() < deadline:
+            if srv.requests:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        jobs.cancel(job.id)
+        started = time.monotonic()
+        t.join(30)
+        assert not t.is_alive() and time.monotonic() - started < 15
+    done = out[0]
+    assert done is not None and done.state == "cancelled", (done.state, done.error)
+    assert set(stored(ctx)) <= {str(header(files[0]).SOPInstanceUID)}
+    assert not list(ctx.storage.incoming.iterdir())
+
+
 # -- push by STOW-RS -----------------------------------------------------------------------------------------
 def load_into(ctx: Context, folder: Path) -> None:
     from pacsbridge.shared.index.importer import Importer
