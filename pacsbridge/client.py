@@ -1046,7 +1046,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("retrieve", help="retrieve studies from a node (a job)")
     p.add_argument("node")
     _query_flags(p)
-    p.add_argument("--mode", choices=("move", "get"), help="C-MOVE or C-GET (default: the node's)")
+    p.add_argument("--mode", choices=("move", "get", "wado-rs", "wado-uri"),
+                   help="C-MOVE, C-GET, WADO-RS or WADO-URI (default: the node's)")
     p.add_argument("--follow", action="store_true", help="wait for the job, with progress")
     _common(p)
     p.set_defaults(func=_run(cmd_retrieve))

@@ -2,7 +2,7 @@
 
 A request (an API body, or what the CLI builds) is a JSON object::
 
-    {"kind": "retrieve", "node": "pacs", "query": {...}, "mode": "move"|"get", "webhook": "https://..."}
+    {"kind": "retrieve", "node": "pacs", "query": {...}, "mode": "move"|"get"|"wado-rs"|"wado-uri", "webhook": "https://..."}
     {"kind": "push",     "node": "dest", "selection": {...}, "project": "lung-2026"}
     {"kind": "repack",   "selection": {...}, "dest": "cohort-1", "template": "px-repack", "link": false,
                          "project": "lung-2026"}
@@ -112,7 +112,8 @@ _ProjectRef = Annotated[str, Field(pattern=PROJECT_NAME_PATTERN,
 
 
 class _Job(Model):
-    help = {"node": "the name of a configured node", "mode": "'move' or 'get' (default: the node's own)",
+    help = {"node": "the name of a configured node",
+            "mode": "'move', 'get', 'wado-rs' or 'wado-uri' (default: the node's own)",
             "link": "true (hard links) or false (copies)", "template": "a preset name or a template string",
             "webhook": "an http(s) URL of at most 2048 characters, without spaces or control characters",
             "dest": _REL_HELP, "path": _REL_HELP}
@@ -143,7 +144,8 @@ class RetrieveRequest(_Job):
     kind: Literal["retrieve"]
     node: _NodeRef
     query: QueryModel
-    mode: Literal["move", "get"] | None = Field(None, description="C-MOVE or C-GET (default: the node's own)")
+    mode: Literal["move", "get", "wado-rs", "wado-uri"] | None = Field(
+        None, description="C-MOVE, C-GET, WADO-RS or WADO-URI (default: the node's own)")
 
     def to_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"query": self.query.to_query().to_dict()}

@@ -101,6 +101,7 @@ class Transfer:
     stored: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
     failed_uids: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the job result should say (a fallback ...)
 
 
 class Searcher(Protocol):

@@ -1,4 +1,6 @@
-"""The ``push`` job: C-STORE stored instances to a DICOM node, through :func:`pacsbridge.shared.nodes.pusher.push`.
+"""The ``push`` job: C-STORE stored instances to a DICOM node, through :func:`pacsbridge.shared.nodes.pusher.push`,
+or STOW-RS them to a node with a STOW URL (its ``stow_url``, else its ``web_url``), through
+:func:`pacsbridge.shared.nodes.stow.stow_push`: same outcomes per instance, same report (``protocol`` says which).
 
 A push job (``{"selection": ...}`` to ``job.node``, see :mod:`pacsbridge.shared.jobs.spec`) sends every
 selected instance. How instances are sent (as stored, the fallback, the node's limits, no silent drop) is the pusher's
@@ -22,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete
 
-from pacsbridge.shared.core.errors import InvalidRequest
+from pacsbridge.shared.core.errors import InvalidRequest, WebError
 from pacsbridge.shared.deid.keys import secret
 from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
 from pacsbridge.shared.deid.projects import ProjectStore
@@ -31,6 +33,8 @@ from pacsbridge.shared.jobs.spec import effective_project
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.core.schema import instances_table
 from pacsbridge.shared.nodes.pusher import MAX_LISTED, Sent, acknowledged, push, record
+from pacsbridge.shared.nodes.stow import stow_push
+from pacsbridge.shared.nodes.wado import web_client_for, web_urls
 from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.worker.selection import describe, resolve
 
@@ -104,9 +108,22 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
                                    if c["quarantined"] else f"{c['failed']} failed; first: {errors[uid]}")[:2000]
             jobs.update_series(job.id, uid, **values)
 
+    # STOW-RS to a node that speaks only DICOMweb, or both and prefers DICOMweb (its first ``prefer``)
+    web_first = node.has_web and (not node.has_dimse or node.preferences()[:1] in (["wado-rs"], ["wado-uri"]))
+    stow = web_urls(node).stow if web_first else ""
     try:
-        report = push(node, todo, ctx.settings.ae_title, engine, holder=f"{worker_id()}:{job.id[:8]}",
-                      cancel=cancel, on_results=on_results, transform=outgoing)
+        if stow:  # a DICOMweb node: STOW-RS, with the same outcomes per instance
+            try:
+                client = web_client_for(node, ctx.settings, cancel)
+            except WebError as exc:
+                raise InvalidRequest(f"node {node.name!r}: {exc}", "node") from None
+            with client:
+                report = stow_push(node, todo, engine, client, client.url("studies", base=stow),
+                                   folder=ctx.storage.incoming, holder=f"{worker_id()}:{job.id[:8]}",
+                                   cancel=cancel, on_results=on_results, transform=outgoing)
+        else:
+            report = push(node, todo, ctx.settings.ae_title, engine, holder=f"{worker_id()}:{job.id[:8]}",
+                          cancel=cancel, on_results=on_results, transform=outgoing)
     finally:  # what left is in the map and the audit, also when the job stops half-way
         if outgoing is not None:
             outgoing.close()
@@ -122,7 +139,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     total = len(selected.instances) + len(selected.rejected)
     stored = len(done) + report.acknowledged
     result = {
-        "node": node.name, "project": project, "selected": total, "acknowledged": stored,
+        "node": node.name, "protocol": "stow-rs" if stow else "c-store", "project": project, "selected": total,
+        "acknowledged": stored,
         "already_acknowledged": len(done), "sent": report.acknowledged, "failed": len(failures),
         "failures": failures[:MAX_LISTED], "withheld": len(withheld), "withheld_instances": withheld[:MAX_LISTED],
         "risk_warnings": report.risks,

@@ -13,7 +13,12 @@ sources slot in without touching jobs, progress or the API:
   which stores, and the workers index) and :class:`GetDownloader` (C-GET
   stored straight into storage through ``ctx.storage`` and indexed here).
 
-What the job does (params: ``{"query": Query.to_dict(), "mode"?: "move"|"get"}``):
+DICOMweb nodes slot in the same way: mode ``wado-rs`` / ``wado-uri`` picks a
+:class:`~pacsbridge.shared.nodes.wado.WadoRsDownloader` / :class:`~pacsbridge.shared.nodes.wado.WadoUriDownloader`
+(stored and indexed as C-GET does); the series are still found by the node's searcher, and what a
+downloader has to say beyond its counts (a WADO-RS 406 fallback, parts refused) is in the result's ``notes``.
+
+What the job does (params: ``{"query": Query.to_dict(), "mode"?: "move"|"get"|"wado-rs"|"wado-uri"}``):
 
 1. C-FIND at study level, then series level (``NumberOfSeriesRelatedInstances``;
    an IMAGE-level C-FIND where the PACS gives no count). A study answer the
@@ -52,7 +57,7 @@ from sqlalchemy import func, select
 
 from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
-from pacsbridge.shared.core.errors import DimseError, InvalidRequest
+from pacsbridge.shared.core.errors import DimseError, InvalidRequest, WebError
 from pacsbridge.shared.index.conquest import Index
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.dicom.node import Node
@@ -61,8 +66,10 @@ from pacsbridge.worker.outcome import Outcome, worker_id
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, in_window, seconds_until_window
 from pacsbridge.shared.nodes.searchers import searcher_for
 from pacsbridge.shared.nodes.sources import Downloader, GetDownloader, MoveDownloader, Searcher, SeriesRef
+from pacsbridge.shared.nodes.wado import WadoRsDownloader, WadoUriDownloader, web_client_for, web_urls
+from pacsbridge.shared.nodes.webhttp import WebClient
 
-__all__ = ["run", "WAIT_SECONDS", "REPULLS"]
+__all__ = ["run", "WAIT_SECONDS", "REPULLS", "MODES", "WEB_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +77,24 @@ log = logging.getLogger(__name__)
 WAIT_SECONDS = initial_settings().retrieve_wait_seconds  # PACSBRIDGE_RETRIEVE_WAIT_SECONDS
 #: How many times missing instances of a series are pulled again at IMAGE level.
 REPULLS = initial_settings().retrieve_repulls  # PACSBRIDGE_RETRIEVE_REPULLS
+#: Retrieve modes: DIMSE (C-MOVE to our listener, C-GET) and DICOMweb (WADO-RS, WADO-URI).
+MODES = ("move", "get", "wado-rs", "wado-uri")
+WEB_MODES = ("wado-rs", "wado-uri")
 #: How often a C-MOVE job looks at the index while the workers index what the listener stored.
 POLL_SECONDS = 0.2
 
 
 # -- the job ---------------------------------------------------------------------
+def default_mode(node: Node) -> str:
+    """How a retrieve that names no mode pulls: a DICOMweb node's first ``prefer`` entry it can do
+    (``c-get`` / ``c-move`` as ``get`` / ``move``); a DIMSE-only node's ``retrieve``, as before ``prefer``."""
+    if node.has_web:
+        for op in node.preferences():
+            return {"c-get": "get", "c-move": "move"}.get(op, op)
+    return node.retrieve
+
+
+
 def indexed_sops(index: Index, series_uid: str) -> set[str]:
     """SOP Instance UIDs of a series that the index holds."""
     img = index.tables["Image"]
@@ -113,10 +133,11 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
     if not job.node:
         raise InvalidRequest("a retrieve job needs a node", "node")
     node = jobs.get_node(job.node)
-    query = Query.from_dict(job.params.get("query", {}))
-    mode = job.params.get("mode") or node.retrieve
+    mode = job.params.get("mode") or default_mode(node)
     if not node.allow_find:
         raise InvalidRequest(f"node {node.name!r} does not allow C-FIND", "node")
+    if mode not in MODES:
+        raise InvalidRequest(f"mode {mode!r}: use one of {', '.join(MODES)}", "mode")
     if mode == "move" and not node.allow_move:
         raise InvalidRequest(f"node {node.name!r} does not allow C-MOVE; try mode 'get'", "mode")
     if mode == "get" and not node.allow_get:
@@ -127,15 +148,36 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
     rate = RateLimiter(engine, node)
     searcher = searcher_for(node, calling_ae, slots, cancel=cancel)  # C-FIND, or QIDO-RS for a DICOMweb node
     downloader: Downloader
-    if mode == "get":
+    client: WebClient | None = None
+    if mode in WEB_MODES:
+        try:
+            client = web_client_for(node, ctx.settings, cancel)
+        except WebError as exc:
+            raise InvalidRequest(f"mode {mode!r}: {exc}", "mode") from None
+        urls = web_urls(node)
+        if mode == "wado-rs":
+            downloader = WadoRsDownloader(client, ctx, node, slots, rate, base=urls.wado)
+        else:
+            downloader = WadoUriDownloader(client, ctx, node, searcher.instances, slots, rate, url=urls.wado_uri)
+    elif mode == "get":
         downloader = GetDownloader(node, calling_ae, ctx, slots, rate)
     else:
         downloader = MoveDownloader(node, calling_ae, node.move_destination or calling_ae, slots, rate)
+    try:
+        return _run(job, ctx, jobs, cancel, plan, node, mode, searcher, downloader, started)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event, plan: Sequence[SeriesRef] | None,
+         node: Node, mode: str, searcher: Searcher, downloader: Downloader, started: float) -> Outcome:
+    query = Query.from_dict(job.params.get("query", {}))
 
     plan = list(plan) if plan is not None else searcher.plan(query)
     result: dict[str, Any] = {"mode": mode, "series": len(plan), "splits": searcher.splits,
                               "suboperations": {"completed": 0, "failed": 0, "warning": 0},
-                              "repulls": 0, "skipped_complete": 0}
+                              "repulls": 0, "skipped_complete": 0, "notes": []}
     if not plan:
         return Outcome("failed", f"nothing on node {node.name!r} matches the query", result)
     previous = {s.series_uid: s for s in jobs.series(job.id)}
@@ -231,6 +273,9 @@ def _pull_series(ref: SeriesRef, row: SeriesProgress, ctx: Context, jobs: JobSto
         with lock:
             for k in ("completed", "failed", "warning"):
                 result["suboperations"][k] += getattr(transfer, k)
+            for note in transfer.notes:  # a WADO-RS fallback, parts refused: said once each
+                if note not in result["notes"] and len(result["notes"]) < 20:
+                    result["notes"].append(note)
         received = max(received, min(expected, before + transfer.completed + transfer.warning))
         if downloader.indexes_itself:
             have = indexed_sops(ctx.index, ref.series_uid)
