@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc orthanc-dicomweb dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-deid clean
+.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-dicomweb bench-deid clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ bench-push: debs services install-test
 # a 1,000-row cohort against Orthanc vs the same studies as 1,000 retrieve jobs (--rows 50 for a quick look)
 bench-cohort: debs services install-test
 	$(PY) bench/cohort.py
+
+# WADO-RS retrieve vs our C-GET vs a plain dicomweb-client loop; STOW-RS push vs dicomweb-client store_instances
+bench-dicomweb: debs services install-test
+	$(PY) bench/dicomweb.py
 
 # De-identification alone (issue 16): pacsbridge's engine, dicognito, pydicom/deid and dcmanon on the same
 # files; each peer in its own venv under .bench-venvs/, made by the script from bench/deid_peers/*.txt
