@@ -91,6 +91,8 @@ def default_mode(node: Node) -> str:
     if node.has_web:
         for op in node.preferences():
             return {"c-get": "get", "c-move": "move"}.get(op, op)
+        if not node.has_dimse:  # a DICOMweb-only node whose prefer names no web operation
+            return "wado-rs"
     return node.retrieve
 
 
