@@ -153,11 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"run {run} movescu+storescp: {n / dt:.1f} inst/s")
                     continue
                 engine = create_engine(args.pg_url)
-                with engine.begin() as conn:  # a fresh index each time
-                    for table in ("dicomimages", "dicomseries", "dicomstudies", "dicompatients",
-                                  "pacsbridge_arrivals", "pacsbridge_job_series", "pacsbridge_jobs",
-                                  "pacsbridge_nodes", "pacsbridge_node_leases", "pacsbridge_node_rates"):
-                        conn.execute(text(f"drop table if exists {table} cascade"))  # fixed names
+                with engine.begin() as conn:  # a fresh index each time (the bench's own database): every
+                    # table with the migrations' version table, so that create() makes them all again
+                    conn.execute(text("drop schema public cascade"))
+                    conn.execute(text("create schema public"))
                 engine.dispose()
                 subprocess.run(["rm", "-rf", str(stack.settings.storage)], check=True)
                 from pacsbridge.worker import runner
