@@ -232,3 +232,20 @@ def test_instances_stored_while_the_broker_is_down_are_found_by_the_journal(tmp_
         assert (root / JOURNAL).is_dir() and not any(p.startswith(JOURNAL) for p in Storage(root).walk())
     finally:
         stack.close()
+
+
+def test_a_torn_line_is_skipped_and_its_segment_still_settles(ctx, broker, no_walk):
+    """A power loss can leave half a line: it is logged once, counts as settled, and does not keep its
+    segment for ever."""
+    root = ctx.storage.root
+    walked(root)
+    writer = JournalWriter(root, durable=False)
+    writer.record("A/1.dcm", "7.7.1")
+    seg, _ = writer.record("A/2.dcm", "7.7.2")
+    os.pwrite(seg.fd, b'["A/3.d\n', seg.offset)  # a line cut short, then the end of the data
+    seg.offset += 8
+    writer.close()
+    lines = [e for es, _ in pending(root, Checkpoint(root)).values() for e in es]
+    assert [e.relpath for e in lines] == ["A/1.dcm", "A/2.dcm", ""]
+    assert reconcile(ctx, broker) == 0  # no file came for 1 and 2: dropped; the torn line: settled
+    assert segments(root) == []

@@ -336,11 +336,11 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
     missing: list[str] = []
     if entries:
         indexed = ctx.index.lookup_sop(sorted({e.sop for e in entries if e.sop}))
-        set_aside = Quarantine(ctx.index.engine).among(sorted({e.relpath for e in entries}))
+        set_aside = Quarantine(ctx.index.engine).among(sorted({e.relpath for e in entries if e.relpath}))
         now = time.time()
         dropped = 0
         for e in entries:
-            if (e.sop and e.sop in indexed) or e.relpath in set_aside:
+            if not e.relpath or (e.sop and e.sop in indexed) or e.relpath in set_aside:
                 settled.add((e.segment, e.end))
                 continue
             young = now - e.at < min_age
@@ -350,7 +350,7 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
                 log.warning("journal line %r: not a path inside storage; dropped", e.relpath)
                 there = young = False
             if not there:
-                if not young:  # a crash between the line and the link: never acknowledged
+                if not young:  # a crash between the line and the link (never acknowledged), or moved aside
                     settled.add((e.segment, e.end))
                     dropped += 1
                 continue
@@ -358,8 +358,8 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
                 already.add(e.relpath)
                 missing.append(e.relpath)
         if dropped:
-            log.info("reconciler: %d journal lines name a file that never came (a store cut short); dropped",
-                     dropped)
+            log.info("reconciler: %d journal lines name a file that is not there (a store cut short, or an "
+                     "instance moved aside or deleted since); dropped", dropped)
     offsets = {}
     for name, (lines, end) in found.items():
         offset = checkpoint.offsets.get(name, 0)

@@ -220,8 +220,9 @@ def read_segment(path: Path, start: int) -> tuple[list[Entry], int]:
         try:
             rel, sop, at = json.loads(raw)
             entries.append(Entry(path.name, offset, str(rel), str(sop), float(at)))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError):  # torn by a power loss: an entry naming nothing, settled at once
             log.warning("journal %s: unreadable line at byte %d skipped", path.name, offset - len(raw) - 1)
+            entries.append(Entry(path.name, offset, "", "", 0.0))
     return entries, offset
 
 
