@@ -242,7 +242,9 @@ def test_a_torn_line_is_skipped_and_its_segment_still_settles(ctx, broker, no_wa
     writer = JournalWriter(root, durable=False)
     writer.record("A/1.dcm", "7.7.1")
     seg, _ = writer.record("A/2.dcm", "7.7.2")
-    os.pwrite(seg.fd, b'["A/3.d\n', seg.offset)  # a line cut short, then the end of the data
+    with open(seg.path, "r+b") as fh:  # a line cut short, then the end of the data
+        fh.seek(seg.offset)
+        fh.write(b'["A/3.d\n')
     seg.offset += 8
     writer.close()
     lines = [e for es, _ in pending(root, Checkpoint(root)).values() for e in es]

@@ -10,7 +10,9 @@ receivers, a C-GET retrieve) appends one line per instance to a journal segment 
 Writing (:class:`JournalWriter`, one per process and storage root)
     A segment is a file of :data:`SEGMENT_BYTES` zero bytes written (and fsynced) when the segment is
     made, under a temporary name, then renamed to ``seg-<ns>-<pid>-<random>.log``. A line (JSON:
-    ``[relpath, SOPInstanceUID, time]``) is written with ``pwrite`` over the zeros *before* the
+    ``[relpath, SOPInstanceUID, time]``) is written with ``pwrite`` over the zeros (the segment is
+    opened for writing for that moment only: a file held open for writing keeps its file system
+    from being remounted read-only) *before* the
     instance is linked into place (an intent), and made durable with ``fdatasync`` after the
     instance's folder is fsynced, before the store is answered. Since the blocks are already
     written, that fdatasync writes one data block and has no metadata to commit, and concurrent
@@ -54,8 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Folder (inside the storage root) of the journal; one of storage's own folders.
 JOURNAL = ".journal"
-#: Size of a segment (zeros written when it is made): about 4,000 to 10,000 lines.
-SEGMENT_BYTES = 1 << 20
+#: Size of a segment (zeros written when it is made): about 1,000 to 2,500 lines.
+SEGMENT_BYTES = 256 << 10
 #: A writer starts a new segment at its first line after this many seconds.
 ROTATE_SECONDS = 3600.0
 CHECKPOINT = "checkpoint.json"
@@ -88,24 +90,32 @@ class _Segment:
 
     def __init__(self, folder: Path, size: int, durable: bool) -> None:
         self.name = f"{_PREFIX}{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+        self.path = folder / self.name
         tmp = folder / f".{self.name}.tmp"
-        self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # Held open read-only (the flock, fdatasync): a file held open for writing would make a
+        # remount read-only fail (EBUSY); each line opens it for writing for the pwrite alone.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.fd = -1
         try:
+            self.fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(self.fd, fcntl.LOCK_SH)  # before its name is public: never deleted under a writer
             if durable:  # real blocks, so that a later fdatasync has data only to write
                 zeros = bytes(1 << 16)
                 for offset in range(0, size, len(zeros)):
-                    os.pwrite(self.fd, zeros[: size - offset], offset)
-                os.fsync(self.fd)
+                    os.pwrite(fd, zeros[: size - offset], offset)
+                os.fsync(fd)
             else:
-                os.ftruncate(self.fd, size)
-            os.rename(tmp, folder / self.name)
+                os.ftruncate(fd, size)
+            os.rename(tmp, self.path)
             if durable:
                 _sync_dir(folder)
         except BaseException:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             _unlink(tmp)
             raise
+        finally:
+            os.close(fd)
         self.size = size
         self.offset = 0  # bytes written (every byte before it is written)
         self.synced = 0  # bytes made durable
@@ -149,7 +159,11 @@ class JournalWriter:
                     self._segment = None
                 self.folder.mkdir(exist_ok=True)
                 seg = self._segment = _Segment(self.folder, max(self.segment_bytes, len(line)), self.durable)
-            os.pwrite(seg.fd, line, seg.offset)
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, line, seg.offset)
+            finally:
+                os.close(fd)
             seg.offset += len(line)
             return seg, seg.offset
 
