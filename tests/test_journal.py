@@ -251,3 +251,19 @@ def test_a_torn_line_is_skipped_and_its_segment_still_settles(ctx, broker, no_wa
     assert [e.relpath for e in lines] == ["A/1.dcm", "A/2.dcm", ""]
     assert reconcile(ctx, broker) == 0  # no file came for 1 and 2: dropped; the torn line: settled
     assert segments(root) == []
+
+
+def test_a_c_get_retrieve_journals_its_stores_and_an_import_does_not(ctx, tmp_path):
+    """C-GET instances are indexed only when the association ends: a worker killed before that leaves
+    them to the journal. The context's own storage (import, repack) stays unjournaled."""
+    from pacsbridge.shared.dicom.node import Node
+    from pacsbridge.shared.nodes.sources import GetDownloader
+
+    downloader = GetDownloader(Node(name="pacs", ae_title="PACS", host="127.0.0.1", port=104), "PACSBRIDGE", ctx)
+    assert downloader.storage.journal is not None and ctx.storage.journal is None
+    ds = make_instance(tmp_path / "g.dcm", PatientID="GET")
+    rel = downloader.storage.store(tmp_path / "g.dcm", ds).relpath
+    lines = [e for es, _ in pending(ctx.storage.root, Checkpoint(ctx.storage.root)).values() for e in es]
+    assert [(e.relpath, e.sop) for e in lines] == [(rel, ds.SOPInstanceUID)]
+    ctx.storage.store(tmp_path / "g.dcm", make_instance(PatientID="IMPORT"))
+    assert len([e for es, _ in pending(ctx.storage.root, Checkpoint(ctx.storage.root)).values() for e in es]) == 1
