@@ -267,3 +267,16 @@ def test_a_c_get_retrieve_journals_its_stores_and_an_import_does_not(ctx, tmp_pa
     assert [(e.relpath, e.sop) for e in lines] == [(rel, ds.SOPInstanceUID)]
     ctx.storage.store(tmp_path / "g.dcm", make_instance(PatientID="IMPORT"))
     assert len([e for es, _ in pending(ctx.storage.root, Checkpoint(ctx.storage.root)).values() for e in es]) == 1
+
+
+def test_leftovers_of_a_crash_in_the_journal_folder_are_removed_when_old(tmp_path):
+    from pacsbridge.shared.index.journal import clean_leftovers
+
+    folder = tmp_path / JOURNAL
+    folder.mkdir()
+    old, new = folder / ".seg-1-2-x.log.tmp", folder / ".checkpoint.json.7.tmp"
+    old.write_bytes(b"\0" * 10)
+    new.write_text("{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert clean_leftovers(tmp_path) == 1
+    assert not old.exists() and new.exists()

@@ -258,7 +258,7 @@ def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
     --missing`` is the full walk on request. One pass at a time per storage root.
     """
     from pacsbridge.shared.index.context import open_context
-    from pacsbridge.shared.index.journal import Checkpoint, PassLock
+    from pacsbridge.shared.index.journal import Checkpoint, PassLock, clean_leftovers
 
     ctx = open_context(settings)
     try:
@@ -278,6 +278,7 @@ def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
                 log.info("reconciler: storage walked once (it had no journal checkpoint); from now on only the "
                          "arrival journal is read (pacsbridge rebuild --missing walks it on request)")
             queued += _journal_pass(ctx, settings, checkpoint, min_age, set(queued))
+            clean_leftovers(root)
         ctx.storage.clean_incoming(older_than=3600)
         return len(queued)
     finally:

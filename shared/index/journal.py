@@ -49,8 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["JOURNAL", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter", "fault",
-           "pending", "segments", "writer_for"]
+__all__ = ["JOURNAL", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter", "PassLock",
+           "clean_leftovers", "fault", "pending", "read_segment", "segments", "unheld", "writer_for"]
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,24 @@ def unheld(root: Path | str, name: str) -> bool:
         raise
     finally:
         os.close(fd)  # the lock goes with it
+
+
+def clean_leftovers(root: Path | str, older_than: float = 3600.0) -> int:
+    """Remove temporary files a crash left in the journal folder (a segment being made, a checkpoint
+    being written) once they are ``older_than`` seconds old and no writer holds them."""
+    folder, n = Path(root) / JOURNAL, 0
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        try:
+            if time.time() - os.stat(folder / name).st_mtime >= older_than and unheld(root, name):
+                os.unlink(folder / name)
+                n += 1
+        except OSError:
+            continue
+    return n
 
 
 class Checkpoint:
