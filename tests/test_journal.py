@@ -280,3 +280,22 @@ def test_leftovers_of_a_crash_in_the_journal_folder_are_removed_when_old(tmp_pat
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert clean_leftovers(tmp_path) == 1
     assert not old.exists() and new.exists()
+
+
+def test_a_receiver_killed_after_the_link_the_reconciler_indexes_what_it_left(tmp_path, broker):
+    """The listener itself: each receiver kills itself (SIGKILL) right after linking an instance into
+    place, before the folder's fsync and the answer. The sender gets no success; the parent starts
+    another receiver; the reconciler finds the instance in the journal (never by a walk) and it is
+    indexed."""
+    stack = Stack(tmp_path, broker_url=broker.url, PB_TEST_JOURNAL_FAULT="after-link")
+    walked(stack.settings.storage)
+    try:
+        stack.start("listener")
+        stack.start("worker", "--concurrency", "1")
+        ds = make_instance(tmp_path / "in" / "k.dcm", PatientID="KILLED")
+        proc = storescu(stack.port, tmp_path / "in" / "k.dcm")
+        assert "Success" not in proc.stdout + proc.stderr or proc.returncode != 0
+        assert indexed_sops(stack.settings, 1, timeout=60) == {ds.SOPInstanceUID}
+        assert "exited (code -9)" in "".join(p.read_text() for p in stack.logs.iterdir())
+    finally:
+        stack.close()
