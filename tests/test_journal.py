@@ -299,3 +299,32 @@ def test_a_receiver_killed_after_the_link_the_reconciler_indexes_what_it_left(tm
         assert "exited (code -9)" in "".join(p.read_text() for p in stack.logs.iterdir())
     finally:
         stack.close()
+
+
+def test_a_backlog_is_read_over_several_passes(ctx, broker, no_walk, monkeypatch):
+    """At most MAX_LINES lines a pass: memory stays bounded, and segments the pass did not reach keep
+    their place in the checkpoint."""
+    from pacsbridge.shared.index import journal
+
+    root = ctx.storage.root
+    walked(root)
+    writer = JournalWriter(root, durable=False, segment_bytes=1024)
+    for i in range(100):
+        writer.record(f"B/{i:03d}.dcm", f"6.6.{i}")
+    writer.close()
+    for i in (5, 55, 95):  # three of them are stored and not indexed
+        (root / "B").mkdir(exist_ok=True)
+        (root / "B" / f"{i:03d}.dcm").write_bytes(b"")
+    monkeypatch.setattr(journal, "MAX_LINES", 30)
+    counts = []
+    for _ in range(6):
+        counts.append(reconcile(ctx, broker))
+        if sum(len(es) for es, _ in pending(root, Checkpoint(root).load()).values()) <= 3:
+            break
+    assert sum(counts) >= 3 and counts[0] == 1  # each pass reads 30 lines: the backlog goes by
+    left = [e.relpath for es, _ in pending(root, Checkpoint(root).load()).values() for e in es]
+    assert "B/005.dcm" in left and "B/095.dcm" in left  # still pending (stored, not indexed)
+    _bulk_index(ctx, [(f"6.6.{i}", f"B/{i:03d}.dcm") for i in (5, 55, 95)])
+    for _ in range(6):
+        reconcile(ctx, broker)
+    assert segments(root) == []

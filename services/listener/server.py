@@ -327,11 +327,12 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
     line (queued, or too young) and those after it are read again at the next pass.
     """
     from pacsbridge.shared.core.errors import UnsafePath
-    from pacsbridge.shared.index.journal import JOURNAL, pending, read_segment, unheld
+    from pacsbridge.shared.index import journal
+    from pacsbridge.shared.index.journal import JOURNAL, pending, read_segment, segments, unheld
     from pacsbridge.shared.index.quarantine import Quarantine
 
     root = ctx.storage.root
-    found = pending(root, checkpoint)
+    found = pending(root, checkpoint, journal.MAX_LINES)
     entries = [e for lines, _ in found.values() for e in lines]
     settled: set[tuple[str, int]] = set()
     missing: list[str] = []
@@ -361,7 +362,8 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
         if dropped:
             log.info("reconciler: %d journal lines name a file that is not there (a store cut short, or an "
                      "instance moved aside or deleted since); dropped", dropped)
-    offsets = {}
+    # segments this pass did not reach (a backlog over MAX_LINES) keep their offsets; gone ones drop out
+    offsets = {name: checkpoint.offsets[name] for name in segments(root) if name in checkpoint.offsets}
     for name, (lines, end) in found.items():
         offset = checkpoint.offsets.get(name, 0)
         for e in lines:
@@ -372,9 +374,10 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
             # read to its end, and its writer is gone (rotated, stopped, killed): nothing more will come
             try:
                 os.unlink(root / JOURNAL / name)
-                continue
             except FileNotFoundError:
-                continue
+                pass
+            offsets.pop(name, None)
+            continue
         offsets[name] = offset
     if offsets != checkpoint.offsets:
         checkpoint.offsets = offsets

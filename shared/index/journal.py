@@ -49,7 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["JOURNAL", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter", "PassLock",
+__all__ = ["JOURNAL", "MAX_LINES", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter", "PassLock",
            "clean_leftovers", "fault", "pending", "read_segment", "segments", "unheld", "writer_for"]
 
 log = logging.getLogger(__name__)
@@ -240,14 +240,29 @@ def read_segment(path: Path, start: int) -> tuple[list[Entry], int]:
     return entries, offset
 
 
-def pending(root: Path | str, checkpoint: "Checkpoint") -> dict[str, tuple[list[Entry], int]]:
-    """Per segment: its lines after the checkpoint, and the offset past the last complete one."""
-    out = {}
+#: Most lines one reconciler pass reads (a backlog, say a day with the workers down, is read over
+#: several passes, so a pass's memory stays bounded).
+MAX_LINES = 100_000
+
+
+def pending(root: Path | str, checkpoint: "Checkpoint",
+            limit: int = MAX_LINES) -> dict[str, tuple[list[Entry], int]]:
+    """Per segment, oldest first: its lines after the checkpoint, and the offset past the last one
+    read (at most ``limit`` lines in all; a segment cut short ends at its last line read)."""
+    out: dict[str, tuple[list[Entry], int]] = {}
+    left = limit
     for name in segments(root):
+        if left <= 0:
+            break
         try:
-            out[name] = read_segment(Path(root) / JOURNAL / name, checkpoint.offsets.get(name, 0))
+            lines, end = read_segment(Path(root) / JOURNAL / name, checkpoint.offsets.get(name, 0))
         except FileNotFoundError:
             continue
+        if len(lines) > left:
+            lines = lines[:left]
+            end = lines[-1].end
+        left -= len(lines)
+        out[name] = (lines, end)
     return out
 
 
