@@ -49,8 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["JOURNAL", "MAX_LINES", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter", "PassLock",
-           "clean_leftovers", "fault", "pending", "read_segment", "segments", "unheld", "writer_for"]
+__all__ = ["JOURNAL", "MAX_LINES", "SEGMENT_BYTES", "ROTATE_SECONDS", "Checkpoint", "Entry", "JournalWriter",
+           "PassLock", "clean_leftovers", "fault", "pending", "read_segment", "segments", "unheld", "writer_for"]
 
 log = logging.getLogger(__name__)
 
