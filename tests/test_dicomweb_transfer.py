@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.context import Context, open_context
+from pacsbridge.shared.index.storage import OWN_FOLDERS
 from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.worker import runner
 
@@ -105,7 +106,7 @@ def add_pacs(ctx: Context, pacs: Orthanc, name: str = "pacs", **kw: Any) -> JobS
 def stored(ctx: Context) -> dict[str, Path]:
     out = {}
     for p in ctx.settings.storage.rglob("*"):
-        if p.is_file() and ".incoming" not in p.parts and p.suffix != ".db":
+        if p.is_file() and not set(p.parts) & set(OWN_FOLDERS) and p.suffix != ".db":
             out[str(header(p).SOPInstanceUID)] = p
     return out
 

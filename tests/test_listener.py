@@ -15,6 +15,7 @@ import pytest
 
 from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.index.context import open_context
+from pacsbridge.shared.index.storage import OWN_FOLDERS
 
 from .helpers import TEST_FILES, make_instance
 from .servers import ThrowawayRedis
@@ -203,17 +204,15 @@ def test_kill_9_mid_association_leaves_no_partial_file(stack, tmp_path):
     # every file under a real name is complete (a truncated one would fail read_header)
     from pacsbridge.shared.index.records import read_header
 
-    for p in root.rglob("*"):
-        if p.is_file() and ".incoming" not in p.relative_to(root).parts:
-            read_header(p.read_bytes(), str(p))
+    for p in _stored_files(root):
+        read_header(p.read_bytes(), str(p))
     # restart and resend everything: all arrive, nothing twice
     stack.start("listener")
     proc = storescu(stack.port, *[tmp_path / "big" / f"{i}.dcm" for i in range(40)])
     assert proc.returncode == 0, proc.stderr
     assert indexed_sops(stack.settings, 40) == {ds.SOPInstanceUID for ds in files}
     # a partial file may remain only in .incoming (removed by the reconciler after an hour)
-    stored = [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.relative_to(root).parts]
-    assert len(stored) == 40
+    assert len(_stored_files(root)) == 40
 
 
 @pytest.mark.parametrize("callback", ["record", "explode"])
@@ -323,7 +322,8 @@ def _send_all(port: int, datasets: list) -> list[int]:
 
 
 def _stored_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.relative_to(root).parts]
+    """Instances under their real names (not storage's own folders: .incoming, .quarantine, .journal)."""
+    return [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in OWN_FOLDERS]
 
 
 def test_full_storage_answers_out_of_resources_and_keeps_what_it_has(tmp_path, small_fs):
@@ -499,7 +499,12 @@ def test_peer_gone_mid_transfer_leaves_nothing_partial_and_the_receiver_goes_on(
     # the receivers are still fine: everything resent arrives, once
     proc = storescu(stack.port, *[tmp_path / "big" / f"{i}.dcm" for i in range(60)])
     assert proc.returncode == 0, proc.stderr
-    assert {ds.SOPInstanceUID for ds in files} <= indexed_sops(stack.settings, 60)
+    # indexed_sops returns at 60 of any: the aborted association's instances count too, so wait for these 60
+    expected = {ds.SOPInstanceUID for ds in files}
+    deadline = time.monotonic() + 60
+    while not expected <= (got := indexed_sops(stack.settings, 60)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert expected <= got
     sops = [read_header(p.read_bytes(), str(p)).sop_instance_uid for p in _stored_files(root)]
     assert len(sops) == len(set(sops))
 

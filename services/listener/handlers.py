@@ -5,7 +5,8 @@ or for a large instance written to a temporary file inside the storage's
 ``.incoming`` folder as it arrives (spool.py);
 :func:`~pacsbridge.shared.index.records.read_header` reads the few attributes the file
 name needs (and checks the file is complete), the file is written (or the
-spooled one fsynced) and linked into place, and only then is success (0x0000)
+spooled one fsynced) and linked into place, its line written to the arrival journal
+(shared/index/journal.py) and fsynced, and only then is success (0x0000)
 returned. The path is then queued for indexing.
 """
 
@@ -197,7 +198,7 @@ class StoreHandlers:
                     _same_instance(event, header, display)
                     self.storage.settle(fh.fileno())
                 rel = self.storage.path_for(header)
-                result = self.storage.link_into_place(path, rel, size)
+                result = self.storage.link_into_place(path, rel, size, header.sop_instance_uid)
         except InvalidDataset as exc:
             log.warning("refused %s: %s", display, exc.reason)
             INSTANCES.labels("invalid").inc()

@@ -4,7 +4,9 @@ Several receiver processes share the port (``SO_REUSEPORT``), so throughput
 grows with cores (associations of one process share its GIL). The parent
 process supervises them (restarting one that dies) and runs the
 reconciler, which enqueues stored-but-unindexed files at start and then
-every ``PACSBRIDGE_RECONCILE_SECONDS``.
+every ``PACSBRIDGE_RECONCILE_SECONDS``, reading the receivers' arrival
+journal (shared/index/journal.py), never the whole storage once it has a
+journal checkpoint.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
 
     storage = Storage.for_settings(settings)
     storage.ensure()
+    storage.enable_journal()  # what the batcher loses (broker down, a crash) the reconciler finds there
     batcher = Batcher(make_sender(settings), max_batch=settings.enqueue_batch, interval=settings.enqueue_interval)
     handlers = StoreHandlers(storage, batcher, peers, load_callback(settings.after_store),
                              spool_above=spool_above(settings))
@@ -208,6 +211,8 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
         stop.set()
         server.server_close()
         batcher.close()
+        if storage.journal is not None:
+            storage.journal.close()
 
 
 def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any], stop: threading.Event) -> None:
@@ -245,37 +250,140 @@ def _refresh_peers(settings: Settings, static: Any, holders: tuple[Any, Any, Any
 
 
 def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
-    """Enqueue stored files that are not indexed (older than ``min_age`` seconds). Returns how many."""
+    """Enqueue stored instances that are not indexed (older than ``min_age`` seconds). Returns how many.
+
+    Reads the arrival journal since the last pass (shared/index/journal.py): its cost follows what
+    arrived since, not what storage holds. A storage without a journal checkpoint (made before the
+    journal, or a new one) is walked whole once, and the walk recorded; ``pacsbridge rebuild
+    --missing`` is the full walk on request. One pass at a time per storage root.
+    """
     from pacsbridge.shared.index.context import open_context
-    from pacsbridge.shared.index.quarantine import Quarantine
+    from pacsbridge.shared.index.journal import Checkpoint, PassLock, clean_leftovers
 
     ctx = open_context(settings)
     try:
         ctx.index.create()
-        known = ctx.index.object_files()
-        # what indexing set aside (the database refused it) is recorded, not lost: queuing it
-        # again would fail again, for ever (``rebuild`` or an admin's ``retry`` tries it again)
-        known |= Quarantine(ctx.index.engine).open_relpaths()
-        now = time.time()
-        missing = []
-        for rel in ctx.storage.walk():
-            if rel in known:
-                continue
-            try:
-                if now - os.path.getmtime(ctx.storage.root / rel) < min_age:
-                    continue
-            except OSError:
-                continue
-            missing.append(rel)
-        if missing:
-            send = make_sender(settings)
-            for i in range(0, len(missing), 100):
-                send(missing[i:i + 100])
-            log.warning("reconciler: %d stored instances were not indexed; queued them", len(missing))
+        root = ctx.storage.root
+        with PassLock(root) as held:
+            if not held:
+                log.info("reconciler: another pass runs on %s; skipped", root)
+                return 0
+            checkpoint = Checkpoint(root, ctx.storage.fsync).load()
+            queued: list[str] = []
+            if checkpoint.walked_at is None:
+                started = time.time()
+                queued = _walk_once(ctx, settings, min_age)
+                checkpoint.walked_at = started
+                checkpoint.save()
+                log.info("reconciler: storage walked once (it had no journal checkpoint); from now on only the "
+                         "arrival journal is read (pacsbridge rebuild --missing walks it on request)")
+            queued += _journal_pass(ctx, settings, checkpoint, min_age, set(queued))
+            clean_leftovers(root)
         ctx.storage.clean_incoming(older_than=3600)
-        return len(missing)
+        return len(queued)
     finally:
         ctx.index.engine.dispose()
+
+
+def _send_all(settings: Settings, paths: list[str]) -> None:
+    if paths:
+        send = make_sender(settings)
+        for i in range(0, len(paths), 100):
+            send(paths[i:i + 100])
+        log.warning("reconciler: %d stored instances were not indexed; queued them", len(paths))
+
+
+def _walk_once(ctx: Any, settings: Settings, min_age: float) -> list[str]:
+    """The whole storage against the whole index (memory and time grow with the archive: once)."""
+    from pacsbridge.shared.index.quarantine import Quarantine
+
+    known = ctx.index.object_files()
+    # what indexing set aside (the database refused it) is recorded, not lost: queuing it
+    # again would fail again, for ever (``rebuild`` or an admin's ``retry`` tries it again)
+    known |= Quarantine(ctx.index.engine).open_relpaths()
+    now = time.time()
+    missing = []
+    for rel in ctx.storage.walk():
+        if rel in known:
+            continue
+        try:
+            if now - os.path.getmtime(ctx.storage.root / rel) < min_age:
+                continue
+        except OSError:
+            continue
+        missing.append(rel)
+    del known
+    _send_all(settings, missing)
+    return missing
+
+
+def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float, already: set[str]) -> list[str]:
+    """Settle the journal's new lines and queue the instances they name that are neither indexed nor
+    set aside (older than ``min_age``); delete segments read to the end that no writer holds.
+
+    A line is settled when its SOP Instance UID is indexed, its path has a quarantine entry, or its
+    file is not there ``min_age`` after the line (the store was not completed: nothing was
+    acknowledged). The checkpoint of a segment moves past settled lines only: the first pending
+    line (queued, or too young) and those after it are read again at the next pass.
+    """
+    from pacsbridge.shared.core.errors import UnsafePath
+    from pacsbridge.shared.index import journal
+    from pacsbridge.shared.index.journal import JOURNAL, pending, read_segment, segments, unheld
+    from pacsbridge.shared.index.quarantine import Quarantine
+
+    root = ctx.storage.root
+    found = pending(root, checkpoint, journal.MAX_LINES)
+    entries = [e for lines, _ in found.values() for e in lines]
+    settled: set[tuple[str, int]] = set()
+    missing: list[str] = []
+    if entries:
+        indexed = ctx.index.lookup_sop(sorted({e.sop for e in entries if e.sop}))
+        set_aside = Quarantine(ctx.index.engine).among(sorted({e.relpath for e in entries if e.relpath}))
+        now = time.time()
+        dropped = 0
+        for e in entries:
+            if not e.relpath or (e.sop and e.sop in indexed) or e.relpath in set_aside:
+                settled.add((e.segment, e.end))
+                continue
+            young = now - e.at < min_age
+            try:
+                there = os.path.lexists(ctx.storage.absolute(e.relpath))
+            except UnsafePath:
+                log.warning("journal line %r: not a path inside storage; dropped", e.relpath)
+                there = young = False
+            if not there:
+                if not young:  # a crash between the line and the link (never acknowledged), or moved aside
+                    settled.add((e.segment, e.end))
+                    dropped += 1
+                continue
+            if not young and e.relpath not in already:
+                already.add(e.relpath)
+                missing.append(e.relpath)
+        if dropped:
+            log.info("reconciler: %d journal lines name a file that is not there (a store cut short, or an "
+                     "instance moved aside or deleted since); dropped", dropped)
+    # segments this pass did not reach (a backlog over MAX_LINES) keep their offsets; gone ones drop out
+    offsets = {name: checkpoint.offsets[name] for name in segments(root) if name in checkpoint.offsets}
+    for name, (lines, end) in found.items():
+        offset = checkpoint.offsets.get(name, 0)
+        for e in lines:
+            if (e.segment, e.end) not in settled:
+                break
+            offset = e.end
+        if offset >= end and unheld(root, name) and not read_segment(root / JOURNAL / name, offset)[0]:
+            # read to its end, and its writer is gone (rotated, stopped, killed): nothing more will come
+            try:
+                os.unlink(root / JOURNAL / name)
+            except FileNotFoundError:
+                pass
+            offsets.pop(name, None)
+            continue
+        offsets[name] = offset
+    if offsets != checkpoint.offsets:
+        checkpoint.offsets = offsets
+        checkpoint.save()
+    _send_all(settings, missing)
+    return missing
 
 
 def _reconciler(settings: Settings, stop: threading.Event, period: float, min_age: float) -> None:

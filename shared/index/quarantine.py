@@ -109,6 +109,16 @@ class Quarantine:
         with self.engine.connect() as conn:
             return {r[0] for r in conn.execute(select(table.c.relpath).where(table.c.resolved_at.is_(None)))}
 
+    def among(self, relpaths: Sequence[str]) -> set[str]:
+        """Those of ``relpaths`` that have an entry, open or resolved (the journal's reconciler
+        settles them: indexing failed and is recorded, or an admin decided)."""
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(relpaths), 500):
+                out.update(r[0] for r in conn.execute(
+                    select(table.c.relpath).where(table.c.relpath.in_(list(relpaths[i:i + 500])))))
+        return out
+
     def resolve_indexed(self, relpaths: Sequence[str], by: str = "rebuild") -> int:
         """Close the ``index_failed`` entries of files that were indexed after all."""
         n = 0

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 from pacsbridge.shared.core.errors import ConfigError, StorageError, UnsafePath
+from pacsbridge.shared.index.journal import JOURNAL, JournalWriter, fault, writer_for
 
 __all__ = [
     "PRESETS",
@@ -49,6 +50,7 @@ __all__ = [
     "open_folder",
     "INCOMING",
     "QUARANTINE",
+    "JOURNAL",
     "OWN_FOLDERS",
 ]
 
@@ -57,7 +59,8 @@ INCOMING = ".incoming"
 #: Folder (inside the root) for instances set aside by a UID conflict (:mod:`.quarantine`).
 QUARANTINE = ".quarantine"
 #: Storage's own folders at the root: never a stored instance (no cleaned name starts with a dot).
-OWN_FOLDERS = frozenset({INCOMING, QUARANTINE})
+#: ``.journal`` holds the arrival journal (:mod:`.journal`).
+OWN_FOLDERS = frozenset({INCOMING, QUARANTINE, JOURNAL})
 #: Longest cleaned component, and the longest relative path (ObjectFile is varchar(255)).
 MAX_COMPONENT = 128
 MAX_RELPATH = 255
@@ -363,6 +366,14 @@ class Storage:
         self.incoming = self.root / INCOMING
         self._made: set[Path] = set()
         self._safe_dirs: set[Path] = set()
+        self.journal: JournalWriter | None = None
+
+    def enable_journal(self) -> "Storage":
+        """Record every instance this storage stores in the arrival journal (:mod:`.journal`) before
+        it is linked into place, durably before the store returns. For the processes whose stores
+        nothing else remembers until they are indexed: the listener's receivers, a C-GET retrieve."""
+        self.journal = writer_for(self.root, self.fsync)
+        return self
 
     @classmethod
     def for_settings(cls, settings: Any) -> "Storage":
@@ -493,7 +504,7 @@ class Storage:
                 out.flush()
                 self.settle(out.fileno())
                 size = out.tell()
-            return self.commit(tmp, rel, final, size)
+            return self.commit(tmp, rel, final, size, _sop_of(ds))
         except OSError as exc:
             if tmp:
                 _unlink_quietly(tmp)
@@ -502,25 +513,41 @@ class Storage:
             if fd >= 0:
                 os.close(fd)
 
-    def commit(self, tmp: str, rel: str, final: Path | None = None, size: int | None = None) -> StoreResult:
+    def commit(self, tmp: str, rel: str, final: Path | None = None, size: int | None = None,
+               sop: str = "") -> StoreResult:
         """Move a complete temporary file (already fsynced if wanted) to ``rel``.
 
-        Applies the duplicate policy. The temporary file is gone afterwards.
+        Applies the duplicate policy. The temporary file is gone afterwards. With the journal on,
+        its line (``sop``: the instance's SOP Instance UID) is written before the link and made
+        durable after the folder's fsync (see :mod:`.journal` for what a crash in between leaves).
         """
         try:
             final = final or self.absolute(rel)
             if size is None:
                 size = os.path.getsize(tmp)
+            token = None
+            if self.journal is not None:
+                fault("before-journal")
+                token = self.journal.record(rel, sop)
+                fault("after-journal")
             try:
                 self._mkdirs(final.parent)
-                rel, final, action = self._place(tmp, rel, final)
+                placed, final, action = self._place(tmp, rel, final)
             except FileNotFoundError:
                 # the folder was removed by someone since we made it: make it again, once
                 self._made.discard(final.parent)
                 self._mkdirs(final.parent)
-                rel, final, action = self._place(tmp, rel, final)
+                placed, final, action = self._place(tmp, rel, final)
+            if placed != rel and self.journal is not None:  # keep-both: under another name
+                token = self.journal.record(placed, sop)
+            rel = placed
+            if token is not None:
+                fault("after-link")
             if action != "duplicate":
                 self._sync_dir(final.parent)
+            if token is not None:
+                self.journal.sync(token)  # type: ignore[union-attr]
+                fault("after-sync")
         finally:
             _unlink_quietly(tmp)
         return StoreResult(rel, action, size)
@@ -557,13 +584,13 @@ class Storage:
         rel = rel.rsplit("/", 1)[0] + "/" + candidate.name if "/" in rel else candidate.name
         return rel, candidate, "kept-both"
 
-    def link_into_place(self, tmp: str, rel: str, size: int | None = None) -> StoreResult:
+    def link_into_place(self, tmp: str, rel: str, size: int | None = None, sop: str = "") -> StoreResult:
         """Put a complete file written by someone else (pynetdicom) at ``rel``.
 
         The file is hard-linked, so its writer may still delete its own name;
         the duplicate policy applies as in :meth:`store`.
         """
-        return self.commit(tmp, rel, self.absolute(rel), size)
+        return self.commit(tmp, rel, self.absolute(rel), size, sop)
 
     def clean_incoming(self, older_than: float = 0.0) -> int:
         """Remove temporary files left by a crash; returns how many."""
@@ -582,7 +609,7 @@ class Storage:
 
     def walk(self) -> "list[str]":
         """Every file under the root (relative, ``/``-separated) but those in storage's own folders
-        (:data:`OWN_FOLDERS`: ``.incoming``, ``.quarantine``). Other dot names are walked: storage
+        (:data:`OWN_FOLDERS`: ``.incoming``, ``.quarantine``, ``.journal``). Other dot names are walked: storage
         wrote them before names were kept from starting with a dot."""
         out: list[str] = []
         root = str(self.root)
@@ -592,6 +619,15 @@ class Storage:
             for name in sorted(files):
                 out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
         return out
+
+
+def _sop_of(ds: Any) -> str:
+    """The SOP Instance UID of a header (:func:`~.records.read_header`) or a data set, or ``""``."""
+    try:
+        sop = getattr(ds, "sop_instance_uid", None) or (ds.get("SOPInstanceUID") if hasattr(ds, "get") else None)
+    except Exception:
+        return ""
+    return str(sop or "")
 
 
 def _size_of(source: Any) -> int:

@@ -15,6 +15,7 @@ job that drives them is :mod:`pacsbridge.worker.kinds.retrieve`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import logging
@@ -372,6 +373,10 @@ class GetDownloader:
         from pydicom.datadict import tag_for_keyword
 
         self.tags = {t for t in (tag_for_keyword(k) for k in ctx.storage.template.keywords()) if t}
+        # journaled (this copy only, not the context's other stores): instances are indexed once the
+        # association ends, and a worker killed before that leaves them stored but unindexed, for
+        # the listener's reconciler to find (shared/index/journal.py)
+        self.storage = copy.copy(ctx.storage).enable_journal()
         self._proposals: dict[tuple[str, ...], tuple[list[Any], list[Any]]] = {}
 
     def proposal(self, sop_classes: Sequence[str]) -> tuple[list[Any], list[Any]]:
@@ -421,7 +426,7 @@ class GetDownloader:
             try:
                 data = encoded_instance(event)
                 header = read_header(data, f"C-GET {sop}", self.tags)
-                result = self.ctx.storage.store(data, header)
+                result = self.storage.store(data, header)
             except InvalidDataset as exc:
                 problems.append(f"{sop}: {exc.reason}")
                 return 0xC210

@@ -37,6 +37,7 @@ Why it is built this way
 
 from __future__ import annotations
 
+import copy
 import logging
 import mmap
 import os
@@ -146,6 +147,9 @@ class _Store:
         self.tags = {t for t in (tag_for_keyword(k) for k in ctx.storage.template.keywords()) if t}
         self.tags |= {_SOP_UID, _SERIES_UID}
         ctx.storage.ensure()
+        # journaled, as C-GET's (this copy only): an instance stored but not yet indexed when the worker dies
+        # is in the arrival journal for the listener's reconciler to find (shared/index/journal.py)
+        self.storage = copy.copy(ctx.storage).enable_journal()
         self.folder = ctx.storage.incoming
 
     def _keep(self, part: Part, series: SeriesRef, wanted: set[str] | None, what: str) -> tuple[str, str]:
@@ -158,7 +162,7 @@ class _Store:
         StorageError, OSError
             The storage could not take it.
         """
-        storage = self.ctx.storage
+        storage = self.storage
         try:
             media = part.content_type.split(";", 1)[0].strip().lower()
             if media and media not in ("application/dicom", "application/octet-stream"):
@@ -178,7 +182,7 @@ class _Store:
                 if wanted is not None and sop not in wanted:
                     raise _Rejected(f"instance {sop} was not asked for", sop)
                 storage.settle(fh.fileno())
-            result = storage.link_into_place(str(part.path), storage.path_for(header), part.size)
+            result = storage.link_into_place(str(part.path), storage.path_for(header), part.size, sop=sop)
             return result.relpath, sop
         finally:
             _unlink(part.path)  # linked into place (a second name) or rejected: this name goes
