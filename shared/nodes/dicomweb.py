@@ -41,7 +41,7 @@ from pacsbridge.shared.dicom.dimse import to_json_value
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import RETURN_KEYS, Query
 from pacsbridge.shared.nodes.credentials import resolve_secret
-from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot
+from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot, series_refs
 from pacsbridge.shared.nodes.throttle import NodeSlots
 
 __all__ = ["QidoSearcher", "web_session", "QIDO_LIMIT", "MAX_REDIRECTS", "RETRIES", "MAX_WAIT", "Page"]
@@ -395,28 +395,7 @@ class QidoSearcher:
         if found.truncated:
             raise DicomWebError(f"node {self.node.name!r} caps the series list of study {uid or '(any)'} "
                                 f"({len(found)} answers); it cannot be split")
-        out = []
-        for s in found:
-            count = s.get("NumberOfSeriesRelatedInstances")
-            ref = SeriesRef(study_uid=str(s.get("StudyInstanceUID") or uid or ""),
-                            series_uid=str(s.get("SeriesInstanceUID") or ""),
-                            patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
-                            modality=str(s.get("Modality") or ""),
-                            description=str(s.get("SeriesDescription") or "")[:64],
-                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
-                            sop_classes=_uids(study.get("SOPClassesInStudy")),
-                            body_part=str(s.get("BodyPartExamined") or ""))
-            if not ref.series_uid:
-                continue
-            if query.SOPInstanceUID:
-                ref.sops = tuple(self.instances(ref, query.SOPInstanceUID))
-                ref.expected = len(ref.sops)
-                if not ref.sops:
-                    continue
-            elif ref.expected is None:
-                ref.expected = len(self.instances(ref))
-            out.append(ref)
-        return out
+        return series_refs(found, query, study, self.instances)
 
     def instances(self, series: SeriesRef, only: Sequence[str] = ()) -> list[str]:
         """SOP Instance UIDs of a series, optionally among ``only``."""

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -48,7 +48,7 @@ from pacsbridge.shared.dicom.compat.reactor import on_conn_open as reactor_on_co
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout
 
-__all__ = ["Searcher", "Downloader", "SeriesRef", "Transfer", "DimseSearcher", "MoveDownloader",
+__all__ = ["Searcher", "Downloader", "SeriesRef", "series_refs", "Transfer", "DimseSearcher", "MoveDownloader",
            "GetDownloader", "FIND_LIMIT", "DIMSE_TIMEOUT", "SLOT_WAIT", "MAX_CONTEXTS", "GET_COMPRESSED"]
 
 log = logging.getLogger(__name__)
@@ -188,28 +188,7 @@ class DimseSearcher:
                   StudyInstanceUID=(uid,) if uid else query.StudyInstanceUID,
                   SeriesInstanceUID=query.SeriesInstanceUID, Modality=query.Modality,
                   include_fields=("BodyPartExamined",) if "BodyPartExamined" in query.include_fields else ())
-        out = []
-        for s in self._find(q, "series"):
-            count = s.get("NumberOfSeriesRelatedInstances")
-            ref = SeriesRef(study_uid=s.get("StudyInstanceUID") or uid or "",
-                            series_uid=s.get("SeriesInstanceUID") or "",
-                            patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
-                            modality=str(s.get("Modality") or ""),
-                            description=str(s.get("SeriesDescription") or "")[:64],
-                            expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
-                            sop_classes=_uids(study.get("SOPClassesInStudy")),
-                            body_part=str(s.get("BodyPartExamined") or ""))
-            if not ref.series_uid:
-                continue
-            if query.SOPInstanceUID:
-                ref.sops = tuple(self.instances(ref, query.SOPInstanceUID))
-                ref.expected = len(ref.sops)
-                if not ref.sops:
-                    continue
-            elif ref.expected is None:
-                ref.expected = len(self.instances(ref))
-            out.append(ref)
-        return out
+        return series_refs(self._find(q, "series"), query, study, self.instances)
 
     def instances(self, series: SeriesRef, only: Sequence[str] = ()) -> list[str]:
         """SOP Instance UIDs of a series (IMAGE-level C-FIND), optionally among ``only``."""
@@ -236,6 +215,38 @@ class DimseSearcher:
             for ref in seen.values():
                 ref.sop_classes = ref.sop_classes or classes.get(ref.study_uid, ())
         return list(seen.values())
+
+
+def series_refs(answers: Iterable[Mapping[str, Any]], query: Query, study: Mapping[str, Any],
+                instances: Callable[..., list[str]]) -> list[SeriesRef]:
+    """Series-level answers (C-FIND or QIDO-RS, as keyword -> value) as :class:`SeriesRef` with their counts.
+
+    A series without a count is counted by listing its instances (``instances(ref)``); a query naming SOP
+    Instance UIDs keeps, per series, only those (``instances(ref, only)``), and drops a series with none.
+    """
+    uid = study.get("StudyInstanceUID")
+    out = []
+    for s in answers:
+        count = s.get("NumberOfSeriesRelatedInstances")
+        ref = SeriesRef(study_uid=str(s.get("StudyInstanceUID") or uid or ""),
+                        series_uid=str(s.get("SeriesInstanceUID") or ""),
+                        patient_id=str(s.get("PatientID") or study.get("PatientID") or ""),
+                        modality=str(s.get("Modality") or ""),
+                        description=str(s.get("SeriesDescription") or "")[:64],
+                        expected=int(count) if isinstance(count, (int, str)) and str(count).isdigit() else None,
+                        sop_classes=_uids(study.get("SOPClassesInStudy")),
+                        body_part=str(s.get("BodyPartExamined") or ""))
+        if not ref.series_uid:
+            continue
+        if query.SOPInstanceUID:
+            ref.sops = tuple(instances(ref, query.SOPInstanceUID))
+            ref.expected = len(ref.sops)
+            if not ref.sops:
+                continue
+        elif ref.expected is None:
+            ref.expected = len(instances(ref))
+        out.append(ref)
+    return out
 
 
 def _uids(value: Any) -> tuple[str, ...]:
