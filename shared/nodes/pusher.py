@@ -76,7 +76,7 @@ from pacsbridge.shared.index.instance import Instance
 from pacsbridge.shared.dicom.sender import SendFailed, file_meta
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, worker_id
 
-__all__ = ["push", "PushReport", "Sent", "Transform", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
+__all__ = ["push", "PushReport", "Emitter", "Sent", "Transform", "acknowledged", "record", "send_files", "MAX_CONTEXTS"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,40 @@ class PushReport:
     cancelled: bool = False
     per_series: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     seconds: float = 0.0
+
+
+class Emitter:
+    """Counts each outcome into a :class:`PushReport` and hands them on in batches (``on_results``: every
+    :data:`FLUSH_EVERY` outcomes or :data:`FLUSH_SECONDS`, and when called with ``force``). The DIMSE push
+    and the STOW-RS push (:mod:`.stow`) count alike through it."""
+
+    def __init__(self, report: "PushReport", on_results: Callable[[list[Sent]], None] | None) -> None:
+        self.report, self.on_results = report, on_results
+        self.pending: list[Sent] = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, sent: Sent | None, force: bool = False) -> None:
+        report = self.report
+        if sent is not None:
+            self.pending.append(sent)
+            if sent.withheld:
+                report.per_series[sent.series_uid]["quarantined"] += 1
+                report.withheld.append(sent)
+            elif sent.ok:
+                report.per_series[sent.series_uid]["pushed"] += 1
+                report.acknowledged += 1
+                report.warnings += int(bool(sent.status))
+                report.risks += int(bool(sent.risk))
+            else:
+                report.per_series[sent.series_uid]["failed"] += 1
+                report.failed.append(sent)
+            report.fallbacks += int(sent.fallback and sent.ok)
+        if self.pending and (force or len(self.pending) >= FLUSH_EVERY
+                             or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
+            if self.on_results is not None:
+                self.on_results(list(self.pending))
+            self.pending.clear()
+            self.last_flush = time.monotonic()
 
 
 def acknowledged(engine: Engine, job_id: str) -> set[str]:
@@ -608,30 +642,7 @@ def push(node: Node, instances: Sequence[Instance], calling_ae: str, engine: Eng
     cancel = cancel or threading.Event()
     report = PushReport()
     start = time.monotonic()
-    pending: list[Sent] = []
-    last_flush = time.monotonic()
-
-    def emit(sent: Sent, force: bool = False) -> None:
-        nonlocal last_flush
-        if sent is not None:
-            pending.append(sent)
-            if sent.withheld:
-                report.per_series[sent.series_uid]["quarantined"] += 1
-                report.withheld.append(sent)
-            elif sent.ok:
-                report.per_series[sent.series_uid]["pushed"] += 1
-                report.acknowledged += 1
-                report.warnings += int(bool(sent.status))
-                report.risks += int(bool(sent.risk))
-            else:
-                report.per_series[sent.series_uid]["failed"] += 1
-                report.failed.append(sent)
-            report.fallbacks += int(sent.fallback and sent.ok)
-        if pending and (force or len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush >= FLUSH_SECONDS):
-            if on_results is not None:
-                on_results(list(pending))
-            pending.clear()
-            last_flush = time.monotonic()
+    emit = Emitter(report, on_results)
 
     files: list[_File] = []
     for inst in instances:

@@ -43,7 +43,7 @@ from pacsbridge.shared.core.errors import InvalidRequest, WebError
 from pacsbridge.shared.deid.profile import DeidentifyError
 from pacsbridge.shared.dicom.dimse import describe_status
 from pacsbridge.shared.index.instance import Instance
-from pacsbridge.shared.nodes.pusher import FLUSH_EVERY, FLUSH_SECONDS, SLOT_TIMEOUT, PushReport, Sent, Transform
+from pacsbridge.shared.nodes.pusher import FLUSH_SECONDS, SLOT_TIMEOUT, Emitter, PushReport, Sent, Transform
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout, worker_id
 from pacsbridge.shared.nodes.webhttp import StowResult, WebClient
 
@@ -240,31 +240,9 @@ def stow_push(node: Any, instances: Sequence[Instance], engine: Engine | None, c
     cancel = cancel or threading.Event()
     report = PushReport()
     start = time.monotonic()
-    pending: list[Sent] = []
-    last_flush = time.monotonic()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-
-    def emit(sent: Sent | None, force: bool = False) -> None:
-        nonlocal last_flush
-        if sent is not None:
-            pending.append(sent)
-            if sent.withheld:
-                report.per_series[sent.series_uid]["quarantined"] += 1
-                report.withheld.append(sent)
-            elif sent.ok:
-                report.per_series[sent.series_uid]["pushed"] += 1
-                report.acknowledged += 1
-                report.warnings += int(bool(sent.status))
-                report.risks += int(bool(sent.risk))
-            else:
-                report.per_series[sent.series_uid]["failed"] += 1
-                report.failed.append(sent)
-        if pending and (force or len(pending) >= FLUSH_EVERY or time.monotonic() - last_flush >= FLUSH_SECONDS):
-            if on_results is not None:
-                on_results(list(pending))
-            pending.clear()
-            last_flush = time.monotonic()
+    emit = Emitter(report, on_results)
 
     items: list[_Item] = []
     for inst in instances:
