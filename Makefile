@@ -49,8 +49,10 @@ lint: install-test
 
 # The checks and the whole suite, then the compose file validated and run for real with Podman
 # (docs/testing.md)
+# the suite in 2 processes (pytest-xdist), a test file per process: its tests wait on peers more than they
+# compute, and a file's module fixtures (an Orthanc, a stack) stay in one process. 14.5 min vs 29 serial.
 test: debs services install-test lint compose-config
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 	$(MAKE) compose-test
 
 bench: install-test
