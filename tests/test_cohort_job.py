@@ -119,3 +119,27 @@ def test_a_mass_chunk_of_several_patients_is_found_not_ambiguous(ctx, hospital):
     assert done is not None and done.state == "succeeded", (done.state, done.error)
     row = store.rows(job.id)[0]
     assert row.state == "found" and len(row.studies) == 2, (row.state, row.reason)  # COH0's and COH1's
+
+
+def test_a_c_get_retrieve_waits_for_the_nodes_window_and_can_be_cancelled_meanwhile(ctx, hospital):
+    """The move window is the PACS's: a C-GET retrieve (not only a C-MOVE) waits outside it, pulls
+    nothing, says why in its log, and stops at once on a cancel."""
+    import datetime as dt
+    import threading
+    import time
+
+    pacs, studies = hospital
+    hour = dt.datetime.now().hour
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"  # never now
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get", move_window=closed))
+    job, _ = jobs.submit("retrieve", {"query": {"AccessionNumber": "ACC0A"}}, node="pacs")
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(runner.run_job(job.id, ctx, jobs)))
+    worker.start()
+    time.sleep(3)
+    assert jobs.get(job.id).state == "running" and ctx.index.count("Image") == 0  # waiting, nothing pulled
+    jobs.cancel(job.id)
+    worker.join(timeout=20)
+    assert not worker.is_alive() and done and done[0].state == "cancelled"
+    assert ctx.index.count("Image") == 0

@@ -92,7 +92,8 @@ class NodeModel(Model):
     max_associations: Associations = 2
     max_rate: Annotated[float, Field(ge=0)] = Field(0.0, description="instances per second, 0 = unlimited")
     move_window: Annotated[str, Field(pattern=_WINDOW)] = Field(
-        "", description="HH:MM-HH:MM (local time, may wrap midnight) when C-MOVE is allowed; '' = any time")
+        "", description="HH:MM-HH:MM (local time, may wrap midnight) when retrieves from it may run (C-MOVE, C-GET, "
+                           "WADO); '' = any time")
     description: Annotated[str, Field(max_length=255, pattern=TEXT_PATTERN)] = ""
     project: NodeName | Literal[""] = Field(
         "", description="de-identification project of everything sent to this node when a job names none "

@@ -210,7 +210,8 @@ def _run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event, plan: 
     def pull(ref: SeriesRef, row: SeriesProgress) -> None:
         if cancel.is_set():
             return
-        if mode == "move" and not _wait_window(node, jobs, job, cancel):
+        # the window is the PACS's: every way of pulling from it waits for it (C-MOVE, C-GET, WADO)
+        if not _wait_window(node, jobs, job, cancel):
             return
         _pull_series(ref, row, ctx, jobs, job, searcher, downloader, cancel, result, lock)
 
