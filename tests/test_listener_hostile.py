@@ -76,9 +76,10 @@ def test_a_large_instance_streams_to_disk_with_bounded_memory(tmp_path):
             assert pydicom.dcmread(stored[0]).PixelData == sent.PixelData
         # Before, the 64 MB instance grew it by 160 MB. Now a spilled instance costs a fixed amount (the
         # 4 MiB spool, pynetdicom's PDU copies, a thread's malloc arena: about 20 MB measured, for 16, 64
-        # and 128 MB alike), and 48 MB more of instance cost a few MB at most (7 measured).
+        # and 128 MB alike), and 48 MB more of instance cost a few MB at most (7 measured; 13 once, with the
+        # suite's other process busy beside it). Held in memory it would cost all 48 MB, and more.
         more = peaks[2] - peaks[1]
-        assert more < (sizes[1] - sizes[0]) / 4, f"the 64 MB instance took {more >> 20} MB more than the 16 MB one"
+        assert more < (sizes[1] - sizes[0]) / 2, f"the 64 MB instance took {more >> 20} MB more than the 16 MB one"
         grown = peaks[2] - peaks[0]
         assert grown < sizes[1] / 2, f"peak memory grew by {grown >> 20} MB for a {sizes[1] >> 20} MB instance"
         assert not list((stack.settings.storage / ".incoming").iterdir())

@@ -463,7 +463,10 @@ def test_cancel_takes_effect_between_instances(ctx, tmp_path, monkeypatch, case)
         assert took < 4.0, took
         time.sleep(1.5)  # what the node might still send after the job ended
         now = len(stored_files(ctx)) if mode == "get" else len(dest.received)
-        assert now <= arrived + 3 and now < 24, (arrived, now)
+        # a few in flight when the cancel came, and what the node sent while the cancel took effect (at
+        # the node's 2 instances/s when rate-limited; on a loaded machine that can be a second or two)
+        in_flight = 3 + (int(2.0 * took) + 1 if "rate" in case else 0)
+        assert now <= arrived + in_flight and now < 24, (arrived, now, took)
     finally:
         pacs.stop()
         dest.close()
