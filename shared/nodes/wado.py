@@ -54,7 +54,7 @@ from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.nodes.credentials import resolve_secret
-from pacsbridge.shared.nodes.sources import SLOT_WAIT, SeriesRef, Transfer
+from pacsbridge.shared.nodes.sources import SeriesRef, Transfer, _slot
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout
 from pacsbridge.shared.nodes.webhttp import DICOM_MULTIPART, Part, WebAuth, WebClient
 
@@ -203,21 +203,6 @@ class _Store:
             self.rate.wait(1, cancel=cancel)
 
 
-class _Lease:
-    """``with _Lease(slots, cancel):`` one of the node's slots, or nothing when there are no slots."""
-
-    def __init__(self, slots: NodeSlots | None, cancel: threading.Event) -> None:
-        self.cm = slots.acquire(timeout=SLOT_WAIT, cancel=cancel) if slots is not None else None
-
-    def __enter__(self) -> None:
-        if self.cm is not None:
-            self.cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cm is not None:
-            self.cm.__exit__(*exc)
-
-
 # -- WADO-RS -------------------------------------------------------------------------------------------------
 class WadoRsDownloader(_Store):
     """WADO-RS a series (or some of its instances) into ``ctx.storage``, indexing what arrived.
@@ -248,7 +233,7 @@ class WadoRsDownloader(_Store):
         """One WADO-RS request: every part stored or counted failed; raises WebError / SlotTimeout."""
         for accept in (self.accept, PLAIN_MULTIPART):
             try:
-                with _Lease(self.slots, cancel):
+                with _slot(self.slots, cancel):
                     for part in self.client.stream_multipart(url, accept, self.folder):
                         self._rate(cancel)
                         try:
@@ -363,7 +348,7 @@ class WadoUriDownloader(_Store):
 
         def worker() -> None:
             try:
-                with _Lease(self.slots, cancel):
+                with _slot(self.slots, cancel):
                     while not cancel.is_set() and not stop.is_set():
                         try:
                             sop = work.get_nowait()
