@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.core.errors import DeidSecretError
+
+if TYPE_CHECKING:  # a type only: the settings (pydantic-settings) cost a de-identifying command's start
+    from pacsbridge.shared.core.config import Settings
 
 __all__ = ["secret", "ProjectKey", "Patient", "Identity", "KeyedIdentity", "verify", "UID_MAX"]
 
