@@ -8,6 +8,7 @@ fields, :func:`web_node` sets them on the node (as an admin's PATCH would).
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 import urllib.request
 from pathlib import Path
@@ -147,6 +148,50 @@ def test_retrieve_a_study_byte_identical_and_indexed(both, tmp_path, monkeypatch
     assert {uid: r.expected for uid, r in rows.items()} == dict(per_series)
     for r in rows.values():
         assert (r.state, r.received, r.indexed, r.failed) == ("done", r.expected, r.expected, 0), r
+
+
+def test_a_long_series_is_indexed_in_batches_while_it_downloads_each_instance_once(ctx, tmp_path, monkeypatch):
+    """A WADO-RS series of 230 instances is indexed in passes of 100 on a thread while the rest streams
+    (wado._Indexing): the job ends with all 230 indexed, each once, with one arrival each, and the
+    passes really ran during the download (more than one, the first before the last part arrived)."""
+    from pacsbridge.shared.nodes import wado
+
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i in range(230):
+        files.append(tmp_path / "src" / f"{i}.dcm")
+        make_instance(files[-1], rows=8, PatientID="WEBLONG", StudyInstanceUID=study, SeriesInstanceUID=series,
+                      InstanceNumber=i + 1)
+    sops = {str(header(f).SOPInstanceUID) for f in files}
+    passes: list[tuple[int, int]] = []  # (instances in the pass, instances stored when it started)
+    real_index, real_append = wado._Store._index, wado._Indexing.append
+    seen = {"stored": 0}
+
+    def counting_append(self, item):  # type: ignore[no-untyped-def]
+        seen["stored"] += 1
+        real_append(self, item)
+        time.sleep(0.005)  # the pace of a real series' parts (8x8 pixels stream faster than a thread starts)
+
+    def recording_index(self, stored, request_id):  # type: ignore[no-untyped-def]
+        passes.append((len(stored), seen["stored"]))
+        real_index(self, stored, request_id)
+
+    monkeypatch.setattr(wado._Indexing, "append", counting_append)
+    monkeypatch.setattr(wado._Store, "_index", recording_index)
+    with pacs_of(tmp_path, ctx) as pacs:
+        pacs.upload(files)
+        jobs = add_pacs(ctx, pacs)
+        web_node(monkeypatch, jobs, {"pacs": {"web_url": pacs.web_url}})
+        job, _ = jobs.submit("retrieve", {"query": {"PatientID": "WEBLONG"}, "mode": "wado-rs"}, node="pacs")
+        done = runner.run_job(job.id, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.error, done.result)
+    assert done.result["indexed"] == 230 and done.result["repulls"] == 0
+    rows = ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]
+    assert len(rows) == 230 and {r[0] for r in rows} == sops
+    assert sorted(n for n, _ in passes) == [30, 100, 100], passes
+    assert passes[0][1] < 230, passes  # the first pass began while instances were still arriving
+    arrivals = ctx.index.run_sql("select count(*) from pacsbridge_arrivals")[1][0][0]
+    assert arrivals == 230
 
 
 def test_a_dicomweb_only_node_is_searched_by_qido_and_pulled_by_its_first_preference(ctx, tmp_path):

@@ -16,8 +16,9 @@ Why it is built this way
   (:meth:`Storage.link_into_place`: atomic, duplicate policy). A part that is not DICOM, or of another series,
   is counted failed with its reason and deleted: nothing half-stored under a real name, ever (a body cut short
   deletes the part in progress; the parts before it were complete and are kept).
-* **Indexed here** (``indexes_itself``), with one :class:`~pacsbridge.shared.index.importer.Importer` pass over
-  what the fetch stored, as C-GET does: the job's per-series progress reads the index right after.
+* **Indexed here** (``indexes_itself``), by :class:`~pacsbridge.shared.index.importer.Importer` passes of 100
+  instances on a thread while the rest of the series downloads (:class:`_Indexing`); ``fetch`` returns once
+  all of them are indexed, as C-GET's does: the job's per-series progress reads the index right after.
 * **The node's limits.** Every request holds a :class:`~.throttle.NodeSlots` lease (WADO-RS: one per request;
   WADO-URI: one per download thread, for as long as it has instances to fetch); the
   :class:`~.throttle.RateLimiter` is charged one instance as each arrives.
@@ -45,6 +46,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import quote
@@ -203,6 +205,51 @@ class _Store:
             self.rate.wait(1, cancel=cancel)
 
 
+class _Indexing:
+    """What one fetch stored, ``(relpath, sop)`` in arrival order, indexed in batches of :attr:`BATCH` on one
+    background thread while the rest downloads; :meth:`finish` indexes the last batch, waits for all of them
+    (raising the first error, as one pass at the end did) and gives the SOP UIDs stored.
+
+    (Measured: one Importer pass after the series had arrived left the CPU idle while the node streamed
+    and the network idle while we indexed; the stream mostly waits on the socket and on fsync, both
+    outside the GIL, so the two overlap.)"""
+
+    BATCH = 100
+
+    def __init__(self, store: _Store, request_id: str) -> None:
+        self.store, self.request_id = store, request_id
+        self.stored: list[tuple[str, str]] = []
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+
+    def append(self, item: tuple[str, str]) -> None:
+        with self._lock:
+            self.stored.append(item)
+            if len(self.stored) - self._sent >= self.BATCH:
+                self._submit()
+
+    def _submit(self) -> None:
+        batch = self.stored[self._sent:]
+        self._sent = len(self.stored)
+        if batch:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"wado-index-{self.store.name}")
+            self._futures.append(self._pool.submit(self.store._index, batch, self.request_id))
+
+    def finish(self) -> list[str]:
+        with self._lock:
+            self._submit()
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        return [sop for _, sop in self.stored]
+
+
 # -- WADO-RS -------------------------------------------------------------------------------------------------
 class WadoRsDownloader(_Store):
     """WADO-RS a series (or some of its instances) into ``ctx.storage``, indexing what arrived.
@@ -229,7 +276,7 @@ class WadoRsDownloader(_Store):
         self._lock = threading.Lock()
 
     def _get(self, url: str, series: SeriesRef, wanted: set[str] | None, cancel: threading.Event,
-             transfer: Transfer, stored: list[tuple[str, str]]) -> None:
+             transfer: Transfer, stored: _Indexing) -> None:
         """One WADO-RS request: every part stored or counted failed; raises WebError / SlotTimeout."""
         for accept in (self.accept, PLAIN_MULTIPART):
             try:
@@ -260,8 +307,7 @@ class WadoRsDownloader(_Store):
 
     def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
         transfer = Transfer()
-        stored: list[tuple[str, str]] = []
-        request_id = uuid.uuid4().hex
+        stored = _Indexing(self, uuid.uuid4().hex)
         base = [self.base, "studies", series.study_uid, "series", series.series_uid]
         try:
             if not sops:
@@ -289,8 +335,7 @@ class WadoRsDownloader(_Store):
             refused = [n.split(": ", 1)[1] for n in transfer.notes if n.startswith("a part")]
             if refused:
                 transfer.error = f"{len(refused)} part(s) not stored; first: {refused[0]}"
-        self._index(stored, request_id)
-        transfer.stored = [s for _, s in stored]
+        transfer.stored = stored.finish()
         return transfer
 
 
@@ -331,8 +376,7 @@ class WadoUriDownloader(_Store):
 
     def fetch(self, series: SeriesRef, sops: Sequence[str] | None, cancel: threading.Event) -> Transfer:
         transfer = Transfer()
-        stored: list[tuple[str, str]] = []
-        request_id = uuid.uuid4().hex
+        stored = _Indexing(self, uuid.uuid4().hex)
         if not sops:
             try:
                 sops = list(series.sops) if series.sops else list(self.instances(series))
@@ -396,6 +440,5 @@ class WadoUriDownloader(_Store):
             left = work.qsize()
             more = f"; {left} not asked" if left else ""
             transfer.error = f"{len(errors)} instance(s) not retrieved{more}; first: {errors[0]}"
-        self._index(stored, request_id)
-        transfer.stored = [s for _, s in stored]
+        transfer.stored = stored.finish()
         return transfer
