@@ -258,7 +258,7 @@ def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
     --missing`` is the full walk on request. One pass at a time per storage root.
     """
     from pacsbridge.shared.index.context import open_context
-    from pacsbridge.shared.index.journal import Checkpoint, PassLock, clean_leftovers
+    from pacsbridge.shared.index.journal import Checkpoint, PassLock, clean_leftovers, lost_tails
 
     ctx = open_context(settings)
     try:
@@ -277,6 +277,11 @@ def reconcile_once(settings: Settings, min_age: float = 30.0) -> int:
                 checkpoint.save()
                 log.info("reconciler: storage walked once (it had no journal checkpoint); from now on only the "
                          "arrival journal is read (pacsbridge rebuild --missing walks it on request)")
+            lost = lost_tails(root, checkpoint.recovered)
+            if lost:
+                _walk_changed(ctx, lost)
+                checkpoint.recovered |= set(lost)
+                checkpoint.save()
             queued += _journal_pass(ctx, settings, checkpoint, min_age, set(queued))
             clean_leftovers(root)
         ctx.storage.clean_incoming(older_than=3600)
@@ -315,6 +320,45 @@ def _walk_once(ctx: Any, settings: Settings, min_age: float) -> list[str]:
     del known
     _send_all(settings, missing)
     return missing
+
+
+def _walk_changed(ctx: Any, lost: list[str]) -> int:
+    """After an operating-system crash (journal.lost_tails): what was linked into storage since the
+    oldest of ``lost`` was made and is neither indexed nor set aside gets a journal line again (a
+    segment of the reconciler's own, closed at once), so the journal pass that follows queues it, and
+    queues it again until it is indexed, as any other line. Every folder is listed; only what changed
+    since is stat'ed and looked up. Returns how many lines were written."""
+    import mmap
+
+    from pacsbridge.shared.core.errors import InvalidDataset
+    from pacsbridge.shared.index.journal import JournalWriter, born
+    from pacsbridge.shared.index.quarantine import Quarantine
+    from pacsbridge.shared.index.records import read_header
+
+    since = min(born(name) for name in lost) - 2.0  # file systems with coarse timestamps
+    log.warning("reconciler: journal segment(s) %s were not closed before the kernel that wrote them stopped; "
+                "their last lines may be lost: walking what changed in storage since %s", ", ".join(lost),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)))
+    changed = ctx.storage.walk_changed(since)
+    known = ctx.index.known_files(changed) | Quarantine(ctx.index.engine).among(changed)
+    writer = JournalWriter(ctx.storage.root, durable=ctx.storage.fsync)
+    n = 0
+    try:
+        for rel in changed:
+            if rel in known:
+                continue
+            sop = ""
+            try:
+                with open(ctx.storage.absolute(rel), "rb") as fh, \
+                        mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    sop = read_header(mm, rel, set()).sop_instance_uid
+            except (OSError, ValueError, InvalidDataset):
+                pass  # the indexer records what it cannot read (quarantine), which settles the line
+            writer.record(rel, sop)
+            n += 1
+    finally:
+        writer.close()
+    return n
 
 
 def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float, already: set[str]) -> list[str]:
@@ -370,6 +414,8 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
             if (e.segment, e.end) not in settled:
                 break
             offset = e.end
+        else:
+            offset = end  # every line settled: past what follows them too (a segment's #closed)
         if offset >= end and unheld(root, name) and not read_segment(root / JOURNAL / name, offset)[0]:
             # read to its end, and its writer is gone (rotated, stopped, killed): nothing more will come
             try:
@@ -379,8 +425,9 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
             offsets.pop(name, None)
             continue
         offsets[name] = offset
-    if offsets != checkpoint.offsets:
-        checkpoint.offsets = offsets
+    recovered = checkpoint.recovered & set(segments(root))
+    if offsets != checkpoint.offsets or recovered != checkpoint.recovered:
+        checkpoint.offsets, checkpoint.recovered = offsets, recovered
         checkpoint.save()
     _send_all(settings, missing)
     return missing

@@ -246,6 +246,17 @@ class Index:
             rows = conn.execute(select(images.c.ObjectFile).where(images.c.DeviceName == device))
             return {r[0] for r in rows}
 
+    def known_files(self, relpaths: Sequence[str], device: str = "MAG0") -> set[str]:
+        """Those of ``relpaths`` that an image on ``device`` has as its ObjectFile (500 per query)."""
+        images = self.tables["Image"]
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(relpaths), 500):
+                chunk = list(relpaths[i:i + 500])
+                out.update(r[0] for r in conn.execute(
+                    select(images.c.ObjectFile).where(images.c.DeviceName == device, images.c.ObjectFile.in_(chunk))))
+        return out
+
     def lookup_sop(self, sop_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """``{SOPInstanceUID: (ObjectFile, DeviceName)}`` for those already indexed."""
         images = self.tables["Image"]

@@ -518,8 +518,8 @@ class Storage:
         """Move a complete temporary file (already fsynced if wanted) to ``rel``.
 
         Applies the duplicate policy. The temporary file is gone afterwards. With the journal on,
-        its line (``sop``: the instance's SOP Instance UID) is written before the link and made
-        durable after the folder's fsync (see :mod:`.journal` for what a crash in between leaves).
+        its line (``sop``: the instance's SOP Instance UID) is written before the link (see
+        :mod:`.journal` for what a crash in between leaves, and why the line is not fdatasynced here).
         """
         try:
             final = final or self.absolute(rel)
@@ -546,7 +546,6 @@ class Storage:
             if action != "duplicate":
                 self._sync_dir(final.parent)
             if token is not None:
-                self.journal.sync(token)  # type: ignore[union-attr]
                 fault("after-sync")
         finally:
             _unlink_quietly(tmp)
@@ -619,6 +618,35 @@ class Storage:
             for name in sorted(files):
                 out.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
         return out
+
+    def walk_changed(self, since: float) -> "list[str]":
+        """The files linked into storage at or after ``since`` (seconds since the epoch), as
+        :meth:`walk` names them: every folder is listed (no file is stat'ed in a folder not modified
+        since), and a file counts when its inode changed since (``link`` sets its ctime). For the
+        reconciler after an operating-system crash (:mod:`.journal`): its memory follows what
+        changed, not what storage holds."""
+        out: list[str] = []
+        root = str(self.root)
+        stack = [("", root)]
+        while stack:
+            rel, folder = stack.pop()
+            try:
+                changed = os.stat(folder).st_mtime >= since
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry.name if not rel else f"{rel}/{entry.name}"
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if rel or entry.name not in OWN_FOLDERS:
+                            stack.append((name, entry.path))
+                    elif changed and entry.is_file(follow_symlinks=False) and \
+                            entry.stat(follow_symlinks=False).st_ctime >= since:
+                        out.append(name)
+                except OSError:
+                    continue
+        return sorted(out)
 
 
 def _sop_of(ds: Any) -> str:
