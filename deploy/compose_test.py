@@ -605,7 +605,8 @@ def scale_out(run: Run, api_ok: bool) -> None:
     if not api_ok:
         run.notes.append("node limits not checked: the API cannot start")
         return
-    run.phase(f"scale-out: push to SINK (max {SINK_ASSOCIATIONS} associations, {SINK_RATE:g}/s) from {WORKERS} workers")
+    run.phase(f"scale-out: push to SINK (association limit {SINK_ASSOCIATIONS}, {SINK_RATE:g}/s) "
+              f"from {WORKERS} workers")
     base = f"https://localhost:{HTTPS_PORT}/api/v1"
     ca = ssl.create_default_context(cafile=str(run.tls / "ca.pem"))
     status, answer = http_json("POST", f"{base}/nodes", run.admin_token, ca, {
