@@ -2,12 +2,13 @@
 """End-to-end test of docker-compose.yml, run for real with podman-compose (``make compose-test``).
 
 1. installs what is missing from Debian's packages (podman, podman-compose, runc, catatonit, netavark,
-   aardvark-dns, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
+   aardvark-dns, iptables, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
    there is none (netavark as network backend: service names resolve through aardvark-dns), and
    removes CNI's stale default bridge if podman once ran with CNI here (its route hides netavark's);
 2. builds the base image (deploy/base-image.sh, skipped when it exists), then every image with
    ``podman-compose -f docker-compose.yml -f compose.podman.yml build``;
-3. ``up -d`` with a generated database password and API token, two workers, unusual host ports
+3. ``up -d`` (with deploy/compose.test-sink.yml) with a generated database password and API tokens
+   (a user's, and an admin's to add the sink node), two listeners, three workers, unusual host ports
    (the machine's own PostgreSQL and Redis are never touched: those two are not published), and a
    certificate pair made by ``deploy/tls-selfsigned.sh`` (a throwaway CA) for the TLS front;
 4. waits for the listener (DCMTK ``echoscu``) and the API through the TLS front (``GET /healthz``
@@ -18,13 +19,25 @@
    own association, to see it stored as sent), and checks that every instance is indexed in the
    containers' PostgreSQL (``pacsbridge sql`` in a worker) and listed by ``GET /api/v1/studies`` (HTTPS);
    runs every container's health check (``podman healthcheck run``);
-5. always ``down -v`` and removes the project's network, volumes and containers (also on Ctrl-C).
+5. scale-out (two listeners, ``COMPOSE_TEST_WORKERS`` workers, one storage volume): the worker replicas
+   have distinct host names (their Celery names); ``COMPOSE_TEST_INSTANCES`` synthetic CT instances
+   (bench/gen_ct.py) go in through both listeners at once (4 associations) and must each be stored once
+   and indexed once (DICOMImages rows = distinct SOPs = distinct files = files in storage, and the
+   ``indexed`` counts of the index tasks in the workers' logs add up to N, plus what a reconciler
+   re-queued); the CPU each container's cgroup used per instance is printed (idle use subtracted);
+   then one push job per series, spread over the workers, sends them to the sink
+   (deploy/compose_test_sink.py, a node with ``max_associations`` 1 and ``max_rate`` 50/s), whose log
+   must show every instance once, never more associations storing at once than allowed, associations
+   from more than one worker container, and the rate;
+6. always ``down -v`` and removes the project's network, volumes and containers (also on Ctrl-C).
 
 Exit status 0 when everything passed, 1 with the reason otherwise. Logs of every step are kept in
 a temporary folder when something failed (its path is printed).
 
-Settings: COMPOSE_TEST_PROJECT (pacsbridge-ci), COMPOSE_TEST_DICOM_PORT (31112),
-COMPOSE_TEST_HTTPS_PORT (38443), COMPOSE_TEST_WORKERS (2), COMPOSE_TEST_REQUIRE_API (0: when the
+Settings: COMPOSE_TEST_PROJECT (pacsbridge-ci), COMPOSE_TEST_DICOM_PORT (31112), COMPOSE_TEST_DICOM_PORT2
+(31113, the second listener), COMPOSE_TEST_HTTPS_PORT (38443), COMPOSE_TEST_WORKERS (3),
+COMPOSE_TEST_INSTANCES (200; 0 skips the scale-out part), COMPOSE_TEST_SINK_ASSOCIATIONS (1),
+COMPOSE_TEST_REQUIRE_API (0: when the
 API cannot be created yet, the index is checked with SQL only; 1: the API must answer),
 COMPOSE_TEST_KEEP=1 (leave the stack running, for debugging; ``down`` it yourself).
 """
