@@ -2,12 +2,13 @@
 """End-to-end test of docker-compose.yml, run for real with podman-compose (``make compose-test``).
 
 1. installs what is missing from Debian's packages (podman, podman-compose, runc, catatonit, netavark,
-   aardvark-dns, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
+   aardvark-dns, iptables, debootstrap, docker-compose, dcmtk) and writes /etc/containers/containers.conf if
    there is none (netavark as network backend: service names resolve through aardvark-dns), and
    removes CNI's stale default bridge if podman once ran with CNI here (its route hides netavark's);
 2. builds the base image (deploy/base-image.sh, skipped when it exists), then every image with
    ``podman-compose -f docker-compose.yml -f compose.podman.yml build``;
-3. ``up -d`` with a generated database password and API token, two workers, unusual host ports
+3. ``up -d`` (with deploy/compose.test-sink.yml) with a generated database password and API tokens
+   (a user's, and an admin's to add the sink node), two listeners, three workers, unusual host ports
    (the machine's own PostgreSQL and Redis are never touched: those two are not published), and a
    certificate pair made by ``deploy/tls-selfsigned.sh`` (a throwaway CA) for the TLS front;
 4. waits for the listener (DCMTK ``echoscu``) and the API through the TLS front (``GET /healthz``
@@ -18,13 +19,25 @@
    own association, to see it stored as sent), and checks that every instance is indexed in the
    containers' PostgreSQL (``pacsbridge sql`` in a worker) and listed by ``GET /api/v1/studies`` (HTTPS);
    runs every container's health check (``podman healthcheck run``);
-5. always ``down -v`` and removes the project's network, volumes and containers (also on Ctrl-C).
+5. scale-out (two listeners, ``COMPOSE_TEST_WORKERS`` workers, one storage volume): the worker replicas
+   have distinct host names (their Celery names); ``COMPOSE_TEST_INSTANCES`` synthetic CT instances
+   (bench/gen_ct.py) go in through both listeners at once (4 associations) and must each be stored once
+   and indexed once (DICOMImages rows = distinct SOPs = distinct files = files in storage, and the
+   ``indexed`` counts of the index tasks in the workers' logs add up to N, plus what a reconciler
+   re-queued); the CPU each container's cgroup used per instance is printed (idle use subtracted);
+   then one push job per series, spread over the workers, sends them to the sink
+   (deploy/compose_test_sink.py, a node with ``max_associations`` 1 and ``max_rate`` 50/s), whose log
+   must show every instance once, never more associations storing at once than allowed, associations
+   from more than one worker container, and the rate;
+6. always ``down -v`` and removes the project's network, volumes and containers (also on Ctrl-C).
 
 Exit status 0 when everything passed, 1 with the reason otherwise. Logs of every step are kept in
 a temporary folder when something failed (its path is printed).
 
-Settings: COMPOSE_TEST_PROJECT (pacsbridge-ci), COMPOSE_TEST_DICOM_PORT (31112),
-COMPOSE_TEST_HTTPS_PORT (38443), COMPOSE_TEST_WORKERS (2), COMPOSE_TEST_REQUIRE_API (0: when the
+Settings: COMPOSE_TEST_PROJECT (pacsbridge-ci), COMPOSE_TEST_DICOM_PORT (31112), COMPOSE_TEST_DICOM_PORT2
+(31113, the second listener), COMPOSE_TEST_HTTPS_PORT (38443), COMPOSE_TEST_WORKERS (3),
+COMPOSE_TEST_INSTANCES (200; 0 skips the scale-out part), COMPOSE_TEST_SINK_ASSOCIATIONS (1),
+COMPOSE_TEST_REQUIRE_API (0: when the
 API cannot be created yet, the index is checked with SQL only; 1: the API must answer),
 COMPOSE_TEST_KEEP=1 (leave the stack running, for debugging; ``down`` it yourself).
 """
@@ -49,14 +62,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = os.environ.get("COMPOSE_TEST_PROJECT", "pacsbridge-ci")
 DICOM_PORT = int(os.environ.get("COMPOSE_TEST_DICOM_PORT", "31112"))
+DICOM_PORT2 = int(os.environ.get("COMPOSE_TEST_DICOM_PORT2", "31113"))  # the second listener (listener-2)
 HTTPS_PORT = int(os.environ.get("COMPOSE_TEST_HTTPS_PORT", "38443"))
-WORKERS = int(os.environ.get("COMPOSE_TEST_WORKERS", "2"))
+WORKERS = int(os.environ.get("COMPOSE_TEST_WORKERS", "3"))
+#: synthetic CT instances (0.5 MB each) sent through both listeners, indexed, then pushed to the sink
+INSTANCES = int(os.environ.get("COMPOSE_TEST_INSTANCES", "200"))
+#: the sink node's limits: SINK_ASSOCIATIONS at a time (1; more shows the check sees overlaps when they
+#: are allowed), at most SINK_RATE instances per second
+SINK_ASSOCIATIONS = int(os.environ.get("COMPOSE_TEST_SINK_ASSOCIATIONS", "1"))
+SINK_RATE = 50.0
 REQUIRE_API = os.environ.get("COMPOSE_TEST_REQUIRE_API", "0") == "1"
 KEEP = os.environ.get("COMPOSE_TEST_KEEP", "0") == "1"
-COMPOSE = ["podman-compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f", "compose.podman.yml"]
+COMPOSE = ["podman-compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f", "compose.podman.yml",
+           "-f", "deploy/compose.test-sink.yml"]
 # netavark + aardvark-dns: without them (they are only Recommends of podman) podman falls back to CNI,
 # where containers cannot resolve each other's service names ("postgres", "redis")
-DEBS = ["podman", "podman-compose", "runc", "catatonit", "netavark", "aardvark-dns", "debootstrap",
+# (netavark sets up the bridge with iptables, which none of them depends on: without it every
+# container with a network fails to start, "netavark: No such file or directory")
+DEBS = ["podman", "podman-compose", "runc", "catatonit", "netavark", "aardvark-dns", "iptables", "debootstrap",
         "docker-compose", "dcmtk"]
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 CONTAINERS_CONF_TEXT = """\
@@ -100,11 +123,14 @@ class Run:
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
         env.update({
             "POSTGRES_PASSWORD": secrets.token_hex(16),
-            "PACSBRIDGE_API_TOKENS": f"ci:{secrets.token_hex(16)}",
+            # a user's token for the checks, an admin's to add the sink node
+            "PACSBRIDGE_API_TOKENS": f"ci:{secrets.token_hex(16)},ciadmin:{secrets.token_hex(16)}:admin",
             "PACSBRIDGE_ALLOWED_PEERS": OUR_AE,
             "PACSBRIDGE_LISTENER_PUBLISH": f"127.0.0.1:{DICOM_PORT}",
             "PACSBRIDGE_HTTPS_PUBLISH": f"127.0.0.1:{HTTPS_PORT}",
             "PACSBRIDGE_WORKERS": str(WORKERS),
+            "PACSBRIDGE_LISTENER2": "1",
+            "PACSBRIDGE_LISTENER2_PUBLISH": f"127.0.0.1:{DICOM_PORT2}",
             # an image of this project's own: another checkout's test run builds its own
             "PACSBRIDGE_IMAGE": f"localhost/{PROJECT}:latest",
             "PACSBRIDGE_RECONCILE_MIN_AGE": "5",
@@ -116,7 +142,11 @@ class Run:
 
     @property
     def token(self) -> str:
-        return self.env["PACSBRIDGE_API_TOKENS"].split(":", 2)[1]
+        return self.env["PACSBRIDGE_API_TOKENS"].split(",")[0].split(":")[1]
+
+    @property
+    def admin_token(self) -> str:
+        return self.env["PACSBRIDGE_API_TOKENS"].split(",")[1].split(":")[1]
 
     def phase(self, name: str) -> None:
         """Start the phase ``name`` (the previous one ends)."""
@@ -309,8 +339,8 @@ def name(service: str, n: int = 1) -> str:
 
 
 def expected_containers() -> list[str]:
-    return [name("postgres"), name("redis"), name("listener"), name("api"), name("proxy")] + \
-           [name("worker", i) for i in range(1, WORKERS + 1)]
+    return [name("postgres"), name("redis"), name("listener"), name("listener-2"), name("api"), name("proxy"),
+            name("sink")] + [name("worker", i) for i in range(1, WORKERS + 1)]
 
 
 def check_running(run: Run, allow_down: tuple[str, ...] = ()) -> None:
@@ -412,6 +442,253 @@ def dump_logs(run: Run) -> None:
             print(f"---- {c} (last lines) ----\n" + "\n".join(text), file=sys.stderr)
 
 
+# -- scale-out: two listeners and WORKERS workers on one storage --------------------------------------
+def http_json(method: str, url: str, token: str, context: ssl.SSLContext, body: object = None) -> tuple[int, object]:
+    """An API call with a JSON body and answer: ``(status, decoded answer or text)``."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            status, text = resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode("utf-8", "replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def sql(run: Run, query: str) -> list[dict[str, object]]:
+    """Rows of ``query`` on the containers' index (``pacsbridge sql`` in the first worker), keys in lower case."""
+    proc = run(["podman", "exec", name("worker"), "pacsbridge", "sql", query, "--format", "json"], "sql", capture=True)
+    return [{str(k).lower(): v for k, v in row.items()} for row in json.loads(proc.stdout or "[]")]
+
+
+def cpu_seconds(run: Run, container: str) -> float:
+    """CPU time used so far by every process of ``container`` (its cgroup: v2 ``cpu.stat``, or v1 ``cpuacct``)."""
+    for path, scale in (("/sys/fs/cgroup/cpu.stat", 1e-6), ("/sys/fs/cgroup/cpuacct/cpuacct.usage", 1e-9),
+                        ("/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage", 1e-9)):
+        proc = run(["podman", "exec", container, "cat", path], "cpu", check=False, capture=True)
+        if proc.returncode != 0:
+            continue
+        text = proc.stdout
+        if path.endswith("cpu.stat"):
+            text = next((line.split()[1] for line in text.splitlines() if line.startswith("usage_usec ")), "")
+        try:
+            return int(text.strip()) * scale
+        except ValueError:
+            continue
+    raise Failure(f"CPU time of {container}: no cgroup CPU counter readable in the container")
+
+
+def send_parallel(run: Run, groups: list[tuple[int, list[str]]], log: str) -> None:
+    """Send each group of files to its port in its own ``storescu`` (association), all at once."""
+    procs = []
+    for i, (port, files) in enumerate(groups):
+        path = run.logdir / f"{log}-{i}.log"
+        out = open(path, "w", encoding="utf-8")
+        argv = ["storescu", "-v", "-aet", OUR_AE, "-aec", THEIR_AE, "127.0.0.1", str(port), *files]
+        procs.append((subprocess.Popen(argv, cwd=ROOT, env=run.env, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, text=True), out, path, len(files)))
+    for proc, out, path, n in procs:
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            out.close()
+        ok = path.read_text(errors="replace").count("Received Store Response (Success)")
+        if code != 0 or ok != n:
+            raise Failure(f"storescu: {ok} of {n} instances stored, exit {code} (log: {path})")
+
+
+def container_log(container: str) -> str:
+    """Everything ``container`` wrote so far, stdout and stderr (where Celery and the listener log)."""
+    proc = subprocess.run(["podman", "logs", container], capture_output=True, text=True, timeout=120, check=False)
+    return proc.stdout + proc.stderr
+
+
+def index_reports(container: str) -> list[int]:
+    """The ``indexed`` count of every index task the container's Celery workers finished (their log)."""
+    import re
+
+    found = re.findall(r"index_files\[[^\]]+\] succeeded in [0-9.e-]+s: \{'indexed': (\d+)", container_log(container))
+    return [int(n) for n in found]
+
+
+def reconciler_queued(container: str) -> int:
+    """Instances the container's reconciler queued again (its log): indexing them twice is allowed."""
+    import re
+
+    return sum(int(n) for n in re.findall(r"reconciler: (\d+) stored instances were not indexed",
+                                          container_log(container)))
+
+
+def scale_out(run: Run, api_ok: bool) -> None:
+    """Both listeners and every worker at once: each instance stored and indexed exactly once, the CPU
+    each took, then pushed to the sink node (one association, SINK_RATE/s) by jobs on every worker."""
+    if INSTANCES <= 0:
+        return
+    run.phase(f"scale-out: {INSTANCES} CT instances through 2 listeners, {WORKERS} workers")
+    sys.path.insert(0, str(ROOT))
+    import pydicom
+    from bench.gen_ct import generate
+
+    paths = [str(p) for p in generate(run.logdir / "ct", INSTANCES, patients=4, series_per_study=2, seed=19)]
+    series: dict[str, list[str]] = {}
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(str(ds.SOPInstanceUID))
+    sops = {sop for uids in series.values() for sop in uids}
+    rows_before = int(sql(run, "select count(*) as n from DICOMImages")[0]["n"])  # type: ignore[call-overload]
+    listeners = [name("listener"), name("listener-2")]
+    workers = [name("worker", i) for i in range(1, WORKERS + 1)]
+    reports_before = {c: len(index_reports(c)) for c in workers}
+    # each replica's host name names its Celery workers (index@%h ...) and its job and lease holders
+    hosts = {c: run(["podman", "exec", c, "hostname"], "hostname", capture=True).stdout.strip() for c in workers}
+    if len(set(hosts.values())) != WORKERS:
+        raise Failure(f"worker replicas share host names (their Celery names would clash): {hosts}")
+    for c, host in hosts.items():
+        if f"index@{host} ready" not in container_log(c):
+            raise Failure(f"{c}: no Celery worker index@{host} ready in its log")
+
+    shared = [name("postgres"), name("redis")]
+    measured = listeners + workers + shared
+    # what the containers burn idle (reconcilers, Celery's heartbeats, health probes), to subtract
+    idle0 = {c: cpu_seconds(run, c) for c in measured}
+    t_idle = time.monotonic()
+    time.sleep(5)
+    idle1 = {c: cpu_seconds(run, c) for c in measured}
+    idle_rate = {c: (idle1[c] - idle0[c]) / (time.monotonic() - t_idle) for c in idle0}
+
+    # four associations at once, two per listener
+    cpu0 = {c: cpu_seconds(run, c) for c in measured}
+    t0 = time.monotonic()
+    groups = [(DICOM_PORT if i % 2 == 0 else DICOM_PORT2, paths[i::4]) for i in range(4)]
+    send_parallel(run, groups, "storescu-scale")
+    stored_s = time.monotonic() - t0
+    want = rows_before + INSTANCES
+    state: dict[str, object] = {}
+
+    def indexed() -> bool:
+        row = sql(run, "select count(*) as n, count(distinct SOPInstanc) as sops, count(distinct ObjectFile) as files "
+                       "from DICOMImages")[0]
+        state.update(row)
+        return int(row["n"]) >= want  # type: ignore[call-overload]
+
+    try:
+        wait_for("indexing the scale-out instances", indexed, 300, run)
+    except Failure:
+        raise Failure(f"not all indexed after 300 s: {state} (want {want} rows)") from None
+    indexed_s = time.monotonic() - t0
+    cpu1 = {c: cpu_seconds(run, c) for c in measured}
+    took = {c: max(0.0, cpu1[c] - cpu0[c] - idle_rate[c] * indexed_s) for c in cpu0}
+    print(f"  {INSTANCES} instances stored in {stored_s:.1f} s (4 associations over 2 listeners), all indexed "
+          f"after {indexed_s:.1f} s", flush=True)
+    time.sleep(3)  # late duplicates, if any, would show now
+    indexed()
+    if not (int(state["n"]) == int(state["sops"]) == int(state["files"]) == want):  # type: ignore[call-overload]
+        raise Failure(f"DICOMImages after the scale-out ingest: {state}, expected {want} rows, SOPs and files")
+    ours = sql(run, "select count(*) as n from DICOMImages where SOPInstanc in (" +
+               ",".join(f"'{s}'" for s in sorted(sops)) + ")")[0]  # UIDs we generated: digits and dots
+    if int(ours["n"]) != INSTANCES:  # type: ignore[call-overload]
+        raise Failure(f"{ours['n']} of the {INSTANCES} instances sent are in DICOMImages")
+    stored = run(["podman", "exec", name("worker"), "find", "/data", "-path", "/data/.*", "-prune", "-o",
+                  "-type", "f", "-print"], "find", capture=True).stdout.split()
+    if len(stored) != want:
+        raise Failure(f"{len(stored)} files in storage for {want} instances (a copy stored twice, or one lost)")
+    per_worker = {c: index_reports(c)[reports_before[c]:] for c in workers}
+    done = sum(sum(v) for v in per_worker.values())
+    again = sum(reconciler_queued(c) for c in listeners)
+    if not INSTANCES <= done <= INSTANCES + again:
+        raise Failure(f"index tasks indexed {done} files for {INSTANCES} instances sent (reconcilers re-queued "
+                      f"{again}): some were indexed twice, or missed")
+    spread = ", ".join(f"{c.rsplit('_', 1)[-1]}: {sum(v)} in {len(v)} tasks" for c, v in per_worker.items())
+    print(f"  DICOMImages: {want} rows = {want} distinct SOPs = {want} distinct files = files in storage; "
+          f"index tasks indexed {done} ({spread})", flush=True)
+    listener_cpu = sum(took[c] for c in listeners)
+    worker_cpu = sum(took[c] for c in workers)
+    mb = sum(os.path.getsize(p) for p in paths) / INSTANCES / 1e6
+    per = {k: 1000 * v / INSTANCES for k, v in (("listeners", listener_cpu), ("workers (indexing)", worker_cpu),
+                                                 ("postgres", took[shared[0]]), ("redis", took[shared[1]]))}
+    text = ", ".join(f"{k} {v:.1f} ms" for k, v in per.items())
+    print(f"  CPU per instance ({mb:.2f} MB CT, idle use subtracted; taken under load): {text}", flush=True)
+    run.notes.append(f"CPU per instance: {text} ({INSTANCES} x {mb:.2f} MB CT, {indexed_s:.1f} s to indexed; "
+                     "under load)")
+
+    if not api_ok:
+        run.notes.append("node limits not checked: the API cannot start")
+        return
+    run.phase(f"scale-out: push to SINK (association limit {SINK_ASSOCIATIONS}, {SINK_RATE:g}/s) "
+              f"from {WORKERS} workers")
+    base = f"https://localhost:{HTTPS_PORT}/api/v1"
+    ca = ssl.create_default_context(cafile=str(run.tls / "ca.pem"))
+    status, answer = http_json("POST", f"{base}/nodes", run.admin_token, ca, {
+        "name": "SINK", "ae_title": "SINK", "host": "sink", "port": 11112, "max_associations": SINK_ASSOCIATIONS,
+        "max_rate": SINK_RATE})
+    if status >= 300:
+        raise Failure(f"POST /nodes answered {status}: {answer}")
+    jobs = []
+    for uid in series:  # a job per series, so that every worker gets some
+        status, answer = http_json("POST", f"{base}/jobs", run.token, ca,
+                                   {"kind": "push", "node": "SINK", "selection": {"SeriesInstanceUID": uid}})
+        if status >= 300 or not isinstance(answer, dict):
+            raise Failure(f"POST /jobs (push) answered {status}: {answer}")
+        jobs.append(str(answer.get("id") or answer.get("ID")))
+    t0 = time.monotonic()
+    states: dict[str, str] = {}
+
+    def finished() -> bool:
+        for job in jobs:
+            if states.get(job) in ("succeeded", "partial", "failed", "cancelled"):
+                continue
+            _, answer = http_json("GET", f"{base}/jobs/{job}", run.token, ca)
+            states[job] = str(answer.get("state")) if isinstance(answer, dict) else "?"
+        return all(s in ("succeeded", "partial", "failed", "cancelled") for s in states.values()) and \
+            len(states) == len(jobs)
+
+    wait_for("push jobs", finished, 300, run)
+    pushed_s = time.monotonic() - t0
+    if set(states.values()) != {"succeeded"}:
+        raise Failure(f"push jobs: {states}")
+    lines = [json.loads(line) for line in container_log(name("sink")).splitlines() if line.startswith("{")]
+    stores = [e for e in lines if e["ev"] == "store"]
+    got: dict[str, int] = {}
+    for e in stores:
+        got[e["sop"]] = got.get(e["sop"], 0) + 1
+    if set(got) != sops or any(n != 1 for n in got.values()):
+        twice = sorted(s for s, n in got.items() if n > 1)[:3]
+        raise Failure(f"the sink got {len(got)} distinct of {len(sops)} instances, {len(twice)}+ twice ({twice})")
+    # an association holds its slot from before it is established until after its last store: at no
+    # moment may more than max_associations of these spans be open
+    spans: dict[int, list[float]] = {}
+    peers: dict[int, str] = {}
+    for e in lines:
+        if e["ev"] == "est":
+            spans[e["a"]] = [e["t"], e["t"]]
+            peers[e["a"]] = e["peer"]
+        elif e["ev"] == "store":
+            spans[e["a"]][1] = e["t"]
+    marks = sorted([(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()],
+                   key=lambda m: (m[0], m[1]))  # at equal times the end first: touching is no overlap
+    most = held = 0
+    for _, step in marks:
+        held += step
+        most = max(most, held)
+    if most > SINK_ASSOCIATIONS:
+        raise Failure(f"node SINK allows {SINK_ASSOCIATIONS} association(s), but {most} were storing at once")
+    if len(set(peers.values())) < 2:
+        raise Failure(f"every association to SINK came from one address ({set(peers.values())}): the jobs did not "
+                      f"spread over the {WORKERS} workers, so the limit was not tried across containers")
+    times = sorted(e["t"] for e in stores)
+    floor = 0.9 * (len(times) - 1) / SINK_RATE
+    if times[-1] - times[0] < floor:
+        raise Failure(f"{len(times)} instances reached SINK in {times[-1] - times[0]:.2f} s: faster than "
+                      f"{SINK_RATE:g}/s allows ({floor:.2f} s at least)")
+    print(f"  {len(jobs)} push jobs: {len(got)} instances, each once, in {len(spans)} associations from "
+          f"{len(set(peers.values()))} worker containers, at most {most} at once; "
+          f"{len(times) / max(1e-9, times[-1] - times[0]):.1f}/s (limit {SINK_RATE:g}/s); {pushed_s:.1f} s", flush=True)
+
+
 # -- the test ----------------------------------------------------------------------------------
 def test(run: Run) -> None:
     problems = check_settings()
@@ -424,9 +701,9 @@ def test(run: Run) -> None:
     if (ROOT / ".env").exists():
         raise Failure(f"{ROOT / '.env'} exists: podman-compose 1.0.3 lets it override the test's settings "
                       "(password, token, ports); move it away for the test")
-    for port in (DICOM_PORT, HTTPS_PORT):
+    for port in (DICOM_PORT, DICOM_PORT2, HTTPS_PORT):
         if not port_free(port):
-            raise Failure(f"127.0.0.1:{port} is in use: set COMPOSE_TEST_DICOM_PORT / COMPOSE_TEST_HTTPS_PORT")
+            raise Failure(f"127.0.0.1:{port} is in use: set COMPOSE_TEST_DICOM_PORT(2) / COMPOSE_TEST_HTTPS_PORT")
     files = pydicom_files()
     teardown(run)  # what a killed earlier run may have left
 
@@ -453,6 +730,10 @@ def test(run: Run) -> None:
 
     waited = wait_for("listener (C-ECHO)", echo, 180, run, allow_down=(name("api"),))
     print(f"  C-ECHO answered after {waited:.1f} s", flush=True)
+    waited = wait_for("listener-2 (C-ECHO)", lambda: run(["echoscu", "-aet", OUR_AE, "-aec", THEIR_AE, "127.0.0.1",
+                                                          str(DICOM_PORT2)], "echoscu", check=False).returncode == 0,
+                      120, run, allow_down=(name("api"),))
+    print(f"  the second listener (port {DICOM_PORT2}) answered C-ECHO after {waited:.1f} s more", flush=True)
     if run(["echoscu", "-aet", "INTRUDER", "-aec", THEIR_AE, "127.0.0.1", str(DICOM_PORT)], "echoscu-intruder",
            check=False).returncode == 0:
         raise Failure("the listener accepted C-ECHO from AE INTRUDER, which PACSBRIDGE_ALLOWED_PEERS does not list")
@@ -519,7 +800,9 @@ def test(run: Run) -> None:
     # until it passes (a worker started last may still be starting)
     deadline = time.monotonic() + 60
     # the proxy (caddy) has no health check of its own: the HTTPS requests above are its check
-    pending = [c for c in expected_containers() if (api_ok or c != name("api")) and c != name("proxy")]
+    # nor has the test's sink (its image's check is pacsbridge's)
+    unchecked = (name("proxy"), name("sink")) if api_ok else (name("proxy"), name("sink"), name("api"))
+    pending = [c for c in expected_containers() if c not in unchecked]
     while pending:
         pending = [c for c in pending
                    if run(["podman", "healthcheck", "run", c], "healthcheck", check=False).returncode != 0]
@@ -529,8 +812,10 @@ def test(run: Run) -> None:
         if pending:
             time.sleep(2)
     check_running(run, allow_down=() if api_ok else (name("api"),))
-    checked = [c for c in expected_containers() if c != name("proxy") and (api_ok or c != name("api"))]
-    print(f"  {len(checked)} containers healthy (the proxy has no health check)", flush=True)
+    checked = [c for c in expected_containers() if c not in unchecked]
+    print(f"  {len(checked)} containers healthy (the proxy and the test's sink have no health check)", flush=True)
+
+    scale_out(run, api_ok)
 
 
 def main() -> int:

@@ -77,8 +77,10 @@ def test_hostile_patient_ids_stay_in_storage(settings, tmp_path):
     root = settings.storage.resolve()
     stored = [p for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts]
     assert len(stored) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "data", "conquest.db", "conquest.db-wal",
-                                                                  "conquest.db-shm"][: len(list(tmp_path.iterdir()))])
+    # (conquest.db.uid-lock: indexing's lock, next to the database so that every container sharing it sees it)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"src", "data"} <= names <= {"src", "data", "conquest.db", "conquest.db-wal", "conquest.db-shm",
+                                        "conquest.db.uid-lock"}
     assert not (tmp_path / "x").exists() and not Path("/x").exists()
     for p in stored:
         assert root in p.resolve().parents
@@ -442,3 +444,35 @@ def test_cohort_start_moves_what_the_dry_run_found_and_mass_chunks(cohort_setup,
     assert proc.returncode == 0, proc.stdout  # an empty day is done, not a row to fix and send again
     mass = json.loads(proc.stdout)
     assert mass["rows"] == 2 and mass["states"] == {"found": 1, "done": 1}, mass
+
+
+def test_sqlite_indexing_lock_is_shared_by_processes_with_their_own_temp_folders(settings, tmp_path):
+    """Worker containers on one SQLite index each have their own /tmp: the lock that keeps two of them
+    from passing the study/series conflict check at once must be next to the database, where all see it.
+    Held here by the test, an import in a process with another TMPDIR waits for it."""
+    import fcntl
+    import time
+
+    from pacsbridge.shared.index.importer import Importer
+
+    if not str(settings.database_url).startswith("sqlite"):
+        pytest.skip("PostgreSQL takes advisory locks in the database itself")
+    run(settings, "init", check_rc=0)
+    make_instance(tmp_path / "free" / "a.dcm", PatientID="FREE")
+    make_instance(tmp_path / "src" / "a.dcm", PatientID="LOCKED")
+    database = str(settings.database_url).split("sqlite:///", 1)[1]
+    env = {**cli_env(settings), "TMPDIR": str(tmp_path / "own-tmp")}
+    (tmp_path / "own-tmp").mkdir()
+    t0 = time.monotonic()
+    subprocess.run(EXE + ["import", str(tmp_path / "free")], env=env, capture_output=True, check=True, timeout=120)
+    alone = time.monotonic() - t0  # an import that waits for nobody
+    with open(Importer.uid_lock_path(database), "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        proc = subprocess.Popen(EXE + ["import", str(tmp_path / "src")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(max(5.0, 3 * alone))
+        assert proc.poll() is None, proc.communicate()  # still waiting for the lock
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "LOCKED" in run(settings, "sql", "select PatientID from DICOMPatients", check_rc=0).stdout

@@ -21,7 +21,7 @@ import redis as redis_client
 
 from pacsbridge.shared.index.conquest import Index
 from pacsbridge.shared.index import journal
-from pacsbridge.shared.index.journal import JOURNAL, Checkpoint, JournalWriter, pending, segments
+from pacsbridge.shared.index.journal import JOURNAL, Checkpoint, JournalWriter, pending, segments, unheld
 from pacsbridge.shared.index.storage import Storage
 
 from .helpers import make_instance
@@ -427,3 +427,35 @@ def test_a_segment_closed_by_its_writer_or_written_under_this_boot_is_not_walked
     _store_and_die(root, [tmp_path / "k.dcm"])  # this boot, not closed
     assert journal.lost_tails(root, set()) == []
     assert reconcile(ctx, broker) == 1  # the killed writer's instance, by its line; no walk (no_walk)
+
+
+def test_writers_with_the_same_pid_on_one_storage_keep_apart(tmp_path):
+    """Two listener containers on one storage volume: each receiver may be pid 1 (or 2) in its own pid
+    namespace. Made for real with ``unshare --pid``: their segments must differ, both lines be read,
+    and neither segment be taken for unheld while its writer lives (the flock)."""
+    import shutil
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a pid namespace")
+    root = tmp_path / "data"
+    root.mkdir()
+    code = ("import os, sys\nfrom pacsbridge.shared.index.journal import writer_for\n"
+            "w = writer_for(sys.argv[1], durable=False)\nw.record(sys.argv[2], sys.argv[3])\n"
+            "print(os.getpid(), flush=True)\nsys.stdin.readline()\n")
+    writers = []
+    try:
+        for n in (1, 2):
+            proc = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", code, str(root),
+                                     f"p/{n}.dcm", f"1.2.3.{n}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+            writers.append(proc)
+            assert proc.stdout.readline().strip() == "1"  # the same pid in both
+        names = segments(root)
+        assert len(names) == 2
+        lines = pending(root, Checkpoint(root, durable=False).load())
+        assert sorted(e.sop for found, _ in lines.values() for e in found) == ["1.2.3.1", "1.2.3.2"]
+        assert not any(unheld(root, name) for name in names)  # both writers alive: neither may be deleted
+    finally:
+        for proc in writers:
+            proc.communicate("\n", timeout=30)
+    assert all(unheld(root, name) for name in names)  # gone: settled segments may go now

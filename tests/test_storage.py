@@ -295,3 +295,23 @@ def test_rebuild_prune_and_the_reconciler_see_dot_named_patients(ctx, tmp_path):
     assert {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]} >= {
         d.SOPInstanceUID for d in files}
     assert ctx.index.count() == 4
+
+
+def test_counter_names_differ_between_processes_with_the_same_pid():
+    """Two listener containers on one storage: each receiver has the same pid in its own pid
+    namespace, so ``{counter}`` must not be the pid and a count alone (the second instance
+    would be kept as a "duplicate" of the first). Made for real with ``unshare --pid``."""
+    import shutil
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a pid namespace")
+    code = ("import os; from pacsbridge.shared.index.storage import Template; "
+            "print(os.getpid(), Template('{counter}.dcm').render(None))")
+    seen = []
+    for _ in range(2):
+        out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        seen.append(out)
+    assert seen[0][0] == seen[1][0] == "1"  # the same pid in both
+    assert seen[0][1] != seen[1][1]

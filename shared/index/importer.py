@@ -34,7 +34,6 @@ import mmap
 import multiprocessing
 import os
 import stat
-import tempfile
 import threading
 import uuid
 import zipfile
@@ -427,7 +426,7 @@ class Importer:
 
         PostgreSQL: session advisory locks on a hash of each Study and Series UID, taken in order
         (no deadlock), one or a few per batch. SQLite (one host, one writer at a time anyway): an
-        exclusive lock on a file in the temporary folder named after the database's path.
+        exclusive lock on a file next to the database (:meth:`uid_lock_path`).
         """
         if not outcomes:
             yield
@@ -452,13 +451,19 @@ class Importer:
         if not database or database == ":memory:":
             yield
             return
-        digest = hashlib.blake2b(os.path.realpath(database).encode(), digest_size=8).hexdigest()
-        with open(os.path.join(tempfile.gettempdir(), f"pacsbridge-index-{digest}.lock"), "a+b") as fh:
+        with open(self.uid_lock_path(database), "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def uid_lock_path(database: str) -> str:
+        """The SQLite lock file of :meth:`_uid_lock`: next to the database, not in the temporary folder,
+        which is each container's own (worker replicas on one database volume would not see each
+        other's lock); the database's folder is writable, as SQLite writes its journal there."""
+        return os.path.realpath(database) + ".uid-lock"
 
     def _index_batch(self, batch: list[Outcome], report: Report) -> list[Outcome]:
         """Index the good outcomes of a batch; count everything; return what was committed."""

@@ -47,6 +47,13 @@ Crashes
     folders modified since then are looked at, and those linked since then are looked up in the
     index), once per such segment (the checkpoint lists the segments recovered so).
 
+Several listener containers on one storage
+    Each writes segments of its own: a name holds the time in nanoseconds, the pid and random
+    digits (pids repeat across containers), so two writers never share one. ``flock`` works
+    between containers of one host (one kernel) and on NFSv4 (the kernel maps it to a byte-range
+    lock there): a reconciler never deletes a segment another container still writes, and
+    :class:`PassLock` lets one reconciler pass run at a time, whichever container it is in.
+
 A storage written before the journal has no checkpoint: the reconciler walks it once, then
 writes the checkpoint (see ``services/listener/server.py``).
 """
@@ -58,6 +65,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -397,7 +405,8 @@ class Checkpoint:
     def save(self) -> None:
         """Replace the file atomically (write, fsync, rename, fsync the folder)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
+        # under PassLock, so one writer at a time; the host name too, as pids repeat across containers
+        tmp = self.folder / f".{CHECKPOINT}.{socket.gethostname()}.{os.getpid()}.tmp"
         with open(tmp, "w") as fh:
             json.dump({"version": 1, "walked_at": self.walked_at, "segments": self.offsets,
                        "recovered": sorted(self.recovered)}, fh)

@@ -19,7 +19,8 @@ Templates
 ``{Keyword|filter}`` applies ``md5`` (first 8 hex digits of its MD5; ``md5:12``
 for more), ``upper``, ``lower`` or ``date`` (digits only). px-repack's
 ``%Keyword`` and ``%_md5|7_Keyword`` are accepted too. Special fields:
-``{time}`` (seconds since the epoch), ``{counter}`` (a per-process counter),
+``{time}`` (seconds since the epoch), ``{counter}`` (a per-process counter: the pid, four
+digits drawn when the process starts, then the count; pids repeat across containers),
 ``{uuid}``. ``/`` in the template separates folders.
 """
 
@@ -94,6 +95,10 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 _SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>[0-9]*)[,_]?(?:\.(?P<precision>[0-9]+))?[a-zA-Z%]?", re.S)
 _PX_FIELD = re.compile(r"%(_[a-z0-9]+(?:\|[0-9]+)?_)?([A-Za-z][A-Za-z0-9]*)")
 _counter = itertools.count(1)
+# Two listener containers on one storage have the same pids (each has its own pid namespace; the
+# receiver is pid 2 in both), so the pid alone does not tell their ``{counter}`` values apart and the
+# second name would be taken for a duplicate of the first. Four random digits per process do.
+_PROCESS_TAG = f"{uuid.uuid4().int % 10_000:04d}"
 
 
 def clean_component(value: Any, empty: str = "unknown", limit: int = MAX_COMPONENT, suffix: bool = False) -> str:
@@ -226,7 +231,7 @@ class Template:
         if keyword == "time":
             value: Any = int(time.time())
         elif keyword == "counter":
-            value = f"{os.getpid()}{next(_counter):06d}"
+            value = f"{os.getpid()}{_PROCESS_TAG}{next(_counter):06d}"
         elif keyword == "uuid":
             value = uuid.uuid4().hex
         else:
