@@ -167,10 +167,15 @@ class IndexRow(RootModel[dict[str, str | int | float | None]]):
 
 
 class IndexPage(Out):
+    """A page of index rows. ``next`` continues it (``?cursor=``, the same filters); ``total`` is exact up to
+    10,000 matches and null beyond, unless ``total=exact`` was asked (docs/api.md, "Paging")."""
+
     items: list[dict[str, str | int | float | None]]
-    total: int
+    total: int | None = Field(description="how many match; null when more than 10,000 do and total=exact "
+                                          "was not asked")
     limit: int
     offset: int
+    next: str | None = Field(description="the cursor of the next page (?cursor=), null on the last page")
 
 
 # -- quarantine -------------------------------------------------------------------------
