@@ -339,9 +339,9 @@ def _conquest_table(metadata: MetaData, tdef: TableDef, fold: bool) -> Table:
         Index(ident(f"{lower}_objectfile"), table.c["ObjectFile"])
     for tag in _QUERIED.get(tdef.level, ()):
         # what the API's browse and cohorts look studies up by (revision 0006 adds them to older indexes)
-        col = tdef.by_tag(tag)
-        if col is not None and col is not tdef.key and col is not parent:
-            Index(ident(f"{lower}_{col.column.lower()}"), table.c[col.column])
+        queried = tdef.by_tag(tag)
+        if queried is not None and queried is not tdef.key and queried is not parent:
+            Index(ident(f"{lower}_{queried.column.lower()}"), table.c[queried.column])
     return table
 
 
