@@ -39,7 +39,6 @@ import argparse
 import io
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile

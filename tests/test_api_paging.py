@@ -15,6 +15,7 @@ import pytest
 from pacsbridge.api import browse
 from pacsbridge.shared.core import keyset
 from pacsbridge.shared.index.importer import Importer
+from pacsbridge.shared.index.quarantine import Quarantine
 
 from .helpers import make_instance
 from .test_api import api_settings, app, assert_error, auth, client  # noqa: F401  (fixtures)
@@ -138,3 +139,47 @@ def test_a_bad_cursor_or_a_deep_offset_is_a_clear_400(client, app, tmp_path):  #
     assert_error(client.get("/api/v1/studies", query_string={"total": "all"}, headers=auth("read")), 400, "total")
     # a cursor that fits still works after all that: nothing was changed by the refusals
     assert len(_page(client, "studies", limit=2, cursor=good)["items"]) == 2
+
+
+def _walk(client: Any, path: str, limit: int, between: Any = None, **query: Any) -> list[dict[str, Any]]:
+    """Every item of a list, page by page through ``next``; ``between()`` runs after each page."""
+    out: list[dict[str, Any]] = []
+    page = _page(client, path, limit=limit, **query)
+    while True:
+        out += page["items"]
+        if not page["next"]:
+            return out
+        if between is not None:
+            between()
+        page = _page(client, path, limit=limit, cursor=page["next"], **query)
+
+
+def test_jobs_and_quarantine_page_by_cursor_newest_first_while_rows_arrive(client, app):  # noqa: F811
+    st = app.extensions["pacsbridge"]
+    made = [st.jobs.submit("import", {"path": f"batch-{i}"})[0].id for i in range(9)]
+    extra = iter(range(100, 200))
+    arrived: list[str] = []
+    jobs = _walk(client, "jobs", 2, lambda: arrived.append(st.jobs.submit("import", {"path": f"b{next(extra)}"})[0].id))
+    ids = [j["id"] for j in jobs]
+    assert len(ids) == len(set(ids)) and set(made) <= set(ids) and len(arrived) == 4
+    assert [j["created_at"] for j in jobs] == sorted((j["created_at"] for j in jobs), reverse=True)
+    assert _page(client, "jobs", limit=3, state="queued")["total"] == 13
+    mine = _walk(client, "jobs", 2, kind="import", state="queued")
+    assert [j["id"] for j in mine] == [j["id"] for j in _page(client, "jobs", limit=100, state="queued")["items"]]
+
+    store = Quarantine(st.ctx.index.engine)
+    first = [store.add("index_failed", f".quarantine/x{i}.dcm", "refused") for i in range(7)]
+    more = iter(range(50, 99))
+    entries = _walk(client, "quarantine", 3,
+                    lambda: store.add("index_failed", f".quarantine/y{next(more)}.dcm", "refused"))
+    got = [e["id"] for e in entries]
+    assert len(got) == len(set(got)) and set(first) <= set(got)
+    assert_error(client.get("/api/v1/quarantine", query_string={"cursor": "garbage!"}, headers=auth("read")),
+                 400, "cursor")
+    jobs_cursor = _page(client, "jobs", limit=1)["next"]
+    assert_error(client.get("/api/v1/quarantine", query_string={"cursor": jobs_cursor}, headers=auth("read")),
+                 400, "cursor")
+    assert_error(client.get("/api/v1/jobs", query_string={"cursor": jobs_cursor, "offset": 1},
+                            headers=auth("read")), 400, "offset")
+    assert_error(client.get("/api/v1/jobs", query_string={"offset": 10_001}, headers=auth("read")), 400, "offset")
+    assert _page(client, "jobs", limit=1, total="exact")["total"] == 13

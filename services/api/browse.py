@@ -33,7 +33,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request, send_file
 from pydicom.datadict import keyword_for_tag
-from sqlalchemy import and_, func, literal, or_, select
+from sqlalchemy import and_, literal, or_, select
 from werkzeug.security import safe_join
 
 from pacsbridge.shared.core import keyset
@@ -44,6 +44,7 @@ from pacsbridge.shared.deid.profile import DeidentifyError
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.index.conquest import Index
 
+from . import models
 from .contract import READ, operation
 from .models import MAX_LIMIT, FileArgs, IndexPage, IndexRow, PageArgs, answer
 from .params import args, check_known, paging
@@ -69,9 +70,9 @@ FILTERS = {
 #: Query parameters of a page (the others are filters).
 _PAGING = ("limit", "offset", "cursor", "total")
 #: ``total`` is counted up to this many matches (null beyond, unless ``total=exact``).
-TOTAL_CAP = 10_000
+TOTAL_CAP = models.TOTAL_CAP
 #: The deepest ``offset``: deeper pages are read with the cursor (an offset makes the database skip rows).
-MAX_OFFSET = 10_000
+MAX_OFFSET = models.MAX_OFFSET
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE_RANGE = re.compile(r"^(?P<lo>[0-9]{8})?(?P<dash>-)?(?P<hi>[0-9]{8})?$")
@@ -215,13 +216,10 @@ def _page_args(offset: int) -> tuple[str, bool]:
 def _total(conn: Any, joins: Any, where: Any, exact: bool) -> int | None:
     """How many rows match: counted exactly with ``total=exact`` (a scan of every match: seconds over
     millions), else counted up to :data:`TOTAL_CAP` and None beyond (a bounded index scan)."""
-    inner = select(literal(1)).select_from(joins)
+    rows = select(literal(1)).select_from(joins)
     if where is not None:
-        inner = inner.where(where)
-    if exact:
-        return int(conn.execute(select(func.count()).select_from(inner.subquery())).scalar_one())
-    found = int(conn.execute(select(func.count()).select_from(inner.limit(TOTAL_CAP + 1).subquery())).scalar_one())
-    return found if found <= TOTAL_CAP else None
+        rows = rows.where(where)
+    return keyset.count(conn, rows, None if exact else TOTAL_CAP)
 
 
 _UID_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": r"^([0-9]+(\.[0-9]+)*)?$"}

@@ -20,14 +20,16 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, func, or_, select
 
 from pacsbridge.shared.core.errors import InvalidRequest
 
-__all__ = ["encode", "decode", "after", "scope", "MAX_CURSOR"]
+__all__ = ["encode", "decode", "after", "scope", "count", "MAX_CURSOR", "TOTAL_CAP"]
 
 #: A cursor is at most this long (a few UIDs fit; a longer one is refused before decoding).
 MAX_CURSOR = 512
+#: A list's ``total`` is counted up to this many rows, and null beyond unless an exact count is asked.
+TOTAL_CAP = 10_000
 _VERSION = 1
 
 
@@ -83,3 +85,12 @@ def after(order: Sequence[tuple[Any, bool]], values: Sequence[Any]) -> Any:
         beyond = column < value if descending else column > value
         terms.append(and_(*equal, beyond))
     return or_(*terms)
+
+
+def count(conn: Any, rows: Any, cap: int | None) -> int | None:
+    """How many rows the select ``rows`` gives: all of them when ``cap`` is None (a scan of every match),
+    else up to ``cap`` and None beyond (the database stops reading at ``cap + 1``)."""
+    if cap is not None:
+        rows = rows.limit(cap + 1)
+    found = int(conn.execute(select(func.count()).select_from(rows.subquery())).scalar_one())
+    return found if cap is None or found <= cap else None
