@@ -272,7 +272,8 @@ def _browse(resource: str) -> Any:
                      params=lambda: _filters(resource),
                      description=f"Every column of the level is a filter (by DICOM keyword; those listed are the "
                                  f"usual ones); limit 1 to {MAX_LIMIT}; `next` is the cursor of the "
-                                 f"following page; `total` is null beyond {TOTAL_CAP:,} matches unless total=exact.")
+                                 f"following page; `total` is null beyond {TOTAL_CAP:,} matches unless total=exact.",
+                     rules=models.CURSOR_RULES)
 
 
 def _single(resource: str) -> Any:

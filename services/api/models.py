@@ -22,7 +22,8 @@ from pacsbridge.shared.jobs.store import KINDS, STATES
 __all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeList", "Echo", "FindResult", "JobOut", "JobSubmitted",
            "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList", "QuarantineDecision",
            "Health", "Args", "JobListArgs", "QuarantineArgs", "PageArgs", "SINCE_PATTERN", "MAX_LIMIT",
-           "DEFAULT_LIMIT", "MAX_OFFSET", "TOTAL_CAP", "ListArgs", "ProjectOut", "ProjectList", "ProjectCreate",
+           "DEFAULT_LIMIT", "MAX_OFFSET", "TOTAL_CAP", "CURSOR_RULES", "ListArgs", "ProjectOut", "ProjectList",
+           "ProjectCreate",
            "ProjectPatch", "MapRow", "MapPage",
            "MapArgs", "AuditRow", "AuditPage", "AuditArgs"]
 
@@ -32,6 +33,9 @@ DEFAULT_LIMIT = 100
 MAX_OFFSET = 10_000
 #: ``total`` is counted up to this many matches (null beyond, unless ``total=exact``).
 TOTAL_CAP = 10_000
+#: What a cursor must be beyond its pattern (the document's rules of each list that pages by cursor).
+CURSOR_RULES = ("cursor: the `next` of a page of this same list (same filters), as it is (`cursor`)",
+                "cursor and offset: not both (`offset`)")
 
 
 class Out(BaseModel):
@@ -280,19 +284,20 @@ class ListArgs(PageArgs):
     """A list that may be long: paged by ``cursor`` (the ``next`` of the page before), ``offset`` at most
     10,000, ``total`` counted up to 10,000 unless ``total=exact`` (docs/api.md, "Paging")."""
 
+    rules: ClassVar[tuple[str, ...]] = CURSOR_RULES
     help = {**PageArgs.help, "offset": f"expected 0 to {MAX_OFFSET} (deeper: follow `next` with `cursor`)",
             "cursor": "the `next` of a page, as it is", "total": "expected exact or nothing"}
 
     offset: Annotated[int, Field(ge=0, le=MAX_OFFSET), BeforeValidator(_whole_number)] = Field(
         0, description=f"rows to skip, at most {MAX_OFFSET:,} (deeper pages: `cursor`)")
-    cursor: Annotated[str, Field(max_length=512, pattern=r"^[A-Za-z0-9_-]*$")] = Field(
+    cursor: Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9_-]*$")] = Field(
         "", description="the `next` of the page before (same filters)")
     total: Literal["exact", ""] = Field("", description=f"exact: count every match (else up to {TOTAL_CAP:,}, "
                                                         "null beyond)")
 
 
 class JobListArgs(ListArgs):
-    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)",)
+    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)", *CURSOR_RULES)
 
     help = {**ListArgs.help, "state": f"expected one of {', '.join(STATES)}",
             "kind": f"expected one of {', '.join(KINDS)}", "node": "a node name has at most 64 characters",

@@ -42,7 +42,7 @@ _ENTRY = {"entry_id": {"type": "string", "minLength": 1, "maxLength": 12, "patte
 
 @bp.get("/quarantine")
 @operation("What indexing set aside, newest first", "quarantine", {200: ("a page of entries", QuarantineList)},
-           args=QuarantineArgs)
+           args=QuarantineArgs, rules=QuarantineArgs.rules)
 def list_entries() -> dict[str, Any]:
     a = args(QuarantineArgs)
     resolved = None if not a.resolved else a.resolved == "true"

@@ -27,7 +27,7 @@ from pacsbridge.shared.core.errors import InvalidRequest
 __all__ = ["encode", "decode", "after", "scope", "count", "MAX_CURSOR", "TOTAL_CAP"]
 
 #: A cursor is at most this long (a few UIDs fit; a longer one is refused before decoding).
-MAX_CURSOR = 512
+MAX_CURSOR = 256
 #: A list's ``total`` is counted up to this many rows, and null beyond unless an exact count is asked.
 TOTAL_CAP = 10_000
 _VERSION = 1
