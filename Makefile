@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc orthanc-dicomweb dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-dicomweb bench-deid clean
+.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-dicomweb bench-deid bench-scale clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ bench-cohort: debs services install-test
 # WADO-RS retrieve vs our C-GET vs a plain dicomweb-client loop; STOW-RS push vs dicomweb-client store_instances
 bench-dicomweb: debs services install-test
 	$(PY) bench/dicomweb.py
+
+# The index at millions of instances (issue 19): a database of its own filled by COPY, dropped at the end
+# (10 M instances take about 7 min to fill and 8 GB; `bench/scale.py --instances N` for less)
+bench-scale: services install-test
+	$(PY) bench/scale.py
 
 # De-identification alone (issue 16): pacsbridge's engine, dicognito, pydicom/deid and dcmanon on the same
 # files; each peer in its own venv under .bench-venvs/, made by the script from bench/deid_peers/*.txt

@@ -211,3 +211,41 @@ def test_a_database_migrated_by_a_newer_pacsbridge_is_refused(tmp_path):
     with ctx.index.engine.connect() as conn:
         assert migrations.current(conn) == "9999"
     ctx.index.engine.dispose()
+
+
+def _index_names(engine: Engine, table: str) -> set[str]:
+    insp = inspect(engine)
+    name = next(n for n in insp.get_table_names() if n.lower() == table)
+    return {str(ix["name"]).lower() for ix in insp.get_indexes(name)}
+
+
+def test_the_query_indexes_upgrade_and_downgrade_keeping_the_rows(db_url, tmp_path):
+    """Revision 0006 (a study by date and by accession, issue 19): an index at 0005 without them gets them,
+    every row kept; its downgrade drops them and only them, and the next start adds them again."""
+    from alembic import command
+
+    settings = Settings(database_url=db_url, storage=tmp_path / "data", fsync=False)
+    ctx = open_context(settings)
+    ctx.index.create()
+    ctx.storage.ensure()
+    assert Importer(ctx.index, ctx.storage, workers=1).import_paths([TEST_FILES / "CT_small.dcm"]).stored == 1
+    wanted = {"dicomstudies_studydate", "dicomstudies_accessionn"}
+    at_head = _index_names(ctx.index.engine, "dicomstudies")
+    assert wanted <= at_head and "dicomstudies_patientid" in at_head
+
+    with ctx.index.engine.begin() as conn:
+        command.downgrade(migrations.config(conn), "0005")
+    with ctx.index.engine.connect() as conn:
+        assert migrations.current(conn) == "0005"
+    assert _index_names(ctx.index.engine, "dicomstudies") == at_head - wanted
+    before = _snapshot(ctx.index.engine)
+
+    with ctx.index.engine.begin() as conn:
+        done = migrations.upgrade(conn, list(ctx.index.tables.values()))
+    assert done == ["migrated from 0005 to 0006"]  # the revision made them: nothing left for the completion
+    assert _index_names(ctx.index.engine, "dicomstudies") == at_head
+    after = _snapshot(ctx.index.engine)
+    assert after.pop(migrations.VERSION_TABLE) == (["version_num"], [("0006",)])
+    before.pop(migrations.VERSION_TABLE)
+    assert after == before and after["dicomimages"][1]
+    ctx.index.engine.dispose()

@@ -11,7 +11,11 @@ ordered by their key. Every column of a level is a filter, by keyword:
 
 Besides: ``studies?Modality=CT`` matches a modality among the study's (StudyModality,
 ``CT\\RTSTRUCT``); ``instances?StudyInstanceUID=`` goes through the series table.
-Paging: ``limit`` (1..1000, default 100), ``offset``; the answer has ``total``.
+Paging (docs/api.md, "Paging"): ``limit`` (1..1000, default 100); the answer's ``next`` is a cursor
+for the following page (``?cursor=``, same filters), null on the last. A keyset page costs the same
+at any depth; ``offset`` still works up to 10,000 (deeper is a 400 that points at the cursor).
+``total`` counts the matches up to 10,000 and is null beyond, unless ``total=exact`` asks for a
+full count (a scan of every match).
 Values are always bound parameters: a quote or SQL in a filter is just text that
 matches nothing.
 
@@ -29,9 +33,10 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request, send_file
 from pydicom.datadict import keyword_for_tag
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, literal, or_, select
 from werkzeug.security import safe_join
 
+from pacsbridge.shared.core import keyset
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, NotFound, UnsafePath
 from pacsbridge.shared.deid.keys import secret
 from pacsbridge.shared.deid.outgoing import Outgoing, audit_identifiable
@@ -39,6 +44,7 @@ from pacsbridge.shared.deid.profile import DeidentifyError
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.index.conquest import Index
 
+from . import models
 from .contract import READ, operation
 from .models import MAX_LIMIT, FileArgs, IndexPage, IndexRow, PageArgs, answer
 from .params import args, check_known, paging
@@ -60,6 +66,13 @@ FILTERS = {
                "SeriesDate", "SeriesNumber"),
     "instances": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"),
 }
+
+#: Query parameters of a page (the others are filters).
+_PAGING = ("limit", "offset", "cursor", "total")
+#: ``total`` is counted up to this many matches (null beyond, unless ``total=exact``).
+TOTAL_CAP = models.TOTAL_CAP
+#: The deepest ``offset``: deeper pages are read with the cursor (an offset makes the database skip rows).
+MAX_OFFSET = models.MAX_OFFSET
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE_RANGE = re.compile(r"^(?P<lo>[0-9]{8})?(?P<dash>-)?(?P<hi>[0-9]{8})?$")
@@ -120,17 +133,18 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
         extra.add("Modality")
     if level == "Image":
         extra.add("StudyInstanceUID")
-    allowed = set(cols) | extra | {"limit", "offset"}
+    allowed = set(cols) | extra | set(_PAGING)
     if single_key is None:
         check_known(allowed)
     else:
         check_known(())
     limit, offset = paging()
+    cursor, exact = _page_args(offset)
     key = index.schema[level].key.column
     conditions = []
     joins = table
     filters = {} if single_key is not None else {k: v for k, v in request.args.items()
-                                                     if k not in ("limit", "offset") and v != ""}
+                                                     if k not in _PAGING and v != ""}
     if single_key is not None:
         filters[_keyword(index.schema[level].key)] = single_key
     for name, value in filters.items():
@@ -161,13 +175,17 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
     where = and_(*conditions) if conditions else None
     columns = [table.c[c.column].label(k) for k, c in cols.items()]
     stmt = select(*columns).select_from(joins)
-    count = select(func.count()).select_from(joins)
     if where is not None:
-        stmt, count = stmt.where(where), count.where(where)
-    stmt = stmt.order_by(table.c[key]).limit(limit).offset(offset)
+        stmt = stmt.where(where)
+    where_from = keyset.scope(resource, sorted(filters.items()))
+    if cursor:
+        stmt = stmt.where(table.c[key] > keyset.decode(cursor, where_from, (str,))[0])
+    stmt = stmt.order_by(table.c[key]).limit(limit + 1).offset(offset)
     with index.engine.connect() as conn:
-        total = int(conn.execute(count).scalar_one())
         rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        total = None if single_key is not None else _total(conn, joins, where, exact)
+    more = len(rows) > limit
+    rows = rows[:limit]
     key_kw = _keyword(index.schema[level].key)
     for row in rows:
         for k, v in row.items():
@@ -177,7 +195,31 @@ def _list(resource: str, single_key: str | None = None) -> dict[str, Any]:
             row["file"] = f"/api/v1/instances/{row[key_kw]}/file"
         if level != "Patient":
             row["path"] = f"/api/v1/{resource}/{row[key_kw]}"
-    return {"items": rows, "total": total, "limit": limit, "offset": offset}
+    nxt = keyset.encode(where_from, [rows[-1][key_kw]]) if more else None
+    return {"items": rows, "total": total, "limit": limit, "offset": offset, "next": nxt}
+
+
+def _page_args(offset: int) -> tuple[str, bool]:
+    """``cursor`` and ``total=exact``; a deep ``offset`` is refused: the cursor pages at any depth."""
+    cursor = request.args.get("cursor", "")
+    raw_total = request.args.get("total", "")
+    if raw_total not in ("", "exact"):
+        raise InvalidRequest("expected exact (count every match) or nothing (counted up to "
+                             f"{TOTAL_CAP:,}; null beyond)", "total")
+    if offset > MAX_OFFSET:
+        raise InvalidRequest(f"at most {MAX_OFFSET:,}: page deeper with `cursor` (the `next` of each page)", "offset")
+    if cursor and offset:
+        raise InvalidRequest("give `cursor` or `offset`, not both (the cursor says where the page starts)", "offset")
+    return cursor, raw_total == "exact"
+
+
+def _total(conn: Any, joins: Any, where: Any, exact: bool) -> int | None:
+    """How many rows match: counted exactly with ``total=exact`` (a scan of every match: seconds over
+    millions), else counted up to :data:`TOTAL_CAP` and None beyond (a bounded index scan)."""
+    rows = select(literal(1)).select_from(joins)
+    if where is not None:
+        rows = rows.where(where)
+    return keyset.count(conn, rows, None if exact else TOTAL_CAP)
 
 
 _UID_SCHEMA: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": r"^([0-9]+(\.[0-9]+)*)?$"}
@@ -211,7 +253,14 @@ def _filters(resource: str) -> list[dict[str, Any]]:
         out.append({"name": name, "in": "query", "description": text, "schema": schema})
     page = PageArgs.model_json_schema()["properties"]
     out += [{"name": k, "in": "query", "schema": {key: v for key, v in page[k].items() if key != "title"}}
-            for k in ("limit", "offset")]
+            for k in ("limit",)]
+    out += [{"name": "offset", "in": "query", "description": f"rows to skip, at most {MAX_OFFSET:,} (deeper: cursor)",
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}},
+            {"name": "cursor", "in": "query", "description": "the `next` of the page before (same filters)",
+             "schema": {"type": "string", "maxLength": keyset.MAX_CURSOR, "pattern": r"^[A-Za-z0-9_-]*$"}},
+            {"name": "total", "in": "query", "description": f"exact: count every match (else up to {TOTAL_CAP:,}, "
+                                                            "null beyond)",
+             "schema": {"type": "string", "enum": ["exact", ""]}}]
     return out
 
 
@@ -222,7 +271,9 @@ def _browse(resource: str) -> Any:
     return operation(f"Browse {resource} in the index", "index", {200: ("a page of index rows", IndexPage)},
                      params=lambda: _filters(resource),
                      description=f"Every column of the level is a filter (by DICOM keyword; those listed are the "
-                                 f"usual ones); limit 1 to {MAX_LIMIT}, offset.")
+                                 f"usual ones); limit 1 to {MAX_LIMIT}; `next` is the cursor of the "
+                                 f"following page; `total` is null beyond {TOTAL_CAP:,} matches unless total=exact.",
+                     rules=models.CURSOR_RULES)
 
 
 def _single(resource: str) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 from flask import Blueprint, g
 
+from pacsbridge.shared.core import keyset
 from pacsbridge.shared.core.errors import InvalidRequest, NotFound
 from pacsbridge.shared.dicom.query import QueryModel
 from pacsbridge.shared.jobs import spec as jobspec
@@ -31,7 +32,7 @@ from pacsbridge.shared.jobs.store import FINISHED, KINDS, Job
 from .auth import requires
 from .contract import READ, WRITE, operation
 from .models import JobList, JobListArgs, JobOut, JobSubmitted, answer
-from .params import args, check_known, json_object, since_arg
+from .params import args, check_known, json_object, keyset_page, next_cursor, since_arg
 from .state import state
 
 __all__ = ["bp", "CANCEL_WAIT_SECONDS"]
@@ -111,10 +112,13 @@ def submit() -> tuple[dict[str, Any], int, dict[str, str]]:
 def list_jobs() -> dict[str, Any]:
     a = args(JobListArgs)
     since = since_arg()
-    jobs, total = state().jobs.list(state=a.state, kind=a.kind, node=a.node or None, since=since, limit=a.limit,
-                                    offset=a.offset)
+    where_from = keyset.scope("jobs", a.state, a.kind, a.node or "", since)
+    after, cap = keyset_page(a, where_from, (float, str))
+    jobs, total = state().jobs.list(state=a.state, kind=a.kind, node=a.node or None, since=since,
+                                    limit=a.limit + 1, offset=a.offset, after=after, cap=cap)
+    nxt = next_cursor(jobs, a.limit, where_from, lambda j: [j.created_at, j.id])
     return answer(JobList, {"items": [_summary(j) for j in jobs], "total": total,  # type: ignore[no-any-return]
-                            "limit": a.limit, "offset": a.offset})
+                            "limit": a.limit, "offset": a.offset, "next": nxt})
 
 
 @bp.get("/jobs/<job_id>")

@@ -22,11 +22,20 @@ from pacsbridge.shared.jobs.store import KINDS, STATES
 __all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeList", "Echo", "FindResult", "JobOut", "JobSubmitted",
            "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList", "QuarantineDecision",
            "Health", "Args", "JobListArgs", "QuarantineArgs", "PageArgs", "SINCE_PATTERN", "MAX_LIMIT",
-           "DEFAULT_LIMIT", "ProjectOut", "ProjectList", "ProjectCreate", "ProjectPatch", "MapRow", "MapPage",
+           "DEFAULT_LIMIT", "MAX_OFFSET", "TOTAL_CAP", "CURSOR_RULES", "ListArgs", "ProjectOut", "ProjectList",
+           "ProjectCreate",
+           "ProjectPatch", "MapRow", "MapPage",
            "MapArgs", "AuditRow", "AuditPage", "AuditArgs"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+#: The deepest ``offset`` of a list that pages by cursor: deeper, the database would skip rows one by one.
+MAX_OFFSET = 10_000
+#: ``total`` is counted up to this many matches (null beyond, unless ``total=exact``).
+TOTAL_CAP = 10_000
+#: What a cursor must be beyond its pattern (the document's rules of each list that pages by cursor).
+CURSOR_RULES = ("cursor: the `next` of a page of this same list (same filters), as it is (`cursor`)",
+                "cursor and offset: not both (`offset`)")
 
 
 class Out(BaseModel):
@@ -156,9 +165,11 @@ class JobSubmitted(Out):
 
 class JobList(Out):
     items: list[JobOut]
-    total: int
+    total: int | None = Field(description="how many match; null when more than 10,000 do and total=exact "
+                                          "was not asked")
     limit: int
     offset: int
+    next: str | None = Field(description="the cursor of the next page (?cursor=), null on the last page")
 
 
 # -- the index --------------------------------------------------------------------------
@@ -167,10 +178,15 @@ class IndexRow(RootModel[dict[str, str | int | float | None]]):
 
 
 class IndexPage(Out):
+    """A page of index rows. ``next`` continues it (``?cursor=``, the same filters); ``total`` is exact up to
+    10,000 matches and null beyond, unless ``total=exact`` was asked (docs/api.md, "Paging")."""
+
     items: list[dict[str, str | int | float | None]]
-    total: int
+    total: int | None = Field(description="how many match; null when more than 10,000 do and total=exact "
+                                          "was not asked")
     limit: int
     offset: int
+    next: str | None = Field(description="the cursor of the next page (?cursor=), null on the last page")
 
 
 # -- quarantine -------------------------------------------------------------------------
@@ -197,9 +213,11 @@ class QuarantineEntry(Out):
 
 class QuarantineList(Out):
     items: list[QuarantineEntry]
-    total: int
+    total: int | None = Field(description="how many match; null when more than 10,000 do and total=exact "
+                                          "was not asked")
     limit: int
     offset: int
+    next: str | None = Field(description="the cursor of the next page (?cursor=), null on the last page")
 
 
 class QuarantineDecision(Model):
@@ -262,10 +280,26 @@ class PageArgs(Args):
     offset: Offset = 0
 
 
-class JobListArgs(PageArgs):
-    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)",)
+class ListArgs(PageArgs):
+    """A list that may be long: paged by ``cursor`` (the ``next`` of the page before), ``offset`` at most
+    10,000, ``total`` counted up to 10,000 unless ``total=exact`` (docs/api.md, "Paging")."""
 
-    help = {**PageArgs.help, "state": f"expected one of {', '.join(STATES)}",
+    rules: ClassVar[tuple[str, ...]] = CURSOR_RULES
+    help = {**PageArgs.help, "offset": f"expected 0 to {MAX_OFFSET} (deeper: follow `next` with `cursor`)",
+            "cursor": "the `next` of a page, as it is", "total": "expected exact or nothing"}
+
+    offset: Annotated[int, Field(ge=0, le=MAX_OFFSET), BeforeValidator(_whole_number)] = Field(
+        0, description=f"rows to skip, at most {MAX_OFFSET:,} (deeper pages: `cursor`)")
+    cursor: Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9_-]*$")] = Field(
+        "", description="the `next` of the page before (same filters)")
+    total: Literal["exact", ""] = Field("", description=f"exact: count every match (else up to {TOTAL_CAP:,}, "
+                                                        "null beyond)")
+
+
+class JobListArgs(ListArgs):
+    rules: ClassVar[tuple[str, ...]] = ("since: a 29 February only in a leap year (`since`)", *CURSOR_RULES)
+
+    help = {**ListArgs.help, "state": f"expected one of {', '.join(STATES)}",
             "kind": f"expected one of {', '.join(KINDS)}", "node": "a node name has at most 64 characters",
             "since": "Unix seconds or an ISO 8601 date/time"}
 
@@ -284,8 +318,8 @@ class FileArgs(Args):
         None, description="de-identify the file under this project (else the file as received, audited)")
 
 
-class QuarantineArgs(PageArgs):
-    help = {**PageArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
+class QuarantineArgs(ListArgs):
+    help = {**ListArgs.help, "reason": f"expected one of {', '.join(REASONS)}", "resolved": "expected true or false"}
 
     reason: Literal[(*REASONS, "")] = Field(None, description="'' = any")  # type: ignore[valid-type]
     resolved: Literal["true", "false", ""] = Field(None, description="'' = either")  # type: ignore[arg-type]

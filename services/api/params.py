@@ -11,12 +11,14 @@ from urllib.parse import parse_qsl
 from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
 
+from pacsbridge.shared.core import keyset
 from pacsbridge.shared.core.errors import InvalidRequest
 from pacsbridge.shared.core.models import check
 
-from .models import DEFAULT_LIMIT, MAX_LIMIT, SINCE_PATTERN, Args, PageArgs
+from .models import DEFAULT_LIMIT, MAX_LIMIT, TOTAL_CAP, SINCE_PATTERN, Args, ListArgs, PageArgs
 
-__all__ = ["json_object", "paging", "check_known", "check_text", "since_arg", "args", "MAX_LIMIT",
+__all__ = ["json_object", "paging", "keyset_page", "next_cursor", "check_known",
+           "check_text", "since_arg", "args", "MAX_LIMIT",
            "DEFAULT_LIMIT"]
 
 MAX_VALUE = 256
@@ -123,6 +125,24 @@ def paging() -> tuple[int, int]:
     page = check(PageArgs, {k: request.args[k] for k in ("limit", "offset") if k in request.args},
                  field="query", rename=lambda loc: str(loc[0]))
     return page.limit, page.offset
+
+
+def keyset_page(a: ListArgs, where_from: str, types: tuple[type, ...]) -> tuple[list[Any] | None, int | None]:
+    """Where a page of a :class:`~.models.ListArgs` list starts (the sort key its cursor holds, or None) and
+    the cap of its count (None: count every match). A cursor with an offset is a 400: the cursor says where."""
+    if a.cursor and a.offset:
+        raise InvalidRequest("give `cursor` or `offset`, not both (the cursor says where the page starts)", "offset")
+    after = keyset.decode(a.cursor, where_from, types) if a.cursor else None
+    return after, None if a.total == "exact" else TOTAL_CAP
+
+
+def next_cursor(items: list[Any], limit: int, where_from: str, key: Any) -> str | None:
+    """The cursor after the last of ``items`` when the page is full (``key(item)``: its sort key), else None.
+    The store was asked for ``limit + 1`` rows: the extra one says whether a next page exists, and is dropped."""
+    if len(items) <= limit:
+        return None
+    del items[limit:]
+    return keyset.encode(where_from, key(items[-1]))
 
 
 def since_arg(name: str = "since") -> float | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, g
 
+from pacsbridge.shared.core import keyset
 from pacsbridge.shared.core.models import check
 from pacsbridge.shared.index.conflicts import resolve
 from pacsbridge.shared.index.quarantine import Quarantine, UnknownQuarantine
@@ -20,7 +21,7 @@ from pacsbridge.shared.index.quarantine import Quarantine, UnknownQuarantine
 from .auth import requires
 from .contract import READ, WRITE, operation
 from .models import QuarantineArgs, QuarantineDecision, QuarantineEntry, QuarantineList, answer
-from .params import args, check_known, json_object
+from .params import args, check_known, json_object, keyset_page, next_cursor
 from .state import state
 
 __all__ = ["bp"]
@@ -41,14 +42,18 @@ _ENTRY = {"entry_id": {"type": "string", "minLength": 1, "maxLength": 12, "patte
 
 @bp.get("/quarantine")
 @operation("What indexing set aside, newest first", "quarantine", {200: ("a page of entries", QuarantineList)},
-           args=QuarantineArgs)
+           args=QuarantineArgs, rules=QuarantineArgs.rules)
 def list_entries() -> dict[str, Any]:
     a = args(QuarantineArgs)
     resolved = None if not a.resolved else a.resolved == "true"
+    where_from = keyset.scope("quarantine", a.reason or "", resolved)
+    after, cap = keyset_page(a, where_from, (float, int))
     items, total = Quarantine(state().ctx.index.engine).list(reason=a.reason or None, resolved=resolved,
-                                                             limit=a.limit, offset=a.offset)
+                                                             limit=a.limit + 1, offset=a.offset, after=after,
+                                                             cap=cap)
+    nxt = next_cursor(items, a.limit, where_from, lambda e: [e["created_at"], e["id"]])
     return answer(QuarantineList, {"items": items, "total": total,  # type: ignore[no-any-return]
-                                   "limit": a.limit, "offset": a.offset})
+                                   "limit": a.limit, "offset": a.offset, "next": nxt})
 
 
 @bp.get("/quarantine/<entry_id>")

@@ -292,6 +292,9 @@ arrivals_table = Table(
 # -- Conquest's tables, from a dicom.sql ----------------------------------------------------------
 #: Tag of PatientID (0010,0020).
 _PATIENT_ID = 0x00100020
+#: Columns queried by value beyond the keys and links, by level: StudyDate (0008,0020) and
+#: AccessionNumber (0008,0050) of a study (docs/index-and-storage.md, "Indexes").
+_QUERIED = {"Study": (0x00080020, 0x00080050)}
 
 
 def ident(name: str) -> quoted_name:
@@ -334,6 +337,11 @@ def _conquest_table(metadata: MetaData, tdef: TableDef, fold: bool) -> Table:
         Index(ident(f"{lower}_{pid.column.lower()}"), table.c[pid.column])
     if tdef.level == "Image":
         Index(ident(f"{lower}_objectfile"), table.c["ObjectFile"])
+    for tag in _QUERIED.get(tdef.level, ()):
+        # what the API's browse and cohorts look studies up by (revision 0006 adds them to older indexes)
+        queried = tdef.by_tag(tag)
+        if queried is not None and queried is not tdef.key and queried is not parent:
+            Index(ident(f"{lower}_{queried.column.lower()}"), table.c[queried.column])
     return table
 
 

@@ -29,9 +29,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from sqlalchemy import and_, func, insert, select, true, update
 from sqlalchemy.engine import Engine
 
+from pacsbridge.shared.core import keyset
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, NotFound
 from pacsbridge.shared.core.schema import quarantine_table as table
 from pacsbridge.shared.index.storage import QUARANTINE
+
+#: The order of the list, newest first, as keyset paging continues it (``(column, descending)``).
+ORDER = ((table.c.created_at, True), (table.c.id, True))
 
 __all__ = ["Quarantine", "REASONS", "DECISIONS", "QUARANTINE_DIR", "UnknownQuarantine"]
 
@@ -140,19 +144,25 @@ class Quarantine:
         return _row(r)
 
     def list(self, *, reason: str | None = None, resolved: bool | None = None, limit: int = 100,
-             offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Entries, newest first, and how many match in all."""
+             offset: int = 0, after: Sequence[Any] | None = None,
+             cap: int | None = None) -> tuple[list[dict[str, Any]], Any]:
+        """Entries, newest first, and how many match in all.
+
+        ``after``: the sort key ``(created_at, id)`` of the last entry of the page before (keyset paging,
+        see :mod:`pacsbridge.shared.core.keyset`). ``cap``: count at most that many (None beyond).
+        """
         cond = []
         if reason:
             cond.append(table.c.reason == reason)
         if resolved is not None:
             cond.append(table.c.resolved_at.isnot(None) if resolved else table.c.resolved_at.is_(None))
         where = and_(true(), *cond)
+        page = where if after is None else and_(where, keyset.after(ORDER, after))
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(table).where(where)).scalar_one()
-            rows = conn.execute(select(table).where(where).order_by(table.c.created_at.desc(), table.c.id.desc())
+            total = keyset.count(conn, select(table.c.id).where(where), cap)
+            rows = conn.execute(select(table).where(page).order_by(table.c.created_at.desc(), table.c.id.desc())
                                 .limit(limit).offset(offset))
-            return [_row(r) for r in rows], int(total)
+            return [_row(r) for r in rows], total
 
     def counts(self) -> dict[tuple[str, bool], int]:
         """``{(reason, resolved): n}`` for the metrics."""

@@ -32,7 +32,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
 from pacsbridge.shared.core.errors import Conflict, InvalidRequest, UnknownJob, UnknownNode, UnknownProject
-from pacsbridge.shared.core import migrations
+from pacsbridge.shared.core import keyset, migrations
 from pacsbridge.shared.core.schema import COUNTERS, jobs_table, nodes_table, projects_table, series_table
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.jobs.spec import effective_project
@@ -43,6 +43,8 @@ __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FIN
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "partial", "failed", "cancelled")
+#: The order of a job list, newest first, as keyset paging continues it (``(column, descending)``).
+JOB_ORDER = ((jobs_table.c.created_at, True), (jobs_table.c.id, False))
 KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort")
 
 @dataclasses.dataclass
@@ -283,8 +285,13 @@ class JobStore:
         return job
 
     def list(self, *, state: str | None = None, kind: str | None = None, node: str | None = None,
-             since: float | None = None, limit: int = 100, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs matching the filters, newest first, and how many match in all."""
+             since: float | None = None, limit: int = 100, offset: int = 0,
+             after: Sequence[Any] | None = None, cap: int | None = None) -> tuple[list[Job], Any]:
+        """Jobs matching the filters, newest first, and how many match in all.
+
+        ``after``: the sort key ``(created_at, id)`` of the last job of the page before (keyset paging,
+        see :mod:`pacsbridge.shared.core.keyset`). ``cap``: count at most that many (None beyond).
+        """
         cond = []
         if state:
             cond.append(jobs_table.c.state == state)
@@ -295,9 +302,10 @@ class JobStore:
         if since is not None:
             cond.append(jobs_table.c.created_at >= since)
         where = and_(true(), *cond)
+        page = where if after is None else and_(where, keyset.after(JOB_ORDER, after))
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(jobs_table).where(where)).scalar_one()
-            rows = conn.execute(select(jobs_table).where(where)
+            total = keyset.count(conn, select(jobs_table.c.id).where(where), cap)
+            rows = conn.execute(select(jobs_table).where(page)
                                 .order_by(jobs_table.c.created_at.desc(), jobs_table.c.id)
                                 .limit(limit).offset(offset))
             found = [_job(r) for r in rows]
@@ -306,7 +314,7 @@ class JobStore:
                 .where(series_table.c.job_id.in_([j.id for j in found])).group_by(series_table.c.job_id))}
             for job in found:
                 job.summed = sums.get(job.id, dict.fromkeys(COUNTERS, 0))
-            return found, int(total)
+            return found, total
 
     def claim(self, job_id: str, worker: str, stale_after: float = 120.0) -> Job | None:
         """Take a job to run it: queued, or running with a stale heartbeat (its worker died)
