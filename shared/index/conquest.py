@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import (MetaData, String, Table, bindparam, func, inspect, literal, select, text, union_all,
                         update)
@@ -245,6 +245,37 @@ class Index:
         with self.engine.connect() as conn:
             rows = conn.execute(select(images.c.ObjectFile).where(images.c.DeviceName == device))
             return {r[0] for r in rows}
+
+    def object_files_among(self, paths: Sequence[str], device: str = "MAG0") -> set[str]:
+        """Those of ``paths`` that are the ObjectFile of an image on ``device`` (one query per 500,
+        on the ObjectFile index): ``rebuild --missing`` a chunk of its walk at a time."""
+        images = self.tables["Image"]
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(paths), 500):
+                chunk = list(paths[i:i + 500])
+                out.update(r[0] for r in conn.execute(
+                    select(images.c.ObjectFile).where(images.c.DeviceName == device)
+                    .where(images.c.ObjectFile.in_(chunk))))
+        return out
+
+    def iter_object_files(self, page: int = 1000,
+                          device: str = "MAG0") -> Iterator[list[tuple[str, str]]]:
+        """``[(SOPInstanceUID, ObjectFile), ...]`` of the images on ``device``, a page at a time in key
+        order (keyset: each page one indexed range query), so that a walk of 20 M rows holds one page."""
+        images = self.tables["Image"]
+        key = images.c[self.schema["Image"].key.column]
+        last = None
+        while True:
+            stmt = select(key, images.c.ObjectFile).where(images.c.DeviceName == device)
+            if last is not None:
+                stmt = stmt.where(key > last)
+            with self.engine.connect() as conn:
+                rows = [(r[0], r[1]) for r in conn.execute(stmt.order_by(key).limit(page))]
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
 
     def lookup_sop(self, sop_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """``{SOPInstanceUID: (ObjectFile, DeviceName)}`` for those already indexed."""
