@@ -34,6 +34,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import signal
 import stat
 import tempfile
 import threading
@@ -293,6 +294,13 @@ def _init(job: _Job) -> None:
     _zips.clear()
 
 
+def _init_worker(job: _Job) -> None:
+    """A worker process ignores Ctrl-C: the parent handles it (stops the pool, keeps what is indexed).
+    A worker that took the interrupt itself would die mid-task and leave the pool waiting for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init(job)
+
+
 def _read(source: Source, whole: bool = True, confine: str | None = None) -> Any:
     """The bytes of ``source``: a zip member, or the file mapped read-only.
 
@@ -463,6 +471,7 @@ class Importer:
         head = list(itertools.islice(stream, PROCESS_THRESHOLD))
         window = threading.BoundedSemaphore(WINDOW)
         stop = threading.Event()
+        self.progress(done, count())  # where this run starts (a resumed rebuild: past the files done before)
 
         def consume(outcomes: Iterable[Outcome]) -> None:
             nonlocal done, batch
@@ -498,7 +507,7 @@ class Importer:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
         self.index.engine.dispose(close=False)  # a forked child must not share pooled connections
-        with ctx.Pool(self.workers, initializer=_init, initargs=(job,)) as pool:
+        with ctx.Pool(self.workers, initializer=_init_worker, initargs=(job,)) as pool:
             try:
                 consume(pool.imap(_process, feed(), chunksize=CHUNKSIZE))
             finally:
@@ -858,7 +867,6 @@ class Importer:
             report.resumed_after, report.done_before = resume.after, resume.done
             log.info("resuming the interrupted rebuild after %s (%d files done)", resume.after, resume.done)
         counter = _Counter(self.storage)
-        report.estimated_total = None
         paths = self.storage.iter_files(after)
         if missing_only:
             paths = self._not_indexed(paths)
@@ -876,6 +884,7 @@ class Importer:
         counter.start()
         try:
             self._run("rebuild", sources, on_batch, report, already_done=before, total=counter.total)
+            counter.join(timeout=1.0)  # a small tree: its count may still be under way
         finally:
             self.resolve_indexed = False
             counter.stop()

@@ -11,7 +11,7 @@ stored instance), named after the index database (its URL, password left out), s
 rebuild into another database does not resume this one. It is written to a temporary name,
 fsynced and renamed over the old one: it is either the old or the new checkpoint, never torn.
 A checkpoint of another kind of run (``--missing`` or not) is not used: the run starts from the
-beginning and says so.
+beginning, says so, and its own checkpoints replace it.
 
 The checkpoint is written just after its batch's commit, not in the same transaction: a crash
 between the two (a few milliseconds per batch) makes the next run read that one batch again.
