@@ -209,13 +209,15 @@ class Index:
         raw = conn.connection.dbapi_connection
         assert raw is not None
         dbapi = conn.dialect.loaded_dbapi
+        cur: Any = raw.cursor()
         try:
-            with raw.cursor() as cur:
-                cur.execute(create)
-                cur.copy_expert(copy, buf)
-                cur.execute(upsert)
+            cur.execute(create)
+            cur.copy_expert(copy, buf)
+            cur.execute(upsert)
         except dbapi.Error as exc:
             raise DBAPIError.instance(copy, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+        finally:
+            cur.close()
 
     def _study_modality_col(self, table: Table) -> str | None:
         col = self.schema["Study"].by_tag(_STUDY_MODALITY)
