@@ -211,3 +211,10 @@ def test_a_database_migrated_by_a_newer_pacsbridge_is_refused(tmp_path):
     with ctx.index.engine.connect() as conn:
         assert migrations.current(conn) == "9999"
     ctx.index.engine.dispose()
+
+
+def test_head_read_from_the_scripts_is_alembics():
+    """head() reads the revision lines of the scripts instead of loading Alembic (each command's start)."""
+    from pacsbridge.shared.core.migrations import _alembic_head, head
+
+    assert head() == _alembic_head()
