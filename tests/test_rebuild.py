@@ -193,3 +193,22 @@ def test_progress_reports_the_count_of_storage(ctx, settings):
     seen: list[tuple[int, int]] = []
     Importer(ctx.index, ctx.storage, workers=1, progress=lambda d, t: seen.append((d, t))).rebuild()
     assert seen[0][0] == 0 and seen[-1] == (90, 90)
+
+
+def test_upsert_keeps_every_character_and_coalesces(ctx):
+    """PostgreSQL upserts through COPY's text format: backslashes (DICOM's value separator), tabs and
+    line ends must come back as they went in, and a value absent from a new copy never erases one."""
+    path = ctx.storage.root / "P" / "a.dcm"
+    make_instance(path, PatientID="PX", StudyDescription="x")
+    importer_module._init(Importer(ctx.index, ctx.storage, workers=1)._job("rebuild"))
+    rows = importer_module._process(importer_module.Source(str(path))).rows
+    assert rows is not None
+    odd = "a\\b\tc\nd\re \\N end\\"
+    desc = next(k for k in rows["Study"] if k.lower() == "studydescr")
+    rows["Study"][desc] = odd
+    rows["Image"]["ObjectFile"] = "P/a b\\c.dcm"
+    ctx.index.upsert([rows])
+    ctx.index.upsert([rows | {"Study": rows["Study"] | {desc: None}}])  # absent now: the stored value stays
+    with ctx.index.engine.connect() as conn:
+        assert conn.execute(text(f"select {desc} from DICOMStudies")).scalar_one() == odd
+        assert conn.execute(text("select ObjectFile from DICOMImages")).scalar_one() == "P/a b\\c.dcm"

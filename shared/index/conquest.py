@@ -45,6 +45,7 @@ _PATIENT_ID = 0x00100020
 
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_ROW_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": "\t", "\x01": "\\N"})
 
 
 def _copy_text(value: Any) -> str:
@@ -202,8 +203,15 @@ class Index:
 
         create, copy, upsert = self._copy_sql[level]
         buf = io.StringIO()
+        last = len(columns) - 1
         for row in params:
-            buf.write("\t".join(_copy_text(row[c]) for c in columns))
+            values = [row[c] for c in columns]
+            # one translate per row: NUL stands for the tab between values and \x01 for NULL ...
+            line = "\x00".join(["\x01" if v is None else v if type(v) is str else str(v) for v in values])
+            if line.count("\x00") == last and line.count("\x01") == values.count(None):
+                buf.write(line.translate(_ROW_ESCAPES))
+            else:  # ... unless a value holds one of them (the database refuses a NUL anyway)
+                buf.write("\t".join(_copy_text(v) for v in values))
             buf.write("\n")
         buf.seek(0)
         raw = conn.connection.dbapi_connection
