@@ -212,3 +212,19 @@ def test_upsert_keeps_every_character_and_coalesces(ctx):
     with ctx.index.engine.connect() as conn:
         assert conn.execute(text(f"select {desc} from DICOMStudies")).scalar_one() == odd
         assert conn.execute(text("select ObjectFile from DICOMImages")).scalar_one() == "P/a b\\c.dcm"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_progress_lines_when_stderr_is_not_a_terminal(ctx, settings):
+    """Text mode into a log (not a terminal): a line now and then with files done, of how many, files/s
+    and the time left (every 10 s; here every batch, the module's constant set by the test)."""
+    _fill(Path(settings.storage), 120)
+    code = ("import sys; import pacsbridge.shared.index.importer as m; import pacsbridge.cli as c; "
+            "m.BATCH_SIZE = 20; c.PROGRESS_SECONDS = 0; sys.exit(c.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "rebuild", "--workers", "1"], env=cli_env(settings),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rebuild: ")]
+    assert lines and lines[-1].startswith("rebuild: 120 of 120 files, "), proc.stderr
+    assert any("files/s, about" in line and "left" in line for line in lines), proc.stderr
+    assert "120 indexed" in proc.stderr
