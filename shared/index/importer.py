@@ -878,7 +878,10 @@ class Importer:
             nonlocal done
             self._index_batch(batch, report)
             done += len(batch)
-            checkpoint.save(batch[-1].source.path[prefix:], done)
+            try:
+                checkpoint.save(batch[-1].source.path[prefix:], done)
+            except OSError as exc:  # the rebuild goes on; only resuming it would start further back
+                log.warning("could not write the rebuild checkpoint %s: %s", checkpoint.path, exc)
 
         self.resolve_indexed = True
         counter.start()
