@@ -30,17 +30,47 @@ err = Console(stderr=True, highlight=False)
 
 
 # -- output helpers -----------------------------------------------------------------
-def _progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+#: Seconds between two progress lines when stderr is not a terminal (a log file, a container's output).
+PROGRESS_SECONDS = 10.0
+
+
+def _progress(label: str, lines: bool = True) -> tuple[Progress, Callable[[int, int], None]]:
+    """A progress bar on a terminal; otherwise (and ``lines``) a line every :data:`PROGRESS_SECONDS`.
+
+    The callback takes ``(done, total)``; ``total`` is 0 while it is not known. The rate and the
+    time left count only what this run did: a resumed rebuild starts at the files done before.
+    """
+    import time
+
     progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False)
     task = progress.add_task(label, total=None, rate="")
+    start = time.monotonic()
+    first: list[int] = []
+    shown = [start]
 
     def update(done: int, total: int) -> None:
-        elapsed = progress.tasks[0].elapsed or 0.0
-        rate = f"{done / elapsed:,.0f} files/s" if elapsed > 0 else ""
-        progress.update(task, completed=done, total=total, rate=rate)
+        if not first:
+            first.append(done)  # done before this run (a resumed rebuild)
+        elapsed = time.monotonic() - start
+        rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
+        progress.update(task, completed=done - first[0], total=(total - first[0]) if total else None,
+                        rate=f"{rate:,.0f} files/s" if rate else "")
+        now = time.monotonic()
+        if err.is_terminal or not lines or now - shown[0] < PROGRESS_SECONDS:
+            return
+        shown[0] = now
+        left = f", about {_duration((total - done) / rate)} left" if total and rate > 0 else ""
+        of = f" of {total:,}" if total else ""
+        err.print(f"{label}: {done:,}{of} files, {rate:,.0f} files/s{left}")
 
     return progress, update
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h} h {rest // 60:02d} min" if h else f"{rest // 60} min {rest % 60:02d} s"
 
 
 def _report(report: Any, fmt: str, seconds: float) -> int:
@@ -57,6 +87,8 @@ def _report(report: Any, fmt: str, seconds: float) -> int:
                  if data[k] or k in ("rejected",)]
         err.print(f"{', '.join(parts)} in {seconds:.1f} s"
                   + (f" ({data['files_per_second']:,} files/s)" if data["files_per_second"] else ""))
+        if data.get("resumed_after"):
+            err.print(f"resumed after {data['resumed_after']} ({data['done_before']:,} files done before)")
         for f, reason in report.rejected:
             err.print(f"[red]rejected[/red] {f}: {reason}")
     return EXIT_REJECTED if report.rejected else EXIT_OK
@@ -96,10 +128,16 @@ def _run_importer(args: argparse.Namespace, label: str, work: Callable[[Any], An
 
     ctx = _context(args)
     ctx.index.create()
-    progress, update = _progress(label)
+    progress, update = _progress(label, lines=args.format == "text")
     t0 = time.perf_counter()
     with progress:
-        report = work(Importer(ctx.index, ctx.storage, args.workers, update))
+        try:
+            report = work(Importer(ctx.index, ctx.storage, args.workers, update))
+        except KeyboardInterrupt:
+            if label == "rebuild":
+                err.print("rebuild interrupted: what was indexed stays; run it again to go on from there "
+                          "(--restart to start from the beginning)")
+            raise
     return _report(report, args.format, time.perf_counter() - t0)
 
 
@@ -111,7 +149,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    return _run_importer(args, "rebuild", lambda imp: imp.rebuild(missing_only=args.missing, prune=args.prune))
+    return _run_importer(args, "rebuild", lambda imp: imp.rebuild(missing_only=args.missing, prune=args.prune,
+                                                                  restart=args.restart))
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -347,10 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text", help="report format")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("rebuild", help="rebuild the index from storage",
-                       description="Index every file in storage (pyconquest's rebuild_database_from_dicom).")
+    p = sub.add_parser("rebuild", help="rebuild the index from storage", description=(
+        "Index every file in storage (pyconquest's rebuild_database_from_dicom). Storage is walked in a fixed "
+        "order and indexed as it goes; a rebuild that was interrupted goes on where it stopped when run again "
+        "(rows already written stay; `init --force` first empties the index)."))
     p.add_argument("--missing", action="store_true", help="only files not indexed yet")
     p.add_argument("--prune", action="store_true", help="also remove rows whose file is gone")
+    p.add_argument("--restart", action="store_true",
+                   help="ignore where an interrupted rebuild stopped: start from the beginning")
     p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: one per core)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="report format")
     p.set_defaults(func=cmd_rebuild)

@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-from pacsbridge.shared.core.celeryapp import DEFAULT_BROKER
 from pacsbridge.shared.core.config import Settings
 from pacsbridge.shared.core.errors import ConfigError
 from pacsbridge.shared.core.supervise import Supervisor
@@ -150,6 +149,10 @@ def _banner(settings: Settings, env: dict[str, str], token: str | None) -> str:
 
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Start the three services and supervise them until Ctrl-C."""
+    # here, not at the top: the command line builds serve's parser for every command, and Celery's
+    # import took a quarter of a second of each (rebuild, import, sql ...)
+    from pacsbridge.shared.core.celeryapp import DEFAULT_BROKER
+
     _check_ports(settings)
     env = dict(os.environ)
     # every setting the services must share, the command line's (--dicom-sql, --special-columns ...) too

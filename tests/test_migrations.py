@@ -249,3 +249,10 @@ def test_the_query_indexes_upgrade_and_downgrade_keeping_the_rows(db_url, tmp_pa
     before.pop(migrations.VERSION_TABLE)
     assert after == before and after["dicomimages"][1]
     ctx.index.engine.dispose()
+
+
+def test_head_read_from_the_scripts_is_alembics():
+    """head() reads the revision lines of the scripts instead of loading Alembic (each command's start)."""
+    from pacsbridge.shared.core.migrations import _alembic_head, head
+
+    assert head() == _alembic_head()

@@ -340,7 +340,7 @@ def _walk_changed(ctx: Any, lost: list[str]) -> int:
                 "their last lines may be lost: walking what changed in storage since %s", ", ".join(lost),
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)))
     changed = ctx.storage.walk_changed(since)
-    known = ctx.index.known_files(changed) | Quarantine(ctx.index.engine).among(changed)
+    known = ctx.index.object_files_among(changed) | Quarantine(ctx.index.engine).among(changed)
     writer = JournalWriter(ctx.storage.root, durable=ctx.storage.fsync)
     n = 0
     try:

@@ -29,10 +29,12 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import logging
 import mmap
 import multiprocessing
 import os
+import signal
 import stat
 import threading
 import uuid
@@ -49,6 +51,7 @@ from pacsbridge.shared.core.errors import InvalidDataset, PacsbridgeError
 from pacsbridge.shared.index.conquest import Index
 from pacsbridge.shared.index.records import Rows, build_rows, clean_text, needs_dataset, read_header, schema_tags
 from pacsbridge.shared.index.quarantine import Quarantine
+from pacsbridge.shared.index.resume import Checkpoint
 from pacsbridge.shared.index.storage import OWN_FOLDERS, QUARANTINE, Storage
 
 __all__ = ["Outcome", "Report", "Importer", "iter_sources", "Source", "Refused", "check_path", "open_regular"]
@@ -59,6 +62,12 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 500
 #: Below this many files, no worker processes are started.
 PROCESS_THRESHOLD = 64
+#: Files read ahead of the batch being indexed, at most (memory does not follow the input's size).
+WINDOW = 4 * BATCH_SIZE
+#: Files handed to a worker process at a time.
+CHUNKSIZE = 32
+#: ``rebuild --missing`` and ``--prune``: paths (rows) compared with the index per query.
+CHUNK = 1000
 
 
 class Source(NamedTuple):
@@ -95,6 +104,9 @@ class Report:
     pruned: int = 0
     cancelled: bool = False
     quarantined: int = 0  #: rebuild: files of the quarantine area given an entry
+    resumed_after: str = ""  #: rebuild: resumed after this path (walk order) ...
+    done_before: int = 0  #: ... where the interrupted run(s) had done this many files
+    estimated_total: int | None = None  #: rebuild: files in storage (counted beside the walk)
 
     @property
     def total(self) -> int:
@@ -107,6 +119,11 @@ class Report:
                "rejections": [{"file": f, "reason": r} for f, r in self.rejected]}
         if self.cancelled:
             out["cancelled"] = True
+        if self.resumed_after:
+            out["resumed_after"] = self.resumed_after
+            out["done_before"] = self.done_before
+        if self.estimated_total is not None:
+            out["files_in_storage"] = self.estimated_total
         return out
 
 
@@ -276,6 +293,13 @@ def _init(job: _Job) -> None:
     _zips.clear()
 
 
+def _init_worker(job: _Job) -> None:
+    """A worker process ignores Ctrl-C: the parent handles it (stops the pool, keeps what is indexed).
+    A worker that took the interrupt itself would die mid-task and leave the pool waiting for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init(job)
+
+
 def _read(source: Source, whole: bool = True, confine: str | None = None) -> Any:
     """The bytes of ``source``: a zip member, or the file mapped read-only.
 
@@ -351,6 +375,50 @@ def _process(source: Source) -> Outcome:
             buf.close()
 
 
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class _Counter(threading.Thread):
+    """Counts the files of storage beside a rebuild, for its progress and estimate.
+
+    Names only (``os.scandir``: no ``stat`` of each file on most file systems), one folder at a
+    time; :meth:`total` is 0 until the count is complete.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__(name="rebuild-count", daemon=True)
+        self.storage = storage
+        self._total = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        folders = [str(self.storage.root)]
+        while folders and not self._halt.is_set():
+            folder = folders.pop()
+            top = folder == str(self.storage.root)
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        if not entry.is_dir():
+                            n += 1
+                        elif not entry.is_symlink() and not (top and entry.name in OWN_FOLDERS):
+                            folders.append(entry.path)
+            except OSError:
+                continue
+        if not self._halt.is_set():
+            self._total = n
+
+    def total(self) -> int:
+        return self._total
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
 # -- the parent: fan out, collect, index in batches ---------------------------
 class Importer:
     """Runs ``import`` and ``rebuild`` over a storage and an index.
@@ -384,17 +452,30 @@ class Importer:
         return _Job(self.index.schema, self.storage, mode, frozenset(tags), needs_dataset(self.index.schema),
                     confine)
 
-    def _run(self, mode: str, sources: Sequence[Source], on_batch: Callable[[list[Outcome]], Any],
+    def _run(self, mode: str, sources: Iterable[Source], on_batch: Callable[[list[Outcome]], Any],
              report: Report, already_done: int = 0, confine: str | None = None,
-             cancel: threading.Event | None = None) -> None:
-        total = len(sources) + already_done
+             cancel: threading.Event | None = None, total: Callable[[], int] | None = None) -> None:
+        """Read ``sources`` (a list or a stream) in worker processes, ``on_batch`` every
+        :data:`BATCH_SIZE` outcomes, in the order of ``sources``.
+
+        At most :data:`WINDOW` sources are read ahead of the batch being written, so that a
+        stream of 20 M paths holds no more than that in memory however slow the index is.
+        ``total()`` gives the number of files expected (0 while it is not known yet).
+        """
+        count = total or (lambda: len(sources) + already_done if isinstance(sources, Sequence) else 0)
         job = self._job(mode, confine)
         done = already_done
         batch: list[Outcome] = []
+        stream = iter(sources)
+        head = list(itertools.islice(stream, PROCESS_THRESHOLD))
+        window = threading.BoundedSemaphore(WINDOW)
+        stop = threading.Event()
+        self.progress(done, count())  # where this run starts (a resumed rebuild: past the files done before)
 
         def consume(outcomes: Iterable[Outcome]) -> None:
             nonlocal done, batch
             for outcome in outcomes:
+                window.release()
                 if cancel is not None and cancel.is_set():
                     report.cancelled = True  # what is done so far is indexed below; the rest is left
                     break
@@ -403,21 +484,33 @@ class Importer:
                 if len(batch) >= BATCH_SIZE:
                     on_batch(batch)
                     batch = []
-                    self.progress(done, total)
+                    self.progress(done, count())
             if batch:
                 on_batch(batch)
                 batch = []
-            self.progress(done, total)
+            self.progress(done, count())
 
-        if self.workers <= 1 or len(sources) < PROCESS_THRESHOLD:
+        def feed() -> Iterator[Source]:
+            for source in itertools.chain(head, stream):
+                while not window.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                yield source
+
+        if self.workers <= 1 or len(head) < PROCESS_THRESHOLD:
             _init(job)
-            consume(_process(s) for s in sources)
+            consume(_process(s) for s in feed())
             return
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
         self.index.engine.dispose(close=False)  # a forked child must not share pooled connections
-        with ctx.Pool(self.workers, initializer=_init, initargs=(job,)) as pool:
-            consume(pool.imap(_process, sources, chunksize=32))
+        with ctx.Pool(self.workers, initializer=_init_worker, initargs=(job,)) as pool:
+            try:
+                consume(pool.imap(_process, feed(), chunksize=CHUNKSIZE))
+            finally:
+                stop.set()  # the pool's feeding thread may wait for room in the window: let it end
 
     @contextlib.contextmanager
     def _uid_lock(self, outcomes: list[Outcome]) -> Iterator[None]:
@@ -744,40 +837,87 @@ class Importer:
         _zips.clear()
         return report
 
-    def rebuild(self, missing_only: bool = False, prune: bool = False) -> Report:
-        """Index every file in storage (``rebuild_database_from_dicom``).
+    def rebuild(self, missing_only: bool = False, prune: bool = False, restart: bool = False) -> Report:
+        """Index every file in storage (``rebuild_database_from_dicom``), streaming and resumable.
+
+        Storage is walked in a fixed order (:meth:`Storage.iter_files`), a folder at a time, and
+        files are read and indexed as the walk goes: memory does not follow the archive's size.
+        After each batch a checkpoint records the last file committed
+        (:class:`~pacsbridge.shared.index.resume.Checkpoint`); a rebuild that was interrupted
+        goes on from there when run again (the rows it wrote stay: indexing is an upsert), and
+        the checkpoint is removed once the walk reaches the end. Nothing is emptied first:
+        ``pacsbridge init --force`` does that.
 
         Parameters
         ----------
         missing_only : bool
-            Skip files whose ObjectFile is already in the index.
+            Skip files whose ObjectFile is already in the index (checked a chunk of the walk at
+            a time, one query per chunk).
         prune : bool
-            Also delete image rows whose MAG0 file no longer exists.
+            Also delete image rows whose MAG0 file no longer exists (the index read a page at a
+            time); done at the start of a run, not again when resuming.
+        restart : bool
+            Ignore the checkpoint of an interrupted rebuild: start from the beginning.
         """
         self.storage.ensure()
         report = Report()
+        database = self.index.engine.url.render_as_string(hide_password=True)
+        checkpoint = Checkpoint(self.storage.root, database, missing_only)
+        resume = None if restart else checkpoint.load()
         report.quarantined = self.recognise_quarantine()
-        files = self.storage.walk()
-        known = self.index.object_files() if (missing_only or prune) else set()
-        if prune:
-            gone = known - set(files)
-            if gone:
-                img = self.index.tables["Image"]
-                key = self.index.schema["Image"].key.column
-                with self.index.engine.connect() as conn:
-                    sops = [r[0] for r in conn.execute(
-                        img.select().with_only_columns(img.c[key]).where(img.c.DeviceName == "MAG0")
-                        .where(img.c.ObjectFile.in_(sorted(gone))))]
-                report.pruned = self.index.delete_images(sops)
+        if prune and resume is None:
+            report.pruned = self._prune()
+        after, before = (resume.after, resume.done) if resume else (None, 0)
+        if resume:
+            report.resumed_after, report.done_before = resume.after, resume.done
+            log.info("resuming the interrupted rebuild after %s (%d files done)", resume.after, resume.done)
+        counter = _Counter(self.storage)
+        paths = self.storage.iter_files(after)
         if missing_only:
-            files = [f for f in files if f not in known]
-        sources = [Source(str(self.storage.root / f)) for f in files]
+            paths = self._not_indexed(paths)
+        sources = (Source(str(self.storage.root / f)) for f in paths)
+        prefix = len(str(self.storage.root)) + 1
+        done = before
+
+        def on_batch(batch: list[Outcome]) -> None:
+            nonlocal done
+            self._index_batch(batch, report)
+            done += len(batch)
+            try:
+                checkpoint.save(batch[-1].source.path[prefix:], done)
+            except OSError as exc:  # the rebuild goes on; only resuming it would start further back
+                log.warning("could not write the rebuild checkpoint %s: %s", checkpoint.path, exc)
+
         self.resolve_indexed = True
+        counter.start()
         try:
-            self._run("rebuild", sources, lambda b: self._index_batch(b, report), report)
+            self._run("rebuild", sources, on_batch, report, already_done=before, total=counter.total)
+            counter.join(timeout=1.0)  # a small tree: its count may still be under way
         finally:
             self.resolve_indexed = False
+            counter.stop()
+        report.estimated_total = counter.total() or None
+        if not report.cancelled:
+            checkpoint.clear()
         return report
+
+    def _not_indexed(self, paths: Iterable[str]) -> Iterator[str]:
+        """``paths`` without those already indexed on MAG0, compared :data:`CHUNK` at a time."""
+        for chunk in _chunks(paths, CHUNK):
+            known = self.index.object_files_among(chunk)
+            yield from (p for p in chunk if p not in known)
+
+    def _prune(self) -> int:
+        """Delete the image rows whose MAG0 file is gone, reading the index a page at a time."""
+        gone: list[str] = []
+        pruned = 0
+        for page in self.index.iter_object_files(CHUNK):
+            gone += [sop for sop, rel in page  # a row naming storage's own folders was never a stored file
+                     if not rel or rel.split("/", 1)[0] in OWN_FOLDERS or not os.path.lexists(self.storage.root / rel)]
+            if len(gone) >= CHUNK:
+                pruned += self.index.delete_images(gone)
+                gone = []
+        return pruned + (self.index.delete_images(gone) if gone else 0)
 
     def reindex_files(self, relpaths: Sequence[str],
                       arrivals: Sequence[Sequence[Any] | None] | None = None) -> Report:

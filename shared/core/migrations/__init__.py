@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from sqlalchemy import Column, Table, inspect, select, text
@@ -64,9 +66,32 @@ def config(conn: Connection | None = None) -> Config:
     return cfg
 
 
+_REVISION = re.compile(r'^(down_revision|revision)\s*=\s*(None|"([^"]*)")\s*$', re.M)
+
+
 @functools.cache
 def head() -> str:
-    """The newest revision."""
+    """The newest revision.
+
+    Every command and service start asks this (to see whether the database is up to date), and
+    loading Alembic's script directory to answer took 0.15 to 0.6 s of each ``pacsbridge`` command.
+    So the revision scripts' ``revision = "..."`` and ``down_revision = "..."`` lines are read as
+    text: the head is the one revision no other one revises. Anything else (no script, several
+    heads, a line not written that way) asks Alembic.
+    """
+    folder = Path(__file__).resolve().parent / "versions"
+    names, downs = set(), set()
+    for script in folder.glob("r*.py"):
+        found = dict((m.group(1), m.group(3)) for m in _REVISION.finditer(script.read_text("utf-8")))
+        if "revision" not in found or "down_revision" not in found:
+            return _alembic_head()
+        names.add(found["revision"])
+        downs.add(found["down_revision"])
+    heads = names - downs
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str:
     from alembic.script import ScriptDirectory
 
     found = ScriptDirectory.from_config(config()).get_current_head()
