@@ -44,6 +44,7 @@ def no_walk(monkeypatch):
         raise AssertionError("the reconciler's periodic pass walked the storage or read every ObjectFile")
 
     monkeypatch.setattr(Storage, "walk", refuse)
+    monkeypatch.setattr(Storage, "iter_files", refuse)
     monkeypatch.setattr(Storage, "walk_changed", refuse)
     monkeypatch.setattr(Index, "object_files", refuse)
 
@@ -128,6 +129,7 @@ def test_an_old_storage_is_walked_once_then_only_the_journal_is_read(ctx, broker
     assert reconcile(ctx, broker) == 1
     assert Checkpoint(ctx.storage.root).load().walked_at is not None
     monkeypatch.setattr(Storage, "walk", lambda *_: pytest.fail("walked again"))
+    monkeypatch.setattr(Storage, "iter_files", lambda *_: pytest.fail("walked again"))
     assert reconcile(ctx, broker) == 0  # no journal line names it: rebuild --missing is the walk on request
 
 
@@ -400,6 +402,7 @@ def test_an_os_crash_that_lost_a_segments_last_lines_is_made_good_by_walking_wha
 
     monkeypatch.setattr(Storage, "walk_changed", counted)
     monkeypatch.setattr(Storage, "walk", refuse)
+    monkeypatch.setattr(Storage, "iter_files", refuse)
     monkeypatch.setattr(Index, "object_files", refuse)
     assert reconcile(ctx, broker) == 3
     sent = b"".join(queued(broker))

@@ -299,25 +299,37 @@ def _send_all(settings: Settings, paths: list[str]) -> None:
 
 
 def _walk_once(ctx: Any, settings: Settings, min_age: float) -> list[str]:
-    """The whole storage against the whole index (memory and time grow with the archive: once)."""
+    """The whole storage against the index, once: the walk streams (a folder at a time) and each 1,000
+    paths are looked up together, so memory follows what is missing, not the archive; the time
+    follows the archive (once)."""
     from pacsbridge.shared.index.quarantine import Quarantine
 
-    known = ctx.index.object_files()
-    # what indexing set aside (the database refused it) is recorded, not lost: queuing it
-    # again would fail again, for ever (``rebuild`` or an admin's ``retry`` tries it again)
-    known |= Quarantine(ctx.index.engine).open_relpaths()
+    quarantine = Quarantine(ctx.index.engine)
     now = time.time()
-    missing = []
-    for rel in ctx.storage.walk():
-        if rel in known:
-            continue
-        try:
-            if now - os.path.getmtime(ctx.storage.root / rel) < min_age:
+    missing: list[str] = []
+
+    def check(chunk: list[str]) -> None:
+        # what indexing set aside (the database refused it) is recorded, not lost: queuing it
+        # again would fail again, for ever (``rebuild`` or an admin's ``retry`` tries it again)
+        known = ctx.index.object_files_among(chunk) | quarantine.among(chunk)
+        for rel in chunk:
+            if rel in known:
                 continue
-        except OSError:
-            continue
-        missing.append(rel)
-    del known
+            try:
+                if now - os.path.getmtime(ctx.storage.root / rel) < min_age:
+                    continue
+            except OSError:
+                continue
+            missing.append(rel)
+
+    chunk: list[str] = []
+    for rel in ctx.storage.iter_files():
+        chunk.append(rel)
+        if len(chunk) >= 1000:
+            check(chunk)
+            chunk = []
+    if chunk:
+        check(chunk)
     _send_all(settings, missing)
     return missing
 
