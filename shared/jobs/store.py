@@ -43,7 +43,7 @@ __all__ = ["Node", "Job", "SeriesProgress", "JobStore", "STATES", "ACTIVE", "FIN
 STATES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "partial", "failed", "cancelled")
-KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort")
+KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort", "delete")
 
 @dataclasses.dataclass
 class SeriesProgress:
