@@ -230,3 +230,67 @@ def test_cli_delete_offline(settings, ctx, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "nothing in the index matches" in proc.stderr
     _rebuild_agrees(ctx)
+
+
+# -- the retention policy ---------------------------------------------------------------------
+def test_retention_purges_what_was_delivered_long_ago_and_nothing_else(ctx, tmp_path):
+    """A real repack job delivers study A1 (two series); one of them grows afterwards. Ten days on, with
+    PACSBRIDGE_RETENTION_DAYS=10, only the delivered series that did not grow goes; what was never
+    delivered (A2, B) and what grew stay. The next pass reads nothing twice."""
+    import time
+
+    from pacsbridge.shared.jobs import retention
+
+    held = _archive(ctx, tmp_path)
+    ctx = ctx._replace(settings=ctx.settings.with_(export_root=tmp_path / "export"))
+    jobs = JobStore(ctx.index.engine)
+    a1 = held["A"][0].StudyInstanceUID
+    repack, _ = jobs.submit("repack", {"selection": {"StudyInstanceUID": [a1]}, "dest": "out",
+                                       "template": "px-repack", "link": False})
+    assert runner.run_job(repack.id, ctx, jobs).state == "succeeded"
+    grown = held["A"][3].SeriesInstanceUID  # the MR series of A1 (2 instances delivered)
+    kept_whole = held["A"][0].SeriesInstanceUID  # the CT series of A1 (3 delivered)
+    late = tmp_path / "late"
+    make_instance(late / "x.dcm", PatientID="A", StudyInstanceUID=a1, SeriesInstanceUID=grown, Modality="MR")
+    Importer(ctx.index, ctx.storage, workers=1).import_paths([late])
+
+    submitted = []
+
+    def submit(params):
+        job, _ = jobs.submit("delete", params, owner=retention.OWNER)
+        submitted.append(job.id)
+        return job.id
+
+    soon = retention.run_pass(ctx.index.engine, ctx.index, 10, submit, now=time.time() + 5 * 86400)
+    assert soon.jobs == 0 and submitted == [] and retention.checkpoint(ctx.index.engine) == 0.0  # not due yet
+    found = retention.run_pass(ctx.index.engine, ctx.index, 10, submit, now=time.time() + 11 * 86400)
+    assert found.series == [kept_whole] and found.jobs == 1 and len(submitted) == 1
+    done = runner.run_job(submitted[0], ctx, jobs)
+    assert done.state == "succeeded" and done.owner == "retention"
+    left = _sops(ctx)
+    assert not left & {d.SOPInstanceUID for d in held["A"][:3]}
+    assert {d.SOPInstanceUID for d in held["A"][3:] + held["B"]} <= left and len(left) == 6
+    again = retention.run_pass(ctx.index.engine, ctx.index, 10, submit, now=time.time() + 11 * 86400)
+    assert again.jobs == 0 and len(submitted) == 1  # the checkpoint moved past the repack job
+    _rebuild_agrees(ctx)
+
+
+def test_the_sweeper_runs_the_retention_pass(settings, tmp_path):
+    from pacsbridge.worker.main import retention_once
+
+    class Broker:
+        sent: list = []
+
+        def send_task(self, name, args):
+            self.sent.append((name, args))
+
+    from pacsbridge.shared.index.context import open_context
+
+    ctx = open_context(settings)
+    ctx.index.create()
+    try:
+        jobs = JobStore(ctx.index.engine)
+        found = retention_once(settings.with_(retention_days=1), Broker(), jobs)
+        assert found.jobs == 0 and found.series == [] and Broker.sent == []  # nothing delivered: nothing to do
+    finally:
+        ctx.index.engine.dispose()

@@ -234,6 +234,11 @@ class Settings(BaseSettings):
         more="A node's DICOMweb password or token is never stored: the node holds its name, and the workers\n"
              "and the API read it from the environment variable of that name or, when there is none, from\n"
              "the file of that name in this folder (docker/podman secrets are mounted in /run/secrets).")
+    retention_days: float = _f(
+        0.0, "worker", "purge series delivered (pushed or repacked by a job) more than this many days ago (0 = off)",
+        more="Purge what was delivered more than this many days ago (0 = off): a series a push or repack job\n"
+             "sent whole, that has not grown since. Never what was not delivered. The workers' sweeper submits\n"
+             "`delete` jobs (owner `retention`, audited); docs/retention.md.", ge=0)
     retrieve_wait_seconds: float = _f(120.0, "worker", "C-MOVE: give up waiting for the index after this many "
                                       "seconds without a new indexed instance", gt=0)
     retrieve_repulls: int = _f(2, "worker", "how many times missing instances of a series are pulled again", ge=0)
