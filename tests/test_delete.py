@@ -294,3 +294,33 @@ def test_the_sweeper_runs_the_retention_pass(settings, tmp_path):
         assert found.jobs == 0 and found.series == [] and Broker.sent == []  # nothing delivered: nothing to do
     finally:
         ctx.index.engine.dispose()
+
+
+def test_cli_delete_through_a_real_api_and_worker(pg_url, tmp_path):
+    """`pacsbridge delete --study UID --follow` with an admin token: the API process submits the job, a
+    worker process runs it; a user token is refused (403, exit 2) and deletes nothing. PostgreSQL."""
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import open_context
+
+    from .test_api import TOKENS, Server
+
+    server = Server(tmp_path, database_url=pg_url)
+    try:
+        server.worker()
+        ctx = open_context(Settings(database_url=pg_url, storage=tmp_path / "data", fsync=False))
+        ctx.index.create()
+        held = _archive(ctx, tmp_path)
+        study = held["A"][0].StudyInstanceUID
+        env = {**server.env, "PACSBRIDGE_API_URL": server.url}
+        refused = subprocess.run(PB + ["delete", "--study", study, "--token", TOKENS["user"]], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "403" in refused.stderr and len(_sops(ctx)) == 8
+        proc = subprocess.run(PB + ["delete", "--study", study, "--follow", "--format", "json", "--token",
+                                    TOKENS["admin"]], env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _sops(ctx) == {d.SOPInstanceUID for d in held["A"][5:] + held["B"]}
+        assert len(_files(ctx)) == 3
+        _rebuild_agrees(ctx)
+        ctx.index.engine.dispose()
+    finally:
+        server.close()
