@@ -138,7 +138,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     actor = f"cli {getpass.getuser()}"[:64]
     done, report = removal.remove(ctx.index, ctx.storage, key, [value], actor, f"cli {key} {value}")
-    if not done and not report.finished_earlier:
+    if not done and not (report.finished_earlier or report.studies or report.patients):
         raise ConfigError(f"nothing in the index matches {key} {value}")
     if args.format == "json":
         print(json.dumps(report.as_dict()))

@@ -324,3 +324,11 @@ def test_cli_delete_through_a_real_api_and_worker(pg_url, tmp_path):
         ctx.index.engine.dispose()
     finally:
         server.close()
+
+
+def test_a_study_row_without_series_goes_with_its_patient(ctx):
+    ctx.index.run_sql("insert into DICOMPatients (PatientID) values ('EMPTY')", write=True)
+    ctx.index.run_sql("insert into DICOMStudies (StudyInsta, PatientID) values ('1.2.3.4', 'EMPTY')", write=True)
+    done = _run_delete(ctx, "PatientID", "EMPTY")
+    assert done.state == "succeeded" and done.result["studies"] == 1 and done.result["patients"] == 1
+    assert ctx.index.count("Patient") == 0 and ctx.index.count("Study") == 0

@@ -69,7 +69,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
     if cancel.is_set() and report.series < len(done):
         return Outcome("cancelled", f"cancelled by request after {report.series} of {len(done)} series "
                                     "(those are deleted)", result)
-    if not done and not report.finished_earlier:
+    if not done and not (report.finished_earlier or report.studies or report.patients):
         return Outcome("failed", f"nothing in the index matches {key} {', '.join(values[:5])}", result)
     if report.files_refused or report.files_failed:
         return Outcome("partial", f"index rows deleted; {report.files_refused + report.files_failed} file(s) "
