@@ -153,6 +153,42 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                                                                   restart=args.restart))
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a patient, study or series: through the API (a job, an admin token), or ``--offline`` in this
+    process, on the database and storage of the settings (both writable here)."""
+    from pacsbridge import client
+
+    if not args.offline:
+        return client._run(client.cmd_delete)(args)
+    import getpass
+
+    from pacsbridge.shared.index import removal
+
+    try:
+        _, key, value = client.delete_target(args)
+    except client.ClientError as exc:
+        raise ConfigError(str(exc)) from None
+    ctx = _context(args)
+    _require_tables(ctx)
+    if not args.yes:
+        series = removal.plan(ctx.index, key, [value])
+        print(f"{key} {value}: {len(series)} series, {sum(s.instances for s in series)} instances", file=sys.stderr)
+        if input("delete them from the index and the storage? [y/N] ").strip().lower() not in ("y", "yes"):
+            return EXIT_USAGE
+    actor = f"cli {getpass.getuser()}"[:64]
+    done, report = removal.remove(ctx.index, ctx.storage, key, [value], actor, f"cli {key} {value}")
+    if not done and not (report.finished_earlier or report.studies or report.patients):
+        raise ConfigError(f"nothing in the index matches {key} {value}")
+    if args.format == "json":
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"deleted {report.series} series, {report.instances} instances ({report.files_removed} files; "
+              f"{report.studies} studies and {report.patients} patients emptied)")
+        for error in report.errors[:20]:
+            print(f"  left: {error}", file=sys.stderr)
+    return EXIT_OK if not (report.files_refused or report.files_failed) else EXIT_FAILED
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     ctx = _context(args)
     columns, rows = ctx.index.run_sql(args.query, write=args.write)
@@ -397,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: one per core)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="report format")
     p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("delete", help="delete a patient, study or series from the index and storage",
+                       description="Delete a patient, a study or a series: index rows and stored files, audited "
+                                   "(docs/retention.md). Through the API by default (a job; an admin token); "
+                                   "--offline does it in this process on the settings' database and storage.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--patient", metavar="PATIENT_ID")
+    g.add_argument("--study", metavar="STUDY_UID")
+    g.add_argument("--series", metavar="SERIES_UID")
+    p.add_argument("--follow", action="store_true", help="wait for the job, with progress (through the API)")
+    p.add_argument("--offline", action="store_true", help="delete in this process, not through the API")
+    p.add_argument("--yes", action="store_true", help="--offline: do not ask first")
+    p.add_argument("--api", help="API base URL (PACSBRIDGE_API_URL, default http://127.0.0.1:8080)")
+    p.add_argument("--token", help="API token (PACSBRIDGE_API_TOKEN)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("sql", help="run SQL on the index", description=(
         "Run SQL on the index, e.g. \"select SeriesInst from DICOMSeries where Modality='CT'\". "

@@ -240,6 +240,8 @@ def _follow(api: ApiClient, job_id: str, fmt: str, interval: float = 1.0) -> dic
                 label = f"{s.get('modality') or '?':>3} {s.get('description') or s['series_uid'][-20:]}"[:40]
                 total = s.get("expected") or None
                 done = s.get("pushed") if job["kind"] == "push" else s.get("indexed")
+                if job["kind"] == "delete":  # a series is deleted at once: all or nothing yet
+                    done = total if s.get("state") == "done" else 0
                 if s["series_uid"] not in bars:
                     bars[s["series_uid"]] = progress.add_task(label, total=total, state="")
                 progress.update(bars[s["series_uid"]], total=total, completed=done or 0, state=s.get("state", ""))
@@ -415,6 +417,29 @@ def cmd_repack(api: ApiClient, args: argparse.Namespace) -> int:
     if args.project:
         body["project"] = args.project
     return _finish(api, _submit(api, body), args)
+
+
+#: ``pacsbridge delete`` option -> (API resource, selection key).
+DELETE_TARGETS = {"patient": ("patients", "PatientID"), "study": ("studies", "StudyInstanceUID"),
+                  "series": ("series", "SeriesInstanceUID")}
+
+
+def delete_target(args: argparse.Namespace) -> tuple[str, str, str]:
+    """``(resource, key, value)`` of ``pacsbridge delete``'s one --patient, --study or --series."""
+    given = [(name, getattr(args, name)) for name in DELETE_TARGETS if getattr(args, name, None)]
+    if len(given) != 1:
+        raise ClientError(-1, "give exactly one of --patient, --study, --series")
+    name, value = given[0]
+    resource, key = DELETE_TARGETS[name]
+    return resource, key, value
+
+
+def cmd_delete(api: ApiClient, args: argparse.Namespace) -> int:
+    """Ask the API to delete a patient, study or series (an admin token; a job the workers run)."""
+    resource, _, value = delete_target(args)
+    answer = api.request("DELETE", f"{resource}/{urllib.parse.quote(value, safe='')}")
+    job = answer.get("job") or api.get(f"jobs/{answer['id']}")
+    return _finish(api, job, args)
 
 
 def cmd_jobs(api: ApiClient, args: argparse.Namespace) -> int:

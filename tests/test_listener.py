@@ -348,6 +348,28 @@ def test_full_storage_answers_out_of_resources_and_keeps_what_it_has(tmp_path, s
         stack.close()
 
 
+def test_below_the_watermark_answers_out_of_resources_before_the_disk_is_full(tmp_path, small_fs):
+    """PACSBRIDGE_DISK_MIN_FREE=1M on a 2 MB file system: instances are stored until less than 1 MB is free,
+    then refused with 0xA700 and a reason, while the disk still has room (nothing half-written, no ENOSPC)."""
+    stack = Stack(tmp_path, PACSBRIDGE_STORAGE=str(small_fs / "data"), PACSBRIDGE_DISK_MIN_FREE="1M",
+                  PACSBRIDGE_LISTENER_PROCESSES="1")
+    stack.settings = stack.settings.with_(storage=small_fs / "data")
+    try:
+        stack.start("listener")
+        datasets = [make_instance(rows=256, PatientID="WATER") for _ in range(20)]  # 128 kB each, 2.5 MB
+        statuses = _send_all(stack.port, datasets)
+        first_refusal = statuses.index(0xA700)
+        assert first_refusal >= 3 and set(statuses[first_refusal:]) == {0xA700}, statuses
+        st = os.statvfs(small_fs)
+        assert st.f_bavail * st.f_frsize >= 512 << 10  # refused with room left: not a full disk
+        stored = _stored_files(small_fs / "data")
+        assert len(stored) == first_refusal and all(read_header_ok(p) for p in stored)
+        log = "".join(p.read_text() for p in stack.logs.glob("listener-*.log"))
+        assert "below its watermark" in log and log.count("refusing C-STORE (0xA700)") == 1  # said once
+    finally:
+        stack.close()
+
+
 def test_read_only_storage_answers_out_of_resources(tmp_path, small_fs):
     stack = Stack(tmp_path, PACSBRIDGE_STORAGE=str(small_fs / "data"))
     stack.settings = stack.settings.with_(storage=small_fs / "data")

@@ -42,8 +42,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         A malformed setting (e.g. a ``PACSBRIDGE_API_TOKENS`` entry), or a ``PACSBRIDGE_DEID_SECRET``
         that is not the secret of the projects in the database (DeidSecretError).
     """
-    from . import (auth, browse, cohorts, contract, errors, health, jobs, metrics, nodes, params, projects, quarantine,
-                   results)
+    from . import (auth, browse, cohorts, contract, deletion, errors, health, jobs, metrics, nodes, params, projects,
+                   quarantine, results)
     from .state import ApiState
 
     app = Flask("pacsbridge.api")
@@ -69,6 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(nodes.bp, url_prefix=API_PREFIX)
     app.register_blueprint(jobs.bp, url_prefix=API_PREFIX)
     app.register_blueprint(browse.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(deletion.bp, url_prefix=API_PREFIX)
     app.register_blueprint(quarantine.bp, url_prefix=API_PREFIX)
     app.register_blueprint(projects.bp, url_prefix=API_PREFIX)
     app.register_blueprint(results.bp, url_prefix=API_PREFIX)

@@ -8,6 +8,9 @@
 - ``listener``: a TCP connection to the DICOM listener (``PACSBRIDGE_LISTENER_HOST``,
   ``0.0.0.0`` meaning this machine, and ``_PORT``; 2 s). Reported only: the API
   works without it.
+- ``disk``: the storage's free space against ``PACSBRIDGE_DISK_MIN_FREE`` (``free_bytes``,
+  ``min_free_bytes``, ``low``); ``ok`` is false below it, when the listener refuses C-STORE with
+  0xA700. Reported only: reading and jobs that only read go on.
 
 200 with ``"status": "ok"`` when every required check passed, else 503 with
 ``"status": "failing"``; the body lists every check either way.
@@ -60,9 +63,24 @@ def _listener() -> None:
         pass
 
 
+def _disk() -> dict[str, Any]:
+    """The watermark check: ``ok`` false below it, with the figures either way."""
+    guard = state().ctx.storage.guard
+    figures: dict[str, Any] = {}
+
+    def look() -> None:
+        disk = guard.state(fresh=True)
+        figures.update(disk.as_dict())
+        if disk.low:
+            raise RuntimeError(disk.message())
+
+    check = _timed(look)
+    return {**check, **figures, "required": False}
+
+
 @bp.get("/healthz")
 @requires("public")
-@operation("Health of database, broker and listener", "health",
+@operation("Health of database, broker, listener and the storage's free space", "health",
            {200: ("database and broker answer", Health), 503: ("the database or the broker does not answer", Health)},
            errors=())
 def healthz() -> tuple[dict[str, Any], int]:
@@ -72,6 +90,7 @@ def healthz() -> tuple[dict[str, Any], int]:
         "listener": _timed(_listener),
     }
     checks["listener"]["required"] = False
+    checks["disk"] = _disk()
     ok = checks["database"]["ok"] and checks["broker"]["ok"]
     return answer(Health, {"status": "ok" if ok else "failing", "checks": checks}), 200 if ok else 503
 

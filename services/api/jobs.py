@@ -30,6 +30,7 @@ from pacsbridge.shared.jobs import spec as jobspec
 from pacsbridge.shared.jobs.store import FINISHED, KINDS, Job
 
 from .auth import requires
+from .errors import ApiError
 from .contract import READ, WRITE, operation
 from .models import JobList, JobListArgs, JobOut, JobSubmitted, answer
 from .params import args, check_known, json_object, keyset_page, next_cursor, since_arg
@@ -179,6 +180,8 @@ def retry(job_id: str) -> tuple[dict[str, Any], int]:
     """Queue a failed, partial or cancelled job again and send it to the workers."""
     check_known(())
     st = state()
+    if st.jobs.get(job_id).kind == "delete" and g.get("role") != "admin":
+        raise ApiError(403, "a deletion is run again by an admin only")
     job = st.jobs.retry(job_id)
     out = _view(job)
     out["enqueued"] = st.enqueue(job)

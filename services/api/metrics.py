@@ -5,6 +5,8 @@
 - ``pacsbridge_jobs{state}``: jobs per state, counted in the database at scrape time
 - ``pacsbridge_quarantine{reason,state}``: entries set aside by indexing (``index_failed``,
   ``uid_conflict``), ``open`` or ``resolved``, counted at scrape time
+- ``pacsbridge_storage_free_bytes``, ``pacsbridge_storage_min_free_bytes`` and ``pacsbridge_storage_low``
+  (1 below the watermark, ``PACSBRIDGE_DISK_MIN_FREE``, when the listener refuses C-STORE): read at scrape time
 
 ``route`` is the URL rule (``/api/v1/jobs/<job_id>``), never the raw path, so
 the label set stays small.
@@ -80,6 +82,26 @@ class QuarantineCollector(Collector):
         yield gauge
 
 
+class DiskCollector(Collector):
+    """The storage's free space and its watermark, looked at when scraped."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            disk = self.app.extensions["pacsbridge"].ctx.storage.guard.state(fresh=True)
+        except Exception as exc:  # storage not mounted here: no figures rather than a broken scrape
+            log.warning("metrics: cannot look at the storage's free space: %s", exc)
+            return
+        yield GaugeMetricFamily("pacsbridge_storage_free_bytes", "Free bytes of the storage's file system",
+                                value=disk.free)
+        yield GaugeMetricFamily("pacsbridge_storage_min_free_bytes", "The free-space watermark in bytes "
+                                "(PACSBRIDGE_DISK_MIN_FREE; 0: off)", value=disk.min_free)
+        yield GaugeMetricFamily("pacsbridge_storage_low", "1 while storage is below its watermark (the listener "
+                                "refuses C-STORE with 0xA700)", value=int(disk.low))
+
+
 def init_app(app: Flask) -> None:
     registry = CollectorRegistry()
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
@@ -103,6 +125,7 @@ def init_app(app: Flask) -> None:
                         registry=own)
     registry.register(JobsCollector(app))
     registry.register(QuarantineCollector(app))
+    registry.register(DiskCollector(app))
     app.extensions["pacsbridge_metrics"] = registry
 
     @app.before_request

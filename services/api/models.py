@@ -236,10 +236,21 @@ class Check(Out):
     required: bool = True
 
 
+class DiskCheck(Check):
+    """The storage's free space against ``PACSBRIDGE_DISK_MIN_FREE``: ``ok`` false below it (the listener
+    answers 0xA700 then). Reported only (``required`` false): browsing and jobs that only read go on."""
+
+    free_bytes: int = 0
+    total_bytes: int = 0
+    min_free_bytes: int = 0
+    low: bool = False
+
+
 class Checks(Out):
     database: Check
     broker: Check
     listener: Check
+    disk: DiskCheck
 
 
 class Health(Out):

@@ -26,6 +26,7 @@ from pydicom.datadict import tag_for_keyword
 
 from pacsbridge.shared.core.errors import InvalidDataset, StorageError
 from pacsbridge.shared.dicom.filemeta import encoded_instance
+from pacsbridge.shared.index.disk import DiskLow
 from pacsbridge.shared.index.records import read_header
 from pacsbridge.shared.index.storage import Storage
 
@@ -110,6 +111,7 @@ class StoreHandlers:
         self.tags = {t for t in (tag_for_keyword(k) for k in storage.template.keywords()) if t}
         self._stats: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._disk_logged = -60.0
 
     # -- association events ------------------------------------------------
     def on_conn_open(self, event: Any) -> None:
@@ -204,6 +206,11 @@ class StoreHandlers:
             INSTANCES.labels("invalid").inc()
             self._count(event, size, True)
             return _refusal(CANNOT_UNDERSTAND, exc.reason)
+        except DiskLow as exc:  # before the disk is full (PACSBRIDGE_DISK_MIN_FREE): said once a minute
+            INSTANCES.labels("disk_low").inc()
+            self._count(event, size, True)
+            self._disk_low(str(exc))
+            return _refusal(OUT_OF_RESOURCES, "storage below its free-space watermark")
         except (StorageError, OSError) as exc:
             log.error("cannot store %s: %s", display, exc)
             INSTANCES.labels("storage_error").inc()
@@ -228,6 +235,13 @@ class StoreHandlers:
             except Exception:
                 log.exception("after-store callback failed for %s", result.relpath)
         return SUCCESS
+
+    def _disk_low(self, message: str) -> None:
+        """Log a refusal for lack of space once a minute, not once per instance of a study."""
+        now = time.monotonic()
+        if now - self._disk_logged >= 60.0:
+            self._disk_logged = now
+            log.error("refusing C-STORE (0xA700): %s", message)
 
     def handlers(self) -> list[tuple[Any, ...]]:
         from pynetdicom import evt

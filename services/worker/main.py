@@ -36,7 +36,36 @@ def sweep_once(settings: Settings, app: object) -> list[str]:
             jobs.forget_enqueued(job_id)
     if sent:
         log.info("sweeper: enqueued %d job(s) whose message may have been lost", len(sent))
+    if settings.retention_days > 0:
+        retention_once(settings, app, jobs)
     return sent
+
+
+def retention_once(settings: Settings, app: object, jobs: Any) -> Any:
+    """One pass of the retention policy (shared/jobs/retention.py): a ``delete`` job for the series
+    delivered more than ``PACSBRIDGE_RETENTION_DAYS`` ago. Returns what it found."""
+    from pacsbridge.shared.core.celeryapp import RUN_JOB_TASK
+    from pacsbridge.shared.index.context import open_context
+    from pacsbridge.shared.jobs import retention
+
+    ctx = open_context(settings)
+    try:
+        def submit(params: dict[str, Any]) -> str:
+            job, created = jobs.submit("delete", params, owner=retention.OWNER)
+            if created:
+                try:
+                    app.send_task(RUN_JOB_TASK, [job.id])  # type: ignore[attr-defined]
+                except Exception as exc:  # broker down: the row is queued, the next sweep sends it
+                    log.warning("retention: job %s not enqueued yet (%s)", job.id, exc)
+            return str(job.id)
+
+        found = retention.run_pass(jobs.engine, ctx.index, settings.retention_days, submit)
+        if found.series:
+            log.info("retention: %d series delivered more than %g days ago go (from %d jobs)", len(found.series),
+                     settings.retention_days, found.jobs)
+        return found
+    finally:
+        ctx.index.engine.dispose()
 
 
 _engines: dict[str, object] = {}

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         more="Add pyconquest's RT columns to DICOMImages (1/0); changing it later needs "
              "`pacsbridge init --force && pacsbridge rebuild`.")
     import_workers: int = _f(0, "common", "header-reading processes of import/rebuild (0 = one per core)", ge=0)
+    disk_min_free: str = _f(
+        "5%", "common", "free space below which storage takes nothing more: bytes (2G, 500M) or a percent (5%)",
+        more="Free space of the storage's file system below which nothing more is stored: bytes (2G, 500M,\n"
+             "1048576; K/M/G/T are powers of 1024) or a percent of its size (5%); 0 turns it off. Below it\n"
+             "the listener answers C-STORE with 0xA700 (out of resources), retrieve jobs stop with an error,\n"
+             "and /healthz and the metrics say so (docs/retention.md). Checked at most once a second.")
 
     # -- dicom ----------------------------------------------------------------------------------
     scu_dimse_timeout: float = _f(
@@ -228,6 +234,11 @@ class Settings(BaseSettings):
         more="A node's DICOMweb password or token is never stored: the node holds its name, and the workers\n"
              "and the API read it from the environment variable of that name or, when there is none, from\n"
              "the file of that name in this folder (docker/podman secrets are mounted in /run/secrets).")
+    retention_days: float = _f(
+        0.0, "worker", "purge series delivered (pushed or repacked by a job) more than this many days ago (0 = off)",
+        more="Purge what was delivered more than this many days ago (0 = off): a series a push or repack job\n"
+             "sent whole, that has not grown since. Never what was not delivered. The workers' sweeper submits\n"
+             "`delete` jobs (owner `retention`, audited); docs/retention.md.", ge=0)
     retrieve_wait_seconds: float = _f(120.0, "worker", "C-MOVE: give up waiting for the index after this many "
                                       "seconds without a new indexed instance", gt=0)
     retrieve_repulls: int = _f(2, "worker", "how many times missing instances of a series are pulled again", ge=0)
@@ -318,6 +329,12 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("disk_min_free")
+    @classmethod
+    def _watermark(cls, value: str) -> str:
+        _check_watermark(value)
+        return value.strip()
+
     @field_validator("push_processes", mode="before")
     @classmethod
     def _processes(cls, value: Any) -> Any:
@@ -374,6 +391,15 @@ class Settings(BaseSettings):
                 continue
             out[env_name(name)] = _text(value)
         return out
+
+
+def _check_watermark(value: str) -> None:
+    """``PACSBRIDGE_DISK_MIN_FREE``'s form (shared/index/disk.py reads it; core may not import it)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[KMGTkmgt][iI]?[bB]?|[bB])?\s*", value or "")
+    if m is None:
+        raise ValueError("expected bytes (2G, 500M, 1048576) or a percent (5%); 0 is off")
+    if m.group(2) == "%" and float(m.group(1)) > 100:
+        raise ValueError("a percent is at most 100")
 
 
 def _text(value: Any) -> str:

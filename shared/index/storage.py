@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, NamedTuple
 
 from pacsbridge.shared.core.errors import ConfigError, StorageError, UnsafePath
+from pacsbridge.shared.index.disk import DiskGuard
 from pacsbridge.shared.index.journal import JOURNAL, JournalWriter, fault, writer_for
 
 __all__ = [
@@ -357,10 +358,13 @@ class Storage:
     drop_cache : bool
         Once a file is fsynced, tell the kernel its pages need not stay cached
         (``POSIX_FADV_DONTNEED``): see :meth:`settle`. Ignored without fsync.
+    min_free : str
+        The free-space watermark (:mod:`.disk`): below it :meth:`store` and :meth:`link_into_place`
+        raise :class:`~.disk.DiskLow` before writing. ``"0"`` (the default in code): off.
     """
 
     def __init__(self, root: Path | str, template: str = "patient-study-series", duplicates: str = "keep",
-                 fsync: bool = True, drop_cache: bool = False) -> None:
+                 fsync: bool = True, drop_cache: bool = False, min_free: str = "0") -> None:
         if duplicates not in ("keep", "replace", "keep-both"):
             raise ConfigError(f"duplicates policy {duplicates!r}: use keep, replace or keep-both")
         self.root = Path(root).absolute()
@@ -372,6 +376,7 @@ class Storage:
         self._made: set[Path] = set()
         self._safe_dirs: set[Path] = set()
         self.journal: JournalWriter | None = None
+        self.guard = DiskGuard(self.root, min_free)
 
     def enable_journal(self) -> "Storage":
         """Record every instance this storage stores in the arrival journal (:mod:`.journal`) before
@@ -384,7 +389,7 @@ class Storage:
     def for_settings(cls, settings: Any) -> "Storage":
         """The storage of an installation (:class:`~pacsbridge.shared.core.config.Settings`)."""
         return cls(settings.storage, settings.filename_template, settings.duplicates, settings.fsync,
-                   settings.drop_cache)
+                   settings.drop_cache, settings.disk_min_free)
 
     def ensure(self) -> None:
         """Create the root and its incoming folder."""
@@ -484,6 +489,8 @@ class Storage:
         ------
         StorageError
             The disk is full or read-only, etc. No partial file is left behind.
+        DiskLow
+            Free space is below the watermark (a :class:`StorageError`): nothing was written.
         UnsafePath
             The path would leave the root (cannot happen with a template).
         """
@@ -494,6 +501,7 @@ class Storage:
             # already held did all three per instance, and each freed inode slows later creates on
             # ext4 without a journal)
             return StoreResult(rel, "duplicate", _size_of(source))
+        self.guard.require()
         fd, tmp = -1, ""
         try:
             fd, tmp = self.temp_file()
@@ -554,6 +562,8 @@ class Storage:
                 fault("after-sync")
         finally:
             _unlink_quietly(tmp)
+        if action != "duplicate":
+            self.guard.spent(size)
         return StoreResult(rel, action, size)
 
     def _place(self, tmp: str, rel: str, final: Path) -> tuple[str, Path, str]:
@@ -592,8 +602,14 @@ class Storage:
         """Put a complete file written by someone else (pynetdicom) at ``rel``.
 
         The file is hard-linked, so its writer may still delete its own name;
-        the duplicate policy applies as in :meth:`store`.
+        the duplicate policy applies as in :meth:`store`, and so does the watermark (refused, the
+        temporary file is gone too, as after :meth:`commit`).
         """
+        try:
+            self.guard.require()
+        except StorageError:
+            _unlink_quietly(tmp)
+            raise
         return self.commit(tmp, rel, self.absolute(rel), size, sop)
 
     def clean_incoming(self, older_than: float = 0.0) -> int:

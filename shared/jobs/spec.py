@@ -42,8 +42,8 @@ from pacsbridge.shared.index.storage import Template
 from pacsbridge.shared.jobs import webhooks
 
 __all__ = ["validate", "check_params", "effective_project", "SELECTION_KEYS", "safe_relative", "Selection",
-           "RetrieveRequest", "PushRequest", "RepackRequest", "ImportRequest", "JobRequest", "REQUESTS", "PARAMS",
-           "REL_PATTERN"]
+           "RetrieveRequest", "PushRequest", "RepackRequest", "ImportRequest", "DeleteRequest", "JobRequest",
+           "REQUESTS", "PARAMS", "REL_PATTERN"]
 
 SELECTION_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "job")
 _ID = re.compile(r"^[0-9a-f]{32}\Z")
@@ -276,8 +276,26 @@ def validate(body: Any, webhook_policy: webhooks.Policy | None = None
     return kind, node, request.to_params(), request.webhook or ""
 
 
+class DeleteRequest(_Job):
+    """Delete patients, studies or series from the index and the storage. Not a body of ``POST /jobs``: the
+    API's ``DELETE`` routes (admins only) submit it, and the worker checks its params with it."""
+
+    kind: Literal["delete"]
+    selection: Selection
+
+    @field_validator("selection")
+    @classmethod
+    def _what_we_hold(cls, value: Selection) -> Selection:
+        if value.job is not None:
+            raise InvalidRequest("a deletion names patients, studies or series, not a job", "selection")
+        return value
+
+    def to_params(self) -> dict[str, Any]:
+        return {"selection": self.selection.to_params()}
+
+
 #: What the runner of each kind reads from ``params`` (the request without kind, node and webhook).
-PARAMS: dict[str, type[_Job]] = REQUESTS
+PARAMS: dict[str, type[_Job]] = {**REQUESTS, "delete": DeleteRequest}
 
 
 def check_params(kind: str, params: Mapping[str, Any]) -> None:
@@ -286,7 +304,7 @@ def check_params(kind: str, params: Mapping[str, Any]) -> None:
     A row written by hand, or by an older release, that the models refuse fails the job with the
     field named, before anything is fetched or written. Kinds without a request model (``index``) pass.
     """
-    model = REQUESTS.get(kind)
+    model = PARAMS.get(kind)
     if model is None:
         return
     body: dict[str, Any] = {**params, "kind": kind}

@@ -45,7 +45,7 @@ ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "partial", "failed", "cancelled")
 #: The order of a job list, newest first, as keyset paging continues it (``(column, descending)``).
 JOB_ORDER = ((jobs_table.c.created_at, True), (jobs_table.c.id, False))
-KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort")
+KINDS = ("retrieve", "push", "repack", "import", "index", "results", "cohort", "delete")
 
 @dataclasses.dataclass
 class SeriesProgress:

@@ -7,7 +7,7 @@ here and one line below (and its name in :data:`pacsbridge.shared.jobs.store.KIN
 
 from __future__ import annotations
 
-from pacsbridge.worker.kinds import cohort, importing, push, repack, results, retrieve
+from pacsbridge.worker.kinds import cohort, delete, importing, push, repack, results, retrieve
 from pacsbridge.worker.outcome import JobCode
 
 __all__ = ["RUNNERS"]
@@ -20,4 +20,5 @@ RUNNERS: dict[str, JobCode] = {
     "import": importing.run,
     "results": results.run,
     "cohort": cohort.run,
+    "delete": delete.run,
 }

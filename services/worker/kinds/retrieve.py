@@ -59,6 +59,7 @@ from pacsbridge.shared.core.config import initial_settings
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.core.errors import DimseError, InvalidRequest, WebError
 from pacsbridge.shared.index.conquest import Index
+from pacsbridge.shared.index.disk import DiskLow
 from pacsbridge.shared.jobs.store import Job, JobStore, SeriesProgress
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import Query
@@ -134,6 +135,7 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
     started = time.monotonic()
     if not job.node:
         raise InvalidRequest("a retrieve job needs a node", "node")
+    ctx.storage.guard.require()  # below the watermark (PACSBRIDGE_DISK_MIN_FREE): fail now, saying why
     node = jobs.get_node(job.node)
     mode = job.params.get("mode") or default_mode(node)
     if not node.allow_find:
@@ -213,6 +215,13 @@ def _run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event, plan: 
         # the window is the PACS's: every way of pulling from it waits for it (C-MOVE, C-GET, WADO)
         if not _wait_window(node, jobs, job, cancel):
             return
+        try:  # checked again before every series: the disk fills while the job runs
+            ctx.storage.guard.require()
+        except DiskLow as exc:
+            jobs.update_series(job.id, ref.series_uid, state="partial", error=f"not pulled: {exc}"[:2000])
+            with lock:
+                result["disk_low"] = str(exc)
+            return
         _pull_series(ref, row, ctx, jobs, job, searcher, downloader, cancel, result, lock)
 
     if parallel == 1:
@@ -235,6 +244,10 @@ def _run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event, plan: 
         return Outcome("cancelled", "cancelled by request", result)
     if not missing:
         return Outcome("succeeded", "", result)
+    if result.get("disk_low"):
+        state = "partial" if result["indexed"] else "failed"
+        return Outcome(state, f"stopped with {len(missing)} of {len(rows)} series incomplete: {result['disk_low']}",
+                       result)
     summary = "; ".join(f"series {r.series_uid}: {r.expected - r.indexed} of {r.expected} missing"
                         f" ({r.error or 'not received'})" for r in missing[:5])
     more = f"; and {len(missing) - 5} more series" if len(missing) > 5 else ""
