@@ -40,7 +40,7 @@ from pacsbridge.shared.core.errors import DicomWebError
 from pacsbridge.shared.dicom.dimse import to_json_value
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import RETURN_KEYS, Query
-from pacsbridge.shared.nodes.credentials import resolve_secret
+from pacsbridge.shared.nodes.credentials import node_secret
 from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot, series_refs
 from pacsbridge.shared.nodes.throttle import NodeSlots
 
@@ -106,22 +106,25 @@ _PORTS = {"http": 80, "https": 443}
 _WILDCARD = re.compile(r"%2[aA]|%3[fF]")
 
 
-def web_session(node: Node) -> requests.Session:
+def web_session(node: Node, settings: Any = None) -> requests.Session:
     """A :class:`requests.Session` for ``node``: its authentication, TLS verification and redirect rule.
 
-    The secret is resolved now, from its name (:func:`~pacsbridge.shared.nodes.credentials.resolve_secret`).
+    The secret is found now: the node's stored one, else by its name
+    (:func:`~pacsbridge.shared.nodes.credentials.node_secret`; ``settings``: the key and the secrets folder).
+    TLS as :class:`~pacsbridge.shared.nodes.webhttp.WebClient` does it: ``web_verify`` false verifies
+    nothing (even with a CA bundle), else the CA bundle when there is one, else the system's CAs.
 
     Raises
     ------
     ConfigError
-        The node's secret cannot be found.
+        The node's secret cannot be found or decrypted.
     """
     session = _NodeSession(node)
-    session.verify = node.web_ca_bundle or node.web_verify
+    session.verify = (node.web_ca_bundle or True) if node.web_verify else False
     if node.web_auth == "basic":
-        session.auth = (node.web_user, resolve_secret(node.web_secret))
+        session.auth = (node.web_user, node_secret(node, settings))
     elif node.web_auth == "bearer":
-        session.headers["Authorization"] = f"Bearer {resolve_secret(node.web_secret)}"
+        session.headers["Authorization"] = f"Bearer {node_secret(node, settings)}"
     return session
 
 
@@ -186,7 +189,7 @@ class QidoSearcher:
     def __init__(self, node: Node, limit: int = QIDO_LIMIT, find_limit: int = FIND_LIMIT,
                  session: requests.Session | None = None, cancel: threading.Event | None = None,
                  slots: NodeSlots | None = None, max_results: int = 1_000_000,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, settings: Any = None) -> None:
         if not node.has_web:
             raise DicomWebError(f"node {node.name!r} has no DICOMweb URL (web_url)")
         self.node = node
@@ -198,7 +201,7 @@ class QidoSearcher:
         self.splits = 0
         self.requests = 0  # QIDO-RS requests made (pages)
         self._seen = threading.local()
-        self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node),
+        self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node, settings),
                                      timeout=timeout or node.web_timeout, callback=self._keep)
         # its retries would repeat any exception (a refused redirect, a timeout: 5 times, 30 s of waits);
         # ours repeat only what a server asks to be repeated (see _get)
