@@ -43,6 +43,7 @@ from pacsbridge.shared.dicom.query import RETURN_KEYS, Query
 from pacsbridge.shared.nodes.credentials import node_secret
 from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot, series_refs
 from pacsbridge.shared.nodes.throttle import NodeSlots
+from pacsbridge.shared.nodes.webhttp import TLS_ADVICE
 
 __all__ = ["QidoSearcher", "web_session", "QIDO_LIMIT", "MAX_REDIRECTS", "RETRIES", "MAX_WAIT", "Page"]
 
@@ -68,10 +69,16 @@ class _NodeSession(requests.Session):
     port behind a virtual host): requests builds a correct one when none is given. It also percent-encodes
     ``*`` and ``?`` (``quote_plus``); both are legal in a URL query (RFC 3986), always wildcards in DICOM
     matching, and a server that does not decode its query (Orthanc 1.7's plugin) matches ``%2A`` literally.
+
+    It ignores the environment (``trust_env = False``), as :class:`~pacsbridge.shared.nodes.webhttp.WebClient`
+    does: with it, requests puts ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in place of the session's
+    ``verify`` on every request, so a node's ``web_ca_bundle`` was ignored and ``web_verify`` false still
+    verified wherever those are set (many images set them); it would also send ``.netrc`` credentials.
     """
 
     def __init__(self, node: Node) -> None:
         super().__init__()
+        self.trust_env = False
         self.node_name = node.name
         self.max_redirects = MAX_REDIRECTS
 
@@ -306,6 +313,9 @@ class QidoSearcher:
                 body = (exc.response.text[:200] if exc.response is not None else "").strip()
                 raise DicomWebError(f"{what} failed: HTTP {status}" + (f": {body}" if body else ""),
                                     status) from None
+            except requests.exceptions.SSLError as exc:  # refused certificate: no retry, say what to do
+                raise DicomWebError(f"{what}: {self.node.service_url('qido')}: TLS failed: {exc}; "
+                                    f"{TLS_ADVICE}") from None
             except requests.RequestException as exc:
                 raise DicomWebError(f"{what}: {self.node.service_url('qido')} unreachable: "
                                     f"{exc.__class__.__name__}: {exc}") from None
