@@ -318,3 +318,41 @@ def test_tls_verification_of_a_dicomweb_node_in_both_http_stacks(keyed, archive,
         done = retrieve(keyed, "ca")
         assert done is not None and done.state == "succeeded", (done.error, done.result)
         assert stored_sops(st.settings) == archive.sops
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------
+def test_the_cli_stores_a_secret_from_stdin_and_forgets_it(tmp_path):
+    import sqlite3
+
+    from .test_api import PB, TOKENS, Server
+
+    server = Server(tmp_path, PACSBRIDGE_SECRET_KEY=KEY)
+    try:
+        assert server.call("POST", "/api/v1/nodes", web_only("web", "http://127.0.0.1:9/dw", web_auth="bearer"))[0] \
+            == 201
+        env = {**server.env, "PACSBRIDGE_API_URL": server.url, "PACSBRIDGE_API_TOKEN": TOKENS["admin"]}
+
+        def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(PB + ["nodes", *args], input=stdin, env=env, capture_output=True, text=True,
+                                  timeout=60)
+
+        done = cli("secret", "web", stdin=SECRET + "\n")  # `echo "$TOKEN" | pacsbridge nodes secret web`
+        assert done.returncode == 0 and "secret stored" in done.stderr, done.stderr
+        assert SECRET not in done.stdout + done.stderr
+        assert server.call("GET", "/api/v1/nodes/web", role="read")[1]["web_secret_stored"] is True
+        with sqlite3.connect(tmp_path / "idx.db") as db:
+            (sealed,) = db.execute("select web_secret_sealed from pacsbridge_nodes where name='web'").fetchone()
+        assert unseal(sealed, KEY, "web") == SECRET  # the line, without its newline
+
+        bad = cli("secret", "web", stdin="two\tparts\n")
+        assert bad.returncode != 0 and "printable ASCII" in bad.stderr, bad.stderr
+        assert cli("secret", "web", "--delete").returncode == 0
+        assert server.call("GET", "/api/v1/nodes/web", role="read")[1]["web_secret_stored"] is False
+        again = cli("secret", "web", "--delete")
+        assert again.returncode != 0 and "no stored secret" in again.stderr, again.stderr
+        env["PACSBRIDGE_API_TOKEN"] = TOKENS["user"]
+        refused = cli("secret", "web", stdin=SECRET + "\n")
+        assert refused.returncode != 0 and SECRET not in refused.stderr
+    finally:
+        server.close()
+    assert SECRET not in (tmp_path / "api.log").read_text()
