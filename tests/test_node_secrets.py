@@ -247,7 +247,7 @@ def test_the_key_setting_is_checked_and_read_from_a_file(tmp_path):
         Settings(secret_key="short")
     (tmp_path / "key").write_text(KEY + "\n")
     assert Settings(secret_key_file=tmp_path / "key").secret_key == KEY
-    assert "secret_key" not in repr(Settings(secret_key=KEY)) or KEY not in repr(Settings(secret_key=KEY))
+    assert KEY not in repr(Settings(secret_key=KEY))
     assert "PACSBRIDGE_SECRET_KEY" not in Settings(secret_key=KEY).environ()
 
 
