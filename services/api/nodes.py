@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from flask import Blueprint, Response
 
-from pacsbridge.shared.core.errors import ConfigError, Conflict, DicomWebError, DimseError, InvalidRequest, NotFound
+from pacsbridge.shared.core.errors import ConfigError, Conflict, DicomWebError, DimseError, InvalidRequest
 from pacsbridge.shared.dicom.node import NAME_PATTERN, Node, NodeModel, NodePatch, NodeReplace
 from pacsbridge.shared.dicom.query import Query, QueryModel
 from pacsbridge.shared.nodes.searchers import uses_qido
@@ -154,14 +154,16 @@ def put_secret(name: str) -> Response:
 
 @bp.delete("/nodes/<name>/secret")
 @requires("admin")
-@operation("Forget the node's stored DICOMweb secret", "nodes", {204: ("forgotten", None)},
+@operation("Forget the node's stored DICOMweb secret", "nodes", {204: ("forgotten (or none was stored)", None)},
            errors=(400, 401, 403, 404, 503), path=_NAME,
-           description="404 when the node does not exist or has no stored secret; it then uses the secret its "
-                       "web_secret names, if any.")
+           description="The node then uses the secret its web_secret names, if any. Idempotent: 204 also when "
+                       "none was stored (the node's `web_secret_stored` says which); 404 only for an unknown "
+                       "node.")
 def delete_secret(name: str) -> Response:
+    """Forget the stored secret. A DELETE of nothing is still a 204 (RFC 9110: DELETE is idempotent), so a
+    retried request, or a client that does not know, is not an error; a missing node is a 404."""
     check_known(())
-    if not state().jobs.clear_node_secret(name):
-        raise NotFound(f"node {name!r} has no stored secret")
+    state().jobs.clear_node_secret(name)
     return Response(status=204)
 
 
