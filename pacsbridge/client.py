@@ -471,7 +471,42 @@ _WEB_OPTIONS = ("web_url", "qido_url", "wado_url", "wado_uri_url", "stow_url", "
                 "web_verify", "web_ca_bundle", "web_timeout", "prefer")
 
 
+def _read_secret(name: str) -> str:
+    """The secret of ``nodes secret``: typed without echo at a terminal, else stdin's first line (a pipe, a
+    file: ``< token.txt``). Never an argument: every user of the machine sees those in ``ps``."""
+    import getpass
+
+    if sys.stdin.isatty():
+        return getpass.getpass(f"secret for node {name} (not echoed): ")
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+def cmd_node_secret(api: ApiClient, args: argparse.Namespace) -> int:
+    """``nodes secret NAME``: store the node's DICOMweb secret (read from stdin), sealed by the API with
+    PACSBRIDGE_SECRET_KEY; ``--delete``: forget it."""
+    if not args.name:
+        raise ClientError(-1, "give the node's name: pacsbridge nodes secret NAME")
+    path = f"nodes/{urllib.parse.quote(args.name, safe='')}/secret"
+    if args.delete:
+        api.request("DELETE", path)
+        print(f"node {args.name}: stored secret forgotten", file=sys.stderr)
+        return EXIT_OK
+    from pacsbridge.shared.core.errors import InvalidRequest
+    from pacsbridge.shared.nodes.credentials import check_secret
+
+    try:
+        secret = check_secret(_read_secret(args.name).rstrip("\r"))
+    except InvalidRequest as exc:
+        raise ClientError(-1, f"the secret (stdin): {exc}") from None
+    api.request("PUT", path, {"secret": secret})
+    print(f"node {args.name}: secret stored (sealed; the API never shows it)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_nodes(api: ApiClient, args: argparse.Namespace) -> int:
+    if args.action == "secret":
+        return cmd_node_secret(api, args)
     if args.action == "add":
         node: dict[str, Any] = {"name": args.name, "ae_title": args.aet, "host": args.host, "port": args.port}
         if args.web_url and args.aet is None and args.host is None and args.port is None:
@@ -1117,9 +1152,14 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
         _common(p)
         p.set_defaults(func=_run(verb))
 
-    p = sub.add_parser("nodes", help="list, add or remove nodes")
-    p.add_argument("action", nargs="?", choices=("list", "add", "rm"), default="list")
+    p = sub.add_parser("nodes", help="list, add or remove nodes, store a node's DICOMweb secret",
+                       description="List, add or remove nodes. `nodes secret NAME` stores the node's DICOMweb "
+                                   "password or token, read from stdin (typed without echo at a terminal; never "
+                                   "an argument, which `ps` shows), sealed by the API with PACSBRIDGE_SECRET_KEY; "
+                                   "`nodes secret NAME --delete` forgets it.")
+    p.add_argument("action", nargs="?", choices=("list", "add", "rm", "secret"), default="list")
     p.add_argument("name", nargs="?")
+    p.add_argument("--delete", action="store_true", help="with `secret`: forget the node's stored secret")
     p.add_argument("--aet")
     p.add_argument("--host")
     p.add_argument("--port", type=int)

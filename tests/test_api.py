@@ -164,7 +164,7 @@ def test_the_document_is_generated_from_every_route_and_the_models(client, app, 
     documented = {(path, method) for path, item in doc["paths"].items() for method in item}
     routes = {(rule.rule.replace("<", "{").replace(">", "}"), method.lower()) for rule in app.url_map.iter_rules()
               if rule.endpoint != "static" for method in rule.methods - {"HEAD", "OPTIONS"}}
-    assert documented == routes and len(routes) == 47
+    assert documented == routes and len(routes) == 49
     schemas = doc["components"]["schemas"]
     # an AE title, or '' for a DICOMweb-only node (issue 18)
     assert [s.get("pattern", s.get("const")) for s in schemas["NodeModel"]["properties"]["ae_title"]["anyOf"]] \
@@ -484,7 +484,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path):
-    s = Server(tmp_path, PACSBRIDGE_DEID_SECRET="schemathesis-secret-" + "0" * 32)  # projects can be made
+    s = Server(tmp_path, PACSBRIDGE_DEID_SECRET="schemathesis-secret-" + "0" * 32,  # projects can be made
+               PACSBRIDGE_SECRET_KEY="schemathesis-key-" + "1" * 32)  # and node secrets stored
     yield s
     s.close()
 
@@ -532,7 +533,7 @@ def test_schemathesis_finds_nothing(server, tmp_path):
                            "-H", f"Authorization: Bearer {TOKENS['admin']}"],
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-8000:]
-    assert " passed" in proc.stdout and "Tested: 46" in proc.stdout
+    assert " passed" in proc.stdout and "Tested: 48" in proc.stdout
 
 
 def test_real_server_over_http(server):

@@ -180,7 +180,6 @@ def test_a_dicomweb_only_node_and_its_rules():
                        ({"ae_title": "", "web_url": "http://h/dw"}, "ae_title"),  # a port, no AE title
                        ({"port": 0}, "port"),
                        ({"web_url": "ftp://h/dw"}, "web_url"),
-                       ({"web_url": "http://h/dw", "web_auth": "bearer"}, "web_secret"),
                        ({"web_auth": "basic", "web_secret": "S"}, "web_user"),
                        ({"web_secret": "../etc/passwd"}, "web_secret"),
                        ({"web_secret": "a/b"}, "web_secret"),

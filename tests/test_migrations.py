@@ -220,7 +220,7 @@ def _index_names(engine: Engine, table: str) -> set[str]:
 
 
 def test_the_query_indexes_upgrade_and_downgrade_keeping_the_rows(db_url, tmp_path):
-    """Revision 0006 (a study by date and by accession, issue 19): an index at 0005 without them gets them,
+    """Revision 0007 (a study by date and by accession, issue 19): an index at 0006 without them gets them,
     every row kept; its downgrade drops them and only them, and the next start adds them again."""
     from alembic import command
 
@@ -234,18 +234,18 @@ def test_the_query_indexes_upgrade_and_downgrade_keeping_the_rows(db_url, tmp_pa
     assert wanted <= at_head and "dicomstudies_patientid" in at_head
 
     with ctx.index.engine.begin() as conn:
-        command.downgrade(migrations.config(conn), "0005")
+        command.downgrade(migrations.config(conn), "0006")
     with ctx.index.engine.connect() as conn:
-        assert migrations.current(conn) == "0005"
+        assert migrations.current(conn) == "0006"
     assert _index_names(ctx.index.engine, "dicomstudies") == at_head - wanted
     before = _snapshot(ctx.index.engine)
 
     with ctx.index.engine.begin() as conn:
         done = migrations.upgrade(conn, list(ctx.index.tables.values()))
-    assert done == ["migrated from 0005 to 0006"]  # the revision made them: nothing left for the completion
+    assert done == ["migrated from 0006 to 0007"]  # the revision made them: nothing left for the completion
     assert _index_names(ctx.index.engine, "dicomstudies") == at_head
     after = _snapshot(ctx.index.engine)
-    assert after.pop(migrations.VERSION_TABLE) == (["version_num"], [("0006",)])
+    assert after.pop(migrations.VERSION_TABLE) == (["version_num"], [("0007",)])
     before.pop(migrations.VERSION_TABLE)
     assert after == before and after["dicomimages"][1]
     ctx.index.engine.dispose()

@@ -6,7 +6,9 @@ Usage::
         srv.route("/dicom-web/studies", answers(json_answer([...])))        # one answer for every request
         srv.route("/flaky", answers(status_answer(503, {"Retry-After": "1"}), json_answer([])))  # in turn
         srv.route("/x", lambda h: h.send_body(200, b"...", "application/dicom"))  # any handler code
+        srv.route("*", proxy_to_somewhere)                                     # every path without its own route
         srv.url + "/flaky"; srv.requests                                       # what was asked, with headers
+    with WebServer(tls=("cert.pem", "key.pem")) as srv:                        # HTTPS (srv.url is https://)
 
 A route is a function of the request handler (:class:`Handler`); it writes whatever it likes, including
 nothing, half a body or a body that never ends. Threads are daemons and :attr:`WebServer.release` is set on
@@ -17,6 +19,7 @@ HTTP/1.1 with keep-alive, on a free port of 127.0.0.1.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,7 +62,8 @@ class Handler(BaseHTTPRequestHandler):
         self.body = body
         self.server.owner.requests.append(
             Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        route = self.server.owner.routes.get(urlsplit(self.path).path)
+        routes = self.server.owner.routes
+        route = routes.get(urlsplit(self.path).path) or routes.get("*")
         if route is None:
             self.send_body(404, b'{"error": "no route"}', "application/json")
             return
@@ -123,21 +127,31 @@ class _Server(ThreadingHTTPServer):
 
 
 class WebServer:
-    """An HTTP server in a thread on a free port; routes by path; records every request."""
+    """An HTTP server in a thread on a free port; routes by path (``*``: any other path); records every request.
 
-    def __init__(self) -> None:
+    ``tls``: (certificate chain PEM, key PEM): HTTPS with that certificate (the handshake happens in the
+    request's thread, so a client that refuses the certificate holds nothing up).
+    """
+
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.release = threading.Event()
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.owner = self
         self.port = int(self.httpd.server_address[1])
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"webserver-{self.port}",
                                        daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def route(self, path: str, fn: Route) -> None:
         self.routes[path] = fn

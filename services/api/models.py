@@ -18,9 +18,11 @@ from pacsbridge.shared.deid.options import PROJECT_NAME_PATTERN, ProjectConfig
 from pacsbridge.shared.dicom.node import NodeModel
 from pacsbridge.shared.index.quarantine import REASONS
 from pacsbridge.shared.jobs.store import KINDS, STATES
+from pacsbridge.shared.nodes.credentials import MAX_SECRET
 
-__all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeList", "Echo", "FindResult", "JobOut", "JobSubmitted",
-           "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList", "QuarantineDecision",
+__all__ = ["answer", "Out", "ErrorBody", "NodeOut", "NodeSecret", "NodeList", "Echo", "FindResult", "JobOut",
+           "JobSubmitted", "JobList", "IndexRow", "IndexPage", "QuarantineEntry", "QuarantineList",
+           "QuarantineDecision",
            "Health", "Args", "JobListArgs", "QuarantineArgs", "PageArgs", "SINCE_PATTERN", "MAX_LIMIT",
            "DEFAULT_LIMIT", "MAX_OFFSET", "TOTAL_CAP", "CURSOR_RULES", "ListArgs", "ProjectOut", "ProjectList",
            "ProjectCreate",
@@ -80,6 +82,18 @@ class NodeOut(NodeModel):
     """A node, and where it is."""
 
     path: str
+    web_secret_stored: bool = Field(
+        False, description="a DICOMweb secret is stored for it (PUT /nodes/{name}/secret); the secret itself is "
+                           "never returned")
+
+
+class NodeSecret(Model):
+    """``PUT /nodes/{name}/secret``: the node's DICOMweb password or token, kept encrypted."""
+
+    help = {"secret": f"1 to {MAX_SECRET} printable ASCII characters or spaces (a password or a bearer token)"}
+
+    secret: Annotated[str, Field(min_length=1, max_length=MAX_SECRET, pattern=r"^[\x20-\x7e]+$")] = Field(
+        description="the password (web_auth basic) or token (bearer); sealed with PACSBRIDGE_SECRET_KEY")
 
 
 class NodeList(Out):

@@ -1,5 +1,7 @@
 """``/api/v1/nodes``: DICOM peers kept in the database, C-ECHO and C-FIND (QIDO-RS for a DICOMweb node) through
-them. A node holds the *name* of its DICOMweb secret, never the secret: nothing here can return one.
+them. A node names its DICOMweb secret, or keeps one stored through ``PUT /nodes/{name}/secret``, sealed with
+``PACSBRIDGE_SECRET_KEY``: nothing here returns a secret (a node's output says ``web_secret_stored``), and
+the body of that request is never logged or quoted in an error.
 
 Reading needs role ``read``; echo and query ``user`` (they talk to the PACS);
 creating, changing and deleting nodes ``admin``.
@@ -20,7 +22,7 @@ from pacsbridge.shared.nodes.searchers import uses_qido
 
 from .auth import requires
 from .contract import READ, WRITE, operation
-from .models import Echo, FindResult, NodeList, NodeOut, answer
+from .models import Echo, FindResult, NodeList, NodeOut, NodeSecret, answer
 from .params import check_known, json_object
 from .state import state
 
@@ -52,7 +54,9 @@ def _path(name: str) -> str:
 
 
 def _out(node: Node) -> dict[str, Any]:
-    return answer(NodeOut, {**node.to_dict(), "path": _path(node.name)})  # type: ignore[no-any-return]
+    """A node as the API shows it: ``to_dict`` (never the sealed secret) and whether one is stored."""
+    return answer(NodeOut, {**node.to_dict(), "path": _path(node.name),  # type: ignore[no-any-return]
+                            "web_secret_stored": node.web_secret_stored})
 
 
 _NAME = {"name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NAME_PATTERN}}
@@ -125,6 +129,44 @@ def delete_node(name: str) -> Response:
     return Response(status=204)
 
 
+@bp.put("/nodes/<name>/secret")
+@requires("admin")
+@operation("Store the node's DICOMweb secret", "nodes", {204: ("stored (sealed)", None)}, errors=WRITE + (404, 409),
+           body=NodeSecret, path=_NAME,
+           description="The password (web_auth basic) or token (bearer), kept encrypted with "
+                       "PACSBRIDGE_SECRET_KEY and used before the secret web_secret names; never returned "
+                       "(the node says `web_secret_stored`). 409 when PACSBRIDGE_SECRET_KEY is not set.")
+def put_secret(name: str) -> Response:
+    """Seal the body's secret with the deployment's key and keep it in the node's row."""
+    from pacsbridge.shared.core.models import check
+    from pacsbridge.shared.nodes.credentials import check_secret, seal
+
+    check_known(())
+    st = state()
+    st.jobs.get_node(name)  # 404 before 400s about the body
+    secret = check_secret(check(NodeSecret, json_object(), field="secret").secret)
+    if not st.settings.secret_key:
+        raise Conflict("PACSBRIDGE_SECRET_KEY is not set: secrets cannot be stored on this deployment (set it "
+                       "for the API and the workers, or name the secret in the node's web_secret)")
+    st.jobs.set_node_secret(name, seal(secret, st.settings.secret_key))
+    return Response(status=204)
+
+
+@bp.delete("/nodes/<name>/secret")
+@requires("admin")
+@operation("Forget the node's stored DICOMweb secret", "nodes", {204: ("forgotten (or none was stored)", None)},
+           errors=(400, 401, 403, 404, 503), path=_NAME,
+           description="The node then uses the secret its web_secret names, if any. Idempotent: 204 also when "
+                       "none was stored (the node's `web_secret_stored` says which); 404 only for an unknown "
+                       "node.")
+def delete_secret(name: str) -> Response:
+    """Forget the stored secret. A DELETE of nothing is still a 204 (RFC 9110: DELETE is idempotent), so a
+    retried request, or a client that does not know, is not an error; a missing node is a 404."""
+    check_known(())
+    state().jobs.clear_node_secret(name)
+    return Response(status=204)
+
+
 @bp.post("/nodes/<name>/echo")
 @requires("user")
 @operation("C-ECHO the node", "nodes", {200: ("the node answered", Echo)}, errors=(400, 401, 403, 404, 502, 503),
@@ -164,9 +206,10 @@ def query(name: str) -> dict[str, Any]:
 
         with _unreachable(node):
             try:
-                searcher = QidoSearcher(node, timeout=min(step, node.web_timeout))
+                searcher = QidoSearcher(node, timeout=min(step, node.web_timeout), settings=st.settings)
             except ConfigError as exc:  # its secret is missing: the node cannot be asked (502, like a refusal)
-                raise DicomWebError(f"node {name!r}: {exc}") from None
+                text = str(exc)
+                raise DicomWebError(text if text.startswith("node ") else f"node {name!r}: {text}") from None
             found = searcher.find(q, max_results=MAX_FIND_RESULTS)
         return answer(FindResult, {  # type: ignore[no-any-return]
             "node": name, "level": q.level, "query": q.to_dict(), "count": len(found),

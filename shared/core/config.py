@@ -63,7 +63,7 @@ GROUPS = (
 )
 
 #: Settings a child process is not given (it reads them where its parent did).
-_NOT_PASSED = ("config", "webhook_secret_file", "deid_secret_file")
+_NOT_PASSED = ("config", "webhook_secret_file", "deid_secret_file", "secret_key_file")
 
 # How docker-compose.yml treats a setting (for the generated env example):
 #   passed   - `NAME: ${NAME:-default}`: set it in .env (the default)
@@ -233,7 +233,20 @@ class Settings(BaseSettings):
         "variable of that name, else a file of that name here)", compose="mounted", example="/run/secrets",
         more="A node's DICOMweb password or token is never stored: the node holds its name, and the workers\n"
              "and the API read it from the environment variable of that name or, when there is none, from\n"
-             "the file of that name in this folder (docker/podman secrets are mounted in /run/secrets).")
+             "the file of that name in this folder (docker/podman secrets are mounted in /run/secrets).\n"
+             "Or it is kept in the database, sealed with PACSBRIDGE_SECRET_KEY (`pacsbridge nodes secret`).")
+    secret_key: str = _f(
+        "", "worker", "the deployment's key that seals the DICOMweb secrets nodes keep in the database (at least "
+        "32 characters)", secret=True,
+        more="The deployment's key: a node's DICOMweb password or token stored through the API\n"
+             "(PUT /nodes/{name}/secret, `pacsbridge nodes secret NAME`) is kept in the database encrypted\n"
+             "with a key derived from it (Fernet), and decrypted by the workers and the API when a request\n"
+             "is made. At least 32 printable ASCII characters (e.g. `openssl rand -hex 32`). Empty: secrets\n"
+             "cannot be stored (nodes name theirs: web_secret). Changed, the stored secrets cannot be read:\n"
+             "store them again. Back it up apart from the database (docs/dicomweb.md).")
+    secret_key_file: Path | None = _f(
+        None, "worker", "a file holding the deployment's key (a mounted secret; not both)",
+        example="/run/secrets/pacsbridge_key")
     retention_days: float = _f(
         0.0, "worker", "purge series delivered (pushed or repacked by a job) more than this many days ago (0 = off)",
         more="Purge what was delivered more than this many days ago (0 = off): a series a push or repack job\n"
@@ -343,11 +356,11 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _secret_file(cls, data: Any) -> Any:
-        """``PACSBRIDGE_WEBHOOK_SECRET_FILE``, ``PACSBRIDGE_DEID_SECRET_FILE``: the secret from a file
-        (docker/podman secrets)."""
+        """``PACSBRIDGE_WEBHOOK_SECRET_FILE``, ``PACSBRIDGE_DEID_SECRET_FILE``, ``PACSBRIDGE_SECRET_KEY_FILE``:
+        the secret from a file (docker/podman secrets)."""
         if not isinstance(data, dict):
             return data
-        for name in ("webhook_secret", "deid_secret"):
+        for name in ("webhook_secret", "deid_secret", "secret_key"):
             file, value = data.get(f"{name}_file"), data.get(name)
             if file:
                 env = env_name(name)
@@ -367,7 +380,7 @@ class Settings(BaseSettings):
             raise ValueError("at least 16 printable characters (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("deid_secret")
+    @field_validator("deid_secret", "secret_key")
     @classmethod
     def _strong_deid(cls, value: str) -> str:
         if value and (len(value) < 32 or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value)):

@@ -72,6 +72,8 @@ nodes_table = Table(
     Column("web_timeout", Float, nullable=False, default=60.0, server_default="60"),
     Column("prefer", String(64), nullable=False, default="wado-rs,c-get,c-move",
            server_default="wado-rs,c-get,c-move"),
+    # (0006) the DICOMweb secret stored for it, encrypted with PACSBRIDGE_SECRET_KEY ('' = none; never returned)
+    Column("web_secret_sealed", Text, nullable=False, default="", server_default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

@@ -9,9 +9,15 @@ every node that existed before DICOMweb reads and validates as it did. Every DIM
 :func:`pacsbridge.shared.dicom.dimse.associate`, which refuses such a node with a clear error
 (:attr:`Node.has_dimse`).
 
-A node never holds a secret: ``web_secret`` is the *name* of one, resolved when a request is made
-(:func:`pacsbridge.shared.nodes.credentials.resolve_secret`: an environment variable of that name, else a
-file of that name under ``PACSBRIDGE_SECRETS_DIR``), so the API cannot return a secret it never has.
+A node's secret is found when a request is made (:func:`pacsbridge.shared.nodes.credentials.node_secret`):
+the one stored for it, kept sealed (encrypted with ``PACSBRIDGE_SECRET_KEY``) in ``web_secret_sealed``, else
+the one its ``web_secret`` *names* (an environment variable of that name, else a file of that name under
+``PACSBRIDGE_SECRETS_DIR``). :meth:`Node.to_dict` never includes the sealed text (nor does ``repr``): what
+leaves through the API is only whether there is one (``web_secret_stored``).
+
+``web_auth`` basic or bearer needs a secret, but a node is created before its secret can be stored
+(``PUT /nodes/{name}/secret`` names an existing node), so the model does not require ``web_secret``: a node
+with neither is accepted, and a request to it fails with an error saying how to give it one.
 """
 
 from __future__ import annotations
@@ -111,7 +117,8 @@ class NodeModel(Model):
         "", description="user name of basic authentication")
     web_secret: Annotated[str, Field(max_length=128, pattern=SECRET_NAME_PATTERN)] = Field(
         "", description="the NAME of the password or token: an environment variable of that name, else a file "
-                        "of that name under PACSBRIDGE_SECRETS_DIR (never the secret itself)")
+                        "of that name under PACSBRIDGE_SECRETS_DIR (never the secret itself; a secret stored "
+                        "with PUT /nodes/{name}/secret is used before it)")
     web_verify: bool = Field(True, description="verify the server's TLS certificate")
     web_ca_bundle: _Path = Field("", description="a CA bundle (PEM file) to verify it with ('' = the system's)")
     web_timeout: _Timeout = Field(60.0, description="seconds per DICOMweb request (connect, and between reads)")
@@ -129,9 +136,6 @@ class NodeModel(Model):
             if not self.web_url:
                 raise InvalidRequest("a node without an AE title must have a web_url (a DICOMweb-only node)",
                                      "ae_title")
-        if self.web_auth != "none" and not self.web_secret:
-            raise InvalidRequest(f"web_auth {self.web_auth!r} needs web_secret (the name of the secret)",
-                                 "web_secret")
         if self.web_auth == "basic" and not self.web_user:
             raise InvalidRequest("web_auth 'basic' needs web_user", "web_user")
         return self
@@ -224,6 +228,13 @@ class Node:
     web_ca_bundle: str = ""
     web_timeout: float = 60.0
     prefer: str = DEFAULT_PREFER
+    #: The secret stored for it, encrypted (credentials.seal); never in :meth:`to_dict` nor ``repr``.
+    web_secret_sealed: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def web_secret_stored(self) -> bool:
+        """True when a secret is stored for this node (sealed in its row)."""
+        return bool(self.web_secret_sealed)
 
     @property
     def has_dimse(self) -> bool:
@@ -260,12 +271,16 @@ class Node:
             check(NodePatch, data, field="node", rename=_node_field)  # unknown fields before merging
             data = {**partial_of.to_dict(), **{k: v for k, v in data.items() if v is not None}}
         model = check(NodeModel, data, field="node", rename=_node_field)
+        sealed = partial_of.web_secret_sealed if partial_of is not None else ""  # a change keeps the stored secret
         return cls(**{**model.model_dump(), "max_rate": float(model.max_rate),
-                      "web_timeout": float(model.web_timeout)})
+                      "web_timeout": float(model.web_timeout)}, web_secret_sealed=sealed)
 
     def validate(self) -> None:
         """Raise :class:`InvalidRequest` for an impossible value."""
         check(NodeModel, self.to_dict(), field="node", rename=_node_field)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The node's fields as the API and the store's updates see them: without the sealed secret."""
+        out = dataclasses.asdict(self)
+        del out["web_secret_sealed"]
+        return out

@@ -200,6 +200,23 @@ class JobStore:
                          .values(**node.to_dict(), updated_at=time.time()))
         return node
 
+    def set_node_secret(self, name: str, sealed: str) -> None:
+        """Keep ``sealed`` (a secret encrypted by :func:`~pacsbridge.shared.nodes.credentials.seal`) as the
+        node's stored secret, replacing any. :class:`UnknownNode` if there is no such node."""
+        with self.engine.begin() as conn:
+            self._node(conn, name)
+            conn.execute(update(nodes_table).where(nodes_table.c.name == name)
+                         .values(web_secret_sealed=sealed, updated_at=time.time()))
+
+    def clear_node_secret(self, name: str) -> bool:
+        """Forget the node's stored secret; False when it had none. :class:`UnknownNode` if no such node."""
+        with self.engine.begin() as conn:
+            if not self._node(conn, name).web_secret_sealed:
+                return False
+            conn.execute(update(nodes_table).where(nodes_table.c.name == name)
+                         .values(web_secret_sealed="", updated_at=time.time()))
+        return True
+
     def get_node(self, name: str) -> Node:
         """The node called ``name``; :class:`UnknownNode` if there is none."""
         with self.engine.connect() as conn:

@@ -40,9 +40,10 @@ from pacsbridge.shared.core.errors import DicomWebError
 from pacsbridge.shared.dicom.dimse import to_json_value
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.dicom.query import RETURN_KEYS, Query
-from pacsbridge.shared.nodes.credentials import resolve_secret
+from pacsbridge.shared.nodes.credentials import node_secret
 from pacsbridge.shared.nodes.sources import EARLIEST, FIND_LIMIT, SeriesRef, _slot, series_refs
 from pacsbridge.shared.nodes.throttle import NodeSlots
+from pacsbridge.shared.nodes.webhttp import TLS_ADVICE
 
 __all__ = ["QidoSearcher", "web_session", "QIDO_LIMIT", "MAX_REDIRECTS", "RETRIES", "MAX_WAIT", "Page"]
 
@@ -68,10 +69,16 @@ class _NodeSession(requests.Session):
     port behind a virtual host): requests builds a correct one when none is given. It also percent-encodes
     ``*`` and ``?`` (``quote_plus``); both are legal in a URL query (RFC 3986), always wildcards in DICOM
     matching, and a server that does not decode its query (Orthanc 1.7's plugin) matches ``%2A`` literally.
+
+    It ignores the environment (``trust_env = False``), as :class:`~pacsbridge.shared.nodes.webhttp.WebClient`
+    does: with it, requests puts ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in place of the session's
+    ``verify`` on every request, so a node's ``web_ca_bundle`` was ignored and ``web_verify`` false still
+    verified wherever those are set (many images set them); it would also send ``.netrc`` credentials.
     """
 
     def __init__(self, node: Node) -> None:
         super().__init__()
+        self.trust_env = False
         self.node_name = node.name
         self.max_redirects = MAX_REDIRECTS
 
@@ -106,22 +113,25 @@ _PORTS = {"http": 80, "https": 443}
 _WILDCARD = re.compile(r"%2[aA]|%3[fF]")
 
 
-def web_session(node: Node) -> requests.Session:
+def web_session(node: Node, settings: Any = None) -> requests.Session:
     """A :class:`requests.Session` for ``node``: its authentication, TLS verification and redirect rule.
 
-    The secret is resolved now, from its name (:func:`~pacsbridge.shared.nodes.credentials.resolve_secret`).
+    The secret is found now: the node's stored one, else by its name
+    (:func:`~pacsbridge.shared.nodes.credentials.node_secret`; ``settings``: the key and the secrets folder).
+    TLS as :class:`~pacsbridge.shared.nodes.webhttp.WebClient` does it: ``web_verify`` false verifies
+    nothing (even with a CA bundle), else the CA bundle when there is one, else the system's CAs.
 
     Raises
     ------
     ConfigError
-        The node's secret cannot be found.
+        The node's secret cannot be found or decrypted.
     """
     session = _NodeSession(node)
-    session.verify = node.web_ca_bundle or node.web_verify
+    session.verify = (node.web_ca_bundle or True) if node.web_verify else False
     if node.web_auth == "basic":
-        session.auth = (node.web_user, resolve_secret(node.web_secret))
+        session.auth = (node.web_user, node_secret(node, settings))
     elif node.web_auth == "bearer":
-        session.headers["Authorization"] = f"Bearer {resolve_secret(node.web_secret)}"
+        session.headers["Authorization"] = f"Bearer {node_secret(node, settings)}"
     return session
 
 
@@ -186,7 +196,7 @@ class QidoSearcher:
     def __init__(self, node: Node, limit: int = QIDO_LIMIT, find_limit: int = FIND_LIMIT,
                  session: requests.Session | None = None, cancel: threading.Event | None = None,
                  slots: NodeSlots | None = None, max_results: int = 1_000_000,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, settings: Any = None) -> None:
         if not node.has_web:
             raise DicomWebError(f"node {node.name!r} has no DICOMweb URL (web_url)")
         self.node = node
@@ -198,7 +208,7 @@ class QidoSearcher:
         self.splits = 0
         self.requests = 0  # QIDO-RS requests made (pages)
         self._seen = threading.local()
-        self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node),
+        self.client = DICOMwebClient(node.service_url("qido"), session=session or web_session(node, settings),
                                      timeout=timeout or node.web_timeout, callback=self._keep)
         # its retries would repeat any exception (a refused redirect, a timeout: 5 times, 30 s of waits);
         # ours repeat only what a server asks to be repeated (see _get)
@@ -303,6 +313,9 @@ class QidoSearcher:
                 body = (exc.response.text[:200] if exc.response is not None else "").strip()
                 raise DicomWebError(f"{what} failed: HTTP {status}" + (f": {body}" if body else ""),
                                     status) from None
+            except requests.exceptions.SSLError as exc:  # refused certificate: no retry, say what to do
+                raise DicomWebError(f"{what}: {self.node.service_url('qido')}: TLS failed: {exc}; "
+                                    f"{TLS_ADVICE}") from None
             except requests.RequestException as exc:
                 raise DicomWebError(f"{what}: {self.node.service_url('qido')} unreachable: "
                                     f"{exc.__class__.__name__}: {exc}") from None

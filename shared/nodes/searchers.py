@@ -8,6 +8,7 @@ protocol from query to download. A DIMSE node, or one that prefers C-GET / C-MOV
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.nodes.sources import DimseSearcher, Searcher
@@ -27,11 +28,12 @@ def uses_qido(node: Node) -> bool:
 
 
 def searcher_for(node: Node, calling_ae: str, slots: NodeSlots | None = None,
-                 cancel: threading.Event | None = None) -> Searcher:
+                 cancel: threading.Event | None = None, settings: Any = None) -> Searcher:
     """The searcher of ``node``: a :class:`~pacsbridge.shared.nodes.dicomweb.QidoSearcher` or a
-    :class:`~pacsbridge.shared.nodes.sources.DimseSearcher` (``calling_ae``: our AE title, for C-FIND)."""
+    :class:`~pacsbridge.shared.nodes.sources.DimseSearcher` (``calling_ae``: our AE title, for C-FIND;
+    ``settings``: where a DICOMweb node's secret is found)."""
     if uses_qido(node):
         from pacsbridge.shared.nodes.dicomweb import QidoSearcher
 
-        return QidoSearcher(node, slots=slots, cancel=cancel)
+        return QidoSearcher(node, slots=slots, cancel=cancel, settings=settings)
     return DimseSearcher(node, calling_ae, slots, cancel=cancel)

@@ -55,7 +55,7 @@ from pacsbridge.shared.core.errors import ConfigError, InvalidDataset, StorageEr
 from pacsbridge.shared.dicom.node import Node
 from pacsbridge.shared.index.context import Context
 from pacsbridge.shared.index.records import read_header
-from pacsbridge.shared.nodes.credentials import resolve_secret
+from pacsbridge.shared.nodes.credentials import node_secret
 from pacsbridge.shared.nodes.sources import SeriesRef, Transfer, _slot
 from pacsbridge.shared.nodes.throttle import NodeSlots, RateLimiter, SlotTimeout
 from pacsbridge.shared.nodes.webhttp import DICOM_MULTIPART, Part, WebAuth, WebClient
@@ -89,14 +89,14 @@ def web_urls(node: Node) -> WebUrls:
 
 
 def web_client_for(node: Node, settings: Any = None, cancel: threading.Event | None = None) -> WebClient:
-    """The :class:`WebClient` of a node's DICOMweb part: its URLs, authentication (the secret found by its
-    name, :func:`~pacsbridge.shared.nodes.credentials.resolve_secret`), TLS and timeout.
+    """The :class:`WebClient` of a node's DICOMweb part: its URLs, authentication (its stored secret, else
+    the one its name finds: :func:`~pacsbridge.shared.nodes.credentials.node_secret`), TLS and timeout.
 
     Raises
     ------
     WebError
-        The node has no ``web_url``, or its secret cannot be found (the message names the secret, never
-        its value).
+        The node has no ``web_url``, or its secret cannot be found or decrypted (the message names the
+        node or the secret's name, never its value).
     """
     urls = web_urls(node)
     if not node.has_web:
@@ -104,9 +104,10 @@ def web_client_for(node: Node, settings: Any = None, cancel: threading.Event | N
     secret = ""
     if node.web_auth != "none":
         try:
-            secret = resolve_secret(node.web_secret, getattr(settings, "secrets_dir", None))
+            secret = node_secret(node, settings)
         except ConfigError as exc:
-            raise WebError(f"node {node.name!r}: {exc}") from None
+            text = str(exc)
+            raise WebError(text if text.startswith("node ") else f"node {node.name!r}: {text}") from None
     auth = WebAuth(node.web_auth, node.web_user, secret)
     return WebClient(urls.web, auth=auth, verify=node.web_verify, ca_bundle=node.web_ca_bundle,
                      timeout=float(node.web_timeout or 60.0), cancel=cancel, also=urls.all(),

@@ -92,6 +92,7 @@ from pacsbridge.shared.core.errors import (WebCancelled, WebContentError, WebErr
 
 __all__ = [
     "WebClient",
+    "TLS_ADVICE",
     "WebAuth",
     "RetryPolicy",
     "Part",
@@ -106,6 +107,10 @@ __all__ = [
     "DICOM_MULTIPART",
     "CHUNK_SIZE",
 ]
+
+#: What to do when a node's certificate is refused (said by both DICOMweb HTTP stacks).
+TLS_ADVICE = ("if the server's certificate is signed by a private CA, give the node that CA (web_ca_bundle, a PEM "
+              "file); web_verify false skips the check")
 
 logger = logging.getLogger(__name__)
 
@@ -686,6 +691,8 @@ class WebClient:
             try:
                 resp = self.session.request(method, url, params=params, headers=hdrs, data=data, stream=True,
                                             timeout=self.timeout, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:  # an untrusted certificate: another try changes nothing
+                raise WebError(f"{method} {url}: TLS failed: {exc}; {TLS_ADVICE}", url=url) from exc
             except requests.exceptions.ConnectionError as exc:
                 # ConnectTimeout is a ConnectionError too: nothing was sent, always worth another try
                 if attempt + 1 < self.retry.tries:

@@ -186,7 +186,7 @@ def _check_pseudonyms(store: CohortStore, job: Job, projects: ProjectStore | Non
 def _query_stage(job: Job, ctx: Context, jobs: JobStore, store: CohortStore, node: Node,
                  cancel: threading.Event, parallel: int, mass: bool = False) -> None:
     slots = NodeSlots(ctx.index.engine, node, f"{worker_id()}/{job.id[:8]}")
-    searcher = searcher_for(node, ctx.settings.ae_title, slots, cancel=cancel)
+    searcher = searcher_for(node, ctx.settings.ae_title, slots, cancel=cancel, settings=ctx.settings)
 
     def one(row: CohortRow) -> None:
         if cancel.is_set():

@@ -150,7 +150,8 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event,
     engine = ctx.index.engine
     slots = NodeSlots(engine, node, f"{worker_id()}/{job.id[:8]}")
     rate = RateLimiter(engine, node)
-    searcher = searcher_for(node, calling_ae, slots, cancel=cancel)  # C-FIND, or QIDO-RS for a DICOMweb node
+    # C-FIND, or QIDO-RS for a DICOMweb node
+    searcher = searcher_for(node, calling_ae, slots, cancel=cancel, settings=ctx.settings)
     downloader: Downloader
     client: WebClient | None = None
     if mode in WEB_MODES:

@@ -11,8 +11,8 @@ The one revision with a ``downgrade``: it only adds indexes, which hold no data,
 nothing (docs/migrations.md). On PostgreSQL an administrator may create them first with ``CREATE INDEX
 CONCURRENTLY`` under the same names (no write lock on a busy index); this revision then finds them.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 from alembic import op
 from sqlalchemy import inspect
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
