@@ -60,6 +60,10 @@ SLOPE_TARGET_MB = 5.0
 #: The services measured, in the order they are started (their process groups)
 SERVICES = ("listener", "worker", "api")
 PER_ASSOCIATION = 5000
+#: The senders' DIMSE and network timeouts (s): a loaded machine stalls now and then
+SENDER_TIMEOUT = 300.0
+#: Unanswered C-STOREs or refused associations a sender tolerates in all
+MAX_RETRIES = 20
 PER_SERIES = 100
 SERIES_PER_STUDY = 1
 STUDIES_PER_PATIENT = 10
@@ -133,42 +137,60 @@ def _template(rows: int = 32) -> Any:
     return ds
 
 
-def sender(port: int, aec: str, number: int, count: int, sent: Any, indexed: Any, backlog: int,
+def sender(port: int, aec: str, number: int, count: int, sent: Any, retries: Any, indexed: Any, backlog: int,
            stop: Any) -> None:
-    """C-STORE ``count`` new instances to ``port``; sender ``number`` of several (its own patients)."""
+    """C-STORE ``count`` new instances to ``port``; sender ``number`` of several (its own patients).
+
+    A C-STORE that gets no answer (the machine stalled past the DIMSE timeout and the association
+    was aborted) is sent again on a new association, as a real SCU would, and counted in ``retries``.
+    """
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
     from pynetdicom import AE
 
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = ae.network_timeout = SENDER_TIMEOUT
     ds = _template()
-    done = 0
+    done = failures = 0
     while done < count and not stop.is_set():
         assoc = ae.associate("127.0.0.1", port, ae_title=aec)
         if not assoc.is_established:
-            raise SystemExit(f"sender {number}: association to {aec}:{port} refused or aborted")
+            failures += 1
+            if failures > MAX_RETRIES:
+                raise SystemExit(f"sender {number}: association to {aec}:{port} refused or aborted")
+            time.sleep(1)
+            continue
         try:
             for _ in range(min(PER_ASSOCIATION, count - done)):
                 while sent.value - indexed.value > backlog and not stop.is_set():
                     time.sleep(0.05)
                 if stop.is_set():
                     break
-                if done % PER_SERIES == 0:
+                if done % PER_SERIES == 0 and "SOPInstanceUID" not in ds:
                     ds.SeriesInstanceUID = generate_uid()
                     if done % (PER_SERIES * SERIES_PER_STUDY) == 0:
                         ds.StudyInstanceUID = generate_uid()
                         study = done // (PER_SERIES * SERIES_PER_STUDY)
                         ds.PatientID = f"MEM{number}-{study // STUDIES_PER_PATIENT:06d}"
-                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                if "SOPInstanceUID" not in ds:
+                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
                 ds.InstanceNumber = done % PER_SERIES + 1
                 status = assoc.send_c_store(ds)
                 if not status or status.Status != 0:
-                    raise SystemExit(f"sender {number}: C-STORE answered {status.Status if status else 'nothing'}")
+                    failures += 1
+                    with retries.get_lock():
+                        retries.value += 1
+                    if failures > MAX_RETRIES:
+                        raise SystemExit(f"sender {number}: C-STORE answered "
+                                         f"{status.Status if status else 'nothing'} {failures} times")
+                    break  # the same instance again, on a new association
+                del ds.SOPInstanceUID  # the next one gets a new UID
                 done += 1
                 with sent.get_lock():
                     sent.value += 1
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
 
 
 # -- threads in this process --------------------------------------------------------------
@@ -284,7 +306,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, list[str]]:
     receiver = PacsbridgeReceiver(run_dir, log_dir, args.instances, pg_url=args.pg_url, broker_url=args.broker_url)
     receiver.env.update(args.pacsbridge_env)
     ctx = multiprocessing.get_context("spawn")
-    sent, indexed_v, stop = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event()
+    sent, retries, indexed_v, stop = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event()
     senders: list[Any] = []
     samples: list[dict] = []
     problems: list[str] = []
@@ -304,7 +326,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, list[str]]:
         share = [args.instances // args.senders + (1 if k < args.instances % args.senders else 0)
                  for k in range(args.senders)]
         for k, count in enumerate(share):
-            p = ctx.Process(target=sender, args=(receiver.port, receiver.aet, k, count, sent, indexed_v,
+            p = ctx.Process(target=sender, args=(receiver.port, receiver.aet, k, count, sent, retries, indexed_v,
                                                  args.backlog, stop), daemon=True)
             p.start()
             senders.append(p)
@@ -360,7 +382,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, list[str]]:
             if thread is not None:
                 thread.stop.set()
                 thread.join(timeout=60)
-        counters.update(sent=sent.value)
+        counters.update(sent=sent.value, sender_retries=retries.value)
         if deleter is not None:
             counters.update(deleted=deleter.deleted, deleter_error=deleter.error)
         if api_load is not None:
