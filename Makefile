@@ -9,7 +9,7 @@ PB     := $(VENV)/bin/pacsbridge
 DEBS   := dcmtk orthanc orthanc-dicomweb dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-dicomweb bench-deid bench-scale clean
+.PHONY: demo install install-test services debs lint test bench bench-ingest bench-retrieve bench-push bench-cohort bench-dicomweb bench-deid bench-scale bench-memory clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,11 @@ bench-scale: services install-test
 # files; each peer in its own venv under .bench-venvs/, made by the script from bench/deid_peers/*.txt
 bench-deid: install-test
 	$(PY) bench/deidentify.py
+
+# RSS of listener, worker and API over 1 M small instances deleted as they go (issue 19; takes hours:
+# --instances 20000 --every 5000 for a quick look)
+bench-memory: debs services install-test
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) .bench-venvs build *.egg-info .pytest_cache
