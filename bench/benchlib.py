@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 __all__ = ["DB_NAME_RE", "log", "median", "ensure_database", "host_facts", "count_files", "read_stamp",
            "write_stamp", "warm_cache", "cpu_ticks", "machine_cpu_s", "cpu_busy", "wait_quiet", "PROBE_FILES",
@@ -183,3 +184,18 @@ def truncate_files(root: Path) -> None:
                     os.truncate(path, 0)
             except OSError:
                 pass
+
+
+def group_stats(pgids: set[int], zombies: bool = False) -> "Iterator[tuple[int, list[str]]]":
+    """``(pid, fields of /proc/<pid>/stat after the command)`` of every process in the process groups
+    ``pgids``, zombies only if asked (``fields[2]`` is the group, ``[11]``/``[12]`` user/system ticks,
+    ``[21]`` the RSS in pages)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) in pgids and (zombies or fields[0] != "Z"):
+            yield int(entry.name), fields

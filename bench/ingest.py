@@ -102,7 +102,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchlib import (  # noqa: E402  (bench/ is on sys.path)
-    count_files, cpu_busy, create_probe, ensure_database, host_facts, machine_cpu_s, median, truncate_files,
+    count_files, cpu_busy, create_probe, ensure_database, group_stats, host_facts, machine_cpu_s, median,
+    truncate_files,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -263,17 +264,7 @@ def _group_alive(pgid: int) -> bool:
 
 def group_cpu(pgids: set[int]) -> dict[int, float]:
     """CPU seconds (user + system) so far of every live process in the process groups ``pgids``, by pid."""
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[2]) in pgids:
-            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return found
+    return {pid: (int(fields[11]) + int(fields[12])) / CLOCK_TICKS for pid, fields in group_stats(pgids, zombies=True)}
 
 
 class CpuMeter:

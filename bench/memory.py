@@ -52,7 +52,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchlib import count_files, ensure_database, host_facts, log  # noqa: E402  (bench/ is on sys.path)
+from benchlib import count_files, ensure_database, group_stats, host_facts, log  # noqa: E402  (bench/ is on sys.path)
 from ingest import CALLING_AET, PacsbridgeReceiver, free_ports, scan_log, wait_for  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-memory")
@@ -85,18 +85,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # -- /proc ------------------------------------------------------------------------------
 def group_rss(pgid: int) -> tuple[float, int]:
     """(MB resident, processes) of every live process in process group ``pgid``."""
-    total = count = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            total += int(fields[21]) * PAGE  # rss, in pages
-            count += 1
-    return round(total / 1e6, 1), count
+    pages = [int(fields[21]) for _, fields in group_stats({pgid})]
+    return round(sum(pages) * PAGE / 1e6, 1), len(pages)
 
 
 def slope_per_100k(points: list[tuple[int, float]]) -> float | None:
