@@ -445,17 +445,18 @@ def test_cohort_start_moves_what_the_dry_run_found_and_mass_chunks(cohort_setup,
     assert mass["rows"] == 2 and mass["states"] == {"found": 1, "done": 1}, mass
 
 
-def test_sqlite_indexing_lock_is_shared_by_processes_with_their_own_temp_folders(settings, tmp_path):
+def test_sqlite_indexing_lock_is_shared_by_processes_with_their_own_temp_folders(tmp_path):
     """Worker containers on one SQLite index each have their own /tmp: the lock that keeps two of them
     from passing the study/series conflict check at once must be next to the database, where all see it.
     Held here by the test, an import in a process with another TMPDIR waits for it."""
     import fcntl
     import time
 
+    from pacsbridge.shared.core.config import Settings
     from pacsbridge.shared.index.importer import Importer
 
-    if not str(settings.database_url).startswith("sqlite"):
-        pytest.skip("PostgreSQL takes advisory locks in the database itself")
+    # SQLite only: PostgreSQL takes advisory locks in the database itself, which every worker shares
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'conquest.db'}", storage=tmp_path / "data", fsync=False)
     run(settings, "init", check_rc=0)
     make_instance(tmp_path / "free" / "a.dcm", PatientID="FREE")
     make_instance(tmp_path / "src" / "a.dcm", PatientID="LOCKED")
