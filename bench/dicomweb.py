@@ -294,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "TCP_NODELAY": "1"}
     pacs = Orthanc(work / "orthanc", modalities={"pb": (CALLING, "127.0.0.1", 104)}, dicomweb=True)
     pacs.start()
+    if pacs.instance_count() > n:  # kept from an invocation with more (or other) instances: start it afresh
+        log(f"Orthanc holds {pacs.instance_count()} instances, not {n}: emptied and loaded again")
+        pacs.stop()
+        shutil.rmtree(work / "orthanc")
+        pacs = Orthanc(work / "orthanc", modalities={"pb": (CALLING, "127.0.0.1", 104)}, dicomweb=True)
+        pacs.start()
     try:
         if pacs.instance_count() < n:
             log("uploading to Orthanc")
