@@ -22,8 +22,8 @@ Writing (:class:`JournalWriter`, one per process and storage root)
     the line ``#closed`` and fdatasyncs again. The writer holds a shared ``flock`` on its open segment.
 
     (A per-instance fdatasync of the line cost as much as the folder's fsync, one more flush of the
-    disk for every instance received: measured 2.3-3.0 ms on a loaded machine, 15-25 % of the indexed
-    rate of the ingest benchmark.)
+    disk for every instance received: measured 2.3-3.0 ms on a loaded machine, where disks are slow; on a
+    quiet machine the ingest benchmark's indexed rate moved less than its noise between invocations.)
 
 Reading (:func:`pending` and :class:`Checkpoint`)
     ``checkpoint.json`` keeps a byte offset per segment: every line before it is *settled* (the
