@@ -166,3 +166,50 @@ def test_our_associations_work_with_pynetdicoms_own_code(unsupported, caplog):
     assert any(w.startswith("requestor deadlines") for w in warned), warned
     assert any(w.startswith("waiting reactor") for w in warned) is False  # never reached: no override, no install
     assert len(warned) == len(set(warned))
+
+
+def test_park_waits_for_a_reactor_that_is_slow_to_reach_the_gate():
+    """On a machine whose CPUs are busy for seconds, the reactor thread can still be on its way to the
+    gate when park()'s slice (2 s) ends. park() must not return then (the reactor would pass the gate and
+    take the response of the request that follows: a push ended partial in its network timeout), but once
+    the reactor has parked. Made with a real association to a pynetdicom peer, whose reactor is slowed by
+    3 s at the closed gate before it blocks there."""
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from pacsbridge.shared.dicom import dimse
+    from pacsbridge.shared.dicom.compat.store import Gate
+    from pacsbridge.shared.dicom.node import Node
+
+    from .orthanc import free_port
+
+    class SlowGate(Gate):
+        slow = threading.Event()
+
+        def wait(self, timeout=None):  # type: ignore[no-untyped-def]
+            if self.slow.is_set() and not self.is_set():
+                time.sleep(3.0)  # a starved reactor thread, still on its way
+            return super().wait(timeout)
+
+    scp = AE(ae_title="PEER")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
+    try:
+        node = Node(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
+        with dimse.associate(node, "PBTEST", timeout=10) as assoc:
+            gate = SlowGate.install(assoc)
+            assert gate is not None
+            SlowGate.slow.set()
+            t0 = time.monotonic()
+            before = gate._parks
+            gate.park(timeout=2.0, limit=10.0)
+            took = time.monotonic() - t0
+            assert gate._parks > before, "park() returned before the reactor parked"
+            assert 2.5 < took < 8.0, took
+            gate.set()
+    finally:
+        server.shutdown()

@@ -70,17 +70,24 @@ class Gate(threading.Event):
         assoc._reactor_checkpoint = gate
         return gate
 
-    def park(self, timeout: float = 2.0) -> None:
+    def park(self, timeout: float = 2.0, limit: float = 60.0) -> None:
         """Stop the reactor before a request (the gate is open on entry; ``send_c_store`` opens it again).
 
-        Returns once the reactor blocked after the gate closed, or after
-        ``timeout`` (the reactor thread ends with its association).
+        Returns once the reactor blocked after the gate closed; or once its thread has ended (it ends
+        with its association: checked every ``timeout`` seconds); or after ``limit`` seconds in all.
+        (It gave up after ``timeout`` alone: on a machine whose CPUs were busy for seconds the reactor
+        thread could be still on its way to the gate then, pass it, take the response the request would
+        wait for, and the association ended in its network timeout: a push ended ``partial``.)
         """
         with self._counted:
             seen = self._parks
             self.clear()
             wake(self._assoc)  # the waiting reactor would look again only after up to 5 ms
-            self._counted.wait_for(lambda: self._parks > seen, timeout)
+            end = time.monotonic() + limit
+            while not self._counted.wait_for(lambda: self._parks > seen, timeout):
+                alive = getattr(self._assoc, "is_alive", None)
+                if not callable(alive) or not alive() or time.monotonic() >= end:
+                    return
 
 
 class FastStore:
@@ -190,11 +197,12 @@ class ParkedSends:
         self.gate = Gate.install(assoc)
         self.fast = FastStore.attach(assoc, timeout) if self.gate is not None and fast else None
         self.parked = False
+        self.timeout = timeout
 
     def send(self, sop_class: str, transfer_syntax: str, request: Callable[["FastStore | None"], T]) -> T:
         """``request(fast)`` with the reactor parked (see the class docstring)."""
         if self.gate is not None and not self.parked:
-            self.gate.park()
+            self.gate.park(limit=self.timeout)
             self.parked = True
         fast_path = self.fast is not None and self.fast.can_send(sop_class, transfer_syntax)
         try:
