@@ -321,11 +321,11 @@ def api_pages(url: str, filled: dict[str, Any], runs: int, limit: int, page: int
     engine = create_engine(url)
     with engine.connect() as conn:
         deep = (out.get("deep_page", {}).get("page", 1) - 1) * limit
-        sql = f"SELECT * FROM dicomstudies ORDER BY studyinsta LIMIT {int(limit)} OFFSET {int(deep)}"
+        sql = text("SELECT * FROM dicomstudies ORDER BY studyinsta LIMIT :limit OFFSET :offset")
         times = []
         for _ in range(min(runs, 50)):
             t = time.perf_counter()
-            conn.execute(text(sql)).all()
+            conn.execute(sql, {"limit": int(limit), "offset": int(deep)}).all()
             times.append(time.perf_counter() - t)
         out["sql_offset_same_page"] = {"offset": deep, **pct(times)}
         cursor_sql = "SELECT * FROM dicomstudies WHERE studyinsta > :k ORDER BY studyinsta LIMIT :n"
