@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import re
@@ -199,3 +201,14 @@ def group_stats(pgids: set[int], zombies: bool = False) -> "Iterator[tuple[int, 
             continue
         if int(fields[2]) in pgids and (zombies or fields[0] != "Z"):
             yield int(entry.name), fields
+
+
+def pacsbridge_settings(parser: "argparse.ArgumentParser", items: list[str]) -> dict[str, str]:
+    """``--set PACSBRIDGE_NAME=VALUE`` options as a mapping (a bad one is the parser's usage error)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("PACSBRIDGE_"):
+            parser.error(f"--set {item!r}: expected PACSBRIDGE_NAME=VALUE")
+        out[name] = value
+    return out

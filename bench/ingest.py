@@ -103,7 +103,7 @@ from typing import Any, Callable
 
 from benchlib import (  # noqa: E402  (bench/ is on sys.path)
     count_files, cpu_busy, create_probe, ensure_database, group_stats, host_facts, machine_cpu_s, median,
-    truncate_files,
+    pacsbridge_settings, truncate_files,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -967,12 +967,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a setting for pacsbridge's listener and worker, for before/after runs "
                              "(e.g. PACSBRIDGE_DROP_CACHE=0); repeatable")
     args = parser.parse_args(argv)
-    args.pacsbridge_env = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("PACSBRIDGE_"):
-            parser.error(f"--set {item!r}: expected PACSBRIDGE_NAME=VALUE")
-        args.pacsbridge_env[name] = value
+    args.pacsbridge_env = pacsbridge_settings(parser, args.set)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
         args.assocs = [int(a) for a in args.assocs.split(",") if a.strip()]

@@ -52,7 +52,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchlib import count_files, ensure_database, group_stats, host_facts, log  # noqa: E402  (bench/ is on sys.path)
+from benchlib import count_files, ensure_database, group_stats, host_facts, log, pacsbridge_settings  # noqa: E402  (bench/ is on sys.path)
 from ingest import CALLING_AET, PacsbridgeReceiver, free_ports, scan_log, wait_for  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/pacsbridge-bench-memory")
@@ -460,12 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="PACSBRIDGE_NAME=VALUE",
                         help="a setting for the listener, worker and API; repeatable")
     args = parser.parse_args(argv)
-    args.pacsbridge_env = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("PACSBRIDGE_"):
-            parser.error(f"--set {item!r}: expected PACSBRIDGE_NAME=VALUE")
-        args.pacsbridge_env[name] = value
+    args.pacsbridge_env = pacsbridge_settings(parser, args.set)
     if args.warmup_s is None:
         period = float(args.pacsbridge_env.get("PACSBRIDGE_RECONCILE_SECONDS", DEFAULT_RECONCILE_S))
         args.warmup_s = period + 30

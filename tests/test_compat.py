@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import re
 import tomllib
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -142,12 +144,12 @@ def test_a_fallback_is_said_once_at_warning_level(unsupported, caplog, monkeypat
     assert all("is not one this layer was written for" in w for w in warned)
 
 
-def test_our_associations_work_with_pynetdicoms_own_code(unsupported, caplog):
-    """Fallen back (another release), an echo to a real peer still succeeds, on stock pynetdicom code."""
+@contextlib.contextmanager
+def _echo_peer() -> Iterator[Any]:
+    """A pynetdicom peer (AE ``PEER``) answering C-ECHO on a free port, as a node."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from pacsbridge.shared.dicom import dimse
     from pacsbridge.shared.dicom.node import Node
 
     from .orthanc import free_port
@@ -157,11 +159,18 @@ def test_our_associations_work_with_pynetdicoms_own_code(unsupported, caplog):
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
     try:
-        node = Node(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
-        for _ in range(2):
-            assert dimse.echo(node, "PBTEST", timeout=5) < 5
+        yield Node(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
     finally:
         server.shutdown()
+
+
+def test_our_associations_work_with_pynetdicoms_own_code(unsupported, caplog):
+    """Fallen back (another release), an echo to a real peer still succeeds, on stock pynetdicom code."""
+    from pacsbridge.shared.dicom import dimse
+
+    with _echo_peer() as node:
+        for _ in range(2):
+            assert dimse.echo(node, "PBTEST", timeout=5) < 5
     warned = _warnings(caplog)
     assert any(w.startswith("requestor deadlines") for w in warned), warned
     assert any(w.startswith("waiting reactor") for w in warned) is False  # never reached: no override, no install
@@ -177,14 +186,8 @@ def test_park_waits_for_a_reactor_that_is_slow_to_reach_the_gate():
     import threading
     import time
 
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     from pacsbridge.shared.dicom import dimse
     from pacsbridge.shared.dicom.compat.store import Gate
-    from pacsbridge.shared.dicom.node import Node
-
-    from .orthanc import free_port
 
     class SlowGate(Gate):
         slow = threading.Event()
@@ -194,22 +197,14 @@ def test_park_waits_for_a_reactor_that_is_slow_to_reach_the_gate():
                 time.sleep(3.0)  # a starved reactor thread, still on its way
             return super().wait(timeout)
 
-    scp = AE(ae_title="PEER")
-    scp.add_supported_context(Verification)
-    port = free_port()
-    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
-    try:
-        node = Node(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
-        with dimse.associate(node, "PBTEST", timeout=10) as assoc:
-            gate = SlowGate.install(assoc)
-            assert gate is not None
-            SlowGate.slow.set()
-            t0 = time.monotonic()
-            before = gate._parks
-            gate.park(timeout=2.0, limit=10.0)
-            took = time.monotonic() - t0
-            assert gate._parks > before, "park() returned before the reactor parked"
-            assert 2.5 < took < 8.0, took
-            gate.set()
-    finally:
-        server.shutdown()
+    with _echo_peer() as node, dimse.associate(node, "PBTEST", timeout=10) as assoc:
+        gate = SlowGate.install(assoc)
+        assert gate is not None
+        SlowGate.slow.set()
+        t0 = time.monotonic()
+        before = gate._parks
+        gate.park(timeout=2.0, limit=10.0)
+        took = time.monotonic() - t0
+        assert gate._parks > before, "park() returned before the reactor parked"
+        assert 2.5 < took < 8.0, took
+        gate.set()
