@@ -105,3 +105,27 @@ def test_malloc_thresholds_are_set_and_keep_big_buffers_mapped():
     off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "PACSBRIDGE_MALLOC_TUNE": "0"}).stdout.split()
     assert off[0] == "False"
+
+
+def test_the_written_out_implementation_identity_is_the_installed_pynetdicoms():
+    # filemeta.py writes pynetdicom's two constants out so that a de-identifying command need not import
+    # pynetdicom; they must stay the ones pynetdicom itself writes (the pin admits one release)
+    import pynetdicom
+
+    from pacsbridge.shared.dicom import filemeta
+
+    assert filemeta.PYNETDICOM_IMPLEMENTATION_UID == pynetdicom.PYNETDICOM_IMPLEMENTATION_UID
+    assert filemeta.PYNETDICOM_IMPLEMENTATION_VERSION == pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION
+
+
+def test_a_de_identifying_process_does_not_import_pynetdicom():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pacsbridge.shared.deid.keys import KeyedIdentity, ProjectKey\n"
+            "from pacsbridge.shared.deid.options import ProjectConfig\n"
+            "from pacsbridge.shared.deid.profile import Profile\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pynetdicom'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -55,12 +55,11 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID as PydicomUID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
 from pacsbridge.shared.deid.keys import Identity, Patient
 from pacsbridge.shared.deid.options import OPTION_CODES, ProjectConfig
 from pacsbridge.shared.deid.table import EDITION, rows
-from pacsbridge.shared.dicom.filemeta import PREAMBLE, encode_file_meta
+from pacsbridge.shared.dicom.filemeta import PREAMBLE, PYNETDICOM_IMPLEMENTATION_UID, encode_file_meta
 
 __all__ = ["Profile", "Deidentified", "OriginalIds", "default_safe_private", "IMPLEMENTATION_VERSION",
            "DeidentifyError"]
