@@ -179,3 +179,30 @@ def test_job_kinds_are_registered_not_loaded_by_name():
             continue
         text = path.read_text(encoding="utf-8")
         assert "import_module(" not in text and "__import__(" not in text, path
+
+
+#: What a fresh clone lacks before any install: the package itself and what it depends on.
+NOT_INSTALLED = ("pacsbridge", "sqlalchemy", "alembic", "pydicom", "pynetdicom", "pydantic", "pydantic_settings",
+                 "celery", "flask", "psycopg2", "prometheus_client", "rich", "requests")
+
+
+def test_this_file_runs_with_pytest_alone():
+    """A fresh clone, before any install (issue 15): pytest alone runs the import rules. Here the package and
+    its dependencies are made unimportable and pytest's plugins left unloaded (no pytest-timeout, whose
+    `timeout` option pyproject.toml sets), so tests/conftest.py may import none of them at its top."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"for name in {NOT_INSTALLED!r}:\n"
+            "    sys.modules[name] = None  # import name -> ImportError\n"
+            "import pytest\n"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not pytest_alone', "
+            "'tests/test_architecture.py']))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower()
