@@ -1,23 +1,29 @@
-"""Fixtures: the embedded SQLite index and the real PostgreSQL, side by side."""
+"""Fixtures: the embedded SQLite index and the real PostgreSQL, side by side.
+
+SQLAlchemy and pacsbridge are imported where a fixture runs, not here: pytest loads this file for every
+test, and ``tests/test_architecture.py`` must run on a fresh clone with pytest alone (docs/testing.md).
+"""
 
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from pacsbridge.shared.core.config import Settings
-from pacsbridge.shared.index.context import Context, open_context
+if TYPE_CHECKING:
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import Context
 
 #: The machine's PostgreSQL (trust auth); .ci/run starts it.
 PG_ADMIN_URL = os.environ.get("PACSBRIDGE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
 def _pg_database() -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+
     name = f"pacsbridge_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -50,11 +56,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
+    from pacsbridge.shared.core.config import Settings
+
     return Settings(database_url=db_url, storage=tmp_path / "data", fsync=False)
 
 
 @pytest.fixture
 def ctx(settings: Settings) -> Iterator[Context]:
+    from pacsbridge.shared.index.context import open_context
+
     context = open_context(settings)
     context.index.create()
     context.storage.ensure()

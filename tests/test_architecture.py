@@ -179,3 +179,94 @@ def test_job_kinds_are_registered_not_loaded_by_name():
             continue
         text = path.read_text(encoding="utf-8")
         assert "import_module(" not in text and "__import__(" not in text, path
+
+
+# -- docs/architecture.md draws the house that is built ---------------------------------------------------
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def _package(module: str) -> str:
+    """The package a module belongs to, as docs/architecture.md's picture names it."""
+    layer = _layer(module)
+    if layer:
+        return f"shared/{layer}"
+    for service in SERVICES:
+        if module == service or module.startswith(service + "."):
+            return service.rpartition(".")[2]
+    return "pacsbridge"
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module == "pacsbridge.shared":
+            continue  # the package's face: its docstring, no import
+        source = _package(module)
+        out.setdefault(source, set())
+        # the API's `from pacsbridge import __version__` is the root package's face, not a layer
+        out[source] |= {_package(t) for t in targets if t not in ("pacsbridge", "pacsbridge.shared")} - {source}
+    return out
+
+
+def _drawn_graph(text: str) -> dict[str, set[str]]:
+    block = text.split("The import graph between packages today", 1)[1].split("```", 2)[1]
+    drawn: dict[str, set[str]] = {}
+    for line in block.strip().splitlines():
+        source, _, targets = line.partition("──▶")
+        names = {t.strip() for t in targets.split(",")} - {"(nothing of pacsbridge)"}
+        drawn[source.strip()] = names
+    return drawn
+
+
+def _layer_table(text: str) -> dict[str, set[str]]:
+    table = text.split("## The layers of `shared/`", 1)[1].split("The services:", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`shared/"):
+            may = set() if cells[2] == "nothing of pacsbridge" else {c.strip(" `") for c in cells[2].split(",")}
+            rows[cells[0].strip("`").removeprefix("shared/")] = may
+    return rows
+
+
+def test_the_architecture_page_draws_the_import_graph_of_the_code():
+    drawn = _drawn_graph(DOC.read_text(encoding="utf-8"))
+    assert drawn == _package_graph(GRAPH)
+
+
+def test_the_architecture_page_says_what_each_layer_may_import():
+    assert _layer_table(DOC.read_text(encoding="utf-8")) == SHARED_LAYERS
+
+
+def test_the_page_checks_see_a_difference():
+    text = DOC.read_text(encoding="utf-8")
+    graph = {m: set(ts) for m, ts in GRAPH.items()}
+    graph["pacsbridge.shared.core.db"].add("pacsbridge.shared.index.storage")  # a new arrow, not drawn
+    assert _drawn_graph(text) != _package_graph(graph)
+    assert _layer_table(text.replace("| `core`, `dicom` |", "| `core` |", 1)) != SHARED_LAYERS
+
+#: What a fresh clone lacks before any install: the package itself and what it depends on.
+NOT_INSTALLED = ("pacsbridge", "sqlalchemy", "alembic", "pydicom", "pynetdicom", "pydantic", "pydantic_settings",
+                 "celery", "flask", "psycopg2", "prometheus_client", "rich", "requests")
+
+
+def test_this_file_runs_with_pytest_alone():
+    """A fresh clone, before any install (issue 15): pytest alone runs the import rules. Here the package and
+    its dependencies are made unimportable and pytest's plugins left unloaded (no pytest-timeout, whose
+    `timeout` option pyproject.toml sets), so tests/conftest.py may import none of them at its top."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"for name in {NOT_INSTALLED!r}:\n"
+            "    sys.modules[name] = None  # import name -> ImportError\n"
+            "import pytest\n"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not pytest_alone', "
+            "'tests/test_architecture.py']))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower()

@@ -84,6 +84,12 @@ def test_sources_in_order_and_blank_is_unset(tmp_path):
     ("PACSBRIDGE_PUSH_PROCESSES", "2", "'0', '1' or 'auto'"),
     ("PACSBRIDGE_HEARTBEAT_SECONDS", "0", "greater than 0"),
     ("PACSBRIDGE_REACTOR", "spin", "'wait' or 'poll'"),
+    # our own AE title takes the one rule of every AE title (a node's): pynetdicom refused these only
+    # when the listener or a job made its AE, far from the variable
+    ("PACSBRIDGE_AE_TITLE", "A\\B", "printable ASCII characters, no backslash"),
+    ("PACSBRIDGE_AE_TITLE", "PACS\tBRIDGE", "printable ASCII characters, no backslash"),
+    ("PACSBRIDGE_AE_TITLE", "ÄRZTE", "printable ASCII characters, no backslash"),
+    ("PACSBRIDGE_AE_TITLE", "SEVENTEEN-LETTERS", "at most 16 characters"),
 ])
 def test_a_bad_value_names_the_variable(name, value, message):
     with pytest.raises(ConfigError) as info:

@@ -40,6 +40,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsbridge.shared.core.errors import ConfigError
+from pacsbridge.shared.core.models import AET_PATTERN
 
 __all__ = ["Settings", "load_settings", "load_settings_with_sources", "initial_settings", "env_name", "GROUPS",
            "DEPLOY_SETTINGS", "mask", "DEFAULT_DATABASE_URL", "DEFAULT_STORAGE", "PREFIX"]
@@ -109,8 +110,8 @@ class Settings(BaseSettings):
     results_root: Path = _f(Path("results"), "common", "where results sent home wait, de-identified, until a "
                             "worker re-identifies them (POST /projects/{name}/results)", compose="fixed",
                             compose_value="/results")
-    ae_title: str = _f("PACSBRIDGE", "common", "our AE title: the PACS must call this one, and jobs call with it",
-                       min_length=1, max_length=16)
+    ae_title: str = _f("PACSBRIDGE", "common", "our AE title: the PACS must call this one, and jobs call with it "
+                       "(printable ASCII, no backslash, as a node's)", min_length=1, max_length=16)
     require_called_ae: bool = _f(
         True, "common", "refuse associations whose called AE title is not ours",
         more="0: accept any called AE title (e.g. DCMTK's and pynetdicom's default ANY-SCP), logged as a\n"
@@ -341,6 +342,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not re.match(AET_PATTERN, value):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters, no backslash, not only spaces")
+        return value
 
     @field_validator("disk_min_free")
     @classmethod

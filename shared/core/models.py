@@ -21,11 +21,15 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import InvalidRequest
 
-__all__ = ["Model", "check", "refuse", "TEXT_PATTERN", "CONTROL_FREE", "Integral"]
+__all__ = ["Model", "check", "refuse", "TEXT_PATTERN", "CONTROL_FREE", "Integral", "AET_PATTERN"]
 
 #: Free text: no control characters (the API refuses them in every string of a body).
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 CONTROL_FREE = TEXT_PATTERN
+#: An AE title (PS3.5 AE): 1 to 16 printable characters, no backslash, not only spaces. The one rule of
+#: every AE title we are given: a node's own and its C-MOVE destination (shared/dicom/node.py) and ours
+#: (``PACSBRIDGE_AE_TITLE``, shared/core/config.py).
+AET_PATTERN = r"^ {0,15}[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$"
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -28,16 +28,14 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import Field, model_validator
 
 from pacsbridge.shared.core.errors import InvalidRequest
-from pacsbridge.shared.core.models import TEXT_PATTERN, Integral, Model, check
+from pacsbridge.shared.core.models import AET_PATTERN, TEXT_PATTERN, Integral, Model, check
 
 __all__ = ["Node", "NodeModel", "NodePatch", "NodeReplace", "NAME_PATTERN", "AET_PATTERN", "AETitle", "NodeName",
            "WEB_OPERATIONS", "DEFAULT_PREFER", "SECRET_NAME_PATTERN"]
 
 #: A node's name: it is a path segment of the API (``/api/v1/nodes/<name>``).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-#: An AE title (PS3.5 AE): 1 to 16 printable characters, no backslash, not only spaces. The one rule of
-#: every AE title we are given (a node's own and its C-MOVE destination).
-AET_PATTERN = r"^ {0,15}[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$"
+#: An AE title: AET_PATTERN (shared/core/models.py), the one rule of every AE title, ours included.
 AETitle = Annotated[str, Field(max_length=16, pattern=AET_PATTERN)]
 NodeName = Annotated[str, Field(pattern=NAME_PATTERN)]
 Port = Annotated[Annotated[int, Field(ge=1, le=65535)], Integral]

@@ -1,3 +1,3 @@
 """Jobs are rows: the job and node store, job specifications and webhooks.
 
-Imports core, dicom and index; never a service (docs/architecture.md)."""
+Imports core, dicom, index and deid; never a service (docs/architecture.md)."""
