@@ -143,3 +143,58 @@ def test_a_c_get_retrieve_waits_for_the_nodes_window_and_can_be_cancelled_meanwh
     worker.join(timeout=20)
     assert not worker.is_alive() and done and done[0].state == "cancelled"
     assert ctx.index.count("Image") == 0
+
+
+def test_a_partly_held_study_pulls_only_what_is_missing(ctx, hospital, tmp_path):
+    """Held is checked per SOP against the node's instance list, and only the missing instances move.
+
+    ACC0A: its MR series (2) is indexed whole, its CT series (3) one instance of three: the study is not
+    held, the MR series is not asked for, the CT series pulls its 2 missing instances. ACC1A: its CT
+    series has 3 instances indexed, as many as the node lists, but one is not the node's (an instance the
+    node never had, with the series' UID): counts alone would call it held; it pulls the 1 missing. Its
+    MR series (2) is not here at all. 5 instances pulled in all, each once."""
+    import pydicom
+
+    from pacsbridge.shared.index.importer import Importer
+
+    pacs, studies = hospital
+    files = tmp_path / "files"
+    held = tmp_path / "held"
+    held.mkdir()
+    for name in ("ACC0A-1-0", "ACC0A-1-1", "ACC0A-0-0", "ACC1A-0-0", "ACC1A-0-1"):
+        (held / f"{name}.dcm").write_bytes((files / f"{name}.dcm").read_bytes())
+    stranger = pydicom.dcmread(files / "ACC1A-0-2.dcm")
+    stranger.SOPInstanceUID = generate_uid()  # the series' UID, the node does not have it
+    stranger.file_meta.MediaStorageSOPInstanceUID = stranger.SOPInstanceUID
+    stranger.save_as(held / "stranger.dcm")
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([held])
+    assert report.stored == 6 and not report.rejected, report.rejected
+    sops_before = {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]}
+
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}, {"AccessionNumber": "ACC1A"}], transfer=False)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [(rows[n].state, rows[n].expected, rows[n].held) for n in (2, 3)] == [("found", 5, 2), ("found", 5, 0)]
+    series_held = {n: sorted((s["expected"], s["held"]) for st in rows[n].studies for s in st["series"])
+                   for n in (2, 3)}
+    assert series_held == {2: [(2, True), (3, False)], 3: [(2, False), (3, False)]}, series_held
+    assert ctx.index.count("Image") == 6  # the dry run moved nothing
+
+    store.set_transfer(cid, True)
+    jobs.retry(cid, states=("succeeded",))
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [(rows[n].state, rows[n].received) for n in (2, 3)] == [("done", 5), ("done", 5)], rows
+    retrieves = [jobs.get(c) for n in (2, 3) for c in rows[n].children]
+    assert len(retrieves) == 2 and all(j.kind == "retrieve" and j.state == "succeeded" for j in retrieves)
+    # the MR series of ACC0A (held) was not asked for; C-GET moved the 5 missing instances, no more
+    assert studies["ACC0A"]["study"] in retrieves[0].params["query"]["StudyInstanceUID"]
+    assert len(retrieves[0].params["query"]["SeriesInstanceUID"]) == 1
+    assert [j.result["suboperations"]["completed"] for j in retrieves] == [2, 3]
+    sops = [r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]]
+    assert len(sops) == len(set(sops)) == 11 and sops_before <= set(sops)
