@@ -30,7 +30,7 @@ from pacsbridge.shared.index.importer import Importer
 from pacsbridge.worker import runner
 
 from .helpers import make_instance
-from .orthanc import Orthanc, free_port
+from .orthanc import ConnectionSampler, Orthanc, free_port
 from .test_api import TOKEN_SPEC, auth
 from .test_cohort_job import make_hospital
 
@@ -471,6 +471,8 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
     assert body["rows"] == 10_000 and body["states"] == {"pending": 10_000} and body["state"] == "queued"
     assert submitted < 30, submitted
 
+    # the PACS's side: the associations open to it, counted by the kernel while the rows are asked
+    sampler = ConnectionSampler(pacs.dicom_port).__enter__()
     worker = _run_in_thread(app, cid)
 
     def queried() -> int:
@@ -486,6 +488,10 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
         page = client.get(f"/api/v1/cohorts/{cid}?rows=1&state=not_found&limit=5", headers=auth("read")).get_json()
         assert len(page["items"]) == 5 and all(r["state"] == "not_found" for r in page["items"])
     assert slowest < 1.0, slowest
+    _wait(lambda: queried() >= 200)
+    sampler.__exit__()
+    # never more than the node's 2 at once (and the sampler did see them: it is not blind)
+    assert sampler.busy > 0 and 1 <= sampler.most <= 2, (sampler.most, sampler.busy, sampler.samples)
 
     # a running cohort cannot be retried or resumed; cancel stops it between rows
     assert client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user")).status_code == 409
