@@ -198,3 +198,32 @@ def test_a_partly_held_study_pulls_only_what_is_missing(ctx, hospital, tmp_path)
     assert [j.result["suboperations"]["completed"] for j in retrieves] == [2, 3]
     sops = [r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]]
     assert len(sops) == len(set(sops)) == 11 and sops_before <= set(sops)
+
+
+def test_rows_naming_series_modalities_and_dates(ctx, hospital, tmp_path):
+    """The optional fields of a row, end to end: a study's one series, a series the node does not have,
+    a modality (the series of it only), a date range (the prior only)."""
+    from pydicom import dcmread
+
+    pacs, studies = hospital
+    ct = str(dcmread(tmp_path / "files" / "ACC0A-0-0.dcm").SeriesInstanceUID)
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    study = studies["ACC0A"]["study"]
+    specs = [{"StudyInstanceUID": study, "SeriesInstanceUID": [ct]},                      # 2: its 3 CT
+             {"StudyInstanceUID": study, "SeriesInstanceUID": [ct, "1.2.3.999"]},         # 3: one is not there
+             {"StudyInstanceUID": study, "SeriesInstanceUID": ["1.2.3.999"]},             # 4: none there
+             {"PatientID": "COH1", "Modality": ["MR"]},                                   # 5: the MR series, 2 x 2
+             {"PatientID": "COH2", "min_date": "20230101", "max_date": "20231231"}]       # 6: the prior
+    cid = _cohort(jobs, store, specs, transfer=True)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "partial", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    got = {n: (r.state, r.series, r.expected, r.received) for n, r in rows.items()}
+    # row 3 moved what the node has, and is short of the series it does not: partial, with the reason
+    assert got == {2: ("done", 1, 3, 3), 3: ("partial", 1, 3, 3), 4: ("not_found", 0, 0, 0),
+                   5: ("done", 2, 4, 4), 6: ("done", 2, 5, 5)}, [(r.number, r.state, r.reason) for r in rows.values()]
+    assert rows[3].reason == "series not on the node: 1.2.3.999", rows[3].reason
+    assert rows[6].studies[0]["uid"] == studies["ACC2B"]["study"] and len(rows[6].studies) == 1
+    assert ctx.index.count("Image") == 3 + 4 + 5

@@ -295,6 +295,13 @@ def _plan(row: CohortRow) -> list[SeriesRef]:
             for st in row.studies if not st.get("held") for s in st["series"] if not s.get("held")]
 
 
+def _missing_series(row: CohortRow) -> str:
+    """Why a row cannot be whole: the series it names that the node did not have ("" when none)."""
+    wanted = set(row.spec.get("SeriesInstanceUID") or ())
+    missing = wanted - {s["uid"] for st in row.studies for s in st["series"]}
+    return f"series not on the node: {', '.join(sorted(missing))}" if missing else ""
+
+
 def _indexed_now(ctx: Context, ref: SeriesRef) -> bool:
     """Whether the index holds all of a planned series now (another row of the cohort pulled it)."""
     if ref.sops is not None:
@@ -315,7 +322,7 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
     store.update_row(job.id, row.number, state="transferring", reason="")
     project = job.params.get("project") or ""
     kids = list(row.children)
-    reasons: list[str] = []
+    reasons: list[str] = [why] if (why := _missing_series(row)) else []  # what moves, moves; the row is short
     received = row.held
     with study_locks.hold([st["uid"] for st in row.studies]):
         plan = _plan(row)
@@ -477,7 +484,9 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
             if cancel.is_set():
                 return
             if not then and not _plan(row):
-                store.update_row(job.id, row.number, state="done", reason="", received=row.held)
+                short = _missing_series(row)
+                store.update_row(job.id, row.number, state="partial" if short else "done", reason=short,
+                                 received=row.held)
                 return
             _transfer_row(row, job, ctx, jobs, store, then, children, locks, projects)
 
