@@ -40,8 +40,10 @@ until the cohort has finished (queried, and the found rows pulled by C-GET), ``G
 asked every ``--poll`` s and, every 10th time, a page of 100 rows (``?rows=1&state=not_found``): their
 latencies (p50, p95, max) by stage, over HTTP with a read token. Meanwhile the established connections
 to Orthanc's DICOM port are counted from ``/proc/net/tcp`` (the PACS's load, which must stay within the
-node's ``--max-associations``). At the end, the report and the failed rows are downloaded (CSV) and
-timed.
+node's ``--max-associations``): ``pacs_associations_max`` the most seen in two samples 2 ms apart,
+``pacs_connections_peak`` the most in any one (which may count a released association's connection
+for the instant it takes to close: ``tests.orthanc.ConnectionSampler``). At the end, the report and
+the failed rows are downloaded (CSV) and timed.
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ def status_main(args: argparse.Namespace, work: Path) -> int:
            "rows_page_100_ms": {"n": len(pages), "p50": _pct(pages, 0.5), "p95": _pct(pages, 0.95),
                                 "max": _pct(pages, 1.0)},
            "report_csv_s": round(t_report, 2), "failed_csv_s": round(t_failed, 2),
-           "pacs_associations_max": sampler.most, "pacs_samples": sampler.samples}
+           "pacs_associations_max": sampler.most, "pacs_connections_peak": sampler.peak,
+           "pacs_samples": sampler.samples}
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -32,7 +32,7 @@ from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.worker import runner
 
 from .helpers import make_instance
-from .orthanc import Orthanc
+from .orthanc import ConnectionSampler, Orthanc
 from .test_retrieve import celery_of, ctx_of, index_sops, make_stack, stored_files, wait_finished  # noqa: F401
 
 MODALITIES = ("CT", "MR", "CR", "US")
@@ -139,8 +139,9 @@ def test_mass_filters_against_orthanc(ctx, tmp_path, generated):
     with Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)}) as pacs:
         pacs.upload(sorted(root.glob("*.dcm")))
         jobs = JobStore(ctx.index.engine)
-        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get", max_associations=4))
         store = CohortStore(ctx.index.engine)
+        sampler = ConnectionSampler(pacs.dicom_port).__enter__()
         for filters, expect in FILTER_CASES:
             want = matching(studies, **expect)  # type: ignore[arg-type]
             assert want, filters  # the data covers every case
@@ -157,6 +158,9 @@ def test_mass_filters_against_orthanc(ctx, tmp_path, generated):
             assert found == want_series, filters
             assert sum(r.expected for r in rows) == len(want), filters
         assert ctx.index.count("Image") == 0  # dry runs move nothing
+        sampler.__exit__()
+        # the chunks are asked one at a time, though the node would allow 4 associations (seen by the kernel)
+        assert sampler.busy and sampler.most == 1, (sampler.most, sampler.peak, sampler.busy, sampler.samples)
 
 
 def test_a_chunk_the_pacs_cuts_short_is_split_further(ctx, tmp_path):
