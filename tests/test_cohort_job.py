@@ -227,3 +227,20 @@ def test_rows_naming_series_modalities_and_dates(ctx, hospital, tmp_path):
     assert rows[3].reason == "series not on the node: 1.2.3.999", rows[3].reason
     assert rows[6].studies[0]["uid"] == studies["ACC2B"]["study"] and len(rows[6].studies) == 1
     assert ctx.index.count("Image") == 3 + 4 + 5
+
+
+def test_a_node_that_cannot_be_asked_fails_each_row_with_the_reason(ctx):
+    """Nothing listens where the node is: every row ends ``failed`` with the node's error, not
+    ``not_found`` (which would say the PACS has nothing), and the dry run fails."""
+    from .orthanc import free_port
+
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", "NOBODY", "127.0.0.1", free_port(), retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}, {"PatientID": "COH1"}], transfer=False)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "failed", (done.state, done.error)
+    assert "2 failed" in done.error
+    rows = store.rows(cid)
+    assert [r.state for r in rows] == ["failed", "failed"]
+    assert all(r.reason.startswith("query failed: ") and "unreachable" in r.reason for r in rows), rows[0].reason
