@@ -217,7 +217,7 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         first = stack.start("worker-a", "--concurrency", "2")
         ctx = ctx_of(stack)
         jobs = JobStore(ctx.index.engine)
-        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, max_associations=1, max_rate=6.0,
+        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, max_associations=1, max_rate=2.0,
                            move_window=_window_open_now()))
         store = CohortStore(ctx.index.engine)
         cid = mass_cohort(jobs, store, {"from": "20240101", "to": "20241231", "chunk": "week", "filters": filters},
@@ -262,6 +262,14 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         assert set(sops) == want                      # every instance of the matching series, nothing else
         assert len(stored_files(ctx)) == len(want)    # and stored once
         assert sum(r.expected for r in rows) == len(want)
+        # the node's rate (2 instances/s, charged per series before its C-MOVE) held across the kill: no
+        # stretch of arrivals is faster, beyond a series in flight and the one booked next (2 each at most)
+        _, arrivals = ctx.index.run_sql("select arrived_at from pacsbridge_arrivals order by arrived_at")
+        times = [float(t) for (t,) in arrivals]
+        assert len(times) >= len(want), (len(times), len(want))
+        excess = max((j - i + 1) - 2.0 * (times[j] - times[i]) for i in range(len(times))
+                     for j in range(i, len(times)))
+        assert excess <= 4.5, (excess, len(times), times[-1] - times[0])
     finally:
         stack.close()
         pacs.stop()
