@@ -244,3 +244,36 @@ def test_a_node_that_cannot_be_asked_fails_each_row_with_the_reason(ctx):
     rows = store.rows(cid)
     assert [r.state for r in rows] == ["failed", "failed"]
     assert all(r.reason.startswith("query failed: ") and "unreachable" in r.reason for r in rows), rows[0].reason
+
+
+def test_a_cohort_asks_outside_the_move_window_and_pulls_only_inside_it(ctx, hospital):
+    """The window is the PACS's for moves: the query stage runs outside it, the transfer waits (nothing
+    pulled), and a cancel meanwhile leaves the row cancelled with what it found (resume moves it on)."""
+    import datetime as dt
+    import threading
+    import time
+
+    pacs, _ = hospital
+    hour = dt.datetime.now().hour
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"  # never now
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get", move_window=closed))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}], transfer=True)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(runner.run_job(cid, ctx, jobs)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while store.rows(cid)[0].state != "transferring":
+        assert time.monotonic() < deadline and worker.is_alive(), store.rows(cid)[0]
+        time.sleep(0.1)
+    row = store.rows(cid)[0]
+    assert row.expected == 5 and len(row.children) == 1  # asked outside the window; its retrieve waits
+    time.sleep(2)
+    assert ctx.index.count("Image") == 0 and jobs.get(row.children[0]).state == "running"
+    jobs.cancel(cid)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and done and done[0].state == "cancelled"
+    row = store.rows(cid)[0]
+    assert row.state == "cancelled" and row.studies and ctx.index.count("Image") == 0
+    assert jobs.get(row.children[0]).state == "cancelled"
