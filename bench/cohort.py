@@ -26,6 +26,24 @@ once (a cohort runs ``max_associations`` rows at once in its one job slot). Repo
 medians, and the cohort's overhead on top of the retrieves: ``(query + transfer) / retrieves - 1``
 (the target is at most 10 %), and the transfer stage alone against the retrieves. The machine is
 shared: other work may run at the same time (``busy`` is the CPU load measured before each run).
+
+``--status`` measures instead what a user sees of a large cohort while it runs (issue 17: "the API
+answers a cohort's status in well under a second while it runs")::
+
+    python bench/cohort.py --status [--rows 10000] [--found 100] [--poll 0.25]
+
+The API as it is deployed (gunicorn, 2 workers) and a ``pacsbridge worker`` (Redis broker of its own,
+PostgreSQL) in front of the same Orthanc: a CSV of ``--rows`` rows, ``--found`` of them naming a study
+Orthanc holds and the rest an accession it does not, is uploaded as ``POST /cohorts`` (multipart, with
+``start``): **submit** = until the 202 (the whole file read and validated, its rows written). Then,
+until the cohort has finished (queried, and the found rows pulled by C-GET), ``GET /cohorts/<id>`` is
+asked every ``--poll`` s and, every 10th time, a page of 100 rows (``?rows=1&state=not_found``): their
+latencies (p50, p95, max) by stage, over HTTP with a read token. Meanwhile the established connections
+to Orthanc's DICOM port are counted from ``/proc/net/tcp`` (the PACS's load, which must stay within the
+node's ``--max-associations``): ``pacs_associations_max`` the most seen in two samples 2 ms apart,
+``pacs_connections_peak`` the most in any one (which may count a released association's connection
+for the instant it takes to close: ``tests.orthanc.ConnectionSampler``). At the end, the report and
+the failed rows are downloaded (CSV) and timed.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -103,9 +122,135 @@ def wait(timeout: float, what: str, predicate, *args) -> None:  # type: ignore[n
         time.sleep(0.05)
 
 
+def _pct(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of ``values`` in milliseconds (nearest rank), or None."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def status_main(args: argparse.Namespace, work: Path) -> int:
+    """``--status``: the latency of a cohort's status while it runs (see the module docstring)."""
+    import urllib.request
+    import uuid
+
+    from pacsbridge.shared.core.config import Settings
+    from pacsbridge.shared.index.context import open_context
+    from tests.orthanc import ConnectionSampler, Orthanc
+    from tests.servers import ThrowawayRedis
+    from tests.test_api import TOKENS, Server
+
+    found = min(args.found, args.rows)
+    log(f"generating {found} studies")
+    accessions, n = generate(work / f"gen{found}", found)
+    pg_version = ensure_database(args.pg_url)
+    fresh_database(args.pg_url)
+    tmp = work / "status"
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    tmp.mkdir(parents=True)
+    ctx = open_context(Settings(database_url=args.pg_url, storage=tmp / "data"))
+    ctx.index.create()
+    ctx.index.engine.dispose()
+    pacs = Orthanc(work / f"orthanc-status{found}", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)})
+    redis = ThrowawayRedis()
+    redis.start()
+    server = None
+    try:
+        pacs.start()
+        if pacs.instance_count() < n:
+            pacs.upload(sorted((work / f"gen{found}").rglob("*.dcm")))
+        assert pacs.instance_count() >= n, pacs.instance_count()
+        server = Server(tmp, database_url=args.pg_url, gunicorn=True, PACSBRIDGE_BROKER_URL=redis.url,
+                        PACSBRIDGE_COHORT_MAX_ROWS=str(max(50_000, args.rows)))
+        status, body, _ = server.call("POST", "/api/v1/nodes", {
+            "name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port, "retrieve": "get",
+            "max_associations": args.max_associations})
+        assert status == 201, body
+        server.worker("--job-concurrency", str(args.job_concurrency))
+        time.sleep(3)  # the worker's start-up, not in the figures
+        missing = [f"NOPE{k:06d}" for k in range(args.rows - found)]
+        names = accessions + missing
+        random.Random(17).shuffle(names)  # the found rows spread over the file
+        csv = ("AccessionNumber\r\n" + "".join(f"{a}\r\n" for a in names)).encode()
+        busy = cpu_busy(1.0)
+        load_before = Path("/proc/loadavg").read_text().split()[:3]
+
+        def get(path: str, role: str = "read") -> tuple[float, bytes]:
+            req = urllib.request.Request(server.url + path, headers={"Authorization": f"Bearer {TOKENS[role]}"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                data = resp.read()
+            return time.perf_counter() - t0, data
+
+        boundary = uuid.uuid4().hex
+        parts = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in (("node", "pacs"), ("start", "true")))
+        parts += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cohort.csv"\r\n'
+                  "Content-Type: text/csv\r\n\r\n").encode() + csv + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(server.url + "/api/v1/cohorts", data=parts, method="POST", headers={
+            "Authorization": f"Bearer {TOKENS['user']}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with ConnectionSampler(pacs.dicom_port) as sampler:
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                submitted = json.loads(resp.read())
+            t_submit = time.perf_counter() - t0
+            cid = submitted["id"]
+            assert submitted["rows"] == args.rows, submitted
+            log(f"submitted {args.rows} rows in {t_submit:.2f} s; polling")
+            latencies: dict[str, list[float]] = {}
+            pages: list[float] = []
+            polls = 0
+            deadline = time.perf_counter() + args.timeout
+            while True:
+                took, data = get(f"/api/v1/cohorts/{cid}")
+                view = json.loads(data)
+                polls += 1
+                if view["state"] in FINISHED:
+                    break
+                latencies.setdefault(view["stage"], []).append(took)
+                if polls % 10 == 0:
+                    pages.append(get(f"/api/v1/cohorts/{cid}?rows=1&state=not_found&limit=100")[0])
+                    log(f"{view['stage']}: {view['states']}")
+                if time.perf_counter() > deadline:
+                    raise SystemExit(f"cohort not done after {args.timeout} s: {view['states']}")
+                time.sleep(args.poll)
+            t_total = time.perf_counter() - t0
+        assert view["state"] == "partial" and view["states"] == {"done": found, "not_found": args.rows - found}, view
+        assert view["totals"]["received"] == n, view["totals"]
+        t_report, report = get(f"/api/v1/cohorts/{cid}/report?format=csv")
+        t_failed, failed = get(f"/api/v1/cohorts/{cid}/failed", role="user")
+        assert report.count(b"\n") == args.rows + 1 and failed.count(b"\n") == args.rows - found + 1
+        load_after = Path("/proc/loadavg").read_text().split()[:3]
+    finally:
+        if server is not None:
+            server.close()
+        redis.stop()
+        pacs.stop()
+    every = [x for v in latencies.values() for x in v]
+    out = {"mode": "status", "rows": args.rows, "found": found, "instances": n,
+           "max_associations": args.max_associations, "job_concurrency": args.job_concurrency, "postgresql": pg_version,
+           "host": host_facts(("pynetdicom", "gunicorn", "flask")), "busy_before": busy,
+           "loadavg_before": load_before, "loadavg_after": load_after,
+           "submit_s": round(t_submit, 2), "until_finished_s": round(t_total, 1),
+           "status_ms": {stage: {"n": len(v), "p50": _pct(v, 0.5), "p95": _pct(v, 0.95), "max": _pct(v, 1.0)}
+                         for stage, v in {**latencies, "all": every}.items()},
+           "rows_page_100_ms": {"n": len(pages), "p50": _pct(pages, 0.5), "p95": _pct(pages, 0.95),
+                                "max": _pct(pages, 1.0)},
+           "report_csv_s": round(t_report, 2), "failed_csv_s": round(t_failed, 2),
+           "pacs_associations_max": sampler.most, "pacs_connections_peak": sampler.peak,
+           "pacs_samples": sampler.samples}
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--status", action="store_true", help="the status latency of a large cohort while it runs")
+    ap.add_argument("--found", type=int, default=100, help="--status: rows naming a study Orthanc holds")
+    ap.add_argument("--poll", type=float, default=0.25, help="--status: seconds between status requests")
+    ap.add_argument("--rows", type=int, default=None, help="rows (default 1000; --status: 10000)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/pacsbridge-bench-cohort")
     ap.add_argument("--pg-url", default="postgresql+psycopg2://postgres@127.0.0.1:5432/pacsbridge_bench_cohort")
@@ -115,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.rows is None:
+        args.rows = 10_000 if args.status else 1000
+    if args.status:
+        return status_main(args, work)
 
     from pacsbridge.shared.cohorts import sheets
     from pacsbridge.shared.cohorts.store import CohortRow, CohortStore

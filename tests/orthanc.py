@@ -38,6 +38,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def connections_to(port: int) -> int:
+    """Established TCP connections to ``127.0.0.1:port`` from this host, as the kernel lists them
+    (``/proc/net/tcp`` and ``tcp6``): the associations a DICOM peer on that port has open, counted from
+    outside the code that opens them. Only the callers' ends (remote port ``port``) count, once each."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+class ConnectionSampler:
+    """How many connections to ``port`` were open at once, sampled every ``interval`` s in a thread.
+
+    ``peak`` is the most seen in any one sample; ``most`` the most seen in two samples in a row (the
+    same count or more both times). A released association's connection can still be listed for a
+    fraction of a millisecond after the next one has opened (seen with sequential C-FINDs, which cannot
+    overlap): ``peak`` counts that moment, ``most`` does not; a real extra association (a C-FIND takes
+    several milliseconds) is in two samples 2 ms apart."""
+
+    def __init__(self, port: int, interval: float = 0.002) -> None:
+        import threading
+
+        self.port, self.interval = port, interval
+        self.most = self.peak = self.samples = self.busy = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conn-sampler", daemon=True)
+
+    def _run(self) -> None:
+        last = 0
+        while not self._stop.is_set():
+            n = connections_to(self.port)
+            self.peak, self.most = max(self.peak, n), max(self.most, min(n, last))
+            self.samples, self.busy, last = self.samples + 1, self.busy + (n > 0), n
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ConnectionSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class Orthanc:
     """Start and stop one Orthanc with its own configuration and storage.
 

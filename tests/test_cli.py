@@ -445,6 +445,24 @@ def test_cohort_start_moves_what_the_dry_run_found_and_mass_chunks(cohort_setup,
     assert mass["rows"] == 2 and mass["states"] == {"found": 1, "done": 1}, mass
 
 
+def test_cohort_submit_then_push_node_started_at_once(cohort_setup, tmp_path):
+    """``cohort submit FILE --node PACS --then push NODE --start``: the issue's own command line (here the
+    push goes back to the same Orthanc, which takes it as a node like any other)."""
+    sheet = tmp_path / "push.csv"
+    sheet.write_text("AccessionNumber\nCLIACC0\n", encoding="utf-8")
+    bad = cohort_setup.run("submit", sheet, "--node", "pacs", "--then", "send", "pacs")
+    assert bad.returncode == 2 and "expected push NODE or repack DIR" in bad.stderr, bad.stderr
+    proc = cohort_setup.run("submit", sheet, "--node", "pacs", "--then", "push", "pacs", "--start", "--follow",
+                            "--format", "json")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    done = json.loads(proc.stdout)
+    assert done["then"] == {"push": "pacs"} and done["transfer"] and done["states"] == {"done": 1}, done
+    assert done["totals"]["sent"] == 1 and done["totals"]["expected"] == 1, done["totals"]
+    report = json.loads(cohort_setup.run("report", done["id"], "--format", "json", "-o", "-").stdout)
+    kinds = [cohort_setup.server.call("GET", f"/api/v1/jobs/{j}")[1]["kind"] for j in report[0]["jobs"].split()]
+    assert kinds[-1] == "push" and report[0]["sent"] == 1, (kinds, report)
+
+
 def test_sqlite_indexing_lock_is_shared_by_processes_with_their_own_temp_folders(tmp_path):
     """Worker containers on one SQLite index each have their own /tmp: the lock that keeps two of them
     from passing the study/series conflict check at once must be next to the database, where all see it.

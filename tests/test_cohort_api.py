@@ -30,7 +30,7 @@ from pacsbridge.shared.index.importer import Importer
 from pacsbridge.worker import runner
 
 from .helpers import make_instance
-from .orthanc import Orthanc, free_port
+from .orthanc import ConnectionSampler, Orthanc, free_port
 from .test_api import TOKEN_SPEC, auth
 from .test_cohort_job import make_hospital
 
@@ -113,8 +113,8 @@ def submit_file(client, data: bytes, name: str, role: str = "user", **form: str)
                        content_type="multipart/form-data", headers=auth(role))
 
 
-def report(client, cid: str, fmt: str = "json") -> Any:
-    resp = client.get(f"/api/v1/cohorts/{cid}/report?format={fmt}", headers=auth("read"))
+def report(client, cid: str, fmt: str = "json", role: str = "read") -> Any:
+    resp = client.get(f"/api/v1/cohorts/{cid}/report?format={fmt}", headers=auth(role))
     assert resp.status_code == 200, resp.get_data(as_text=True)
     return resp
 
@@ -306,13 +306,33 @@ def test_project_cohort_pushes_deidentified_one_pseudonym_and_offset_per_patient
         # the report never shows the pseudonym the map made, in any format
         assert made.pseudonym not in report(client, cid, "csv").data.decode()
         assert made.pseudonym not in report(client, cid, "json").data.decode()
-        book = openpyxl.load_workbook(io.BytesIO(report(client, cid, "xlsx").data), read_only=True)
-        cells = [str(c) for r in book.worksheets[0].iter_rows(values_only=True) for c in r]
-        assert "SUBJ-A" in cells and not any(made.pseudonym in c for c in cells)
+        for role in ("user", "admin"):  # the token that submitted it, and an admin, see what the rows supplied
+            book = openpyxl.load_workbook(io.BytesIO(report(client, cid, "xlsx", role).data), read_only=True)
+            cells = [str(c) for r in book.worksheets[0].iter_rows(values_only=True) for c in r]
+            assert "SUBJ-A" in cells and not any(made.pseudonym in c for c in cells), role
         for path in (f"/api/v1/cohorts/{cid}?rows=1", f"/api/v1/cohorts/{cid}/failed",
                      f"/api/v1/cohorts/{cid}/failed?format=xlsx", "/api/v1/cohorts"):
             resp = client.get(path, headers=auth("user"))
             assert resp.status_code == 200 and made.pseudonym.encode() not in resp.data, path
+        assert b"WRONG-1" in client.get(f"/api/v1/cohorts/{cid}/failed", headers=auth("user")).data
+        # any other token (here a read token) sees no pseudonym at all: a supplied one next to its
+        # PatientID is a line of the map too; the other cells and the counters stay
+        for fmt in ("csv", "json", "xlsx"):
+            data = report(client, cid, fmt, "read").data
+            blob = data.decode("utf-8-sig") if fmt != "xlsx" else " ".join(
+                str(c) for r in openpyxl.load_workbook(io.BytesIO(data), read_only=True).worksheets[0].iter_rows(
+                    values_only=True) for c in r)
+            assert "SUBJ-A" not in blob and "WRONG-1" not in blob and made.pseudonym not in blob, fmt
+            assert "COH0" in blob and "ACC0A" in blob, fmt
+        as_read = report_rows(client, cid)
+        assert as_read[2]["Pseudonym"] == "" and as_read[2]["PatientID"] == "COH0" and as_read[2]["sent"] == 5
+        for path in (f"/api/v1/cohorts/{cid}?rows=1", f"/api/v1/cohorts/{cid}/failed",
+                     f"/api/v1/cohorts/{cid}/failed?format=json"):
+            resp = client.get(path, headers=auth("read"))
+            assert resp.status_code == 200 and b"SUBJ-A" not in resp.data and b"WRONG-1" not in resp.data, path
+        items = client.get(f"/api/v1/cohorts/{cid}?rows=1", headers=auth("read")).get_json()["items"]
+        assert [i["cells"]["Pseudonym"] for i in items] == ["", "", "", ""]
+        assert [i["cells"]["AccessionNumber"] for i in items] == ["ACC0A", "ACC0B", "ACC1A", "ACC2A"]
 
 
 
@@ -451,6 +471,8 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
     assert body["rows"] == 10_000 and body["states"] == {"pending": 10_000} and body["state"] == "queued"
     assert submitted < 30, submitted
 
+    # the PACS's side: the associations open to it, counted by the kernel while the rows are asked
+    sampler = ConnectionSampler(pacs.dicom_port).__enter__()
     worker = _run_in_thread(app, cid)
 
     def queried() -> int:
@@ -466,6 +488,10 @@ def test_ten_thousand_rows_status_fast_cancel_and_resume(app, client, hospital):
         page = client.get(f"/api/v1/cohorts/{cid}?rows=1&state=not_found&limit=5", headers=auth("read")).get_json()
         assert len(page["items"]) == 5 and all(r["state"] == "not_found" for r in page["items"])
     assert slowest < 1.0, slowest
+    _wait(lambda: queried() >= 200)
+    sampler.__exit__()
+    # never more than the node's 2 at once (and the sampler did see them: it is not blind)
+    assert sampler.busy > 0 and 1 <= sampler.most <= 2, (sampler.most, sampler.peak, sampler.busy, sampler.samples)
 
     # a running cohort cannot be retried or resumed; cancel stops it between rows
     assert client.post(f"/api/v1/cohorts/{cid}/retry", headers=auth("user")).status_code == 409

@@ -143,3 +143,137 @@ def test_a_c_get_retrieve_waits_for_the_nodes_window_and_can_be_cancelled_meanwh
     worker.join(timeout=20)
     assert not worker.is_alive() and done and done[0].state == "cancelled"
     assert ctx.index.count("Image") == 0
+
+
+def test_a_partly_held_study_pulls_only_what_is_missing(ctx, hospital, tmp_path):
+    """Held is checked per SOP against the node's instance list, and only the missing instances move.
+
+    ACC0A: its MR series (2) is indexed whole, its CT series (3) one instance of three: the study is not
+    held, the MR series is not asked for, the CT series pulls its 2 missing instances. ACC1A: its CT
+    series has 3 instances indexed, as many as the node lists, but one is not the node's (an instance the
+    node never had, with the series' UID): counts alone would call it held; it pulls the 1 missing. Its
+    MR series (2) is not here at all. 5 instances pulled in all, each once."""
+    import pydicom
+
+    from pacsbridge.shared.index.importer import Importer
+
+    pacs, studies = hospital
+    files = tmp_path / "files"
+    held = tmp_path / "held"
+    held.mkdir()
+    for name in ("ACC0A-1-0", "ACC0A-1-1", "ACC0A-0-0", "ACC1A-0-0", "ACC1A-0-1"):
+        (held / f"{name}.dcm").write_bytes((files / f"{name}.dcm").read_bytes())
+    stranger = pydicom.dcmread(files / "ACC1A-0-2.dcm")
+    stranger.SOPInstanceUID = generate_uid()  # the series' UID, the node does not have it
+    stranger.file_meta.MediaStorageSOPInstanceUID = stranger.SOPInstanceUID
+    stranger.save_as(held / "stranger.dcm")
+    report = Importer(ctx.index, ctx.storage, workers=1).import_paths([held])
+    assert report.stored == 6 and not report.rejected, report.rejected
+    sops_before = {r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]}
+
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}, {"AccessionNumber": "ACC1A"}], transfer=False)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [(rows[n].state, rows[n].expected, rows[n].held) for n in (2, 3)] == [("found", 5, 2), ("found", 5, 0)]
+    series_held = {n: sorted((s["expected"], s["held"]) for st in rows[n].studies for s in st["series"])
+                   for n in (2, 3)}
+    assert series_held == {2: [(2, True), (3, False)], 3: [(2, False), (3, False)]}, series_held
+    assert ctx.index.count("Image") == 6  # the dry run moved nothing
+
+    store.set_transfer(cid, True)
+    jobs.retry(cid, states=("succeeded",))
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "succeeded", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    assert [(rows[n].state, rows[n].received) for n in (2, 3)] == [("done", 5), ("done", 5)], rows
+    retrieves = [jobs.get(c) for n in (2, 3) for c in rows[n].children]
+    assert len(retrieves) == 2 and all(j.kind == "retrieve" and j.state == "succeeded" for j in retrieves)
+    # the MR series of ACC0A (held) was not asked for; C-GET moved the 5 missing instances, no more
+    assert studies["ACC0A"]["study"] in retrieves[0].params["query"]["StudyInstanceUID"]
+    assert len(retrieves[0].params["query"]["SeriesInstanceUID"]) == 1
+    assert [j.result["suboperations"]["completed"] for j in retrieves] == [2, 3]
+    sops = [r[0] for r in ctx.index.run_sql("select SOPInstanc from DICOMImages")[1]]
+    assert len(sops) == len(set(sops)) == 11 and sops_before <= set(sops)
+
+
+def test_rows_naming_series_modalities_and_dates(ctx, hospital, tmp_path):
+    """The optional fields of a row, end to end: a study's one series, a series the node does not have,
+    a modality (the series of it only), a date range (the prior only)."""
+    from pydicom import dcmread
+
+    pacs, studies = hospital
+    ct = str(dcmread(tmp_path / "files" / "ACC0A-0-0.dcm").SeriesInstanceUID)
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    study = studies["ACC0A"]["study"]
+    specs = [{"StudyInstanceUID": study, "SeriesInstanceUID": [ct]},                      # 2: its 3 CT
+             {"StudyInstanceUID": study, "SeriesInstanceUID": [ct, "1.2.3.999"]},         # 3: one is not there
+             {"StudyInstanceUID": study, "SeriesInstanceUID": ["1.2.3.999"]},             # 4: none there
+             {"PatientID": "COH1", "Modality": ["MR"]},                                   # 5: the MR series, 2 x 2
+             {"PatientID": "COH2", "min_date": "20230101", "max_date": "20231231"}]       # 6: the prior
+    cid = _cohort(jobs, store, specs, transfer=True)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "partial", (done.state, done.error)
+    rows = {r.number: r for r in store.rows(cid)}
+    got = {n: (r.state, r.series, r.expected, r.received) for n, r in rows.items()}
+    # row 3 moved what the node has, and is short of the series it does not: partial, with the reason
+    assert got == {2: ("done", 1, 3, 3), 3: ("partial", 1, 3, 3), 4: ("not_found", 0, 0, 0),
+                   5: ("done", 2, 4, 4), 6: ("done", 2, 5, 5)}, [(r.number, r.state, r.reason) for r in rows.values()]
+    assert rows[3].reason == "series not on the node: 1.2.3.999", rows[3].reason
+    assert rows[6].studies[0]["uid"] == studies["ACC2B"]["study"] and len(rows[6].studies) == 1
+    assert ctx.index.count("Image") == 3 + 4 + 5
+
+
+def test_a_node_that_cannot_be_asked_fails_each_row_with_the_reason(ctx):
+    """Nothing listens where the node is: every row ends ``failed`` with the node's error, not
+    ``not_found`` (which would say the PACS has nothing), and the dry run fails."""
+    from .orthanc import free_port
+
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", "NOBODY", "127.0.0.1", free_port(), retrieve="get"))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}, {"PatientID": "COH1"}], transfer=False)
+    done = runner.run_job(cid, ctx, jobs)
+    assert done is not None and done.state == "failed", (done.state, done.error)
+    assert "2 failed" in done.error
+    rows = store.rows(cid)
+    assert [r.state for r in rows] == ["failed", "failed"]
+    assert all(r.reason.startswith("query failed: ") and "unreachable" in r.reason for r in rows), rows[0].reason
+
+
+def test_a_cohort_asks_outside_the_move_window_and_pulls_only_inside_it(ctx, hospital):
+    """The window is the PACS's for moves: the query stage runs outside it, the transfer waits (nothing
+    pulled), and a cancel meanwhile leaves the row cancelled with what it found (resume moves it on)."""
+    import datetime as dt
+    import threading
+    import time
+
+    pacs, _ = hospital
+    hour = dt.datetime.now().hour
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"  # never now
+    jobs = JobStore(ctx.index.engine)
+    jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get", move_window=closed))
+    store = CohortStore(ctx.index.engine)
+    cid = _cohort(jobs, store, [{"AccessionNumber": "ACC0A"}], transfer=True)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(runner.run_job(cid, ctx, jobs)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while store.rows(cid)[0].state != "transferring":
+        assert time.monotonic() < deadline and worker.is_alive(), store.rows(cid)[0]
+        time.sleep(0.1)
+    row = store.rows(cid)[0]
+    assert row.expected == 5 and len(row.children) == 1  # asked outside the window; its retrieve waits
+    time.sleep(2)
+    assert ctx.index.count("Image") == 0 and jobs.get(row.children[0]).state == "running"
+    jobs.cancel(cid)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and done and done[0].state == "cancelled"
+    row = store.rows(cid)[0]
+    assert row.state == "cancelled" and row.studies and ctx.index.count("Image") == 0
+    assert jobs.get(row.children[0]).state == "cancelled"

@@ -32,12 +32,13 @@ from pacsbridge.shared.jobs.store import JobStore
 from pacsbridge.worker import runner
 
 from .helpers import make_instance
-from .orthanc import Orthanc
+from .orthanc import ConnectionSampler, Orthanc
 from .test_retrieve import celery_of, ctx_of, index_sops, make_stack, stored_files, wait_finished  # noqa: F401
 
 MODALITIES = ("CT", "MR", "CR", "US")
 BODY_PARTS = ("CHEST", "HEAD", "ABDOMEN")
 INSTITUTIONS = ("General Hospital", "St Mary Clinic")
+DESCRIPTIONS = ("CT THORAX", "MR HEAD ROUTINE", "THORAX FOLLOW-UP", "ABDOMEN")
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Study:
     date: str
     modality: str
     institution: str
+    description: str
     age: int                              # years at the study
     series: dict[str, tuple[str, list[str]]]  # series uid -> (body part, SOP instance UIDs)
 
@@ -61,7 +63,8 @@ def make_studies(root: Path, n: int = 40, seed: int = 17) -> list[Study]:
         age = rng.choice((4, 12, 17, 18, 30, 45, 64, 65, 80))
         born = dt.date(when.year - age, 1, 1)  # ``age`` years old on any day of the study's year
         study = Study(uid=generate_uid(), date=f"{when:%Y%m%d}", modality=MODALITIES[k % len(MODALITIES)],
-                      institution=INSTITUTIONS[rng.randrange(2)], age=age, series={})
+                      institution=INSTITUTIONS[rng.randrange(2)],
+                      description=DESCRIPTIONS[k % len(DESCRIPTIONS)], age=age, series={})
         for s in range(rng.choice((1, 2))):
             series, part = generate_uid(), rng.choice(BODY_PARTS)
             sops = []
@@ -70,6 +73,7 @@ def make_studies(root: Path, n: int = 40, seed: int = 17) -> list[Study]:
                                    PatientBirthDate=f"{born:%Y%m%d}", StudyInstanceUID=study.uid,
                                    SeriesInstanceUID=series, StudyDate=study.date, Modality=study.modality,
                                    InstitutionName=study.institution, BodyPartExamined=part,
+                                   StudyDescription=study.description,
                                    AccessionNumber=f"M{k:04d}", SeriesNumber=s + 1, InstanceNumber=i + 1)
                 sops.append(str(ds.SOPInstanceUID))
             study.series[series] = (part, sops)
@@ -78,7 +82,7 @@ def make_studies(root: Path, n: int = 40, seed: int = 17) -> list[Study]:
 
 
 def matching(studies: list[Study], *, lo: str = "20240101", hi: str = "20241231", modalities: tuple[str, ...] = (),
-             institution: str = "", parts: tuple[str, ...] = (), min_age: int | None = None,
+             institution: str = "", description: str = "", parts: tuple[str, ...] = (), min_age: int | None = None,
              max_age: int | None = None) -> set[str]:
     """The SOP Instance UIDs a mass transfer with these filters must pull."""
     want: set[str] = set()
@@ -86,6 +90,8 @@ def matching(studies: list[Study], *, lo: str = "20240101", hi: str = "20241231"
         if not lo <= st.date <= hi or (modalities and st.modality not in modalities):
             continue
         if institution and not st.institution.upper().startswith(institution.upper().rstrip("*")):
+            continue
+        if description and description.strip("*") not in st.description:  # "*WORD*" patterns only
             continue
         if (min_age is not None and st.age < min_age) or (max_age is not None and st.age > max_age):
             continue
@@ -119,10 +125,12 @@ FILTER_CASES = [
     ({"Modality": ["MR", "US"]}, {"modalities": ("MR", "US")}),
     ({"InstitutionName": "st mary*"}, {"institution": "ST MARY*"}),
     ({"BodyPartExamined": ["HEAD"]}, {"parts": ("HEAD",)}),
+    ({"StudyDescription": "*THORAX*"}, {"description": "*THORAX*"}),
     ({"min_age": 18, "max_age": 64}, {"min_age": 18, "max_age": 64}),
     ({"Modality": ["CT", "CR"], "InstitutionName": "General*", "BodyPartExamined": ["CHEST", "ABDOMEN"],
       "max_age": 17}, {"modalities": ("CT", "CR"), "institution": "GENERAL*", "parts": ("CHEST", "ABDOMEN"),
                        "max_age": 17}),
+    ({"StudyDescription": "*THORAX*", "Modality": ["CT"]}, {"description": "*THORAX*", "modalities": ("CT",)}),
 ]
 
 
@@ -131,8 +139,9 @@ def test_mass_filters_against_orthanc(ctx, tmp_path, generated):
     with Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)}) as pacs:
         pacs.upload(sorted(root.glob("*.dcm")))
         jobs = JobStore(ctx.index.engine)
-        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get", max_associations=4))
         store = CohortStore(ctx.index.engine)
+        sampler = ConnectionSampler(pacs.dicom_port).__enter__()
         for filters, expect in FILTER_CASES:
             want = matching(studies, **expect)  # type: ignore[arg-type]
             assert want, filters  # the data covers every case
@@ -149,6 +158,36 @@ def test_mass_filters_against_orthanc(ctx, tmp_path, generated):
             assert found == want_series, filters
             assert sum(r.expected for r in rows) == len(want), filters
         assert ctx.index.count("Image") == 0  # dry runs move nothing
+        sampler.__exit__()
+        # the chunks are asked one at a time, though the node would allow 4 associations (seen by the kernel)
+        assert sampler.busy and sampler.most == 1, (sampler.most, sampler.peak, sampler.busy, sampler.samples)
+
+
+def test_a_chunk_the_pacs_cuts_short_is_split_further(ctx, tmp_path):
+    """Orthanc answers at most 3 studies a C-FIND. A week of 7 studies on 7 days is asked again by halves
+    of its range until no answer is cut short: every study found and pulled. A single day of 4 studies
+    cannot be split: that chunk fails and says so; the empty week between them is done."""
+    files = tmp_path / "files"
+    week: set[str] = set()
+    for day in range(7):  # 2024-03-04 .. 03-10
+        ds = make_instance(files / f"w{day}.dcm", PatientID=f"CUT{day}", StudyDate=f"202403{4 + day:02d}")
+        week.add(str(ds.SOPInstanceUID))
+    for k in range(4):  # four studies on 2024-03-20
+        make_instance(files / f"d{k}.dcm", PatientID=f"DAY{k}", StudyDate="20240320")
+    with Orthanc(tmp_path / "orthanc", modalities={"pb": ("PACSBRIDGE", "127.0.0.1", 11112)},
+                 extra_config={"LimitFindResults": 3}) as pacs:
+        pacs.upload(sorted(files.glob("*.dcm")))
+        jobs = JobStore(ctx.index.engine)
+        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, retrieve="get"))
+        store = CohortStore(ctx.index.engine)
+        cid = mass_cohort(jobs, store, {"from": "2024-03-04", "to": "2024-03-24", "chunk": "week"}, transfer=True)
+        done = runner.run_job(cid, ctx, jobs)
+        assert done is not None and done.state == "partial", (done.state, done.error)
+        rows = store.rows(cid)
+        assert [(r.state, len(r.studies), r.expected, r.received) for r in rows] == [
+            ("done", 7, 7, 7), ("done", 0, 0, 0), ("failed", 0, 0, 0)], [(r.state, r.reason) for r in rows]
+        assert "single day 2024-03-20" in rows[2].reason and "narrow the query" in rows[2].reason, rows[2].reason
+        assert set(index_sops(ctx)) == week and len(index_sops(ctx)) == 7
 
 
 # -- the mass transfer through real workers, one killed --------------------------------------------
@@ -178,7 +217,7 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         first = stack.start("worker-a", "--concurrency", "2")
         ctx = ctx_of(stack)
         jobs = JobStore(ctx.index.engine)
-        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, max_associations=1, max_rate=6.0,
+        jobs.add_node(Node("pacs", pacs.aet, "127.0.0.1", pacs.dicom_port, max_associations=1, max_rate=2.0,
                            move_window=_window_open_now()))
         store = CohortStore(ctx.index.engine)
         cid = mass_cohort(jobs, store, {"from": "20240101", "to": "20241231", "chunk": "week", "filters": filters},
@@ -223,6 +262,14 @@ def test_mass_transfer_a_year_in_weeks_worker_killed(tmp_path, generated, ctx_of
         assert set(sops) == want                      # every instance of the matching series, nothing else
         assert len(stored_files(ctx)) == len(want)    # and stored once
         assert sum(r.expected for r in rows) == len(want)
+        # the node's rate (2 instances/s, charged per series before its C-MOVE) held across the kill: no
+        # stretch of arrivals is faster, beyond a series in flight and the one booked next (2 each at most)
+        _, arrivals = ctx.index.run_sql("select arrived_at from pacsbridge_arrivals order by arrived_at")
+        times = [float(t) for (t,) in arrivals]
+        assert len(times) >= len(want), (len(times), len(want))
+        excess = max((j - i + 1) - 2.0 * (times[j] - times[i]) for i in range(len(times))
+                     for j in range(i, len(times)))
+        assert excess <= 4.5, (excess, len(times), times[-1] - times[0])
     finally:
         stack.close()
         pacs.stop()

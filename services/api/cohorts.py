@@ -9,8 +9,11 @@ then moves what it found. The report (``/report``) and the rows that did not suc
 file of the input's own form, to fix and submit again) download as CSV, xlsx or JSON.
 
 A report shows the pseudonyms the rows supplied, never the ones a project's map made (those are the
-map's, admin-only and audited: ``/projects/<name>/map``). Submitting, starting, cancelling, resuming
-and retrying need role ``user``; a project token may do none of it.
+map's, admin-only and audited: ``/projects/<name>/map``); and the supplied ones only to the token that
+submitted the cohort and to admins: any other token sees a ``Pseudonym`` column's cells empty (in the
+rows, the report and the failed rows), since a pseudonym next to a PatientID is a line of the map.
+Submitting, starting, cancelling, resuming and retrying need role ``user``; a project token may do none
+of it.
 """
 
 from __future__ import annotations
@@ -142,8 +145,22 @@ def _cohort_view(job: Job, store: CohortStore, a: CohortArgs | None = None) -> d
            "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at}
     if a is not None and a.rows == "1":
         rows = store.rows(job.id, states=[a.state] if a.state else None, limit=a.limit, offset=a.offset)
-        out["items"] = [_row_view(r) for r in rows]
+        hidden = _hidden_cells(job, cohort.form.get("headers") or [])
+        out["items"] = [_row_view(r, hidden) for r in rows]
     return out
+
+
+def _hidden_cells(job: Job, headers: list[str]) -> frozenset[str]:
+    """The columns this request's token may not see: the ``Pseudonym`` ones (under any of their headers)
+    unless the token submitted the cohort or is an admin's. Another user, or a read token, would see
+    which pseudonym the submitter gave which patient: a part of the map, which is the admins'."""
+    if g.get("role") == "admin" or (job.owner and g.get("token_name") == job.owner):
+        return frozenset()
+    return frozenset(h for h in headers if sheets.HEADER_ALIASES.get(sheets.normalise_header(h)) == "Pseudonym")
+
+
+def _cells(cells: dict[str, str], hidden: frozenset[str]) -> dict[str, str]:
+    return {h: ("" if h in hidden else v) for h, v in cells.items()} if hidden else cells
 
 
 def _stage(job: Job, transfer: bool, counts: dict[str, int]) -> str:
@@ -154,10 +171,10 @@ def _stage(job: Job, transfer: bool, counts: dict[str, int]) -> str:
     return str(job.result.get("stage") or "")
 
 
-def _row_view(row: CohortRow) -> dict[str, Any]:
-    """A row as the API shows it: its cells as written (with the pseudonym the row supplied), never a
-    pseudonym the project's map made."""
-    return {"row": row.number, "state": row.state, "reason": row.reason, "cells": row.cells,
+def _row_view(row: CohortRow, hidden: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A row as the API shows it: its cells as written (with the pseudonym the row supplied, unless
+    ``hidden``: :func:`_hidden_cells`), never a pseudonym the project's map made."""
+    return {"row": row.number, "state": row.state, "reason": row.reason, "cells": _cells(row.cells, hidden),
             "patient_id": row.patient_id, "studies": [s["uid"] for s in row.studies],
             **{c: getattr(row, c) for c in COUNTERS}, "jobs": row.children}
 
@@ -321,12 +338,13 @@ def report(job_id: str) -> Response:
     cohort = store.get(job.id)
     headers = list(cohort.form.get("headers") or [])
     columns = [*_REPORT_COLUMNS, *headers, *_REPORT_TAIL]
+    hidden = _hidden_cells(job, headers)
 
     def rows() -> Any:
         for r in store.iter_rows(job.id):
             v = _row_view(r)
             yield {"row": r.number, "state": r.state, "reason": r.reason,
-                   **{h: r.cells.get(h, "") for h in headers}, "patient_id": r.patient_id,
+                   **{h: "" if h in hidden else r.cells.get(h, "") for h in headers}, "patient_id": r.patient_id,
                    "studies": " ".join(v["studies"]), **{c: getattr(r, c) for c in COUNTERS},
                    "jobs": " ".join(r.children)}
 
@@ -344,7 +362,8 @@ def failed(job_id: str) -> Response:
     store = CohortStore(state().ctx.index.engine)
     cohort = store.get(job.id)
     fmt = a.format or cohort.format
-    cells = (r.cells for r in store.iter_rows(job.id, states=NOT_SUCCEEDED))
+    hidden = _hidden_cells(job, list(cohort.form.get("headers") or []))
+    cells = (_cells(r.cells, hidden) for r in store.iter_rows(job.id, states=NOT_SUCCEEDED))
     form = cohort.form if fmt == cohort.format else {**cohort.form, "format": fmt, "dialect": {}}
     body = sheets.write_input_form(form, cells)
     return _download(body, fmt, f"cohort-{job.id[:8]}-failed")

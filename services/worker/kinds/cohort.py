@@ -126,12 +126,15 @@ def resolve_row(spec: Mapping[str, Any], searcher: Searcher, ctx: Context) -> di
         for ref in refs:
             have = retrieve.indexed_count(ctx.index, ref.series_uid)
             complete = bool(ref.expected) and have >= (ref.expected or 0)
+            sops: list[str] = []
             if complete:  # counts say so: check per SOP against the node's own list
                 on_node = set(searcher.instances(ref))
                 complete = on_node <= retrieve.indexed_sops(ctx.index, ref.series_uid)
+                if not complete:  # as many here, not the same ones: the transfer must compare SOPs too
+                    sops = sorted(on_node)
             held_here += (ref.expected or 0) if complete else 0
             series.append({"uid": ref.series_uid, "expected": ref.expected or 0, "modality": ref.modality,
-                           "description": ref.description, "held": complete})
+                           "description": ref.description, "held": complete, **({"sops": sops} if sops else {})})
         n = sum(s["expected"] for s in series)
         out.append({"uid": str(study["StudyInstanceUID"]), "patient_id": str(study.get("PatientID") or ""),
                     "date": str(study.get("StudyDate") or ""), "sop_classes": list(refs[0].sop_classes),
@@ -281,11 +284,29 @@ class _Children:
 
 
 def _plan(row: CohortRow) -> list[SeriesRef]:
-    """The series of a row's studies not held, as its query found them."""
+    """The series of a row's studies not held, as its query found them. A series with as many instances
+    indexed as the node counts but not the same ones carries the node's SOP list (``sops``): the retrieve
+    then compares SOP UIDs, not counts, and pulls the ones missing (by count it would skip the series)."""
     return [SeriesRef(study_uid=st["uid"], series_uid=s["uid"], patient_id=st.get("patient_id", ""),
                       modality=s.get("modality", ""), description=s.get("description", ""),
-                      expected=s.get("expected", 0), sop_classes=tuple(st.get("sop_classes") or ()))
+                      expected=len(s["sops"]) if s.get("sops") else s.get("expected", 0),
+                      sop_classes=tuple(st.get("sop_classes") or ()),
+                      sops=tuple(s["sops"]) if s.get("sops") else None)
             for st in row.studies if not st.get("held") for s in st["series"] if not s.get("held")]
+
+
+def _missing_series(row: CohortRow) -> str:
+    """Why a row cannot be whole: the series it names that the node did not have ("" when none)."""
+    wanted = set(row.spec.get("SeriesInstanceUID") or ())
+    missing = wanted - {s["uid"] for st in row.studies for s in st["series"]}
+    return f"series not on the node: {', '.join(sorted(missing))}" if missing else ""
+
+
+def _indexed_now(ctx: Context, ref: SeriesRef) -> bool:
+    """Whether the index holds all of a planned series now (another row of the cohort pulled it)."""
+    if ref.sops is not None:
+        return set(ref.sops) <= retrieve.indexed_sops(ctx.index, ref.series_uid)
+    return bool(ref.expected) and retrieve.indexed_count(ctx.index, ref.series_uid) >= (ref.expected or 0)
 
 
 def _selection(row: CohortRow) -> dict[str, list[str]]:
@@ -301,14 +322,13 @@ def _transfer_row(row: CohortRow, job: Job, ctx: Context, jobs: JobStore, store:
     store.update_row(job.id, row.number, state="transferring", reason="")
     project = job.params.get("project") or ""
     kids = list(row.children)
-    reasons: list[str] = []
+    reasons: list[str] = [why] if (why := _missing_series(row)) else []  # what moves, moves; the row is short
     received = row.held
     with study_locks.hold([st["uid"] for st in row.studies]):
         plan = _plan(row)
         # a series another row of the cohort pulled while this one waited for the lock is held now (the
         # query saw it missing): counted as received, not asked for again in an empty child retrieve
-        pulled = {r.series_uid for r in plan if r.expected
-                  and retrieve.indexed_count(ctx.index, r.series_uid) >= r.expected}
+        pulled = {r.series_uid for r in plan if _indexed_now(ctx, r)}
         if pulled:
             received += sum(r.expected or 0 for r in plan if r.series_uid in pulled)
             plan = [r for r in plan if r.series_uid not in pulled]
@@ -464,7 +484,9 @@ def run(job: Job, ctx: Context, jobs: JobStore, cancel: threading.Event) -> Outc
             if cancel.is_set():
                 return
             if not then and not _plan(row):
-                store.update_row(job.id, row.number, state="done", reason="", received=row.held)
+                short = _missing_series(row)
+                store.update_row(job.id, row.number, state="partial" if short else "done", reason=short,
+                                 received=row.held)
                 return
             _transfer_row(row, job, ctx, jobs, store, then, children, locks, projects)
 
