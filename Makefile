@@ -77,8 +77,9 @@ bench-dicomweb: debs services install-test
 	$(PY) bench/dicomweb.py
 
 # The index at millions of instances (issue 19): a database of its own filled by COPY, dropped at the end
-# (10 M instances take about 7 min to fill and 8 GB; `bench/scale.py --instances N` for less)
-bench-scale: services install-test
+# (10 M instances take about 7 min to fill and 8 GB; `bench/scale.py --instances N` for less), then ingest
+# (storescu: debs) on it against an empty index, the reconciler on a tree of 1 M empty files, rebuild --missing
+bench-scale: debs services install-test
 	$(PY) bench/scale.py
 
 # De-identification alone (issue 16): pacsbridge's engine, dicognito, pydicom/deid and dcmanon on the same

@@ -535,6 +535,9 @@ class PacsbridgeReceiver(Receiver):
     """``pacsbridge listener`` + ``pacsbridge worker`` on PostgreSQL and Redis, fsync on."""
 
     name = "pacsbridge"
+    #: The ``pacsbridge`` arguments run before each start: ``init --force`` empties the index
+    #: (``bench/scale.py`` runs plain ``init`` on its full index instead).
+    init_args: tuple[str, ...] = ("init", "--force")
 
     def __init__(self, *args: Any, pg_url: str, broker_url: str, exe: str | None = None) -> None:
         super().__init__(*args)
@@ -562,11 +565,12 @@ class PacsbridgeReceiver(Receiver):
             client.flushdb()
         finally:
             client.close()
-        init = subprocess.run([self.exe, "init", "--force"], env=self.env, capture_output=True, text=True,
+        init = subprocess.run([self.exe, *self.init_args], env=self.env, capture_output=True, text=True,
                               check=False)
         (self.log_dir / "init.log").write_text(init.stdout + init.stderr)
         if init.returncode != 0:
-            raise RuntimeError(f"pacsbridge init --force failed (exit {init.returncode}): {init.stderr[-2000:]}")
+            raise RuntimeError(f"pacsbridge {' '.join(self.init_args)} failed (exit {init.returncode}): "
+                               f"{init.stderr[-2000:]}")
         self.phases["flush_init_s"] = round(time.perf_counter() - t0, 3)
         self.engine = create_engine(self.pg_url, isolation_level="AUTOCOMMIT")
         self.spawn("listener", [self.exe, "listener"], self.env, cwd=self.run_dir)
