@@ -28,9 +28,9 @@ What it does:
    children; the API) and printed. The slope is fitted by least squares (MB per
    100,000 instances) over the samples after the warm-up: not the first, and none taken
    before ``--warmup-s`` (default: the reconciler's period + 30 s; its first periodic pass
-   reads the journal lines of a whole period at once, a step in the listener's RSS that
-   stays as its high-water mark); target: <= 5 MB per 100 k for each service. The slope
-   over every sample is printed too.
+   reads the journal lines of a whole period, 5,000 at a time, a step of a few MB in the
+   listener's RSS that stays as its high-water mark); target: <= 5 MB per 100 k for each
+   service. The slope over every sample is printed too.
 
 Progress goes to stderr; stdout carries the table and one JSON line.
 Exit status: 0 if the run completed without problems (whether or not the targets were met),
@@ -63,7 +63,8 @@ SLOPE_TARGET_MB = 5.0
 #: The services measured, in the order they are started (their process groups)
 SERVICES = ("listener", "worker", "api")
 #: PACSBRIDGE_RECONCILE_SECONDS's default: the listener's reconciler reads the journal lines of a
-#: period in one pass (up to journal.MAX_LINES), so the listener's RSS steps up at its first pass
+#: period in one pass (journal.CHUNK_LINES at a time), so the listener's RSS steps up a little at its
+#: first pass
 DEFAULT_RECONCILE_S = 300.0
 PER_ASSOCIATION = 5000
 #: The senders' DIMSE and network timeouts (s): a loaded machine stalls now and then

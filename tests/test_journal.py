@@ -462,3 +462,45 @@ def test_writers_with_the_same_pid_on_one_storage_keep_apart(tmp_path):
         for proc in writers:
             proc.communicate("\n", timeout=30)
     assert all(unheld(root, name) for name in names)  # gone: settled segments may go now
+
+
+def test_a_pass_holds_one_chunk_of_lines_at_a_time(ctx, broker, no_walk, monkeypatch):
+    """The lines a period wrote (up to MAX_LINES) are settled a chunk at a time (CHUNK_LINES, whole
+    segments): the index is asked about one chunk's UIDs at a time, and the result is the same as
+    reading them all at once (what is indexed settles, what is stored and not indexed is queued)."""
+    from pacsbridge.shared.index.journal import pending_chunks
+
+    root = ctx.storage.root
+    walked(root)
+    writer = JournalWriter(root, durable=False, segment_bytes=2048)  # about 40 lines a segment
+    rows = [(f"6.7.{i}", f"C/{i:04d}.dcm") for i in range(1200)]
+    for sop, rel in rows:
+        writer.record(rel, sop)
+    writer.close()
+    per_segment = max(len(es) for es, _ in pending(root, Checkpoint(root).load()).values())
+    (root / "C").mkdir()
+    for i in (7, 700, 1199):  # stored, not indexed
+        (root / "C" / f"{i:04d}.dcm").write_bytes(b"")
+    _bulk_index(ctx, [row for i, row in enumerate(rows) if i not in (7, 700, 1199)])
+    monkeypatch.setattr(journal, "CHUNK_LINES", 100)
+    asked: list[int] = []
+    lookup = Index.lookup_sop
+    monkeypatch.setattr(Index, "lookup_sop", lambda self, sops: asked.append(len(sops)) or lookup(self, sops))
+
+    assert reconcile(ctx, broker) == 3
+    assert len(asked) >= 1200 // (100 + per_segment)  # a chunk at a time, not every line at once
+    assert max(asked) < 100 + per_segment and sum(asked) == 1200
+    body = b"".join(queued(broker))
+    assert all(f"C/{i:04d}.dcm".encode() in body for i in (7, 700, 1199))
+    # the checkpoint stops at the first pending line of each segment; settled segments are gone
+    left = [e.relpath for es, _ in pending(root, Checkpoint(root).load()).values() for e in es]
+    assert left[0] == "C/0007.dcm" and "C/0700.dcm" in left and "C/1199.dcm" in left
+    assert len(left) < 3 * per_segment
+    # chunks hold whole segments, and the generator's chunks add up to pending()'s lines
+    chunks = list(pending_chunks(root, Checkpoint(root).load(), chunk=1))
+    assert [e for c in chunks for es, _ in c.values() for e in es] == \
+        [e for es, _ in pending(root, Checkpoint(root).load()).values() for e in es]
+    assert all(len(c) == 1 for c in chunks)
+    _bulk_index(ctx, [rows[i] for i in (7, 700, 1199)])
+    assert reconcile(ctx, broker) == 0
+    assert segments(root) == []

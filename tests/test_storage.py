@@ -315,3 +315,32 @@ def test_counter_names_differ_between_processes_with_the_same_pid():
         seen.append(out)
     assert seen[0][0] == seen[1][0] == "1"  # the same pid in both
     assert seen[0][1] != seen[1][1]
+
+
+def test_the_folders_a_storage_remembers_stay_bounded(tmp_path, monkeypatch):
+    """A receiver makes a folder per series for as long as it runs: the folders it remembers as made
+    (and as checked to lie inside the root) are forgotten past FOLDER_CACHE, and a forgotten or
+    removed folder is made again."""
+    from pacsbridge.shared.index import storage as storage_module
+
+    monkeypatch.setattr(storage_module, "FOLDER_CACHE", 8)
+    st = Storage(tmp_path / "s", fsync=False)
+    st.ensure()
+    stored = []
+    for _ in range(30):  # 30 series, a folder each
+        ds = make_instance()
+        rel = st.store(b"x", ds).relpath
+        st.absolute(rel)
+        stored.append(rel)
+        assert len(st._made) <= 8 and len(st._safe_dirs) <= 8
+    assert all((st.root / rel).read_bytes() == b"x" for rel in stored)
+    # a folder still remembered but removed since (a delete job): made again on the next store
+    last = st.root / stored[-1]
+    assert last.parent in st._made
+    last.unlink()
+    last.parent.rmdir()
+    again = make_instance(PatientID=ds.PatientID, StudyInstanceUID=ds.StudyInstanceUID,
+                          SeriesInstanceUID=ds.SeriesInstanceUID)
+    res = st.store(b"y", again)
+    assert res.action == "stored" and (st.root / res.relpath).parent == last.parent
+    assert (st.root / res.relpath).read_bytes() == b"y"

@@ -382,21 +382,50 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
     acknowledged). The checkpoint of a segment moves past settled lines only: the first pending
     line (queued, or too young) and those after it are read again at the next pass.
     """
-    from pacsbridge.shared.core.errors import UnsafePath
     from pacsbridge.shared.index import journal
-    from pacsbridge.shared.index.journal import JOURNAL, pending, read_segment, segments, unheld
+    from pacsbridge.shared.index.journal import pending_chunks, segments
     from pacsbridge.shared.index.quarantine import Quarantine
 
     root = ctx.storage.root
-    found = pending(root, checkpoint, journal.MAX_LINES)
+    missing: list[str] = []
+    # segments this pass does not reach (a backlog over MAX_LINES) keep their offsets; gone ones drop out
+    offsets = {name: checkpoint.offsets[name] for name in segments(root) if name in checkpoint.offsets}
+    dropped = 0
+    quarantine = Quarantine(ctx.index.engine)
+    # a chunk of lines at a time (journal.CHUNK_LINES), each let go before the next is read: the pass's
+    # memory follows the chunk, not the lines a period wrote
+    for found in pending_chunks(root, checkpoint, journal.MAX_LINES, journal.CHUNK_LINES):
+        queued, gone = _settle_chunk(ctx, found, offsets, quarantine, min_age, already)
+        dropped += gone
+        _send_all(settings, queued)
+        missing += queued
+    if dropped:
+        log.info("reconciler: %d journal lines name a file that is not there (a store cut short, or an "
+                 "instance moved aside or deleted since); dropped", dropped)
+    recovered = checkpoint.recovered & set(segments(root))
+    if offsets != checkpoint.offsets or recovered != checkpoint.recovered:
+        checkpoint.offsets, checkpoint.recovered = offsets, recovered
+        checkpoint.save()
+    return missing
+
+
+def _settle_chunk(ctx: Any, found: dict[str, tuple[list[Any], int]], offsets: dict[str, int], quarantine: Any,
+                  min_age: float, already: set[str]) -> tuple[list[str], int]:
+    """One chunk of :func:`_journal_pass`: the instances to queue, and how many lines named a file that
+    is not there; moves ``offsets`` past the settled lines of each segment in ``found`` and deletes the
+    segments read to their end that no writer holds."""
+    from pacsbridge.shared.core.errors import UnsafePath
+    from pacsbridge.shared.index.journal import JOURNAL, read_segment, unheld
+
+    root = ctx.storage.root
     entries = [e for lines, _ in found.values() for e in lines]
     settled: set[tuple[str, int]] = set()
     missing: list[str] = []
+    dropped = 0
     if entries:
         indexed = ctx.index.lookup_sop(sorted({e.sop for e in entries if e.sop}))
-        set_aside = Quarantine(ctx.index.engine).among(sorted({e.relpath for e in entries if e.relpath}))
+        set_aside = quarantine.among(sorted({e.relpath for e in entries if e.relpath}))
         now = time.time()
-        dropped = 0
         for e in entries:
             if not e.relpath or (e.sop and e.sop in indexed) or e.relpath in set_aside:
                 settled.add((e.segment, e.end))
@@ -415,13 +444,8 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
             if not young and e.relpath not in already:
                 already.add(e.relpath)
                 missing.append(e.relpath)
-        if dropped:
-            log.info("reconciler: %d journal lines name a file that is not there (a store cut short, or an "
-                     "instance moved aside or deleted since); dropped", dropped)
-    # segments this pass did not reach (a backlog over MAX_LINES) keep their offsets; gone ones drop out
-    offsets = {name: checkpoint.offsets[name] for name in segments(root) if name in checkpoint.offsets}
     for name, (lines, end) in found.items():
-        offset = checkpoint.offsets.get(name, 0)
+        offset = offsets.get(name, 0)
         for e in lines:
             if (e.segment, e.end) not in settled:
                 break
@@ -437,12 +461,7 @@ def _journal_pass(ctx: Any, settings: Settings, checkpoint: Any, min_age: float,
             offsets.pop(name, None)
             continue
         offsets[name] = offset
-    recovered = checkpoint.recovered & set(segments(root))
-    if offsets != checkpoint.offsets or recovered != checkpoint.recovered:
-        checkpoint.offsets, checkpoint.recovered = offsets, recovered
-        checkpoint.save()
-    _send_all(settings, missing)
-    return missing
+    return missing, dropped
 
 
 def _reconciler(settings: Settings, stop: threading.Event, period: float, min_age: float) -> None:

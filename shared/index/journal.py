@@ -70,10 +70,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 __all__ = ["JOURNAL", "MAX_LINES", "SEGMENT_BYTES", "ROTATE_SECONDS", "BOOT", "CLOSED", "Checkpoint", "Entry",
-           "JournalWriter", "PassLock", "born", "clean_leftovers", "fault", "lost_tails", "pending", "read_segment",
+           "CHUNK_LINES", "JournalWriter", "PassLock", "born", "clean_leftovers", "fault", "lost_tails", "pending",
+           "pending_chunks", "read_segment",
            "segments", "unheld", "writer_for"]
 
 log = logging.getLogger(__name__)
@@ -280,8 +281,12 @@ def read_segment(path: Path, start: int) -> tuple[list[Entry], int]:
 
 
 #: Most lines one reconciler pass reads (a backlog, say a day with the workers down, is read over
-#: several passes, so a pass's memory stays bounded).
+#: several passes, so a pass's time stays bounded).
 MAX_LINES = 100_000
+#: Lines a pass holds at once (:func:`pending_chunks`): it settles them and lets them go before it
+#: reads more, so its memory follows this, not what arrived in a period (up to :data:`MAX_LINES`).
+#: A chunk holds whole segments, so it can hold one segment's lines more than this.
+CHUNK_LINES = 5_000
 
 
 def pending(root: Path | str, checkpoint: "Checkpoint",
@@ -303,6 +308,36 @@ def pending(root: Path | str, checkpoint: "Checkpoint",
         left -= len(lines)
         out[name] = (lines, end)
     return out
+
+
+def pending_chunks(root: Path | str, checkpoint: "Checkpoint", limit: int = MAX_LINES,
+                   chunk: int = CHUNK_LINES) -> Iterator[dict[str, tuple[list[Entry], int]]]:
+    """:func:`pending`, a few segments at a time: each dict holds whole segments (the first one
+    whatever its size, then segments while the chunk holds fewer than ``chunk`` lines), at most
+    ``limit`` lines in all, oldest first. Segments are read as the chunks are asked for: what the
+    caller lets go of before asking for the next chunk is not held while later ones are read (the
+    generator holds one segment's lines ahead)."""
+    out: dict[str, tuple[list[Entry], int]] = {}
+    held = 0
+    left = limit
+    for name in segments(root):
+        if left <= 0:
+            break
+        try:
+            lines, end = read_segment(Path(root) / JOURNAL / name, checkpoint.offsets.get(name, 0))
+        except FileNotFoundError:
+            continue
+        if len(lines) > left:
+            lines = lines[:left]
+            end = lines[-1].end
+        left -= len(lines)
+        if out and held + len(lines) > chunk:
+            yield out
+            out, held = {}, 0
+        out[name] = (lines, end)
+        held += len(lines)
+    if out:
+        yield out
 
 
 def unheld(root: Path | str, name: str) -> bool:

@@ -68,6 +68,11 @@ MAX_COMPONENT = 128
 MAX_RELPATH = 255
 #: Most folders (components) a template may have: each renders to 13 characters at least.
 MAX_DEPTH = 16
+#: Folders a :class:`Storage` remembers as made, and as checked to lie inside the root (each set):
+#: forgotten all at once past this many (the next store into one makes or checks it again, a few
+#: system calls). A receiver makes a folder per series for as long as it runs: remembered without a
+#: bound that was about 0.6 kB per series, for ever.
+FOLDER_CACHE = 1024
 
 PRESETS = {
     # pacsbridge's default, pacsanini's "patient" sort, Conquest's patient/study/series/SOP tree
@@ -426,7 +431,7 @@ class Storage:
         if path.parent.is_dir():
             # the folder is checked once; a link at the file name itself is never followed
             # (os.link fails on an existing name, os.replace replaces the link)
-            if len(self._safe_dirs) > 10000:
+            if len(self._safe_dirs) >= FOLDER_CACHE:
                 self._safe_dirs.clear()
             self._safe_dirs.add(path.parent)
         return path
@@ -435,6 +440,8 @@ class Storage:
         if folder in self._made:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        if len(self._made) >= FOLDER_CACHE:
+            self._made.clear()
         self._made.add(folder)
 
     def temp_file(self) -> tuple[int, str]:
