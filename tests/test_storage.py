@@ -344,3 +344,21 @@ def test_the_folders_a_storage_remembers_stay_bounded(tmp_path, monkeypatch):
     res = st.store(b"y", again)
     assert res.action == "stored" and (st.root / res.relpath).parent == last.parent
     assert (st.root / res.relpath).read_bytes() == b"y"
+
+
+def test_the_ascii_fast_path_of_clean_component_is_exact():
+    # clean_component skips NFKD and the combining-mark walk for ASCII text: that is exact only while
+    # every ASCII character is its own NFKD form and none is combining (checked for all 128)
+    import unicodedata
+
+    every = "".join(chr(i) for i in range(128))
+    assert unicodedata.normalize("NFKD", every) == every
+    assert not any(unicodedata.combining(ch) for ch in every)
+    assert clean_component("Müller^José") == clean_component("Mu\u0308ller^Jose\u0301")  # the slow path still folds
+    assert clean_component("1.2.840.113619.2.55") == "1.2.840.113619.2.55"
+
+
+def test_a_bad_template_field_is_refused_every_time_though_fields_are_cached():
+    for _ in range(2):  # the cache keeps answers, never a refusal
+        with pytest.raises(ConfigError, match="unknown filter"):
+            Template("{PatientID|nope}/{SOPInstanceUID}.dcm")
