@@ -292,21 +292,11 @@ CHUNK_LINES = 5_000
 def pending(root: Path | str, checkpoint: "Checkpoint",
             limit: int = MAX_LINES) -> dict[str, tuple[list[Entry], int]]:
     """Per segment, oldest first: its lines after the checkpoint, and the offset past the last one
-    read (at most ``limit`` lines in all; a segment cut short ends at its last line read)."""
+    read (at most ``limit`` lines in all; a segment cut short ends at its last line read).
+    :func:`pending_chunks` in one piece (a chunk of ``limit`` lines never splits: no more are read)."""
     out: dict[str, tuple[list[Entry], int]] = {}
-    left = limit
-    for name in segments(root):
-        if left <= 0:
-            break
-        try:
-            lines, end = read_segment(Path(root) / JOURNAL / name, checkpoint.offsets.get(name, 0))
-        except FileNotFoundError:
-            continue
-        if len(lines) > left:
-            lines = lines[:left]
-            end = lines[-1].end
-        left -= len(lines)
-        out[name] = (lines, end)
+    for part in pending_chunks(root, checkpoint, limit, chunk=limit):
+        out.update(part)
     return out
 
 
