@@ -310,6 +310,25 @@ def test_cancel_of_a_running_import_job_stops_it(ctx, jobs, tmp_path, monkeypatc
     total = 4000
     for i in range(1, total):
         shutil.copy(root / "big" / "0.dcm", root / "big" / f"{i}.dcm")
+    # the first batch indexed, the import waits (up to 10 s) for the cancel to reach it through the runner's
+    # heartbeat: 4,000 copies of one instance are imported faster than a heartbeat on a quiet machine, so
+    # without the wait the job could end 'succeeded' before the cancel was seen (seen once in CI)
+    from pacsbridge.shared.index import importer
+
+    real_import_paths = importer.Importer.import_paths
+
+    def import_paths(self, paths, *args, cancel=None, **kwargs):  # type: ignore[no-untyped-def]
+        reported = self.progress
+
+        def progress(done: int, total: int) -> None:
+            reported(done, total)
+            if done and cancel is not None:
+                cancel.wait(10)
+
+        self.progress = progress
+        return real_import_paths(self, paths, *args, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(importer.Importer, "import_paths", import_paths)
     job, _ = jobs.submit("import", {"path": "big"})
     result: list = []
     worker = threading.Thread(target=lambda: result.append(runner.run_job(job.id, ctx, jobs)), daemon=True)
