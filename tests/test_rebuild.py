@@ -23,9 +23,25 @@ from .conftest import cli_env
 from .helpers import make_instance
 
 #: The rebuild in a process of its own, with batches of 20 instead of 500 so that a small tree makes
-#: many checkpoints. Set by the test, not by any hook of pacsbridge's: the module's constant.
-_SMALL_BATCHES = ("import sys; import pacsbridge.shared.index.importer as m; m.BATCH_SIZE = 20; "
-                  "from pacsbridge.cli import main; sys.exit(main(sys.argv[1:]))")
+#: many checkpoints, and held (up to 60 s) just after the first checkpoint that reaches HOLD_AT files
+#: so that the test's interrupt always lands mid-rebuild: unheld, a fast rebuild of the small tree
+#: could end between the test seeing that checkpoint and sending its signal (CI, once, under load).
+#: Set by the test, not by any hook of pacsbridge's: the module's constant and a wrapped method.
+_SMALL_BATCHES = """
+import sys, time
+import pacsbridge.shared.index.importer as m
+from pacsbridge.shared.index.resume import Checkpoint
+m.BATCH_SIZE = 20
+_save, _held = Checkpoint.save, []
+def save(self, after, done):
+    _save(self, after, done)
+    if done >= HOLD_AT and not _held:
+        _held.append(done)
+        time.sleep(60)  # the test interrupts here
+Checkpoint.save = save
+from pacsbridge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 N_FILES = 1200
 
 
@@ -57,7 +73,8 @@ def _object_files(ctx) -> list[str]:
 def _interrupt(settings, sig: int, min_done: int) -> tuple[dict, subprocess.Popen]:
     """Start ``rebuild`` (2 worker processes, batches of 20) and send ``sig`` to its process group once
     its checkpoint says ``min_done`` files are committed. Returns that checkpoint and the process."""
-    proc = subprocess.Popen([sys.executable, "-c", _SMALL_BATCHES, "rebuild", "--workers", "2", "--format", "json"],
+    program = _SMALL_BATCHES.replace("HOLD_AT", str(min_done))
+    proc = subprocess.Popen([sys.executable, "-c", program, "rebuild", "--workers", "2", "--format", "json"],
                             env=cli_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     root = Path(settings.storage)
