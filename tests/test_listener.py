@@ -566,3 +566,80 @@ def test_pynetdicom_describes_received_stores_only_where_its_log_shows_it(tmp_pa
     assert len(_stored_files(storage.root)) == 3
     assert calls.count("_recv_c_store_rq") == described
     assert calls.count("_send_c_store_rq") == described
+
+
+def _serving_pids(group: int, local_port: int, client_ports: list[int]) -> dict[int, int]:
+    """Which process of process group ``group`` holds the server end of each connection from
+    127.0.0.1:``client_ports`` to ``local_port`` ({client port: pid}), read from ``/proc``."""
+    inodes: dict[str, int] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == local_port and remote.startswith("0100007F:"):
+            inodes[f"socket:[{inode}]"] = int(remote.split(":")[1], 16)
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
+                continue
+            for fd in (proc / "fd").iterdir():
+                port = inodes.get(os.readlink(fd))
+                if port in client_ports:
+                    found[port] = int(proc.name)
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def _wait_receivers_serving(parent: int, n: int, timeout: float = 60.0) -> None:
+    """Until ``n`` child processes of ``parent`` serve: a receiver has 4 threads once its server loop is
+    about to start (the peers thread is the last one started before it), 1 while it imports."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = 0
+        for proc in Path("/proc").iterdir():
+            try:
+                status = dict(line.split(":\t", 1) for line in (proc / "status").read_text().splitlines()
+                              if ":\t" in line)
+                if int(status["PPid"]) == parent and int(status["Threads"]) >= 4:
+                    ready += 1
+            except (OSError, KeyError, ValueError):  # not a process, or gone meanwhile
+                continue
+        if ready >= n:
+            time.sleep(0.2)  # from starting the peers thread to select()
+            return
+        assert time.monotonic() < deadline, f"{ready} of {n} receivers serving after {timeout:g} s"
+        time.sleep(0.1)
+
+
+def test_associations_spread_over_the_receivers(tmp_path):
+    """Four associations opened one after another and held: four receiver processes serve them, one
+    each. Every receiver wakes for a new connection; one already serving leaves it to an idle one
+    (when all raced alike, two of the four often shared a process and its GIL)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    stack = Stack(tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+                  PACSBRIDGE_LISTENER_PROCESSES="4")
+    assocs = []
+    try:
+        listener = stack.start("listener")
+        _wait_receivers_serving(listener.pid, 4)  # the port answers with the first; on a loaded machine
+        # the others may still be importing, and a connection is not left waiting for those
+        for _ in range(4):
+            ae = AE(ae_title="SENDER")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", stack.port, ae_title="PACSBRIDGE")
+            assert assoc.is_established
+            assocs.append(assoc)
+        ports = [a.dul.socket.socket.getsockname()[1] for a in assocs]
+        serving = _serving_pids(listener.pid, stack.port, ports)
+        assert sorted(serving) == sorted(ports)  # every connection found, in a receiver of the listener
+        assert listener.pid not in serving.values()  # the parent accepts nothing itself
+        assert len(set(serving.values())) == 4, serving
+    finally:
+        for assoc in assocs:
+            assoc.release()
+        stack.close()

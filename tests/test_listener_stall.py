@@ -141,6 +141,8 @@ def test_peer_slots_are_shared_bounded_and_cleared_with_a_dead_receiver():
     assert a.acquire("10.0.0.1") == 0
     slots.clear(1)  # receiver 1 died with its connection
     assert slots.held("10.0.0.1") == 2 and slots.held("10.0.0.2") == 1
+    # receiver 0 serves three connections, receiver 1 none: 0 leaves a new one to 1, 1 does not wait
+    assert a.others_less_busy() and not b.others_less_busy()
 
 
 def test_a_pdu_larger_than_we_accept_closes_the_connection_before_it_is_read(tmp_path):

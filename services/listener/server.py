@@ -1,7 +1,8 @@
 """``pacsbridge listener``: the C-STORE SCP.
 
-Several receiver processes share the port (``SO_REUSEPORT``), so throughput
-grows with cores (associations of one process share its GIL). The parent
+Several receiver processes share one listening socket, so throughput grows
+with cores (associations of one process share its GIL, so a busy receiver lets
+a less busy one accept a new connection first). The parent
 process supervises them (restarting one that dies) and runs the
 reconciler, which enqueues stored-but-unindexed files at start and then
 every ``PACSBRIDGE_RECONCILE_SECONDS``, reading the receivers' arrival
@@ -16,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -36,6 +38,10 @@ from .queue import Batcher
 from .slots import PeerSlots
 
 log = logging.getLogger(__name__)
+
+#: Longest a receiver leaves a new connection to a less busy receiver before it accepts it itself
+#: (that one may be slow to wake on a loaded machine); it looks again every millisecond.
+ACCEPT_DEFER = 0.2
 
 
 def make_ae(settings: Settings, peers: Any) -> Any:
@@ -83,9 +89,12 @@ def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSl
 
         ``peers`` is replaced when the nodes table changes (see :func:`_refresh_peers`).
 
-        The kernel hands each new connection to one process waiting in accept(), so
-        associations spread over idle receivers (SO_REUSEPORT would hash them instead,
-        and 4 connections often land 3 + 1 + 0 + 0).
+        Every receiver waits in select() on the socket and all of them wake for a new
+        connection; the first to call accept() gets it (SO_REUSEPORT would hash them instead,
+        and 4 connections often land 3 + 1 + 0 + 0). A receiver that serves more connections
+        than another one leaves it the connection (up to :data:`ACCEPT_DEFER`): when every
+        receiver raced alike, the 4 associations of a 4-association send often landed two in one
+        process, sharing its GIL, while another process sat idle.
         """
 
         peers: Any = initial_peers
@@ -107,6 +116,17 @@ def server_class(initial_peers: Any, shared: socket.socket | None, slots: PeerSl
         def server_activate(self) -> None:
             if shared is None:
                 super().server_activate()
+
+        def _handle_request_noblock(self) -> None:
+            if slots is not None and slots.others_less_busy():
+                deadline = time.monotonic() + ACCEPT_DEFER
+                while time.monotonic() < deadline:
+                    time.sleep(0.001)
+                    if not select.select([self.socket], [], [], 0)[0]:  # type: ignore[type-var]
+                        return  # a less busy receiver took it
+                    if not slots.others_less_busy():
+                        break
+            super()._handle_request_noblock()  # type: ignore[misc]  # accept(): EAGAIN if another took it
 
         def verify_request(self, request: Any, client_address: Any) -> bool:
             address = client_address[0]

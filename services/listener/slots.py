@@ -13,6 +13,10 @@ when its association ends, whatever the way (release, abort, timeout, error), so
 address holding ``limit`` connections gets further ones closed at once, and the
 other peers keep the receivers' association slots (``PACSBRIDGE_MAX_ASSOCIATIONS``
 per process) for themselves.
+
+The same rows say how many connections each receiver serves: a receiver lets a less
+busy one accept a new connection first (:meth:`PeerSlots.others_less_busy`), so that
+associations spread over the processes instead of sharing one's GIL.
 """
 
 from __future__ import annotations
@@ -110,6 +114,15 @@ class PeerSlots:
                 if t[i + 2] and t[i] == high and t[i + 1] == low:
                     t[i + 2] -= 1
                     return
+
+    def others_less_busy(self) -> bool:
+        """Whether another receiver holds fewer connections than this one (the sum of each row)."""
+        size = ENTRIES * _FIELDS
+        with self.table.get_lock():
+            t: Any = self.table.get_obj()  # a ctypes array of c_longlong
+            totals = [sum(t[r * size + 2:(r + 1) * size:_FIELDS]) for r in range(self.processes)]
+        mine = totals[self.row]
+        return any(n < mine for r, n in enumerate(totals) if r != self.row)
 
     def clear(self, row: int) -> None:
         """Forget every slot of receiver ``row`` (it died: its connections died with it)."""
