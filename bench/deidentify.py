@@ -143,30 +143,38 @@ def tool_env() -> dict[str, str]:
 
 
 # -- venvs -------------------------------------------------------------------------------
+def _make_venv(name: str, key: object, install: list[str], source: str,
+               then: Callable[[Path], None] | None = None) -> tuple[Path, str]:
+    """``.bench-venvs/<name>`` with ``pip install *install`` (then ``then(python)``), reused while its
+    stamp holds ``key``. Returns the venv's interpreter and "" on success, or a path and the reason."""
+    venv = VENVS / name
+    py = venv / "bin" / "python"
+    stamp = venv / "pacsbridge-bench.json"
+    if read_stamp(stamp).get("requirements") == key and py.exists():
+        return py, ""
+    shutil.rmtree(venv, ignore_errors=True)
+    log(f"making {venv} from {source} ...")
+    base = getattr(sys, "_base_executable", sys.executable)
+    steps = [[base, "-m", "venv", str(venv)],
+             [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *install]]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True, env=tool_env(), check=False)
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            return py, f"{' '.join(step[:5])} failed (exit {proc.returncode}): {tail}"
+    if then is not None:
+        then(py)
+    write_stamp(stamp, {"requirements": key})
+    return py, ""
+
+
 def ensure_venv(name: str) -> tuple[Path, str]:
     """``.bench-venvs/<name>`` made from its pinned list (reused while the list is unchanged).
 
     Returns the venv's interpreter and "" on success, or a path and the reason it cannot be had.
     """
     reqs = PEERS / f"requirements-{name}.txt"
-    venv = VENVS / name
-    py = venv / "bin" / "python"
-    digest = hashlib.sha256(reqs.read_bytes()).hexdigest()
-    stamp = venv / "pacsbridge-bench.json"
-    if read_stamp(stamp).get("requirements") == digest and py.exists():
-        return py, ""
-    shutil.rmtree(venv, ignore_errors=True)
-    log(f"making {venv} from {reqs.name} ...")
-    base = getattr(sys, "_base_executable", sys.executable)
-    steps = [[base, "-m", "venv", str(venv)],
-             [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(reqs)]]
-    for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True, env=tool_env(), check=False)
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            return py, f"{' '.join(step[-3:])} failed (exit {proc.returncode}): {tail}"
-    write_stamp(stamp, {"requirements": digest})
-    return py, ""
+    return _make_venv(name, hashlib.sha256(reqs.read_bytes()).hexdigest(), ["-r", str(reqs)], reqs.name)
 
 
 def ensure_engine_venv() -> tuple[Path, str]:
@@ -180,27 +188,13 @@ def ensure_engine_venv() -> tuple[Path, str]:
     """
     from importlib.metadata import version
 
+    def add_checkout(py: Path) -> None:
+        proc = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, env=tool_env(), check=True)
+        (Path(proc.stdout.strip()) / "pacsbridge-checkout.pth").write_text(f"{BENCH_DIR.parent}\n")
+
     pins = sorted(f"{d}=={version(d)}" for d in ENGINE_DISTS)
-    venv = VENVS / "pacsbridge-engine"
-    py = venv / "bin" / "python"
-    stamp = venv / "pacsbridge-bench.json"
-    if read_stamp(stamp).get("requirements") == pins and py.exists():
-        return py, ""
-    shutil.rmtree(venv, ignore_errors=True)
-    log(f"making {venv} from {', '.join(pins)} ...")
-    base = getattr(sys, "_base_executable", sys.executable)
-    steps = [[base, "-m", "venv", str(venv)],
-             [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins]]
-    for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True, env=tool_env(), check=False)
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            return py, f"{' '.join(step[:4])} failed (exit {proc.returncode}): {tail}"
-    proc = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, env=tool_env(), check=True)
-    (Path(proc.stdout.strip()) / "pacsbridge-checkout.pth").write_text(f"{BENCH_DIR.parent}\n")
-    write_stamp(stamp, {"requirements": pins})
-    return py, ""
+    return _make_venv("pacsbridge-engine", pins, pins, ", ".join(pins), then=add_checkout)
 
 
 def pip_version(py: Path, package: str) -> str:
