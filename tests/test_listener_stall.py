@@ -141,8 +141,12 @@ def test_peer_slots_are_shared_bounded_and_cleared_with_a_dead_receiver():
     assert a.acquire("10.0.0.1") == 0
     slots.clear(1)  # receiver 1 died with its connection
     assert slots.held("10.0.0.1") == 2 and slots.held("10.0.0.2") == 1
-    # receiver 0 serves three connections, receiver 1 none: 0 leaves a new one to 1, 1 does not wait
+    # receiver 0 serves three connections, receiver 1 none: 0 leaves a new one to 1 once 1 serves
+    assert not a.others_less_busy() and not b.others_less_busy()  # 1 is still starting
+    b.mark_serving()
     assert a.others_less_busy() and not b.others_less_busy()
+    slots.clear(1)  # died again: not waited for
+    assert not a.others_less_busy()
 
 
 def test_a_pdu_larger_than_we_accept_closes_the_connection_before_it_is_read(tmp_path):

@@ -225,6 +225,8 @@ def serve_process(settings: Settings, peers: Any, shared: socket.socket | None =
     stop = threading.Event()
     threading.Thread(target=_refresh_peers, args=(settings, peers, (handlers, server, ae), stop),
                      name="peers", daemon=True).start()
+    if slots is not None:
+        slots.mark_serving()
     try:
         server.serve_forever()
     finally:

@@ -62,6 +62,8 @@ class PeerSlots:
         self.processes = max(1, processes)
         self.limit = limit
         self.table = ctx.Array("q", self.processes * ENTRIES * _FIELDS)  # zeroed, with its own lock
+        # 1 for a receiver whose server loop runs (set by it, cleared with its row when it died)
+        self.serving = ctx.Array("b", self.processes, lock=False)  # one writer per entry, read under the table's lock
         self.row = 0
 
     def for_process(self, row: int) -> "PeerSlots":
@@ -115,18 +117,25 @@ class PeerSlots:
                     t[i + 2] -= 1
                     return
 
+    def mark_serving(self) -> None:
+        """This receiver's server loop starts: it takes its share of new connections from now on."""
+        self.serving[self.row] = 1
+
     def others_less_busy(self) -> bool:
-        """Whether another receiver holds fewer connections than this one (the sum of each row)."""
+        """Whether another serving receiver holds fewer connections than this one (the sum of each row;
+        one still starting, or dead and not yet replaced, is not waited for)."""
         size = ENTRIES * _FIELDS
         with self.table.get_lock():
             t: Any = self.table.get_obj()  # a ctypes array of c_longlong
             totals = [sum(t[r * size + 2:(r + 1) * size:_FIELDS]) for r in range(self.processes)]
+            serving = self.serving[:]
         mine = totals[self.row]
-        return any(n < mine for r, n in enumerate(totals) if r != self.row)
+        return any(n < mine for r, n in enumerate(totals) if r != self.row and serving[r])
 
     def clear(self, row: int) -> None:
         """Forget every slot of receiver ``row`` (it died: its connections died with it)."""
         with self.table.get_lock():
+            self.serving[row] = 0
             t = self.table.get_obj()
             for i in self._entries(row):
                 t[i + 2] = 0
