@@ -83,6 +83,15 @@ class Stack:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # the receivers too: one still dying holds the shared listening socket, so a listener started
+        # at once on the same port could not bind it while a probe connection still succeeded (CI, once)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.05)
 
     def close(self) -> None:
         for name in list(self.procs):
