@@ -69,10 +69,11 @@ DEFAULT_RECONCILE_S = 300.0
 PER_ASSOCIATION = 5000
 #: The senders' DIMSE and network timeouts (s): a loaded machine stalls now and then
 SENDER_TIMEOUT = 300.0
-#: Unanswered C-STOREs or refused associations a sender tolerates in a row. pynetdicom's own association
-#: loop (these senders are plain pynetdicom) now and then takes a C-STORE's response and drops it, the race
-#: pacsbridge's waiting reactor closes (docs/listener-and-workers.md, PACSBRIDGE_REACTOR): the listener then
-#: sees a silent peer and aborts after its network timeout, and the instance is sent again. At 1,000
+#: Unanswered C-STOREs or refused associations a sender tolerates in a row. Most likely pynetdicom's own
+#: association loop (these senders are plain pynetdicom) now and then takes a C-STORE's response and drops
+#: it, the race pacsbridge's waiting reactor closes (docs/listener-and-workers.md, PACSBRIDGE_REACTOR; not
+#: proven here): the listener then sees a silent peer, every store answered, and aborts after its network
+#: timeout; the instance is sent again. At 1,000
 #: instances/s that was 73 times in 597,000 (2026-12-05); counted over the whole run, 21 stopped a sender.
 MAX_RETRIES = 20
 PER_SERIES = 100
@@ -155,15 +156,13 @@ def sender(port: int, aec: str, number: int, count: int, sent: Any, retries: Any
     # TCP_NODELAY (and pynetdicom's shorter poll delay), as DCMTK gets TCP_NODELAY=1 in bench/ingest.py:
     # without it each 2.6 kB C-STORE waited for the delayed ACK of Nagle's algorithm (21 against 250
     # instances/s per association, measured). pacsbridge's own tuning, through its pynetdicom layer.
-    nodelay = on_conn_open
-
     ae = AE(ae_title=CALLING_AET)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.dimse_timeout = ae.network_timeout = SENDER_TIMEOUT
     ds = _template()
     done = failures = 0
     while done < count and not stop.is_set():
-        assoc = ae.associate("127.0.0.1", port, ae_title=aec, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+        assoc = ae.associate("127.0.0.1", port, ae_title=aec, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open)])
         if not assoc.is_established:
             failures += 1
             if failures > MAX_RETRIES:
